@@ -1,0 +1,213 @@
+"""The leader's decisions, driven directly: given this view and this time, these moves."""
+
+from __future__ import annotations
+
+import attrs
+
+from tm_sidecar.core import (
+    Batch,
+    Keyspace,
+    KeyValue,
+    LeaderPolicy,
+    LeaderView,
+    NodeId,
+    NodeInfo,
+    Record,
+    State,
+    TaskId,
+    TaskOptions,
+    WatchEvent,
+    initial_record,
+)
+
+KS = Keyspace(namespace="t")
+POLICY = LeaderPolicy(grace_s=5.0)
+
+
+@attrs.define
+class Feed:
+    """Builds the changes etcd would report, with increasing revisions."""
+
+    view: LeaderView = attrs.Factory(lambda: LeaderView.from_listing(KS, (), 1))
+    revision: int = 1
+    live: dict[str, KeyValue] = attrs.Factory(dict)
+
+    def put(self, key: str, value: str) -> KeyValue:
+        self.revision += 1
+        old = self.live.get(key)
+        kv = KeyValue(
+            key,
+            value,
+            old.create_revision if old else self.revision,
+            self.revision,
+            (old.version if old else 0) + 1,
+        )
+        self.live[key] = kv
+        self.view.apply(WatchEvent("PUT", kv, old))
+        return kv
+
+    def delete(self, key: str) -> None:
+        self.revision += 1
+        old = self.live.pop(key)
+        self.view.apply(WatchEvent("DELETE", KeyValue(key, "", 0, self.revision, 0), old))
+
+    def node(self, name: str, capacity: dict[str, int], session: int = 1) -> None:
+        self.put(
+            KS.node(name), NodeInfo(id=NodeId(name), session=session, capacity=capacity).to_json()
+        )
+
+    def task(
+        self, tid: str, *, now: float = 0.0, run_at: float | None = None, **opts: object
+    ) -> None:
+        rec = initial_record(
+            Record(state=State.PENDING, options=TaskOptions(**opts), since_at=now),  # type: ignore[arg-type]
+            now=now,
+            run_at=run_at,
+        )
+        self.put(KS.state(rec.state, TaskId(tid)), rec.to_json())
+
+    def commit(self, batch: Batch) -> None:
+        """Apply a batch as etcd would, in one revision."""
+        self.revision += 1
+        for slot, record in batch.moves:
+            old = self.live.pop(slot.key)
+            self.view.apply(WatchEvent("DELETE", KeyValue(slot.key, "", 0, self.revision, 0), old))
+            key = KS.state(record.state, slot.task_id, record.node)
+            kv = KeyValue(key, record.to_json(), self.revision, self.revision, 1)
+            self.live[key] = kv
+            self.view.apply(WatchEvent("PUT", kv, None))
+        self.view.settle(batch, committed_at=self.revision)
+
+
+def assigned_ids(batches: tuple[Batch, ...]) -> list[tuple[str, str]]:
+    return [(s.task_id, r.node or "") for b in batches if b.kind == "assign" for s, r in b.moves]
+
+
+def test_fifo_within_priority_and_higher_priority_first() -> None:
+    f = Feed()
+    f.task("a")
+    f.task("b", priority=5)
+    f.task("c")
+    f.task("d", priority=5)
+    f.node("n1", {"default": 10})
+    d = f.view.decide(0.0, POLICY)
+    assert [t for t, _ in assigned_ids(d.batches)] == ["b", "d", "a", "c"]
+
+
+def test_capacity_is_never_exceeded_and_work_is_spread() -> None:
+    f = Feed()
+    for i in range(10):
+        f.task(f"t{i}")
+    f.node("n1", {"default": 2})
+    f.node("n2", {"default": 1})
+    d = f.view.decide(0.0, POLICY)
+    nodes = [n for _, n in assigned_ids(d.batches)]
+    assert sorted(nodes) == ["n1", "n1", "n2"]
+    # Claims count against capacity until the watch shows the outcome.
+    assert f.view.decide(0.0, POLICY).batches == ()
+    for b in d.batches:
+        f.commit(b)
+    assert f.view.decide(0.0, POLICY).batches == ()
+    # A finished task frees one slot on its node.
+    done = next(k for k in f.live if "/processing/n1/" in k)
+    f.delete(done)
+    again = assigned_ids(f.view.decide(0.0, POLICY).batches)
+    assert [n for _, n in again] == ["n1"]
+
+
+def test_queues_are_separate() -> None:
+    f = Feed()
+    f.task("mail", queue="mail")
+    f.task("img", queue="img")
+    f.node("n1", {"mail": 5})
+    assert assigned_ids(f.view.decide(0.0, POLICY).batches) == [("mail", "n1")]
+
+
+def test_delayed_task_is_promoted_at_its_due_time_not_before() -> None:
+    f = Feed()
+    f.task("later", now=0.0, run_at=100.0)
+    f.node("n1", {"default": 1})
+    early = f.view.decide(99.999, POLICY)
+    assert early.batches == () and early.wake_at == 100.0
+    due = f.view.decide(100.0, POLICY)
+    assert [(b.kind, b.task_ids) for b in due.batches] == [("promote", ("later",))]
+    f.commit(due.batches[0])
+    assert assigned_ids(f.view.decide(100.0, POLICY).batches) == [("later", "n1")]
+
+
+def test_failed_batch_releases_its_claims() -> None:
+    f = Feed()
+    f.task("a")
+    f.node("n1", {"default": 1})
+    d = f.view.decide(0.0, POLICY)
+    assert f.view.claimed(TaskId("a"))
+    f.view.settle(d.batches[0], committed_at=None)
+    assert not f.view.claimed(TaskId("a"))
+    assert assigned_ids(f.view.decide(0.0, POLICY).batches) == [("a", "n1")]
+
+
+def test_tasks_of_a_lost_node_are_reaped_and_retried() -> None:
+    f = Feed()
+    f.task("a", max_attempts=3)
+    f.task("b", max_attempts=1)
+    f.node("n1", {"default": 5})
+    for b in f.view.decide(0.0, POLICY).batches:
+        f.commit(b)
+    assert len(f.view.processing) == 2
+    f.delete(KS.node("n1"))
+    d = f.view.decide(1.0, POLICY)
+    assert [b.kind for b in d.batches] == ["reap"]
+    outcome = {
+        s.task_id: (r.state, r.attempts, r.error.type if r.error else None)
+        for s, r in d.batches[0].moves
+    }
+    assert outcome == {"a": (State.DELAYED, 1, "NodeLost"), "b": (State.FAILED, 1, "NodeLost")}
+
+
+def test_a_restarted_node_does_not_keep_its_old_assignments() -> None:
+    f = Feed()
+    f.task("a")
+    f.node("n1", {"default": 1}, session=1)
+    for b in f.view.decide(0.0, POLICY).batches:
+        f.commit(b)
+    assert f.view.decide(0.0, POLICY).batches == ()
+    f.node("n1", {"default": 1}, session=2)  # same node id, new session
+    d = f.view.decide(0.0, POLICY)
+    assert [(b.kind, b.task_ids) for b in d.batches] == [("reap", ("a",))]
+
+
+def test_an_attempt_past_its_deadline_is_reaped() -> None:
+    f = Feed()
+    f.task("slow", timeout_s=10, max_attempts=1)
+    f.node("n1", {"default": 1})
+    for b in f.view.decide(0.0, POLICY).batches:
+        f.commit(b)
+    d = f.view.decide(1.0, POLICY)
+    assert d.batches == () and d.wake_at == 15.0  # timeout + grace
+    d = f.view.decide(15.0, POLICY)
+    ((slot, record),) = d.batches[0].moves
+    assert (record.state, record.error and record.error.type) == (State.FAILED, "Stalled")
+
+
+def test_stalled_tasks_fail_when_requeue_is_off() -> None:
+    f = Feed()
+    f.task("a", max_attempts=5)
+    f.node("n1", {"default": 1})
+    for b in f.view.decide(0.0, POLICY).batches:
+        f.commit(b)
+    f.delete(KS.node("n1"))
+    d = f.view.decide(0.0, LeaderPolicy(requeue_stalled=False))
+    ((_, record),) = d.batches[0].moves
+    assert record.state is State.FAILED
+
+
+def test_large_backlogs_are_batched_within_etcd_limits() -> None:
+    f = Feed()
+    for i in range(500):
+        f.task(f"t{i:04d}")
+    f.node("n1", {"default": 1000})
+    d = f.view.decide(0.0, POLICY)
+    assert all(len(b.moves) <= 63 for b in d.batches)
+    ids = [t for t, _ in assigned_ids(d.batches)]
+    assert ids == sorted(ids)  # FIFO across batches
+    assert len(ids) == len(set(ids))  # no task twice

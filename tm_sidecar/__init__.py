@@ -1,0 +1,53 @@
+"""tm-sidecar: a reliable distributed task queue on etcd, one Trio sidecar per host."""
+
+__version__ = "0.1.0"
+
+from ._agent import Handler, Permanent, Registration, TaskContext
+from ._errors import (
+    Compacted,
+    EtcdError,
+    EtcdUnavailable,
+    InvalidRequest,
+    LeaseLost,
+    NotLeader,
+    PayloadTooLarge,
+    ProtocolViolation,
+    QueueFull,
+    TaskManagerError,
+    TaskNotFound,
+    Unavailable,
+)
+from ._etcd import Etcd, EtcdConfig
+from ._sidecar import Sidecar, SidecarSettings, TaskInfo
+from .core import Backoff, State, TaskError, TaskEvent, TaskOptions, TaskSpec
+
+__all__ = [
+    "Backoff",
+    "Compacted",
+    "Etcd",
+    "EtcdConfig",
+    "EtcdError",
+    "EtcdUnavailable",
+    "Handler",
+    "InvalidRequest",
+    "LeaseLost",
+    "NotLeader",
+    "PayloadTooLarge",
+    "Permanent",
+    "ProtocolViolation",
+    "QueueFull",
+    "Registration",
+    "Sidecar",
+    "SidecarSettings",
+    "State",
+    "TaskContext",
+    "TaskError",
+    "TaskEvent",
+    "TaskInfo",
+    "TaskManagerError",
+    "TaskNotFound",
+    "TaskOptions",
+    "TaskSpec",
+    "Unavailable",
+    "__version__",
+]

@@ -1,0 +1,414 @@
+"""The node agent: runs this node's assignments on local handlers and reports outcomes.
+
+Every report is a transaction guarded by the assignment key's create revision, so that
+an attempt's report is accepted only while that attempt is the live assignment.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
+from typing import Any
+
+import attrs
+import trio
+
+from ._errors import EtcdError, EtcdUnavailable
+from ._etcd import Changes, Etcd, Reset, retrying
+from ._session import RetentionLeases, Session
+from .core import (
+    JSON,
+    Keyspace,
+    KeyValue,
+    NodeId,
+    Record,
+    Slot,
+    State,
+    TaskError,
+    TaskId,
+    TaskSpec,
+    Txn,
+    after_failure,
+    dumps,
+    plan_move,
+    plan_update,
+    succeeded,
+)
+
+log = logging.getLogger("tm_sidecar.agent")
+
+
+class Permanent(Exception):
+    """Raise (or raise from) this in a handler: the task fails at once, without retries."""
+
+
+@attrs.define(eq=False)
+class TaskContext:
+    """What a handler receives: the task, and a way to report progress."""
+
+    id: TaskId
+    payload: JSON
+    attempt: int
+    spec: TaskSpec
+    _progress: Callable[[JSON], Awaitable[bool]]
+
+    @property
+    def data(self) -> JSON:
+        """The payload (the seed's name)."""
+        return self.payload
+
+    async def update(self, progress: JSON) -> bool:
+        """Publish progress (any JSON); False if this attempt is no longer live."""
+        return await self._progress(progress)
+
+
+Handler = Callable[[TaskContext], Awaitable[Any]]
+
+
+@attrs.define(eq=False)
+class Registration:
+    """A handler registered for a queue, with its concurrency."""
+
+    queue: str
+    handler: Handler
+    concurrency: int
+    limiter: trio.CapacityLimiter
+    registry: Registry
+    closed: bool = False
+
+    def close(self) -> None:
+        """Take no more tasks with this handler (running ones finish)."""
+        if not self.closed:
+            self.closed = True
+            self.registry._remove(self)
+
+
+@attrs.define(eq=False)
+class Registry:
+    """The local handlers; their summed concurrency per queue is the node's capacity."""
+
+    on_change: Callable[[], None] = lambda: None
+    _by_queue: dict[str, list[Registration]] = attrs.Factory(dict)
+    accepting: bool = True
+
+    def register(self, queue: str, handler: Handler, concurrency: int) -> Registration:
+        """Add a handler; the leader sees the new capacity at once."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        reg = Registration(queue, handler, concurrency, trio.CapacityLimiter(concurrency), self)
+        self._by_queue.setdefault(queue, []).append(reg)
+        self.on_change()
+        return reg
+
+    def _remove(self, reg: Registration) -> None:
+        regs = self._by_queue.get(reg.queue, [])
+        if reg in regs:
+            regs.remove(reg)
+        if not regs:
+            self._by_queue.pop(reg.queue, None)
+        self.on_change()
+
+    def capacity(self) -> dict[str, int]:
+        """Concurrent tasks per queue this node can take now."""
+        if not self.accepting:
+            return {}
+        return {q: sum(r.concurrency for r in regs) for q, regs in self._by_queue.items() if regs}
+
+    def pick(self, queue: str) -> Registration | None:
+        """The handler for the next task of ``queue``: the one with the most room."""
+        regs = self._by_queue.get(queue)
+        if not regs:
+            return None
+        return max(regs, key=lambda r: r.limiter.available_tokens)
+
+
+@attrs.define(eq=False)
+class Running:
+    """One attempt running here."""
+
+    create_revision: int
+    scope: trio.CancelScope
+    reporting: bool = False
+
+
+@attrs.define(eq=False)
+class AgentState:
+    """The assignments running here."""
+
+    running: dict[TaskId, Running] = attrs.Factory(dict)
+    idle: trio.Event = attrs.Factory(trio.Event)
+    completed: int = 0
+    failed: int = 0
+    stale: int = 0
+
+    def _changed(self) -> None:
+        if not self.running:
+            self.idle.set()
+        elif self.idle.is_set():
+            self.idle = trio.Event()
+
+
+async def run_agent(
+    etcd: Etcd,
+    ks: Keyspace,
+    node_id: NodeId,
+    session: Session,
+    registry: Registry,
+    retention: RetentionLeases,
+    state: AgentState,
+    *,
+    clock: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
+    report_timeout_s: float = 30.0,
+) -> None:
+    """Run this node's assignments until cancelled."""
+    rng = rng or random.Random()
+    state._changed()
+
+    async with trio.open_nursery() as nursery:
+
+        def consider(kv: KeyValue) -> None:
+            parsed = ks.parse(kv.key)
+            if parsed is None or parsed.task_id is None:
+                return
+            record = Record.from_json(State.PROCESSING, kv.value)
+            if record.session != session.lease:
+                return  # an earlier incarnation's: the leader reaps it
+            known = state.running.get(parsed.task_id)
+            if known is not None and known.create_revision == kv.create_revision:
+                return
+            slot = Slot(parsed.task_id, kv.key, kv.create_revision, kv.mod_revision, record)
+            running = Running(kv.create_revision, trio.CancelScope())
+            state.running[parsed.task_id] = running
+            state._changed()
+            nursery.start_soon(
+                _run_one,
+                etcd,
+                ks,
+                slot,
+                running,
+                registry,
+                retention,
+                state,
+                clock,
+                rng,
+                report_timeout_s,
+            )
+
+        def vanished(task_id: TaskId, create_revision: int) -> None:
+            known = state.running.get(task_id)
+            if (
+                known is not None
+                and known.create_revision == create_revision
+                and not known.reporting
+            ):
+                log.warning("assignment of task=%s withdrawn: cancelling its handler", task_id)
+                known.scope.cancel()
+
+        async for item in etcd.informer(ks.assignments(node_id)):
+            if isinstance(item, Reset):
+                live = {kv.key: kv for kv in item.kvs}
+                for task_id, running in list(state.running.items()):
+                    key = ks.state(State.PROCESSING, task_id, node_id)
+                    if key not in live or live[key].create_revision != running.create_revision:
+                        vanished(task_id, running.create_revision)
+                for kv in item.kvs:
+                    consider(kv)
+            elif isinstance(item, Changes):
+                for event in item.events:
+                    if event.kind == "PUT":
+                        consider(event.kv)
+                    elif event.prev is not None:
+                        parsed = ks.parse(event.kv.key)
+                        if parsed is not None and parsed.task_id is not None:
+                            vanished(parsed.task_id, event.prev.create_revision)
+
+
+def error_from_exception(exc: BaseException) -> TaskError:
+    """The recorded form of a handler's exception."""
+    permanent = isinstance(exc, Permanent) or isinstance(exc.__cause__, Permanent)
+    return TaskError(
+        type=type(exc).__name__,
+        message=str(exc)[:4000],
+        traceback="".join(traceback.format_exception(exc))[-8000:],
+        retryable=not permanent,
+    )
+
+
+async def _run_one(
+    etcd: Etcd,
+    ks: Keyspace,
+    slot: Slot,
+    running: Running,
+    registry: Registry,
+    retention: RetentionLeases,
+    state: AgentState,
+    clock: Callable[[], float],
+    rng: random.Random,
+    report_timeout_s: float,
+) -> None:
+    tid = slot.task_id
+    current = slot.record
+    scope = running.scope
+    try:
+        with scope:
+            spec_kv = await retrying(lambda: etcd.get(ks.task(tid)), what="read task")
+            if spec_kv is None:
+                await _report(
+                    etcd,
+                    ks,
+                    slot,
+                    after_failure(
+                        current,
+                        error=TaskError(
+                            type="TaskMissing", message="the task record is gone", retryable=False
+                        ),
+                        now=clock(),
+                        fraction=0.0,
+                    ),
+                    retention,
+                    state,
+                    report_timeout_s,
+                )
+                return
+            spec = TaskSpec.from_json(spec_kv.value)
+            reg = registry.pick(current.options.queue)
+            if reg is None:
+                error = TaskError(
+                    type="NoHandler", message=f"no handler for queue {current.options.queue!r} here"
+                )
+                nxt = after_failure(current, error=error, now=clock(), fraction=rng.random())
+                await _report(etcd, ks, slot, nxt, retention, state, report_timeout_s)
+                return
+            async with reg.limiter:
+                current = attrs.evolve(current, started_at=clock())
+                started = await _update(etcd, slot, current)
+                if not started:
+                    return
+
+                async def progress(value: JSON) -> bool:
+                    nonlocal current
+                    dumps(value)  # refuse what is not JSON before it reaches etcd
+                    current = attrs.evolve(current, progress=value)
+                    return await _update(etcd, slot, current)
+
+                ctx = TaskContext(tid, spec.payload, current.attempts, spec, progress)
+                timeout = current.options.timeout_s
+                outcome: Record
+                try:
+                    with trio.fail_after(timeout) if timeout is not None else nullcontext():
+                        result = await reg.handler(ctx)
+                    dumps(result)
+                    outcome = succeeded(current, result=result, now=clock())
+                except trio.TooSlowError:
+                    error = TaskError(
+                        type="Timeout", message=f"the handler ran longer than {timeout} s"
+                    )
+                    outcome = after_failure(
+                        current, error=error, now=clock(), fraction=rng.random()
+                    )
+                except (TypeError, ValueError) as exc:
+                    error = error_from_exception(exc)
+                    outcome = after_failure(
+                        current, error=error, now=clock(), fraction=rng.random()
+                    )
+                except Exception as exc:
+                    outcome = after_failure(
+                        current, error=error_from_exception(exc), now=clock(), fraction=rng.random()
+                    )
+            running.reporting = True
+            await _report(etcd, ks, slot, outcome, retention, state, report_timeout_s)
+        if scope.cancelled_caught:
+            log.info(
+                "task=%s attempt=%d abandoned: its assignment was withdrawn", tid, current.attempts
+            )
+    except trio.Cancelled:
+        # The agent is stopping: hand the attempt back at once rather than after the lease.
+        error = TaskError(type="Interrupted", message="the sidecar stopped during the attempt")
+        with trio.CancelScope(shield=True):
+            nxt = after_failure(current, error=error, now=clock(), fraction=0.0)
+            await _report(etcd, ks, slot, nxt, retention, state, 2.0)
+        raise
+    finally:
+        if state.running.get(tid) is running:
+            del state.running[tid]
+            state._changed()
+
+
+async def _update(etcd: Etcd, slot: Slot, record: Record) -> bool:
+    txn = plan_update(slot, record)
+    result = await retrying(lambda: etcd.txn(txn), what="report update", deadline_s=30.0)
+    if not result.succeeded:
+        log.warning(
+            "stale report rejected: task=%s attempt=%d is no longer assigned here",
+            slot.task_id,
+            record.attempts,
+        )
+    return result.succeeded
+
+
+async def _report(
+    etcd: Etcd,
+    ks: Keyspace,
+    slot: Slot,
+    outcome: Record,
+    retention: RetentionLeases,
+    state: AgentState,
+    timeout_s: float,
+) -> bool:
+    """Commit an attempt's outcome; False when the attempt was no longer live."""
+    deadline = trio.current_time() + timeout_s
+    while True:
+        try:
+            with trio.fail_after(max(0.0, deadline - trio.current_time())):
+                lease = (
+                    await retention.current()
+                    if outcome.state in (State.COMPLETED, State.FAILED)
+                    else 0
+                )
+                txn: Txn = plan_move(ks, slot, outcome, lease=lease)
+                result = await etcd.txn(txn)
+            break
+        except EtcdUnavailable as exc:
+            if trio.current_time() >= deadline:
+                log.error(
+                    "report of task=%s lost: etcd unavailable (%s); the leader will reap it",
+                    slot.task_id,
+                    exc,
+                )
+                return False
+            await trio.sleep(min(0.5, max(0.0, deadline - trio.current_time())))
+        except EtcdError as exc:
+            if "lease not found" in str(exc):
+                retention.forget()
+                continue
+            raise
+        except trio.TooSlowError:
+            log.error("report of task=%s timed out; the leader will reap it", slot.task_id)
+            return False
+    if not result.succeeded:
+        # Either a repeat of a report that did commit, or a stale attempt: look.
+        state.stale += 1
+        log.warning(
+            "stale report rejected: task=%s attempt=%d outcome=%s",
+            slot.task_id,
+            outcome.attempts,
+            outcome.state.value,
+        )
+        return False
+    if outcome.state is State.COMPLETED:
+        state.completed += 1
+    else:
+        state.failed += 1
+    log.info(
+        "task=%s attempt=%d -> %s%s",
+        slot.task_id,
+        outcome.attempts,
+        outcome.state.value,
+        f" error={outcome.error.type}" if outcome.error else "",
+    )
+    return True

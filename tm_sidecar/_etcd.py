@@ -1,0 +1,752 @@
+"""The etcd adapter: the only module that imports ``etcd3``.
+
+It speaks etcd's JSON gateway (``/v3/...``). Unary calls go through etcd3-py's client
+(raw JSON through ``call_rpc``, in worker threads bounded by a limiter of their own) or,
+with ``transport="native"``, through a small HTTP/1.1 client on Trio streams. Watches are
+always read natively: etcd3-py's ``Watcher`` is unsafe (ETCD-NOTES) and a blocking
+stream in a thread cannot be cancelled from Trio.
+
+Foreign exceptions are translated here, once: connectivity problems become
+:class:`EtcdUnavailable`, refusals :class:`EtcdError` (or :class:`Compacted`).
+
+Writes are never retried here: a write that timed out may or may not have committed.
+Callers make every move idempotent (compares) and re-read after an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import math
+import random
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+import attrs
+import h11
+import trio
+
+from ._errors import Compacted, EtcdError, EtcdUnavailable
+from .core import (
+    Compare,
+    Delete,
+    KeyValue,
+    Put,
+    Range,
+    RangeResult,
+    Request,
+    Touch,
+    Txn,
+    TxnResult,
+    WatchEvent,
+)
+
+log = logging.getLogger("tm_sidecar.etcd")
+
+T = TypeVar("T")
+_Body = dict[str, Any]
+
+
+@attrs.frozen(kw_only=True)
+class EtcdConfig:
+    """How to reach etcd. ``password`` never appears in a repr or a log."""
+
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=lambda v: "***" if v else "None")
+    timeout_s: float = 5.0
+    transport: Literal["etcd3", "native"] = "etcd3"
+    threads: int = 16
+
+    @property
+    def tls(self) -> bool:
+        """Whether the endpoints use TLS."""
+        return any(e.startswith("https://") for e in self.endpoints) or self.ca_file is not None
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(text: str | None) -> str:
+    return base64.b64decode(text).decode() if text else ""
+
+
+def _range_end_b64(prefix: str) -> str:
+    raw = bytearray(prefix.encode())
+    while raw and raw[-1] == 0xFF:
+        raw.pop()
+    if not raw:
+        return base64.b64encode(b"\0").decode()
+    raw[-1] += 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def encode_range(r: Range) -> _Body:
+    """The gateway form of a range request."""
+    body: _Body = {"key": _b64(r.key)}
+    if r.prefix:
+        body["range_end"] = _range_end_b64(r.key)
+    if r.limit:
+        body["limit"] = r.limit
+    if r.revision:
+        body["revision"] = r.revision
+    if r.keys_only:
+        body["keys_only"] = True
+    if r.count_only:
+        body["count_only"] = True
+    return body
+
+
+def encode_request(req: Request) -> _Body:
+    """The gateway form of one operation of a transaction."""
+    if isinstance(req, Put):
+        body: _Body = {"key": _b64(req.key), "value": _b64(req.value)}
+        if req.lease:
+            body["lease"] = req.lease
+        return {"request_put": body}
+    if isinstance(req, Touch):
+        return {"request_put": {"key": _b64(req.key), "lease": req.lease, "ignore_value": True}}
+    if isinstance(req, Delete):
+        body = {"key": _b64(req.key)}
+        if req.prefix:
+            body["range_end"] = _range_end_b64(req.key)
+        return {"request_delete_range": body}
+    return {"request_range": encode_range(req)}
+
+
+_TARGET_FIELD = {
+    "VERSION": "version",
+    "CREATE": "create_revision",
+    "MOD": "mod_revision",
+    "VALUE": "value",
+}
+
+
+def encode_compare(c: Compare) -> _Body:
+    """The gateway form of a compare."""
+    field = _TARGET_FIELD[c.target.value]
+    value: Any = _b64(str(c.value)) if field == "value" else int(c.value)
+    return {"key": _b64(c.key), "target": c.target.value, "result": c.op.value, field: value}
+
+
+def encode_txn(txn: Txn) -> _Body:
+    """The gateway form of a transaction."""
+    return {
+        "compare": [encode_compare(c) for c in txn.compare],
+        "success": [encode_request(r) for r in txn.success],
+        "failure": [encode_request(r) for r in txn.failure],
+    }
+
+
+def decode_kv(kv: _Body) -> KeyValue:
+    """A key-value from the gateway's JSON."""
+    return KeyValue(
+        key=_unb64(kv.get("key")),
+        value=_unb64(kv.get("value")),
+        create_revision=int(kv.get("create_revision", 0)),
+        mod_revision=int(kv.get("mod_revision", 0)),
+        version=int(kv.get("version", 0)),
+        lease=int(kv.get("lease", 0)),
+    )
+
+
+def decode_range(body: _Body, revision: int | None = None) -> RangeResult:
+    """A range answer from the gateway's JSON."""
+    rev = revision if revision is not None else int(body.get("header", {}).get("revision", 0))
+    return RangeResult(
+        kvs=tuple(decode_kv(kv) for kv in body.get("kvs", ())),
+        count=int(body.get("count", 0)),
+        more=bool(body.get("more", False)),
+        revision=rev,
+    )
+
+
+def decode_txn(body: _Body) -> TxnResult:
+    """A transaction answer from the gateway's JSON."""
+    revision = int(body.get("header", {}).get("revision", 0))
+    ranges = tuple(
+        decode_range(r["response_range"], revision)
+        for r in body.get("responses", ())
+        if "response_range" in r
+    )
+    return TxnResult(succeeded=bool(body.get("succeeded", False)), revision=revision, ranges=ranges)
+
+
+def decode_event(ev: _Body) -> WatchEvent:
+    """A watch event from the gateway's JSON."""
+    prev = ev.get("prev_kv")
+    return WatchEvent(
+        kind=ev.get("type", "PUT"),
+        kv=decode_kv(ev["kv"]),
+        prev=decode_kv(prev) if prev else None,
+    )
+
+
+def translate_error(status: int, body: _Body | None, text: str = "") -> Exception:
+    """The tm-sidecar exception for an error answer of the gateway."""
+    message = ""
+    if body:
+        message = str(body.get("message") or body.get("error") or "")
+    message = message or text or f"HTTP {status}"
+    code = int(body.get("code", 0)) if body else 0
+    if "compacted" in message:
+        return Compacted(message)
+    # gRPC codes: 4 deadline exceeded, 14 unavailable; plus etcd's own leader trouble.
+    if (
+        code in (4, 14)
+        or status in (502, 503, 504)
+        or "leader" in message
+        or "timed out" in message
+    ):
+        return EtcdUnavailable(message)
+    return EtcdError(message)
+
+
+# -- transports ------------------------------------------------------------------------------
+
+
+def _ssl_context(cfg: EtcdConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=cfg.ca_file)
+    if cfg.cert_file:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    return ctx
+
+
+@attrs.define(eq=False)
+class _HttpConn:
+    stream: trio.abc.Stream
+    h11: h11.Connection
+
+
+class _NativeHttp:
+    """A small keep-alive HTTP/1.1 client for the gateway, on Trio streams."""
+
+    def __init__(self, cfg: EtcdConfig) -> None:
+        self._cfg = cfg
+        self._idle: dict[str, list[_HttpConn]] = {}
+        self._ssl = _ssl_context(cfg) if cfg.tls else None
+
+    async def _connect(self, endpoint: str) -> _HttpConn:
+        url = urllib.parse.urlsplit(endpoint)
+        host, port = url.hostname or "127.0.0.1", url.port or 2379
+        try:
+            stream: trio.abc.Stream
+            if url.scheme == "https":
+                assert self._ssl is not None
+                stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=self._ssl)
+            else:
+                stream = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise EtcdUnavailable(f"cannot connect to {endpoint}: {exc}") from exc
+        return _HttpConn(stream, h11.Connection(h11.CLIENT))
+
+    async def open(
+        self, endpoint: str, path: str, body: _Body, headers: list[tuple[str, str]]
+    ) -> tuple[_HttpConn, int]:
+        """Send a POST and read the status line; the caller reads the body."""
+        pool = self._idle.setdefault(endpoint, [])
+        conn = pool.pop() if pool else await self._connect(endpoint)
+        data = json.dumps(body).encode()
+        url = urllib.parse.urlsplit(endpoint)
+        req_headers = [
+            ("Host", url.netloc),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+            *headers,
+        ]
+        try:
+            out = conn.h11.send(h11.Request(method="POST", target=path, headers=req_headers))
+            out = (out or b"") + (conn.h11.send(h11.Data(data=data)) or b"")
+            out += conn.h11.send(h11.EndOfMessage()) or b""
+            await conn.stream.send_all(out)
+            while True:
+                event = await self._next(conn)
+                if isinstance(event, h11.Response):
+                    return conn, event.status_code
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            h11.ProtocolError,
+        ) as exc:
+            await self._discard(conn)
+            raise EtcdUnavailable(f"etcd connection to {endpoint} failed: {exc!r}") from exc
+        except BaseException:
+            await self._discard(conn)
+            raise
+
+    async def _next(self, conn: _HttpConn) -> Any:
+        while True:
+            event = conn.h11.next_event()
+            if event is h11.NEED_DATA:
+                chunk = await conn.stream.receive_some(65536)
+                conn.h11.receive_data(bytes(chunk))
+                if not chunk and conn.h11.their_state is not h11.DONE:
+                    raise trio.BrokenResourceError("etcd closed the connection")
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                raise trio.BrokenResourceError("etcd closed the connection")
+            return event
+
+    async def read_chunks(self, conn: _HttpConn) -> AsyncIterator[bytes]:
+        """The body, as it arrives; the connection is returned to the pool at its end."""
+        while True:
+            event = await self._next(conn)
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+
+    async def call(
+        self, endpoint: str, path: str, body: _Body, headers: list[tuple[str, str]]
+    ) -> tuple[int, bytes]:
+        """One request and its whole answer."""
+        conn, status = await self.open(endpoint, path, body, headers)
+        parts = []
+        try:
+            async for chunk in self.read_chunks(conn):
+                parts.append(chunk)
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            h11.ProtocolError,
+        ) as exc:
+            await self._discard(conn)
+            raise EtcdUnavailable(f"etcd connection to {endpoint} failed: {exc!r}") from exc
+        except BaseException:
+            await self._discard(conn)
+            raise
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+            conn.h11.start_next_cycle()
+            self._idle.setdefault(endpoint, []).append(conn)
+        else:
+            await self._discard(conn)
+        return status, b"".join(parts)
+
+    async def _discard(self, conn: _HttpConn) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(conn.stream)
+
+    async def aclose(self) -> None:
+        for pool in self._idle.values():
+            for conn in pool:
+                await self._discard(conn)
+        self._idle.clear()
+
+
+# -- the adapter ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Reset:
+    """The watched prefix as a whole, at ``revision``: start over from this."""
+
+    kvs: tuple[KeyValue, ...]
+    revision: int
+
+
+@attrs.frozen
+class Changes:
+    """Changes to the watched prefix, up to and including ``revision``."""
+
+    events: tuple[WatchEvent, ...]
+    revision: int
+
+
+class Etcd:
+    """Async access to etcd for Trio code. Share one per process."""
+
+    def __init__(self, cfg: EtcdConfig) -> None:
+        self.cfg = cfg
+        self._endpoint_index = 0
+        self._native = _NativeHttp(cfg)
+        self._limiter = trio.CapacityLimiter(cfg.threads)
+        self._client: Any = None
+        self._client_lock = trio.Lock()
+        self._token: str | None = None
+        self._auth_lock = trio.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint in use."""
+        return self.cfg.endpoints[self._endpoint_index % len(self.cfg.endpoints)]
+
+    def _rotate(self) -> None:
+        if len(self.cfg.endpoints) > 1:
+            self._endpoint_index += 1
+            log.warning("etcd endpoint switched to %s", self.endpoint)
+            self._client = None
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        await self._native.aclose()
+        client, self._client = self._client, None
+        if client is not None:
+            await trio.to_thread.run_sync(client.close, limiter=self._limiter)
+
+    # -- calls --
+
+    async def call(self, path: str, body: _Body) -> _Body:
+        """One unary gateway call (``path`` such as ``/kv/range``); answers its JSON."""
+        try:
+            with trio.fail_after(self.cfg.timeout_s):
+                if self.cfg.transport == "native":
+                    return await self._call_native(path, body)
+                return await self._call_etcd3(path, body)
+        except trio.TooSlowError as exc:
+            self._rotate()
+            raise EtcdUnavailable(
+                f"etcd did not answer {path} within {self.cfg.timeout_s} s"
+            ) from exc
+        except EtcdUnavailable:
+            self._rotate()
+            raise
+
+    async def _headers(self) -> list[tuple[str, str]]:
+        if self.cfg.username and self._token is None:
+            await self._authenticate()
+        return [("Authorization", self._token)] if self._token else []
+
+    async def _authenticate(self) -> None:
+        async with self._auth_lock:
+            status, raw = await self._native.call(
+                self.endpoint,
+                "/v3/auth/authenticate",
+                {"name": self.cfg.username, "password": self.cfg.password},
+                [],
+            )
+            body = _loads(raw)
+            if status != 200:
+                raise translate_error(status, body, "authentication failed")
+            self._token = str(body["token"])
+
+    async def _call_native(self, path: str, body: _Body) -> _Body:
+        for attempt in range(2):
+            status, raw = await self._native.call(
+                self.endpoint, "/v3" + path, body, await self._headers()
+            )
+            answer = _loads(raw)
+            if status == 200:
+                return answer
+            if attempt == 0 and self.cfg.username and "token" in str(answer.get("message", "")):
+                self._token = None  # expired: authenticate again, once
+                continue
+            raise translate_error(status, answer, raw.decode(errors="replace"))
+        raise AssertionError("unreachable")
+
+    async def _etcd3_client(self) -> Any:
+        async with self._client_lock:
+            if self._client is None:
+                self._client = await trio.to_thread.run_sync(
+                    self._make_client, limiter=self._limiter
+                )
+            return self._client
+
+    def _make_client(self) -> Any:
+        import warnings
+
+        import etcd3
+
+        url = urllib.parse.urlsplit(self.endpoint)
+        cert: tuple[str, ...] = ()
+        if self.cfg.cert_file:
+            cert = (self.cfg.cert_file, self.cfg.key_file or self.cfg.cert_file)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                client = etcd3.Client(
+                    host=url.hostname or "127.0.0.1",
+                    port=url.port or 2379,
+                    protocol=url.scheme or "http",
+                    cert=cert,
+                    verify=self.cfg.ca_file or (url.scheme == "https"),
+                    timeout=self.cfg.timeout_s,
+                    username=self.cfg.username,
+                    password=self.cfg.password,
+                )
+        except AttributeError as exc:
+            # etcd3-py's constructor probes the server and fails this way when it is down.
+            raise EtcdUnavailable(f"cannot reach etcd at {self.endpoint}") from exc
+        if url.scheme == "https":
+            client.protocol = "https"
+        if self.cfg.username:
+            client.auth()
+        return client
+
+    async def _call_etcd3(self, path: str, body: _Body) -> _Body:
+        client = await self._etcd3_client()
+
+        def run() -> _Body:
+            import etcd3.errors
+            import requests
+
+            for attempt in range(2):
+                try:
+                    resp = client.call_rpc(path, body, encode=False, raw=True)
+                    return dict(resp.json())
+                except requests.RequestException as exc:
+                    raise EtcdUnavailable(f"etcd request {path} failed: {exc}") from exc
+                except etcd3.errors.ErrInvalidAuthToken:
+                    if attempt == 0 and self.cfg.username:
+                        client.auth()
+                        continue
+                    raise
+                except etcd3.errors.Etcd3Exception as exc:
+                    message = str(getattr(exc, "error", "") or exc)
+                    status = int(getattr(exc, "status", 0) or 0)
+                    code = getattr(exc, "code", 0)
+                    code = code if isinstance(code, int) else 0
+                    raise translate_error(status, {"message": message, "code": code}) from exc
+            raise AssertionError("unreachable")
+
+        # Abandoning the thread on cancel is safe: the caller treats the outcome of a
+        # cancelled write as unknown, and the thread ends with its request's timeout.
+        return await trio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+
+    # -- KV --
+
+    async def range(self, r: Range) -> RangeResult:
+        """Read a key or a prefix (linearizable)."""
+        return decode_range(await self.call("/kv/range", encode_range(r)))
+
+    async def revision(self) -> int:
+        """The store's current revision."""
+        return (await self.range(Range("\0", limit=1, count_only=True))).revision
+
+    async def get(self, key: str) -> KeyValue | None:
+        """One key, or None."""
+        result = await self.range(Range(key))
+        return result.kvs[0] if result.kvs else None
+
+    async def list_prefix(
+        self, prefix: str, *, range_end: str | None = None, page: int = 2000
+    ) -> tuple[tuple[KeyValue, ...], int]:
+        """Every key under ``prefix`` (or in ``[prefix, range_end)``), in pages at one revision."""
+        kvs: list[KeyValue] = []
+        start, revision = prefix, 0
+        end = _b64(range_end) if range_end is not None else _range_end_b64(prefix)
+        while True:
+            body: _Body = {"key": _b64(start), "range_end": end, "limit": page}
+            if revision:
+                body["revision"] = revision
+            result = decode_range(await self.call("/kv/range", body))
+            revision = revision or result.revision
+            kvs.extend(result.kvs)
+            if not result.more or not result.kvs:
+                return tuple(kvs), revision
+            start = result.kvs[-1].key + "\0"
+
+    async def put(self, key: str, value: str, *, lease: int = 0) -> int:
+        """Write one key; answers the revision."""
+        body: _Body = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = lease
+        answer = await self.call("/kv/put", body)
+        return int(answer.get("header", {}).get("revision", 0))
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        """Delete a key or a prefix; answers how many keys went."""
+        body: _Body = {"key": _b64(key)}
+        if prefix:
+            body["range_end"] = _range_end_b64(key)
+        answer = await self.call("/kv/deleterange", body)
+        return int(answer.get("deleted", 0))
+
+    async def txn(self, txn: Txn) -> TxnResult:
+        """Run a transaction."""
+        return decode_txn(await self.call("/kv/txn", encode_txn(txn)))
+
+    async def compact(self, revision: int) -> None:
+        """Drop history before ``revision``; a revision already compacted is not an error."""
+        with contextlib.suppress(Compacted):
+            await self.call("/kv/compaction", {"revision": revision, "physical": False})
+
+    async def status(self) -> _Body:
+        """The endpoint's status (db size, revision, leader)."""
+        return await self.call("/maintenance/status", {})
+
+    # -- leases --
+
+    async def lease_grant(self, ttl_s: int) -> tuple[int, int]:
+        """A new lease; answers (id, granted TTL)."""
+        answer = await self.call("/lease/grant", {"TTL": ttl_s})
+        if answer.get("error"):
+            raise EtcdError(str(answer["error"]))
+        return int(answer["ID"]), int(answer["TTL"])
+
+    async def lease_keepalive(self, lease: int) -> int:
+        """Renew a lease once; answers its TTL, 0 when the lease is gone."""
+        answer = await self.call("/lease/keepalive", {"ID": lease})
+        result = answer.get("result", answer)
+        return int(result.get("TTL", 0) or 0)
+
+    async def lease_revoke(self, lease: int) -> None:
+        """Revoke a lease (its keys go with it); an unknown lease is not an error."""
+        try:
+            await self.call("/lease/revoke", {"ID": lease})
+        except EtcdError as exc:
+            if "not found" not in str(exc):
+                raise
+
+    async def lease_ttl(self, lease: int) -> int:
+        """A lease's remaining TTL; -1 when it is gone."""
+        answer = await self.call("/lease/timetolive", {"ID": lease})
+        return int(answer.get("TTL", -1))
+
+    # -- watches --
+
+    async def watch_once(
+        self, key: str, start_revision: int, *, range_end: str | None = None, prefix: bool = True
+    ) -> AsyncIterator[Changes]:
+        """One watch stream from ``start_revision``; ends only by raising.
+
+        Watches the keys under ``key`` (``prefix``), the keys in ``[key, range_end)``, or
+        the one key. Raises :class:`Compacted` when the start revision is gone, and
+        :class:`EtcdUnavailable` when the stream breaks.
+        """
+        request: _Body = {"key": _b64(key), "start_revision": start_revision, "prev_kv": True}
+        if range_end is not None:
+            request["range_end"] = _b64(range_end)
+        elif prefix:
+            request["range_end"] = _range_end_b64(key)
+        body = {"create_request": request}
+        endpoint = self.endpoint
+        try:
+            with trio.fail_after(self.cfg.timeout_s):
+                conn, status = await self._native.open(
+                    endpoint, "/v3/watch", body, await self._headers()
+                )
+        except trio.TooSlowError as exc:
+            raise EtcdUnavailable("etcd did not accept the watch in time") from exc
+        try:
+            if status != 200:
+                raise EtcdUnavailable(f"watch refused with HTTP {status}")
+            decoder = json.JSONDecoder()
+            buffer = ""
+            async for chunk in self._native.read_chunks(conn):
+                buffer += chunk.decode()
+                while True:
+                    buffer = buffer.lstrip()
+                    if not buffer:
+                        break
+                    try:
+                        message, end = decoder.raw_decode(buffer)
+                    except json.JSONDecodeError:
+                        break  # incomplete: wait for more
+                    buffer = buffer[end:]
+                    changes = self._watch_message(message)
+                    if changes is not None:
+                        yield changes
+            raise EtcdUnavailable("etcd ended the watch stream")
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            h11.ProtocolError,
+        ) as exc:
+            raise EtcdUnavailable(f"watch stream broke: {exc!r}") from exc
+        finally:
+            await self._native._discard(conn)
+
+    @staticmethod
+    def _watch_message(message: _Body) -> Changes | None:
+        if "error" in message:
+            err = message["error"]
+            raise translate_error(int(err.get("http_code", 503)), err)
+        result = message.get("result", {})
+        if result.get("canceled"):
+            compact = int(result.get("compact_revision", 0) or 0)
+            if compact:
+                raise Compacted("watch start revision was compacted", compact)
+            raise EtcdUnavailable(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
+        revision = int(result.get("header", {}).get("revision", 0))
+        events = tuple(decode_event(e) for e in result.get("events", ()))
+        if not events:
+            return None
+        return Changes(events, max(revision, events[-1].kv.mod_revision))
+
+    async def informer(
+        self,
+        prefix: str,
+        *,
+        range_end: str | None = None,
+        backoff: Callable[[int], float] | None = None,
+    ) -> AsyncIterator[Reset | Changes]:
+        """List-then-watch ``prefix`` (or ``[prefix, range_end)``) forever.
+
+        Yields a :class:`Reset`, then :class:`Changes`.
+
+        Reconnects with backoff when etcd goes away and resumes from the last revision
+        seen; when that revision has been compacted, it lists again and yields a new
+        :class:`Reset`. Changes are never repeated nor skipped between resets.
+        """
+        delay = backoff or _default_backoff
+        failures = 0
+        last: int | None = None
+        while True:
+            try:
+                if last is None:
+                    kvs, revision = await self.list_prefix(prefix, range_end=range_end)
+                    last = revision
+                    failures = 0
+                    yield Reset(kvs, revision)
+                async for changes in self.watch_once(prefix, last + 1, range_end=range_end):
+                    fresh = tuple(e for e in changes.events if e.kv.mod_revision > last)
+                    last = max(last, changes.revision)
+                    failures = 0
+                    if fresh:
+                        yield Changes(fresh, last)
+            except Compacted:
+                log.warning("watch on %s fell behind compaction; listing again", prefix)
+                last = None
+            except EtcdUnavailable as exc:
+                failures += 1
+                wait = delay(failures)
+                log.warning("watch on %s interrupted (%s); retrying in %.2f s", prefix, exc, wait)
+                await trio.sleep(wait)
+
+
+def _default_backoff(failures: int) -> float:
+    return float(min(2.0, 0.05 * 2.0 ** min(failures, 10)) * (0.5 + random.random() / 2))
+
+
+def _loads(raw: bytes) -> _Body:
+    try:
+        value = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {"message": raw.decode(errors="replace")}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+async def retrying(
+    op: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    deadline_s: float = math.inf,
+    on_retry: Callable[[Exception], None] | None = None,
+) -> T:
+    """Run a safe-to-repeat operation until it stops failing with EtcdUnavailable."""
+    failures = 0
+    with trio.fail_after(deadline_s) if math.isfinite(deadline_s) else trio.CancelScope():
+        while True:
+            try:
+                return await op()
+            except EtcdUnavailable as exc:
+                failures += 1
+                if on_retry is not None:
+                    on_retry(exc)
+                wait = _default_backoff(failures)
+                log.warning("%s failed (%s); retrying in %.2f s", what, exc, wait)
+                await trio.sleep(wait)

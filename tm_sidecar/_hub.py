@@ -1,0 +1,112 @@
+"""Task events for subscribers: one watch per sidecar, fanned out."""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+
+from ._errors import Compacted, EtcdUnavailable
+from ._etcd import Etcd
+from .core import Keyspace, State, TaskEvent, TaskId, event_from_change
+
+log = logging.getLogger("tm_sidecar.events")
+
+
+@attrs.define(eq=False)
+class Subscription:
+    """A stream of task events; iterate it, and close it when done."""
+
+    hub: EventHub
+    task_id: TaskId | None
+    send: trio.MemorySendChannel[TaskEvent]
+    receive: trio.MemoryReceiveChannel[TaskEvent]
+    overflowed: bool = False
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> TaskEvent:
+        try:
+            return await self.receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Stop receiving events."""
+        self.hub._subs.discard(self)
+        self.send.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@attrs.define(eq=False)
+class EventHub:
+    """Watches the namespace's state keys and hands each event to its subscribers."""
+
+    etcd: Etcd
+    ks: Keyspace
+    buffer: int = 10_000
+    revision: int = 0
+    _subs: set[Subscription] = attrs.Factory(set)
+
+    def subscribe(self, task_id: TaskId | None = None) -> Subscription:
+        """Events of one task, or of every task; they start with the next change."""
+        send, receive = trio.open_memory_channel[TaskEvent](self.buffer)
+        sub = Subscription(self, task_id, send, receive)
+        self._subs.add(sub)
+        return sub
+
+    def _publish(self, event: TaskEvent) -> None:
+        for sub in list(self._subs):
+            if sub.task_id is not None and sub.task_id != event.task_id:
+                continue
+            try:
+                sub.send.send_nowait(event)
+            except trio.WouldBlock:
+                # A subscriber this far behind is dropped rather than allowed to stall others.
+                log.warning("event subscriber fell %d events behind: dropped", self.buffer)
+                sub.overflowed = True
+                sub.close()
+            except trio.ClosedResourceError:
+                self._subs.discard(sub)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch until cancelled; ready once the watch starts from the current revision."""
+        # completed/ to processing/ : every state key, and nothing else of size.
+        start = self.ks.state_prefix(State.COMPLETED)
+        end = self.ks.prefix + "task"
+        started = False
+        failures = 0
+        while True:
+            try:
+                if not self.revision:
+                    self.revision = await self.etcd.revision()
+                if not started:
+                    task_status.started()
+                    started = True
+                async for changes in self.etcd.watch_once(start, self.revision + 1, range_end=end):
+                    failures = 0
+                    for change in changes.events:
+                        if change.kv.mod_revision <= self.revision:
+                            continue
+                        event = event_from_change(self.ks, change)
+                        if event is not None:
+                            self._publish(event)
+                    self.revision = max(self.revision, changes.revision)
+            except Compacted as exc:
+                log.warning(
+                    "event watch fell behind compaction at %d: events were missed",
+                    exc.compact_revision,
+                )
+                self.revision = 0
+            except EtcdUnavailable as exc:
+                failures += 1
+                wait = min(2.0, 0.05 * 2 ** min(failures, 6))
+                log.warning("event watch interrupted (%s); retrying in %.2f s", exc, wait)
+                await trio.sleep(wait)

@@ -1,0 +1,417 @@
+"""The sidecar: one per host. Holds the session, runs the node agent, leads when elected,
+and offers the in-process API that the socket server wraps."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from . import __version__
+from ._agent import AgentState, Handler, Registration, Registry, run_agent
+from ._election import campaign, resign
+from ._errors import (
+    EtcdError,
+    EtcdUnavailable,
+    InvalidRequest,
+    LeaseLost,
+    NotLeader,
+    PayloadTooLarge,
+    QueueFull,
+    TaskNotFound,
+    Unavailable,
+)
+from ._etcd import Etcd, retrying
+from ._hub import EventHub, Subscription
+from ._leading import LeaderSettings, LeaderState, run_leader
+from ._session import RetentionLeases, Session, close_session, keep_session, open_session
+from .core import (
+    JSON,
+    Keyspace,
+    KeyValue,
+    LeaderPolicy,
+    NodeId,
+    NodeInfo,
+    Range,
+    Record,
+    State,
+    TaskEvent,
+    TaskId,
+    TaskOptions,
+    TaskSpec,
+    dumps,
+    initial_record,
+    make_task_id,
+    plan_create,
+)
+
+log = logging.getLogger("tm_sidecar")
+
+FINAL_STATES = (State.COMPLETED, State.FAILED)
+
+
+@attrs.frozen(kw_only=True)
+class SidecarSettings:
+    """Everything a sidecar needs besides its etcd connection."""
+
+    node_id: NodeId = attrs.field(
+        factory=lambda: NodeId(socket.gethostname().split(".")[0] or "node")
+    )
+    namespace: str = "default"
+    root: str = "/tm/"
+    lease_ttl_s: int = attrs.field(default=5, validator=attrs.validators.ge(2))
+    retention_s: float = 24 * 3600.0
+    max_payload_bytes: int = 256 * 1024
+    max_live_tasks: int = 1_000_000
+    quota_bytes: int = 2 * 1024**3
+    quota_fraction: float = 0.9
+    grace_s: float = 5.0
+    requeue_stalled: bool = True
+    compact_interval_s: float = 300.0
+
+    @property
+    def keyspace(self) -> Keyspace:
+        """The key layout of this namespace."""
+        return Keyspace(namespace=self.namespace, root=self.root)
+
+
+@attrs.frozen(kw_only=True)
+class TaskInfo:
+    """A task as it stands: its spec, and its state record (None if expired)."""
+
+    spec: TaskSpec
+    state: State | None
+    record: Record | None
+    revision: int
+
+    @property
+    def final(self) -> bool:
+        """Whether the task has finished (completed or failed for good)."""
+        return self.state in FINAL_STATES
+
+
+@attrs.define(eq=False)
+class Sidecar:
+    """A running sidecar. ``await nursery.start(sidecar.run)``, then use the API."""
+
+    etcd: Etcd
+    settings: SidecarSettings = SidecarSettings()
+    clock: Callable[[], float] = time.time
+    rng: random.Random = attrs.Factory(random.Random)
+    ks: Keyspace = attrs.field(init=False)
+    registry: Registry = attrs.field(init=False)
+    hub: EventHub = attrs.field(init=False)
+    agent: AgentState = attrs.Factory(AgentState)
+    leader: LeaderState = attrs.Factory(LeaderState)
+    retention: RetentionLeases = attrs.field(init=False)
+    session: Session | None = None
+    is_leader: bool = False
+    _registered: trio.Event = attrs.Factory(trio.Event)
+    _node_dirty: trio.Event = attrs.Factory(trio.Event)
+    _ids: itertools.count[int] = attrs.Factory(itertools.count)
+    _live_tasks: int = 0
+    _db_size: int = 0
+    _started_at: float = 0.0
+    _stopping: trio.CancelScope | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.ks = self.settings.keyspace
+        self.registry = Registry(on_change=self._node_dirty.set)
+        self.hub = EventHub(self.etcd, self.ks)
+        self.retention = RetentionLeases(self.etcd, self.settings.retention_s)
+        self._started_at = self.clock()
+
+    @property
+    def node_id(self) -> NodeId:
+        """This sidecar's node id."""
+        return self.settings.node_id
+
+    # -- running ---------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Sidecar] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until cancelled; ready once registered with a live session."""
+        with trio.CancelScope() as self._stopping:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.hub.run)
+                nursery.start_soon(self._watch_limits)
+                first = True
+                while True:
+                    session = await open_session(self.etcd, self.settings.lease_ttl_s)
+                    self.session = session
+                    try:
+                        async with trio.open_nursery() as epoch:
+                            epoch.start_soon(keep_session, self.etcd, session)
+                            await self._register(session)
+                            epoch.start_soon(self._keep_registration, session)
+                            epoch.start_soon(
+                                run_agent,
+                                self.etcd,
+                                self.ks,
+                                self.node_id,
+                                session,
+                                self.registry,
+                                self.retention,
+                                self.agent,
+                            )
+                            epoch.start_soon(self._lead_when_elected, session)
+                            if first:
+                                first = False
+                                log.info(
+                                    "sidecar ready node=%s namespace=%s",
+                                    self.node_id,
+                                    self.settings.namespace,
+                                )
+                                task_status.started(self)
+                    except* LeaseLost as group:
+                        log.error("session lost (%s): starting a new one", group.exceptions[0])
+                    finally:
+                        self._registered = trio.Event()
+                        await close_session(self.etcd, session)
+
+    def stop(self) -> None:
+        """Cancel :meth:`run` (the cleanup is shielded and bounded)."""
+        if self._stopping is not None:
+            self._stopping.cancel()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Take no new tasks and wait up to ``timeout_s`` for running ones; True if idle."""
+        self.registry.accepting = False
+        self._node_dirty.set()
+        with trio.move_on_after(timeout_s):
+            await self.agent.idle.wait()
+            return True
+        return not self.agent.running
+
+    async def _register(self, session: Session) -> None:
+        info = NodeInfo(
+            id=self.node_id,
+            session=session.lease,
+            capacity=self.registry.capacity(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+            started_at=self._started_at,
+        )
+        self._node_dirty = trio.Event()
+        self.registry.on_change = self._node_dirty.set
+        await retrying(
+            lambda: self.etcd.put(self.ks.node(self.node_id), info.to_json(), lease=session.lease),
+            what="node registration",
+        )
+        self._registered.set()
+
+    async def _keep_registration(self, session: Session) -> None:
+        while True:
+            await self._node_dirty.wait()
+            await self._register(session)
+
+    async def _lead_when_elected(self, session: Session) -> None:
+        settings = LeaderSettings(
+            policy=LeaderPolicy(
+                grace_s=self.settings.grace_s, requeue_stalled=self.settings.requeue_stalled
+            ),
+            compact_interval_s=self.settings.compact_interval_s,
+        )
+        while True:
+            fence = await campaign(self.etcd, self.ks, session, self.node_id)
+            if not session.trusted():
+                await trio.sleep(0.1)
+                continue
+            self.is_leader = True
+            log.info("became leader node=%s", self.node_id)
+            try:
+                await run_leader(
+                    self.etcd,
+                    self.ks,
+                    fence,
+                    session,
+                    self.retention,
+                    settings,
+                    self.leader,
+                    clock=self.clock,
+                    rng=self.rng,
+                )
+            except NotLeader as exc:
+                log.warning("stepped down: %s", exc)
+            except (EtcdError, ValueError, KeyError) as exc:
+                # A bug or a refusal by etcd: step down rather than take the node with us.
+                log.exception("leader failed, stepping down: %s", exc)
+                await trio.sleep(1.0)
+            finally:
+                self.is_leader = False
+                await resign(self.etcd, fence)
+            if session.lost.is_set():
+                raise LeaseLost("lease lost while leading")
+            await session_trusted(session)
+
+    async def _watch_limits(self) -> None:
+        """Keep the live-task count and etcd's size fresh for the admission checks."""
+        while True:
+            try:
+                counts = [
+                    (
+                        await self.etcd.range(
+                            Range(self.ks.state_prefix(s), prefix=True, count_only=True)
+                        )
+                    ).count
+                    for s in (State.PENDING, State.DELAYED, State.PROCESSING)
+                ]
+                self._live_tasks = sum(counts)
+                status = await self.etcd.status()
+                self._db_size = int(status.get("dbSize", 0))
+            except Unavailable as exc:
+                log.debug("limit refresh failed: %s", exc)
+            await trio.sleep(1.0)
+
+    # -- the API ---------------------------------------------------------------------
+
+    def new_task_id(self) -> TaskId:
+        """A fresh, time-ordered task id."""
+        return make_task_id(int(self.clock() * 1000), next(self._ids), self.rng.getrandbits(32))
+
+    async def create(
+        self,
+        payload: JSON,
+        *,
+        options: TaskOptions | None = None,
+        run_at: float | None = None,
+        task_id: TaskId | None = None,
+    ) -> TaskSpec:
+        """Create and commit a task; once this returns, the task is durable in etcd.
+
+        Raises :class:`PayloadTooLarge`, :class:`QueueFull` or :class:`InvalidRequest`
+        for what cannot be accepted, and :class:`EtcdUnavailable` when etcd cannot be
+        reached within the request timeout (the task may then exist or not: repeat the
+        call with the same ``task_id`` to be sure, it is idempotent).
+        """
+        options = options or TaskOptions()
+        if run_at is not None and not (isinstance(run_at, int | float) and run_at == run_at):
+            raise InvalidRequest("run_at must be a UTC epoch time in seconds")
+        try:
+            encoded = dumps(payload)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"the payload is not JSON: {exc}") from exc
+        if len(encoded.encode()) > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload of {len(encoded.encode())} bytes is over the limit of "
+                f"{self.settings.max_payload_bytes} bytes (max_payload_bytes)"
+            )
+        if self._live_tasks >= self.settings.max_live_tasks:
+            raise QueueFull(
+                f"namespace {self.settings.namespace!r} holds {self._live_tasks} live tasks, "
+                f"the limit is {self.settings.max_live_tasks} (max_live_tasks)"
+            )
+        if self._db_size >= self.settings.quota_bytes * self.settings.quota_fraction:
+            raise QueueFull(
+                f"etcd's database is {self._db_size} bytes, near its quota: refusing new tasks"
+            )
+        now = self.clock()
+        spec = TaskSpec(
+            id=task_id or self.new_task_id(),
+            payload=payload,
+            options=options,
+            created_at=now,
+            run_at=run_at,
+        )
+        record = initial_record(
+            Record(state=State.PENDING, options=options, since_at=now), now=now, run_at=run_at
+        )
+        txn = plan_create(self.ks, spec, record)
+        try:
+            result = await self.etcd.txn(txn)
+        except EtcdUnavailable:
+            # Once more: a repeat is safe, and tells whether the first one committed.
+            result = await self.etcd.txn(txn)
+        if not result.succeeded:
+            existing = await self.etcd.get(self.ks.task(spec.id))
+            if existing is None or TaskSpec.from_json(existing.value).payload != payload:
+                raise InvalidRequest(f"task id {spec.id} is taken")
+            return TaskSpec.from_json(existing.value)
+        self._live_tasks += 1
+        return spec
+
+    def register(
+        self, handler: Handler, *, queue: str = "default", concurrency: int = 1
+    ) -> Registration:
+        """Run tasks of ``queue`` on ``handler``, up to ``concurrency`` at once."""
+        return self.registry.register(queue, handler, concurrency)
+
+    def subscribe(self, task_id: TaskId | None = None) -> Subscription:
+        """Events of one task, or of all; they start with the next change."""
+        return self.hub.subscribe(task_id)
+
+    def _info(self, spec: TaskSpec, kvs: list[KeyValue], revision: int) -> TaskInfo:
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.state is not None and parsed.task_id == spec.id:
+                return TaskInfo(
+                    spec=spec,
+                    state=parsed.state,
+                    record=Record.from_json(parsed.state, kv.value),
+                    revision=revision,
+                )
+        return TaskInfo(spec=spec, state=None, record=None, revision=revision)
+
+    async def get(self, task_id: TaskId) -> TaskInfo:
+        """The task and where it stands (linearizable reads of its own keys)."""
+        spec_kv = await self.etcd.get(self.ks.task(task_id))
+        if spec_kv is None:
+            raise TaskNotFound(f"no task {task_id} (it may have expired)")
+        spec = TaskSpec.from_json(spec_kv.value)
+        revision = 0
+        found: list[KeyValue] = []
+        for state in (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED):
+            r = await self.etcd.range(Range(self.ks.state(state, task_id)))
+            revision = max(revision, r.revision)
+            found.extend(r.kvs)
+        if not found:
+            procs, rev = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
+            found = [kv for kv in procs if kv.key.endswith("/" + task_id)]
+            revision = max(revision, rev)
+        return self._info(spec, found, revision)
+
+    async def wait(self, task_id: TaskId, timeout_s: float | None = None) -> TaskInfo:
+        """Wait until the task is completed or failed for good; answers how it ended."""
+        with self.subscribe(task_id) as sub:
+            info = await self.get(task_id)
+            if info.final:
+                return info
+            with trio.fail_after(timeout_s) if timeout_s is not None else trio.CancelScope():
+                async for event in sub:
+                    if _is_final(event):
+                        return await self.get(task_id)
+        raise Unavailable("event stream ended")  # pragma: no cover - the hub runs until stopped
+
+    def status(self) -> dict[str, Any]:
+        """What this sidecar is doing, for logs and status lines."""
+        view = self.leader.view
+        return {
+            "node": self.node_id,
+            "leader": self.is_leader,
+            "running": len(self.agent.running),
+            "completed": self.agent.completed,
+            "capacity": self.registry.capacity(),
+            "depth": view.depth() if view is not None else None,
+        }
+
+
+def _is_final(event: TaskEvent) -> bool:
+    return event.kind == "completed" or (event.kind == "failed" and not event.will_retry)
+
+
+async def session_trusted(session: Session) -> None:
+    """Wait until the session is trusted again (a keep-alive got through)."""
+    while not session.trusted():
+        if session.lost.is_set():
+            raise LeaseLost("lease lost")
+        await trio.sleep(0.1)

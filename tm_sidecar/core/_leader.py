@@ -1,0 +1,362 @@
+"""The leader's view of the queue, rebuilt by list-then-watch, and its decisions.
+
+The view is fed every change of the namespace in revision order (``load`` then
+``apply``); ``decide`` says, for a given time, which moves to make now and when to look
+again. The shell turns the moves into fenced, batched transactions and reports back with
+``settle``. Moves in flight are *claimed* so that no task is planned twice before the
+watch shows the outcome (Kubernetes controllers call these expectations).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable
+
+import attrs
+
+from ._keys import Keyspace, NodeId, State, TaskId
+from ._model import NodeInfo, Record, TaskError
+from ._plan import ASSIGN_BATCH, REAP_BATCH, Slot
+from ._policy import after_failure, assigned, promoted
+from ._txn import KeyValue, WatchEvent
+
+
+@attrs.frozen
+class Batch:
+    """Moves to commit together in one fenced transaction."""
+
+    kind: str  # "assign", "promote" or "reap"
+    moves: tuple[tuple[Slot, Record], ...]
+
+    @property
+    def task_ids(self) -> tuple[TaskId, ...]:
+        """The tasks this batch moves."""
+        return tuple(slot.task_id for slot, _ in self.moves)
+
+
+@attrs.frozen
+class Decision:
+    """What to do now, and when to decide again at the latest (None: on the next change)."""
+
+    batches: tuple[Batch, ...]
+    wake_at: float | None
+
+
+@attrs.frozen(kw_only=True)
+class LeaderPolicy:
+    """The leader's settings."""
+
+    grace_s: float = 5.0
+    requeue_stalled: bool = True
+    max_batches: int = 16
+
+
+@attrs.define(eq=False)
+class LeaderView:
+    """Everything the leader knows, as of ``revision``."""
+
+    ks: Keyspace
+    revision: int = 0
+    nodes: dict[NodeId, NodeInfo] = attrs.Factory(dict)
+    pending: dict[TaskId, Slot] = attrs.Factory(dict)
+    delayed: dict[TaskId, Slot] = attrs.Factory(dict)
+    processing: dict[TaskId, Slot] = attrs.Factory(dict)
+    inflight: Counter[tuple[NodeId, str]] = attrs.Factory(Counter)
+    _queues: dict[str, list[tuple[int, int, TaskId]]] = attrs.Factory(dict)
+    _due: list[tuple[float, int, TaskId]] = attrs.Factory(list)
+    _deadlines: list[tuple[float, int, TaskId]] = attrs.Factory(list)
+    _suspects: set[TaskId] = attrs.Factory(set)
+    # task id -> (node, queue) of an assignment in flight, or None for other moves
+    _claims: dict[TaskId, tuple[NodeId, str] | None] = attrs.Factory(dict)
+    # revision the view must reach before the claims of a committed batch are released
+    _settling: list[tuple[int, tuple[TaskId, ...]]] = attrs.Factory(list)
+
+    # -- feeding ---------------------------------------------------------------------
+
+    @classmethod
+    def from_listing(cls, ks: Keyspace, kvs: Iterable[KeyValue], revision: int) -> LeaderView:
+        """A view built from a full listing of the namespace at ``revision``."""
+        view = cls(ks)
+        for kv in kvs:
+            view._put(kv)
+        view.revision = revision
+        view._suspects.update(view.processing)
+        return view
+
+    def apply(self, event: WatchEvent) -> None:
+        """Apply one change seen by the watch."""
+        if event.kind == "PUT":
+            self._put(event.kv)
+        else:
+            self._delete(event.kv.key)
+        self.revision = max(self.revision, event.kv.mod_revision)
+        self._release_settled()
+
+    def advance(self, revision: int) -> None:
+        """The watch has reported everything up to ``revision``."""
+        self.revision = max(self.revision, revision)
+        self._release_settled()
+
+    def _put(self, kv: KeyValue) -> None:
+        parsed = self.ks.parse(kv.key)
+        if parsed is None:
+            return
+        if parsed.kind == "node" and parsed.node is not None:
+            info = NodeInfo.from_json(kv.value)
+            old = self.nodes.get(parsed.node)
+            self.nodes[parsed.node] = info
+            if old is None or old.session != info.session:
+                self._suspects.update(self._tasks_of(parsed.node))
+            return
+        if parsed.kind != "state" or parsed.task_id is None or parsed.state is None:
+            return
+        tid, record = parsed.task_id, Record.from_json(parsed.state, kv.value)
+        slot = Slot(tid, kv.key, kv.create_revision, kv.mod_revision, record)
+        if parsed.state is State.PENDING:
+            fresh = (
+                tid not in self.pending or self.pending[tid].create_revision != kv.create_revision
+            )
+            self.pending[tid] = slot
+            if fresh:
+                heap = self._queues.setdefault(record.options.queue, [])
+                heapq.heappush(heap, (-record.options.priority, kv.create_revision, tid))
+        elif parsed.state is State.DELAYED:
+            self.delayed[tid] = slot
+            heapq.heappush(self._due, (record.due_at or 0.0, kv.mod_revision, tid))
+        elif parsed.state is State.PROCESSING:
+            old_slot = self.processing.get(tid)
+            if old_slot is None or old_slot.key != kv.key:
+                if old_slot is not None:
+                    self._count_out(old_slot)
+                self.inflight[(record.node or NodeId(""), record.options.queue)] += 1
+            self.processing[tid] = slot
+            if record.deadline_at is not None:
+                heapq.heappush(self._deadlines, (record.deadline_at, kv.create_revision, tid))
+            self._suspects.add(tid)
+
+    def _delete(self, key: str) -> None:
+        parsed = self.ks.parse(key)
+        if parsed is None:
+            return
+        if parsed.kind == "node" and parsed.node is not None:
+            if self.nodes.pop(parsed.node, None) is not None:
+                self._suspects.update(self._tasks_of(parsed.node))
+            return
+        if parsed.kind != "state" or parsed.task_id is None:
+            return
+        tid = parsed.task_id
+        if parsed.state is State.PENDING:
+            self.pending.pop(tid, None)
+        elif parsed.state is State.DELAYED:
+            self.delayed.pop(tid, None)
+        elif parsed.state is State.PROCESSING:
+            slot = self.processing.get(tid)
+            if slot is not None and slot.key == key:
+                del self.processing[tid]
+                self._count_out(slot)
+
+    def _count_out(self, slot: Slot) -> None:
+        k = (slot.record.node or NodeId(""), slot.record.options.queue)
+        self.inflight[k] -= 1
+        if self.inflight[k] <= 0:
+            del self.inflight[k]
+
+    def _tasks_of(self, node: NodeId) -> list[TaskId]:
+        return [tid for tid, slot in self.processing.items() if slot.record.node == node]
+
+    # -- claims ----------------------------------------------------------------------
+
+    def settle(self, batch: Batch, *, committed_at: int | None) -> None:
+        """Report a batch's outcome: committed at a revision, or not committed (None)."""
+        if committed_at is None or committed_at <= self.revision:
+            self._release(batch.task_ids)
+        else:
+            self._settling.append((committed_at, batch.task_ids))
+
+    def _release_settled(self) -> None:
+        if not self._settling:
+            return
+        keep = []
+        for revision, tids in self._settling:
+            if revision <= self.revision:
+                self._release(tids)
+            else:
+                keep.append((revision, tids))
+        self._settling = keep
+
+    def _release(self, tids: Iterable[TaskId]) -> None:
+        for tid in tids:
+            claim = self._claims.pop(tid, None)
+            if claim is not None:
+                self.inflight[claim] -= 1
+                if self.inflight[claim] <= 0:
+                    del self.inflight[claim]
+            # A released task that is still where it was is a candidate again.
+            slot = self.pending.get(tid)
+            if slot is not None:
+                heap = self._queues.setdefault(slot.record.options.queue, [])
+                heapq.heappush(heap, (-slot.record.options.priority, slot.create_revision, tid))
+            dslot = self.delayed.get(tid)
+            if dslot is not None:
+                heapq.heappush(self._due, (dslot.record.due_at or 0.0, dslot.mod_revision, tid))
+            if tid in self.processing:
+                self._suspects.add(tid)
+                pslot = self.processing[tid]
+                if pslot.record.deadline_at is not None:
+                    heapq.heappush(
+                        self._deadlines, (pslot.record.deadline_at, pslot.create_revision, tid)
+                    )
+
+    def claimed(self, tid: TaskId) -> bool:
+        """Whether a move of this task is in flight."""
+        return tid in self._claims
+
+    # -- deciding --------------------------------------------------------------------
+
+    def decide(self, now: float, policy: LeaderPolicy, fractions: Iterable[float] = ()) -> Decision:
+        """The moves to make at ``now``; ``fractions`` are random draws for backoff jitter."""
+        draws = iter(fractions)
+        batches: list[Batch] = []
+        reaps = self._decide_reaps(now, policy, draws)
+        batches += [Batch("reap", tuple(c)) for c in _chunk(reaps, REAP_BATCH)]
+        promotes = self._decide_promotions(now)
+        batches += [Batch("promote", tuple(c)) for c in _chunk(promotes, ASSIGN_BATCH)]
+        budget = max(policy.max_batches - len(batches), 1) * ASSIGN_BATCH
+        assigns = self._decide_assignments(now, policy, budget)
+        batches += [Batch("assign", tuple(c)) for c in _chunk(assigns, ASSIGN_BATCH)]
+        return Decision(tuple(batches), self._wake_at())
+
+    def _claim(self, tid: TaskId, node: NodeId | None = None, queue: str = "") -> None:
+        claim = None
+        if node is not None:
+            claim = (node, queue)
+            self.inflight[claim] += 1
+        self._claims[tid] = claim
+
+    def _decide_reaps(
+        self, now: float, policy: LeaderPolicy, draws: Iterable[float]
+    ) -> list[tuple[Slot, Record]]:
+        draw = iter(draws)
+        out: list[tuple[Slot, Record]] = []
+        stalled: dict[TaskId, TaskError] = {}
+        for tid in list(self._suspects):
+            slot = self.processing.get(tid)
+            if slot is None or tid in self._claims:
+                self._suspects.discard(tid)
+                continue
+            node = self.nodes.get(slot.record.node or NodeId(""))
+            if node is None or node.session != slot.record.session:
+                stalled[tid] = TaskError(
+                    type="NodeLost",
+                    message=f"node {slot.record.node} went away during attempt "
+                    f"{slot.record.attempts}",
+                )
+            self._suspects.discard(tid)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, create_rev, tid = heapq.heappop(self._deadlines)
+            slot = self.processing.get(tid)
+            if slot is None or slot.create_revision != create_rev or tid in self._claims:
+                continue
+            stalled.setdefault(
+                tid,
+                TaskError(
+                    type="Stalled",
+                    message=f"attempt {slot.record.attempts} on {slot.record.node} passed its "
+                    f"deadline without a report",
+                ),
+            )
+        for tid, error in stalled.items():
+            slot = self.processing[tid]
+            if not policy.requeue_stalled:
+                error = attrs.evolve(error, retryable=False)
+            nxt = after_failure(
+                slot.record, error=error, now=now, fraction=next(draw, 0.5), reason="stalled"
+            )
+            self._claim(tid)
+            out.append((slot, nxt))
+        return out
+
+    def _decide_promotions(self, now: float) -> list[tuple[Slot, Record]]:
+        out: list[tuple[Slot, Record]] = []
+        while self._due and self._due[0][0] <= now:
+            _, mod_rev, tid = heapq.heappop(self._due)
+            slot = self.delayed.get(tid)
+            if slot is None or slot.mod_revision != mod_rev or tid in self._claims:
+                continue
+            self._claim(tid)
+            out.append((slot, promoted(slot.record, now=now)))
+        return out
+
+    def free_slots(self) -> dict[str, list[tuple[NodeId, int]]]:
+        """Free capacity per queue: (node, free) for every node with room."""
+        free: dict[str, list[tuple[NodeId, int]]] = {}
+        for node_id, info in self.nodes.items():
+            for queue, cap in info.capacity.items():
+                room = cap - self.inflight.get((node_id, queue), 0)
+                if room > 0:
+                    free.setdefault(queue, []).append((node_id, room))
+        return free
+
+    def _decide_assignments(
+        self, now: float, policy: LeaderPolicy, budget: int
+    ) -> list[tuple[Slot, Record]]:
+        out: list[tuple[Slot, Record]] = []
+        for queue, rooms in self.free_slots().items():
+            heap = self._queues.get(queue)
+            if not heap:
+                continue
+            # Spread work: the node with the most room takes the next task.
+            nodes = [(-room, node) for node, room in rooms]
+            heapq.heapify(nodes)
+            while heap and nodes and len(out) < budget:
+                _, create_rev, tid = heapq.heappop(heap)
+                slot = self.pending.get(tid)
+                if slot is None or slot.create_revision != create_rev or tid in self._claims:
+                    continue
+                neg_room, node = heapq.heappop(nodes)
+                info = self.nodes[node]
+                self._claim(tid, node, queue)
+                out.append(
+                    (
+                        slot,
+                        assigned(
+                            slot.record,
+                            node=node,
+                            session=info.session,
+                            now=now,
+                            grace_s=policy.grace_s,
+                        ),
+                    )
+                )
+                if neg_room + 1 < 0:
+                    heapq.heappush(nodes, (neg_room + 1, node))
+        return out
+
+    def _wake_at(self) -> float | None:
+        while self._due:
+            _, mod_rev, tid = self._due[0]
+            slot = self.delayed.get(tid)
+            if slot is not None and slot.mod_revision == mod_rev and tid not in self._claims:
+                break
+            heapq.heappop(self._due)
+        while self._deadlines:
+            _, create_rev, tid = self._deadlines[0]
+            slot = self.processing.get(tid)
+            if slot is not None and slot.create_revision == create_rev and tid not in self._claims:
+                break
+            heapq.heappop(self._deadlines)
+        times = [h[0][0] for h in (self._due, self._deadlines) if h]
+        return min(times) if times else None
+
+    def depth(self) -> dict[str, int]:
+        """How many tasks each live queue holds."""
+        return {
+            "pending": len(self.pending),
+            "delayed": len(self.delayed),
+            "processing": len(self.processing),
+        }
+
+
+def _chunk(items: list[tuple[Slot, Record]], size: int) -> list[list[tuple[Slot, Record]]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,281 @@
+"""Tasks and their state records, and their JSON form in etcd."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import attrs
+
+from ._keys import NodeId, State, TaskId, check_name
+
+JSON = Any
+
+
+def _finite_positive_or_none(
+    _inst: object, attr: attrs.Attribute[Any], value: float | None
+) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{attr.name} must be a positive number of seconds, got {value!r}")
+
+
+def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{attr.name} must be >= 0, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Backoff:
+    """Exponential backoff between attempts: ``min(cap, base * factor**(n-1))``, with jitter.
+
+    ``jitter`` is the fraction of each delay that is random: 0.5 means a delay is drawn
+    uniformly from [0.5 d, d].
+    """
+
+    base_s: float = attrs.field(default=1.0, validator=_non_negative)
+    factor: float = attrs.field(default=2.0, validator=_non_negative)
+    max_s: float = attrs.field(default=300.0, validator=_non_negative)
+    jitter: float = attrs.field(
+        default=0.5, validator=attrs.validators.and_(_non_negative, attrs.validators.le(1.0))
+    )
+
+    def to_json(self) -> dict[str, JSON]:
+        """The JSON object stored in etcd."""
+        return {
+            "base_s": self.base_s,
+            "factor": self.factor,
+            "max_s": self.max_s,
+            "jitter": self.jitter,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, JSON]) -> Backoff:
+        """Read the JSON object stored in etcd."""
+        return cls(
+            **{k: float(obj[k]) for k in ("base_s", "factor", "max_s", "jitter") if k in obj}
+        )
+
+
+MAX_PRIORITY = 1_000_000
+
+
+@attrs.frozen(kw_only=True)
+class TaskOptions:
+    """How a task is run. Carried in every state record so that moves need not read the task."""
+
+    queue: str = attrs.field(default="default", validator=lambda _i, _a, v: check_name("queue", v))
+    priority: int = attrs.field(
+        default=0,
+        validator=[
+            attrs.validators.instance_of(int),
+            attrs.validators.ge(-MAX_PRIORITY),
+            attrs.validators.le(MAX_PRIORITY),
+        ],
+    )
+    max_attempts: int = attrs.field(
+        default=3, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
+    )
+    timeout_s: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
+    backoff: Backoff = Backoff()
+
+    def to_json(self) -> dict[str, JSON]:
+        """The JSON object stored in etcd."""
+        obj: dict[str, JSON] = {
+            "queue": self.queue,
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "backoff": self.backoff.to_json(),
+        }
+        if self.timeout_s is not None:
+            obj["timeout_s"] = self.timeout_s
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: dict[str, JSON]) -> TaskOptions:
+        """Read the JSON object stored in etcd."""
+        return cls(
+            queue=obj.get("queue", "default"),
+            priority=int(obj.get("priority", 0)),
+            max_attempts=int(obj.get("max_attempts", 3)),
+            timeout_s=None if obj.get("timeout_s") is None else float(obj["timeout_s"]),
+            backoff=Backoff.from_json(obj.get("backoff", {})),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class TaskSpec:
+    """A task as created: written once to ``task/<id>``."""
+
+    id: TaskId
+    payload: JSON
+    options: TaskOptions = TaskOptions()
+    created_at: float
+    run_at: float | None = None
+
+    def to_json(self) -> str:
+        """The value stored in etcd."""
+        obj: dict[str, JSON] = {
+            "id": self.id,
+            "payload": self.payload,
+            "options": self.options.to_json(),
+            "created_at": self.created_at,
+        }
+        if self.run_at is not None:
+            obj["run_at"] = self.run_at
+        return dumps(obj)
+
+    @classmethod
+    def from_json(cls, text: str) -> TaskSpec:
+        """Read the value stored in etcd."""
+        obj = json.loads(text)
+        return cls(
+            id=TaskId(obj["id"]),
+            payload=obj.get("payload"),
+            options=TaskOptions.from_json(obj.get("options", {})),
+            created_at=float(obj["created_at"]),
+            run_at=None if obj.get("run_at") is None else float(obj["run_at"]),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class TaskError:
+    """Why an attempt failed."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+    retryable: bool = True
+
+    def to_json(self) -> dict[str, JSON]:
+        """The JSON object stored in etcd."""
+        obj: dict[str, JSON] = {
+            "type": self.type,
+            "message": self.message,
+            "retryable": self.retryable,
+        }
+        if self.traceback:
+            obj["traceback"] = self.traceback
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: dict[str, JSON]) -> TaskError:
+        """Read the JSON object stored in etcd."""
+        return cls(
+            type=str(obj.get("type", "Error")),
+            message=str(obj.get("message", "")),
+            traceback=obj.get("traceback"),
+            retryable=bool(obj.get("retryable", True)),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Record:
+    """The value of a state key: where the task is, and what a move needs to know.
+
+    ``attempts`` counts the attempts started so far (the live one included while
+    processing). ``since_at`` is when the task entered this state (UTC epoch seconds).
+    """
+
+    state: State
+    attempts: int = 0
+    options: TaskOptions = TaskOptions()
+    since_at: float
+    due_at: float | None = None  # delayed
+    node: NodeId | None = None  # processing
+    session: int | None = None  # processing: the node's lease when assigned
+    deadline_at: float | None = None  # processing, when the task has a timeout
+    started_at: float | None = None  # processing, once the worker has started
+    progress: JSON = None  # processing
+    result: JSON = None  # completed
+    error: TaskError | None = None  # failed; the last error in pending/delayed after a retry
+    reason: str | None = None  # pending/delayed: "created", "promoted", "retry" or "stalled"
+
+    def to_json(self) -> str:
+        """The value stored in etcd (the state itself is the key's prefix)."""
+        obj: dict[str, JSON] = {
+            "attempts": self.attempts,
+            "since_at": self.since_at,
+            "options": self.options.to_json(),
+        }
+        for name in ("due_at", "node", "session", "deadline_at", "started_at", "reason"):
+            value = getattr(self, name)
+            if value is not None:
+                obj[name] = value
+        if self.state is State.PROCESSING and self.progress is not None:
+            obj["progress"] = self.progress
+        if self.state is State.COMPLETED:
+            obj["result"] = self.result
+        if self.error is not None:
+            obj["error"] = self.error.to_json()
+        return dumps(obj)
+
+    @classmethod
+    def from_json(cls, state: State, text: str) -> Record:
+        """Read the value of a state key."""
+        obj = json.loads(text)
+        return cls(
+            state=state,
+            attempts=int(obj.get("attempts", 0)),
+            options=TaskOptions.from_json(obj.get("options", {})),
+            since_at=float(obj.get("since_at", 0.0)),
+            due_at=_opt_float(obj.get("due_at")),
+            node=None if obj.get("node") is None else NodeId(obj["node"]),
+            session=None if obj.get("session") is None else int(obj["session"]),
+            deadline_at=_opt_float(obj.get("deadline_at")),
+            started_at=_opt_float(obj.get("started_at")),
+            progress=obj.get("progress"),
+            result=obj.get("result"),
+            error=None if obj.get("error") is None else TaskError.from_json(obj["error"]),
+            reason=obj.get("reason"),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class NodeInfo:
+    """A live sidecar as registered under its session lease."""
+
+    id: NodeId
+    session: int
+    capacity: dict[str, int] = attrs.Factory(dict)  # queue -> concurrent tasks
+    host: str = ""
+    pid: int = 0
+    version: str = ""
+    started_at: float = 0.0
+
+    def to_json(self) -> str:
+        """The value stored in etcd."""
+        return dumps(
+            {
+                "id": self.id,
+                "session": self.session,
+                "capacity": dict(sorted(self.capacity.items())),
+                "host": self.host,
+                "pid": self.pid,
+                "version": self.version,
+                "started_at": self.started_at,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeInfo:
+        """Read the value stored in etcd."""
+        obj = json.loads(text)
+        return cls(
+            id=NodeId(obj["id"]),
+            session=int(obj["session"]),
+            capacity={str(k): int(v) for k, v in obj.get("capacity", {}).items()},
+            host=str(obj.get("host", "")),
+            pid=int(obj.get("pid", 0)),
+            version=str(obj.get("version", "")),
+            started_at=float(obj.get("started_at", 0.0)),
+        )
+
+
+def _opt_float(value: JSON) -> float | None:
+    return None if value is None else float(value)
+
+
+def dumps(obj: JSON) -> str:
+    """Compact, stable JSON; refuses NaN and infinities, which are not JSON."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -1,0 +1,100 @@
+"""What happens to a task after each outcome: pure functions of the record and the time."""
+
+from __future__ import annotations
+
+import attrs
+
+from ._keys import NodeId, State
+from ._model import Backoff, Record, TaskError
+
+
+def backoff_delay_s(backoff: Backoff, attempts: int, fraction: float) -> float:
+    """The wait before the next attempt, after ``attempts`` attempts have failed.
+
+    ``fraction`` in [0, 1) is the caller's random draw; the delay falls in
+    ``[(1 - jitter) * d, d]`` where ``d = min(max_s, base_s * factor ** (attempts - 1))``.
+    """
+    exponent = max(attempts - 1, 0)
+    try:
+        full = backoff.base_s * backoff.factor**exponent
+    except OverflowError:
+        full = backoff.max_s
+    full = min(backoff.max_s, full)
+    return full * (1.0 - backoff.jitter * fraction)
+
+
+def initial_record(options_record: Record, *, now: float, run_at: float | None) -> Record:
+    """The first state of a new task: delayed until ``run_at`` if that is in the future."""
+    if run_at is not None and run_at > now:
+        return attrs.evolve(
+            options_record, state=State.DELAYED, due_at=run_at, since_at=now, reason="created"
+        )
+    return attrs.evolve(options_record, state=State.PENDING, since_at=now, reason="created")
+
+
+def assigned(record: Record, *, node: NodeId, session: int, now: float, grace_s: float) -> Record:
+    """The processing record of a new attempt on ``node``."""
+    timeout = record.options.timeout_s
+    return Record(
+        state=State.PROCESSING,
+        attempts=record.attempts + 1,
+        options=record.options,
+        since_at=now,
+        node=node,
+        session=session,
+        deadline_at=None if timeout is None else now + timeout + grace_s,
+    )
+
+
+def promoted(record: Record, *, now: float) -> Record:
+    """A delayed task that has come due."""
+    return attrs.evolve(record, state=State.PENDING, since_at=now, due_at=None, reason="promoted")
+
+
+def succeeded(record: Record, *, result: object, now: float) -> Record:
+    """The completed record of an attempt that returned ``result``."""
+    return Record(
+        state=State.COMPLETED,
+        attempts=record.attempts,
+        options=record.options,
+        since_at=now,
+        result=result,
+    )
+
+
+def after_failure(
+    record: Record, *, error: TaskError, now: float, fraction: float, reason: str = "retry"
+) -> Record:
+    """Where a failed attempt sends the task: back to wait for a retry, or to failed.
+
+    The task goes to failed exactly when the error is not retryable or the attempts are
+    exhausted; otherwise it waits the backoff in delayed (or goes straight to pending
+    when the backoff is zero).
+    """
+    if not error.retryable or record.attempts >= record.options.max_attempts:
+        return Record(
+            state=State.FAILED,
+            attempts=record.attempts,
+            options=record.options,
+            since_at=now,
+            error=error,
+        )
+    delay = backoff_delay_s(record.options.backoff, record.attempts, fraction)
+    if delay <= 0:
+        return Record(
+            state=State.PENDING,
+            attempts=record.attempts,
+            options=record.options,
+            since_at=now,
+            error=error,
+            reason=reason,
+        )
+    return Record(
+        state=State.DELAYED,
+        attempts=record.attempts,
+        options=record.options,
+        since_at=now,
+        due_at=now + delay,
+        error=error,
+        reason=reason,
+    )

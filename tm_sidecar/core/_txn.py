@@ -1,0 +1,151 @@
+"""etcd operations as values: the core builds them, the shell executes them."""
+
+from __future__ import annotations
+
+import enum
+from typing import NewType
+
+import attrs
+
+Revision = NewType("Revision", int)
+LeaseId = NewType("LeaseId", int)
+
+#: etcd refuses a transaction with more operations than this in one branch.
+MAX_TXN_OPS = 128
+
+
+class Target(enum.Enum):
+    """What a :class:`Compare` looks at."""
+
+    VERSION = "VERSION"
+    CREATE = "CREATE"
+    MOD = "MOD"
+    VALUE = "VALUE"
+
+
+class Op(enum.Enum):
+    """How a :class:`Compare` compares."""
+
+    EQUAL = "EQUAL"
+    NOT_EQUAL = "NOT_EQUAL"
+    GREATER = "GREATER"
+    LESS = "LESS"
+
+
+@attrs.frozen
+class Compare:
+    """A guard of a transaction: ``target(key) op value``."""
+
+    key: str
+    target: Target
+    op: Op
+    value: int | str
+
+    @classmethod
+    def absent(cls, key: str) -> Compare:
+        """The key does not exist."""
+        return cls(key, Target.VERSION, Op.EQUAL, 0)
+
+    @classmethod
+    def created_at(cls, key: str, revision: int) -> Compare:
+        """The key exists with this create revision (the same incarnation of it)."""
+        return cls(key, Target.CREATE, Op.EQUAL, revision)
+
+    @classmethod
+    def modified_at(cls, key: str, revision: int) -> Compare:
+        """The key is unchanged since this mod revision."""
+        return cls(key, Target.MOD, Op.EQUAL, revision)
+
+
+@attrs.frozen
+class Put:
+    """Write ``value`` at ``key``, optionally attached to a lease."""
+
+    key: str
+    value: str
+    lease: int = 0
+
+
+@attrs.frozen
+class Touch:
+    """Attach an existing key to another lease without rewriting its value."""
+
+    key: str
+    lease: int
+
+
+@attrs.frozen
+class Delete:
+    """Delete ``key``, or every key under it when ``prefix`` is true."""
+
+    key: str
+    prefix: bool = False
+
+
+@attrs.frozen
+class Range:
+    """Read ``key``, or every key under it when ``prefix`` is true."""
+
+    key: str
+    prefix: bool = False
+    limit: int = 0
+    revision: int = 0
+    keys_only: bool = False
+    count_only: bool = False
+
+
+Request = Put | Touch | Delete | Range
+
+
+@attrs.frozen
+class Txn:
+    """An etcd transaction: if every compare holds, run ``success``, else ``failure``."""
+
+    compare: tuple[Compare, ...] = ()
+    success: tuple[Request, ...] = ()
+    failure: tuple[Request, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        for branch in (self.compare, self.success, self.failure):
+            if len(branch) > MAX_TXN_OPS:
+                raise ValueError(f"transaction branch has {len(branch)} ops > {MAX_TXN_OPS}")
+
+
+@attrs.frozen
+class KeyValue:
+    """One key as etcd returns it."""
+
+    key: str
+    value: str
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int = 0
+
+
+@attrs.frozen
+class RangeResult:
+    """The answer to a :class:`Range`."""
+
+    kvs: tuple[KeyValue, ...]
+    count: int
+    more: bool
+    revision: int
+
+
+@attrs.frozen
+class TxnResult:
+    """The answer to a :class:`Txn`: which branch ran, and the ranges it read."""
+
+    succeeded: bool
+    revision: int
+    ranges: tuple[RangeResult, ...] = ()
+
+
+@attrs.frozen
+class WatchEvent:
+    """A change to one key, with the previous value when there was one."""
+
+    kind: str  # "PUT" or "DELETE"
+    kv: KeyValue
+    prev: KeyValue | None
