@@ -128,7 +128,8 @@ def test_delayed_task_is_promoted_at_its_due_time_not_before() -> None:
     f.task("later", now=0.0, run_at=100.0)
     f.node("n1", {"default": 1})
     early = f.view.decide(99.999, POLICY)
-    assert early.batches == () and early.wake_at == 100.0
+    assert early.batches == ()
+    assert early.wake_at == 100.0
     due = f.view.decide(100.0, POLICY)
     assert [(b.kind, b.task_ids) for b in due.batches] == [("promote", ("later",))]
     f.commit(due.batches[0])
@@ -183,9 +184,10 @@ def test_an_attempt_past_its_deadline_is_reaped() -> None:
     for b in f.view.decide(0.0, POLICY).batches:
         f.commit(b)
     d = f.view.decide(1.0, POLICY)
-    assert d.batches == () and d.wake_at == 15.0  # timeout + grace
+    assert d.batches == ()
+    assert d.wake_at == 15.0
     d = f.view.decide(15.0, POLICY)
-    ((slot, record),) = d.batches[0].moves
+    ((_slot, record),) = d.batches[0].moves
     assert (record.state, record.error and record.error.type) == (State.FAILED, "Stalled")
 
 

@@ -53,10 +53,10 @@ def test_backoff_grows_until_the_cap(attempts: int) -> None:
     assert backoff_delay_s(b, attempts + 1, 0.5) >= backoff_delay_s(b, attempts, 0.5)
 
 
-def _processing(attempts: int, max_attempts: int, **kw: object) -> Record:
+def _processing(attempts: int, max_attempts: int) -> Record:
     opts = TaskOptions(
-        max_attempts=max_attempts, backoff=Backoff(base_s=2, factor=2, max_s=10, jitter=0), **kw
-    )  # type: ignore[arg-type]
+        max_attempts=max_attempts, backoff=Backoff(base_s=2, factor=2, max_s=10, jitter=0)
+    )
     return Record(
         state=State.PROCESSING, attempts=attempts, options=opts, since_at=0.0, node=NodeId("n")
     )
@@ -80,7 +80,8 @@ def test_after_failure_table(
 ) -> None:
     nxt = after_failure(_processing(attempts, max_attempts), error=error, now=100.0, fraction=0.3)
     assert (nxt.state, nxt.due_at, nxt.attempts, nxt.error) == (state, due_at, attempts, error)
-    assert nxt.node is None and nxt.session is None
+    assert nxt.node is None
+    assert nxt.session is None
 
 
 def test_zero_backoff_goes_straight_back_to_pending() -> None:
@@ -163,7 +164,8 @@ def test_keys_are_readable_and_parse_back() -> None:
     assert ks.task(tid) == f"/tm/billing/task/{tid}"
     assert ks.state(State.PROCESSING, tid, NodeId("web-1")) == f"/tm/billing/processing/web-1/{tid}"
     parsed = ks.parse(ks.state(State.PROCESSING, tid, NodeId("web-1")))
-    assert parsed is not None and (parsed.task_id, parsed.state, parsed.node) == (
+    assert parsed is not None
+    assert (parsed.task_id, parsed.state, parsed.node) == (
         tid,
         State.PROCESSING,
         "web-1",
@@ -187,7 +189,7 @@ def test_bad_names_are_refused(bad: str) -> None:
 
 
 def test_bad_options_are_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_attempts"):
         TaskOptions(max_attempts=0)
     with pytest.raises(ValueError, match="timeout_s"):
         TaskOptions(timeout_s=-1)
