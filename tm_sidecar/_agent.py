@@ -11,7 +11,7 @@ import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
+from contextlib import aclosing, nullcontext
 from typing import Any
 
 import attrs
@@ -209,23 +209,24 @@ async def run_agent(
                 log.warning("assignment of task=%s withdrawn: cancelling its handler", task_id)
                 known.scope.cancel()
 
-        async for item in etcd.informer(ks.assignments(node_id)):
-            if isinstance(item, Reset):
-                live = {kv.key: kv for kv in item.kvs}
-                for task_id, running in list(state.running.items()):
-                    key = ks.state(State.PROCESSING, task_id, node_id)
-                    if key not in live or live[key].create_revision != running.create_revision:
-                        vanished(task_id, running.create_revision)
-                for kv in item.kvs:
-                    consider(kv)
-            elif isinstance(item, Changes):
-                for event in item.events:
-                    if event.kind == "PUT":
-                        consider(event.kv)
-                    elif event.prev is not None:
-                        parsed = ks.parse(event.kv.key)
-                        if parsed is not None and parsed.task_id is not None:
-                            vanished(parsed.task_id, event.prev.create_revision)
+        async with aclosing(etcd.informer(ks.assignments(node_id))) as _items:
+            async for item in _items:
+                if isinstance(item, Reset):
+                    live = {kv.key: kv for kv in item.kvs}
+                    for task_id, running in list(state.running.items()):
+                        key = ks.state(State.PROCESSING, task_id, node_id)
+                        if key not in live or live[key].create_revision != running.create_revision:
+                            vanished(task_id, running.create_revision)
+                    for kv in item.kvs:
+                        consider(kv)
+                elif isinstance(item, Changes):
+                    for event in item.events:
+                        if event.kind == "PUT":
+                            consider(event.kv)
+                        elif event.prev is not None:
+                            parsed = ks.parse(event.kv.key)
+                            if parsed is not None and parsed.task_id is not None:
+                                vanished(parsed.task_id, event.prev.create_revision)
 
 
 def error_from_exception(exc: BaseException) -> TaskError:

@@ -8,6 +8,7 @@ immediate predecessor only. The leader's key create revision is its fencing toke
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 
 import trio
 
@@ -52,9 +53,10 @@ async def campaign(etcd: Etcd, ks: Keyspace, session: Session, node_id: str) -> 
 
 async def _wait_deleted(etcd: Etcd, key: str, seen_at: int) -> None:
     try:
-        async for changes in etcd.watch_once(key, seen_at + 1, prefix=False):
-            if any(e.kind == "DELETE" for e in changes.events):
-                return
+        async with aclosing(etcd.watch_once(key, seen_at + 1, prefix=False)) as _items:
+            async for changes in _items:
+                if any(e.kind == "DELETE" for e in changes.events):
+                    return
     except EtcdUnavailable as exc:
         # Look again from the top: the predecessor may be gone by now.
         log.warning("watch on predecessor failed: %s", exc)

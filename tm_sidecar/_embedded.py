@@ -190,9 +190,7 @@ class EtcdProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self._log_file is not None:
-            self._log_file.close()  # type: ignore[attr-defined]
-            self._log_file = None
+        self._close_log()
 
     def kill(self) -> None:
         """SIGKILL etcd, as a crash would."""
@@ -200,6 +198,12 @@ class EtcdProcess:
             os.kill(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
             self._proc = None
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()  # type: ignore[attr-defined]
+            self._log_file = None
 
 
 def _binary_version(binary: str) -> str:

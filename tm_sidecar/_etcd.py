@@ -23,7 +23,8 @@ import math
 import random
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, Literal, TypeVar
 
 import attrs
@@ -299,7 +300,7 @@ class _NativeHttp:
                 raise trio.BrokenResourceError("etcd closed the connection")
             return event
 
-    async def read_chunks(self, conn: _HttpConn) -> AsyncIterator[bytes]:
+    async def read_chunks(self, conn: _HttpConn) -> AsyncGenerator[bytes, None]:
         """The body, as it arrives; the connection is returned to the pool at its end."""
         while True:
             event = await self._next(conn)
@@ -315,8 +316,9 @@ class _NativeHttp:
         conn, status = await self.open(endpoint, path, body, headers)
         parts = []
         try:
-            async for chunk in self.read_chunks(conn):
-                parts.append(chunk)
+            async with aclosing(self.read_chunks(conn)) as _items:
+                async for chunk in _items:
+                    parts.append(chunk)
         except (
             OSError,
             trio.BrokenResourceError,
@@ -609,7 +611,7 @@ class Etcd:
 
     async def watch_once(
         self, key: str, start_revision: int, *, range_end: str | None = None, prefix: bool = True
-    ) -> AsyncIterator[Changes]:
+    ) -> AsyncGenerator[Changes, None]:
         """One watch stream from ``start_revision``; ends only by raising.
 
         Watches the keys under ``key`` (``prefix``), the keys in ``[key, range_end)``, or
@@ -635,20 +637,21 @@ class Etcd:
                 raise EtcdUnavailable(f"watch refused with HTTP {status}")
             decoder = json.JSONDecoder()
             buffer = ""
-            async for chunk in self._native.read_chunks(conn):
-                buffer += chunk.decode()
-                while True:
-                    buffer = buffer.lstrip()
-                    if not buffer:
-                        break
-                    try:
-                        message, end = decoder.raw_decode(buffer)
-                    except json.JSONDecodeError:
-                        break  # incomplete: wait for more
-                    buffer = buffer[end:]
-                    changes = self._watch_message(message)
-                    if changes is not None:
-                        yield changes
+            async with aclosing(self._native.read_chunks(conn)) as _items:
+                async for chunk in _items:
+                    buffer += chunk.decode()
+                    while True:
+                        buffer = buffer.lstrip()
+                        if not buffer:
+                            break
+                        try:
+                            message, end = decoder.raw_decode(buffer)
+                        except json.JSONDecodeError:
+                            break  # incomplete: wait for more
+                        buffer = buffer[end:]
+                        changes = self._watch_message(message)
+                        if changes is not None:
+                            yield changes
             raise EtcdUnavailable("etcd ended the watch stream")
         except (
             OSError,
@@ -683,7 +686,7 @@ class Etcd:
         *,
         range_end: str | None = None,
         backoff: Callable[[int], float] | None = None,
-    ) -> AsyncIterator[Reset | Changes]:
+    ) -> AsyncGenerator[Reset | Changes, None]:
         """List-then-watch ``prefix`` (or ``[prefix, range_end)``) forever.
 
         Yields a :class:`Reset`, then :class:`Changes`.
@@ -702,12 +705,15 @@ class Etcd:
                     last = revision
                     failures = 0
                     yield Reset(kvs, revision)
-                async for changes in self.watch_once(prefix, last + 1, range_end=range_end):
-                    fresh = tuple(e for e in changes.events if e.kv.mod_revision > last)
-                    last = max(last, changes.revision)
-                    failures = 0
-                    if fresh:
-                        yield Changes(fresh, last)
+                async with aclosing(
+                    self.watch_once(prefix, last + 1, range_end=range_end)
+                ) as _items:
+                    async for changes in _items:
+                        fresh = tuple(e for e in changes.events if e.kv.mod_revision > last)
+                        last = max(last, changes.revision)
+                        failures = 0
+                        if fresh:
+                            yield Changes(fresh, last)
             except Compacted:
                 log.warning("watch on %s fell behind compaction; listing again", prefix)
                 last = None

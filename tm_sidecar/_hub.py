@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 
 import attrs
 import trio
@@ -90,15 +91,18 @@ class EventHub:
                 if not started:
                     task_status.started()
                     started = True
-                async for changes in self.etcd.watch_once(start, self.revision + 1, range_end=end):
-                    failures = 0
-                    for change in changes.events:
-                        if change.kv.mod_revision <= self.revision:
-                            continue
-                        event = event_from_change(self.ks, change)
-                        if event is not None:
-                            self._publish(event)
-                    self.revision = max(self.revision, changes.revision)
+                async with aclosing(
+                    self.etcd.watch_once(start, self.revision + 1, range_end=end)
+                ) as _items:
+                    async for changes in _items:
+                        failures = 0
+                        for change in changes.events:
+                            if change.kv.mod_revision <= self.revision:
+                                continue
+                            event = event_from_change(self.ks, change)
+                            if event is not None:
+                                self._publish(event)
+                        self.revision = max(self.revision, changes.revision)
             except Compacted as exc:
                 log.warning(
                     "event watch fell behind compaction at %d: events were missed",

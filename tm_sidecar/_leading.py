@@ -6,6 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 
 import attrs
 import trio
@@ -59,23 +60,25 @@ async def run_leader(
         # Every key the leader needs sorts between delayed/ and task/: completed records
         # and payloads stay out of its view.
         stream = etcd.informer(ks.state_prefix(State.DELAYED), range_end=ks.prefix + "task")
-        async for item in stream:
-            if isinstance(item, Reset):
-                state.view = LeaderView.from_listing(ks, item.kvs, item.revision)
-                log.info(
-                    "leader view listed revision=%d pending=%d delayed=%d processing=%d nodes=%d",
-                    item.revision,
-                    len(state.view.pending),
-                    len(state.view.delayed),
-                    len(state.view.processing),
-                    len(state.view.nodes),
-                )
-                ready.set()
-            elif isinstance(item, Changes) and state.view is not None:
-                for event in item.events:
-                    state.view.apply(event)
-                state.view.advance(item.revision)
-            changed.set()
+        async with aclosing(stream) as _items:
+            async for item in _items:
+                if isinstance(item, Reset):
+                    state.view = LeaderView.from_listing(ks, item.kvs, item.revision)
+                    log.info(
+                        "leader view listed revision=%d pending=%d delayed=%d processing=%d "
+                        "nodes=%d",
+                        item.revision,
+                        len(state.view.pending),
+                        len(state.view.delayed),
+                        len(state.view.processing),
+                        len(state.view.nodes),
+                    )
+                    ready.set()
+                elif isinstance(item, Changes) and state.view is not None:
+                    for event in item.events:
+                        state.view.apply(event)
+                    state.view.advance(item.revision)
+                changed.set()
 
     async def step_down_on_time() -> None:
         await session.wait_untrusted()
