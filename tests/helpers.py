@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar
 
 import trio
+
+from tm_sidecar import Etcd, EtcdConfig, Sidecar, SidecarSettings
+from tm_sidecar.core import NodeId
 
 T = TypeVar("T")
 
@@ -30,3 +34,36 @@ class Observed(Generic[T]):
         with trio.fail_after(timeout_s):
             while not condition(self.items):
                 await self._changed.wait()
+
+
+@asynccontextmanager
+async def running_sidecars(
+    endpoint: str, namespace: str, *nodes: str, **settings: Any
+) -> AsyncIterator[list[Sidecar]]:
+    """Sidecars on one etcd and namespace, started in order (the first one leads)."""
+    settings.setdefault("lease_ttl_s", 2)
+    settings.setdefault("grace_s", 1.0)
+    etcd = Etcd(EtcdConfig(endpoints=(endpoint,), timeout_s=3.0))
+    try:
+        async with trio.open_nursery() as nursery:
+            sidecars = []
+            for node in nodes:
+                sidecar = Sidecar(
+                    etcd, SidecarSettings(node_id=NodeId(node), namespace=namespace, **settings)
+                )
+                await nursery.start(sidecar.run)
+                sidecars.append(sidecar)
+            await wait_for(lambda: sidecars[0].is_leader)
+            yield sidecars
+            nursery.cancel_scope.cancel()
+    finally:
+        await etcd.aclose()
+
+
+async def wait_for(
+    condition: Callable[[], bool], timeout_s: float = 10.0, poll_s: float = 0.01
+) -> None:
+    """Poll a condition with a deadline (for state that has no event to wait on)."""
+    with trio.fail_after(timeout_s):
+        while not condition():  # noqa: ASYNC110 - a polled condition, bounded by the deadline
+            await trio.sleep(poll_s)

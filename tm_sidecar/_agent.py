@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import EtcdError, EtcdUnavailable
+from ._errors import EtcdUnavailable, LeaseNotFound
 from ._etcd import Changes, Etcd, Reset, retrying
 from ._session import RetentionLeases, Session
 from .core import (
@@ -383,11 +383,9 @@ async def _report(
                 )
                 return False
             await trio.sleep(min(0.5, max(0.0, deadline - trio.current_time())))
-        except EtcdError as exc:
-            if "lease not found" in str(exc):
-                retention.forget()
-                continue
-            raise
+        except LeaseNotFound:
+            retention.forget()
+            continue
         except trio.TooSlowError:
             log.error("report of task=%s timed out; the leader will reap it", slot.task_id)
             return False

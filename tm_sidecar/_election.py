@@ -12,7 +12,7 @@ from contextlib import aclosing
 
 import trio
 
-from ._errors import EtcdUnavailable, LeaseLost
+from ._errors import EtcdUnavailable, LeaseLost, LeaseNotFound
 from ._etcd import Etcd, retrying
 from ._session import Session
 from .core import Compare, Delete, Fence, Keyspace, Put, Range, Txn, dumps
@@ -29,7 +29,11 @@ async def campaign(etcd: Etcd, ks: Keyspace, session: Session, node_id: str) -> 
         success=(Put(key, value, session.lease),),
         failure=(Range(key),),
     )
-    result = await retrying(lambda: etcd.txn(txn), what="campaign")
+    try:
+        result = await retrying(lambda: etcd.txn(txn), what="campaign")
+    except LeaseNotFound as exc:
+        session.lost.set()
+        raise LeaseLost(f"lease {session.lease:x} is gone") from exc
     if result.succeeded:
         my_revision = result.revision
     elif result.ranges and result.ranges[0].kvs:

@@ -79,6 +79,12 @@ class EtcdError(TaskManagerError):
     code = "etcd_error"
 
 
+class LeaseNotFound(EtcdError):
+    """The lease named in a request does not exist (it expired or was revoked)."""
+
+    code = "lease_not_found"
+
+
 class Compacted(EtcdError):
     """The revision asked for has been compacted away."""
 
@@ -103,6 +109,7 @@ ERRORS: dict[str, type[TaskManagerError]] = {
         LeaseLost,
         ProtocolViolation,
         EtcdError,
+        LeaseNotFound,
         Compacted,
     )
 }

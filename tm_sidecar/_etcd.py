@@ -31,7 +31,7 @@ import attrs
 import h11
 import trio
 
-from ._errors import Compacted, EtcdError, EtcdUnavailable
+from ._errors import Compacted, EtcdError, EtcdUnavailable, LeaseNotFound
 from .core import (
     Compare,
     Delete,
@@ -203,6 +203,8 @@ def translate_error(status: int, body: _Body | None, text: str = "") -> Exceptio
     code = int(body.get("code", 0)) if body else 0
     if "compacted" in message:
         return Compacted(message)
+    if "lease not found" in message:
+        return LeaseNotFound(message)
     # gRPC codes: 4 deadline exceeded, 14 unavailable; plus etcd's own leader trouble.
     if (
         code in (4, 14)

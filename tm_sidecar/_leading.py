@@ -11,7 +11,7 @@ from contextlib import aclosing
 import attrs
 import trio
 
-from ._errors import EtcdError, EtcdUnavailable, NotLeader
+from ._errors import EtcdError, EtcdUnavailable, LeaseNotFound, NotLeader
 from ._etcd import Changes, Etcd, Reset
 from ._session import RetentionLeases, Session
 from .core import Batch, Fence, Keyspace, LeaderPolicy, LeaderView, State, plan_batch
@@ -166,12 +166,10 @@ async def _commit(
         log.warning("%s batch of %d: outcome unknown (%s)", batch.kind, len(batch.moves), exc)
         await trio.sleep(0.1)
         return None
-    except EtcdError as exc:
+    except LeaseNotFound:
         view.settle(batch, committed_at=None)
-        if "lease not found" in str(exc):
-            retention.forget()
-            return None
-        raise
+        retention.forget()
+        return None
     if result.succeeded:
         view.settle(batch, committed_at=result.revision)
         log.debug("%s batch of %d committed at %d", batch.kind, len(batch.moves), result.revision)

@@ -23,6 +23,7 @@ from ._errors import (
     EtcdUnavailable,
     InvalidRequest,
     LeaseLost,
+    LeaseNotFound,
     NotLeader,
     PayloadTooLarge,
     QueueFull,
@@ -204,10 +205,16 @@ class Sidecar:
         )
         self._node_dirty = trio.Event()
         self.registry.on_change = self._node_dirty.set
-        await retrying(
-            lambda: self.etcd.put(self.ks.node(self.node_id), info.to_json(), lease=session.lease),
-            what="node registration",
-        )
+        try:
+            await retrying(
+                lambda: self.etcd.put(
+                    self.ks.node(self.node_id), info.to_json(), lease=session.lease
+                ),
+                what="node registration",
+            )
+        except LeaseNotFound as exc:
+            session.lost.set()
+            raise LeaseLost(f"lease {session.lease:x} is gone") from exc
         self._registered.set()
 
     async def _keep_registration(self, session: Session) -> None:

@@ -1,0 +1,339 @@
+"""The sidecar in-process, against a real etcd: lifecycle, delays, retries, order, limits."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from typing import Any
+
+import pytest
+import trio
+
+from tests.helpers import Observed, running_sidecars, wait_for
+from tm_sidecar import (
+    Backoff,
+    Etcd,
+    EtcdConfig,
+    InvalidRequest,
+    PayloadTooLarge,
+    Permanent,
+    QueueFull,
+    Sidecar,
+    State,
+    TaskContext,
+    TaskEvent,
+    TaskOptions,
+)
+from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.core import Keyspace, NodeId, Range, Slot, TaskId, plan_move, succeeded
+from tm_sidecar.core import Record as CoreRecord
+
+
+async def _collect(sidecar: Sidecar, observed: Observed[TaskEvent]) -> None:
+    with sidecar.subscribe() as events:
+        async for event in events:
+            observed.add(event)
+
+
+def kinds(events: list[TaskEvent], task_id: str) -> list[str]:
+    return [e.kind for e in events if e.task_id == task_id]
+
+
+async def test_full_lifecycle_with_every_event_in_order(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+        observed: Observed[TaskEvent] = Observed()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_collect, sc, observed)
+
+            async def handler(task: TaskContext) -> Any:
+                assert await task.update({"step": 1})
+                return {"echo": task.payload, "attempt": task.attempt}
+
+            sc.register(handler, concurrency=2)
+            spec = await sc.create({"TaskSpecificKey": "TaskSpecificValue"})
+            info = await sc.wait(spec.id, timeout_s=10)
+            await observed.wait_until(lambda ev: "completed" in kinds(ev, spec.id))
+            nursery.cancel_scope.cancel()
+        assert info.state is State.COMPLETED
+        assert info.record is not None
+        assert info.record.result == {
+            "echo": {"TaskSpecificKey": "TaskSpecificValue"},
+            "attempt": 1,
+        }
+        assert kinds(observed.items, spec.id) == [
+            "queued",
+            "assigned",
+            "started",
+            "updated",
+            "completed",
+        ]
+        updated = next(e for e in observed.items if e.kind == "updated")
+        assert updated.data == {"step": 1}
+        # In etcd: exactly one state key, readable JSON, and the payload kept once.
+        ks = Keyspace(namespace=namespace)
+        keys, _ = await sc.etcd.list_prefix(ks.prefix)
+        mine = sorted(kv.key.removeprefix(ks.prefix) for kv in keys if spec.id in kv.key)
+        assert mine == [f"completed/{spec.id}", f"task/{spec.id}"]
+        for kv in keys:
+            json.loads(kv.value)
+        task_kv = await sc.etcd.get(ks.task(spec.id))
+        assert task_kv is not None
+        # The payload expires with the outcome: the lease was attached without sending it again.
+        assert json.loads(task_kv.value)["payload"] == {"TaskSpecificKey": "TaskSpecificValue"}
+        assert task_kv.lease != 0
+
+
+async def test_delayed_task_never_starts_early(etcd_server: EtcdProcess, namespace: str) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+        started_at: list[float] = []
+
+        async def handler(task: TaskContext) -> None:
+            started_at.append(time.time())
+
+        sc.register(handler)
+        run_at = time.time() + 1.0
+        spec = await sc.create({"x": 1}, run_at=run_at)
+        assert (await sc.get(spec.id)).state is State.DELAYED
+        await sc.wait(spec.id, timeout_s=10)
+        assert started_at[0] >= run_at
+        assert started_at[0] - run_at < 0.5  # a timer, not a polling loop
+
+
+async def test_timeout_cancels_the_handler_and_fails_the_attempt(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+        cancelled = trio.Event()
+
+        async def handler(task: TaskContext) -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancelled.set()
+
+        sc.register(handler)
+        spec = await sc.create({}, options=TaskOptions(timeout_s=0.3, max_attempts=1))
+        info = await sc.wait(spec.id, timeout_s=10)
+        assert cancelled.is_set()
+        assert info.state is State.FAILED
+        assert info.record is not None
+        assert info.record.error is not None
+        assert info.record.error.type == "Timeout"
+
+
+async def test_retries_with_backoff_then_the_failed_queue(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+        observed: Observed[TaskEvent] = Observed()
+        starts: list[float] = []
+
+        async def handler(task: TaskContext) -> None:
+            starts.append(time.time())
+            raise RuntimeError(f"boom {task.attempt}")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_collect, sc, observed)
+            sc.register(handler)
+            opts = TaskOptions(max_attempts=3, backoff=Backoff(base_s=0.2, factor=2, jitter=0))
+            spec = await sc.create({}, options=opts)
+            info = await sc.wait(spec.id, timeout_s=15)
+            await observed.wait_until(lambda ev: kinds(ev, spec.id).count("failed") == 3)
+            nursery.cancel_scope.cancel()
+        assert info.state is State.FAILED
+        assert info.record is not None
+        assert info.record.attempts == 3
+        assert info.record.error is not None
+        assert info.record.error.message == "boom 3"
+        assert "RuntimeError" in (info.record.error.traceback or "")
+        fails = [e for e in observed.items if e.task_id == spec.id and e.kind == "failed"]
+        assert [(e.attempt, e.will_retry) for e in fails] == [(1, True), (2, True), (3, False)]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert gaps[0] >= 0.2
+        assert gaps[1] >= 0.4
+
+
+async def test_a_permanent_error_is_not_retried(etcd_server: EtcdProcess, namespace: str) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+
+        async def handler(task: TaskContext) -> None:
+            raise Permanent("bad input")
+
+        sc.register(handler)
+        spec = await sc.create({}, options=TaskOptions(max_attempts=5))
+        info = await sc.wait(spec.id, timeout_s=10)
+        assert info.state is State.FAILED
+        assert info.record is not None
+        assert info.record.attempts == 1
+        assert info.record.error is not None
+        assert not info.record.error.retryable
+
+
+async def test_priority_first_then_commit_order(etcd_server: EtcdProcess, namespace: str) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+        ran: list[str] = []
+
+        async def handler(task: TaskContext) -> None:
+            ran.append(task.payload["name"])
+
+        specs = []
+        for i, prio in enumerate([0, 5, 0, 9, 5, 0]):
+            specs.append(
+                await sc.create({"name": f"p{prio}-{i}"}, options=TaskOptions(priority=prio))
+            )
+        sc.register(handler, concurrency=1)
+        for spec in specs:
+            await sc.wait(spec.id, timeout_s=10)
+        assert ran == ["p9-3", "p5-1", "p5-4", "p0-0", "p0-2", "p0-5"]
+
+
+async def test_capacity_is_never_exceeded(etcd_server: EtcdProcess, namespace: str) -> None:
+    ks = Keyspace(namespace=namespace)
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+        now_running = 0
+        most_running = 0
+        most_assigned = 0
+        gate = trio.Event()
+
+        async def handler(task: TaskContext) -> None:
+            nonlocal now_running, most_running
+            now_running += 1
+            most_running = max(most_running, now_running)
+            await gate.wait()
+            await trio.sleep(0.01)
+            now_running -= 1
+
+        async def watch_assignments() -> None:
+            nonlocal most_assigned
+            while True:
+                r = await sc.etcd.range(Range(ks.assignments("n1"), prefix=True, count_only=True))
+                most_assigned = max(most_assigned, r.count)
+                await trio.sleep(0.005)
+
+        sc.register(handler, concurrency=3)
+        specs = [await sc.create({"i": i}) for i in range(20)]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_assignments)
+            await wait_for(lambda: now_running == 3)
+            gate.set()
+            for spec in specs:
+                await sc.wait(spec.id, timeout_s=20)
+            nursery.cancel_scope.cancel()
+        assert most_running == 3
+        assert most_assigned <= 3
+
+
+async def test_bad_creates_are_refused_and_write_nothing(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    ks = Keyspace(namespace=namespace)
+    async with running_sidecars(
+        etcd_server.endpoint, namespace, "n1", max_payload_bytes=1000, max_live_tasks=2
+    ) as (sc,):
+        with pytest.raises(PayloadTooLarge, match="1000 bytes"):
+            await sc.create({"blob": "x" * 2000})
+        with pytest.raises(InvalidRequest, match="not JSON"):
+            await sc.create({"f": float("nan")})
+        with pytest.raises(InvalidRequest, match="not JSON"):
+            await sc.create({"obj": object()})
+        await sc.create({"n": 1})
+        await sc.create({"n": 2})
+        with pytest.raises(QueueFull, match="max_live_tasks"):
+            await sc.create({"n": 3})
+        tasks = await sc.etcd.range(Range(ks.tasks(), prefix=True, count_only=True))
+        assert tasks.count == 2
+
+
+async def test_create_with_the_same_id_is_idempotent(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+        tid = sc.new_task_id()
+        first = await sc.create({"a": 1}, task_id=tid)
+        again = await sc.create({"a": 1}, task_id=tid)
+        assert again == first
+        with pytest.raises(InvalidRequest, match="taken"):
+            await sc.create({"a": 2}, task_id=tid)
+
+
+async def test_a_stale_report_is_rejected(etcd_server: EtcdProcess, namespace: str) -> None:
+    """An outcome for attempt k fails once attempt k is no longer the live assignment."""
+    ks = Keyspace(namespace=namespace)
+    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    # A task assigned to a node, as the leader would leave it.
+    key = ks.state(State.PROCESSING, TaskId("t1"), NodeId("n1"))
+    record = CoreRecord(
+        state=State.PROCESSING, attempts=1, since_at=0.0, node=NodeId("n1"), session=1
+    )
+    await etcd.put(ks.task("t1"), '{"id":"t1","payload":null,"created_at":0}')
+    await etcd.put(key, record.to_json())
+    kv = await etcd.get(key)
+    assert kv is not None
+    attempt1 = Slot(TaskId("t1"), key, kv.create_revision, kv.mod_revision, record)
+    # The attempt is requeued and assigned again (a new incarnation of the key).
+    await etcd.delete(key)
+    await etcd.put(key, record.to_json())
+    stale = await etcd.txn(plan_move(ks, attempt1, succeeded(record, result="late", now=1.0)))
+    assert not stale.succeeded
+    assert await etcd.get(ks.state(State.COMPLETED, TaskId("t1"))) is None
+    await etcd.aclose()
+
+
+async def test_graceful_stop_hands_leadership_over_at_once(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "a", "b", lease_ttl_s=30) as (
+        a,
+        b,
+    ):
+        done: list[str] = []
+
+        async def handler(task: TaskContext) -> None:
+            done.append(task.id)
+
+        b.register(handler)
+        first = await a.create({"n": 1})
+        await b.wait(first.id, timeout_s=10)
+        assert a.is_leader
+        assert not b.is_leader
+        stopped_at = trio.current_time()
+        a.stop()
+        await wait_for(lambda: b.is_leader, timeout_s=5)
+        # With a 30 s lease, only the resignation explains a prompt takeover.
+        assert trio.current_time() - stopped_at < 2.0
+        second = await b.create({"n": 2})
+        await b.wait(second.id, timeout_s=10)
+        assert done == [first.id, second.id]
+
+
+async def test_tasks_of_a_dead_node_run_elsewhere(etcd_server: EtcdProcess, namespace: str) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "leader", "worker") as (
+        lead,
+        worker,
+    ):
+        stuck = trio.Event()
+
+        async def stuck_handler(task: TaskContext) -> None:
+            stuck.set()
+            await trio.sleep_forever()
+
+        async def good_handler(task: TaskContext) -> str:
+            return "rescued"
+
+        reg = worker.register(stuck_handler)
+        spec = await lead.create({})
+        with trio.fail_after(10):
+            await stuck.wait()
+        lead.register(good_handler)
+        reg.close()
+        # The worker's lease dies as if its host had died.
+        assert worker.session is not None
+        await lead.etcd.lease_revoke(worker.session.lease)
+        info = await lead.wait(spec.id, timeout_s=10)
+        assert info.state is State.COMPLETED
+        assert info.record is not None
+        assert info.record.result == "rescued"
+        assert info.record.attempts == 2
