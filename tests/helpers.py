@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 
@@ -66,4 +66,13 @@ async def wait_for(
     """Poll a condition with a deadline (for state that has no event to wait on)."""
     with trio.fail_after(timeout_s):
         while not condition():  # noqa: ASYNC110 - a polled condition, bounded by the deadline
+            await trio.sleep(poll_s)
+
+
+async def poll_until(
+    condition: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, poll_s: float = 0.05
+) -> None:
+    """Poll an async condition (an etcd read, say) with a deadline."""
+    with trio.fail_after(timeout_s):
+        while not await condition():  # noqa: ASYNC110 - bounded poll of a remote state
             await trio.sleep(poll_s)

@@ -248,11 +248,12 @@ class Sidecar:
                     clock=self.clock,
                     rng=self.rng,
                 )
-            except NotLeader as exc:
-                log.warning("stepped down: %s", exc)
-            except (EtcdError, ValueError, KeyError) as exc:
-                # A bug or a refusal by etcd: step down rather than take the node with us.
-                log.exception("leader failed, stepping down: %s", exc)
+            except* NotLeader as group:
+                log.warning("stepped down: %s", group.exceptions[0])
+            except* (EtcdError, ValueError, KeyError) as group:
+                # A refusal by etcd or a bad record: step down rather than take the node
+                # with us; another candidate (or we, later) will lead.
+                log.error("leader failed, stepping down: %r", group.exceptions[0])
                 await trio.sleep(1.0)
             finally:
                 self.is_leader = False

@@ -1,0 +1,20 @@
+"""Handlers that tm-sidecar processes load with --handler in the multi-process tests."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import trio
+
+from tm_sidecar import TaskContext
+
+
+async def work(task: TaskContext) -> Any:
+    """Sleep as long as the payload says, then answer who did it."""
+    await trio.sleep(float(task.payload.get("work_s", 0.01)))
+    return {
+        "i": task.payload.get("i"),
+        "node": os.environ.get("TM_NODE_ID"),
+        "attempt": task.attempt,
+    }
