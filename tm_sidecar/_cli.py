@@ -22,7 +22,7 @@ from ._embedded import EmbeddedEtcdError, EtcdProcess
 from ._etcd import Etcd, EtcdConfig
 from ._log import setup_logging
 from ._sidecar import Sidecar, SidecarSettings
-from .core import NodeId, TaskOptions, check_name
+from .core import NodeId, TaskEvent, TaskOptions, check_name
 
 log = logging.getLogger("tm_sidecar.cli")
 
@@ -201,6 +201,20 @@ async def _demo_handler(task: TaskContext) -> Any:
     return {"sum": sum(payload.get("numbers", []))}
 
 
+def _describe(event: TaskEvent) -> str:
+    """One logfmt-style line for a task event."""
+    parts = [f"event={event.kind}", f"task={event.task_id}", f"attempt={event.attempt}"]
+    if event.node:
+        parts.append(f"node={event.node}")
+    if event.kind in ("completed", "updated"):
+        parts.append(f"data={json.dumps(event.data, separators=(',', ':'))}")
+    if event.error is not None:
+        parts.append(f"error={json.dumps(event.error.type + ': ' + event.error.message)}")
+    if event.kind == "failed":
+        parts.append(f"will_retry={str(event.will_retry).lower()}")
+    return " ".join(parts)
+
+
 async def _run_demo(sidecar: Sidecar, count: int) -> None:
     sidecar.register(_demo_handler, concurrency=4)
     created = 0
@@ -208,7 +222,7 @@ async def _run_demo(sidecar: Sidecar, count: int) -> None:
 
         async def show() -> None:
             async for event in events:
-                log.info("event %s", json.dumps(event.to_json(), separators=(",", ":")))
+                log.info("%s", _describe(event))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(show)

@@ -1,0 +1,117 @@
+"""The tm-sidecar command: help, configuration from the environment, the demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.helpers import poll_until
+from tm_sidecar import Etcd, EtcdConfig
+from tm_sidecar._cli import build_parser, load_handler
+from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.core import Keyspace
+
+
+def test_help_names_every_option_and_its_variable() -> None:
+    text = build_parser().format_help()
+    for option, env in [
+        ("--etcd", "TM_ETCD"),
+        ("--socket", "TM_SOCKET"),
+        ("--node-id", "TM_NODE_ID"),
+        ("--namespace", "TM_NAMESPACE"),
+        ("--data-dir", "TM_DATA_DIR"),
+    ]:
+        assert option in text
+        assert env in text
+
+
+def test_options_fall_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TM_ETCD", "http://10.0.0.1:2379")
+    monkeypatch.setenv("TM_NODE_ID", "web-7")
+    monkeypatch.setenv("TM_NAMESPACE", "billing")
+    monkeypatch.setenv("TM_SOCKET", "/run/tm/s.sock")
+    monkeypatch.setenv("TM_DATA_DIR", "/var/lib/tm")
+    args = build_parser().parse_args([])
+    assert (args.etcd, args.node_id, args.namespace, args.socket, args.data_dir) == (
+        "http://10.0.0.1:2379",
+        "web-7",
+        "billing",
+        "/run/tm/s.sock",
+        "/var/lib/tm",
+    )
+    assert build_parser().parse_args(["--namespace", "x"]).namespace == "x"  # flags win
+
+
+def test_handler_specs() -> None:
+    queue, func = load_handler("tests.proc_handlers:work@mail")
+    assert queue == "mail"
+    assert func.__name__ == "work"
+    with pytest.raises(SystemExit, match="MODULE:FUNCTION"):
+        load_handler("nonsense")
+
+
+def _run(args: list[str], tmp_path: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TM_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(Path.cwd())}
+    return subprocess.run(
+        [sys.executable, "-m", "tm_sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_bad_settings_are_refused_by_name(tmp_path: Path) -> None:
+    run = _run(["--lease-ttl", "1"], tmp_path)
+    assert run.returncode != 0
+    assert "--lease-ttl" in run.stderr
+    run = _run(["--namespace", "a/b", "--etcd", "http://127.0.0.1:1"], tmp_path)
+    assert run.returncode != 0
+    assert "invalid namespace" in run.stderr
+
+
+def test_demo_with_embedded_etcd_shows_tasks_flowing(tmp_path: Path) -> None:
+    run = _run(["--demo", "--demo-tasks", "6"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stderr
+    assert "embedded etcd" in log
+    assert "became leader" in log
+    for kind in ("queued", "started", "completed"):
+        assert f"event={kind}" in log
+    assert "demo finished: 6 tasks" in log
+    # The data directory survives for the next start; the socket of etcd is gone.
+    assert (tmp_path / "data" / "etcd").is_dir()
+
+
+async def test_sidecar_against_an_external_etcd_exits_0_on_sigterm(
+    etcd_server: EtcdProcess,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    args = ["--etcd", etcd_server.endpoint, "--node-id", "solo", "--namespace", "clitest"]
+    proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; waits go through a thread
+        [sys.executable, "-m", "tm_sidecar", *args], stderr=subprocess.PIPE, text=True, env=env
+    )
+    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    try:
+
+        async def registered() -> bool:
+            return await etcd.get(Keyspace(namespace="clitest").node("solo")) is not None
+
+        await poll_until(registered, timeout_s=20)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=20))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await etcd.aclose()
+    assert proc.returncode == 0, err[-3000:]
+    assert "received SIGTERM" in err
+    assert "stopped" in err
+    # Its session was revoked on the way out: no trace of it stays registered.
+    assert "revoked" in err
