@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import trio
 
-from tests.helpers import Observed, running_sidecars, wait_for
+from tests.helpers import Observed, poll_until, running_sidecars, wait_for
 from tm_sidecar import (
     Backoff,
+    Compacted,
     Etcd,
     EtcdConfig,
     InvalidRequest,
@@ -337,3 +338,51 @@ async def test_tasks_of_a_dead_node_run_elsewhere(etcd_server: EtcdProcess, name
         assert info.record is not None
         assert info.record.result == "rescued"
         assert info.record.attempts == 2
+
+
+async def test_finished_records_expire_after_the_retention(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    ks = Keyspace(namespace=namespace)
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1", retention_s=2.0) as (sc,):
+
+        async def handler(task: TaskContext) -> str:
+            return "done"
+
+        sc.register(handler)
+        spec = await sc.create({})
+        await sc.wait(spec.id, timeout_s=10)
+        finished_at = trio.current_time()
+
+        async def gone() -> bool:
+            return await sc.etcd.get(ks.state(State.COMPLETED, spec.id)) is None
+
+        await poll_until(gone, timeout_s=10)
+        assert trio.current_time() - finished_at >= 1.5  # not before the retention
+        assert await sc.etcd.get(ks.task(spec.id)) is None  # the payload went with it
+
+
+async def test_the_leader_compacts_etcd_history(etcd_server: EtcdProcess, namespace: str) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1", compact_interval_s=0.2) as (
+        sc,
+    ):
+        first = await sc.etcd.put(f"/scratch/{namespace}", "1")
+        await sc.etcd.put(f"/scratch/{namespace}", "2")
+
+        async def compacted() -> bool:
+            try:
+                await sc.etcd.range(Range(f"/scratch/{namespace}", revision=first))
+            except Compacted:
+                return True
+            return False
+
+        await poll_until(compacted, timeout_s=10)
+
+
+async def test_creates_are_refused_near_the_etcd_quota(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1", quota_bytes=1000) as (sc,):
+        await wait_for(lambda: sc._db_size > 0)
+        with pytest.raises(QueueFull, match="quota"):
+            await sc.create({})

@@ -485,6 +485,9 @@ class Etcd:
             raise EtcdUnavailable(f"cannot reach etcd at {self.endpoint}") from exc
         if url.scheme == "https":
             client.protocol = "https"
+        if self.cfg.ca_file:
+            # requests lets REQUESTS_CA_BUNDLE override a session's own CA: ours must win.
+            client._session.trust_env = False
         if self.cfg.username:
             client.auth()
         return client
