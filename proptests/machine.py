@@ -1,0 +1,458 @@
+"""The queue state machine: the real core (planners, policy, leader view) driven against an
+etcd backend, checked after every step against a small model and the properties of
+DESIGN.md section 3.
+
+The model says only what must be true; it does not re-implement the core. Each task's
+model entry records where the task must be and what it may do next; every committed
+move is checked against it, and every step ends with the invariants.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from typing import Any
+
+import attrs
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from proptests.backends import Backend
+from tm_sidecar.core import (
+    Backoff,
+    Batch,
+    Fence,
+    Keyspace,
+    KeyValue,
+    LeaderPolicy,
+    LeaderView,
+    NodeId,
+    NodeInfo,
+    Put,
+    Record,
+    Slot,
+    State,
+    TaskError,
+    TaskId,
+    TaskOptions,
+    TaskSpec,
+    Txn,
+    WatchEvent,
+    after_failure,
+    initial_record,
+    plan_batch,
+    plan_create,
+    plan_move,
+    plan_update,
+    succeeded,
+)
+
+GRACE_S = 2.0
+BACKOFF = Backoff(base_s=1.0, factor=2.0, max_s=8.0, jitter=0.5)
+_namespaces = itertools.count()
+
+
+@attrs.define
+class ModelTask:
+    """What must be true of one task."""
+
+    id: TaskId
+    priority: int
+    max_attempts: int
+    timeout_s: float | None
+    state: State
+    due_at: float = 0.0  # never assigned before this
+    attempts: int = 0
+    node: str | None = None
+    session: int | None = None
+    deadline_at: float | None = None
+    completions: int = 0
+
+
+@attrs.define
+class ModelNode:
+    """A sidecar: its session lease and capacity."""
+
+    name: str
+    session: int
+    capacity: int
+    alive: bool = True
+
+
+class QueueMachine(RuleBasedStateMachine):
+    """Subclasses set ``make_backend``."""
+
+    def make_backend(self) -> Backend:
+        raise NotImplementedError
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.db = self.make_backend()
+        self.ks = Keyspace(namespace=f"pt{next(_namespaces)}-{random.getrandbits(32):x}")
+        self.now = 1_000_000.0
+        self.rng = random.Random(0)
+        self.tasks: dict[TaskId, ModelTask] = {}
+        self.nodes: dict[str, ModelNode] = {}
+        self.created = 0
+        self.fence: Fence | None = None
+        self.view: LeaderView | None = None
+        self.deposed: list[tuple[Fence, LeaderView]] = []
+        self.listing: dict[str, KeyValue] = {}
+        self.stale: list[tuple[Slot, Record]] = []
+        self.policy = LeaderPolicy(grace_s=GRACE_S)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _new_fence(self) -> None:
+        lease = self.db.lease_grant(60)
+        key = self.ks.candidate(lease)
+        result = self.db.txn(Txn(success=(Put(key, "{}", lease),)))
+        self.fence = Fence(key, result.revision)
+        self._leader_lease = lease
+        kvs, revision = self.db.list(self.ks.prefix)
+        self.listing = {kv.key: kv for kv in kvs}
+        self.view = LeaderView.from_listing(self.ks, kvs, revision)
+
+    def _sync_view(self) -> None:
+        """Feed the leader the changes since its last look, as a watch would."""
+        assert self.view is not None
+        kvs, revision = self.db.list(self.ks.prefix)
+        now = {kv.key: kv for kv in kvs}
+        events = [
+            WatchEvent("DELETE", KeyValue(k, "", 0, revision, 0), old)
+            for k, old in self.listing.items()
+            if k not in now
+        ]
+        events += [
+            WatchEvent("PUT", kv, self.listing.get(k))
+            for k, kv in now.items()
+            if k not in self.listing or self.listing[k].mod_revision != kv.mod_revision
+        ]
+        events.sort(key=lambda e: (e.kv.mod_revision, e.kind != "DELETE"))
+        for event in events:
+            self.view.apply(event)
+        self.view.advance(revision)
+        self.listing = now
+
+    def _state_keys(self) -> dict[TaskId, list[tuple[State, KeyValue]]]:
+        kvs, _ = self.db.list(self.ks.prefix)
+        out: dict[TaskId, list[tuple[State, KeyValue]]] = {}
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.kind == "state" and parsed.task_id and parsed.state:
+                out.setdefault(parsed.task_id, []).append((parsed.state, kv))
+        return out
+
+    def _live_assignments(self) -> list[Slot]:
+        slots = []
+        for tid, entries in self._state_keys().items():
+            for state, kv in entries:
+                if state is State.PROCESSING:
+                    slots.append(
+                        Slot(
+                            tid,
+                            kv.key,
+                            kv.create_revision,
+                            kv.mod_revision,
+                            Record.from_json(state, kv.value),
+                        )
+                    )
+        return sorted(slots, key=lambda s: s.key)
+
+    def _check_move(self, slot: Slot, record: Record, kind: str) -> None:
+        task = self.tasks[slot.task_id]
+        if kind == "assign":
+            assert task.state is State.PENDING, f"{task.id} assigned from {task.state}"
+            assert self.now >= task.due_at, (
+                f"{task.id} assigned at {self.now} before due {task.due_at}"
+            )
+            node = self.nodes[record.node or ""]
+            assert node.alive, f"{task.id} assigned to dead node {node.name}"
+            assert record.session == node.session
+            assert task.completions == 0
+            task.state, task.node, task.session = State.PROCESSING, node.name, node.session
+            task.attempts += 1
+            task.deadline_at = (
+                None if task.timeout_s is None else self.now + task.timeout_s + GRACE_S
+            )
+            assert record.attempts == task.attempts
+        elif kind == "promote":
+            assert task.state is State.DELAYED
+            assert self.now >= task.due_at, (
+                f"{task.id} promoted at {self.now} before due {task.due_at}"
+            )
+            task.state = State.PENDING
+        else:
+            assert task.state is State.PROCESSING
+            owner = self.nodes.get(task.node or "")
+            lost = owner is None or not owner.alive or owner.session != task.session
+            late = task.deadline_at is not None and self.now >= task.deadline_at
+            assert lost or late, f"{task.id} reaped while its attempt was live"
+            self._after_attempt(task, record, retryable=True)
+
+    def _after_attempt(self, task: ModelTask, record: Record, *, retryable: bool) -> None:
+        exhausted = task.attempts >= task.max_attempts
+        if not retryable or exhausted:
+            assert record.state is State.FAILED, f"{task.id}: expected failed, got {record.state}"
+        else:
+            assert record.state in (State.DELAYED, State.PENDING), f"{task.id}: expected a retry"
+            if record.state is State.DELAYED:
+                assert record.due_at is not None
+                assert record.due_at >= self.now
+                task.due_at = record.due_at
+        assert record.attempts == task.attempts
+        task.state = record.state
+        task.node = task.session = task.deadline_at = None
+
+    # -- rules -------------------------------------------------------------------------
+
+    nodes_b = Bundle("nodes")
+
+    @initialize()
+    def elect(self) -> None:
+        self._new_fence()
+
+    @rule(
+        priority=st.integers(0, 2),
+        delay=st.none() | st.floats(0, 30),
+        max_attempts=st.integers(1, 3),
+        timeout=st.sampled_from([None, 5.0, 20.0]),
+    )
+    def create(
+        self, priority: int, delay: float | None, max_attempts: int, timeout: float | None
+    ) -> None:
+        self.created += 1
+        tid = TaskId(f"t{self.created:04d}")
+        opts = TaskOptions(
+            priority=priority, max_attempts=max_attempts, timeout_s=timeout, backoff=BACKOFF
+        )
+        run_at = None if delay is None else self.now + delay
+        spec = TaskSpec(
+            id=tid, payload={"n": self.created}, options=opts, created_at=self.now, run_at=run_at
+        )
+        record = initial_record(
+            Record(state=State.PENDING, options=opts, since_at=self.now),
+            now=self.now,
+            run_at=run_at,
+        )
+        result = self.db.txn(plan_create(self.ks, spec, record))
+        assert result.succeeded
+        assert not self.db.txn(plan_create(self.ks, spec, record)).succeeded  # ids are taken once
+        self.tasks[tid] = ModelTask(
+            id=tid,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout_s=timeout,
+            state=record.state,
+            due_at=run_at if record.state is State.DELAYED and run_at is not None else 0.0,
+        )
+
+    @rule(target=nodes_b, capacity=st.integers(1, 3))
+    def add_node(self, capacity: int) -> str:
+        name = f"n{len(self.nodes)}"
+        lease = self.db.lease_grant(60)
+        info = NodeInfo(id=NodeId(name), session=lease, capacity={"default": capacity})
+        self.db.txn(Txn(success=(Put(self.ks.node(name), info.to_json(), lease),)))
+        self.nodes[name] = ModelNode(name, lease, capacity)
+        return name
+
+    @rule(name=consumes(nodes_b))
+    def kill_node(self, name: str) -> None:
+        node = self.nodes[name]
+        self.db.lease_revoke(node.session)
+        node.alive = False
+
+    @rule(name=nodes_b)
+    def restart_node(self, name: str) -> None:
+        """Same node id, new session: its old assignments must not survive."""
+        node = self.nodes[name]
+        self.db.lease_revoke(node.session)
+        lease = self.db.lease_grant(60)
+        info = NodeInfo(id=NodeId(name), session=lease, capacity={"default": node.capacity})
+        self.db.txn(Txn(success=(Put(self.ks.node(name), info.to_json(), lease),)))
+        node.session = lease
+
+    @rule(dt=st.floats(0.1, 12))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule()
+    def leader_rounds(self) -> None:
+        """Decide and commit until the leader has nothing left to do now."""
+        assert self.view is not None
+        assert self.fence is not None
+        for _ in range(20):
+            self._sync_view()
+            decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+            if not decision.batches:
+                break
+            self._check_order(decision.batches)
+            for batch in decision.batches:
+                result = self.db.txn(plan_batch(self.ks, self.fence, batch.moves))
+                assert result.succeeded, f"the live leader's {batch.kind} batch failed"
+                for slot, record in batch.moves:
+                    if batch.kind == "reap":
+                        self.stale.append((slot, record))
+                    self._check_move(slot, record, batch.kind)
+                self.view.settle(batch, committed_at=result.revision)
+        self._sync_view()
+        self._check_quiescent()
+
+    def _check_order(self, batches: tuple[Batch, ...]) -> None:
+        """Within one queue, the leader takes the best pending tasks first."""
+        assert self.view is not None
+        chosen = [slot for b in batches if b.kind == "assign" for slot, _ in b.moves]
+        if not chosen:
+            return
+        rank = {
+            tid: (-self.tasks[tid].priority, slot.create_revision)
+            for tid, slot in self.view.pending.items()
+        }
+        worst_chosen = max(rank[s.task_id] for s in chosen)
+        left = [
+            t for t in rank if t not in {s.task_id for s in chosen} and not self.view.claimed(t)
+        ]
+        better_left = [t for t in left if rank[t] < worst_chosen]
+        assert not better_left, f"{better_left} skipped for worse tasks"
+
+    def _check_quiescent(self) -> None:
+        """After the leader has done all it can: nothing due waits, no capacity idles."""
+        free = sum(
+            max(
+                0,
+                n.capacity
+                - sum(
+                    1
+                    for t in self.tasks.values()
+                    if t.state is State.PROCESSING and t.node == n.name and t.session == n.session
+                ),
+            )
+            for n in self.nodes.values()
+            if n.alive
+        )
+        pending = [t.id for t in self.tasks.values() if t.state is State.PENDING]
+        assert not (pending and free), f"{pending} wait while {free} slots are free"
+        due = [
+            t.id for t in self.tasks.values() if t.state is State.DELAYED and t.due_at <= self.now
+        ]
+        assert not due, f"{due} are due but still delayed"
+        for t in self.tasks.values():
+            if t.state is State.PROCESSING:
+                node = self.nodes[t.node or ""]
+                assert node.alive, f"{t.id} still assigned to dead node {node.name}"
+                assert node.session == t.session, f"{t.id} kept by a restarted node"
+                assert t.deadline_at is None or self.now < t.deadline_at, (
+                    f"{t.id} past its deadline"
+                )
+
+    @precondition(lambda self: any(t.state is State.PROCESSING for t in self.tasks.values()))
+    @rule(data=st.data(), outcome=st.sampled_from(["success", "failure", "permanent", "progress"]))
+    def worker_reports(self, data: st.DataObject, outcome: str) -> None:
+        slots = self._live_assignments()
+        slot = data.draw(st.sampled_from(slots), label="assignment")
+        task = self.tasks[slot.task_id]
+        assert slot.record.attempts == task.attempts
+        if outcome == "progress":
+            result = self.db.txn(plan_update(slot, attrs.evolve(slot.record, progress={"p": 1})))
+            assert result.succeeded
+            return
+        if outcome == "success":
+            nxt = succeeded(slot.record, result={"ok": task.id}, now=self.now)
+        else:
+            error = TaskError(type="E", message="x", retryable=outcome == "failure")
+            nxt = after_failure(slot.record, error=error, now=self.now, fraction=self.rng.random())
+        result = self.db.txn(plan_move(self.ks, slot, nxt))
+        assert result.succeeded, "a live attempt's report was rejected"
+        self.stale.append((slot, nxt))
+        if outcome == "success":
+            task.completions += 1
+            task.state = State.COMPLETED
+            task.node = task.session = task.deadline_at = None
+        else:
+            self._after_attempt(task, nxt, retryable=outcome == "failure")
+
+    @precondition(lambda self: bool(self.stale))
+    @rule(data=st.data())
+    def stale_report(self, data: st.DataObject) -> None:
+        """A report for an attempt that has ended must change nothing."""
+        slot, _ = data.draw(st.sampled_from(self.stale), label="stale attempt")
+        before = self._state_keys()
+        late = succeeded(slot.record, result="late", now=self.now)
+        assert not self.db.txn(plan_move(self.ks, slot, late)).succeeded, (
+            "a stale report was accepted"
+        )
+        assert not self.db.txn(plan_update(slot, attrs.evolve(slot.record, progress=9))).succeeded
+        assert self._state_keys() == before
+
+    @rule()
+    def change_leader(self) -> None:
+        """The leader's lease is gone; another takes over with a new fence and a fresh list."""
+        assert self.fence is not None
+        assert self.view is not None
+        self.deposed.append((self.fence, self.view))
+        self.db.lease_revoke(self._leader_lease)
+        self._new_fence()
+
+    @precondition(lambda self: bool(self.deposed))
+    @rule()
+    def deposed_leader_writes(self) -> None:
+        """A deposed leader acting on its old view: every write is refused."""
+        fence, view = self.deposed[-1]
+        before = self._state_keys()
+        decision = view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+        for batch in decision.batches:
+            result = self.db.txn(plan_batch(self.ks, fence, batch.moves))
+            assert not result.succeeded, f"a deposed leader's {batch.kind} batch committed"
+            view.settle(batch, committed_at=None)
+        assert self._state_keys() == before
+
+    # -- invariants --------------------------------------------------------------------
+
+    @invariant()
+    def one_state_each_and_model_agrees(self) -> None:
+        found = self._state_keys()
+        assert set(found) == set(self.tasks), "a task was lost or appeared"
+        for tid, entries in found.items():
+            assert len(entries) == 1, f"{tid} is in {[s.value for s, _ in entries]} at once"
+            state, kv = entries[0]
+            task = self.tasks[tid]
+            assert state is task.state, f"{tid} is {state.value}, the model says {task.state.value}"
+            record = Record.from_json(state, kv.value)
+            assert record.attempts == task.attempts
+            assert record.attempts <= task.max_attempts
+            if state is State.COMPLETED:
+                assert kv.version == 1, f"{tid}'s result was written {kv.version} times"
+                assert task.completions == 1
+
+    @invariant()
+    def capacity_holds(self) -> None:
+        per_node: Counter[tuple[str, int | None]] = Counter()
+        for slot in self._live_assignments():
+            per_node[(slot.record.node or "", slot.record.session)] += 1
+        for (name, session), count in per_node.items():
+            node = self.nodes[name]
+            if node.alive and node.session == session:
+                assert count <= node.capacity, f"{name} holds {count} > {node.capacity}"
+
+    def teardown(self) -> None:
+        cleanup: Any = getattr(self.db, "call", None)
+        if cleanup is not None:
+            cleanup(
+                "/kv/deleterange",
+                {"key": _b64(self.ks.prefix), "range_end": _b64(self.ks.prefix[:-1] + "0")},
+            )
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
