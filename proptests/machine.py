@@ -285,9 +285,14 @@ class QueueMachine(RuleBasedStateMachine):
     def tick(self, dt: float) -> None:
         self.now += dt
 
-    @rule()
-    def leader_rounds(self) -> None:
-        """Decide and commit until the leader has nothing left to do now."""
+    @rule(interfere=st.booleans())
+    def leader_rounds(self, interfere: bool) -> None:
+        """Decide and commit until the leader has nothing left to do now.
+
+        With ``interfere``, the first batch's first task is rewritten behind the leader's
+        back (as an operator or a racing worker would): that batch must fail, and the
+        leader must still get every task where it belongs.
+        """
         assert self.view is not None
         assert self.fence is not None
         for _ in range(20):
@@ -296,6 +301,16 @@ class QueueMachine(RuleBasedStateMachine):
             if not decision.batches:
                 break
             self._check_order(decision.batches)
+            if interfere:
+                interfere = False
+                first, _ = decision.batches[0].moves[0]
+                current = self.listing[first.key]
+                self.db.txn(Txn(success=(Put(first.key, current.value),)))
+                result = self.db.txn(plan_batch(self.ks, self.fence, decision.batches[0].moves))
+                assert not result.succeeded, "a batch over a changed key committed"
+                for batch in decision.batches:
+                    self.view.settle(batch, committed_at=None)
+                continue
             for batch in decision.batches:
                 result = self.db.txn(plan_batch(self.ks, self.fence, batch.moves))
                 assert result.succeeded, f"the live leader's {batch.kind} batch failed"

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import EtcdUnavailable, LeaseNotFound
+from ._errors import EtcdError, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
 from ._etcd import Changes, Etcd, Reset, retrying
 from ._session import RetentionLeases, Session
 from .core import (
@@ -31,7 +31,6 @@ from .core import (
     TaskError,
     TaskId,
     TaskSpec,
-    Txn,
     after_failure,
     dumps,
     plan_move,
@@ -163,7 +162,7 @@ async def run_agent(
     *,
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
-    report_timeout_s: float = 30.0,
+    max_result_bytes: int = 256 * 1024,
 ) -> None:
     """Run this node's assignments until cancelled."""
     rng = rng or random.Random()
@@ -196,7 +195,7 @@ async def run_agent(
                 state,
                 clock,
                 rng,
-                report_timeout_s,
+                max_result_bytes,
             )
 
         def vanished(task_id: TaskId, create_revision: int) -> None:
@@ -230,14 +229,20 @@ async def run_agent(
 
 
 def error_from_exception(exc: BaseException) -> TaskError:
-    """The recorded form of a handler's exception."""
+    """The recorded form of a handler's exception, cut to a size etcd takes in batches."""
     permanent = isinstance(exc, Permanent) or isinstance(exc.__cause__, Permanent)
     return TaskError(
-        type=type(exc).__name__,
-        message=str(exc)[:4000],
-        traceback="".join(traceback.format_exception(exc))[-8000:],
+        type=type(exc).__name__[:200],
+        message=str(exc)[:MAX_ERROR_CHARS],
+        traceback="".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:],
         retryable=not permanent,
     )
+
+
+#: Error records travel in batched transactions (etcd takes 1.5 MiB a request): keep
+#: them to a few kilobytes.
+MAX_ERROR_CHARS = 1000
+MAX_TRACEBACK_CHARS = 3000
 
 
 async def _run_one(
@@ -250,50 +255,44 @@ async def _run_one(
     state: AgentState,
     clock: Callable[[], float],
     rng: random.Random,
-    report_timeout_s: float,
+    max_result_bytes: int,
 ) -> None:
     tid = slot.task_id
     current = slot.record
     scope = running.scope
+
+    def failed(error: TaskError) -> Record:
+        return after_failure(current, error=error, now=clock(), fraction=rng.random())
+
     try:
         with scope:
             spec_kv = await retrying(lambda: etcd.get(ks.task(tid)), what="read task")
             if spec_kv is None:
-                await _report(
-                    etcd,
-                    ks,
-                    slot,
-                    after_failure(
-                        current,
-                        error=TaskError(
-                            type="TaskMissing", message="the task record is gone", retryable=False
-                        ),
-                        now=clock(),
-                        fraction=0.0,
-                    ),
-                    retention,
-                    state,
-                    report_timeout_s,
+                missing = TaskError(
+                    type="TaskMissing", message="the task record is gone", retryable=False
                 )
+                running.reporting = True
+                await _report(etcd, ks, slot, failed(missing), retention, state, touch=False)
                 return
             spec = TaskSpec.from_json(spec_kv.value)
             reg = registry.pick(current.options.queue)
             if reg is None:
-                error = TaskError(
-                    type="NoHandler", message=f"no handler for queue {current.options.queue!r} here"
+                queue = current.options.queue
+                no_handler = TaskError(
+                    type="NoHandler", message=f"no handler for queue {queue!r} here"
                 )
-                nxt = after_failure(current, error=error, now=clock(), fraction=rng.random())
-                await _report(etcd, ks, slot, nxt, retention, state, report_timeout_s)
+                running.reporting = True
+                await _report(etcd, ks, slot, failed(no_handler), retention, state)
                 return
             async with reg.limiter:
                 current = attrs.evolve(current, started_at=clock())
-                started = await _update(etcd, slot, current)
-                if not started:
+                if not await _update(etcd, slot, current):
                     return
 
                 async def progress(value: JSON) -> bool:
                     nonlocal current
-                    dumps(value)  # refuse what is not JSON before it reaches etcd
+                    if len(dumps(value).encode()) > MAX_PROGRESS_BYTES:
+                        raise PayloadTooLarge(f"progress over {MAX_PROGRESS_BYTES} bytes")
                     current = attrs.evolve(current, progress=value)
                     return await _update(etcd, slot, current)
 
@@ -303,26 +302,27 @@ async def _run_one(
                 try:
                     with trio.fail_after(timeout) if timeout is not None else nullcontext():
                         result = await reg.handler(ctx)
-                    dumps(result)
-                    outcome = succeeded(current, result=result, now=clock())
+                    size = len(dumps(result).encode())
+                    if size > max_result_bytes:
+                        outcome = failed(
+                            TaskError(
+                                type="ResultTooLarge",
+                                message=f"the result is {size} bytes, over {max_result_bytes}",
+                                retryable=False,
+                            )
+                        )
+                    else:
+                        outcome = succeeded(current, result=result, now=clock())
                 except trio.TooSlowError:
-                    error = TaskError(
-                        type="Timeout", message=f"the handler ran longer than {timeout} s"
-                    )
-                    outcome = after_failure(
-                        current, error=error, now=clock(), fraction=rng.random()
-                    )
-                except (TypeError, ValueError) as exc:
-                    error = error_from_exception(exc)
-                    outcome = after_failure(
-                        current, error=error, now=clock(), fraction=rng.random()
+                    outcome = failed(
+                        TaskError(
+                            type="Timeout", message=f"the handler ran longer than {timeout} s"
+                        )
                     )
                 except Exception as exc:
-                    outcome = after_failure(
-                        current, error=error_from_exception(exc), now=clock(), fraction=rng.random()
-                    )
+                    outcome = failed(error_from_exception(exc))
             running.reporting = True
-            await _report(etcd, ks, slot, outcome, retention, state, report_timeout_s)
+            await _report(etcd, ks, slot, outcome, retention, state)
         if scope.cancelled_caught:
             log.info(
                 "task=%s attempt=%d abandoned: its assignment was withdrawn", tid, current.attempts
@@ -330,19 +330,28 @@ async def _run_one(
     except trio.Cancelled:
         # The agent is stopping: hand the attempt back at once rather than after the lease.
         error = TaskError(type="Interrupted", message="the sidecar stopped during the attempt")
-        with trio.CancelScope(shield=True):
+        with trio.move_on_after(2.0, shield=True):
             nxt = after_failure(current, error=error, now=clock(), fraction=0.0)
-            await _report(etcd, ks, slot, nxt, retention, state, 2.0)
+            await _report(etcd, ks, slot, nxt, retention, state)
         raise
+    except Exception:
+        # A bug or an etcd refusal on this one task: the leader reaps it if it stays
+        # assigned; the node carries on with the others.
+        log.exception("task=%s attempt=%d: the agent failed", tid, current.attempts)
     finally:
         if state.running.get(tid) is running:
             del state.running[tid]
             state._changed()
 
 
+#: Progress updates rewrite the assignment record: keep them small.
+MAX_PROGRESS_BYTES = 64 * 1024
+
+
 async def _update(etcd: Etcd, slot: Slot, record: Record) -> bool:
+    """Rewrite the assignment record (started, progress); False if the attempt is over."""
     txn = plan_update(slot, record)
-    result = await retrying(lambda: etcd.txn(txn), what="report update", deadline_s=30.0)
+    result = await retrying(lambda: etcd.txn(txn), what="report update")
     if not result.succeeded:
         log.warning(
             "stale report rejected: task=%s attempt=%d is no longer assigned here",
@@ -359,38 +368,46 @@ async def _report(
     outcome: Record,
     retention: RetentionLeases,
     state: AgentState,
-    timeout_s: float,
+    *,
+    touch: bool = True,
 ) -> bool:
-    """Commit an attempt's outcome; False when the attempt was no longer live."""
-    deadline = trio.current_time() + timeout_s
+    """Commit an attempt's outcome; False when the attempt was no longer live.
+
+    Keeps trying while etcd is unavailable (the assignment holds its slot meanwhile; if
+    this node dies, the leader reaps it). An outcome etcd refuses (too large, say) is
+    replaced by a small failure so that the task does not stay assigned for ever.
+    """
+    failures = 0
     while True:
         try:
-            with trio.fail_after(max(0.0, deadline - trio.current_time())):
-                lease = (
-                    await retention.current()
-                    if outcome.state in (State.COMPLETED, State.FAILED)
-                    else 0
-                )
-                txn: Txn = plan_move(ks, slot, outcome, lease=lease)
-                result = await etcd.txn(txn)
+            final = outcome.state in (State.COMPLETED, State.FAILED)
+            lease = await retention.current() if final else 0
+            result = await etcd.txn(plan_move(ks, slot, outcome, lease=lease, touch=touch))
             break
-        except EtcdUnavailable as exc:
-            if trio.current_time() >= deadline:
-                log.error(
-                    "report of task=%s lost: etcd unavailable (%s); the leader will reap it",
-                    slot.task_id,
-                    exc,
-                )
-                return False
-            await trio.sleep(min(0.5, max(0.0, deadline - trio.current_time())))
+        except (EtcdUnavailable, trio.TooSlowError) as exc:
+            failures += 1
+            wait = min(2.0, 0.05 * 2**failures)
+            log.warning(
+                "report of task=%s waits for etcd (%s); again in %.2f s", slot.task_id, exc, wait
+            )
+            await trio.sleep(wait)
         except LeaseNotFound:
             retention.forget()
-            continue
-        except trio.TooSlowError:
-            log.error("report of task=%s timed out; the leader will reap it", slot.task_id)
-            return False
+        except EtcdError as exc:
+            if "key not found" in str(exc) and touch:
+                touch = False  # the payload is gone (deleted by hand): record the outcome anyway
+                continue
+            if outcome.error is not None and outcome.error.type == "ReportRefused":
+                log.error("report of task=%s refused by etcd: %s", slot.task_id, exc)
+                return False
+            log.error(
+                "report of task=%s refused (%s): recording a failure instead", slot.task_id, exc
+            )
+            refused = TaskError(
+                type="ReportRefused", message=str(exc)[:MAX_ERROR_CHARS], retryable=False
+            )
+            outcome = after_failure(outcome, error=refused, now=outcome.since_at, fraction=0.0)
     if not result.succeeded:
-        # Either a repeat of a report that did commit, or a stale attempt: look.
         state.stale += 1
         log.warning(
             "stale report rejected: task=%s attempt=%d outcome=%s",

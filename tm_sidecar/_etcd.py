@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import socket
 import ssl
 import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -252,14 +253,28 @@ class _NativeHttp:
                 stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
             raise EtcdUnavailable(f"cannot connect to {endpoint}: {exc}") from exc
+        _keepalive(stream)
         return _HttpConn(stream, h11.Connection(h11.CLIENT))
 
     async def open(
         self, endpoint: str, path: str, body: _Body, headers: list[tuple[str, str]]
     ) -> tuple[_HttpConn, int]:
-        """Send a POST and read the status line; the caller reads the body."""
+        """Send a POST and read the status line; the caller reads the body.
+
+        A pooled connection may have died while idle (etcd restarted): then the request
+        goes once more on a fresh one. Every request we send is safe to repeat.
+        """
         pool = self._idle.setdefault(endpoint, [])
-        conn = pool.pop() if pool else await self._connect(endpoint)
+        if pool:
+            try:
+                return await self._open_on(pool.pop(), endpoint, path, body, headers)
+            except EtcdUnavailable:
+                self._idle[endpoint] = []
+        return await self._open_on(await self._connect(endpoint), endpoint, path, body, headers)
+
+    async def _open_on(
+        self, conn: _HttpConn, endpoint: str, path: str, body: _Body, headers: list[tuple[str, str]]
+    ) -> tuple[_HttpConn, int]:
         data = json.dumps(body).encode()
         url = urllib.parse.urlsplit(endpoint)
         req_headers = [
@@ -640,23 +655,21 @@ class Etcd:
         try:
             if status != 200:
                 raise EtcdUnavailable(f"watch refused with HTTP {status}")
-            decoder = json.JSONDecoder()
-            buffer = ""
+            # The gateway ends each message with a newline.
+            pending: list[bytes] = []
             async with aclosing(self._native.read_chunks(conn)) as _items:
                 async for chunk in _items:
-                    buffer += chunk.decode()
-                    while True:
-                        buffer = buffer.lstrip()
-                        if not buffer:
-                            break
-                        try:
-                            message, end = decoder.raw_decode(buffer)
-                        except json.JSONDecodeError:
-                            break  # incomplete: wait for more
-                        buffer = buffer[end:]
-                        changes = self._watch_message(message)
-                        if changes is not None:
-                            yield changes
+                    *complete, rest = chunk.split(b"\n")
+                    for piece in complete:
+                        pending.append(piece)
+                        line = b"".join(pending)
+                        pending = []
+                        if line.strip():
+                            changes = self._watch_message(json.loads(line))
+                            if changes is not None:
+                                yield changes
+                    if rest:
+                        pending.append(rest)
             raise EtcdUnavailable("etcd ended the watch stream")
         except (
             OSError,
@@ -727,6 +740,17 @@ class Etcd:
                 wait = delay(failures)
                 log.warning("watch on %s interrupted (%s); retrying in %.2f s", prefix, exc, wait)
                 await trio.sleep(wait)
+
+
+def _keepalive(stream: trio.abc.Stream) -> None:
+    """TCP keep-alives, so that a watch on a connection that died silently ends in seconds."""
+    sock_stream = getattr(stream, "transport_stream", stream)
+    if not isinstance(sock_stream, trio.SocketStream):
+        return
+    sock_stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            sock_stream.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _default_backoff(failures: int) -> float:

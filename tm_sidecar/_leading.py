@@ -12,9 +12,20 @@ import attrs
 import trio
 
 from ._errors import EtcdError, EtcdUnavailable, LeaseNotFound, NotLeader
-from ._etcd import Changes, Etcd, Reset
+from ._etcd import Changes, Etcd, Reset, retrying
 from ._session import RetentionLeases, Session
-from .core import Batch, Fence, Keyspace, LeaderPolicy, LeaderView, State, plan_batch
+from .core import (
+    Batch,
+    Fence,
+    Keyspace,
+    LeaderPolicy,
+    LeaderView,
+    Range,
+    State,
+    Txn,
+    TxnResult,
+    plan_batch,
+)
 
 log = logging.getLogger("tm_sidecar.leader")
 
@@ -88,31 +99,47 @@ async def run_leader(
         nonlocal changed
         await ready.wait()
         must_reach = 0
+        last_view: LeaderView | None = None
+        last_commit = 0
         draws = iter(rng.random, -1.0)
         while True:
             view = state.view
             assert view is not None
+            if view is not last_view:
+                # A fresh listing may predate batches we committed since: wait for those.
+                must_reach = max(must_reach, last_commit)
+                last_view = view
             if view.revision < must_reach:
-                await changed.wait()
+                # The revision may belong to a key outside the watched range: wait a
+                # little, not for ever; a stale view costs at most a failed compare.
+                with trio.move_on_after(CATCH_UP_S) as waited:
+                    await changed.wait()
                 changed = trio.Event()
+                if waited.cancelled_caught:
+                    must_reach = 0
                 continue
             changed = trio.Event()
             decision = view.decide(clock(), settings.policy, draws)
             progressed = False
-            for batch in decision.batches:
+            for n, batch in enumerate(decision.batches):
                 if not session.trusted():
                     raise NotLeader("the session lease is no longer trusted")
-                outcome = await _commit(etcd, ks, fence, retention, view, batch)
-                if outcome is None:
-                    continue
-                if outcome > 0:
+                committed, revision = await _commit(etcd, ks, fence, retention, view, batch)
+                if committed:
                     progressed = True
+                    last_commit = max(last_commit, revision)
                     _count(state, batch)
-                else:
-                    state.conflicts += 1
-                    must_reach = max(must_reach, -outcome)
+                    continue
+                # Stop here, so that later batches cannot overtake this one's tasks.
+                state.conflicts += 1
+                must_reach = max(must_reach, revision)
+                for rest in decision.batches[n + 1 :]:
+                    view.settle(rest, committed_at=None)
+                break
             if progressed:
                 continue  # there may be more to do at once
+            if must_reach > view.revision:
+                continue
             if decision.wake_at is None:
                 await changed.wait()
             else:
@@ -152,36 +179,88 @@ async def _commit(
     retention: RetentionLeases,
     view: LeaderView,
     batch: Batch,
-) -> int | None:
-    """Commit a batch: its revision if it committed, minus the revision it saw if a task
-    changed behind our back, None if the outcome is unknown."""
-    lease = 0
-    if any(record.state is State.FAILED for _, record in batch.moves):
-        lease = await retention.current()
+) -> tuple[bool, int]:
+    """Commit a batch; answers (committed, revision).
+
+    Not committed: the revision the view should reach before deciding again. Raises
+    :class:`NotLeader` when the fence no longer holds.
+    """
     try:
+        lease = 0
+        if any(record.state is State.FAILED for _, record in batch.moves):
+            lease = await retention.current()
         result = await etcd.txn(plan_batch(ks, fence, batch.moves, lease=lease))
     except EtcdUnavailable as exc:
-        # It may have committed: the compares make a repeat harmless, so forget the claims.
-        view.settle(batch, committed_at=None)
         log.warning("%s batch of %d: outcome unknown (%s)", batch.kind, len(batch.moves), exc)
-        await trio.sleep(0.1)
-        return None
+        return False, await _settle_unknown(etcd, ks, view, batch)
     except LeaseNotFound:
         view.settle(batch, committed_at=None)
         retention.forget()
-        return None
+        return False, 0
+    except EtcdError as exc:
+        # Refused whole (too large, a payload deleted by hand): commit the moves one by one.
+        log.warning(
+            "%s batch of %d refused (%s): committing one by one", batch.kind, len(batch.moves), exc
+        )
+        view.settle(batch, committed_at=None)
+        await _commit_singly(etcd, ks, fence, retention, batch)
+        return False, await etcd.revision()
     if result.succeeded:
         view.settle(batch, committed_at=result.revision)
         log.debug("%s batch of %d committed at %d", batch.kind, len(batch.moves), result.revision)
-        return result.revision
+        return True, result.revision
     view.settle(batch, committed_at=None)
-    fence_kvs = result.ranges[0].kvs if result.ranges else ()
-    if not fence_kvs or fence_kvs[0].create_revision != fence.revision:
-        raise NotLeader("the fence no longer holds: another leader took over")
+    _check_fence(fence, result)
     log.info(
         "%s batch of %d conflicted: waiting for the view to catch up", batch.kind, len(batch.moves)
     )
-    return -result.revision
+    return False, result.revision
+
+
+def _check_fence(fence: Fence, result: TxnResult) -> None:
+    fence_kvs = result.ranges[0].kvs if result.ranges else ()
+    if not fence_kvs or fence_kvs[0].create_revision != fence.revision:
+        raise NotLeader("the fence no longer holds: another leader took over")
+
+
+async def _settle_unknown(etcd: Etcd, ks: Keyspace, view: LeaderView, batch: Batch) -> int:
+    """Find out whether a batch whose answer was lost committed, and settle its claims.
+
+    A batch is atomic: its first move tells. If that move's target exists, the batch
+    committed at the target's mod revision, and the claims hold until the watch shows it.
+    """
+    slot, record = batch.moves[0]
+    target = ks.state(record.state, slot.task_id, record.node)
+    probe = Txn(success=(Range(slot.key), Range(target)))
+    result = await retrying(lambda: etcd.txn(probe), what="look up a batch of unknown outcome")
+    source, landed = result.ranges[0].kvs, result.ranges[1].kvs
+    if landed and not (source and source[0].mod_revision == slot.mod_revision):
+        view.settle(batch, committed_at=landed[0].mod_revision)
+        return landed[0].mod_revision
+    view.settle(batch, committed_at=None)
+    return 0
+
+
+async def _commit_singly(
+    etcd: Etcd, ks: Keyspace, fence: Fence, retention: RetentionLeases, batch: Batch
+) -> None:
+    for move in batch.moves:
+        lease = await retention.current() if move[1].state is State.FAILED else 0
+        for touch in (True, False):
+            try:
+                result = await etcd.txn(plan_batch(ks, fence, [move], lease=lease, touch=touch))
+            except EtcdError as exc:
+                if touch and "key not found" in str(exc):
+                    continue  # the payload was deleted by hand: move the task anyway
+                log.error("%s of task=%s refused by etcd: %s", batch.kind, move[0].task_id, exc)
+                break
+            if not result.succeeded:
+                _check_fence(fence, result)
+            break
+
+
+#: How long the leader waits for its watch to show a revision before deciding anyway.
+CATCH_UP_S = 1.0
 
 
 def _count(state: LeaderState, batch: Batch) -> None:

@@ -250,7 +250,7 @@ class Sidecar:
                 )
             except* NotLeader as group:
                 log.warning("stepped down: %s", group.exceptions[0])
-            except* (EtcdError, ValueError, KeyError) as group:
+            except* (EtcdError, Unavailable, ValueError, KeyError) as group:
                 # A refusal by etcd or a bad record: step down rather than take the node
                 # with us; another candidate (or we, later) will lead.
                 log.error("leader failed, stepping down: %r", group.exceptions[0])

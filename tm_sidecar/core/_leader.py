@@ -130,10 +130,12 @@ class LeaderView:
                 if old_slot is not None:
                     self._count_out(old_slot)
                 self.inflight[(record.node or NodeId(""), record.options.queue)] += 1
+            new_attempt = old_slot is None or old_slot.create_revision != kv.create_revision
             self.processing[tid] = slot
-            if record.deadline_at is not None:
+            if new_attempt and record.deadline_at is not None:
                 heapq.heappush(self._deadlines, (record.deadline_at, kv.create_revision, tid))
-            self._suspects.add(tid)
+            if new_attempt:
+                self._suspects.add(tid)
 
     def _delete(self, key: str) -> None:
         parsed = self.ks.parse(key)
@@ -358,5 +360,22 @@ class LeaderView:
         }
 
 
+#: etcd refuses requests over 1.5 MiB; batches stay well under, JSON and base64 included.
+MAX_BATCH_BYTES = 512 * 1024
+
+
 def _chunk(items: list[tuple[Slot, Record]], size: int) -> list[list[tuple[Slot, Record]]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    """Consecutive batches of at most ``size`` moves and about MAX_BATCH_BYTES."""
+    out: list[list[tuple[Slot, Record]]] = []
+    current: list[tuple[Slot, Record]] = []
+    weight = 0
+    for slot, record in items:
+        cost = len(record.to_json().encode()) + 2 * len(slot.key) + 200
+        if current and (len(current) >= size or weight + cost > MAX_BATCH_BYTES):
+            out.append(current)
+            current, weight = [], 0
+        current.append((slot, record))
+        weight += cost
+    if current:
+        out.append(current)
+    return out

@@ -49,18 +49,26 @@ def plan_create(ks: Keyspace, spec: TaskSpec, record: Record) -> Txn:
     )
 
 
-def _terminal_ops(ks: Keyspace, task_id: TaskId, record: Record, lease: int) -> list[Request]:
+def _terminal_ops(
+    ks: Keyspace, task_id: TaskId, record: Record, lease: int, touch: bool
+) -> list[Request]:
     final = record.state in (State.COMPLETED, State.FAILED)
     key = ks.state(record.state, task_id, record.node)
     ops: list[Request] = [Put(key, record.to_json(), lease if final else 0)]
-    if final and lease:
+    if final and lease and touch:
         # The payload expires with the outcome; ignore_value keeps it written once.
         ops.append(Touch(ks.task(task_id), lease))
     return ops
 
 
 def plan_move(
-    ks: Keyspace, slot: Slot, record: Record, *, lease: int = 0, fence: Fence | None = None
+    ks: Keyspace,
+    slot: Slot,
+    record: Record,
+    *,
+    lease: int = 0,
+    fence: Fence | None = None,
+    touch: bool = True,
 ) -> Txn:
     """Move one task from the state key ``slot`` to ``record``, if that key is unchanged.
 
@@ -72,7 +80,7 @@ def plan_move(
         compare.insert(0, fence.compare())
     return Txn(
         compare=tuple(compare),
-        success=(Delete(slot.key), *_terminal_ops(ks, slot.task_id, record, lease)),
+        success=(Delete(slot.key), *_terminal_ops(ks, slot.task_id, record, lease, touch)),
         failure=(Range(fence.key),) if fence is not None else (),
     )
 
@@ -92,20 +100,26 @@ REAP_BATCH = MAX_TXN_OPS // 3
 
 
 def plan_batch(
-    ks: Keyspace, fence: Fence, moves: Sequence[tuple[Slot, Record]], *, lease: int = 0
+    ks: Keyspace,
+    fence: Fence,
+    moves: Sequence[tuple[Slot, Record]],
+    *,
+    lease: int = 0,
+    touch: bool = True,
 ) -> Txn:
     """Several leader moves in one transaction, all or none.
 
     Each move compares its source key's mod revision, so that one changed behind the
     leader's back fails the batch; the failure branch reads the fence key so that the
-    caller can tell a lost leadership from a stale view.
+    caller can tell a lost leadership from a stale view. ``touch`` attaches the payload of
+    a finished task to the retention lease (off when that key may be gone).
     """
     compare: list[Compare] = [fence.compare()]
     success: list[Request] = []
     for slot, record in moves:
         compare.append(Compare.modified_at(slot.key, slot.mod_revision))
         success.append(Delete(slot.key))
-        success.extend(_terminal_ops(ks, slot.task_id, record, lease))
+        success.extend(_terminal_ops(ks, slot.task_id, record, lease, touch))
     return Txn(compare=tuple(compare), success=tuple(success), failure=(Range(fence.key),))
 
 

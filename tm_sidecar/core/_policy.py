@@ -48,7 +48,10 @@ def assigned(record: Record, *, node: NodeId, session: int, now: float, grace_s:
 
 def promoted(record: Record, *, now: float) -> Record:
     """A delayed task that has come due."""
-    return attrs.evolve(record, state=State.PENDING, since_at=now, due_at=None, reason="promoted")
+    # The last error was told with the retry; pending records stay small.
+    return attrs.evolve(
+        record, state=State.PENDING, since_at=now, due_at=None, reason="promoted", error=None
+    )
 
 
 def succeeded(record: Record, *, result: object, now: float) -> Record:
