@@ -386,3 +386,46 @@ async def test_creates_are_refused_near_the_etcd_quota(
         await wait_for(lambda: sc._db_size > 0)
         with pytest.raises(QueueFull, match="quota"):
             await sc.create({})
+
+
+async def test_a_result_too_large_fails_the_task_and_the_node_carries_on(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+
+        async def handler(task: TaskContext) -> str:
+            return "x" * (2 * 1024 * 1024) if task.payload["big"] else "small"
+
+        sc.register(handler)
+        big = await sc.create({"big": True})
+        info = await sc.wait(big.id, timeout_s=10)
+        assert info.state is State.FAILED
+        assert info.record is not None
+        assert info.record.error is not None
+        assert info.record.error.type == "ResultTooLarge"
+        small = await sc.create({"big": False})
+        assert (await sc.wait(small.id, timeout_s=10)).state is State.COMPLETED
+
+
+async def test_a_payload_deleted_by_hand_fails_its_task_cleanly(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    ks = Keyspace(namespace=namespace)
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+        doomed = await sc.create({"n": 1})
+        await sc.etcd.delete(ks.task(doomed.id))
+
+        async def handler(task: TaskContext) -> str:
+            return "ok"
+
+        sc.register(handler)
+        await poll_until(lambda: _exists(sc, ks.state(State.FAILED, doomed.id)), timeout_s=10)
+        record = await sc.etcd.get(ks.state(State.FAILED, doomed.id))
+        assert record is not None
+        assert json.loads(record.value)["error"]["type"] == "TaskMissing"
+        fine = await sc.create({"n": 2})
+        assert (await sc.wait(fine.id, timeout_s=10)).state is State.COMPLETED
+
+
+async def _exists(sc: Sidecar, key: str) -> bool:
+    return await sc.etcd.get(key) is not None
