@@ -45,6 +45,14 @@ class Permanent(Exception):
     """Raise (or raise from) this in a handler: the task fails at once, without retries."""
 
 
+class HandlerFailed(Exception):
+    """A handler elsewhere (an SDK worker) failed; carries the error it reported."""
+
+    def __init__(self, error: TaskError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 @attrs.define(eq=False)
 class TaskContext:
     """What a handler receives: the task, and a way to report progress."""
@@ -230,6 +238,14 @@ async def run_agent(
 
 def error_from_exception(exc: BaseException) -> TaskError:
     """The recorded form of a handler's exception, cut to a size etcd takes in batches."""
+    if isinstance(exc, HandlerFailed):
+        e = exc.error
+        return attrs.evolve(
+            e,
+            type=e.type[:200],
+            message=e.message[:MAX_ERROR_CHARS],
+            traceback=e.traceback[-MAX_TRACEBACK_CHARS:] if e.traceback else None,
+        )
     permanent = isinstance(exc, Permanent) or isinstance(exc.__cause__, Permanent)
     return TaskError(
         type=type(exc).__name__[:200],

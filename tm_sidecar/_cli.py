@@ -21,6 +21,7 @@ from ._agent import Handler, Permanent, TaskContext
 from ._embedded import EmbeddedEtcdError, EtcdProcess
 from ._etcd import Etcd, EtcdConfig
 from ._log import setup_logging
+from ._server import ServerSettings, SocketServer
 from ._sidecar import Sidecar, SidecarSettings
 from .core import NodeId, TaskEvent, TaskOptions, check_name
 
@@ -76,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket",
         default=env("TM_SOCKET", default_socket()),
         help="Unix socket path for the SDK [TM_SOCKET]",
+    )
+    p.add_argument(
+        "--socket-mode",
+        type=lambda v: int(v, 8),
+        default=int(env("TM_SOCKET_MODE", "660"), 8),
+        help="permissions of the socket, octal [TM_SOCKET_MODE]",
+    )
+    p.add_argument(
+        "--socket-group",
+        default=env("TM_SOCKET_GROUP"),
+        help="group of the socket [TM_SOCKET_GROUP]",
+    )
+    p.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        default=None,
+        help="accept clients with this uid only (repeatable); default: anyone the socket lets in",
     )
     p.add_argument(
         "--node-id",
@@ -286,6 +305,16 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(sidecar.run)
+            server = SocketServer(
+                sidecar,
+                ServerSettings(
+                    path=args.socket,
+                    mode=args.socket_mode,
+                    group=args.socket_group,
+                    allowed_uids=frozenset(args.allow_uid) if args.allow_uid else None,
+                ),
+            )
+            await nursery.start(server.run)
             for spec in args.handler:
                 queue, func = load_handler(spec)
                 sidecar.register(func, queue=queue, concurrency=args.concurrency)
@@ -304,6 +333,7 @@ async def amain(args: argparse.Namespace) -> int:
                             signal.Signals(signum).name,
                             args.drain_timeout,
                         )
+                        server.stop_accepting()
                         idle = await sidecar.drain(args.drain_timeout)
                         if not idle:
                             log.warning(

@@ -122,6 +122,7 @@ class Sidecar:
     _db_size: int = 0
     _started_at: float = 0.0
     _stopping: trio.CancelScope | None = None
+    role_changed: trio.Event = attrs.Factory(trio.Event)
 
     def __attrs_post_init__(self) -> None:
         self.ks = self.settings.keyspace
@@ -234,7 +235,7 @@ class Sidecar:
             if not session.trusted():
                 await trio.sleep(0.1)
                 continue
-            self.is_leader = True
+            self._set_role(True)
             log.info("became leader node=%s", self.node_id)
             try:
                 await run_leader(
@@ -256,11 +257,17 @@ class Sidecar:
                 log.error("leader failed, stepping down: %r", group.exceptions[0])
                 await trio.sleep(1.0)
             finally:
-                self.is_leader = False
+                self._set_role(False)
                 await resign(self.etcd, fence)
             if session.lost.is_set():
                 raise LeaseLost("lease lost while leading")
             await session_trusted(session)
+
+    def _set_role(self, leader: bool) -> None:
+        if leader != self.is_leader:
+            self.is_leader = leader
+            self.role_changed.set()
+            self.role_changed = trio.Event()
 
     async def _watch_limits(self) -> None:
         """Keep the live-task count and etcd's size fresh for the admission checks."""

@@ -1,0 +1,716 @@
+"""The TaskManager: the seed's API, in Python, over the local sidecar's Unix socket.
+
+Built on anyio, so asyncio and Trio applications use the same code. One connection per
+manager carries requests, replies and pushed frames (docs/protocol.md); it connects on
+first use and reconnects with backoff if the sidecar goes away. Outcomes are durable in
+etcd, so a result being waited for still arrives after a reconnect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import json
+import logging
+import os
+import random
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import anyio
+import sniffio
+
+from ._errors import (
+    ConnectionLost,
+    InvalidRequest,
+    Permanent,
+    TaskFailed,
+    TaskManagerError,
+    Unavailable,
+    error_from_wire,
+)
+
+log = logging.getLogger("taskmanager")
+
+PROTOCOL_VERSION = 1
+EVENTS = ("queued", "assigned", "started", "updated", "failed", "completed", "success", "failure")
+Callback = Callable[..., Any]
+Handler = Callable[["WorkerTask"], Any]
+
+
+def default_socket() -> str:
+    """``$TM_SOCKET``, else ``$XDG_RUNTIME_DIR/tm-sidecar.sock``, else ``/tmp/tm-sidecar.sock``."""
+    if os.environ.get("TM_SOCKET"):
+        return os.environ["TM_SOCKET"]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "tm-sidecar.sock") if runtime else "/tmp/tm-sidecar.sock"
+
+
+def _new_task_id() -> str:
+    return f"{int(time.time() * 1000):012x}-{random.getrandbits(48):012x}"
+
+
+async def _call(callback: Callback, *args: Any) -> None:
+    try:
+        result = callback(*args)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("a task manager callback failed")
+
+
+class Task:
+    """A task being built, then committed, then waited for.
+
+    Methods chain: ``await (await manager.create(data)).with_timeout(10).commit()``.
+    """
+
+    def __init__(self, manager: TaskManager, data: Any, task_id: str | None = None) -> None:
+        self.manager = manager
+        self.id = task_id or _new_task_id()
+        self.data = data
+        self.options: dict[str, Any] = {}
+        self.run_at: float | None = None
+        self.committed = False
+        self.state: str | None = None
+        self.result_value: Any = None
+        self.error: dict[str, Any] | None = None
+        self._callbacks: dict[str, list[Callback]] = {}
+        self._final = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id} {self.state or 'uncommitted'}>"
+
+    def _editable(self) -> None:
+        if self.committed:
+            raise InvalidRequest("the task is committed: set its options before commit()")
+
+    def with_timeout(self, seconds: float) -> Task:
+        """Fail an attempt that runs longer than ``seconds`` (its handler is cancelled)."""
+        self._editable()
+        self.options["timeout_s"] = float(seconds)
+        return self
+
+    def with_delay_until(self, when: datetime | float) -> Task:
+        """Do not start before ``when`` (an aware datetime, or a UTC epoch time)."""
+        self._editable()
+        if isinstance(when, datetime):
+            if when.tzinfo is None:
+                raise InvalidRequest(
+                    "use an aware datetime (with tzinfo), e.g. datetime(..., tzinfo=timezone.utc)"
+                )
+            when = when.timestamp()
+        self.run_at = float(when)
+        return self
+
+    def with_delay(self, seconds: float) -> Task:
+        """Do not start before ``seconds`` from now."""
+        return self.with_delay_until(time.time() + seconds)
+
+    def with_retries(
+        self,
+        max_attempts: int,
+        *,
+        base_s: float = 1.0,
+        factor: float = 2.0,
+        max_s: float = 300.0,
+        jitter: float = 0.5,
+    ) -> Task:
+        """Try at most ``max_attempts`` times, waiting ``min(max_s, base_s * factor**n)``."""
+        self._editable()
+        self.options["max_attempts"] = int(max_attempts)
+        self.options["backoff"] = {
+            "base_s": base_s,
+            "factor": factor,
+            "max_s": max_s,
+            "jitter": jitter,
+        }
+        return self
+
+    def with_priority(self, priority: int) -> Task:
+        """Higher runs first; equal priorities run in commit order."""
+        self._editable()
+        self.options["priority"] = int(priority)
+        return self
+
+    def with_queue(self, queue: str) -> Task:
+        """Send the task to the workers of ``queue`` (default: ``default``)."""
+        self._editable()
+        self.options["queue"] = queue
+        return self
+
+    def on(self, event: str, callback: Callback) -> Task:
+        """Call ``callback`` on an event of this task: queued, started, updated (progress),
+        failed (with ``will_retry``), completed; success (result) and failure (error)."""
+        if event not in EVENTS:
+            raise InvalidRequest(f"unknown event {event!r}; one of {', '.join(EVENTS)}")
+        self._callbacks.setdefault(event, []).append(callback)
+        return self
+
+    async def commit(self) -> Task:
+        """Queue the task; once this returns it is durable in etcd."""
+        if self.committed:
+            return self
+        await self.manager._track(self)
+        request: dict[str, Any] = {
+            "task_id": self.id,
+            "payload": self.data,
+            "options": self.options,
+        }
+        if self.run_at is not None:
+            request["run_at"] = self.run_at
+        await self.manager._request("create", request, idempotent=True)
+        self.committed = True
+        return self
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The task's result once it completes; raises :class:`TaskFailed` if it fails."""
+        if not self.committed:
+            raise InvalidRequest("commit() the task first")
+        with anyio.fail_after(timeout):
+            while not self._final.is_set():
+                info = await self.manager._request(
+                    "wait",
+                    {"task_id": self.id, "timeout_s": 30.0},
+                    idempotent=True,
+                    unavailable_ok=True,
+                )
+                if info is not None:
+                    await self._settle(info)
+        if self.state == "failed":
+            raise TaskFailed(self.id, self.error)
+        return self.result_value
+
+    async def _settle(self, info: dict[str, Any]) -> None:
+        """A final state read from the sidecar (after a reconnect, say)."""
+        if self._final.is_set() or info.get("state") not in ("completed", "failed"):
+            return
+        if info["state"] == "completed":
+            await self._on_event(
+                {"event": "completed", "data": info.get("result"), "attempt": info.get("attempts")}
+            )
+        else:
+            await self._on_event(
+                {
+                    "event": "failed",
+                    "error": info.get("error"),
+                    "will_retry": False,
+                    "attempt": info.get("attempts"),
+                }
+            )
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event", "")
+        if self._final.is_set():
+            return
+        self.state = kind if kind in ("queued", "assigned", "started", "updated") else self.state
+        args: tuple[Any, ...] = (event,)
+        if kind == "updated":
+            args = (event.get("data"),)
+        final = None
+        if kind == "completed":
+            self.state, self.result_value, final = "completed", event.get("data"), "success"
+            args = (self.result_value,)
+        elif kind == "failed":
+            args = (event.get("error"), event.get("will_retry", False))
+            if not event.get("will_retry"):
+                self.state, self.error, final = "failed", event.get("error"), "failure"
+        for callback in self._callbacks.get(kind, []):
+            await _call(callback, *args)
+        if final == "success":
+            for callback in self._callbacks.get("success", []):
+                await _call(callback, self.result_value)
+        elif final == "failure":
+            for callback in self._callbacks.get("failure", []):
+                await _call(callback, self.error)
+        if final is not None:
+            self._final.set()
+            self.manager._untrack(self)
+
+
+class WorkerTask:
+    """What a handler receives."""
+
+    def __init__(self, manager: TaskManager, delivery: int, frame: dict[str, Any]) -> None:
+        self._manager = manager
+        self._delivery = delivery
+        self.id: str = frame["id"]
+        self.data: Any = frame.get("payload")
+        self.attempt: int = frame.get("attempt", 1)
+        self.options: dict[str, Any] = frame.get("options", {})
+
+    @property
+    def payload(self) -> Any:
+        """The task's data."""
+        return self.data
+
+    async def update(self, progress: Any) -> bool:
+        """Publish progress (any JSON); False if the attempt is no longer live."""
+        return bool(
+            await self._manager._request("progress", {"delivery": self._delivery, "data": progress})
+        )
+
+
+class Worker:
+    """Handlers registered with :meth:`TaskManager.process`."""
+
+    def __init__(
+        self, manager: TaskManager, handler: Handler, queue: str, concurrency: int
+    ) -> None:
+        self.manager = manager
+        self.handler = handler
+        self.queue = queue
+        self.concurrency = concurrency
+        self.id: int | None = None
+        self.node: str | None = None
+        self.running: set[int] = set()
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} queue={self.queue} concurrency={self.concurrency}>"
+
+    async def close(self) -> None:
+        """Take no new tasks (running ones finish)."""
+        self.closed = True
+        if self.id is not None:
+            await self.manager._request("unregister", {"worker": self.id}, unavailable_ok=True)
+
+
+class TaskManager:
+    """A connection to the local sidecar. ``DefaultTaskManager`` is the seed's name for it.
+
+    Use it with ``async with``, or lazily: the first call connects; ``shutdown()``
+    releases it.
+    """
+
+    def __init__(self, socket_path: str | None = None, *, connect_timeout_s: float = 30.0) -> None:
+        self.socket_path = socket_path or default_socket()
+        self.connect_timeout_s = connect_timeout_s
+        self.node: str | None = None
+        self._leader = False
+        self._stream: anyio.abc.ByteStream | None = None
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[anyio.Event, list[dict[str, Any]]]] = {}
+        self._tasks: dict[str, Task] = {}
+        self._task_subs: dict[int, str] = {}
+        self._all_sub: int | None = None
+        self._callbacks: dict[str, list[Callback]] = {}
+        self._workers: dict[int, Worker] = {}
+        self._worker_list: list[Worker] = []
+        self._deliveries: dict[int, anyio.CancelScope] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._started = False
+        self._closing = False
+        self._own_tg: Any = None
+        self._primed = False
+
+    def _prime(self) -> None:
+        # anyio's primitives bind to the running event loop: make them on first async use,
+        # so that a TaskManager can be made at import time, as in the seed.
+        if not self._primed:
+            self._primed = True
+            self._connected = anyio.Event()
+            self._send_lock = anyio.Lock()
+            self._idle = anyio.Event()
+            self._idle.set()
+            self._stopped = anyio.Event()
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> TaskManager:
+        self._prime()
+        self._own_tg = anyio.create_task_group()
+        tg = await self._own_tg.__aenter__()
+        self._started = True
+        await tg.start(self._supervise)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.shutdown()
+        finally:
+            await self._own_tg.__aexit__(None, None, None)
+
+    async def _ensure_started(self) -> None:
+        if self._closing:
+            raise InvalidRequest("the task manager is shut down")
+        self._prime()
+        if not self._started:
+            self._started = True
+            ready = anyio.Event()
+            _spawn_detached(lambda: self._supervise(ready=ready))
+            await ready.wait()
+        with anyio.fail_after(self.connect_timeout_s):
+            await self._connected.wait()
+
+    async def _supervise(
+        self, *, task_status: Any = anyio.TASK_STATUS_IGNORED, ready: anyio.Event | None = None
+    ) -> None:
+        try:
+            with anyio.CancelScope() as self._scope:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    task_status.started()
+                    if ready is not None:
+                        ready.set()
+                    await self._connection_loop()
+        except Exception:
+            log.exception("the task manager's connection loop failed")
+        finally:
+            self._stopped.set()
+
+    async def _connection_loop(self) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                stream = await anyio.connect_unix(self.socket_path)
+            except OSError as exc:
+                failures += 1
+                wait = min(2.0, 0.05 * 2**failures)
+                if failures in (1, 10) or failures % 50 == 0:
+                    log.warning(
+                        "cannot reach the sidecar at %s (%s); retrying", self.socket_path, exc
+                    )
+                await anyio.sleep(wait)
+                continue
+            failures = 0
+            self._stream = stream
+            try:
+                async with anyio.create_task_group() as conn_tg:
+                    conn_tg.start_soon(self._read, stream)
+                    await self._handshake()
+                    self._connected.set()
+                    await anyio.sleep_forever()
+            except (
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                OSError,
+                ConnectionLost,
+            ):
+                pass
+            finally:
+                self._stream = None
+                self._connected = anyio.Event()
+                for event, slot in self._waiting.values():
+                    slot.append(
+                        {
+                            "ok": False,
+                            "error": {
+                                "code": "connection_lost",
+                                "message": "the sidecar went away",
+                            },
+                        }
+                    )
+                    event.set()
+                self._waiting.clear()
+                for scope in self._deliveries.values():
+                    scope.cancel()  # the sidecar has failed these attempts already
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+            if not self._closing:
+                log.warning("connection to the sidecar lost; reconnecting")
+
+    async def _handshake(self) -> None:
+        hello = await self._send_request(
+            "hello", {"version": PROTOCOL_VERSION, "client": "taskmanager-py/0.1"}
+        )
+        self.node = hello.get("node")
+        self._leader = bool(hello.get("leader"))
+        # Re-establish what the previous connection had.
+        self._task_subs.clear()
+        self._all_sub = None
+        for worker in self._worker_list:
+            if not worker.closed:
+                await self._register(worker)
+        for task in list(self._tasks.values()):
+            sub = await self._send_request("subscribe", {"task_id": task.id})
+            self._task_subs[sub["subscription"]] = task.id
+            assert self._tg is not None
+            self._tg.start_soon(self._recheck, task)
+        if self._callbacks:
+            self._all_sub = (await self._send_request("subscribe", {}))["subscription"]
+
+    async def _recheck(self, task: Task) -> None:
+        # Events may have been missed while disconnected: the outcome is in etcd.
+        if task.committed:
+            with contextlib.suppress(TaskManagerError):
+                await task._settle(await self._request("get", {"task_id": task.id}))
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking tasks, let running handlers finish within ``timeout`` seconds, hand
+        back what could not finish (so that it is retried at once), then disconnect."""
+        if self._closing:
+            return
+        if self._started and self._connected.is_set():
+            for worker in self._worker_list:
+                if not worker.closed:
+                    with anyio.move_on_after(5):
+                        await worker.close()
+            with anyio.move_on_after(timeout):
+                await self._idle.wait()
+            for delivery, scope in list(self._deliveries.items()):
+                scope.cancel()
+                with anyio.move_on_after(2):
+                    await self._report_failure(
+                        delivery,
+                        {
+                            "type": "WorkerShutdown",
+                            "message": "the worker shut down",
+                            "retryable": True,
+                        },
+                    )
+        self._closing = True
+        if self._scope is not None:
+            self._scope.cancel()
+            with anyio.move_on_after(5):
+                await self._stopped.wait()
+
+    # -- framing -----------------------------------------------------------------------------
+
+    async def _read(self, stream: anyio.abc.ByteStream) -> None:
+        buffer = b""
+        while True:
+            chunk = await stream.receive(65536)
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    await self._dispatch(json.loads(line))
+
+    async def _send_request(self, op: str, fields: dict[str, Any]) -> Any:
+        if self._stream is None:
+            raise ConnectionLost("not connected")
+        rid = next(self._ids)
+        event, slot = anyio.Event(), list[dict[str, Any]]()
+        self._waiting[rid] = (event, slot)
+        frame = json.dumps({"id": rid, "op": op, **fields}, separators=(",", ":"), allow_nan=False)
+        try:
+            async with self._send_lock:
+                await self._stream.send(frame.encode() + b"\n")
+            await event.wait()
+        finally:
+            self._waiting.pop(rid, None)
+        reply = slot[0]
+        if not reply.get("ok"):
+            raise error_from_wire(reply.get("error") or {})
+        return reply.get("result")
+
+    async def _request(
+        self,
+        op: str,
+        fields: dict[str, Any],
+        *,
+        idempotent: bool = False,
+        unavailable_ok: bool = False,
+    ) -> Any:
+        """A request; repeated after a reconnect when ``idempotent``."""
+        while True:
+            await self._ensure_started()
+            try:
+                return await self._send_request(op, fields)
+            except ConnectionLost:
+                if not idempotent:
+                    raise
+            except Unavailable:
+                if not unavailable_ok:
+                    raise
+                return None
+
+    async def _dispatch(self, frame: dict[str, Any]) -> None:
+        if "push" not in frame:
+            waiting = self._waiting.get(frame.get("id"))  # type: ignore[arg-type]
+            if waiting is not None:
+                waiting[1].append(frame)
+                waiting[0].set()
+            elif not frame.get("ok", True):
+                log.warning("the sidecar reports: %s", frame.get("error"))
+            return
+        kind = frame["push"]
+        assert self._tg is not None
+        if kind == "event":
+            event = frame["event"]
+            sid = frame.get("subscription")
+            if sid in self._task_subs:
+                task = self._tasks.get(self._task_subs[sid])
+                if task is not None:
+                    await task._on_event(event)
+            elif sid == self._all_sub:
+                for callback in self._callbacks.get(event.get("event"), []):
+                    self._tg.start_soon(_call, callback, event)
+        elif kind == "task":
+            worker = self._workers.get(frame["worker"])
+            if worker is not None:
+                new_scope = anyio.CancelScope()
+                self._deliveries[frame["delivery"]] = new_scope
+                self._idle = anyio.Event()
+                self._tg.start_soon(self._run, worker, frame["delivery"], frame["task"], new_scope)
+        elif kind == "cancel":
+            scope = self._deliveries.get(frame["delivery"])
+            if scope is not None:
+                scope.cancel()
+        elif kind == "role":
+            self._leader = bool(frame.get("leader"))
+
+    # -- workers -----------------------------------------------------------------------------
+
+    async def _register(self, worker: Worker) -> None:
+        answer = await self._send_request(
+            "register", {"queue": worker.queue, "concurrency": worker.concurrency}
+        )
+        worker.id, worker.node = answer["worker"], answer.get("node")
+        self._workers[answer["worker"]] = worker
+
+    async def _run(
+        self, worker: Worker, delivery: int, frame: dict[str, Any], scope: anyio.CancelScope
+    ) -> None:
+        task = WorkerTask(self, delivery, frame)
+        outcome: tuple[str, Any] | None = None
+        try:
+            with scope:
+                try:
+                    value = worker.handler(task)
+                    if inspect.isawaitable(value):
+                        value = await value
+                    outcome = ("complete", {"delivery": delivery, "result": value})
+                except Exception as exc:
+                    permanent = isinstance(exc, Permanent) or isinstance(exc.__cause__, Permanent)
+                    error = {
+                        "type": type(exc).__name__,
+                        "message": str(exc),
+                        "traceback": "".join(traceback.format_exception(exc)),
+                        "retryable": not permanent,
+                    }
+                    outcome = ("fail", {"delivery": delivery, "error": error})
+            if outcome is not None and not scope.cancel_called:
+                try:
+                    await self._request(outcome[0], outcome[1])
+                except (TypeError, ValueError) as exc:  # the result is not JSON
+                    await self._report_failure(
+                        delivery, {"type": "ResultNotJSON", "message": str(exc), "retryable": False}
+                    )
+                except ConnectionLost:
+                    log.warning(
+                        "report of task %s lost with the connection; it will be retried", task.id
+                    )
+                except TaskManagerError as exc:
+                    log.warning("report of task %s not taken: %s", task.id, exc)
+        finally:
+            self._deliveries.pop(delivery, None)
+            if not self._deliveries:
+                self._idle.set()
+
+    async def _report_failure(self, delivery: int, error: dict[str, Any]) -> None:
+        try:
+            await self._request("fail", {"delivery": delivery, "error": error})
+        except TaskManagerError as exc:
+            log.warning("could not report failure of delivery %d: %s", delivery, exc)
+
+    # -- the API -----------------------------------------------------------------------------
+
+    async def create(self, data: Any, *, task_id: str | None = None) -> Task:
+        """A new task for ``data`` (any JSON); set its options, then ``await task.commit()``."""
+        await self._ensure_started()
+        return Task(self, data, task_id)
+
+    async def submit(self, data: Any, **options: Any) -> Task:
+        """Create and commit in one call; ``options`` as the protocol's (timeout_s, ...)."""
+        task = Task(self, data)
+        task.options.update(options)
+        return await task.commit()
+
+    async def process(
+        self, handler: Handler, *, concurrency: int = 1, queue: str = "default"
+    ) -> Worker:
+        """Run ``handler(task)`` for tasks of ``queue``, up to ``concurrency`` at once.
+
+        The handler may be a plain or an async function; what it returns (any JSON) is
+        the result; what it raises fails the attempt (retried per the task's policy, or
+        not at all for :class:`Permanent`).
+        """
+        await self._ensure_started()
+        worker = Worker(self, handler, queue, concurrency)
+        self._worker_list.append(worker)
+        await self._register(worker)
+        return worker
+
+    def on(self, event: str, callback: Callback) -> TaskManager:
+        """Call ``callback(event)`` on every task event of the namespace."""
+        if event not in EVENTS[:6]:
+            raise InvalidRequest(f"unknown event {event!r}; one of {', '.join(EVENTS[:6])}")
+        first = not self._callbacks
+        self._callbacks.setdefault(event, []).append(callback)
+        if first and self._tg is not None and self._connected.is_set():
+            self._tg.start_soon(self._subscribe_all)
+        return self
+
+    async def _subscribe_all(self) -> None:
+        if self._all_sub is None:
+            self._all_sub = (await self._request("subscribe", {}))["subscription"]
+
+    async def wait_subscribed(self) -> None:
+        """Return once manager-level callbacks receive events (after :meth:`on`)."""
+        await self._ensure_started()
+        await self._subscribe_all()
+
+    async def get(self, task_id: str) -> dict[str, Any]:
+        """A task as it stands: state, attempts, result or error, payload, options."""
+        return dict(await self._request("get", {"task_id": task_id}, idempotent=True))
+
+    async def status(self) -> dict[str, Any]:
+        """The local sidecar's status."""
+        return dict(await self._request("status", {}, idempotent=True))
+
+    def is_master(self) -> bool:
+        """Whether the local sidecar is the cluster's leader (as last told)."""
+        return self._leader
+
+    is_leader = is_master
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    async def _track(self, task: Task) -> None:
+        await self._ensure_started()
+        if task.id in self._tasks:
+            return
+        self._tasks[task.id] = task
+        sub = await self._request("subscribe", {"task_id": task.id}, idempotent=True)
+        self._task_subs[sub["subscription"]] = task.id
+
+    def _untrack(self, task: Task) -> None:
+        self._tasks.pop(task.id, None)
+        for sid, tid in list(self._task_subs.items()):
+            if tid == task.id:
+                del self._task_subs[sid]
+                if self._tg is not None and self._connected.is_set():
+                    self._tg.start_soon(self._unsubscribe, sid)
+
+    async def _unsubscribe(self, sid: int) -> None:
+        with contextlib.suppress(TaskManagerError):
+            await self._request("unsubscribe", {"subscription": sid})
+
+
+DefaultTaskManager = TaskManager
+
+
+_detached: set[Any] = set()
+
+
+def _spawn_detached(fn: Callable[[], Awaitable[None]]) -> None:
+    """Start a background task outside any task group (for lazy use without ``async with``)."""
+    library = sniffio.current_async_library()
+    if library == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(fn)
+    else:
+        import asyncio
+
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(fn())  # type: ignore[arg-type]
+        _detached.add(task)
+        task.add_done_callback(_detached.discard)

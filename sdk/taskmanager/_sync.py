@@ -1,0 +1,87 @@
+"""A blocking facade for producers in non-async code (Django, Flask, scripts)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from ._client import Task, TaskManager
+
+
+class BlockingTask:
+    """A :class:`Task` driven from blocking code."""
+
+    def __init__(self, portal: BlockingPortal, task: Task) -> None:
+        self._portal = portal
+        self._task = task
+
+    @property
+    def id(self) -> str:
+        """The task id."""
+        return self._task.id
+
+    def with_timeout(self, seconds: float) -> BlockingTask:
+        """See :meth:`Task.with_timeout`."""
+        self._task.with_timeout(seconds)
+        return self
+
+    def with_delay_until(self, when: datetime | float) -> BlockingTask:
+        """See :meth:`Task.with_delay_until`."""
+        self._task.with_delay_until(when)
+        return self
+
+    def with_retries(self, max_attempts: int, **backoff: float) -> BlockingTask:
+        """See :meth:`Task.with_retries`."""
+        self._task.with_retries(max_attempts, **backoff)
+        return self
+
+    def with_priority(self, priority: int) -> BlockingTask:
+        """See :meth:`Task.with_priority`."""
+        self._task.with_priority(priority)
+        return self
+
+    def with_queue(self, queue: str) -> BlockingTask:
+        """See :meth:`Task.with_queue`."""
+        self._task.with_queue(queue)
+        return self
+
+    def commit(self) -> BlockingTask:
+        """Queue the task; durable once this returns."""
+        self._portal.call(self._task.commit)
+        return self
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Block until the result; raises TaskFailed if the task fails."""
+        return self._portal.call(self._task.result, timeout)
+
+
+class BlockingTaskManager:
+    """``with BlockingTaskManager() as tm: tm.create(data).with_timeout(5).commit().result()``."""
+
+    def __init__(self, socket_path: str | None = None, *, backend: str = "asyncio") -> None:
+        self._portal_cm = start_blocking_portal(backend)
+        self._portal = self._portal_cm.__enter__()
+        self._manager = TaskManager(socket_path)
+
+    def create(self, data: Any) -> BlockingTask:
+        """A new task; set options, then ``commit()``."""
+        return BlockingTask(self._portal, self._portal.call(self._manager.create, data))
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        """A task as it stands."""
+        return self._portal.call(self._manager.get, task_id)
+
+    def close(self) -> None:
+        """Disconnect and stop the background event loop."""
+        try:
+            self._portal.call(self._manager.shutdown)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> BlockingTaskManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

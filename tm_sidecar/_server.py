@@ -1,0 +1,538 @@
+"""The socket server: the documented protocol (docs/protocol.md) over a Unix socket.
+
+Frames are JSON objects, one per line. Each connection is independent: a client that
+sends garbage, stalls or disconnects affects only itself; tasks it was running become
+failed attempts at once and are retried per their policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import itertools
+import json
+import logging
+import math
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from . import __version__
+from ._agent import HandlerFailed, Registration, TaskContext
+from ._errors import (
+    ERRORS,
+    InvalidRequest,
+    ProtocolViolation,
+    TaskManagerError,
+    Unavailable,
+)
+from ._sidecar import Sidecar, TaskInfo
+from .core import JSON, Backoff, State, TaskError, TaskId, TaskOptions, check_name, dumps
+
+log = logging.getLogger("tm_sidecar.server")
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 1024 * 1024
+#: Frames waiting to be written to one client; a client this far behind is dropped.
+OUTBOX = 1000
+
+
+@attrs.frozen(kw_only=True)
+class ServerSettings:
+    """Where and how the socket is served."""
+
+    path: str
+    mode: int = 0o660
+    group: str | None = None
+    max_frame: int = DEFAULT_MAX_FRAME
+    allowed_uids: frozenset[int] | None = None
+
+
+class _Closed(Exception):
+    """The connection is to be closed (after the frames already queued)."""
+
+
+@attrs.define(eq=False)
+class _Delivery:
+    """A task handed to a client's worker, waiting for its outcome."""
+
+    id: int
+    ctx: TaskContext
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: JSON = None
+    error: TaskError | None = None
+
+
+@attrs.define(eq=False)
+class Connection:
+    """One client."""
+
+    server: SocketServer
+    stream: trio.SocketStream
+    peer: str
+    outbox_send: trio.MemorySendChannel[bytes]
+    outbox_receive: trio.MemoryReceiveChannel[bytes]
+    nursery: trio.Nursery | None = None
+    hello: bool = False
+    registrations: dict[int, Registration] = attrs.Factory(dict)
+    deliveries: dict[int, _Delivery] = attrs.Factory(dict)
+    subscriptions: dict[int, trio.CancelScope] = attrs.Factory(dict)
+    written: trio.Event = attrs.Factory(trio.Event)
+
+    def push(self, frame: dict[str, Any]) -> None:
+        """Queue a frame; a client that does not read is dropped rather than waited for."""
+        try:
+            self.outbox_send.send_nowait(dumps(frame).encode() + b"\n")
+        except trio.WouldBlock:
+            log.warning("client %s is not reading: dropping it", self.peer)
+            self.outbox_send.close()
+        except trio.ClosedResourceError:
+            pass
+
+
+_ids = itertools.count(1)
+
+
+@attrs.define(eq=False)
+class SocketServer:
+    """Serves the protocol for one sidecar."""
+
+    sidecar: Sidecar
+    settings: ServerSettings
+    connections: set[Connection] = attrs.Factory(set)
+    accepting: bool = True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; ready once the socket accepts connections."""
+        sock = await _bind(self.settings)
+        listener = trio.SocketListener(sock)
+        log.info("serving %s mode=%o", self.settings.path, self.settings.mode)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while self.accepting:
+                    stream = await listener.accept()
+                    nursery.start_soon(self._serve, stream)
+        finally:
+            with trio.move_on_after(1, shield=True):
+                await listener.aclose()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.settings.path)
+
+    def stop_accepting(self) -> None:
+        """New connections are refused from now on (existing ones go on)."""
+        self.accepting = False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.settings.path)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        peer = _peer(stream)
+        uid = _peer_uid(stream)
+        allowed = self.settings.allowed_uids
+        send, receive = trio.open_memory_channel[bytes](OUTBOX)
+        conn = Connection(self, stream, peer, send, receive)
+        log.info("client connected %s", peer)
+        self.connections.add(conn)
+        try:
+            async with trio.open_nursery() as nursery:
+                conn.nursery = nursery
+                nursery.start_soon(self._write, conn)
+                if allowed is not None and uid not in allowed:
+                    conn.push(_error(None, ProtocolViolation(f"uid {uid} is not allowed")))
+                    conn.outbox_send.close()
+                    return
+                try:
+                    await self._read(conn)
+                except _Closed:
+                    pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                # Let the last frames (an error, say) reach the client, briefly.
+                conn.outbox_send.close()
+                with trio.move_on_after(1):
+                    await conn.written.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._dropped(conn)
+            with trio.move_on_after(1, shield=True):
+                await stream.aclose()
+            log.info("client disconnected %s", peer)
+
+    def _dropped(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        for reg in conn.registrations.values():
+            reg.close()
+        for delivery in conn.deliveries.values():
+            if not delivery.done.is_set():
+                delivery.error = TaskError(
+                    type="WorkerDisconnected",
+                    message="the worker's connection closed during the attempt",
+                )
+                delivery.done.set()
+        for scope in conn.subscriptions.values():
+            scope.cancel()
+
+    async def _write(self, conn: Connection) -> None:
+        try:
+            async for frame in conn.outbox_receive:
+                await conn.stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            conn.written.set()
+        with trio.move_on_after(1, shield=True):
+            await conn.stream.aclose()
+
+    async def _read(self, conn: Connection) -> None:
+        buffer = bytearray()
+        limit = self.settings.max_frame
+        while True:
+            newline = buffer.find(b"\n")
+            while newline < 0:
+                if len(buffer) > limit:
+                    conn.push(_error(None, ProtocolViolation(f"frame over {limit} bytes: closing")))
+                    raise _Closed
+                chunk = await conn.stream.receive_some(65536)
+                if not chunk:
+                    raise _Closed
+                start = len(buffer)
+                buffer += chunk
+                found = buffer.find(b"\n", start)
+                newline = found
+            line = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            if len(line) > limit:
+                conn.push(_error(None, ProtocolViolation(f"frame over {limit} bytes: closing")))
+                raise _Closed
+            if not line.strip():
+                continue
+            try:
+                frame = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                conn.push(_error(None, ProtocolViolation(f"a frame is not JSON ({exc}): closing")))
+                raise _Closed from exc
+            if not isinstance(frame, dict):
+                conn.push(_error(None, ProtocolViolation("a frame must be a JSON object: closing")))
+                raise _Closed
+            self._dispatch(conn, frame)
+
+    def _dispatch(self, conn: Connection, frame: dict[str, Any]) -> None:
+        rid = frame.get("id")
+        if rid is not None and not isinstance(rid, int | str):
+            conn.push(_error(None, InvalidRequest("id must be a number or a string")))
+            return
+        op = frame.get("op")
+        if not conn.hello and op != "hello":
+            conn.push(_error(rid, InvalidRequest("say hello first")))
+            return
+        handler = OPS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            conn.push(_error(rid, InvalidRequest(f"unknown op {op!r}")))
+            return
+        assert conn.nursery is not None
+        conn.nursery.start_soon(self._answer, conn, rid, handler, frame)
+
+    async def _answer(
+        self, conn: Connection, rid: Any, handler: _Op, frame: dict[str, Any]
+    ) -> None:
+        try:
+            result = await handler(self, conn, frame)
+        except TaskManagerError as exc:
+            conn.push(_error(rid, exc))
+        except (KeyError, TypeError, ValueError) as exc:
+            conn.push(_error(rid, InvalidRequest(f"bad {frame.get('op')} request: {exc}")))
+        else:
+            conn.push({"id": rid, "ok": True, "result": result})
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def op_hello(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        version = frame.get("version")
+        if version != PROTOCOL_VERSION:
+            raise InvalidRequest(
+                f"protocol version {version!r} is not spoken here; use {PROTOCOL_VERSION}"
+            )
+        conn.hello = True
+        assert conn.nursery is not None
+        conn.nursery.start_soon(self._role_pushes, conn)
+        return {
+            "version": PROTOCOL_VERSION,
+            "server": f"tm-sidecar/{__version__}",
+            "node": self.sidecar.node_id,
+            "namespace": self.sidecar.settings.namespace,
+            "leader": self.sidecar.is_leader,
+            "max_frame": self.settings.max_frame,
+        }
+
+    async def _role_pushes(self, conn: Connection) -> None:
+        while True:
+            await self.sidecar.role_changed.wait()
+            conn.push({"push": "role", "leader": self.sidecar.is_leader})
+
+    async def op_ping(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        return "pong"
+
+    async def op_status(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        return self.sidecar.status()
+
+    async def op_create(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        options = _options(frame.get("options") or {})
+        run_at = frame.get("run_at")
+        if run_at is not None and (
+            not isinstance(run_at, int | float) or not math.isfinite(run_at)
+        ):
+            raise InvalidRequest("run_at must be a UTC epoch time in seconds")
+        task_id = frame.get("task_id")
+        if task_id is not None:
+            task_id = TaskId(check_name("task id", task_id))
+        spec = await self.sidecar.create(
+            frame.get("payload"), options=options, run_at=run_at, task_id=task_id
+        )
+        return {"task_id": spec.id}
+
+    async def op_get(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        info = await self.sidecar.get(TaskId(check_name("task id", frame["task_id"])))
+        return task_json(info)
+
+    async def op_wait(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        timeout = frame.get("timeout_s")
+        if timeout is not None and not isinstance(timeout, int | float):
+            raise InvalidRequest("timeout_s must be a number")
+        try:
+            info = await self.sidecar.wait(TaskId(check_name("task id", frame["task_id"])), timeout)
+        except trio.TooSlowError as exc:
+            raise Unavailable(f"the task did not finish within {timeout} s") from exc
+        return task_json(info)
+
+    async def op_subscribe(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        task_id = frame.get("task_id")
+        if task_id is not None:
+            task_id = TaskId(check_name("task id", task_id))
+        sid = next(_ids)
+        sub = self.sidecar.subscribe(task_id)
+        scope = trio.CancelScope()
+        conn.subscriptions[sid] = scope
+
+        async def forward() -> None:
+            with scope, sub:
+                async for event in sub:
+                    conn.push({"push": "event", "subscription": sid, "event": event.to_json()})
+            conn.subscriptions.pop(sid, None)
+
+        assert conn.nursery is not None
+        conn.nursery.start_soon(forward)
+        return {"subscription": sid}
+
+    async def op_unsubscribe(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        scope = conn.subscriptions.pop(int(frame["subscription"]), None)
+        if scope is not None:
+            scope.cancel()
+        return scope is not None
+
+    async def op_register(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        queue = check_name("queue", frame.get("queue", "default"))
+        concurrency = frame.get("concurrency", 1)
+        if not isinstance(concurrency, int) or not 1 <= concurrency <= 10_000:
+            raise InvalidRequest("concurrency must be a whole number from 1 to 10000")
+        wid = next(_ids)
+
+        async def handler(ctx: TaskContext) -> JSON:
+            return await self._deliver(conn, wid, ctx)
+
+        conn.registrations[wid] = self.sidecar.register(
+            handler, queue=queue, concurrency=concurrency
+        )
+        log.info(
+            "worker %d registered by %s queue=%s concurrency=%d", wid, conn.peer, queue, concurrency
+        )
+        return {"worker": wid, "node": self.sidecar.node_id}
+
+    async def op_unregister(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        reg = conn.registrations.pop(int(frame["worker"]), None)
+        if reg is not None:
+            reg.close()
+        return reg is not None
+
+    async def _deliver(self, conn: Connection, wid: int, ctx: TaskContext) -> JSON:
+        delivery = _Delivery(next(_ids), ctx)
+        conn.deliveries[delivery.id] = delivery
+        try:
+            conn.push(
+                {
+                    "push": "task",
+                    "worker": wid,
+                    "delivery": delivery.id,
+                    "task": {
+                        "id": ctx.id,
+                        "payload": ctx.payload,
+                        "attempt": ctx.attempt,
+                        "options": ctx.spec.options.to_json(),
+                        "created_at": ctx.spec.created_at,
+                    },
+                }
+            )
+            await delivery.done.wait()
+        except trio.Cancelled:
+            # A timeout, a withdrawn assignment, or shutdown: tell the worker to stop.
+            conn.push({"push": "cancel", "delivery": delivery.id})
+            raise
+        finally:
+            conn.deliveries.pop(delivery.id, None)
+        if delivery.error is not None:
+            raise HandlerFailed(delivery.error)
+        return delivery.result
+
+    def _delivery(self, conn: Connection, frame: dict[str, Any]) -> _Delivery:
+        delivery = conn.deliveries.get(int(frame["delivery"]))
+        if delivery is None:
+            raise InvalidRequest("no such delivery (finished, cancelled, or never made)")
+        return delivery
+
+    async def op_progress(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        return await self._delivery(conn, frame).ctx.update(frame.get("data"))
+
+    async def op_complete(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        delivery = self._delivery(conn, frame)
+        dumps(frame.get("result"))
+        delivery.result = frame.get("result")
+        delivery.done.set()
+        return True
+
+    async def op_fail(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        delivery = self._delivery(conn, frame)
+        err = frame.get("error") or {}
+        if not isinstance(err, dict):
+            raise InvalidRequest("error must be an object")
+        delivery.error = TaskError(
+            type=str(err.get("type", "Error")),
+            message=str(err.get("message", "")),
+            traceback=None if err.get("traceback") is None else str(err["traceback"]),
+            retryable=bool(err.get("retryable", True)),
+        )
+        delivery.done.set()
+        return True
+
+
+_Op = Callable[[SocketServer, Connection, dict[str, Any]], Awaitable[JSON]]
+
+OPS: dict[str, _Op] = {
+    name.removeprefix("op_"): getattr(SocketServer, name)
+    for name in dir(SocketServer)
+    if name.startswith("op_")
+}
+
+
+def task_json(info: TaskInfo) -> dict[str, JSON]:
+    """A task as the protocol shows it."""
+    record = info.record
+    obj: dict[str, JSON] = {
+        "task_id": info.spec.id,
+        "state": info.state.value if info.state else None,
+        "payload": info.spec.payload,
+        "options": info.spec.options.to_json(),
+        "created_at": info.spec.created_at,
+        "attempts": record.attempts if record else None,
+    }
+    if record is not None:
+        if info.state is State.COMPLETED:
+            obj["result"] = record.result
+        if record.error is not None:
+            obj["error"] = record.error.to_json()
+        if record.node is not None:
+            obj["node"] = record.node
+        if record.due_at is not None:
+            obj["due_at"] = record.due_at
+    return obj
+
+
+def _options(obj: JSON) -> TaskOptions:
+    if not isinstance(obj, dict):
+        raise InvalidRequest("options must be an object")
+    unknown = set(obj) - {"queue", "priority", "max_attempts", "timeout_s", "backoff"}
+    if unknown:
+        raise InvalidRequest(f"unknown options: {sorted(unknown)}")
+    backoff = obj.get("backoff") or {}
+    if not isinstance(backoff, dict):
+        raise InvalidRequest("backoff must be an object")
+    try:
+        priority = obj.get("priority", 0)
+        attempts = obj.get("max_attempts", 3)
+        if not isinstance(priority, int) or not isinstance(attempts, int):
+            raise InvalidRequest("priority and max_attempts are whole numbers")
+        timeout = obj.get("timeout_s")
+        return TaskOptions(
+            queue=obj.get("queue", "default"),
+            priority=priority,
+            max_attempts=attempts,
+            timeout_s=None if timeout is None else float(timeout),
+            backoff=Backoff.from_json(backoff),
+        )
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+def _error(rid: Any, exc: TaskManagerError) -> dict[str, Any]:
+    code = exc.code if type(exc).code in ERRORS else "internal"
+    return {
+        "id": rid,
+        "ok": False,
+        "error": {"code": code, "message": str(exc), "retryable": exc.retryable},
+    }
+
+
+def _clear_path(path: Path) -> None:
+    """Make room for the socket: remove one left by a crash, never one still served."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise SystemExit(f"{path} is served by another process")
+        finally:
+            probe.close()
+
+
+async def _bind(settings: ServerSettings) -> trio.socket.SocketType:
+    _clear_path(Path(settings.path))
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Created without group or other access, then opened up to ``mode`` (and ``group``).
+    old = os.umask(0o177)
+    try:
+        await sock.bind(settings.path)
+    finally:
+        os.umask(old)
+    if settings.group:
+        os.chown(settings.path, -1, grp.getgrnam(settings.group).gr_gid)
+    os.chmod(settings.path, settings.mode)
+    sock.listen(128)
+    return sock
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        pid, uid, gid = struct.unpack(
+            "3i", stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        )
+    except OSError:
+        return "unknown"
+    return f"pid={pid} uid={uid} gid={gid}"
+
+
+def _peer_uid(stream: trio.SocketStream) -> int:
+    try:
+        return int(
+            struct.unpack(
+                "3i", stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )[1]
+        )
+    except OSError:
+        return -1
