@@ -126,9 +126,11 @@ class Pair:
             return
         outcomes: list[tuple[Any, ...]] = []
         backends: tuple[MemoryEtcd | GatewayEtcd, ...] = (self.fake, self.real)
+        # Both transactions are built before either runs: compares read the current state.
+        txns = [self.txn(op[1], op[2], op[3], side) for side in (0, 1)]
         for side, backend in enumerate(backends):
             try:
-                result = backend.txn(self.txn(op[1], op[2], op[3], side))
+                result = backend.txn(txns[side])
             except ValueError as exc:
                 outcomes.append(("error", str(exc).split(":")[-1].strip()))
             else:

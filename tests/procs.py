@@ -42,6 +42,8 @@ class SidecarProcess:
     log_path: Path
     lease_ttl_s: int = 2
     concurrency: int = 4
+    handler: str | None = "tests.proc_handlers:work"
+    extra: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -54,15 +56,16 @@ class SidecarProcess:
             self.endpoint,
             "--namespace",
             self.namespace,
+            "--socket",
+            str(self.socket_path),
             "--lease-ttl",
             str(self.lease_ttl_s),
-            "--handler",
-            "tests.proc_handlers:work",
-            "--concurrency",
-            str(self.concurrency),
             "--log-level",
             "info",
+            *self.extra,
         ]
+        if self.handler:
+            args += ["--handler", self.handler, "--concurrency", str(self.concurrency)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -88,6 +91,28 @@ class SidecarProcess:
                 self.proc.wait()
                 return None
         return self.proc.returncode
+
+    @property
+    def socket_path(self) -> Path:
+        """This sidecar's socket, beside its log."""
+        return self.log_path.with_suffix(".sock")
+
+    async def wait_serving(self, timeout_s: float = 20) -> None:
+        """Poll until the socket accepts connections (bounded)."""
+        import socket as _socket
+
+        with trio.fail_after(timeout_s):
+            while True:
+                assert self.proc is not None
+                assert self.proc.poll() is None, self.log()[-2000:]
+                probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+                try:
+                    probe.connect(str(self.socket_path))
+                    return
+                except OSError:
+                    await trio.sleep(0.05)
+                finally:
+                    probe.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -57,7 +57,12 @@ def test_handler_specs() -> None:
 
 
 def _run(args: list[str], tmp_path: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TM_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(Path.cwd())}
+    env = {
+        **os.environ,
+        "TM_DATA_DIR": str(tmp_path / "data"),
+        "TM_SOCKET": str(tmp_path / "tm.sock"),
+        "PYTHONPATH": str(Path.cwd()),
+    }
     return subprocess.run(
         [sys.executable, "-m", "tm_sidecar", *args],
         capture_output=True,
@@ -90,9 +95,9 @@ def test_demo_with_embedded_etcd_shows_tasks_flowing(tmp_path: Path) -> None:
 
 
 async def test_sidecar_against_an_external_etcd_exits_0_on_sigterm(
-    etcd_server: EtcdProcess,
+    etcd_server: EtcdProcess, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "TM_SOCKET": str(tmp_path / "s.sock")}
     args = ["--etcd", etcd_server.endpoint, "--node-id", "solo", "--namespace", "clitest"]
     proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; waits go through a thread
         [sys.executable, "-m", "tm_sidecar", *args], stderr=subprocess.PIPE, text=True, env=env

@@ -262,7 +262,7 @@ async def _run_demo(sidecar: Sidecar, count: int) -> None:
     log.info("demo finished: %d tasks", created)
 
 
-async def amain(args: argparse.Namespace) -> int:
+async def amain(args: argparse.Namespace, signals: Any) -> int:
     """Run the sidecar until SIGTERM or SIGINT; answers the exit code."""
     embedded: EtcdProcess | None = None
     endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
@@ -303,6 +303,12 @@ async def amain(args: argparse.Namespace) -> int:
     sidecar = Sidecar(etcd, settings)
     exit_code = 0
     try:
+        Path(args.socket).parent.mkdir(parents=True, exist_ok=True)
+        if _socket_served(args.socket):
+            log.error(
+                "%s is served by another process: give each sidecar its own --socket", args.socket
+            )
+            return 1
         async with trio.open_nursery() as nursery:
             await nursery.start(sidecar.run)
             server = SocketServer(
@@ -326,22 +332,20 @@ async def amain(args: argparse.Namespace) -> int:
                 )
 
             async def on_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info(
-                            "received %s: draining for up to %.1f s",
-                            signal.Signals(signum).name,
-                            args.drain_timeout,
+                async for signum in signals:
+                    log.info(
+                        "received %s: draining for up to %.1f s",
+                        signal.Signals(signum).name,
+                        args.drain_timeout,
+                    )
+                    server.stop_accepting()
+                    idle = await sidecar.drain(args.drain_timeout)
+                    if not idle:
+                        log.warning(
+                            "%d tasks still running: handing them back", len(sidecar.agent.running)
                         )
-                        server.stop_accepting()
-                        idle = await sidecar.drain(args.drain_timeout)
-                        if not idle:
-                            log.warning(
-                                "%d tasks still running: handing them back",
-                                len(sidecar.agent.running),
-                            )
-                        nursery.cancel_scope.cancel()
-                        return
+                    nursery.cancel_scope.cancel()
+                    return
 
             nursery.start_soon(on_signals)
             if args.demo:
@@ -361,13 +365,32 @@ async def amain(args: argparse.Namespace) -> int:
     return exit_code
 
 
+def _socket_served(path: str) -> bool:
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+async def amain_with_signals(args: argparse.Namespace) -> int:
+    """Listen for SIGTERM and SIGINT from the very start, then run."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        return await amain(args, signals)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     if args.lease_ttl < 2:
         raise SystemExit("--lease-ttl must be at least 2 seconds (etcd's minimum)")
-    sys.exit(trio.run(amain, args))
+    sys.exit(trio.run(amain_with_signals, args))
 
 
 __all__ = ["Permanent", "main"]

@@ -54,6 +54,10 @@ class ServerSettings:
     allowed_uids: frozenset[int] | None = None
 
 
+class SocketInUse(Exception):
+    """Another process serves the socket path."""
+
+
 class _Closed(Exception):
     """The connection is to be closed (after the frames already queued)."""
 
@@ -496,7 +500,9 @@ def _clear_path(path: Path) -> None:
         except OSError:
             path.unlink()
         else:
-            raise SystemExit(f"{path} is served by another process")
+            raise SocketInUse(
+                f"{path} is served by another process (give each sidecar its own --socket)"
+            )
         finally:
             probe.close()
 

@@ -72,7 +72,7 @@ async def keep_session(etcd: Etcd, session: Session) -> None:
             if sent_at >= expires_at:
                 session.lost.set()
                 raise LeaseLost(f"lease {session.lease:x} not renewed within its TTL") from exc
-            log.warning("keep-alive of lease %x failed: %s", session.lease, exc or "timed out")
+            log.warning("keep-alive of lease %x failed: %s", session.lease, str(exc) or "timed out")
             continue
         if ttl <= 0:
             session.lost.set()

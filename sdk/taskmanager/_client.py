@@ -382,17 +382,11 @@ class TaskManager:
             self._stream = stream
             try:
                 async with anyio.create_task_group() as conn_tg:
-                    conn_tg.start_soon(self._read, stream)
+                    conn_tg.start_soon(self._read, stream, conn_tg.cancel_scope)
                     await self._handshake()
                     self._connected.set()
                     await anyio.sleep_forever()
-            except (
-                anyio.EndOfStream,
-                anyio.BrokenResourceError,
-                anyio.ClosedResourceError,
-                OSError,
-                ConnectionLost,
-            ):
+            except* (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ConnectionLost):
                 pass
             finally:
                 self._stream = None
@@ -473,10 +467,19 @@ class TaskManager:
 
     # -- framing -----------------------------------------------------------------------------
 
-    async def _read(self, stream: anyio.abc.ByteStream) -> None:
+    async def _read(self, stream: anyio.abc.ByteStream, connection: anyio.CancelScope) -> None:
         buffer = b""
         while True:
-            chunk = await stream.receive(65536)
+            try:
+                chunk = await stream.receive(65536)
+            except (
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                OSError,
+            ):
+                connection.cancel()  # the sidecar went away: reconnect
+                return
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
