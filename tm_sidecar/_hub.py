@@ -36,7 +36,7 @@ class Subscription:
 
     def close(self) -> None:
         """Stop receiving events."""
-        self.hub._subs.discard(self)
+        self.hub._forget(self)
         self.send.close()
 
     def __enter__(self) -> Subscription:
@@ -54,19 +54,32 @@ class EventHub:
     ks: Keyspace
     buffer: int = 10_000
     revision: int = 0
-    _subs: set[Subscription] = attrs.Factory(set)
+    # Subscribers to every task, and to one task by its id: publishing is O(interested).
+    _all: set[Subscription] = attrs.Factory(set)
+    _by_task: dict[TaskId, set[Subscription]] = attrs.Factory(dict)
 
     def subscribe(self, task_id: TaskId | None = None) -> Subscription:
         """Events of one task, or of every task; they start with the next change."""
         send, receive = trio.open_memory_channel[TaskEvent](self.buffer)
         sub = Subscription(self, task_id, send, receive)
-        self._subs.add(sub)
+        if task_id is None:
+            self._all.add(sub)
+        else:
+            self._by_task.setdefault(task_id, set()).add(sub)
         return sub
 
+    def _forget(self, sub: Subscription) -> None:
+        if sub.task_id is None:
+            self._all.discard(sub)
+            return
+        subs = self._by_task.get(sub.task_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_task[sub.task_id]
+
     def _publish(self, event: TaskEvent) -> None:
-        for sub in list(self._subs):
-            if sub.task_id is not None and sub.task_id != event.task_id:
-                continue
+        for sub in [*self._all, *self._by_task.get(event.task_id, ())]:
             try:
                 sub.send.send_nowait(event)
             except trio.WouldBlock:
@@ -75,7 +88,7 @@ class EventHub:
                 sub.overflowed = True
                 sub.close()
             except trio.ClosedResourceError:
-                self._subs.discard(sub)
+                self._forget(sub)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch until cancelled; ready once the watch starts from the current revision."""

@@ -48,6 +48,7 @@ from .core import (
     TaskId,
     TaskOptions,
     TaskSpec,
+    Txn,
     dumps,
     initial_record,
     make_task_id,
@@ -379,16 +380,20 @@ class Sidecar:
 
     async def get(self, task_id: TaskId) -> TaskInfo:
         """The task and where it stands (linearizable reads of its own keys)."""
-        spec_kv = await self.etcd.get(self.ks.task(task_id))
-        if spec_kv is None:
+        # One read for the task and the states a task id alone names.
+        states = (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED)
+        read = Txn(
+            success=(
+                Range(self.ks.task(task_id)),
+                *(Range(self.ks.state(state, task_id)) for state in states),
+            )
+        )
+        answer = await self.etcd.txn(read)
+        if not answer.ranges[0].kvs:
             raise TaskNotFound(f"no task {task_id} (it may have expired)")
-        spec = TaskSpec.from_json(spec_kv.value)
-        revision = 0
-        found: list[KeyValue] = []
-        for state in (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED):
-            r = await self.etcd.range(Range(self.ks.state(state, task_id)))
-            revision = max(revision, r.revision)
-            found.extend(r.kvs)
+        spec = TaskSpec.from_json(answer.ranges[0].kvs[0].value)
+        revision = answer.revision
+        found: list[KeyValue] = [kv for r in answer.ranges[1:] for kv in r.kvs]
         if not found:
             procs, rev = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
             found = [kv for kv in procs if kv.key.endswith("/" + task_id)]

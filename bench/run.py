@@ -1,0 +1,478 @@
+"""tm-sidecar benchmarks, side by side with the ceiling of the etcd they run on.
+
+    python -m bench                 # every scenario, prints a table, writes bench-result.json
+    python -m bench --quick         # seconds: checks that the harness works
+    python -m bench --only ceiling,latency --repeat 5
+
+Starts its own etcd and sidecar processes on loopback. Each figure is the median of
+``--repeat`` runs; ratios are computed within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+from taskmanager import TaskManager, WorkerTask
+
+from tests.procs import SidecarProcess, create_tasks
+from tm_sidecar import Etcd, EtcdConfig
+from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.core import Delete, Keyspace, Put, Range, State, Txn
+
+Result = dict[str, Any]
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+async def rate(n: int, in_flight: int, op: Callable[[int], Awaitable[None]]) -> float:
+    """Operations per second running ``n`` ops with ``in_flight`` at once."""
+    counter = iter(range(n))
+    start = trio.current_time()
+
+    async def lane() -> None:
+        for i in counter:
+            await op(i)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(in_flight):
+            nursery.start_soon(lane)
+    return n / (trio.current_time() - start)
+
+
+# -- scenarios -------------------------------------------------------------------------------
+
+
+async def ceiling(env: Env) -> Result:
+    """etcd's own limit through the sidecar's client and through etcd3-py."""
+    out: Result = {}
+    transports: tuple[Literal["native", "etcd3"], ...] = ("native", "etcd3")
+    for transport in transports:
+        etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,), transport=transport, threads=64))
+        for in_flight in (1, 64):
+            n = env.scale(400 if in_flight == 1 else 3000)
+
+            async def put(i: int, etcd: Etcd = etcd) -> None:
+                await etcd.put(f"/bench/put/{i % 512}", "x" * 64)
+
+            out[f"puts_per_s_{transport}_{in_flight}"] = await rate(n, in_flight, put)
+        await etcd.aclose()
+    etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
+
+    async def move(i: int) -> None:
+        # Each lane moves its own 32 keys between two prefixes, as a leader batch does.
+        lane = i % 8
+        src, dst = ("a", "b") if (i // 8) % 2 == 0 else ("b", "a")
+        ops: list[Put | Delete] = []
+        for k in range(32):
+            ops += [
+                Delete(f"/bench/move/{lane}/{src}/{k}"),
+                Put(f"/bench/move/{lane}/{dst}/{k}", "x" * 64),
+            ]
+        await etcd.txn(Txn(success=tuple(ops)))
+
+    n = env.scale(400)
+    out["moved_keys_per_s_native_32"] = 32 * await rate(n, 8, move)
+    await etcd.aclose()
+    return out
+
+
+async def throughput(env: Env, sidecars: int) -> Result:
+    """No-op tasks created, run and completed end to end through the SDK."""
+    n = env.scale(3000)
+    async with env.sidecars(sidecars) as procs:
+        done = 0
+        managers = [TaskManager(str(p.socket_path)) for p in procs]
+
+        async def noop(task: WorkerTask) -> None:
+            return None
+
+        async with trio.open_nursery() as nursery:
+            for m in managers:
+                await m.process(noop, concurrency=64)
+            start = trio.current_time()
+
+            async def producer(m: TaskManager, count: int) -> None:
+                nonlocal done
+                tasks = []
+                for i in range(count):
+                    tasks.append(await (await m.create({"i": i})).commit())
+                for t in tasks:
+                    await t.result(timeout=600)
+                    done += 1
+
+            per = n // (8 * len(managers))
+            async with trio.open_nursery() as producers:
+                for m in managers:
+                    for _ in range(8):
+                        producers.start_soon(producer, m, per)
+            elapsed = trio.current_time() - start
+            for m in managers:
+                await m.shutdown()
+            nursery.cancel_scope.cancel()
+        rss = [rss_mb(p) for p in procs]
+    return {"tasks": done, "tasks_per_s": done / elapsed, "sidecar_rss_mb": max(rss)}
+
+
+async def latency(env: Env) -> Result:
+    """One task at a time on an idle system: commit to handler start, and to result."""
+    n = env.scale(200)
+    async with env.sidecars(1) as (proc,):
+        started: dict[str, float] = {}
+        async with TaskManager(str(proc.socket_path)) as m:
+
+            async def handler(task: WorkerTask) -> None:
+                started[task.id] = time.perf_counter()
+
+            await m.process(handler, concurrency=4)
+            to_start, to_result = [], []
+            for i in range(n):
+                task = await m.create({"i": i})
+                await task.commit()
+                committed = time.perf_counter()
+                await task.result(timeout=30)
+                to_result.append(time.perf_counter() - committed)
+                to_start.append(started[task.id] - committed)
+    ms = 1000
+    return {
+        "start_p50_ms": pct(to_start, 50) * ms,
+        "start_p99_ms": pct(to_start, 99) * ms,
+        "result_p50_ms": pct(to_result, 50) * ms,
+        "result_p99_ms": pct(to_result, 99) * ms,
+    }
+
+
+async def delays(env: Env) -> Result:
+    """How late delayed tasks start (they must never start early)."""
+    n = env.scale(100)
+    async with env.sidecars(1) as (proc,):
+        lateness: list[float] = []
+        async with TaskManager(str(proc.socket_path)) as m:
+            due: dict[str, float] = {}
+
+            def handler(task: WorkerTask) -> None:
+                lateness.append(time.time() - due[task.id])
+
+            await m.process(handler, concurrency=16)
+            tasks = []
+            for i in range(n):
+                task = await m.create({"i": i})
+                task.with_delay(0.5 + (i % 10) * 0.1)
+                assert task.run_at is not None
+                due[task.id] = task.run_at
+                tasks.append(await task.commit())
+            for t in tasks:
+                await t.result(timeout=60)
+    return {
+        "late_p50_ms": pct(lateness, 50) * 1000,
+        "late_p99_ms": pct(lateness, 99) * 1000,
+        "earliest_ms": min(lateness) * 1000,
+    }
+
+
+async def failover(env: Env) -> Result:
+    """SIGKILL the leader under load: time until assignments resume; SIGTERM: handover."""
+    out: Result = {}
+    for how in ("kill", "term"):
+        ks = Keyspace(namespace=env.namespace())
+        procs = [
+            SidecarProcess(
+                n,
+                env.etcd.endpoint,
+                ks.namespace,
+                env.tmp / f"{ks.namespace}-{n}.log",
+                lease_ttl_s=5,
+            )
+            for n in ("a", "b")
+        ]
+        etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
+        try:
+            procs[0].start()
+            await procs[0].wait_serving()
+            procs[1].start()
+            await procs[1].wait_serving()
+            await create_tasks(etcd, ks, env.scale(3000), work_s=0.01)
+            await trio.sleep(0.5)
+            procs[0].signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+            t0 = time.perf_counter()
+            # Writes the old leader had in flight land within milliseconds: anything
+            # assigned after this revision is the new leader's.
+            await trio.sleep(0.05)
+            rev = await etcd.revision()
+            while True:
+                r = await etcd.range(Range(ks.assignments("b"), prefix=True))
+                if any(kv.create_revision > rev for kv in r.kvs):
+                    break
+                await trio.sleep(0.005)
+            out[f"{how}_resume_s"] = time.perf_counter() - t0
+        finally:
+            for p in procs:
+                p.stop()
+            await etcd.aclose()
+    return out
+
+
+async def stall(env: Env) -> Result:
+    """SIGKILL a worker's sidecar with tasks in flight: time until they run elsewhere."""
+    ks = Keyspace(namespace=env.namespace())
+    lead = SidecarProcess(
+        "lead",
+        env.etcd.endpoint,
+        ks.namespace,
+        env.tmp / f"{ks.namespace}-l.log",
+        lease_ttl_s=5,
+        handler=None,
+    )
+    worker = SidecarProcess(
+        "w", env.etcd.endpoint, ks.namespace, env.tmp / f"{ks.namespace}-w.log", lease_ttl_s=5
+    )
+    etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
+    try:
+        lead.start()
+        await lead.wait_serving()
+        worker.start()
+        await worker.wait_serving()
+        ids = await create_tasks(etcd, ks, 4, work_s=3600)
+        while (
+            await etcd.range(Range(ks.assignments("w"), prefix=True, count_only=True))
+        ).count < 4:
+            await trio.sleep(0.01)
+        async with TaskManager(str(lead.socket_path)) as m:
+            reran: list[float] = []
+
+            def handler(task: WorkerTask) -> None:
+                reran.append(time.perf_counter())
+
+            await m.process(handler, concurrency=4)
+            worker.kill()
+            t0 = time.perf_counter()
+            for tid in ids:
+                await m.get(tid)
+            while len(reran) < 4:
+                await trio.sleep(0.01)
+        return {"rerun_s": min(reran) - t0, "all_rerun_s": max(reran) - t0}
+    finally:
+        lead.stop()
+        worker.stop()
+        await etcd.aclose()
+
+
+async def backlog(env: Env) -> Result:
+    """Throughput and RSS with a large pending backlog; the leader's re-list time."""
+    n = env.scale(100_000, quick=2_000)
+    ks = Keyspace(namespace=env.namespace())
+    etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
+    await create_tasks(etcd, ks, n, work_s=0.0)
+    procs = [
+        SidecarProcess(
+            x,
+            env.etcd.endpoint,
+            ks.namespace,
+            env.tmp / f"{ks.namespace}-{x}.log",
+            lease_ttl_s=5,
+            handler=None,
+        )
+        for x in ("a", "b")
+    ]
+    try:
+        for p in procs:
+            p.start()
+            await p.wait_serving()
+        relist = _relist_s(procs[0].log())
+        async with TaskManager(str(procs[0].socket_path)) as m:
+            done = 0
+
+            async def noop(task: WorkerTask) -> None:
+                nonlocal done
+                done += 1
+
+            await m.process(noop, concurrency=64)
+            window = 5.0 if not env.quick else 1.0
+            await trio.sleep(window)
+            measured = done / window
+        pending = (
+            await etcd.range(Range(ks.state_prefix(State.PENDING), prefix=True, count_only=True))
+        ).count
+        rss = rss_mb(procs[0])
+        # Failover with the backlog: the new leader's listing time.
+        procs[0].kill()
+        with trio.fail_after(60):
+            while "leader view listed" not in procs[1].log():
+                await trio.sleep(0.05)
+        relist_after = _relist_s(procs[1].log())
+    finally:
+        for p in procs:
+            p.stop()
+        await etcd.aclose()
+    return {
+        "backlog": n,
+        "tasks_per_s_with_backlog": measured,
+        "pending_left": pending,
+        "leader_rss_mb": rss,
+        "first_list_s": relist,
+        "relist_after_failover_s": relist_after,
+    }
+
+
+def _relist_s(log: str) -> float | None:
+    """Seconds between 'leading with fence' and 'leader view listed' in a sidecar's log."""
+
+    def ts(line: str) -> float:
+        stamp = line.split(" ", 1)[0].removeprefix("ts=")
+        return time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + float(
+            "0." + stamp[20:23]
+        )
+
+    lines = log.splitlines()
+    starts = [ts(ln) for ln in lines if "leading with fence" in ln]
+    listed = [ts(ln) for ln in lines if "leader view listed" in ln]
+    return listed[-1] - starts[-1] if starts and listed else None
+
+
+def rss_mb(proc: SidecarProcess) -> float:
+    """Resident memory of a sidecar process."""
+    assert proc.proc is not None
+    try:
+        for line in Path(f"/proc/{proc.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+# -- harness ---------------------------------------------------------------------------------
+
+
+class Env:
+    """One etcd, and sidecar processes on demand."""
+
+    def __init__(self, tmp: Path, quick: bool) -> None:
+        self.tmp = tmp
+        self.quick = quick
+        self.etcd = EtcdProcess(data_dir=tmp / "etcd")
+        self._ns = 0
+
+    def scale(self, n: int, quick: int | None = None) -> int:
+        return (quick or max(1, n // 20)) if self.quick else n
+
+    def namespace(self) -> str:
+        self._ns += 1
+        return f"b{self._ns}"
+
+    def sidecars(self, count: int) -> Any:
+        env = self
+
+        class _Ctx:
+            async def __aenter__(self) -> list[SidecarProcess]:
+                ns = env.namespace()
+                self.procs = [
+                    SidecarProcess(
+                        f"n{i}",
+                        env.etcd.endpoint,
+                        ns,
+                        env.tmp / f"{ns}-{i}.log",
+                        lease_ttl_s=5,
+                        handler=None,
+                    )
+                    for i in range(count)
+                ]
+                for p in self.procs:
+                    p.start()
+                    await p.wait_serving()
+                return self.procs
+
+            async def __aexit__(self, *exc: object) -> None:
+                for p in self.procs:
+                    p.stop()
+
+        return _Ctx()
+
+
+SCENARIOS: dict[str, Callable[[Env], Awaitable[Result]]] = {
+    "ceiling": ceiling,
+    "throughput_1": lambda env: throughput(env, 1),
+    "throughput_3": lambda env: throughput(env, 3),
+    "latency": latency,
+    "delays": delays,
+    "failover": failover,
+    "stall": stall,
+    "backlog": backlog,
+}
+
+
+def median_of(runs: list[Result]) -> Result:
+    keys = runs[0].keys()
+    out: Result = {}
+    for k in keys:
+        values = [r[k] for r in runs if isinstance(r.get(k), int | float)]
+        out[k] = statistics.median(values) if values else runs[0][k]
+    return out
+
+
+async def main(args: argparse.Namespace) -> Result:
+    chosen = [s for s in (args.only.split(",") if args.only else SCENARIOS)]
+    results: Result = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    with tempfile.TemporaryDirectory(prefix="tm-bench-") as tmp:
+        env = Env(Path(tmp), args.quick)
+        await trio.to_thread.run_sync(env.etcd.start)
+        results["machine"]["etcd"] = env.etcd.version
+        try:
+            for name in chosen:
+                runs = []
+                for _ in range(1 if args.quick else args.repeat):
+                    runs.append(await SCENARIOS[name](env))
+                results[name] = median_of(runs)
+                print(
+                    f"{name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in results[name].items()),
+                    flush=True,
+                )
+        finally:
+            await trio.to_thread.run_sync(env.etcd.stop)
+    ceil = results.get("ceiling", {}).get("puts_per_s_native_64")
+    for name in ("throughput_1", "throughput_3"):
+        if ceil and name in results:
+            results[name]["ratio_to_put_ceiling_64"] = results[name]["tasks_per_s"] / ceil
+    return results
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="a few seconds: check the harness works")
+    p.add_argument("--only", default="", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
+    p.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is reported)")
+    p.add_argument("--out", default="bench-result.json", help="where to write the JSON")
+    args = p.parse_args(argv)
+    results = trio.run(main, args)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print("\n| scenario | figure | value |\n| --- | --- | --- |")
+    for name, figures in results.items():
+        if name == "machine":
+            continue
+        for k, v in figures.items():
+            print(f"| {name} | {k} | {_fmt(v)} |")
+    print(f"\nmachine: {results['machine']}; JSON in {args.out}")

@@ -1,0 +1,26 @@
+"""The benchmark harness works (the figures themselves come from ``python -m bench``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.procs import ROOT
+
+
+def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "ceiling,latency", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["ceiling"]["puts_per_s_native_64"] > 0
+    assert results["latency"]["start_p50_ms"] > 0
+    assert "| latency | start_p99_ms |" in run.stdout
