@@ -429,3 +429,37 @@ async def test_a_payload_deleted_by_hand_fails_its_task_cleanly(
 
 async def _exists(sc: Sidecar, key: str) -> bool:
     return await sc.etcd.get(key) is not None
+
+
+async def test_listing_a_large_backlog_does_not_block_the_event_loop(
+    etcd_server: EtcdProcess, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Parsing tens of thousands of pending tasks takes seconds of CPU: it must not hold
+    the event loop (it once did, and with a backlog the leader lost its lease in a loop)."""
+    from tests.procs import create_tasks
+
+    ks = Keyspace(namespace=namespace)
+    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    await create_tasks(etcd, ks, 30_000, work_s=0.0)
+    await etcd.aclose()
+    longest_gap = 0.0
+
+    async def heartbeat() -> None:
+        nonlocal longest_gap
+        last = trio.current_time()
+        while True:
+            await trio.sleep(0.02)
+            now = trio.current_time()
+            longest_gap = max(longest_gap, now - last)
+            last = now
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeat)
+        async with running_sidecars(etcd_server.endpoint, namespace, "n1", lease_ttl_s=2) as (sc,):
+            await wait_for(lambda: sc.leader.view is not None, timeout_s=60)
+            assert sc.leader.view is not None
+            assert len(sc.leader.view.pending) == 30_000
+            assert sc.is_leader
+        nursery.cancel_scope.cancel()
+    assert longest_gap < 0.5, f"the event loop was blocked for {longest_gap:.2f} s"
+    assert "session lost" not in caplog.text

@@ -74,7 +74,11 @@ async def run_leader(
         async with aclosing(stream) as _items:
             async for item in _items:
                 if isinstance(item, Reset):
-                    state.view = LeaderView.from_listing(ks, item.kvs, item.revision)
+                    # Parsing a large backlog takes seconds of CPU: off the event loop, so
+                    # that keep-alives (and everything else) go on meanwhile.
+                    state.view = await trio.to_thread.run_sync(
+                        LeaderView.from_listing, ks, item.kvs, item.revision
+                    )
                     log.info(
                         "leader view listed revision=%d pending=%d delayed=%d processing=%d "
                         "nodes=%d",

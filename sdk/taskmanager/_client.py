@@ -551,7 +551,8 @@ class TaskManager:
             if worker is not None:
                 new_scope = anyio.CancelScope()
                 self._deliveries[frame["delivery"]] = new_scope
-                self._idle = anyio.Event()
+                if self._idle.is_set():
+                    self._idle = anyio.Event()  # busy now; set again when the last one ends
                 self._tg.start_soon(self._run, worker, frame["delivery"], frame["task"], new_scope)
         elif kind == "cancel":
             scope = self._deliveries.get(frame["delivery"])
