@@ -219,3 +219,26 @@ def test_requests_before_hello_and_bad_versions_are_refused(sidecar: SidecarProc
     assert raw.call("hello", version=99)["error"]["code"] == "invalid_request"
     assert raw.call("hello", version=1)["ok"]
     raw.close()
+
+
+def test_frames_that_once_crashed_the_sidecar_are_refused(sidecar: SidecarProcess) -> None:
+    raw = hello(sidecar.socket_path)
+    # Numbers JSON allows but int() does not; and nesting deeper than the parser goes.
+    for text in (
+        b'{"id": 2, "op": "unsubscribe", "subscription": 1e400}',
+        b'{"id": 3, "op": "unregister", "worker": Infinity}',
+        b'{"id": 4, "op": "progress", "delivery": -Infinity, "data": 1}',
+    ):
+        raw.send(text + b"\n")
+        answer = raw.frame()
+        assert answer is not None
+        assert answer["ok"] is False
+    raw.send(b"[" * 100_000 + b"\n")
+    closing = raw.frame()
+    assert closing is not None
+    assert closing["error"]["code"] == "protocol_violation"
+    raw.close()
+    again = hello(sidecar.socket_path)
+    assert again.call("hello", version=1)["error"]["code"] == "invalid_request"  # one hello
+    again.close()
+    assert_healthy(sidecar)

@@ -367,3 +367,30 @@ async def test_blocking_facade_and_socket_permissions(
             assert await trio.to_thread.run_sync(blocking_producer) == 42
         assert "client connected pid=" in sc.log()
         assert f"uid={os.getuid()}" in sc.log()
+
+
+async def test_callbacks_may_call_the_manager_and_sync_handlers_do_not_block(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    async with (
+        sidecars(etcd_server, namespace, tmp_path, "n1") as (sc,),
+        TaskManager(str(sc.socket_path)) as manager,
+    ):
+
+        def blocking_handler(task: WorkerTask) -> str:
+            time.sleep(0.2)  # a plain function may block: it runs in a thread
+            return "slept"
+
+        await manager.process(blocking_handler, concurrency=2)
+        statuses: list[dict[str, Any]] = []
+        done = trio.Event()
+
+        async def on_success(result: Any) -> None:
+            statuses.append(await manager.status())  # a request from inside a callback
+            done.set()
+
+        task = await (await manager.create({})).on("success", on_success).commit()
+        with trio.fail_after(10):
+            assert await task.result() == "slept"
+            await done.wait()
+        assert statuses[0]["node"] == "n1"

@@ -88,6 +88,7 @@ class Connection:
     deliveries: dict[int, _Delivery] = attrs.Factory(dict)
     subscriptions: dict[int, trio.CancelScope] = attrs.Factory(dict)
     written: trio.Event = attrs.Factory(trio.Event)
+    closed: bool = False
 
     def push(self, frame: dict[str, Any]) -> None:
         """Queue a frame; a client that does not read is dropped rather than waited for."""
@@ -96,6 +97,8 @@ class Connection:
         except trio.WouldBlock:
             log.warning("client %s is not reading: dropping it", self.peer)
             self.outbox_send.close()
+            if self.nursery is not None:
+                self.nursery.cancel_scope.cancel()
         except trio.ClosedResourceError:
             pass
 
@@ -111,10 +114,12 @@ class SocketServer:
     settings: ServerSettings
     connections: set[Connection] = attrs.Factory(set)
     accepting: bool = True
+    _inode: int | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ready once the socket accepts connections."""
         sock = await _bind(self.settings)
+        self._inode = os.stat(self.settings.path).st_ino
         listener = trio.SocketListener(sock)
         log.info("serving %s mode=%o", self.settings.path, self.settings.mode)
         try:
@@ -126,49 +131,57 @@ class SocketServer:
         finally:
             with trio.move_on_after(1, shield=True):
                 await listener.aclose()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.settings.path)
+            self._unlink()
 
     def stop_accepting(self) -> None:
         """New connections are refused from now on (existing ones go on)."""
         self.accepting = False
+        self._unlink()
+
+    def _unlink(self) -> None:
+        # Only the socket we bound: a successor may already serve this path.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.settings.path)
+            if self._inode is not None and os.stat(self.settings.path).st_ino == self._inode:
+                os.unlink(self.settings.path)
+                self._inode = None
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         peer = _peer(stream)
         uid = _peer_uid(stream)
-        allowed = self.settings.allowed_uids
         send, receive = trio.open_memory_channel[bytes](OUTBOX)
         conn = Connection(self, stream, peer, send, receive)
         log.info("client connected %s", peer)
         self.connections.add(conn)
         try:
-            async with trio.open_nursery() as nursery:
-                conn.nursery = nursery
-                nursery.start_soon(self._write, conn)
-                if allowed is not None and uid not in allowed:
-                    conn.push(_error(None, ProtocolViolation(f"uid {uid} is not allowed")))
-                    conn.outbox_send.close()
-                    return
-                try:
-                    await self._read(conn)
-                except _Closed:
-                    pass
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                # Let the last frames (an error, say) reach the client, briefly.
-                conn.outbox_send.close()
-                with trio.move_on_after(1):
-                    await conn.written.wait()
-                nursery.cancel_scope.cancel()
+            await self._serve_connection(conn, uid)
+        except Exception:
+            # A bug in serving one client must not take the others (or the sidecar) down.
+            log.exception("client %s: connection failed", peer)
         finally:
             self._dropped(conn)
             with trio.move_on_after(1, shield=True):
                 await stream.aclose()
             log.info("client disconnected %s", peer)
 
+    async def _serve_connection(self, conn: Connection, uid: int) -> None:
+        allowed = self.settings.allowed_uids
+        async with trio.open_nursery() as nursery:
+            conn.nursery = nursery
+            nursery.start_soon(self._write, conn)
+            if allowed is not None and uid not in allowed:
+                conn.push(_error(None, ProtocolViolation(f"uid {uid} is not allowed")))
+                conn.outbox_send.close()
+                return
+            with contextlib.suppress(_Closed, trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._read(conn)
+            # Let the last frames (an error, say) reach the client, briefly.
+            conn.outbox_send.close()
+            with trio.move_on_after(1):
+                await conn.written.wait()
+            nursery.cancel_scope.cancel()
+
     def _dropped(self, conn: Connection) -> None:
+        conn.closed = True
         self.connections.discard(conn)
         for reg in conn.registrations.values():
             reg.close()
@@ -218,7 +231,7 @@ class SocketServer:
                 continue
             try:
                 frame = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 conn.push(_error(None, ProtocolViolation(f"a frame is not JSON ({exc}): closing")))
                 raise _Closed from exc
             if not isinstance(frame, dict):
@@ -249,14 +262,19 @@ class SocketServer:
             result = await handler(self, conn, frame)
         except TaskManagerError as exc:
             conn.push(_error(rid, exc))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             conn.push(_error(rid, InvalidRequest(f"bad {frame.get('op')} request: {exc}")))
+        except Exception as exc:
+            log.exception("op %r failed", frame.get("op"))
+            conn.push(_error(rid, TaskManagerError(f"internal error: {type(exc).__name__}")))
         else:
             conn.push({"id": rid, "ok": True, "result": result})
 
     # -- operations ----------------------------------------------------------------------
 
     async def op_hello(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        if conn.hello:
+            raise InvalidRequest("hello was already said on this connection")
         version = frame.get("version")
         if version != PROTOCOL_VERSION:
             raise InvalidRequest(
@@ -364,6 +382,13 @@ class SocketServer:
         return reg is not None
 
     async def _deliver(self, conn: Connection, wid: int, ctx: TaskContext) -> JSON:
+        if conn.closed or wid not in conn.registrations:
+            # The worker left between the assignment and now: fail the attempt at once.
+            raise HandlerFailed(
+                TaskError(
+                    type="WorkerDisconnected", message="the worker left before the task reached it"
+                )
+            )
         delivery = _Delivery(next(_ids), ctx)
         conn.deliveries[delivery.id] = delivery
         try:

@@ -380,6 +380,14 @@ class Sidecar:
 
     async def get(self, task_id: TaskId) -> TaskInfo:
         """The task and where it stands (linearizable reads of its own keys)."""
+        for _ in range(3):
+            info = await self._get_once(task_id)
+            if info.state is not None:
+                return info
+            # It moved between the two reads (from processing, say): look again.
+        return info
+
+    async def _get_once(self, task_id: TaskId) -> TaskInfo:
         # One read for the task and the states a task id alone names.
         states = (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED)
         read = Txn(

@@ -17,7 +17,7 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -52,6 +52,11 @@ def default_socket() -> str:
 
 def _new_task_id() -> str:
     return f"{int(time.time() * 1000):012x}-{random.getrandbits(48):012x}"
+
+
+async def _call_all(calls: list[tuple[Callback, tuple[Any, ...]]]) -> None:
+    for callback, args in calls:
+        await _call(callback, *args)
 
 
 async def _call(callback: Callback, *args: Any) -> None:
@@ -163,7 +168,11 @@ class Task:
         }
         if self.run_at is not None:
             request["run_at"] = self.run_at
-        await self.manager._request("create", request, idempotent=True)
+        try:
+            await self.manager._request("create", request, idempotent=True)
+        except BaseException:
+            self.manager._untrack(self)
+            raise
         self.committed = True
         return self
 
@@ -219,14 +228,17 @@ class Task:
             args = (event.get("error"), event.get("will_retry", False))
             if not event.get("will_retry"):
                 self.state, self.error, final = "failed", event.get("error"), "failure"
-        for callback in self._callbacks.get(kind, []):
-            await _call(callback, *args)
+        # Callbacks run as tasks of their own, in order: one that awaits a request (or
+        # blocks) must not stall the connection's reader.
+        calls: list[tuple[Callback, tuple[Any, ...]]] = [
+            (cb, args) for cb in self._callbacks.get(kind, [])
+        ]
         if final == "success":
-            for callback in self._callbacks.get("success", []):
-                await _call(callback, self.result_value)
+            calls += [(cb, (self.result_value,)) for cb in self._callbacks.get("success", [])]
         elif final == "failure":
-            for callback in self._callbacks.get("failure", []):
-                await _call(callback, self.error)
+            calls += [(cb, (self.error,)) for cb in self._callbacks.get("failure", [])]
+        if calls:
+            self.manager._spawn(_call_all, calls)
         if final is not None:
             self._final.set()
             self.manager._untrack(self)
@@ -298,6 +310,8 @@ class TaskManager:
         self._tasks: dict[str, Task] = {}
         self._task_subs: dict[int, str] = {}
         self._all_sub: int | None = None
+        self._subscribing_all = False
+        self._early: dict[int, list[dict[str, Any]]] = {}
         self._callbacks: dict[str, list[Callback]] = {}
         self._workers: dict[int, Worker] = {}
         self._worker_list: list[Worker] = []
@@ -421,14 +435,25 @@ class TaskManager:
         self._all_sub = None
         for worker in self._worker_list:
             if not worker.closed:
-                await self._register(worker)
+                try:
+                    await self._register(worker)
+                except TaskManagerError as exc:
+                    log.error("worker %r could not register again: %s", worker, exc)
         for task in list(self._tasks.values()):
-            sub = await self._send_request("subscribe", {"task_id": task.id})
+            try:
+                sub = await self._send_request("subscribe", {"task_id": task.id})
+            except TaskManagerError as exc:
+                log.error("task %s: could not subscribe again: %s", task.id, exc)
+                continue
             self._task_subs[sub["subscription"]] = task.id
             assert self._tg is not None
             self._tg.start_soon(self._recheck, task)
         if self._callbacks:
-            self._all_sub = (await self._send_request("subscribe", {}))["subscription"]
+            self._subscribing_all = True
+            try:
+                self._all_sub = (await self._send_request("subscribe", {}))["subscription"]
+            finally:
+                self._subscribing_all = False
 
     async def _recheck(self, task: Task) -> None:
         # Events may have been missed while disconnected: the outcome is in etcd.
@@ -495,6 +520,8 @@ class TaskManager:
         frame = json.dumps({"id": rid, "op": op, **fields}, separators=(",", ":"), allow_nan=False)
         try:
             async with self._send_lock:
+                if self._stream is None:
+                    raise ConnectionLost("not connected")
                 await self._stream.send(frame.encode() + b"\n")
             await event.wait()
         finally:
@@ -548,7 +575,10 @@ class TaskManager:
                     self._tg.start_soon(_call, callback, event)
         elif kind == "task":
             worker = self._workers.get(frame["worker"])
-            if worker is not None:
+            if worker is None:
+                # The push can overtake the register reply: keep it for the worker.
+                self._early.setdefault(frame["worker"], []).append(frame)
+            else:
                 new_scope = anyio.CancelScope()
                 self._deliveries[frame["delivery"]] = new_scope
                 if self._idle.is_set():
@@ -569,6 +599,8 @@ class TaskManager:
         )
         worker.id, worker.node = answer["worker"], answer.get("node")
         self._workers[answer["worker"]] = worker
+        for frame in self._early.pop(answer["worker"], []):
+            await self._dispatch(frame)
 
     async def _run(
         self, worker: Worker, delivery: int, frame: dict[str, Any], scope: anyio.CancelScope
@@ -578,9 +610,15 @@ class TaskManager:
         try:
             with scope:
                 try:
-                    value = worker.handler(task)
-                    if inspect.isawaitable(value):
-                        value = await value
+                    if inspect.iscoroutinefunction(worker.handler):
+                        value = await worker.handler(task)
+                    else:
+                        # A plain function would block the event loop: run it in a thread.
+                        value = await anyio.to_thread.run_sync(
+                            worker.handler, task, abandon_on_cancel=True
+                        )
+                        if inspect.isawaitable(value):
+                            value = await value
                     outcome = ("complete", {"delivery": delivery, "result": value})
                 except Exception as exc:
                     permanent = isinstance(exc, Permanent) or isinstance(exc.__cause__, Permanent)
@@ -639,8 +677,8 @@ class TaskManager:
         """
         await self._ensure_started()
         worker = Worker(self, handler, queue, concurrency)
-        self._worker_list.append(worker)
         await self._register(worker)
+        self._worker_list.append(worker)  # registered again after a reconnect
         return worker
 
     def on(self, event: str, callback: Callback) -> TaskManager:
@@ -654,8 +692,15 @@ class TaskManager:
         return self
 
     async def _subscribe_all(self) -> None:
-        if self._all_sub is None:
+        if self._all_sub is not None or self._subscribing_all:
+            while self._subscribing_all:  # noqa: ASYNC110 - brief, rare, bounded by one request
+                await anyio.sleep(0.01)
+            return
+        self._subscribing_all = True
+        try:
             self._all_sub = (await self._request("subscribe", {}))["subscription"]
+        finally:
+            self._subscribing_all = False
 
     async def wait_subscribed(self) -> None:
         """Return once manager-level callbacks receive events (after :meth:`on`)."""
@@ -693,6 +738,10 @@ class TaskManager:
                 del self._task_subs[sid]
                 if self._tg is not None and self._connected.is_set():
                     self._tg.start_soon(self._unsubscribe, sid)
+
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        if self._tg is not None:
+            self._tg.start_soon(fn, *args)
 
     async def _unsubscribe(self, sid: int) -> None:
         with contextlib.suppress(TaskManagerError):
