@@ -33,6 +33,7 @@ from .core import (
     TaskSpec,
     after_failure,
     dumps,
+    parse_record,
     plan_move,
     plan_update,
     succeeded,
@@ -182,7 +183,7 @@ async def run_agent(
             parsed = ks.parse(kv.key)
             if parsed is None or parsed.task_id is None:
                 return
-            record = Record.from_json(State.PROCESSING, kv.value)
+            record = parse_record(State.PROCESSING, kv.value)
             if record.session != session.lease:
                 return  # an earlier incarnation's: the leader reaps it
             known = state.running.get(parsed.task_id)

@@ -3,7 +3,17 @@
 from ._events import EVENT_KINDS, TaskEvent, event_from_change
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
 from ._leader import Batch, Decision, LeaderPolicy, LeaderView
-from ._model import JSON, Backoff, NodeInfo, Record, TaskError, TaskOptions, TaskSpec, dumps
+from ._model import (
+    JSON,
+    Backoff,
+    NodeInfo,
+    Record,
+    TaskError,
+    TaskOptions,
+    TaskSpec,
+    dumps,
+    parse_record,
+)
 from ._plan import (
     ASSIGN_BATCH,
     REAP_BATCH,
@@ -81,6 +91,7 @@ __all__ = [
     "event_from_change",
     "initial_record",
     "make_task_id",
+    "parse_record",
     "plan_batch",
     "plan_create",
     "plan_move",

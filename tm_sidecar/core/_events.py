@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 
 from ._keys import Keyspace, NodeId, State, TaskId
-from ._model import JSON, Record, TaskError
+from ._model import JSON, TaskError, parse_record
 from ._txn import WatchEvent
 
 #: The events an application can subscribe to.
@@ -51,7 +51,7 @@ def event_from_change(ks: Keyspace, change: WatchEvent) -> TaskEvent | None:
     parsed = ks.parse(change.kv.key)
     if parsed is None or parsed.kind != "state" or parsed.task_id is None or parsed.state is None:
         return None
-    record = Record.from_json(parsed.state, change.kv.value)
+    record = parse_record(parsed.state, change.kv.value)
     tid, rev = parsed.task_id, change.kv.mod_revision
     state = parsed.state
     if state in (State.PENDING, State.DELAYED):
@@ -69,7 +69,7 @@ def event_from_change(ks: Keyspace, change: WatchEvent) -> TaskEvent | None:
         return None
     if state is State.PROCESSING:
         prev = (
-            Record.from_json(State.PROCESSING, change.prev.value)
+            parse_record(State.PROCESSING, change.prev.value)
             if change.prev is not None and change.prev.create_revision == change.kv.create_revision
             else None
         )

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import attrs
 
 from ._keys import Keyspace, NodeId, State, TaskId
-from ._model import NodeInfo, Record, TaskError
+from ._model import NodeInfo, Record, TaskError, parse_record
 from ._plan import ASSIGN_BATCH, REAP_BATCH, Slot
 from ._policy import after_failure, assigned, promoted
 from ._txn import KeyValue, WatchEvent
@@ -111,7 +111,7 @@ class LeaderView:
             return
         if parsed.kind != "state" or parsed.task_id is None or parsed.state is None:
             return
-        tid, record = parsed.task_id, Record.from_json(parsed.state, kv.value)
+        tid, record = parsed.task_id, parse_record(parsed.state, kv.value)
         slot = Slot(tid, kv.key, kv.create_revision, kv.mod_revision, record)
         if parsed.state is State.PENDING:
             fresh = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any
@@ -270,6 +271,13 @@ class NodeInfo:
             version=str(obj.get("version", "")),
             started_at=float(obj.get("started_at", 0.0)),
         )
+
+
+@functools.lru_cache(maxsize=8192)
+def parse_record(state: State, text: str) -> Record:
+    """``Record.from_json``, remembered: the leader, the agent and the event hub of one
+    sidecar each see every change, and parsing is most of what a change costs them."""
+    return Record.from_json(state, text)
 
 
 def _opt_float(value: JSON) -> float | None:
