@@ -394,3 +394,22 @@ async def test_callbacks_may_call_the_manager_and_sync_handlers_do_not_block(
             assert await task.result() == "slept"
             await done.wait()
         assert statuses[0]["node"] == "n1"
+
+
+async def test_a_handler_may_shut_its_manager_down(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    async with sidecars(etcd_server, namespace, tmp_path, "n1") as (sc,):
+        worker = TaskManager(str(sc.socket_path))
+        stopped = trio.Event()
+
+        async def last_task(task: WorkerTask) -> None:
+            await worker.shutdown(timeout=30)  # it does not wait for this very handler
+            stopped.set()
+
+        await worker.process(last_task)
+        async with TaskManager(str(sc.socket_path)) as producer:
+            await (await producer.create({})).commit()
+            with trio.fail_after(10):  # far less than the 30 s timeout
+                await stopped.wait()
+        assert worker._closing

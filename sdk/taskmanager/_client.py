@@ -9,6 +9,7 @@ etcd, so a result being waited for still arrives after a reconnect.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import itertools
 import json
@@ -311,6 +312,7 @@ class TaskManager:
         self._task_subs: dict[int, str] = {}
         self._all_sub: int | None = None
         self._subscribing_all = False
+        self._shutting_down = False
         self._early: dict[int, list[dict[str, Any]]] = {}
         self._callbacks: dict[str, list[Callback]] = {}
         self._workers: dict[int, Worker] = {}
@@ -463,17 +465,26 @@ class TaskManager:
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking tasks, let running handlers finish within ``timeout`` seconds, hand
-        back what could not finish (so that it is retried at once), then disconnect."""
-        if self._closing:
+        back what could not finish (so that it is retried at once), then disconnect.
+
+        A handler may call it: its own task is not waited for (it ends with the manager).
+        """
+        if self._closing or self._shutting_down:
             return
+        self._shutting_down = True
+        mine = _DELIVERY.get()
         if self._started and self._connected.is_set():
             for worker in self._worker_list:
                 if not worker.closed:
                     with anyio.move_on_after(5):
                         await worker.close()
             with anyio.move_on_after(timeout):
-                await self._idle.wait()
+                while any(d != mine for d in self._deliveries):
+                    with anyio.move_on_after(0.05):
+                        await self._idle.wait()
             for delivery, scope in list(self._deliveries.items()):
+                if delivery == mine:
+                    continue
                 scope.cancel()
                 with anyio.move_on_after(2):
                     await self._report_failure(
@@ -487,8 +498,9 @@ class TaskManager:
         self._closing = True
         if self._scope is not None:
             self._scope.cancel()
-            with anyio.move_on_after(5):
-                await self._stopped.wait()
+            if mine is None:
+                with anyio.move_on_after(5):
+                    await self._stopped.wait()
 
     # -- framing -----------------------------------------------------------------------------
 
@@ -606,6 +618,7 @@ class TaskManager:
         self, worker: Worker, delivery: int, frame: dict[str, Any], scope: anyio.CancelScope
     ) -> None:
         task = WorkerTask(self, delivery, frame)
+        _DELIVERY.set(delivery)
         outcome: tuple[str, Any] | None = None
         try:
             with scope:
@@ -749,6 +762,11 @@ class TaskManager:
 
 
 DefaultTaskManager = TaskManager
+
+#: The delivery a handler task is running (so that shutdown() from a handler knows).
+_DELIVERY: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "taskmanager_delivery", default=None
+)
 
 
 _detached: set[Any] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 from datetime import datetime
 from typing import Any
 
@@ -64,6 +65,9 @@ class BlockingTaskManager:
         self._portal_cm = start_blocking_portal(backend)
         self._portal = self._portal_cm.__enter__()
         self._manager = TaskManager(socket_path)
+        self._closed = False
+        # The portal's thread would keep the interpreter from exiting: close at exit.
+        atexit.register(self.close)
 
     def create(self, data: Any) -> BlockingTask:
         """A new task; set options, then ``commit()``."""
@@ -74,7 +78,11 @@ class BlockingTaskManager:
         return self._portal.call(self._manager.get, task_id)
 
     def close(self) -> None:
-        """Disconnect and stop the background event loop."""
+        """Disconnect and stop the background event loop (once; also at exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
         try:
             self._portal.call(self._manager.shutdown)
         finally:
