@@ -21,6 +21,7 @@ from ._agent import Handler, Permanent, TaskContext
 from ._embedded import EmbeddedEtcdError, EtcdProcess
 from ._etcd import Etcd, EtcdConfig
 from ._log import setup_logging
+from ._notify import Notifier
 from ._server import ServerSettings, SocketServer
 from ._sidecar import Sidecar, SidecarSettings
 from .core import NodeId, TaskEvent, TaskOptions, check_name
@@ -301,6 +302,7 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
     )
     etcd = Etcd(cfg)
     sidecar = Sidecar(etcd, settings)
+    notifier = Notifier()
     exit_code = 0
     try:
         Path(args.socket).parent.mkdir(parents=True, exist_ok=True)
@@ -321,6 +323,9 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
                 ),
             )
             await nursery.start(server.run)
+            notifier.send("READY=1", f"STATUS={_status_line(sidecar)}")
+            nursery.start_soon(notifier.keep_watchdog)
+            nursery.start_soon(_keep_status, notifier, sidecar)
             for spec in args.handler:
                 queue, func = load_handler(spec)
                 sidecar.register(func, queue=queue, concurrency=args.concurrency)
@@ -338,6 +343,7 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
                         signal.Signals(signum).name,
                         args.drain_timeout,
                     )
+                    notifier.send("STOPPING=1", "STATUS=draining")
                     server.stop_accepting()
                     idle = await sidecar.drain(args.drain_timeout)
                     if not idle:
@@ -357,12 +363,32 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
 
                 nursery.start_soon(demo)
     finally:
+        notifier.send("STOPPING=1")
+        notifier.close()
         with trio.CancelScope(shield=True):
             await etcd.aclose()
             if embedded is not None:
                 await trio.to_thread.run_sync(embedded.stop)
     log.info("stopped")
     return exit_code
+
+
+def _status_line(sidecar: Sidecar) -> str:
+    role = "leader" if sidecar.is_leader else "follower"
+    view = sidecar.leader.view
+    depth = ""
+    if view is not None:
+        d = view.depth()
+        depth = f", pending {d['pending']}, delayed {d['delayed']}, processing {d['processing']}"
+    return f"{role}, running {len(sidecar.agent.running)}{depth}"
+
+
+async def _keep_status(notifier: Notifier, sidecar: Sidecar) -> None:
+    """A STATUS= line for systemctl status: on role changes, and every few seconds."""
+    while True:
+        with trio.move_on_after(5):
+            await sidecar.role_changed.wait()
+        notifier.send(f"STATUS={_status_line(sidecar)}")
 
 
 def _socket_served(path: str) -> bool:

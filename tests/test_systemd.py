@@ -1,0 +1,73 @@
+"""The sidecar speaks systemd's notify protocol: READY, STATUS, WATCHDOG, STOPPING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar._notify import Notifier
+
+
+def test_without_notify_socket_nothing_is_sent() -> None:
+    notifier = Notifier({})
+    notifier.send("READY=1")  # no socket: a no-op, not an error
+    assert notifier.address is None
+    assert notifier.watchdog_s is None
+
+
+def test_notify_messages_over_a_real_datagram_socket(
+    etcd_server: EtcdProcess, tmp_path: Path
+) -> None:
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(20)
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(path),
+        "WATCHDOG_USEC": "400000",
+        "PYTHONPATH": str(Path.cwd()),
+    }
+    args = [
+        "--etcd",
+        etcd_server.endpoint,
+        "--socket",
+        str(tmp_path / "tm.sock"),
+        "--namespace",
+        "sd",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tm_sidecar", *args], env=env, stderr=subprocess.PIPE
+    )
+    received: list[str] = []
+
+    def until(word: str) -> None:
+        deadline = time.monotonic() + 20
+        while not any(word in m for m in received):
+            assert time.monotonic() < deadline, received
+            received.extend(listener.recv(4096).decode().splitlines())
+
+    try:
+        until("READY=1")
+        until("WATCHDOG=1")
+        watchdogs = sum(m == "WATCHDOG=1" for m in received)
+        until("STATUS=")
+        proc.send_signal(signal.SIGTERM)
+        until("STOPPING=1")
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+        listener.close()
+    assert watchdogs >= 1
+    status = next(m for m in received if m.startswith("STATUS="))
+    assert "leader" in status or "follower" in status
