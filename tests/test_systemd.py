@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,3 +72,17 @@ def test_notify_messages_over_a_real_datagram_socket(
     assert watchdogs >= 1
     status = next(m for m in received if m.startswith("STATUS="))
     assert "leader" in status or "follower" in status
+
+
+def test_the_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None, "systemd-analyze is missing: .ci/run installs Debian's systemd"
+    unit = (Path(__file__).parent.parent / "systemd" / "tm-sidecar.service").read_text()
+    # Point ExecStart at this environment's tm-sidecar, which verify checks exists.
+    binary = Path(sys.executable).parent / "tm-sidecar"
+    unit = unit.replace("/opt/tm-sidecar/bin/tm-sidecar", str(binary))
+    path = tmp_path / "tm-sidecar.service"
+    path.write_text(unit)
+    run = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "tm-sidecar.service" not in run.stderr, run.stderr  # no warning about our unit
