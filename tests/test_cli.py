@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -120,3 +121,38 @@ async def test_sidecar_against_an_external_etcd_exits_0_on_sigterm(
     assert "stopped" in err
     # Its session was revoked on the way out: no trace of it stays registered.
     assert "revoked" in err
+
+
+def test_config_file_environment_and_flags_in_that_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tm_sidecar._cli import effective_config, parse_args
+
+    config = tmp_path / "tm.toml"
+    config.write_text(
+        'namespace = "from-file"\nnode_id = "file-node"\nlease_ttl = 7\netcd_password = "hunter2"\n'
+    )
+    monkeypatch.setenv("TM_NODE_ID", "env-node")
+    args = parse_args(["--config", str(config), "--lease-ttl", "9"])
+    assert args.namespace == "from-file"  # only the file sets it
+    assert args.node_id == "env-node"  # the environment wins over the file
+    assert args.lease_ttl == 9  # the flag wins over both
+    shown = effective_config(args)
+    assert shown["etcd_password"] == "***"
+    assert "hunter2" not in json.dumps(shown)
+
+
+def test_unknown_settings_in_the_file_are_refused_by_name(tmp_path: Path) -> None:
+    config = tmp_path / "tm.toml"
+    config.write_text("lease_tll = 3\n")
+    run = _run(["--config", str(config), "--print-config"], tmp_path)
+    assert run.returncode != 0
+    assert "unknown setting 'lease_tll'" in run.stderr
+
+
+def test_print_config_masks_secrets(tmp_path: Path) -> None:
+    run = _run(["--print-config", "--etcd-password", "s3cret"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert shown["etcd_password"] == "***"
+    assert "s3cret" not in run.stdout

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("logfmt", "json"),
         default=env("TM_LOG_FORMAT", "logfmt"),
         help="one line per event, as logfmt or JSON [TM_LOG_FORMAT]",
+    )
+    p.add_argument(
+        "--config",
+        default=env("TM_CONFIG"),
+        help='a TOML file of settings named like the options (etcd = "...", lease_ttl = 5); '
+        "flags win over the environment, which wins over the file [TM_CONFIG]",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective settings (secrets masked) and exit",
     )
     p.add_argument("--version", action="version", version=f"tm-sidecar {__version__}")
     return p
@@ -410,9 +422,51 @@ async def amain_with_signals(args: argparse.Namespace) -> int:
         return await amain(args, signals)
 
 
+SECRET_SETTINGS = {"etcd_password"}
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
+) -> argparse.Namespace:
+    """Flags, then environment variables, then the TOML file, then defaults."""
+    env = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            parser.error(f"--config {args.config}: {exc}")
+        known = {a.dest: a for a in parser._actions}
+        for key, value in table.items():
+            dest = key.replace("-", "_")
+            if dest not in known or dest in {"help", "version", "config", "print_config"}:
+                parser.error(f"--config {args.config}: unknown setting {key!r}")
+            variable = _ENV.get(dest)
+            if variable and env.get(variable) is not None:
+                continue  # the environment wins over the file
+            parser.set_defaults(**{dest: value})
+        args = parser.parse_args(argv)  # flags still win over both
+    return args
+
+
+def effective_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings in force, secrets masked."""
+    shown = {}
+    for key, value in sorted(vars(args).items()):
+        if key == "print_config":
+            continue
+        shown[key] = "***" if key in SECRET_SETTINGS and value else value
+    return shown
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    if args.print_config:
+        print(json.dumps(effective_config(args), indent=2, default=str))
+        return
     setup_logging(args.log_level, args.log_format)
     if args.lease_ttl < 2:
         raise SystemExit("--lease-ttl must be at least 2 seconds (etcd's minimum)")
