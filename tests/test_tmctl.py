@@ -1,0 +1,124 @@
+"""tmctl against a real etcd: status, ls, show, retry, cancel, purge, leader, --json."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from proptests.backends import GatewayEtcd
+from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar._tmctl import main
+from tm_sidecar.core import (
+    Keyspace,
+    NodeId,
+    NodeInfo,
+    Put,
+    Record,
+    State,
+    TaskError,
+    TaskId,
+    TaskOptions,
+    TaskSpec,
+    Txn,
+    initial_record,
+    plan_create,
+)
+
+
+def tmctl(
+    capsys: pytest.CaptureFixture[str], endpoint: str, ns: str, *args: str
+) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--etcd", endpoint, "--namespace", ns, *args])
+    return int(exit_.value.code or 0), capsys.readouterr().out
+
+
+def seed(db: GatewayEtcd, ks: Keyspace) -> None:
+    now = time.time()
+    for i in range(3):
+        spec = TaskSpec(id=TaskId(f"t{i}"), payload={"i": i}, options=TaskOptions(), created_at=now)
+        rec = initial_record(
+            Record(state=State.PENDING, options=spec.options, since_at=now), now=now, run_at=None
+        )
+        assert db.txn(plan_create(ks, spec, rec)).succeeded
+    # t2 has failed for good
+    failed = Record(
+        state=State.FAILED, attempts=3, since_at=now, error=TaskError(type="Boom", message="x")
+    )
+    db.call("/kv/deleterange", {"key": _b64(ks.state(State.PENDING, TaskId("t2")))})
+    db.txn(Txn(success=(Put(ks.state(State.FAILED, TaskId("t2")), failed.to_json()),)))
+    node = NodeInfo(id=NodeId("web-1"), session=1, capacity={"default": 4}, host="h", pid=42)
+    db.txn(
+        Txn(
+            success=(
+                Put(ks.node("web-1"), node.to_json()),
+                Put(ks.candidate(1), '{"node":"web-1"}'),
+            )
+        )
+    )
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_tmctl_reads_and_repairs(
+    etcd_server: EtcdProcess, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ep, ks = etcd_server.endpoint, Keyspace(namespace=namespace)
+    seed(GatewayEtcd(ep), ks)
+
+    code, out = tmctl(capsys, ep, namespace, "--json", "status")
+    status = json.loads(out)
+    assert code == 0
+    assert status["depths"]["pending"] == 2
+    assert status["depths"]["failed"] == 1
+    assert status["leader"] == "web-1"
+    assert status["nodes"][0]["capacity"] == {"default": 4}
+
+    code, out = tmctl(capsys, ep, namespace, "status")
+    assert "pending=2" in out
+    assert "web-1" in out
+
+    code, out = tmctl(capsys, ep, namespace, "ls", "pending")
+    assert "t0" in out
+    assert "t1" in out
+
+    code, out = tmctl(capsys, ep, namespace, "--json", "show", "t2")
+    shown = json.loads(out)
+    assert (shown["state"], shown["payload"], shown["record"]["error"]["type"]) == (
+        "failed",
+        {"i": 2},
+        "Boom",
+    )
+
+    assert tmctl(capsys, ep, namespace, "retry", "t2")[0] == 0
+    code, out = tmctl(capsys, ep, namespace, "--json", "show", "t2")
+    assert json.loads(out)["state"] == "pending"
+    assert json.loads(out)["record"]["attempts"] == 0
+
+    assert tmctl(capsys, ep, namespace, "cancel", "t0")[0] == 0
+    code, out = tmctl(capsys, ep, namespace, "--json", "show", "t0")
+    assert json.loads(out)["record"]["error"]["type"] == "Cancelled"
+    assert tmctl(capsys, ep, namespace, "cancel", "t0")[0] == 1  # already failed
+
+    code, out = tmctl(capsys, ep, namespace, "--json", "purge", "failed")
+    assert json.loads(out) == {"purged": 1}
+    assert tmctl(capsys, ep, namespace, "show", "t0")[0] == 1  # gone, payload too
+
+    code, out = tmctl(capsys, ep, namespace, "leader")
+    assert "web-1" in out
+
+
+def test_tmctl_needs_an_endpoint(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TM_ETCD", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["status"])
+    assert exit_.value.code == 2
+    assert "--etcd" in capsys.readouterr().err
