@@ -86,3 +86,51 @@ def test_the_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     run = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "tm-sidecar.service" not in run.stderr, run.stderr  # no warning about our unit
+
+
+def test_metrics_endpoint(etcd_server: EtcdProcess, tmp_path: Path) -> None:
+    import urllib.request
+
+    from tm_sidecar._embedded import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "TM_ETCD_PASSWORD": "never-shown"}
+    args = [
+        "--etcd",
+        etcd_server.endpoint,
+        "--socket",
+        str(tmp_path / "tm.sock"),
+        "--namespace",
+        "metrics",
+        "--metrics",
+        str(port),
+        "--handler",
+        "tests.proc_handlers:work",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tm_sidecar", *args], env=env, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 20
+        body = ""
+        while "tm_leader 1.0" not in body or 'tm_queue_depth{state="pending"}' not in body:
+            assert time.monotonic() < deadline, body[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                    body = resp.read().decode()
+            except OSError:
+                pass
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        assert proc.stderr is not None
+        proc.stderr.close()
+    for name in (
+        "tm_etcd_request_seconds_bucket",
+        "tm_nodes",
+        "tm_socket_clients",
+        "tm_node_outcomes_total",
+    ):
+        assert name in body
+    assert "never-shown" not in body

@@ -152,6 +152,8 @@ class AgentState:
     completed: int = 0
     failed: int = 0
     stale: int = 0
+    #: Called with (state reached, seconds since assignment) for each reported outcome.
+    on_outcome: Callable[[str, float], None] | None = None
 
     def _changed(self) -> None:
         if not self.running:
@@ -437,6 +439,8 @@ async def _report(
         state.completed += 1
     else:
         state.failed += 1
+    if state.on_outcome is not None and slot.record.since_at:
+        state.on_outcome(outcome.state.value, outcome.since_at - slot.record.since_at)
     log.info(
         "task=%s attempt=%d -> %s%s",
         slot.task_id,

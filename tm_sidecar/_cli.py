@@ -22,6 +22,7 @@ from ._agent import Handler, Permanent, TaskContext
 from ._embedded import EmbeddedEtcdError, EtcdProcess
 from ._etcd import Etcd, EtcdConfig
 from ._log import setup_logging
+from ._metrics import Metrics
 from ._notify import Notifier
 from ._server import ServerSettings, SocketServer
 from ._sidecar import Sidecar, SidecarSettings
@@ -45,6 +46,7 @@ _ENV = {
     "etcd_transport": "TM_ETCD_TRANSPORT",
     "log_level": "TM_LOG_LEVEL",
     "log_format": "TM_LOG_FORMAT",
+    "metrics": "TM_METRICS",
 }
 
 
@@ -200,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one line per event, as logfmt or JSON [TM_LOG_FORMAT]",
     )
     p.add_argument(
+        "--metrics",
+        default=env("TM_METRICS", ""),
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to "
+        "127.0.0.1); empty: off [TM_METRICS]",
+    )
+    p.add_argument(
         "--config",
         default=env("TM_CONFIG"),
         help='a TOML file of settings named like the options (etcd = "...", lease_ttl = 5); '
@@ -335,6 +344,10 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
                 ),
             )
             await nursery.start(server.run)
+            if args.metrics:
+                host, _, port = args.metrics.rpartition(":")
+                metrics = Metrics(sidecar, lambda: len(server.connections))
+                await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
             notifier.send("READY=1", f"STATUS={_status_line(sidecar)}")
             nursery.start_soon(notifier.keep_watchdog)
             nursery.start_soon(_keep_status, notifier, sidecar)

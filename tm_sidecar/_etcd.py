@@ -396,6 +396,8 @@ class Etcd:
         self._client_lock = trio.Lock()
         self._token: str | None = None
         self._auth_lock = trio.Lock()
+        #: Called after each request with (path, seconds, "ok" or "error"), for metrics.
+        self.on_request: Callable[[str, float, str], None] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -419,11 +421,16 @@ class Etcd:
 
     async def call(self, path: str, body: _Body) -> _Body:
         """One unary gateway call (``path`` such as ``/kv/range``); answers its JSON."""
+        started = trio.current_time()
+        outcome = "error"
         try:
             with trio.fail_after(self.cfg.timeout_s):
                 if self.cfg.transport == "native":
-                    return await self._call_native(path, body)
-                return await self._call_etcd3(path, body)
+                    answer = await self._call_native(path, body)
+                else:
+                    answer = await self._call_etcd3(path, body)
+            outcome = "ok"
+            return answer
         except trio.TooSlowError as exc:
             self._rotate()
             raise EtcdUnavailable(
@@ -432,6 +439,9 @@ class Etcd:
         except EtcdUnavailable:
             self._rotate()
             raise
+        finally:
+            if self.on_request is not None:
+                self.on_request(path, trio.current_time() - started, outcome)
 
     async def _headers(self) -> list[tuple[str, str]]:
         if self.cfg.username and self._token is None:

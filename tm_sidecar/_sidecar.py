@@ -124,6 +124,8 @@ class Sidecar:
     _started_at: float = 0.0
     _stopping: trio.CancelScope | None = None
     role_changed: trio.Event = attrs.Factory(trio.Event)
+    depths: dict[str, int] = attrs.Factory(dict)
+    node_count: int = 0
 
     def __attrs_post_init__(self) -> None:
         self.ks = self.settings.keyspace
@@ -274,15 +276,14 @@ class Sidecar:
         """Keep the live-task count and etcd's size fresh for the admission checks."""
         while True:
             try:
-                counts = [
-                    (
-                        await self.etcd.range(
-                            Range(self.ks.state_prefix(s), prefix=True, count_only=True)
-                        )
-                    ).count
-                    for s in (State.PENDING, State.DELAYED, State.PROCESSING)
-                ]
-                self._live_tasks = sum(counts)
+                for s in State:
+                    r = Range(self.ks.state_prefix(s), prefix=True, count_only=True)
+                    self.depths[s.value] = (await self.etcd.range(r)).count
+                nodes = Range(self.ks.nodes(), prefix=True, count_only=True)
+                self.node_count = (await self.etcd.range(nodes)).count
+                self._live_tasks = sum(
+                    self.depths[s.value] for s in (State.PENDING, State.DELAYED, State.PROCESSING)
+                )
                 status = await self.etcd.status()
                 self._db_size = int(status.get("dbSize", 0))
             except Unavailable as exc:

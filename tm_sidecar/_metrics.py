@@ -1,0 +1,122 @@
+"""Prometheus metrics over HTTP (``--metrics 127.0.0.1:9464``), in the text format.
+
+prometheus-client renders the format and keeps the histograms; the endpoint itself is a
+few lines of Trio, so that scraping never touches a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import trio
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ._sidecar import Sidecar
+
+log = logging.getLogger("tm_sidecar.metrics")
+
+
+class _Snapshot(Collector):
+    """Values read from the sidecar at scrape time."""
+
+    def __init__(self, sidecar: Sidecar, clients: Callable[[], int]) -> None:
+        self.sidecar = sidecar
+        self.clients = clients
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        sc = self.sidecar
+        depth = GaugeMetricFamily(
+            "tm_queue_depth", "Tasks in each state (namespace-wide).", labels=["state"]
+        )
+        for state, count in sorted(sc.depths.items()):
+            depth.add_metric([state], count)
+        yield depth
+        outcomes = CounterMetricFamily(
+            "tm_node_outcomes",
+            "Attempts this node reported, by where they sent the task.",
+            labels=["outcome"],
+        )
+        outcomes.add_metric(["completed"], sc.agent.completed)
+        outcomes.add_metric(["failed_or_retried"], sc.agent.failed)
+        outcomes.add_metric(["stale_rejected"], sc.agent.stale)
+        yield outcomes
+        yield GaugeMetricFamily("tm_leader", "1 while this sidecar leads.", value=int(sc.is_leader))
+        yield GaugeMetricFamily(
+            "tm_nodes", "Live sidecars registered in the namespace.", value=sc.node_count
+        )
+        yield GaugeMetricFamily(
+            "tm_running", "Attempts running on this node.", value=len(sc.agent.running)
+        )
+        yield GaugeMetricFamily("tm_socket_clients", "Connected SDK clients.", value=self.clients())
+
+
+class Metrics:
+    """The sidecar's metrics registry."""
+
+    def __init__(self, sidecar: Sidecar, clients: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_Snapshot(sidecar, clients))
+        self.etcd_seconds = Histogram(
+            "tm_etcd_request_seconds",
+            "etcd requests by path and result.",
+            ["path", "result"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+        self.attempt_seconds = Histogram(
+            "tm_attempt_seconds",
+            "From assignment to reported outcome, by the state the outcome sent the task to.",
+            ["outcome"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        sidecar.etcd.on_request = lambda path, s, result: self.etcd_seconds.labels(
+            path, result
+        ).observe(s)
+        sidecar.agent.on_outcome = lambda state, s: self.attempt_seconds.labels(state).observe(s)
+
+    def render(self) -> bytes:
+        """The text exposition."""
+        return bytes(generate_latest(self.registry))
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve GET /metrics until cancelled; started with the bound port."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        task_status.started(bound)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            request = b""
+            with trio.move_on_after(5):
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+            line = request.split(b"\r\n", 1)[0].split()
+            if (
+                len(line) >= 2
+                and line[0] == b"GET"
+                and line[1].split(b"?")[0] in (b"/metrics", b"/")
+            ):
+                body, status = self.render(), b"200 OK"
+                kind = b"text/plain; version=0.0.4; charset=utf-8"
+            else:
+                body, status, kind = b"not found\n", b"404 Not Found", b"text/plain"
+            head = b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind
+            head += (
+                b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+            )
+            await stream.send_all(head + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
