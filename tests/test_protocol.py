@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -242,3 +243,39 @@ def test_frames_that_once_crashed_the_sidecar_are_refused(sidecar: SidecarProces
     assert again.call("hello", version=1)["error"]["code"] == "invalid_request"  # one hello
     again.close()
     assert_healthy(sidecar)
+
+
+async def test_the_uid_allow_list(etcd_server: EtcdProcess, tmp_path: Path) -> None:
+    from tests.procs import SidecarProcess as Proc
+
+    others = Proc(
+        "allow",
+        etcd_server.endpoint,
+        "allowlist",
+        tmp_path / "a.log",
+        handler=None,
+        extra=("--allow-uid", "54321"),
+    )
+    mine = Proc(
+        "mine",
+        etcd_server.endpoint,
+        "allowlist2",
+        tmp_path / "m.log",
+        handler=None,
+        extra=("--allow-uid", str(os.getuid())),
+    )
+    try:
+        for p in (others, mine):
+            p.start()
+            await p.wait_serving()
+        refused = Raw(others.socket_path)
+        frame = refused.frame()
+        assert frame is not None
+        assert frame["error"]["code"] == "protocol_violation"
+        assert "not allowed" in frame["error"]["message"]
+        assert refused.frame() is None  # closed
+        refused.close()
+        hello(mine.socket_path).close()
+    finally:
+        others.stop()
+        mine.stop()
