@@ -131,6 +131,7 @@ def test_metrics_endpoint(etcd_server: EtcdProcess, tmp_path: Path) -> None:
         "tm_nodes",
         "tm_socket_clients",
         "tm_node_outcomes_total",
+        "tm_start_latency_seconds_bucket",
     ):
         assert name in body
     assert "never-shown" not in body

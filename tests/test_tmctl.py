@@ -122,3 +122,50 @@ def test_tmctl_needs_an_endpoint(
         main(["status"])
     assert exit_.value.code == 2
     assert "--etcd" in capsys.readouterr().err
+
+
+def test_tmctl_events_tails_live_changes(etcd_server: EtcdProcess, namespace: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    ks = Keyspace(namespace=namespace)
+    db = GatewayEtcd(etcd_server.endpoint)
+    env = {**os.environ, "TM_ETCD": etcd_server.endpoint, "TM_NAMESPACE": namespace}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from tm_sidecar._tmctl import main; main(['--json', 'events'])"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 20
+        line = ""
+        n = 0
+        while not line:
+            assert time.monotonic() < deadline
+            # Keep creating tasks until the tail has started and shows one.
+            now = time.time()
+            spec = TaskSpec(
+                id=TaskId(f"ev{n}"), payload=None, options=TaskOptions(), created_at=now
+            )
+            rec = initial_record(
+                Record(state=State.PENDING, options=spec.options, since_at=now),
+                now=now,
+                run_at=None,
+            )
+            db.txn(plan_create(ks, spec, rec))
+            n += 1
+            import select
+
+            if select.select([proc.stdout], [], [], 0.2)[0]:
+                line = proc.stdout.readline()
+        event = json.loads(line)
+        assert event["event"] == "queued"
+        assert event["task_id"].startswith("ev")
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -154,6 +154,8 @@ class AgentState:
     stale: int = 0
     #: Called with (state reached, seconds since assignment) for each reported outcome.
     on_outcome: Callable[[str, float], None] | None = None
+    #: Called with the seconds from a task's due time (commit, or run_at) to its start.
+    on_start: Callable[[float], None] | None = None
 
     def _changed(self) -> None:
         if not self.running:
@@ -307,6 +309,9 @@ async def _run_one(
                 current = attrs.evolve(current, started_at=clock())
                 if not await _update(etcd, slot, current):
                     return
+                if state.on_start is not None and current.attempts == 1:
+                    due = spec.run_at if spec.run_at is not None else spec.created_at
+                    state.on_start(max(0.0, (current.started_at or due) - due))
 
                 async def progress(value: JSON) -> bool:
                     nonlocal current

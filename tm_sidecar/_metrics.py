@@ -73,6 +73,13 @@ class Metrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
+        self.start_latency = Histogram(
+            "tm_start_latency_seconds",
+            "From a task's due time (its commit, or its run_at) to its first attempt's start.",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
+        )
+        sidecar.agent.on_start = self.start_latency.observe
         sidecar.etcd.on_request = lambda path, s, result: self.etcd_seconds.labels(
             path, result
         ).observe(s)
