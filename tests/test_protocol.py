@@ -279,3 +279,28 @@ async def test_the_uid_allow_list(etcd_server: EtcdProcess, tmp_path: Path) -> N
     finally:
         others.stop()
         mine.stop()
+
+
+async def test_socket_mode_and_group(etcd_server: EtcdProcess, tmp_path: Path) -> None:
+    import grp
+    import stat
+
+    from tests.procs import SidecarProcess as Proc
+
+    group = grp.getgrgid(os.getgid()).gr_name  # a group this user may hand the socket to
+    p = Proc(
+        "perm",
+        etcd_server.endpoint,
+        "perms",
+        tmp_path / "p.log",
+        handler=None,
+        extra=("--socket-mode", "640", "--socket-group", group),
+    )
+    try:
+        p.start()
+        await p.wait_serving()
+        info = os.stat(p.socket_path)
+        assert stat.S_IMODE(info.st_mode) == 0o640
+        assert info.st_gid == grp.getgrnam(group).gr_gid
+    finally:
+        p.stop()
