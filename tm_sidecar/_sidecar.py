@@ -120,6 +120,7 @@ class Sidecar:
     _node_dirty: trio.Event = attrs.Factory(trio.Event)
     _ids: itertools.count[int] = attrs.Factory(itertools.count)
     _live_tasks: int = 0
+    _created: int = 0
     _db_size: int = 0
     _started_at: float = 0.0
     _stopping: trio.CancelScope | None = None
@@ -275,15 +276,18 @@ class Sidecar:
     async def _watch_limits(self) -> None:
         """Keep the live-task count and etcd's size fresh for the admission checks."""
         while True:
+            created_before = self._created
             try:
                 for s in State:
                     r = Range(self.ks.state_prefix(s), prefix=True, count_only=True)
                     self.depths[s.value] = (await self.etcd.range(r)).count
                 nodes = Range(self.ks.nodes(), prefix=True, count_only=True)
                 self.node_count = (await self.etcd.range(nodes)).count
+                # Creates that raced the count may be missing from it: count them again
+                # (an over-count only makes the limit stricter for a second).
                 self._live_tasks = sum(
                     self.depths[s.value] for s in (State.PENDING, State.DELAYED, State.PROCESSING)
-                )
+                ) + (self._created - created_before)
                 status = await self.etcd.status()
                 self._db_size = int(status.get("dbSize", 0))
             except Unavailable as exc:
@@ -355,6 +359,7 @@ class Sidecar:
                 raise InvalidRequest(f"task id {spec.id} is taken")
             return TaskSpec.from_json(existing.value)
         self._live_tasks += 1
+        self._created += 1
         return spec
 
     def register(
