@@ -169,3 +169,17 @@ def test_tmctl_events_tails_live_changes(etcd_server: EtcdProcess, namespace: st
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_tmctl_retry_all_failed(
+    etcd_server: EtcdProcess, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ep, ks = etcd_server.endpoint, Keyspace(namespace=namespace)
+    db = GatewayEtcd(ep)
+    seed(db, ks)
+    assert tmctl(capsys, ep, namespace, "cancel", "t0")[0] == 0  # now two failed: t0, t2
+    code, out = tmctl(capsys, ep, namespace, "--json", "retry", "--all-failed")
+    assert (code, json.loads(out)) == (0, {"retried": 2})
+    code, out = tmctl(capsys, ep, namespace, "--json", "status")
+    assert json.loads(out)["depths"]["pending"] == 3
+    assert json.loads(out)["depths"]["failed"] == 0
