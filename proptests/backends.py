@@ -182,8 +182,9 @@ class GatewayEtcd:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return dict(json.loads(resp.read()))
         except urllib.error.HTTPError as exc:
-            answer = json.loads(exc.read() or b"{}")
-            raise ValueError(str(answer.get("message") or answer.get("error"))) from exc
+            with exc:  # close its connection now, not whenever it is collected
+                answer = json.loads(exc.read() or b"{}")
+            raise ValueError(str(answer.get("message") or answer.get("error"))) from None
 
     def txn(self, txn: Txn) -> TxnResult:
         """Run a transaction."""

@@ -218,7 +218,7 @@ class Record:
         return cls(
             state=state,
             attempts=int(obj.get("attempts", 0)),
-            options=TaskOptions.from_json(obj.get("options", {})),
+            options=_options(obj.get("options", {})),
             since_at=float(obj.get("since_at", 0.0)),
             due_at=_opt_float(obj.get("due_at")),
             node=None if obj.get("node") is None else NodeId(obj["node"]),
@@ -271,6 +271,31 @@ class NodeInfo:
             version=str(obj.get("version", "")),
             started_at=float(obj.get("started_at", 0.0)),
         )
+
+
+def _options(obj: dict[str, JSON]) -> TaskOptions:
+    # Most tasks share a handful of option sets: build each once (they are immutable).
+    backoff = obj.get("backoff") or {}
+    try:
+        key = (
+            obj.get("queue"),
+            obj.get("priority"),
+            obj.get("max_attempts"),
+            obj.get("timeout_s"),
+            tuple(sorted(backoff.items())) if isinstance(backoff, dict) else backoff,
+        )
+        hash(key)
+    except TypeError:  # something unhashable: parse it the long way (and fail there)
+        return TaskOptions.from_json(obj)
+    options = _OPTIONS.get(key)
+    if options is None:
+        if len(_OPTIONS) >= 1024:
+            _OPTIONS.clear()
+        options = _OPTIONS[key] = TaskOptions.from_json(obj)
+    return options
+
+
+_OPTIONS: dict[tuple[object, ...], TaskOptions] = {}
 
 
 @functools.lru_cache(maxsize=8192)
