@@ -117,10 +117,10 @@ async def throughput(env: Env, sidecars: int) -> Result:
                     await t.result(timeout=600)
                     done += 1
 
-            per = n // (8 * len(managers))
+            per = n // (64 * len(managers))
             async with trio.open_nursery() as producers:
                 for m in managers:
-                    for _ in range(8):
+                    for _ in range(64):
                         producers.start_soon(producer, m, per)
             elapsed = trio.current_time() - start
             for m in managers:

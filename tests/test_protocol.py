@@ -41,6 +41,7 @@ class Raw:
         self.sock.settimeout(10)
         self.buffer = b""
         self.next_id = 0
+        self.pushed: list[dict[str, Any]] = []  # pushes that came while call() waited
 
     def close(self) -> None:
         self.sock.close()
@@ -70,6 +71,8 @@ class Raw:
             assert frame is not None, "the server closed a well-behaved connection"
             if frame.get("id") == self.next_id:
                 return frame
+            if "push" in frame:
+                self.pushed.append(frame)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +140,8 @@ wrong_types = st.fixed_dictionaries(
         "run_at": junk_values,
         "concurrency": junk_values,
         "delivery": junk_values,
+        "subscribe": junk_values,
+        "until_final": junk_values,
         "timeout_s": st.floats(0, 0.2) | junk_values,
     },
 )
@@ -210,6 +215,31 @@ def test_a_slow_client_blocks_no_one_and_no_task_is_lost(sidecar: SidecarProcess
     slow.close()
     producer.close()
     print(f"\nprotocol fuzzing sent {INPUTS['count']} generated frames")
+
+
+def test_a_create_that_subscribes_sees_every_event_and_the_subscription_ends(
+    sidecar: SidecarProcess,
+) -> None:
+    raw = hello(sidecar.socket_path)
+    answer = raw.call("create", payload={"work_s": 0.2}, subscribe=True)
+    assert answer["ok"], answer
+    sid, tid = answer["result"]["subscription"], answer["result"]["task_id"]
+    seen: list[str] = []
+    while "completed" not in seen:
+        # Events may overtake the create's answer.
+        frame = raw.pushed.pop(0) if raw.pushed else raw.frame()
+        assert frame is not None
+        assert frame.get("push") == "event", frame
+        assert frame["subscription"] == sid
+        assert frame["event"]["task_id"] == tid
+        seen.append(frame["event"]["event"])
+    # The slow attempt announced its start while it ran.
+    assert seen == ["queued", "assigned", "started", "completed"]
+    # The subscription ended with the final event: nothing left to unsubscribe.
+    assert raw.call("unsubscribe", subscription=sid)["result"] is False
+    refused = raw.call("subscribe", until_final=True)
+    assert refused["error"]["code"] == "invalid_request"
+    raw.close()
 
 
 def test_requests_before_hello_and_bad_versions_are_refused(sidecar: SidecarProcess) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from contextlib import aclosing
 from typing import Any
 
 import pytest
@@ -85,6 +86,53 @@ async def test_full_lifecycle_with_every_event_in_order(
         # The payload expires with the outcome: the lease was attached without sending it again.
         assert json.loads(task_kv.value)["payload"] == {"TaskSpecificKey": "TaskSpecificValue"}
         assert task_kv.lease != 0
+
+
+async def test_a_running_attempt_announces_its_start_and_a_quick_one_with_its_outcome(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+        ks = Keyspace(namespace=namespace)
+        observed: Observed[TaskEvent] = Observed()
+        release = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_collect, sc, observed)
+
+            async def handler(task: TaskContext) -> str:
+                if task.payload == "slow":
+                    await release.wait()
+                return str(task.payload)
+
+            sc.register(handler, concurrency=2)
+            slow = await sc.create("slow")
+            await observed.wait_until(lambda ev: "started" in kinds(ev, slow.id))
+            # Told while the handler still runs, and recorded in the assignment.
+            assert "completed" not in kinds(observed.items, slow.id)
+            procs, _ = await sc.etcd.list_prefix(ks.state_prefix(State.PROCESSING))
+            (record,) = [json.loads(kv.value) for kv in procs if kv.key.endswith(slow.id)]
+            assert record["started_at"] > 0
+            release.set()
+            before = await sc.etcd.revision()
+            quick = await sc.create("quick")
+            info = await sc.wait(quick.id, timeout_s=10)
+            await sc.wait(slow.id, timeout_s=10)
+            await observed.wait_until(lambda ev: "completed" in kinds(ev, slow.id))
+            nursery.cancel_scope.cancel()
+        for tid in (slow.id, quick.id):
+            assert kinds(observed.items, tid) == ["queued", "assigned", "started", "completed"]
+        # The quick attempt wrote no announcement: its outcome carries the start.
+        assert info.record is not None
+        assert info.record.started_at is not None
+        assert info.record.started_at <= info.record.since_at
+        puts = 0
+        watch = sc.etcd.watch_once(ks.state_prefix(State.PROCESSING), before + 1)
+        async with aclosing(watch) as changes:
+            async for batch in changes:
+                mine = [e for e in batch.events if e.kv.key.endswith(quick.id)]
+                puts += sum(e.kind == "PUT" for e in mine)
+                if any(e.kind == "DELETE" for e in mine):
+                    break
+        assert puts == 1
 
 
 async def test_delayed_task_never_starts_early(etcd_server: EtcdProcess, namespace: str) -> None:

@@ -10,7 +10,7 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing, nullcontext
 from typing import Any
 
@@ -19,18 +19,22 @@ import trio
 
 from ._errors import EtcdError, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
 from ._etcd import Changes, Etcd, Reset, retrying
+from ._group import GroupCommit, txn_group
 from ._session import RetentionLeases, Session
 from .core import (
     JSON,
     Keyspace,
     KeyValue,
     NodeId,
+    Range,
     Record,
     Slot,
     State,
     TaskError,
     TaskId,
     TaskSpec,
+    Txn,
+    TxnResult,
     after_failure,
     dumps,
     parse_record,
@@ -180,8 +184,22 @@ async def run_agent(
     """Run this node's assignments until cancelled."""
     rng = rng or random.Random()
     state._changed()
+    # Under load many attempts read their task and report at once: each kind of request
+    # goes to etcd in batches (see _group.py); alone, each goes at once.
+    reports = txn_group(etcd, ops_per_item=3, name="report")
+
+    async def read(keys: Sequence[str]) -> list[KeyValue | None]:
+        answer = await etcd.txn(Txn(success=tuple(Range(k) for k in keys)))
+        return [r.kvs[0] if r.kvs else None for r in answer.ranges]
+
+    specs: GroupCommit[str, KeyValue | None] = GroupCommit(
+        read, max_items=SPEC_READ_BATCH, keys=lambda key: (key,), name="task read"
+    )
+    io = AgentIO(etcd, reports, specs)
 
     async with trio.open_nursery() as nursery:
+        await nursery.start(reports.run)
+        await nursery.start(specs.run)
 
         def consider(kv: KeyValue) -> None:
             parsed = ks.parse(kv.key)
@@ -199,7 +217,7 @@ async def run_agent(
             state._changed()
             nursery.start_soon(
                 _run_one,
-                etcd,
+                io,
                 ks,
                 slot,
                 running,
@@ -241,6 +259,22 @@ async def run_agent(
                                 vanished(parsed.task_id, event.prev.create_revision)
 
 
+#: Task reads per batch: payloads may be large, and so may the answer.
+SPEC_READ_BATCH = 32
+#: An attempt still running after this long announces its start (``started_at`` in its
+#: record, and a ``started`` event); a quicker one tells its start with its outcome.
+ANNOUNCE_AFTER_S = 0.05
+
+
+@attrs.frozen
+class AgentIO:
+    """The agent's ways to etcd: batched reports and task reads, and the client itself."""
+
+    etcd: Etcd
+    reports: GroupCommit[Txn, TxnResult]
+    specs: GroupCommit[str, KeyValue | None]
+
+
 def error_from_exception(exc: BaseException) -> TaskError:
     """The recorded form of a handler's exception, cut to a size etcd takes in batches."""
     if isinstance(exc, HandlerFailed):
@@ -267,7 +301,7 @@ MAX_TRACEBACK_CHARS = 3000
 
 
 async def _run_one(
-    etcd: Etcd,
+    io: AgentIO,
     ks: Keyspace,
     slot: Slot,
     running: Running,
@@ -287,13 +321,13 @@ async def _run_one(
 
     try:
         with scope:
-            spec_kv = await retrying(lambda: etcd.get(ks.task(tid)), what="read task")
+            spec_kv = await retrying(lambda: io.specs.submit(ks.task(tid)), what="read task")
             if spec_kv is None:
                 missing = TaskError(
                     type="TaskMissing", message="the task record is gone", retryable=False
                 )
                 running.reporting = True
-                await _report(etcd, ks, slot, failed(missing), retention, state, touch=False)
+                await _report(io, ks, slot, failed(missing), retention, state, touch=False)
                 return
             spec = TaskSpec.from_json(spec_kv.value)
             reg = registry.pick(current.options.queue)
@@ -303,22 +337,31 @@ async def _run_one(
                     type="NoHandler", message=f"no handler for queue {queue!r} here"
                 )
                 running.reporting = True
-                await _report(etcd, ks, slot, failed(no_handler), retention, state)
+                await _report(io, ks, slot, failed(no_handler), retention, state)
                 return
-            async with reg.limiter:
+            async with reg.limiter, trio.open_nursery() as announcing:
                 current = attrs.evolve(current, started_at=clock())
-                if not await _update(etcd, slot, current):
-                    return
+                announced = False
                 if state.on_start is not None and current.attempts == 1:
                     due = spec.run_at if spec.run_at is not None else spec.created_at
                     state.on_start(max(0.0, (current.started_at or due) - due))
 
+                async def announce() -> None:
+                    nonlocal announced
+                    await trio.sleep(ANNOUNCE_AFTER_S)
+                    if not announced:
+                        announced = True
+                        await _update(io, slot, current)
+
+                announcing.start_soon(announce)
+
                 async def progress(value: JSON) -> bool:
-                    nonlocal current
+                    nonlocal current, announced
                     if len(dumps(value).encode()) > MAX_PROGRESS_BYTES:
                         raise PayloadTooLarge(f"progress over {MAX_PROGRESS_BYTES} bytes")
                     current = attrs.evolve(current, progress=value)
-                    return await _update(etcd, slot, current)
+                    announced = True
+                    return await _update(io, slot, current)
 
                 ctx = TaskContext(tid, spec.payload, current.attempts, spec, progress)
                 timeout = current.options.timeout_s
@@ -345,8 +388,11 @@ async def _run_one(
                     )
                 except Exception as exc:
                     outcome = failed(error_from_exception(exc))
+                # The outcome tells the start if the announcement has not gone yet.
+                announced = True
+                announcing.cancel_scope.cancel()
             running.reporting = True
-            await _report(etcd, ks, slot, outcome, retention, state)
+            await _report(io, ks, slot, outcome, retention, state)
         if scope.cancelled_caught:
             log.info(
                 "task=%s attempt=%d abandoned: its assignment was withdrawn", tid, current.attempts
@@ -356,7 +402,7 @@ async def _run_one(
         error = TaskError(type="Interrupted", message="the sidecar stopped during the attempt")
         with trio.move_on_after(2.0, shield=True):
             nxt = after_failure(current, error=error, now=clock(), fraction=0.0)
-            await _report(etcd, ks, slot, nxt, retention, state)
+            await _report(io, ks, slot, nxt, retention, state, batched=False)
         raise
     except Exception:
         # A bug or an etcd refusal on this one task: the leader reaps it if it stays
@@ -372,10 +418,10 @@ async def _run_one(
 MAX_PROGRESS_BYTES = 64 * 1024
 
 
-async def _update(etcd: Etcd, slot: Slot, record: Record) -> bool:
+async def _update(io: AgentIO, slot: Slot, record: Record) -> bool:
     """Rewrite the assignment record (started, progress); False if the attempt is over."""
     txn = plan_update(slot, record)
-    result = await retrying(lambda: etcd.txn(txn), what="report update")
+    result = await retrying(lambda: io.reports.submit(txn), what="report update")
     if not result.succeeded:
         log.warning(
             "stale report rejected: task=%s attempt=%d is no longer assigned here",
@@ -386,7 +432,7 @@ async def _update(etcd: Etcd, slot: Slot, record: Record) -> bool:
 
 
 async def _report(
-    etcd: Etcd,
+    io: AgentIO,
     ks: Keyspace,
     slot: Slot,
     outcome: Record,
@@ -394,6 +440,7 @@ async def _report(
     state: AgentState,
     *,
     touch: bool = True,
+    batched: bool = True,
 ) -> bool:
     """Commit an attempt's outcome; False when the attempt was no longer live.
 
@@ -406,7 +453,8 @@ async def _report(
         try:
             final = outcome.state in (State.COMPLETED, State.FAILED)
             lease = await retention.current() if final else 0
-            result = await etcd.txn(plan_move(ks, slot, outcome, lease=lease, touch=touch))
+            txn = plan_move(ks, slot, outcome, lease=lease, touch=touch)
+            result = await (io.reports.submit(txn) if batched else io.etcd.txn(txn))
             break
         except (EtcdUnavailable, trio.TooSlowError) as exc:
             failures += 1
@@ -446,7 +494,7 @@ async def _report(
         state.failed += 1
     if state.on_outcome is not None and slot.record.since_at:
         state.on_outcome(outcome.state.value, outcome.since_at - slot.record.since_at)
-    log.info(
+    log.debug(
         "task=%s attempt=%d -> %s%s",
         slot.task_id,
         outcome.attempts,

@@ -640,15 +640,28 @@ class Etcd:
     # -- watches --
 
     async def watch_once(
-        self, key: str, start_revision: int, *, range_end: str | None = None, prefix: bool = True
+        self,
+        key: str,
+        start_revision: int,
+        *,
+        range_end: str | None = None,
+        prefix: bool = True,
+        prev_kv: bool = True,
+        puts_only: bool = False,
     ) -> AsyncGenerator[Changes, None]:
         """One watch stream from ``start_revision``; ends only by raising.
 
         Watches the keys under ``key`` (``prefix``), the keys in ``[key, range_end)``, or
         the one key. Raises :class:`Compacted` when the start revision is gone, and
-        :class:`EtcdUnavailable` when the stream breaks.
+        :class:`EtcdUnavailable` when the stream breaks. Each event carries the key's
+        previous value only with ``prev_kv``; ``puts_only`` leaves deletions out. Both
+        spare etcd and us the bytes of what a watcher does not look at.
         """
-        request: _Body = {"key": _b64(key), "start_revision": start_revision, "prev_kv": True}
+        request: _Body = {"key": _b64(key), "start_revision": start_revision}
+        if prev_kv:
+            request["prev_kv"] = True
+        if puts_only:
+            request["filters"] = ["NODELETE"]
         if range_end is not None:
             request["range_end"] = _b64(range_end)
         elif prefix:
@@ -714,6 +727,7 @@ class Etcd:
         *,
         range_end: str | None = None,
         backoff: Callable[[int], float] | None = None,
+        prev_kv: bool = True,
     ) -> AsyncGenerator[Reset | Changes, None]:
         """List-then-watch ``prefix`` (or ``[prefix, range_end)``) forever.
 
@@ -734,7 +748,7 @@ class Etcd:
                     failures = 0
                     yield Reset(kvs, revision)
                 async with aclosing(
-                    self.watch_once(prefix, last + 1, range_end=range_end)
+                    self.watch_once(prefix, last + 1, range_end=range_end, prev_kv=prev_kv)
                 ) as _items:
                     async for changes in _items:
                         fresh = tuple(e for e in changes.events if e.kv.mod_revision > last)

@@ -10,7 +10,7 @@ import trio
 
 from ._errors import Compacted, EtcdUnavailable
 from ._etcd import Etcd
-from .core import Keyspace, State, TaskEvent, TaskId, event_from_change
+from .core import EventDeriver, Keyspace, State, TaskEvent, TaskId
 
 log = logging.getLogger("tm_sidecar.events")
 
@@ -57,6 +57,10 @@ class EventHub:
     # Subscribers to every task, and to one task by its id: publishing is O(interested).
     _all: set[Subscription] = attrs.Factory(set)
     _by_task: dict[TaskId, set[Subscription]] = attrs.Factory(dict)
+    _deriver: EventDeriver = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._deriver = EventDeriver(self.ks)
 
     def subscribe(self, task_id: TaskId | None = None) -> Subscription:
         """Events of one task, or of every task; they start with the next change."""
@@ -104,16 +108,16 @@ class EventHub:
                 if not started:
                     task_status.started()
                     started = True
-                async with aclosing(
-                    self.etcd.watch_once(start, self.revision + 1, range_end=end)
-                ) as _items:
+                watch = self.etcd.watch_once(
+                    start, self.revision + 1, range_end=end, prev_kv=False, puts_only=True
+                )
+                async with aclosing(watch) as _items:
                     async for changes in _items:
                         failures = 0
                         for change in changes.events:
                             if change.kv.mod_revision <= self.revision:
                                 continue
-                            event = event_from_change(self.ks, change)
-                            if event is not None:
+                            for event in self._deriver.derive(change):
                                 self._publish(event)
                         self.revision = max(self.revision, changes.revision)
             except Compacted as exc:
@@ -122,6 +126,7 @@ class EventHub:
                     exc.compact_revision,
                 )
                 self.revision = 0
+                self._deriver.reset()
             except EtcdUnavailable as exc:
                 failures += 1
                 wait = min(2.0, 0.05 * 2 ** min(failures, 6))

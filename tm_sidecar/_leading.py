@@ -70,7 +70,9 @@ async def run_leader(
         nonlocal changed
         # Every key the leader needs sorts between delayed/ and task/: completed records
         # and payloads stay out of its view.
-        stream = etcd.informer(ks.state_prefix(State.DELAYED), range_end=ks.prefix + "task")
+        stream = etcd.informer(
+            ks.state_prefix(State.DELAYED), range_end=ks.prefix + "task", prev_kv=False
+        )
         async with aclosing(stream) as _items:
             async for item in _items:
                 if isinstance(item, Reset):

@@ -32,7 +32,7 @@ from ._errors import (
     TaskManagerError,
     Unavailable,
 )
-from ._sidecar import Sidecar, TaskInfo
+from ._sidecar import Sidecar, TaskInfo, is_final
 from .core import JSON, Backoff, State, TaskError, TaskId, TaskOptions, check_name, dumps
 
 log = logging.getLogger("tm_sidecar.server")
@@ -198,7 +198,14 @@ class SocketServer:
     async def _write(self, conn: Connection) -> None:
         try:
             async for frame in conn.outbox_receive:
-                await conn.stream.send_all(frame)
+                # Whatever else is queued goes in the same write: one system call, not many.
+                frames = [frame]
+                while len(frames) < 256:
+                    try:
+                        frames.append(conn.outbox_receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await conn.stream.send_all(b"".join(frames) if len(frames) > 1 else frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -313,10 +320,23 @@ class SocketServer:
         task_id = frame.get("task_id")
         if task_id is not None:
             task_id = TaskId(check_name("task id", task_id))
-        spec = await self.sidecar.create(
-            frame.get("payload"), options=options, run_at=run_at, task_id=task_id
-        )
-        return {"task_id": spec.id}
+        if not frame.get("subscribe"):
+            spec = await self.sidecar.create(
+                frame.get("payload"), options=options, run_at=run_at, task_id=task_id
+            )
+            return {"task_id": spec.id}
+        # Subscribed before the task exists, so that no event of it can be missed; the
+        # subscription ends with the task's final event.
+        task_id = task_id or self.sidecar.new_task_id()
+        sid, scope = self._subscribe(conn, task_id, until_final=True)
+        try:
+            spec = await self.sidecar.create(
+                frame.get("payload"), options=options, run_at=run_at, task_id=task_id
+            )
+        except BaseException:
+            scope.cancel()
+            raise
+        return {"task_id": spec.id, "subscription": sid}
 
     async def op_get(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         info = await self.sidecar.get(TaskId(check_name("task id", frame["task_id"])))
@@ -336,6 +356,15 @@ class SocketServer:
         task_id = frame.get("task_id")
         if task_id is not None:
             task_id = TaskId(check_name("task id", task_id))
+        until_final = bool(frame.get("until_final", False))
+        if until_final and task_id is None:
+            raise InvalidRequest("until_final needs a task_id")
+        sid, _ = self._subscribe(conn, task_id, until_final=until_final)
+        return {"subscription": sid}
+
+    def _subscribe(
+        self, conn: Connection, task_id: TaskId | None, *, until_final: bool
+    ) -> tuple[int, trio.CancelScope]:
         sid = next(_ids)
         sub = self.sidecar.subscribe(task_id)
         scope = trio.CancelScope()
@@ -345,11 +374,13 @@ class SocketServer:
             with scope, sub:
                 async for event in sub:
                     conn.push({"push": "event", "subscription": sid, "event": event.to_json()})
+                    if until_final and is_final(event):
+                        break
             conn.subscriptions.pop(sid, None)
 
         assert conn.nursery is not None
         conn.nursery.start_soon(forward)
-        return {"subscription": sid}
+        return sid, scope
 
     async def op_unsubscribe(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         scope = conn.subscriptions.pop(int(frame["subscription"]), None)

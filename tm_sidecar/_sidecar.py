@@ -31,6 +31,7 @@ from ._errors import (
     Unavailable,
 )
 from ._etcd import Etcd, retrying
+from ._group import GroupCommit, txn_group
 from ._hub import EventHub, Subscription
 from ._leading import LeaderSettings, LeaderState, run_leader
 from ._session import RetentionLeases, Session, close_session, keep_session, open_session
@@ -49,6 +50,7 @@ from .core import (
     TaskOptions,
     TaskSpec,
     Txn,
+    TxnResult,
     dumps,
     initial_record,
     make_task_id,
@@ -114,6 +116,7 @@ class Sidecar:
     agent: AgentState = attrs.Factory(AgentState)
     leader: LeaderState = attrs.Factory(LeaderState)
     retention: RetentionLeases = attrs.field(init=False)
+    creates: GroupCommit[Txn, TxnResult] = attrs.field(init=False)
     session: Session | None = None
     is_leader: bool = False
     _registered: trio.Event = attrs.Factory(trio.Event)
@@ -133,6 +136,8 @@ class Sidecar:
         self.registry = Registry(on_change=self._node_dirty.set)
         self.hub = EventHub(self.etcd, self.ks)
         self.retention = RetentionLeases(self.etcd, self.settings.retention_s)
+        # Creates from every client go to etcd together: a task is two keys and a compare.
+        self.creates = txn_group(self.etcd, ops_per_item=2, name="create")
         self._started_at = self.clock()
 
     @property
@@ -149,6 +154,7 @@ class Sidecar:
         with trio.CancelScope() as self._stopping:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.hub.run)
+                await nursery.start(self.creates.run)
                 nursery.start_soon(self._watch_limits)
                 first = True
                 while True:
@@ -349,10 +355,10 @@ class Sidecar:
         )
         txn = plan_create(self.ks, spec, record)
         try:
-            result = await self.etcd.txn(txn)
+            result = await self.creates.submit(txn)
         except EtcdUnavailable:
             # Once more: a repeat is safe, and tells whether the first one committed.
-            result = await self.etcd.txn(txn)
+            result = await self.creates.submit(txn)
         if not result.succeeded:
             existing = await self.etcd.get(self.ks.task(spec.id))
             if existing is None or TaskSpec.from_json(existing.value).payload != payload:
@@ -422,7 +428,7 @@ class Sidecar:
                 return info
             with trio.fail_after(timeout_s) if timeout_s is not None else trio.CancelScope():
                 async for event in sub:
-                    if _is_final(event):
+                    if is_final(event):
                         return await self.get(task_id)
         raise Unavailable("event stream ended")  # pragma: no cover - the hub runs until stopped
 
@@ -439,7 +445,8 @@ class Sidecar:
         }
 
 
-def _is_final(event: TaskEvent) -> bool:
+def is_final(event: TaskEvent) -> bool:
+    """Whether the event is the task's last: completed, or failed for good."""
     return event.kind == "completed" or (event.kind == "failed" and not event.will_retry)
 
 

@@ -18,6 +18,7 @@ from ._etcd import Etcd, EtcdConfig
 from .core import (
     Compare,
     Delete,
+    EventDeriver,
     Keyspace,
     KeyValue,
     NodeInfo,
@@ -32,7 +33,6 @@ from .core import (
     TaskSpec,
     Touch,
     Txn,
-    event_from_change,
 )
 
 STATES = [s.value for s in State]
@@ -266,14 +266,16 @@ class Ctl:
     async def events(self) -> None:
         start = await self.etcd.revision()
         watch = self.etcd.watch_once(
-            self.ks.state_prefix(State.COMPLETED), start + 1, range_end=self.ks.prefix + "task"
+            self.ks.state_prefix(State.COMPLETED),
+            start + 1,
+            range_end=self.ks.prefix + "task",
+            prev_kv=False,
+            puts_only=True,
         )
+        deriver = EventDeriver(self.ks)
         async with aclosing(watch) as changes:
             async for batch in changes:
-                for change in batch.events:
-                    event = event_from_change(self.ks, change)
-                    if event is None:
-                        continue
+                for event in (e for change in batch.events for e in deriver.derive(change)):
                     if self.as_json:
                         print(json.dumps(event.to_json()), flush=True)
                     else:

@@ -161,20 +161,26 @@ class Task:
         """Queue the task; once this returns it is durable in etcd."""
         if self.committed:
             return self
-        await self.manager._track(self)
+        await self.manager._ensure_started()
+        # The sidecar subscribes this connection to the task's events before it creates
+        # the task (one round trip), and ends the subscription with the final event.
         request: dict[str, Any] = {
             "task_id": self.id,
             "payload": self.data,
             "options": self.options,
+            "subscribe": True,
         }
         if self.run_at is not None:
             request["run_at"] = self.run_at
+        self.manager._tasks[self.id] = self
         try:
-            await self.manager._request("create", request, idempotent=True)
+            answer = await self.manager._request("create", request, idempotent=True)
         except BaseException:
-            self.manager._untrack(self)
+            self.manager._untrack(self, ended=False)
             raise
         self.committed = True
+        if not self._final.is_set():
+            self.manager._sub_of[self.id] = answer["subscription"]
         return self
 
     async def result(self, timeout: float | None = None) -> Any:
@@ -183,11 +189,14 @@ class Task:
             raise InvalidRequest("commit() the task first")
         with anyio.fail_after(timeout):
             while not self._final.is_set():
+                # The events tell the outcome. Should the sidecar have missed them (its
+                # watch fell behind etcd's compaction), a read now and then settles it.
+                with anyio.move_on_after(RESYNC_S):
+                    await self._final.wait()
+                if self._final.is_set():
+                    break
                 info = await self.manager._request(
-                    "wait",
-                    {"task_id": self.id, "timeout_s": 30.0},
-                    idempotent=True,
-                    unavailable_ok=True,
+                    "get", {"task_id": self.id}, idempotent=True, unavailable_ok=True
                 )
                 if info is not None:
                     await self._settle(info)
@@ -201,7 +210,8 @@ class Task:
             return
         if info["state"] == "completed":
             await self._on_event(
-                {"event": "completed", "data": info.get("result"), "attempt": info.get("attempts")}
+                {"event": "completed", "data": info.get("result"), "attempt": info.get("attempts")},
+                streamed=False,
             )
         else:
             await self._on_event(
@@ -210,10 +220,11 @@ class Task:
                     "error": info.get("error"),
                     "will_retry": False,
                     "attempt": info.get("attempts"),
-                }
+                },
+                streamed=False,
             )
 
-    async def _on_event(self, event: dict[str, Any]) -> None:
+    async def _on_event(self, event: dict[str, Any], *, streamed: bool = True) -> None:
         kind = event.get("event", "")
         if self._final.is_set():
             return
@@ -242,7 +253,12 @@ class Task:
             self.manager._spawn(_call_all, calls)
         if final is not None:
             self._final.set()
-            self.manager._untrack(self)
+            # A final event from the stream ended the subscription on the sidecar's side.
+            self.manager._untrack(self, ended=streamed)
+
+
+#: How long result() trusts the event stream alone before it reads the task once.
+RESYNC_S = 30.0
 
 
 class WorkerTask:
@@ -309,7 +325,7 @@ class TaskManager:
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[anyio.Event, list[dict[str, Any]]]] = {}
         self._tasks: dict[str, Task] = {}
-        self._task_subs: dict[int, str] = {}
+        self._sub_of: dict[str, int] = {}  # task id -> its subscription
         self._all_sub: int | None = None
         self._subscribing_all = False
         self._shutting_down = False
@@ -433,7 +449,7 @@ class TaskManager:
         self.node = hello.get("node")
         self._leader = bool(hello.get("leader"))
         # Re-establish what the previous connection had.
-        self._task_subs.clear()
+        self._sub_of.clear()
         self._all_sub = None
         for worker in self._worker_list:
             if not worker.closed:
@@ -442,12 +458,16 @@ class TaskManager:
                 except TaskManagerError as exc:
                     log.error("worker %r could not register again: %s", worker, exc)
         for task in list(self._tasks.values()):
+            if not task.committed:
+                continue  # its commit is repeated, and subscribes
             try:
-                sub = await self._send_request("subscribe", {"task_id": task.id})
+                sub = await self._send_request(
+                    "subscribe", {"task_id": task.id, "until_final": True}
+                )
             except TaskManagerError as exc:
                 log.error("task %s: could not subscribe again: %s", task.id, exc)
                 continue
-            self._task_subs[sub["subscription"]] = task.id
+            self._sub_of[task.id] = sub["subscription"]
             assert self._tg is not None
             self._tg.start_soon(self._recheck, task)
         if self._callbacks:
@@ -578,13 +598,14 @@ class TaskManager:
         if kind == "event":
             event = frame["event"]
             sid = frame.get("subscription")
-            if sid in self._task_subs:
-                task = self._tasks.get(self._task_subs[sid])
-                if task is not None:
-                    await task._on_event(event)
-            elif sid == self._all_sub:
+            if sid is not None and sid == self._all_sub:
                 for callback in self._callbacks.get(event.get("event"), []):
                     self._tg.start_soon(_call, callback, event)
+            else:
+                # A task's own subscription (its events may overtake the create's answer).
+                task = self._tasks.get(event.get("task_id"))
+                if task is not None:
+                    await task._on_event(event)
         elif kind == "task":
             worker = self._workers.get(frame["worker"])
             if worker is None:
@@ -736,21 +757,12 @@ class TaskManager:
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    async def _track(self, task: Task) -> None:
-        await self._ensure_started()
-        if task.id in self._tasks:
-            return
-        self._tasks[task.id] = task
-        sub = await self._request("subscribe", {"task_id": task.id}, idempotent=True)
-        self._task_subs[sub["subscription"]] = task.id
-
-    def _untrack(self, task: Task) -> None:
+    def _untrack(self, task: Task, *, ended: bool) -> None:
+        """Stop following ``task``; ``ended`` when its subscription ended by itself."""
         self._tasks.pop(task.id, None)
-        for sid, tid in list(self._task_subs.items()):
-            if tid == task.id:
-                del self._task_subs[sid]
-                if self._tg is not None and self._connected.is_set():
-                    self._tg.start_soon(self._unsubscribe, sid)
+        sid = self._sub_of.pop(task.id, None)
+        if sid is not None and not ended and self._tg is not None and self._connected.is_set():
+            self._tg.start_soon(self._unsubscribe, sid)
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         if self._tg is not None:

@@ -1,6 +1,6 @@
 """The functional core: no I/O, no clock, no randomness. Time and random draws are arguments."""
 
-from ._events import EVENT_KINDS, TaskEvent, event_from_change
+from ._events import EVENT_KINDS, EventDeriver, TaskEvent, event_from_change
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
 from ._leader import Batch, Decision, LeaderPolicy, LeaderView
 from ._model import (
@@ -55,6 +55,7 @@ __all__ = [
     "Compare",
     "Decision",
     "Delete",
+    "EventDeriver",
     "Fence",
     "KeyValue",
     "Keyspace",

@@ -45,51 +45,96 @@ class TaskEvent:
 
 
 def event_from_change(ks: Keyspace, change: WatchEvent) -> TaskEvent | None:
-    """The task event a change of a state key means, if any."""
-    if change.kind != "PUT":
-        return None
-    parsed = ks.parse(change.kv.key)
-    if parsed is None or parsed.kind != "state" or parsed.task_id is None or parsed.state is None:
-        return None
-    record = parse_record(parsed.state, change.kv.value)
-    tid, rev = parsed.task_id, change.kv.mod_revision
-    state = parsed.state
-    if state in (State.PENDING, State.DELAYED):
-        if record.reason == "created":
-            return TaskEvent(kind="queued", task_id=tid, revision=rev, attempt=record.attempts)
-        if record.reason in ("retry", "stalled"):
-            return TaskEvent(
-                kind="failed",
-                task_id=tid,
-                revision=rev,
-                attempt=record.attempts,
-                error=record.error,
-                will_retry=True,
+    """The main task event a change of a state key means, if any (no memory: a start told
+    together with an outcome is not repeated; see :class:`EventDeriver` for that)."""
+    events = EventDeriver(ks).derive(change)
+    return events[-1] if events else None
+
+
+@attrs.define
+class EventDeriver:
+    """Turns the puts of state keys into task events, in order.
+
+    A worker announces a start by rewriting its processing record with ``started_at``,
+    but only once the attempt has run a little while: a quick attempt's start is told
+    with its outcome (whose record carries ``started_at``), which saves a write per task.
+    This remembers which attempts have had their start told, so that it is told once.
+    Deletions carry no events; previous values are not needed.
+    """
+
+    ks: Keyspace
+    _started: dict[TaskId, int] = attrs.Factory(dict)
+
+    def reset(self) -> None:
+        """Forget what was told (after missing changes): a start may be told twice."""
+        self._started.clear()
+
+    def derive(self, change: WatchEvent) -> list[TaskEvent]:
+        """The events one change means (none, one, or a start and then an outcome)."""
+        if change.kind != "PUT":
+            return []
+        parsed = self.ks.parse(change.kv.key)
+        if parsed is None or parsed.kind != "state" or parsed.task_id is None:
+            return []
+        state = parsed.state
+        if state is None:
+            return []
+        record = parse_record(state, change.kv.value)
+        tid, rev, attempt = parsed.task_id, change.kv.mod_revision, record.attempts
+        if state is State.PROCESSING:
+            if record.started_at is None:
+                self._started.pop(tid, None)
+                return [
+                    TaskEvent(
+                        kind="assigned",
+                        task_id=tid,
+                        revision=rev,
+                        attempt=attempt,
+                        node=record.node,
+                    )
+                ]
+            out = self._start(tid, rev, attempt, record.node)
+            if record.progress is not None:
+                out.append(
+                    TaskEvent(
+                        kind="updated",
+                        task_id=tid,
+                        revision=rev,
+                        attempt=attempt,
+                        node=record.node,
+                        data=record.progress,
+                    )
+                )
+            return out
+        if state in (State.PENDING, State.DELAYED):
+            if record.reason == "created":
+                return [TaskEvent(kind="queued", task_id=tid, revision=rev, attempt=attempt)]
+            if record.reason not in ("retry", "stalled"):
+                return []  # promoted, or put back by hand
+        # An outcome: completed, failed for good, or failed to be retried.
+        out = self._start(tid, rev, attempt, None) if record.started_at is not None else []
+        self._started.pop(tid, None)
+        if state is State.COMPLETED:
+            out.append(
+                TaskEvent(
+                    kind="completed", task_id=tid, revision=rev, attempt=attempt, data=record.result
+                )
             )
-        return None
-    if state is State.PROCESSING:
-        prev = (
-            parse_record(State.PROCESSING, change.prev.value)
-            if change.prev is not None and change.prev.create_revision == change.kv.create_revision
-            else None
-        )
-        common = {"task_id": tid, "revision": rev, "attempt": record.attempts, "node": record.node}
-        if prev is None:
-            return TaskEvent(kind="assigned", **common)  # type: ignore[arg-type]
-        if record.started_at is not None and prev.started_at is None:
-            return TaskEvent(kind="started", **common)  # type: ignore[arg-type]
-        if record.progress != prev.progress:
-            return TaskEvent(kind="updated", data=record.progress, **common)  # type: ignore[arg-type]
-        return None
-    if state is State.COMPLETED:
-        return TaskEvent(
-            kind="completed", task_id=tid, revision=rev, attempt=record.attempts, data=record.result
-        )
-    return TaskEvent(
-        kind="failed",
-        task_id=tid,
-        revision=rev,
-        attempt=record.attempts,
-        error=record.error,
-        will_retry=False,
-    )
+        else:
+            out.append(
+                TaskEvent(
+                    kind="failed",
+                    task_id=tid,
+                    revision=rev,
+                    attempt=attempt,
+                    error=record.error,
+                    will_retry=state is not State.FAILED,
+                )
+            )
+        return out
+
+    def _start(self, tid: TaskId, rev: int, attempt: int, node: NodeId | None) -> list[TaskEvent]:
+        if self._started.get(tid) == attempt:
+            return []
+        self._started[tid] = attempt
+        return [TaskEvent(kind="started", task_id=tid, revision=rev, attempt=attempt, node=node)]

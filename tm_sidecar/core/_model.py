@@ -186,7 +186,9 @@ class Record:
     node: NodeId | None = None  # processing
     session: int | None = None  # processing: the node's lease when assigned
     deadline_at: float | None = None  # processing, when the task has a timeout
-    started_at: float | None = None  # processing, once the worker has started
+    # When the worker started the attempt: in processing once announced, and in the
+    # record the attempt's outcome writes.
+    started_at: float | None = None
     progress: JSON = None  # processing
     result: JSON = None  # completed
     error: TaskError | None = None  # failed; the last error in pending/delayed after a retry

@@ -61,6 +61,7 @@ def succeeded(record: Record, *, result: object, now: float) -> Record:
         attempts=record.attempts,
         options=record.options,
         since_at=now,
+        started_at=record.started_at,
         result=result,
     )
 
@@ -80,6 +81,7 @@ def after_failure(
             attempts=record.attempts,
             options=record.options,
             since_at=now,
+            started_at=record.started_at,
             error=error,
         )
     delay = backoff_delay_s(record.options.backoff, record.attempts, fraction)
@@ -89,6 +91,7 @@ def after_failure(
             attempts=record.attempts,
             options=record.options,
             since_at=now,
+            started_at=record.started_at,
             error=error,
             reason=reason,
         )
@@ -98,6 +101,7 @@ def after_failure(
         options=record.options,
         since_at=now,
         due_at=now + delay,
+        started_at=record.started_at,
         error=error,
         reason=reason,
     )

@@ -1,0 +1,212 @@
+"""Group commit: requests that arrive while a batch is in flight go together in the next.
+
+One etcd request per task step cannot reach the throughput etcd itself allows: most of
+the cost is per request (HTTP framing, JSON, a raft round), not per key. A
+:class:`GroupCommit` sends the first request at once (no added latency when idle) and,
+while it is in flight, collects the ones that arrive; those go out together as soon as a
+slot frees up. Under load batches grow by themselves; idle, a request goes alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from typing import Generic, TypeVar
+
+import attrs
+import trio
+
+from ._errors import EtcdError, EtcdUnavailable
+from ._etcd import Etcd
+from .core import MAX_TXN_OPS, Txn, TxnResult
+
+log = logging.getLogger("tm_sidecar.group")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: What one batch sends at most, in raw key and value bytes: etcd refuses requests over
+#: 1.5 MiB by default (--max-request-bytes), and leaves room for the keys and framing.
+MAX_BATCH_BYTES = 1024 * 1024
+
+
+@attrs.define(eq=False)
+class _Waiter(Generic[T, R]):
+    item: T
+    size: int
+    keys: frozenset[Hashable]
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: R | None = None
+    error: BaseException | None = None
+    abandoned: bool = False
+
+
+class GroupCommit(Generic[T, R]):
+    """Batches concurrent submissions; ``commit`` answers one result (or error) per item.
+
+    ``commit`` receives at most ``max_items`` items of at most ``max_bytes`` together
+    (an item bigger than that goes alone) and never two items that share one of their
+    ``keys`` (etcd refuses a transaction that names a key twice).
+    Run :meth:`run` in a nursery; without it (before start or after stop),
+    :meth:`submit` commits its item alone, so that shutdown paths still work.
+    """
+
+    def __init__(
+        self,
+        commit: Callable[[Sequence[T]], Awaitable[Sequence[R | BaseException]]],
+        *,
+        max_items: int,
+        max_bytes: int = MAX_BATCH_BYTES,
+        in_flight: int = 2,
+        size: Callable[[T], int] = lambda item: 0,
+        keys: Callable[[T], Iterable[Hashable]] = lambda item: (id(item),),
+        name: str = "batch",
+    ) -> None:
+        self._commit = commit
+        self._max_items = max_items
+        self._max_bytes = max_bytes
+        self._size = size
+        self._keys = keys
+        self._name = name
+        self._slots = trio.Semaphore(in_flight)
+        self._queue: deque[_Waiter[T, R]] = deque()
+        self._wake = trio.Event()
+        self._running = False
+        #: Batches committed and items in them, for metrics and benchmarks.
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: T) -> R:
+        """Commit ``item`` with whatever else is waiting; its result, or its error raised."""
+        if not self._running:
+            answer = (await self._commit([item]))[0]
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+        waiter: _Waiter[T, R] = _Waiter(item, self._size(item), frozenset(self._keys(item)))
+        self._queue.append(waiter)
+        self._wake.set()
+        try:
+            await waiter.done.wait()
+        except trio.Cancelled:
+            waiter.abandoned = True  # still queued: it is dropped; in flight: it lands
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result  # type: ignore[return-value]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send batches until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._running = True
+                task_status.started()
+                while True:
+                    while not self._queue:
+                        self._wake = trio.Event()
+                        await self._wake.wait()
+                    await self._slots.acquire()
+                    batch = self._take()
+                    if batch:
+                        nursery.start_soon(self._send, batch)
+                    else:
+                        self._slots.release()
+        finally:
+            self._running = False
+            for waiter in self._queue:
+                waiter.error = EtcdUnavailable(f"{self._name}: the sidecar is stopping")
+                waiter.done.set()
+            self._queue.clear()
+
+    def _take(self) -> list[_Waiter[T, R]]:
+        batch: list[_Waiter[T, R]] = []
+        keys: set[Hashable] = set()
+        size = 0
+        deferred: list[_Waiter[T, R]] = []
+        while self._queue and len(batch) < self._max_items:
+            waiter = self._queue.popleft()
+            if waiter.abandoned:
+                continue
+            if batch and (size + waiter.size > self._max_bytes or not keys.isdisjoint(waiter.keys)):
+                deferred.append(waiter)
+                if size + waiter.size > self._max_bytes:
+                    break
+                continue
+            batch.append(waiter)
+            keys |= waiter.keys
+            size += waiter.size
+        self._queue.extendleft(reversed(deferred))
+        return batch
+
+    async def _send(self, batch: list[_Waiter[T, R]]) -> None:
+        try:
+            answers = await self._commit([w.item for w in batch])
+            for waiter, answer in zip(batch, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    waiter.error = answer
+                else:
+                    waiter.result = answer
+        except Exception as exc:
+            for waiter in batch:
+                waiter.error = exc
+        finally:
+            self.batches += 1
+            self.items += len(batch)
+            for waiter in batch:
+                waiter.done.set()
+            self._slots.release()
+
+
+def merge_txns(txns: Sequence[Txn]) -> Txn:
+    """Several guarded transactions as one: every compare, then every success op.
+
+    It succeeds only if each part would have; failure branches are dropped (a caller that
+    needs one part's answer commits that part alone).
+    """
+    return Txn(
+        compare=tuple(c for t in txns for c in t.compare),
+        success=tuple(op for t in txns for op in t.success),
+    )
+
+
+def txn_group(
+    etcd: Etcd, *, ops_per_item: int, name: str, in_flight: int = 2
+) -> GroupCommit[Txn, TxnResult]:
+    """Group commit of independent guarded transactions (creates, reports).
+
+    The batch is one transaction. If it fails (a compare did not hold) or etcd refuses it
+    (a missing key, say), each part is committed alone, so that every item gets its own
+    answer; unavailability is every item's answer, for the caller to retry.
+    """
+
+    async def commit(txns: Sequence[Txn]) -> Sequence[TxnResult | BaseException]:
+        if len(txns) == 1:
+            return [await etcd.txn(txns[0])]
+        try:
+            result = await etcd.txn(merge_txns(txns))
+            if result.succeeded:
+                return [result] * len(txns)
+        except EtcdUnavailable:
+            raise
+        except EtcdError as exc:
+            log.debug("%s of %d refused (%s): committing each alone", name, len(txns), exc)
+        answers: list[TxnResult | BaseException] = []
+        for txn in txns:
+            try:
+                answers.append(await etcd.txn(txn))
+            except Exception as exc:
+                answers.append(exc)
+        return answers
+
+    def size(txn: Txn) -> int:
+        return sum(len(getattr(op, "value", "")) + len(op.key) for op in txn.success)
+
+    return GroupCommit(
+        commit,
+        max_items=MAX_TXN_OPS // ops_per_item,
+        in_flight=in_flight,
+        size=size,
+        keys=lambda txn: [op.key for op in txn.success],
+        name=name,
+    )
