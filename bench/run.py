@@ -95,7 +95,7 @@ async def ceiling(env: Env) -> Result:
 
 async def throughput(env: Env, sidecars: int) -> Result:
     """No-op tasks created, run and completed end to end through the SDK."""
-    n = env.scale(3000)
+    n = env.scale(3200)
     async with env.sidecars(sidecars) as procs:
         done = 0
         managers = [TaskManager(str(p.socket_path)) for p in procs]
@@ -117,7 +117,7 @@ async def throughput(env: Env, sidecars: int) -> Result:
                     await t.result(timeout=600)
                     done += 1
 
-            per = n // (64 * len(managers))
+            per = n // (64 * len(managers))  # 64 producers per sidecar, each one at a time
             async with trio.open_nursery() as producers:
                 for m in managers:
                     for _ in range(64):

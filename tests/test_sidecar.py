@@ -462,6 +462,8 @@ async def test_a_payload_deleted_by_hand_fails_its_task_cleanly(
     async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
         doomed = await sc.create({"n": 1})
         await sc.etcd.delete(ks.task(doomed.id))
+        # As if another sidecar had created it: this one has no copy of the task to run.
+        assert sc.agent.recent.take(doomed.id) is not None
 
         async def handler(task: TaskContext) -> str:
             return "ok"

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 import traceback
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing, nullcontext
 from typing import Any
@@ -148,10 +149,43 @@ class Running:
 
 
 @attrs.define(eq=False)
+class RecentTasks:
+    """Tasks this sidecar created lately, so that an attempt of one that runs here needs
+    no read: a task record never changes once written, so the copy is as good.
+
+    Bounded by count and by payload bytes; the oldest go first.
+    """
+
+    max_items: int = 10_000
+    max_bytes: int = 16 * 1024 * 1024
+    _specs: OrderedDict[TaskId, tuple[TaskSpec, int]] = attrs.Factory(OrderedDict)
+    _bytes: int = 0
+
+    def add(self, spec: TaskSpec, size: int) -> None:
+        """Remember ``spec`` (``size``: its payload's encoded length)."""
+        if size > self.max_bytes // 8:
+            return
+        self._specs[spec.id] = (spec, size)
+        self._bytes += size
+        while len(self._specs) > self.max_items or self._bytes > self.max_bytes:
+            _, (_, dropped) = self._specs.popitem(last=False)
+            self._bytes -= dropped
+
+    def take(self, task_id: TaskId) -> TaskSpec | None:
+        """The spec of ``task_id`` if remembered (and forget it: a retry reads it)."""
+        found = self._specs.pop(task_id, None)
+        if found is None:
+            return None
+        self._bytes -= found[1]
+        return found[0]
+
+
+@attrs.define(eq=False)
 class AgentState:
     """The assignments running here."""
 
     running: dict[TaskId, Running] = attrs.Factory(dict)
+    recent: RecentTasks = attrs.Factory(RecentTasks)
     idle: trio.Event = attrs.Factory(trio.Event)
     completed: int = 0
     failed: int = 0
@@ -200,6 +234,7 @@ async def run_agent(
     async with trio.open_nursery() as nursery:
         await nursery.start(reports.run)
         await nursery.start(specs.run)
+        nursery.start_soon(io.announcer.run, io)
 
         def consider(kv: KeyValue) -> None:
             parsed = ks.parse(kv.key)
@@ -266,13 +301,55 @@ SPEC_READ_BATCH = 32
 ANNOUNCE_AFTER_S = 0.05
 
 
-@attrs.frozen
+@attrs.define(eq=False)
+class Attempt:
+    """An attempt running here, as the announcer sees it."""
+
+    slot: Slot
+    record: Record
+    announced: bool = False
+
+
+@attrs.define(eq=False)
+class Announcer:
+    """Announces the start of each attempt still running ``ANNOUNCE_AFTER_S`` after it
+    began: one task for all of them, FIFO, since every attempt waits the same time."""
+
+    _queue: deque[tuple[float, Attempt]] = attrs.Factory(deque)
+    _wake: trio.Event = attrs.Factory(trio.Event)
+
+    def add(self, attempt: Attempt) -> None:
+        """Announce ``attempt`` in due time unless it is announced (or over) by then."""
+        self._queue.append((trio.current_time() + ANNOUNCE_AFTER_S, attempt))
+        self._wake.set()
+
+    async def run(self, io: AgentIO) -> None:
+        """Announce until cancelled."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                while not self._queue:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                due, attempt = self._queue[0]
+                now = trio.current_time()
+                if due > now:
+                    # A little late rather than a wake-up per attempt under load.
+                    await trio.sleep(max(due - now, 0.01))
+                    continue
+                self._queue.popleft()
+                if not attempt.announced:
+                    attempt.announced = True
+                    nursery.start_soon(_announce, io, attempt)
+
+
+@attrs.define(eq=False)
 class AgentIO:
     """The agent's ways to etcd: batched reports and task reads, and the client itself."""
 
     etcd: Etcd
     reports: GroupCommit[Txn, TxnResult]
     specs: GroupCommit[str, KeyValue | None]
+    announcer: Announcer = attrs.Factory(Announcer)
 
 
 def error_from_exception(exc: BaseException) -> TaskError:
@@ -321,15 +398,17 @@ async def _run_one(
 
     try:
         with scope:
-            spec_kv = await retrying(lambda: io.specs.submit(ks.task(tid)), what="read task")
-            if spec_kv is None:
-                missing = TaskError(
-                    type="TaskMissing", message="the task record is gone", retryable=False
-                )
-                running.reporting = True
-                await _report(io, ks, slot, failed(missing), retention, state, touch=False)
-                return
-            spec = TaskSpec.from_json(spec_kv.value)
+            spec = state.recent.take(tid)
+            if spec is None:
+                spec_kv = await retrying(lambda: io.specs.submit(ks.task(tid)), what="read task")
+                if spec_kv is None:
+                    missing = TaskError(
+                        type="TaskMissing", message="the task record is gone", retryable=False
+                    )
+                    running.reporting = True
+                    await _report(io, ks, slot, failed(missing), retention, state, touch=False)
+                    return
+                spec = TaskSpec.from_json(spec_kv.value)
             reg = registry.pick(current.options.queue)
             if reg is None:
                 queue = current.options.queue
@@ -339,28 +418,20 @@ async def _run_one(
                 running.reporting = True
                 await _report(io, ks, slot, failed(no_handler), retention, state)
                 return
-            async with reg.limiter, trio.open_nursery() as announcing:
+            async with reg.limiter:
                 current = attrs.evolve(current, started_at=clock())
-                announced = False
+                attempt = Attempt(slot, current)
+                io.announcer.add(attempt)
                 if state.on_start is not None and current.attempts == 1:
                     due = spec.run_at if spec.run_at is not None else spec.created_at
                     state.on_start(max(0.0, (current.started_at or due) - due))
 
-                async def announce() -> None:
-                    nonlocal announced
-                    await trio.sleep(ANNOUNCE_AFTER_S)
-                    if not announced:
-                        announced = True
-                        await _update(io, slot, current)
-
-                announcing.start_soon(announce)
-
                 async def progress(value: JSON) -> bool:
-                    nonlocal current, announced
+                    nonlocal current
                     if len(dumps(value).encode()) > MAX_PROGRESS_BYTES:
                         raise PayloadTooLarge(f"progress over {MAX_PROGRESS_BYTES} bytes")
-                    current = attrs.evolve(current, progress=value)
-                    announced = True
+                    current = attempt.record = attrs.evolve(current, progress=value)
+                    attempt.announced = True  # this write tells the start
                     return await _update(io, slot, current)
 
                 ctx = TaskContext(tid, spec.payload, current.attempts, spec, progress)
@@ -389,8 +460,7 @@ async def _run_one(
                 except Exception as exc:
                     outcome = failed(error_from_exception(exc))
                 # The outcome tells the start if the announcement has not gone yet.
-                announced = True
-                announcing.cancel_scope.cancel()
+                attempt.announced = True
             running.reporting = True
             await _report(io, ks, slot, outcome, retention, state)
         if scope.cancelled_caught:
@@ -418,11 +488,19 @@ async def _run_one(
 MAX_PROGRESS_BYTES = 64 * 1024
 
 
-async def _update(io: AgentIO, slot: Slot, record: Record) -> bool:
+async def _announce(io: AgentIO, attempt: Attempt) -> None:
+    # Refused or too late (the outcome may overtake it): the outcome tells the start.
+    try:
+        await _update(io, attempt.slot, attempt.record, quiet=True)
+    except Exception as exc:
+        log.warning("start of task=%s not announced: %s", attempt.slot.task_id, exc)
+
+
+async def _update(io: AgentIO, slot: Slot, record: Record, *, quiet: bool = False) -> bool:
     """Rewrite the assignment record (started, progress); False if the attempt is over."""
     txn = plan_update(slot, record)
     result = await retrying(lambda: io.reports.submit(txn), what="report update")
-    if not result.succeeded:
+    if not result.succeeded and not quiet:
         log.warning(
             "stale report rejected: task=%s attempt=%d is no longer assigned here",
             slot.task_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import aclosing
 
 import attrs
@@ -17,13 +18,18 @@ log = logging.getLogger("tm_sidecar.events")
 
 @attrs.define(eq=False)
 class Subscription:
-    """A stream of task events; iterate it, and close it when done."""
+    """A stream of task events; iterate it, and close it when done.
+
+    Made with a callback instead, it has no stream: the hub calls ``deliver`` with each
+    event as it comes (it must not block), which costs no task and no channel.
+    """
 
     hub: EventHub
     task_id: TaskId | None
     send: trio.MemorySendChannel[TaskEvent]
     receive: trio.MemoryReceiveChannel[TaskEvent]
     overflowed: bool = False
+    deliver: Callable[[TaskEvent], None] | None = None
 
     def __aiter__(self) -> Subscription:
         return self
@@ -62,10 +68,12 @@ class EventHub:
     def __attrs_post_init__(self) -> None:
         self._deriver = EventDeriver(self.ks)
 
-    def subscribe(self, task_id: TaskId | None = None) -> Subscription:
+    def subscribe(
+        self, task_id: TaskId | None = None, deliver: Callable[[TaskEvent], None] | None = None
+    ) -> Subscription:
         """Events of one task, or of every task; they start with the next change."""
-        send, receive = trio.open_memory_channel[TaskEvent](self.buffer)
-        sub = Subscription(self, task_id, send, receive)
+        send, receive = trio.open_memory_channel[TaskEvent](0 if deliver else self.buffer)
+        sub = Subscription(self, task_id, send, receive, deliver=deliver)
         if task_id is None:
             self._all.add(sub)
         else:
@@ -84,6 +92,9 @@ class EventHub:
 
     def _publish(self, event: TaskEvent) -> None:
         for sub in [*self._all, *self._by_task.get(event.task_id, ())]:
+            if sub.deliver is not None:
+                sub.deliver(event)
+                continue
             try:
                 sub.send.send_nowait(event)
             except trio.WouldBlock:

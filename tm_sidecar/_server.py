@@ -32,8 +32,19 @@ from ._errors import (
     TaskManagerError,
     Unavailable,
 )
+from ._hub import Subscription
 from ._sidecar import Sidecar, TaskInfo, is_final
-from .core import JSON, Backoff, State, TaskError, TaskId, TaskOptions, check_name, dumps
+from .core import (
+    JSON,
+    Backoff,
+    State,
+    TaskError,
+    TaskEvent,
+    TaskId,
+    TaskOptions,
+    check_name,
+    dumps,
+)
 
 log = logging.getLogger("tm_sidecar.server")
 
@@ -86,7 +97,7 @@ class Connection:
     hello: bool = False
     registrations: dict[int, Registration] = attrs.Factory(dict)
     deliveries: dict[int, _Delivery] = attrs.Factory(dict)
-    subscriptions: dict[int, trio.CancelScope] = attrs.Factory(dict)
+    subscriptions: dict[int, Subscription] = attrs.Factory(dict)
     written: trio.Event = attrs.Factory(trio.Event)
     closed: bool = False
 
@@ -192,8 +203,9 @@ class SocketServer:
                     message="the worker's connection closed during the attempt",
                 )
                 delivery.done.set()
-        for scope in conn.subscriptions.values():
-            scope.cancel()
+        for sub in conn.subscriptions.values():
+            sub.close()
+        conn.subscriptions.clear()
 
     async def _write(self, conn: Connection) -> None:
         try:
@@ -328,13 +340,14 @@ class SocketServer:
         # Subscribed before the task exists, so that no event of it can be missed; the
         # subscription ends with the task's final event.
         task_id = task_id or self.sidecar.new_task_id()
-        sid, scope = self._subscribe(conn, task_id, until_final=True)
+        sid, sub = self._subscribe(conn, task_id, until_final=True)
         try:
             spec = await self.sidecar.create(
                 frame.get("payload"), options=options, run_at=run_at, task_id=task_id
             )
         except BaseException:
-            scope.cancel()
+            conn.subscriptions.pop(sid, None)
+            sub.close()
             raise
         return {"task_id": spec.id, "subscription": sid}
 
@@ -364,29 +377,25 @@ class SocketServer:
 
     def _subscribe(
         self, conn: Connection, task_id: TaskId | None, *, until_final: bool
-    ) -> tuple[int, trio.CancelScope]:
+    ) -> tuple[int, Subscription]:
         sid = next(_ids)
-        sub = self.sidecar.subscribe(task_id)
-        scope = trio.CancelScope()
-        conn.subscriptions[sid] = scope
 
-        async def forward() -> None:
-            with scope, sub:
-                async for event in sub:
-                    conn.push({"push": "event", "subscription": sid, "event": event.to_json()})
-                    if until_final and is_final(event):
-                        break
-            conn.subscriptions.pop(sid, None)
+        # Called by the hub for each event: no task, no channel per subscription.
+        def deliver(event: TaskEvent) -> None:
+            conn.push({"push": "event", "subscription": sid, "event": event.to_json()})
+            if until_final and is_final(event):
+                conn.subscriptions.pop(sid, None)
+                sub.close()
 
-        assert conn.nursery is not None
-        conn.nursery.start_soon(forward)
-        return sid, scope
+        sub = self.sidecar.subscribe(task_id, deliver=deliver)
+        conn.subscriptions[sid] = sub
+        return sid, sub
 
     async def op_unsubscribe(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        scope = conn.subscriptions.pop(int(frame["subscription"]), None)
-        if scope is not None:
-            scope.cancel()
-        return scope is not None
+        sub = conn.subscriptions.pop(int(frame["subscription"]), None)
+        if sub is not None:
+            sub.close()
+        return sub is not None
 
     async def op_register(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         queue = check_name("queue", frame.get("queue", "default"))

@@ -366,6 +366,7 @@ class Sidecar:
             return TaskSpec.from_json(existing.value)
         self._live_tasks += 1
         self._created += 1
+        self.agent.recent.add(spec, len(encoded))
         return spec
 
     def register(
@@ -374,9 +375,12 @@ class Sidecar:
         """Run tasks of ``queue`` on ``handler``, up to ``concurrency`` at once."""
         return self.registry.register(queue, handler, concurrency)
 
-    def subscribe(self, task_id: TaskId | None = None) -> Subscription:
-        """Events of one task, or of all; they start with the next change."""
-        return self.hub.subscribe(task_id)
+    def subscribe(
+        self, task_id: TaskId | None = None, deliver: Callable[[TaskEvent], None] | None = None
+    ) -> Subscription:
+        """Events of one task, or of all; they start with the next change. With
+        ``deliver``, the hub calls it with each event (it must not block) instead."""
+        return self.hub.subscribe(task_id, deliver)
 
     def _info(self, spec: TaskSpec, kvs: list[KeyValue], revision: int) -> TaskInfo:
         for kv in kvs:

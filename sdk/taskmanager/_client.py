@@ -8,6 +8,7 @@ etcd, so a result being waited for still arrives after a reconnect.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import inspect
@@ -55,11 +56,6 @@ def _new_task_id() -> str:
     return f"{int(time.time() * 1000):012x}-{random.getrandbits(48):012x}"
 
 
-async def _call_all(calls: list[tuple[Callback, tuple[Any, ...]]]) -> None:
-    for callback, args in calls:
-        await _call(callback, *args)
-
-
 async def _call(callback: Callback, *args: Any) -> None:
     try:
         result = callback(*args)
@@ -87,6 +83,9 @@ class Task:
         self.error: dict[str, Any] | None = None
         self._callbacks: dict[str, list[Callback]] = {}
         self._final = anyio.Event()
+        # Callbacks run in one task per Task, in event order, off the connection's reader.
+        self._calls: collections.deque[tuple[Callback, tuple[Any, ...]]] = collections.deque()
+        self._calling = False
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state or 'uncommitted'}>"
@@ -250,11 +249,21 @@ class Task:
         elif final == "failure":
             calls += [(cb, (self.error,)) for cb in self._callbacks.get("failure", [])]
         if calls:
-            self.manager._spawn(_call_all, calls)
+            self._calls.extend(calls)
+            if not self._calling:
+                self._calling = self.manager._spawn(self._run_calls)
         if final is not None:
             self._final.set()
             # A final event from the stream ended the subscription on the sidecar's side.
             self.manager._untrack(self, ended=streamed)
+
+    async def _run_calls(self) -> None:
+        try:
+            while self._calls:
+                callback, args = self._calls.popleft()
+                await _call(callback, *args)
+        finally:
+            self._calling = False
 
 
 #: How long result() trusts the event stream alone before it reads the task once.
@@ -764,9 +773,11 @@ class TaskManager:
         if sid is not None and not ended and self._tg is not None and self._connected.is_set():
             self._tg.start_soon(self._unsubscribe, sid)
 
-    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        if self._tg is not None:
-            self._tg.start_soon(fn, *args)
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
+        if self._tg is None:
+            return False
+        self._tg.start_soon(fn, *args)
+        return True
 
     async def _unsubscribe(self, sid: int) -> None:
         with contextlib.suppress(TaskManagerError):
