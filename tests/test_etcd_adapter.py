@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
 
@@ -13,7 +14,18 @@ from tests.helpers import Observed
 from tm_sidecar import Compacted, Etcd, EtcdConfig, EtcdError, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess, free_port
 from tm_sidecar._etcd import Changes, Reset
-from tm_sidecar.core import Compare, Delete, Op, Put, Range, Target, Touch, Txn, WatchEvent
+from tm_sidecar.core import (
+    Compare,
+    Delete,
+    KeyValue,
+    Op,
+    Put,
+    Range,
+    Target,
+    Touch,
+    Txn,
+    WatchEvent,
+)
 
 
 @pytest.fixture(params=["native", "etcd3"])
@@ -51,6 +63,25 @@ async def test_list_prefix_pages_at_one_revision(etcd: Etcd, namespace: str) -> 
     await etcd.put(p + "zzz", "late")
     assert [kv.value for kv in kvs] == [str(i) for i in range(25)]
     assert revision == max(kv.mod_revision for kv in kvs)
+
+
+async def test_a_listing_can_go_page_by_page_to_a_worker_thread(etcd: Etcd, namespace: str) -> None:
+    p = f"/{namespace}/"
+    for i in range(25):
+        await etcd.put(f"{p}{i:03d}", str(i))
+    pages: list[list[str]] = []
+    threads: set[int] = set()
+
+    def consume(kvs: Sequence[KeyValue]) -> None:
+        threads.add(threading.get_ident())
+        pages.append([kv.value for kv in kvs])
+
+    kvs, revision = await etcd.list_prefix(p, page=7, consume=consume)
+    assert kvs == ()
+    assert [len(page) for page in pages] == [7, 7, 7, 4]
+    assert [v for page in pages for v in page] == [str(i) for i in range(25)]
+    assert threading.get_ident() not in threads  # off the event loop
+    assert revision == (await etcd.get(f"{p}024") or KeyValue("", "", 0, 0, 0)).mod_revision
 
 
 async def test_txn_compares_on_version_create_and_mod_revision(etcd: Etcd, namespace: str) -> None:
@@ -141,6 +172,26 @@ async def test_informer_lists_then_watches(etcd: Etcd, namespace: str) -> None:
     assert [(e.kind, e.kv.key) for e in events] == [("PUT", p + "after"), ("DELETE", p + "before")]
     assert events[1].prev is not None
     assert events[1].prev.value == "0"
+
+
+async def test_an_informer_can_hand_its_listing_to_a_loader(etcd: Etcd, namespace: str) -> None:
+    p = f"/{namespace}/"
+    for i in range(5):
+        await etcd.put(f"{p}{i}", str(i))
+
+    class Collect:
+        def __init__(self) -> None:
+            self.values: list[str] = []
+
+        def load(self, kvs: Sequence[KeyValue]) -> None:
+            self.values += [kv.value for kv in kvs]
+
+    async with aclosing(etcd.informer(p, loader=Collect, page=2, prev_kv=False)) as items:
+        async for item in items:
+            assert isinstance(item, Reset)
+            assert item.kvs == ()
+            assert item.loaded.values == ["0", "1", "2", "3", "4"]
+            break
 
 
 async def test_unreachable_etcd_is_unavailable_quickly() -> None:

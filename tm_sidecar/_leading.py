@@ -70,17 +70,20 @@ async def run_leader(
         nonlocal changed
         # Every key the leader needs sorts between delayed/ and task/: completed records
         # and payloads stay out of its view.
+        # Parsing a large backlog takes seconds of CPU: the listing goes to a view in a
+        # worker thread, page by page while the next page comes, so that keep-alives (and
+        # everything else) go on meanwhile.
         stream = etcd.informer(
-            ks.state_prefix(State.DELAYED), range_end=ks.prefix + "task", prev_kv=False
+            ks.state_prefix(State.DELAYED),
+            range_end=ks.prefix + "task",
+            prev_kv=False,
+            loader=lambda: LeaderView(ks),
+            page=5000,
         )
         async with aclosing(stream) as _items:
             async for item in _items:
                 if isinstance(item, Reset):
-                    # Parsing a large backlog takes seconds of CPU: off the event loop, so
-                    # that keep-alives (and everything else) go on meanwhile.
-                    state.view = await trio.to_thread.run_sync(
-                        LeaderView.from_listing, ks, item.kvs, item.revision
-                    )
+                    state.view = item.loaded.listed(item.revision)
                     log.info(
                         "leader view listed revision=%d pending=%d delayed=%d processing=%d "
                         "nodes=%d",

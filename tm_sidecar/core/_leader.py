@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -78,11 +78,20 @@ class LeaderView:
     def from_listing(cls, ks: Keyspace, kvs: Iterable[KeyValue], revision: int) -> LeaderView:
         """A view built from a full listing of the namespace at ``revision``."""
         view = cls(ks)
+        view.load(kvs)
+        return view.listed(revision)
+
+    def load(self, kvs: Iterable[KeyValue]) -> None:
+        """Take in part of a listing (then :meth:`listed`)."""
         for kv in kvs:
-            view._put(kv)
-        view.revision = revision
-        view._suspects.update(view.processing)
-        return view
+            # Listed values are seen once: the shared parse cache would only churn.
+            self._put(kv, Record.from_json)
+
+    def listed(self, revision: int) -> LeaderView:
+        """The listing taken in with :meth:`load` was at ``revision``: the view is ready."""
+        self.revision = revision
+        self._suspects.update(self.processing)
+        return self
 
     def apply(self, event: WatchEvent) -> None:
         """Apply one change seen by the watch."""
@@ -98,7 +107,7 @@ class LeaderView:
         self.revision = max(self.revision, revision)
         self._release_settled()
 
-    def _put(self, kv: KeyValue) -> None:
+    def _put(self, kv: KeyValue, parse: Callable[[State, str], Record] = parse_record) -> None:
         parsed = self.ks.parse(kv.key)
         if parsed is None:
             return
@@ -111,7 +120,7 @@ class LeaderView:
             return
         if parsed.kind != "state" or parsed.task_id is None or parsed.state is None:
             return
-        tid, record = parsed.task_id, parse_record(parsed.state, kv.value)
+        tid, record = parsed.task_id, parse(parsed.state, kv.value)
         slot = Slot(tid, kv.key, kv.create_revision, kv.mod_revision, record)
         if parsed.state is State.PENDING:
             fresh = (
