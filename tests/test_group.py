@@ -49,9 +49,9 @@ async def test_concurrent_items_share_transactions(etcd: Etcd, namespace: str) -
     keys = [f"/{namespace}/k{i:03}" for i in range(200)]
     answers = await submit_all(group, [create(k) for k in keys])
     assert all(isinstance(a, TxnResult) and a.succeeded for a in answers)
-    assert group.items == 200
+    assert group.stats.items == 200
     # The first goes alone; the rest queue behind it and go together, 128 at most.
-    assert group.batches < 20
+    assert group.stats.batches < 20
     for key in keys:
         assert await etcd.get(key) is not None
 
@@ -81,7 +81,7 @@ async def test_a_refused_item_does_not_take_the_batch_with_it(etcd: Etcd, namesp
     assert "key not found" in str(answers[7])
     rest = answers[:7] + answers[8:]
     assert all(isinstance(a, TxnResult) and a.succeeded for a in rest)
-    assert group.items == 21
+    assert group.stats.items == 21
 
 
 async def test_items_naming_the_same_key_go_in_different_batches(
@@ -132,4 +132,4 @@ async def test_without_its_loop_a_group_commits_each_item_alone(etcd: Etcd, name
     group = txn_group(etcd, ops_per_item=1, name="test")
     result = await group.submit(create(f"/{namespace}/alone"))
     assert result.succeeded
-    assert group.batches == 0  # not through the loop
+    assert group.stats.batches == 0  # not through the loop

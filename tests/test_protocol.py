@@ -141,6 +141,7 @@ wrong_types = st.fixed_dictionaries(
         "concurrency": junk_values,
         "delivery": junk_values,
         "subscribe": junk_values,
+        "events": junk_values,
         "until_final": junk_values,
         "timeout_s": st.floats(0, 0.2) | junk_values,
     },
@@ -239,6 +240,15 @@ def test_a_create_that_subscribes_sees_every_event_and_the_subscription_ends(
     assert raw.call("unsubscribe", subscription=sid)["result"] is False
     refused = raw.call("subscribe", until_final=True)
     assert refused["error"]["code"] == "invalid_request"
+    # Only the kinds asked for are pushed.
+    answer = raw.call("create", payload={"work_s": 0.2}, subscribe=True, events=["completed"])
+    frame = raw.pushed.pop(0) if raw.pushed else raw.frame()
+    assert frame is not None
+    assert frame["event"]["event"] == "completed"
+    assert frame["event"]["task_id"] == answer["result"]["task_id"]
+    for bad in (["finished"], [], "completed"):
+        refused = raw.call("create", payload={}, subscribe=True, events=bad)
+        assert refused["error"]["code"] == "invalid_request", bad
     raw.close()
 
 

@@ -100,6 +100,27 @@ async def test_events_callbacks_and_progress_in_order(
         assert outcome == [("progress", {"done": 0.5}), result]
 
 
+async def test_a_callback_added_after_commit_still_hears_its_event(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    async with sidecars(etcd_server, namespace, tmp_path, "n1") as (sc,):
+        async with TaskManager(str(sc.socket_path)) as manager:
+            release = trio.Event()
+
+            async def handler(task: WorkerTask) -> str:
+                await release.wait()
+                return "done"
+
+            await manager.process(handler)
+            task = await (await manager.create({})).commit()  # pushes: the outcome only
+            started: Observed[Any] = Observed()
+            task.on("started", started.add)
+            await started.wait_until(bool)  # announced while the handler runs
+            release.set()
+            assert await task.result(timeout=10) == "done"
+        assert started.items[0]["event"] == "started"
+
+
 async def test_failures_retries_timeouts_and_permanent_errors(
     etcd_server: EtcdProcess, namespace: str, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ import trio
 
 from ._errors import EtcdError, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
 from ._etcd import Changes, Etcd, Reset, retrying
-from ._group import GroupCommit, txn_group
+from ._group import GroupCommit, GroupStats, txn_group
 from ._session import RetentionLeases, Session
 from .core import (
     JSON,
@@ -186,6 +186,8 @@ class AgentState:
 
     running: dict[TaskId, Running] = attrs.Factory(dict)
     recent: RecentTasks = attrs.Factory(RecentTasks)
+    report_batches: GroupStats = attrs.Factory(GroupStats)
+    read_batches: GroupStats = attrs.Factory(GroupStats)
     idle: trio.Event = attrs.Factory(trio.Event)
     completed: int = 0
     failed: int = 0
@@ -220,14 +222,18 @@ async def run_agent(
     state._changed()
     # Under load many attempts read their task and report at once: each kind of request
     # goes to etcd in batches (see _group.py); alone, each goes at once.
-    reports = txn_group(etcd, ops_per_item=3, name="report")
+    reports = txn_group(etcd, ops_per_item=3, name="report", stats=state.report_batches)
 
     async def read(keys: Sequence[str]) -> list[KeyValue | None]:
         answer = await etcd.txn(Txn(success=tuple(Range(k) for k in keys)))
         return [r.kvs[0] if r.kvs else None for r in answer.ranges]
 
     specs: GroupCommit[str, KeyValue | None] = GroupCommit(
-        read, max_items=SPEC_READ_BATCH, keys=lambda key: (key,), name="task read"
+        read,
+        max_items=SPEC_READ_BATCH,
+        keys=lambda key: (key,),
+        name="task read",
+        stats=state.read_batches,
     )
     io = AgentIO(etcd, reports, specs)
 

@@ -32,6 +32,14 @@ MAX_BATCH_BYTES = 1024 * 1024
 
 
 @attrs.define(eq=False)
+class GroupStats:
+    """Batches a group sent and the items in them (their ratio is the batching won)."""
+
+    batches: int = 0
+    items: int = 0
+
+
+@attrs.define(eq=False)
 class _Waiter(Generic[T, R]):
     item: T
     size: int
@@ -62,6 +70,7 @@ class GroupCommit(Generic[T, R]):
         size: Callable[[T], int] = lambda item: 0,
         keys: Callable[[T], Iterable[Hashable]] = lambda item: (id(item),),
         name: str = "batch",
+        stats: GroupStats | None = None,
     ) -> None:
         self._commit = commit
         self._max_items = max_items
@@ -74,8 +83,7 @@ class GroupCommit(Generic[T, R]):
         self._wake = trio.Event()
         self._running = False
         #: Batches committed and items in them, for metrics and benchmarks.
-        self.batches = 0
-        self.items = 0
+        self.stats = stats or GroupStats()
 
     async def submit(self, item: T) -> R:
         """Commit ``item`` with whatever else is waiting; its result, or its error raised."""
@@ -151,8 +159,8 @@ class GroupCommit(Generic[T, R]):
             for waiter in batch:
                 waiter.error = exc
         finally:
-            self.batches += 1
-            self.items += len(batch)
+            self.stats.batches += 1
+            self.stats.items += len(batch)
             for waiter in batch:
                 waiter.done.set()
             self._slots.release()
@@ -171,7 +179,12 @@ def merge_txns(txns: Sequence[Txn]) -> Txn:
 
 
 def txn_group(
-    etcd: Etcd, *, ops_per_item: int, name: str, in_flight: int = 2
+    etcd: Etcd,
+    *,
+    ops_per_item: int,
+    name: str,
+    in_flight: int = 2,
+    stats: GroupStats | None = None,
 ) -> GroupCommit[Txn, TxnResult]:
     """Group commit of independent guarded transactions (creates, reports).
 
@@ -209,4 +222,5 @@ def txn_group(
         size=size,
         keys=lambda txn: [op.key for op in txn.success],
         name=name,
+        stats=stats,
     )

@@ -51,6 +51,24 @@ class _Snapshot(Collector):
             "tm_running", "Attempts running on this node.", value=len(sc.agent.running)
         )
         yield GaugeMetricFamily("tm_socket_clients", "Connected SDK clients.", value=self.clients())
+        groups = {
+            "create": sc.creates.stats,
+            "report": sc.agent.report_batches,
+            "task_read": sc.agent.read_batches,
+        }
+        batches = CounterMetricFamily(
+            "tm_etcd_batches", "Group-commit requests sent to etcd, by kind.", labels=["kind"]
+        )
+        items = CounterMetricFamily(
+            "tm_etcd_batched_items",
+            "Requests that went in them (items / batches is the batching won).",
+            labels=["kind"],
+        )
+        for kind, stats in groups.items():
+            batches.add_metric([kind], stats.batches)
+            items.add_metric([kind], stats.items)
+        yield batches
+        yield items
 
 
 class Metrics:

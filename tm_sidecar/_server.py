@@ -35,6 +35,7 @@ from ._errors import (
 from ._hub import Subscription
 from ._sidecar import Sidecar, TaskInfo, is_final
 from .core import (
+    EVENT_KINDS,
     JSON,
     Backoff,
     State,
@@ -340,7 +341,14 @@ class SocketServer:
         # Subscribed before the task exists, so that no event of it can be missed; the
         # subscription ends with the task's final event.
         task_id = task_id or self.sidecar.new_task_id()
-        sid, sub = self._subscribe(conn, task_id, until_final=True)
+        kinds = frame.get("events")
+        if kinds is not None and (
+            not isinstance(kinds, list) or not set(kinds) <= set(EVENT_KINDS) or not kinds
+        ):
+            raise InvalidRequest(f"events must be a list of some of {', '.join(EVENT_KINDS)}")
+        sid, sub = self._subscribe(
+            conn, task_id, until_final=True, kinds=frozenset(kinds) if kinds else None
+        )
         try:
             spec = await self.sidecar.create(
                 frame.get("payload"), options=options, run_at=run_at, task_id=task_id
@@ -376,13 +384,19 @@ class SocketServer:
         return {"subscription": sid}
 
     def _subscribe(
-        self, conn: Connection, task_id: TaskId | None, *, until_final: bool
+        self,
+        conn: Connection,
+        task_id: TaskId | None,
+        *,
+        until_final: bool,
+        kinds: frozenset[str] | None = None,
     ) -> tuple[int, Subscription]:
         sid = next(_ids)
 
         # Called by the hub for each event: no task, no channel per subscription.
         def deliver(event: TaskEvent) -> None:
-            conn.push({"push": "event", "subscription": sid, "event": event.to_json()})
+            if kinds is None or event.kind in kinds:
+                conn.push({"push": "event", "subscription": sid, "event": event.to_json()})
             if until_final and is_final(event):
                 conn.subscriptions.pop(sid, None)
                 sub.close()

@@ -153,8 +153,17 @@ class Task:
         failed (with ``will_retry``), completed; success (result) and failure (error)."""
         if event not in EVENTS:
             raise InvalidRequest(f"unknown event {event!r}; one of {', '.join(EVENTS)}")
+        if self.committed and not self._final.is_set() and event not in self._kinds():
+            # Committed with fewer kinds: follow every kind from now on.
+            for kind in EVENTS[:6]:
+                self._callbacks.setdefault(kind, [])
+            self.manager._spawn(self.manager._follow_all, self)
         self._callbacks.setdefault(event, []).append(callback)
         return self
+
+    def _kinds(self) -> list[str]:
+        """The event kinds this task needs pushed: its outcome, and what has callbacks."""
+        return sorted({"failed", "completed", *(k for k in self._callbacks if k in EVENTS[:6])})
 
     async def commit(self) -> Task:
         """Queue the task; once this returns it is durable in etcd."""
@@ -168,6 +177,7 @@ class Task:
             "payload": self.data,
             "options": self.options,
             "subscribe": True,
+            "events": self._kinds(),
         }
         if self.run_at is not None:
             request["run_at"] = self.run_at
@@ -765,6 +775,14 @@ class TaskManager:
     is_leader = is_master
 
     # -- bookkeeping ---------------------------------------------------------------------------
+
+    async def _follow_all(self, task: Task) -> None:
+        with contextlib.suppress(TaskManagerError):
+            sub = await self._request(
+                "subscribe", {"task_id": task.id, "until_final": True}, idempotent=True
+            )
+            if task._final.is_set():
+                await self._unsubscribe(sub["subscription"])
 
     def _untrack(self, task: Task, *, ended: bool) -> None:
         """Stop following ``task``; ``ended`` when its subscription ended by itself."""
