@@ -11,6 +11,7 @@ Starts its own etcd and sidecar processes on loopback. Each figure is the median
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -90,6 +92,84 @@ async def ceiling(env: Env) -> Result:
     n = env.scale(400)
     out["moved_keys_per_s_native_32"] = 32 * await rate(n, 8, move)
     await etcd.aclose()
+    return out | await raw_ceiling(env)
+
+
+class RawGateway:
+    """The least a client can do per request: prebuilt bytes on a kept-alive connection,
+    and an answer read by its Content-Length, never parsed. etcd's own ceiling."""
+
+    def __init__(self, endpoint: str) -> None:
+        url = urllib.parse.urlsplit(endpoint)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 2379
+        self.head = f"POST %s HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Length: %d\r\n\r\n"
+
+    def request(self, path: str, body: dict[str, Any]) -> bytes:
+        data = json.dumps(body).encode()
+        return (self.head % (path, len(data))).encode() + data
+
+    async def lane(self, requests: list[bytes]) -> None:
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        buffer = b""
+        async with stream:
+            for request in requests:
+                await stream.send_all(request)
+                while b"\r\n\r\n" not in buffer:
+                    buffer += await stream.receive_some(65536)
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), head[:80]
+                if b"content-length:" in head.lower():
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(buffer) < length:
+                        buffer += await stream.receive_some(65536)
+                    buffer = buffer[length:]
+                else:  # chunked (a large answer): up to the last, empty chunk
+                    while b"\r\n0\r\n\r\n" not in buffer:
+                        buffer += await stream.receive_some(65536)
+                    buffer = buffer.partition(b"\r\n0\r\n\r\n")[2]
+
+
+async def raw_rate(raw: RawGateway, requests: list[bytes], lanes: int) -> float:
+    """Requests per second over ``lanes`` connections, each one request at a time."""
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(lanes):
+            nursery.start_soon(raw.lane, requests[i::lanes])
+    return len(requests) / (trio.current_time() - start)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+async def raw_ceiling(env: Env) -> Result:
+    """The same figures as :func:`ceiling` with :class:`RawGateway`."""
+    raw = RawGateway(env.etcd.endpoint)
+    out: Result = {}
+    for in_flight in (1, 64):
+        n = env.scale(1000 if in_flight == 1 else 8000)
+        body = [{"key": _b64(f"/bench/raw/{i % 512}"), "value": _b64("x" * 64)} for i in range(n)]
+        requests = [raw.request("/v3/kv/put", b) for b in body]
+        out[f"puts_per_s_raw_{in_flight}"] = await raw_rate(raw, requests, in_flight)
+    n = env.scale(400)
+    moves = []
+    for i in range(n):
+        lane = i % 8
+        src, dst = ("a", "b") if (i // 8) % 2 == 0 else ("b", "a")
+        ops: list[dict[str, Any]] = []
+        for k in range(32):
+            ops.append({"request_delete_range": {"key": _b64(f"/bench/rmove/{lane}/{src}/{k}")}})
+            ops.append(
+                {
+                    "request_put": {
+                        "key": _b64(f"/bench/rmove/{lane}/{dst}/{k}"),
+                        "value": _b64("x" * 64),
+                    }
+                }
+            )
+        moves.append(raw.request("/v3/kv/txn", {"success": ops}))
+    # Lane i must move its own keys in order: lanes = 8, requests interleaved by lane.
+    out["moved_keys_per_s_raw_32"] = 32 * await raw_rate(raw, moves, 8)
     return out
 
 
@@ -449,10 +529,14 @@ async def main(args: argparse.Namespace) -> Result:
                 )
         finally:
             await trio.to_thread.run_sync(env.etcd.stop)
-    ceil = results.get("ceiling", {}).get("puts_per_s_native_64")
+    ceiling_figures = results.get("ceiling", {})
     for name in ("throughput_1", "throughput_3"):
-        if ceil and name in results:
-            results[name]["ratio_to_put_ceiling_64"] = results[name]["tasks_per_s"] / ceil
+        for client in ("native", "raw"):
+            ceil = ceiling_figures.get(f"puts_per_s_{client}_64")
+            if ceil and name in results:
+                results[name][f"ratio_to_{client}_put_ceiling_64"] = (
+                    results[name]["tasks_per_s"] / ceil
+                )
     return results
 
 
