@@ -281,8 +281,15 @@ class LeaderView:
             slot = self.processing[tid]
             if not policy.requeue_stalled:
                 error = attrs.evolve(error, retryable=False)
+            # A lost node is not the task's fault: it goes back at once, not after a
+            # backoff; an attempt past its deadline is a failure like a timeout.
             nxt = after_failure(
-                slot.record, error=error, now=now, fraction=next(draw, 0.5), reason="stalled"
+                slot.record,
+                error=error,
+                now=now,
+                fraction=next(draw, 0.5),
+                reason="stalled",
+                backoff=error.type != "NodeLost",
             )
             self._claim(tid)
             out.append((slot, nxt))

@@ -67,13 +67,20 @@ def succeeded(record: Record, *, result: object, now: float) -> Record:
 
 
 def after_failure(
-    record: Record, *, error: TaskError, now: float, fraction: float, reason: str = "retry"
+    record: Record,
+    *,
+    error: TaskError,
+    now: float,
+    fraction: float,
+    reason: str = "retry",
+    backoff: bool = True,
 ) -> Record:
     """Where a failed attempt sends the task: back to wait for a retry, or to failed.
 
     The task goes to failed exactly when the error is not retryable or the attempts are
     exhausted; otherwise it waits the backoff in delayed (or goes straight to pending
-    when the backoff is zero).
+    when the backoff is zero, or ``backoff`` is off: the attempt failed through no fault
+    of the task, its node died).
     """
     if not error.retryable or record.attempts >= record.options.max_attempts:
         return Record(
@@ -84,7 +91,7 @@ def after_failure(
             started_at=record.started_at,
             error=error,
         )
-    delay = backoff_delay_s(record.options.backoff, record.attempts, fraction)
+    delay = backoff_delay_s(record.options.backoff, record.attempts, fraction) if backoff else 0.0
     if delay <= 0:
         return Record(
             state=State.PENDING,
