@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import sniffio
 
 from ._errors import (
@@ -196,6 +197,15 @@ class Task:
         """The task's result once it completes; raises :class:`TaskFailed` if it fails."""
         if not self.committed:
             raise InvalidRequest("commit() the task first")
+        if self._final.is_set():
+            await anyio.lowlevel.checkpoint()
+        else:
+            await self._await_final(timeout)
+        if self.state == "failed":
+            raise TaskFailed(self.id, self.error)
+        return self.result_value
+
+    async def _await_final(self, timeout: float | None) -> None:
         with anyio.fail_after(timeout):
             while not self._final.is_set():
                 # The events tell the outcome. Should the sidecar have missed them (its
@@ -209,9 +219,6 @@ class Task:
                 )
                 if info is not None:
                     await self._settle(info)
-        if self.state == "failed":
-            raise TaskFailed(self.id, self.error)
-        return self.result_value
 
     async def _settle(self, info: dict[str, Any]) -> None:
         """A final state read from the sidecar (after a reconnect, say)."""
@@ -396,6 +403,8 @@ class TaskManager:
             ready = anyio.Event()
             _spawn_detached(lambda: self._supervise(ready=ready))
             await ready.wait()
+        if self._connected.is_set():
+            return  # the common case, without the cost of a cancel scope
         with anyio.fail_after(self.connect_timeout_s):
             await self._connected.wait()
 
