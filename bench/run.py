@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,6 +172,52 @@ async def raw_ceiling(env: Env) -> Result:
         moves.append(raw.request("/v3/kv/txn", {"success": ops}))
     # Lane i must move its own keys in order: lanes = 8, requests interleaved by lane.
     out["moved_keys_per_s_raw_32"] = 32 * await raw_rate(raw, moves, 8)
+    return out
+
+
+def _etcd_cpu_s(env: Env) -> float:
+    """CPU seconds etcd has used so far (user + system)."""
+    pid = env.etcd.pid
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def etcd_cpu(env: Env) -> Result:
+    """etcd's CPU per key written (32 puts a transaction), and per watcher of those keys:
+    what a task's seven key writes and its watch deliveries cost etcd at least."""
+    etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,), transport="native"))
+    out: Result = {}
+    n = env.scale(12_800, quick=640)
+    for watchers in (0, 1, 3):
+        prefix = f"/bench/cpu{watchers}/"
+        start_rev = await etcd.revision()
+        seen = [0] * watchers
+
+        async def watch(
+            i: int, prefix: str = prefix, rev: int = start_rev, seen: list[int] = seen
+        ) -> None:
+            async with aclosing(etcd.watch_once(prefix, rev + 1, prev_kv=False)) as stream:
+                async for changes in stream:
+                    seen[i] += len(changes.events)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(watchers):
+                nursery.start_soon(watch, i)
+            cpu0 = _etcd_cpu_s(env)
+
+            async def put32(b: int, prefix: str = prefix) -> None:
+                keys = range(b * 32, b * 32 + 32)
+                await etcd.txn(Txn(success=tuple(Put(f"{prefix}{k}", "x" * 150) for k in keys)))
+
+            await rate(n // 32, 8, put32)
+            with trio.fail_after(60):
+                while any(count < n for count in seen):
+                    await trio.sleep(0.01)
+            cpu = _etcd_cpu_s(env) - cpu0
+            nursery.cancel_scope.cancel()
+        out[f"etcd_cpu_us_per_key_{watchers}_watchers"] = cpu / n * 1e6
+        await etcd.delete(prefix, prefix=True)
+    await etcd.aclose()
     return out
 
 
@@ -396,9 +444,11 @@ async def backlog(env: Env) -> Result:
         rss = rss_mb(procs[0])
         # Failover with the backlog: the new leader's listing time.
         procs[0].kill()
-        with trio.fail_after(60):
+        with trio.move_on_after(60):
             while "leader view listed" not in procs[1].log():
                 await trio.sleep(0.05)
+        if "leader view listed" not in procs[1].log():
+            raise RuntimeError(f"no listing after failover:\n{procs[1].log()[-3000:]}")
         relist_after = _relist_s(procs[1].log())
     finally:
         for p in procs:
@@ -491,6 +541,7 @@ class Env:
 
 SCENARIOS: dict[str, Callable[[Env], Awaitable[Result]]] = {
     "ceiling": ceiling,
+    "etcd_cpu": etcd_cpu,
     "throughput_1": lambda env: throughput(env, 1),
     "throughput_3": lambda env: throughput(env, 3),
     "latency": latency,
@@ -513,7 +564,12 @@ def median_of(runs: list[Result]) -> Result:
 async def main(args: argparse.Namespace) -> Result:
     chosen = [s for s in (args.only.split(",") if args.only else SCENARIOS)]
     results: Result = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
-    with tempfile.TemporaryDirectory(prefix="tm-bench-") as tmp:
+    with (
+        contextlib.nullcontext(args.keep)
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix="tm-bench-")
+    ) as tmp:
+        os.makedirs(tmp, exist_ok=True)
         env = Env(Path(tmp), args.quick)
         await trio.to_thread.run_sync(env.etcd.start)
         results["machine"]["etcd"] = env.etcd.version
@@ -554,6 +610,7 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default="", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is reported)")
     p.add_argument("--out", default="bench-result.json", help="where to write the JSON")
+    p.add_argument("--keep", default="", help="a directory for etcd and the sidecar logs, kept")
     args = p.parse_args(argv)
     results = trio.run(main, args)
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -84,6 +84,23 @@ async def test_a_listing_can_go_page_by_page_to_a_worker_thread(etcd: Etcd, name
     assert revision == (await etcd.get(f"{p}024") or KeyValue("", "", 0, 0, 0)).mod_revision
 
 
+async def test_a_failing_page_consumer_raises_its_own_error(etcd: Etcd, namespace: str) -> None:
+    p = f"/{namespace}/"
+    for i in range(5):
+        await etcd.put(f"{p}{i}", str(i))
+
+    def consume(kvs: Sequence[KeyValue]) -> None:
+        raise ValueError("a bad record")
+
+    # Not an exception group: the informer's and the leader's handlers must see it.
+    with pytest.raises(ValueError, match="a bad record"):
+        await etcd.list_prefix(p, page=2, consume=consume)
+    gone = Etcd(EtcdConfig(endpoints=("http://127.0.0.1:9",), timeout_s=1.0, transport="native"))
+    with pytest.raises(EtcdUnavailable):
+        await gone.list_prefix(p, consume=consume)
+    await gone.aclose()
+
+
 async def test_txn_compares_on_version_create_and_mod_revision(etcd: Etcd, namespace: str) -> None:
     key = f"/{namespace}/k"
     create = Txn(compare=(Compare.absent(key),), success=(Put(key, "v1"),), failure=(Range(key),))

@@ -678,10 +678,17 @@ class Etcd:
             async for kvs_page in receive:
                 await trio.to_thread.run_sync(consume, kvs_page)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(take_in)
-            async with send:
-                revision = await self._pages(prefix, range_end, page, send.send)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(take_in)
+                async with send:
+                    revision = await self._pages(prefix, range_end, page, send.send)
+        except BaseExceptionGroup as group:
+            # Callers catch EtcdUnavailable, Compacted...: raise the error, not a group.
+            errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+            if len(errors) == 1:
+                raise errors[0] from None
+            raise
         return (), revision
 
     async def _pages(
