@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 
 from ._keys import Keyspace, NodeId, State, TaskId
@@ -80,61 +82,38 @@ class EventDeriver:
         if state is None:
             return []
         record = parse_record(state, change.kv.value)
-        tid, rev, attempt = parsed.task_id, change.kv.mod_revision, record.attempts
+        tid = parsed.task_id
+        event = functools.partial(
+            TaskEvent, task_id=tid, revision=change.kv.mod_revision, attempt=record.attempts
+        )
         if state is State.PROCESSING:
             if record.started_at is None:
                 self._started.pop(tid, None)
-                return [
-                    TaskEvent(
-                        kind="assigned",
-                        task_id=tid,
-                        revision=rev,
-                        attempt=attempt,
-                        node=record.node,
-                    )
-                ]
-            out = self._start(tid, rev, attempt, record.node)
+                return [event(kind="assigned", node=record.node)]
+            out = self._start(tid, record.attempts, event(kind="started", node=record.node))
             if record.progress is not None:
-                out.append(
-                    TaskEvent(
-                        kind="updated",
-                        task_id=tid,
-                        revision=rev,
-                        attempt=attempt,
-                        node=record.node,
-                        data=record.progress,
-                    )
-                )
+                out.append(event(kind="updated", node=record.node, data=record.progress))
             return out
         if state in (State.PENDING, State.DELAYED):
             if record.reason == "created":
-                return [TaskEvent(kind="queued", task_id=tid, revision=rev, attempt=attempt)]
+                return [event(kind="queued")]
             if record.reason not in ("retry", "stalled"):
                 return []  # promoted, or put back by hand
         # An outcome: completed, failed for good, or failed to be retried.
-        out = self._start(tid, rev, attempt, None) if record.started_at is not None else []
+        out = []
+        if record.started_at is not None:
+            out = self._start(tid, record.attempts, event(kind="started"))
         self._started.pop(tid, None)
         if state is State.COMPLETED:
-            out.append(
-                TaskEvent(
-                    kind="completed", task_id=tid, revision=rev, attempt=attempt, data=record.result
-                )
-            )
+            out.append(event(kind="completed", data=record.result))
         else:
             out.append(
-                TaskEvent(
-                    kind="failed",
-                    task_id=tid,
-                    revision=rev,
-                    attempt=attempt,
-                    error=record.error,
-                    will_retry=state is not State.FAILED,
-                )
+                event(kind="failed", error=record.error, will_retry=state is not State.FAILED)
             )
         return out
 
-    def _start(self, tid: TaskId, rev: int, attempt: int, node: NodeId | None) -> list[TaskEvent]:
+    def _start(self, tid: TaskId, attempt: int, started: TaskEvent) -> list[TaskEvent]:
         if self._started.get(tid) == attempt:
             return []
         self._started[tid] = attempt
-        return [TaskEvent(kind="started", task_id=tid, revision=rev, attempt=attempt, node=node)]
+        return [started]
