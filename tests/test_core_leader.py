@@ -164,6 +164,14 @@ def test_tasks_of_a_lost_node_are_reaped_and_retried() -> None:
     }
     # Back at once (a lost node is not the task's fault), or failed when out of attempts.
     assert outcome == {"a": (State.PENDING, 1, "NodeLost"), "b": (State.FAILED, 1, "NodeLost")}
+    # A second lost node in a row: the task waits its backoff (it may be what kills them).
+    f.commit(d.batches[0])
+    f.node("n2", {"default": 5})
+    for b in f.view.decide(2.0, POLICY).batches:
+        f.commit(b)
+    f.delete(KS.node("n2"))
+    ((_, again),) = f.view.decide(3.0, POLICY).batches[0].moves
+    assert (again.state, again.attempts) == (State.DELAYED, 2)
 
 
 def test_a_restarted_node_does_not_keep_its_old_assignments() -> None:

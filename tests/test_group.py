@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from tm_sidecar import Etcd, EtcdConfig, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess
@@ -133,3 +134,25 @@ async def test_without_its_loop_a_group_commits_each_item_alone(etcd: Etcd, name
     result = await group.submit(create(f"/{namespace}/alone"))
     assert result.succeeded
     assert group.stats.batches == 0  # not through the loop
+
+
+async def test_stopping_with_a_batch_in_flight_answers_unavailable_not_nothing() -> None:
+    async def commit(items: Sequence[int]) -> list[int]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    group: GroupCommit[int, int] = GroupCommit(commit, max_items=10)
+    errors: list[BaseException] = []
+
+    async def submit() -> None:
+        try:
+            await group.submit(1)
+        except EtcdUnavailable as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as outer, trio.open_nursery() as loop:
+        await loop.start(group.run)
+        outer.start_soon(submit)
+        await trio.testing.wait_all_tasks_blocked()
+        loop.cancel_scope.cancel()
+    assert len(errors) == 1

@@ -115,6 +115,8 @@ async def test_a_closing_answer_is_read_and_the_next_call_reconnects() -> None:
         b"HTTP/1.1 200 OK\r\n\r\n{}",  # neither length nor chunks
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{}",  # cut short by a close
+        b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",
     ],
 )
 async def test_a_broken_answer_is_unavailability_not_a_crash(wire: bytes) -> None:

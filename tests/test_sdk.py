@@ -114,11 +114,15 @@ async def test_a_callback_added_after_commit_still_hears_its_event(
             await manager.process(handler)
             task = await (await manager.create({})).commit()  # pushes: the outcome only
             started: Observed[Any] = Observed()
+            completed: list[Any] = []
             task.on("started", started.add)
+            task.on("completed", completed.append)
             await started.wait_until(bool)  # announced while the handler runs
             release.set()
             assert await task.result(timeout=10) == "done"
         assert started.items[0]["event"] == "started"
+        # Both subscriptions pushed the outcome; the callback ran once.
+        assert completed == ["done"]
 
 
 async def test_failures_retries_timeouts_and_permanent_errors(

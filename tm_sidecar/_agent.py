@@ -6,6 +6,7 @@ an attempt's report is accepted only while that attempt is the live assignment.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -150,34 +151,45 @@ class Running:
 
 @attrs.define(eq=False)
 class RecentTasks:
-    """Tasks this sidecar created lately, so that an attempt of one that runs here needs
-    no read: a task record never changes once written, so the copy is as good.
+    """Tasks this sidecar created and that have not finished, so that an attempt of one
+    that runs here needs no read: a task record never changes once written.
 
-    Bounded by count and by payload bytes; the oldest go first.
+    Bounded by count and by payload bytes (the oldest go first), and forgotten when the
+    task finishes (its id may then be used again). The payload is kept encoded, so that
+    each taker gets its own copy.
     """
 
     max_items: int = 10_000
     max_bytes: int = 16 * 1024 * 1024
-    _specs: OrderedDict[TaskId, tuple[TaskSpec, int]] = attrs.Factory(OrderedDict)
+    _specs: OrderedDict[TaskId, tuple[TaskSpec, str]] = attrs.Factory(OrderedDict)
     _bytes: int = 0
 
-    def add(self, spec: TaskSpec, size: int) -> None:
-        """Remember ``spec`` (``size``: its payload's encoded length)."""
+    def add(self, spec: TaskSpec, encoded_payload: str) -> None:
+        """Remember ``spec``, whose payload encodes as ``encoded_payload``."""
+        size = len(encoded_payload)
         if size > self.max_bytes // 8:
             return
-        self._specs[spec.id] = (spec, size)
+        self.forget(spec.id)
+        self._specs[spec.id] = (attrs.evolve(spec, payload=None), encoded_payload)
         self._bytes += size
         while len(self._specs) > self.max_items or self._bytes > self.max_bytes:
             _, (_, dropped) = self._specs.popitem(last=False)
-            self._bytes -= dropped
+            self._bytes -= len(dropped)
 
     def take(self, task_id: TaskId) -> TaskSpec | None:
         """The spec of ``task_id`` if remembered (and forget it: a retry reads it)."""
         found = self._specs.pop(task_id, None)
         if found is None:
             return None
-        self._bytes -= found[1]
-        return found[0]
+        spec, encoded = found
+        self._bytes -= len(encoded)
+        return attrs.evolve(spec, payload=json.loads(encoded))
+
+    def forget(self, task_id: TaskId) -> None:
+        """Drop ``task_id`` if remembered (it finished)."""
+        found = self._specs.pop(task_id, None)
+        if found is not None:
+            self._bytes -= len(found[1])
 
 
 @attrs.define(eq=False)

@@ -378,7 +378,12 @@ class _NativeHttp:
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
                 if name == b"content-length":
-                    length = int(value)
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        raise HttpProtocolError(f"bad Content-Length {value[:40]!r}") from None
+                    if length < 0:
+                        raise HttpProtocolError("a negative Content-Length")
                 elif name == b"transfer-encoding":
                     chunked = b"chunked" in value.lower()
                 elif name == b"connection":
@@ -410,6 +415,8 @@ class _NativeHttp:
                     pass  # trailers
                 return
             data = await conn.take(size + 2)
+            if data[-2:] != b"\r\n":
+                raise HttpProtocolError("a chunk does not end where its size says")
             yield data[:-2]
 
     async def call(

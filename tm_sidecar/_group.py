@@ -158,6 +158,12 @@ class GroupCommit(Generic[T, R]):
         except Exception as exc:
             for waiter in batch:
                 waiter.error = exc
+        except BaseException:
+            # Stopping with the batch in flight: it may or may not land.
+            for waiter in batch:
+                if waiter.result is None and waiter.error is None:
+                    waiter.error = EtcdUnavailable(f"{self._name}: interrupted, outcome unknown")
+            raise
         finally:
             self.stats.batches += 1
             self.stats.items += len(batch)

@@ -93,7 +93,12 @@ class EventHub:
     def _publish(self, event: TaskEvent) -> None:
         for sub in [*self._all, *self._by_task.get(event.task_id, ())]:
             if sub.deliver is not None:
-                sub.deliver(event)
+                try:
+                    sub.deliver(event)
+                except Exception:
+                    # One subscriber's bug must not end the hub (and the sidecar).
+                    log.exception("an event subscriber failed: dropped")
+                    sub.close()
                 continue
             try:
                 sub.send.send_nowait(event)

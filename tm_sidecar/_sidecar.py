@@ -138,6 +138,8 @@ class Sidecar:
         self.retention = RetentionLeases(self.etcd, self.settings.retention_s)
         # Creates from every client go to etcd together: a task is two keys and a compare.
         self.creates = txn_group(self.etcd, ops_per_item=2, name="create")
+        # Copies of tasks created here are dropped when they finish (ids can come back).
+        self.hub.subscribe(None, deliver=self._finished)
         self._started_at = self.clock()
 
     @property
@@ -302,6 +304,10 @@ class Sidecar:
 
     # -- the API ---------------------------------------------------------------------
 
+    def _finished(self, event: TaskEvent) -> None:
+        if is_final(event):
+            self.agent.recent.forget(event.task_id)
+
     def new_task_id(self) -> TaskId:
         """A fresh, time-ordered task id."""
         return make_task_id(int(self.clock() * 1000), next(self._ids), self.rng.getrandbits(32))
@@ -366,7 +372,7 @@ class Sidecar:
             return TaskSpec.from_json(existing.value)
         self._live_tasks += 1
         self._created += 1
-        self.agent.recent.add(spec, len(encoded))
+        self.agent.recent.add(spec, encoded)
         return spec
 
     def register(

@@ -74,6 +74,7 @@ class Task:
 
     def __init__(self, manager: TaskManager, data: Any, task_id: str | None = None) -> None:
         self.manager = manager
+        self._own_id = task_id is not None
         self.id = task_id or _new_task_id()
         self.data = data
         self.options: dict[str, Any] = {}
@@ -84,6 +85,9 @@ class Task:
         self.error: dict[str, Any] | None = None
         self._callbacks: dict[str, list[Callback]] = {}
         self._final = anyio.Event()
+        # The last event taken, as (revision, rank): two subscriptions to one task (one
+        # added after commit) push the same events twice.
+        self._seen: tuple[int, int] = (-1, -1)
         # Callbacks run in one task per Task, in event order, off the connection's reader.
         self._calls: collections.deque[tuple[Callback, tuple[Any, ...]]] = collections.deque()
         self._calling = False
@@ -184,13 +188,21 @@ class Task:
             request["run_at"] = self.run_at
         self.manager._tasks[self.id] = self
         try:
+            connections = self.manager._connections
             answer = await self.manager._request("create", request, idempotent=True)
         except BaseException:
             self.manager._untrack(self, ended=False)
             raise
         self.committed = True
+        if answer.get("subscription") is None:  # a sidecar from before subscribe-on-create
+            sub = await self.manager._request("subscribe", {"task_id": self.id}, idempotent=True)
+            answer["subscription"] = sub["subscription"]
         if not self._final.is_set():
             self.manager._sub_of[self.id] = answer["subscription"]
+        if self._own_id or connections != self.manager._connections:
+            # The task may have existed (an id given again, a create repeated after a
+            # reconnect) and finished before this subscription: read where it stands.
+            self.manager._spawn(self.manager._recheck, self)
         return self
 
     async def result(self, timeout: float | None = None) -> Any:
@@ -244,6 +256,11 @@ class Task:
         kind = event.get("event", "")
         if self._final.is_set():
             return
+        if streamed:
+            seen = (int(event.get("revision") or 0), _RANK.get(kind, 0))
+            if seen <= self._seen:
+                return  # the same event through a second subscription
+            self._seen = seen
         self.state = kind if kind in ("queued", "assigned", "started", "updated") else self.state
         args: tuple[Any, ...] = (event,)
         if kind == "updated":
@@ -282,6 +299,9 @@ class Task:
         finally:
             self._calling = False
 
+
+#: The order of the events one change can tell (a start, then progress or an outcome).
+_RANK = {"queued": 0, "assigned": 1, "started": 2, "updated": 3, "failed": 4, "completed": 4}
 
 #: How long result() trusts the event stream alone before it reads the task once.
 RESYNC_S = 30.0
@@ -352,6 +372,7 @@ class TaskManager:
         self._waiting: dict[int, tuple[anyio.Event, list[dict[str, Any]]]] = {}
         self._tasks: dict[str, Task] = {}
         self._sub_of: dict[str, int] = {}  # task id -> its subscription
+        self._connections = 0  # how many connections were made so far
         self._all_sub: int | None = None
         self._subscribing_all = False
         self._shutting_down = False
@@ -444,6 +465,7 @@ class TaskManager:
                 async with anyio.create_task_group() as conn_tg:
                     conn_tg.start_soon(self._read, stream, conn_tg.cancel_scope)
                     await self._handshake()
+                    self._connections += 1
                     self._connected.set()
                     await anyio.sleep_forever()
             except* (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ConnectionLost):

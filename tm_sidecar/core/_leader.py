@@ -281,15 +281,18 @@ class LeaderView:
             slot = self.processing[tid]
             if not policy.requeue_stalled:
                 error = attrs.evolve(error, retryable=False)
-            # A lost node is not the task's fault: it goes back at once, not after a
-            # backoff; an attempt past its deadline is a failure like a timeout.
+            # A lost node is not the task's fault: its first attempt goes back at once.
+            # A later one waits its backoff, so that a task that kills its workers does
+            # not take node after node down in quick succession. An attempt past its
+            # deadline is a failure like a timeout.
+            lost_first = error.type == "NodeLost" and slot.record.attempts <= 1
             nxt = after_failure(
                 slot.record,
                 error=error,
                 now=now,
                 fraction=next(draw, 0.5),
                 reason="stalled",
-                backoff=error.type != "NodeLost",
+                backoff=not lost_first,
             )
             self._claim(tid)
             out.append((slot, nxt))
