@@ -116,6 +116,7 @@ async def test_a_closing_answer_is_read_and_the_next_call_reconnects() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{}",  # cut short by a close
         b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nnot json!",  # not etcd's answer
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",
     ],
 )

@@ -324,7 +324,10 @@ class _NativeHttp:
             try:
                 return await self._open_on(pool.pop(), endpoint, path, body, headers)
             except EtcdUnavailable:
-                self._idle[endpoint] = []
+                # The others idled as long: likely dead too (etcd restarted). Close them.
+                stale, self._idle[endpoint] = self._idle[endpoint], []
+                for conn in stale:
+                    await self._discard(conn)
         return await self._open_on(await self._connect(endpoint), endpoint, path, body, headers)
 
     def _request(
@@ -567,6 +570,9 @@ class Etcd:
             )
             answer = _loads(raw)
             if status == 200:
+                if "message" in answer and "header" not in answer:
+                    # Not etcd's answer (a proxy's page, a cut body): unknown, not "no".
+                    raise EtcdUnavailable(f"{path}: the answer is not etcd's JSON")
                 return answer
             if attempt == 0 and self.cfg.username and "token" in str(answer.get("message", "")):
                 self._token = None  # expired: authenticate again, once
