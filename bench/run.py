@@ -319,23 +319,15 @@ async def failover(env: Env) -> Result:
     out: Result = {}
     for how in ("kill", "term"):
         ks = Keyspace(namespace=env.namespace())
-        procs = [
-            SidecarProcess(
-                n,
-                env.etcd.endpoint,
-                ks.namespace,
-                env.tmp / f"{ks.namespace}-{n}.log",
-                lease_ttl_s=5,
-            )
-            for n in ("a", "b")
-        ]
+        procs = [env.sidecar(n, ks.namespace, handler=IN_PROCESS) for n in ("a", "b")]
         etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
         try:
             procs[0].start()
             await procs[0].wait_serving()
             procs[1].start()
             await procs[1].wait_serving()
-            await create_tasks(etcd, ks, env.scale(3000), work_s=0.01)
+            # Enough work to outlast the kill (8 slots): 1,500 tasks is about 2 s of it.
+            await create_tasks(etcd, ks, env.scale(3000, quick=1500), work_s=0.01)
             await trio.sleep(0.5)
             procs[0].signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
             t0 = time.perf_counter()
@@ -343,11 +335,12 @@ async def failover(env: Env) -> Result:
             # assigned after this revision is the new leader's.
             await trio.sleep(0.05)
             rev = await etcd.revision()
-            while True:
-                r = await etcd.range(Range(ks.assignments("b"), prefix=True))
-                if any(kv.create_revision > rev for kv in r.kvs):
-                    break
-                await trio.sleep(0.005)
+            with trio.fail_after(60):
+                while True:
+                    r = await etcd.range(Range(ks.assignments("b"), prefix=True))
+                    if any(kv.create_revision > rev for kv in r.kvs):
+                        break
+                    await trio.sleep(0.005)
             out[f"{how}_resume_s"] = time.perf_counter() - t0
         finally:
             for p in procs:
@@ -359,17 +352,8 @@ async def failover(env: Env) -> Result:
 async def stall(env: Env) -> Result:
     """SIGKILL a worker's sidecar with tasks in flight: time until they run elsewhere."""
     ks = Keyspace(namespace=env.namespace())
-    lead = SidecarProcess(
-        "lead",
-        env.etcd.endpoint,
-        ks.namespace,
-        env.tmp / f"{ks.namespace}-l.log",
-        lease_ttl_s=5,
-        handler=None,
-    )
-    worker = SidecarProcess(
-        "w", env.etcd.endpoint, ks.namespace, env.tmp / f"{ks.namespace}-w.log", lease_ttl_s=5
-    )
+    lead = env.sidecar("lead", ks.namespace)
+    worker = env.sidecar("w", ks.namespace, handler=IN_PROCESS)
     etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
     try:
         lead.start()
@@ -407,17 +391,7 @@ async def backlog(env: Env) -> Result:
     ks = Keyspace(namespace=env.namespace())
     etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
     await create_tasks(etcd, ks, n, work_s=0.0)
-    procs = [
-        SidecarProcess(
-            x,
-            env.etcd.endpoint,
-            ks.namespace,
-            env.tmp / f"{ks.namespace}-{x}.log",
-            lease_ttl_s=5,
-            handler=None,
-        )
-        for x in ("a", "b")
-    ]
+    procs = [env.sidecar(x, ks.namespace) for x in ("a", "b")]
     try:
         for p in procs:
             p.start()
@@ -494,6 +468,10 @@ def rss_mb(proc: SidecarProcess) -> float:
 # -- harness ---------------------------------------------------------------------------------
 
 
+#: The in-process handler the failover and stall scenarios give their sidecars.
+IN_PROCESS = "tests.proc_handlers:work"
+
+
 class Env:
     """One etcd, and sidecar processes on demand."""
 
@@ -506,6 +484,14 @@ class Env:
     def scale(self, n: int, quick: int | None = None) -> int:
         return (quick or max(1, n // 20)) if self.quick else n
 
+    def sidecar(self, name: str, namespace: str, handler: str | None = None) -> SidecarProcess:
+        """A sidecar process (not started) with the benchmarks' lease TTL of 5 s; its
+        workers connect over the SDK unless ``handler`` runs tasks in the process."""
+        log = self.tmp / f"{namespace}-{name}.log"
+        return SidecarProcess(
+            name, self.etcd.endpoint, namespace, log, lease_ttl_s=5, handler=handler
+        )
+
     def namespace(self) -> str:
         self._ns += 1
         return f"b{self._ns}"
@@ -516,17 +502,7 @@ class Env:
         class _Ctx:
             async def __aenter__(self) -> list[SidecarProcess]:
                 ns = env.namespace()
-                self.procs = [
-                    SidecarProcess(
-                        f"n{i}",
-                        env.etcd.endpoint,
-                        ns,
-                        env.tmp / f"{ns}-{i}.log",
-                        lease_ttl_s=5,
-                        handler=None,
-                    )
-                    for i in range(count)
-                ]
+                self.procs = [env.sidecar(f"n{i}", ns) for i in range(count)]
                 for p in self.procs:
                     p.start()
                     await p.wait_serving()

@@ -558,7 +558,7 @@ class Etcd:
                 {"name": self.cfg.username, "password": self.cfg.password},
                 [],
             )
-            body = _loads(raw)
+            body = _loads(raw, status)
             if status != 200:
                 raise translate_error(status, body, "authentication failed")
             self._token = str(body["token"])
@@ -568,11 +568,8 @@ class Etcd:
             status, raw = await self._native.call(
                 self.endpoint, "/v3" + path, body, await self._headers()
             )
-            answer = _loads(raw)
+            answer = _loads(raw, status)
             if status == 200:
-                if "message" in answer and "header" not in answer:
-                    # Not etcd's answer (a proxy's page, a cut body): unknown, not "no".
-                    raise EtcdUnavailable(f"{path}: the answer is not etcd's JSON")
                 return answer
             if attempt == 0 and self.cfg.username and "token" in str(answer.get("message", "")):
                 self._token = None  # expired: authenticate again, once
@@ -930,12 +927,22 @@ def _default_backoff(failures: int) -> float:
     return float(min(2.0, 0.05 * 2.0 ** min(failures, 10)) * (0.5 + random.random() / 2))
 
 
-def _loads(raw: bytes) -> _Body:
+def _loads(raw: bytes, status: int) -> _Body:
+    """The JSON object of an answer.
+
+    A 200 answer that is not one is not etcd's (a proxy's page, a cut body): its outcome
+    is unknown, so it is unavailability, never a refusal or an empty success. An error
+    answer that is not JSON keeps its text as the message.
+    """
     try:
         value = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        return {"message": raw.decode(errors="replace")}
-    return value if isinstance(value, dict) else {"value": value}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        value = None
+    if isinstance(value, dict):
+        return value
+    if status == 200:
+        raise EtcdUnavailable("the answer is not etcd's JSON")
+    return {"message": raw.decode(errors="replace")}
 
 
 async def retrying(
