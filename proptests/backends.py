@@ -60,6 +60,8 @@ class MemoryEtcd:
             actual = kv.create_revision if kv else 0
         elif c.target is Target.MOD:
             actual = kv.mod_revision if kv else 0
+        elif c.target is Target.LEASE:
+            actual = kv.lease if kv else 0
         else:
             actual = kv.value if kv else ""
         expected = c.value

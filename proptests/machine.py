@@ -5,6 +5,11 @@ DESIGN.md section 3.
 The model says only what must be true; it does not re-implement the core. Each task's
 model entry records where the task must be and what it may do next; every committed
 move is checked against it, and every step ends with the invariants.
+
+Each node has an agent (the core's ``AttemptLedger``, deciding what to start) fed by a
+watch of its assignments that behaves as etcd's may: it lags behind, a resumed watch
+repeats events, and a re-list shows every live key again. Whatever it is fed, no
+attempt may start twice.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from hypothesis.stateful import (
 
 from proptests.backends import Backend
 from tm_sidecar.core import (
+    AttemptLedger,
     Backoff,
     Batch,
     Fence,
@@ -79,6 +85,16 @@ class ModelTask:
 
 
 @attrs.define
+class ModelAgent:
+    """One sidecar process's node agent: what it has been shown and what it runs."""
+
+    session: int
+    ledger: AttemptLedger = attrs.Factory(AttemptLedger)
+    shown: int = 0  # how far into the node's watch feed it has read
+    running: dict[TaskId, int] = attrs.Factory(dict)  # task -> attempt's create revision
+
+
+@attrs.define
 class ModelNode:
     """A sidecar: its session lease and capacity."""
 
@@ -86,6 +102,11 @@ class ModelNode:
     session: int
     capacity: int
     alive: bool = True
+    agent: ModelAgent | None = attrs.field(default=None, repr=False)
+    #: Every change to the node's assignments, in revision order, as a watch sees them.
+    feed: list[WatchEvent] = attrs.field(factory=list, repr=False)
+    #: Starts per attempt (task, create revision), over every process this node has run.
+    starts: Counter[tuple[TaskId, int]] = attrs.field(factory=Counter, repr=False)
 
 
 class QueueMachine(RuleBasedStateMachine):
@@ -109,6 +130,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.listing: dict[str, KeyValue] = {}
         self.stale: list[tuple[Slot, Record]] = []
         self.policy = LeaderPolicy(grace_s=GRACE_S)
+        self.assignments: dict[str, KeyValue] = {}  # processing keys as last recorded
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -142,6 +164,53 @@ class QueueMachine(RuleBasedStateMachine):
             self.view.apply(event)
         self.view.advance(revision)
         self.listing = now
+
+    def _record_assignments(self) -> None:
+        """Append the changes to processing keys since the last look to each node's feed,
+        as etcd's watch would deliver them (called after every write that may touch one)."""
+        kvs, revision = self.db.list(self.ks.state_prefix(State.PROCESSING))
+        now = {kv.key: kv for kv in kvs}
+        events = [
+            WatchEvent("DELETE", KeyValue(k, "", 0, revision, 0), old)
+            for k, old in self.assignments.items()
+            if k not in now
+        ]
+        events += [
+            WatchEvent("PUT", kv, self.assignments.get(k))
+            for k, kv in now.items()
+            if k not in self.assignments or self.assignments[k].mod_revision != kv.mod_revision
+        ]
+        events.sort(key=lambda e: e.kv.mod_revision)
+        for event in events:
+            parsed = self.ks.parse(event.kv.key)
+            assert parsed is not None
+            assert parsed.node is not None
+            node = self.nodes.get(parsed.node)
+            if node is not None:
+                node.feed.append(event)
+        self.assignments = now
+
+    def _agent_considers(self, node: ModelNode, kv: KeyValue) -> None:
+        """The agent's decision on one assignment it is shown (see _agent.py)."""
+        agent = node.agent
+        assert agent is not None
+        parsed = self.ks.parse(kv.key)
+        assert parsed is not None
+        assert parsed.task_id is not None
+        if Record.from_json(State.PROCESSING, kv.value).session != agent.session:
+            return  # an earlier incarnation's: the leader reaps it
+        if not agent.ledger.begin(parsed.task_id, kv.create_revision):
+            return
+        attempt = (parsed.task_id, kv.create_revision)
+        node.starts[attempt] += 1
+        assert node.starts[attempt] == 1, f"attempt {attempt} started twice on {node.name}"
+        agent.running[parsed.task_id] = kv.create_revision
+
+    def _agent_attempt_ends(self, node: ModelNode, task_id: TaskId, create_revision: int) -> None:
+        agent = node.agent
+        if agent is not None and agent.running.get(task_id) == create_revision:
+            del agent.running[task_id]
+            agent.ledger.end(task_id, create_revision)
 
     def _state_keys(self) -> dict[TaskId, list[tuple[State, KeyValue]]]:
         kvs, _ = self.db.list(self.ks.prefix)
@@ -262,7 +331,7 @@ class QueueMachine(RuleBasedStateMachine):
         lease = self.db.lease_grant(60)
         info = NodeInfo(id=NodeId(name), session=lease, capacity={"default": capacity})
         self.db.txn(Txn(success=(Put(self.ks.node(name), info.to_json(), lease),)))
-        self.nodes[name] = ModelNode(name, lease, capacity)
+        self.nodes[name] = ModelNode(name, lease, capacity, agent=ModelAgent(lease))
         return name
 
     @rule(name=consumes(nodes_b))
@@ -270,6 +339,7 @@ class QueueMachine(RuleBasedStateMachine):
         node = self.nodes[name]
         self.db.lease_revoke(node.session)
         node.alive = False
+        node.agent = None
 
     @rule(name=nodes_b)
     def restart_node(self, name: str) -> None:
@@ -280,6 +350,9 @@ class QueueMachine(RuleBasedStateMachine):
         info = NodeInfo(id=NodeId(name), session=lease, capacity={"default": node.capacity})
         self.db.txn(Txn(success=(Put(self.ks.node(name), info.to_json(), lease),)))
         node.session = lease
+        # A new process: a fresh agent, which lists before it watches.
+        node.agent = ModelAgent(lease, shown=len(node.feed))
+        self._agent_relists(node)
 
     @rule(dt=st.floats(0.1, 12))
     def tick(self, dt: float) -> None:
@@ -314,13 +387,40 @@ class QueueMachine(RuleBasedStateMachine):
             for batch in decision.batches:
                 result = self.db.txn(plan_batch(self.ks, self.fence, batch.moves))
                 assert result.succeeded, f"the live leader's {batch.kind} batch failed"
-                for slot, record in batch.moves:
-                    if batch.kind == "reap":
-                        self.stale.append((slot, record))
-                    self._check_move(slot, record, batch.kind)
-                self.view.settle(batch, committed_at=result.revision)
+                self._committed(batch, result.revision)
         self._sync_view()
         self._check_quiescent()
+
+    def _committed(self, batch: Batch, revision: int) -> None:
+        assert self.view is not None
+        self._record_assignments()
+        for slot, record in batch.moves:
+            if batch.kind == "reap":
+                self.stale.append((slot, record))
+            self._check_move(slot, record, batch.kind)
+        self.view.settle(batch, committed_at=revision)
+
+    @rule(name=nodes_b)
+    def node_restarts_behind_the_leader(self, name: str) -> None:
+        """The leader decides on a view that has not yet seen a node restart: an
+        assignment to the node's old session must not commit (the new process would
+        never run it, and its reap would cost the task an attempt)."""
+        assert self.view is not None
+        assert self.fence is not None
+        self._sync_view()
+        decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+        self.restart_node(name)
+        for n, batch in enumerate(decision.batches):
+            result = self.db.txn(plan_batch(self.ks, self.fence, batch.moves))
+            if result.succeeded:
+                self._committed(batch, result.revision)
+                continue
+            to_old_session = any(record.node == name for _, record in batch.moves)
+            assert batch.kind == "assign", f"a {batch.kind} batch failed"
+            assert to_old_session, "an assignment to live sessions failed"
+            for rest in decision.batches[n:]:
+                self.view.settle(rest, committed_at=None)
+            break
 
     def _check_order(self, batches: tuple[Batch, ...]) -> None:
         """Within one queue, the leader takes the best pending tasks first."""
@@ -369,16 +469,30 @@ class QueueMachine(RuleBasedStateMachine):
                     f"{t.id} past its deadline"
                 )
 
-    @precondition(lambda self: any(t.state is State.PROCESSING for t in self.tasks.values()))
+    def _started_attempts(self) -> list[Slot]:
+        """The live assignments whose node's agent has started them."""
+        out = []
+        for slot in self._live_assignments():
+            node = self.nodes.get(slot.record.node or "")
+            agent = node.agent if node is not None else None
+            if agent is not None and agent.running.get(slot.task_id) == slot.create_revision:
+                out.append(slot)
+        return out
+
+    @precondition(lambda self: any(n.agent and n.agent.running for n in self.nodes.values()))
     @rule(data=st.data(), outcome=st.sampled_from(["success", "failure", "permanent", "progress"]))
     def worker_reports(self, data: st.DataObject, outcome: str) -> None:
-        slots = self._live_assignments()
+        """An attempt its node's agent started reports progress or its outcome."""
+        slots = self._started_attempts()
+        if not slots:
+            return  # every started attempt was withdrawn; its agent has not been told yet
         slot = data.draw(st.sampled_from(slots), label="assignment")
         task = self.tasks[slot.task_id]
         assert slot.record.attempts == task.attempts
         if outcome == "progress":
             result = self.db.txn(plan_update(slot, attrs.evolve(slot.record, progress={"p": 1})))
             assert result.succeeded
+            self._record_assignments()
             return
         if outcome == "success":
             nxt = succeeded(slot.record, result={"ok": task.id}, now=self.now)
@@ -387,6 +501,11 @@ class QueueMachine(RuleBasedStateMachine):
             nxt = after_failure(slot.record, error=error, now=self.now, fraction=self.rng.random())
         result = self.db.txn(plan_move(self.ks, slot, nxt))
         assert result.succeeded, "a live attempt's report was rejected"
+        self._record_assignments()
+        # The attempt is over on its node (if the node's agent had started it).
+        owner = self.nodes.get(slot.record.node or "")
+        if owner is not None:
+            self._agent_attempt_ends(owner, slot.task_id, slot.create_revision)
         self.stale.append((slot, nxt))
         if outcome == "success":
             task.completions += 1
@@ -429,6 +548,84 @@ class QueueMachine(RuleBasedStateMachine):
             assert not result.succeeded, f"a deposed leader's {batch.kind} batch committed"
             view.settle(batch, committed_at=None)
         assert self._state_keys() == before
+
+    # -- the node agents and their watches -----------------------------------------------
+
+    def _agent_relists(self, node: ModelNode) -> None:
+        """A listing of the node's assignments (at start, or after compaction)."""
+        agent = node.agent
+        assert agent is not None
+        kvs, _ = self.db.list(self.ks.assignments(node.name))
+        live = {kv.key: kv for kv in kvs}
+        for task_id, create_revision in list(agent.running.items()):
+            kv = live.get(self.ks.state(State.PROCESSING, task_id, node.name))
+            if kv is None or kv.create_revision != create_revision:
+                self._agent_attempt_ends(node, task_id, create_revision)  # withdrawn
+        for kv in kvs:
+            self._agent_considers(node, kv)
+        agent.ledger.settle()
+        agent.shown = len(node.feed)
+
+    def _agent_takes(self, node: ModelNode, revisions: int) -> None:
+        """Deliver the node's feed onwards, a revision (one watch response) at a time."""
+        agent = node.agent
+        assert agent is not None
+        for _ in range(revisions):
+            if agent.shown >= len(node.feed):
+                break
+            revision = node.feed[agent.shown].kv.mod_revision
+            while agent.shown < len(node.feed) and node.feed[agent.shown].kv.mod_revision == (
+                revision
+            ):
+                event = node.feed[agent.shown]
+                agent.shown += 1
+                parsed = self.ks.parse(event.kv.key)
+                assert parsed is not None
+                assert parsed.task_id is not None
+                if event.kind == "PUT":
+                    self._agent_considers(node, event.kv)
+                elif event.prev is not None:
+                    # Withdrawn: the handler is cancelled and the attempt ends.
+                    self._agent_attempt_ends(node, parsed.task_id, event.prev.create_revision)
+            agent.ledger.settle()
+
+    @precondition(lambda self: any(n.agent is not None for n in self.nodes.values()))
+    @rule(data=st.data(), revisions=st.integers(1, 4))
+    def agent_is_shown(self, data: st.DataObject, revisions: int) -> None:
+        """The watch delivers the next few revisions of the node's assignments, each as
+        one response (a lagging watch is one that has not been shown them yet)."""
+        name = data.draw(
+            st.sampled_from([n.name for n in self.nodes.values() if n.agent is not None]),
+            label="node",
+        )
+        self._agent_takes(self.nodes[name], revisions)
+
+    @precondition(
+        lambda self: any(n.agent is not None and n.agent.shown for n in self.nodes.values())
+    )
+    @rule(data=st.data(), back=st.integers(1, 6), revisions=st.integers(1, 4))
+    def agent_watch_repeats(self, data: st.DataObject, back: int, revisions: int) -> None:
+        """The watch resumes from an earlier revision and delivers events again."""
+        name = data.draw(
+            st.sampled_from(
+                [n.name for n in self.nodes.values() if n.agent is not None and n.agent.shown]
+            ),
+            label="node",
+        )
+        agent = self.nodes[name].agent
+        assert agent is not None
+        agent.shown = max(0, agent.shown - back)
+        self._agent_takes(self.nodes[name], revisions)
+
+    @precondition(lambda self: any(n.agent is not None for n in self.nodes.values()))
+    @rule(data=st.data())
+    def agent_relists(self, data: st.DataObject) -> None:
+        """The watch fell behind compaction: the agent lists its assignments again."""
+        node = data.draw(
+            st.sampled_from([n for n in self.nodes.values() if n.agent is not None]),
+            label="node",
+        )
+        self._agent_relists(node)
 
     # -- invariants --------------------------------------------------------------------
 

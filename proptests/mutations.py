@@ -90,6 +90,20 @@ MUTATIONS = [
         "if node is None:",
         "a restarted node's old assignments are reaped",
     ),
+    Mutation(
+        "attempt-forgotten-when-it-ends",
+        "tm_sidecar/core/_attempts.py",
+        "            self._attempts[key] = False",
+        "            del self._attempts[key]",
+        "an attempt starts at most once on a node, even delivered again after it ended",
+    ),
+    Mutation(
+        "assign-to-any-session",
+        "tm_sidecar/core/_plan.py",
+        "compare.extend(_session_guards(ks, moves))",
+        "compare.extend([])",
+        "an assignment goes only to a node's current session",
+    ),
 ]
 
 

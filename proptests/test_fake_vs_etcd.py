@@ -24,7 +24,7 @@ _runs = itertools.count()
 key_i = st.integers(0, len(KEYS) - 1)
 compare = st.tuples(
     key_i,
-    st.sampled_from(["VERSION", "CREATE", "MOD"]),
+    st.sampled_from(["VERSION", "CREATE", "MOD", "LEASE"]),
     st.sampled_from(["EQUAL", "NOT_EQUAL", "GREATER", "LESS"]),
     st.integers(0, 6),  # small values hit both "absent" and real revisions (offset below)
     st.booleans(),  # compare against the key's current value of that field
@@ -70,6 +70,18 @@ class Pair:
 
     def compare(self, spec: tuple[int, str, str, int, bool], side: int) -> Compare:
         i, target, op, value, current = spec
+        if target == "LEASE":
+            # A small value names one of the run's leases (or none), as on both sides.
+            if current:
+                kv = self.fake.kvs.get(self.k(i))
+                fake_lease = kv.lease if kv else 0
+                pair = next((p for p in self.leases if p[0] == fake_lease), None)
+                lease = pair[side] if pair else 0
+            else:
+                lease = self.lease(value - 1, side)
+            return Compare(
+                self.k(i), Target.LEASE, Op.EQUAL if op != "NOT_EQUAL" else Op.NOT_EQUAL, lease
+            )
         if current:
             kv = self.fake.kvs.get(self.k(i))
             field = {"VERSION": "version", "CREATE": "create_revision", "MOD": "mod_revision"}[

@@ -81,3 +81,53 @@ async def test_a_leader_whose_fence_is_gone_steps_down_and_campaigns_again(
         (new,) = (await sc.etcd.list_prefix(ks.election()))[0]
         assert new.key == old.key
         assert new.create_revision > old.create_revision  # a new term, a new token
+
+
+async def test_an_assignment_to_a_restarted_nodes_old_session_does_not_commit(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    ks = Keyspace(namespace=namespace)
+    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    leader, _ = await etcd.lease_grant(30)
+    await etcd.put(ks.candidate(leader), "{}", lease=leader)
+    candidate = await etcd.get(ks.candidate(leader))
+    assert candidate is not None
+    fence = Fence(candidate.key, candidate.create_revision)
+
+    async def register(session: int) -> None:
+        info = NodeInfo(id=NodeId("n1"), session=session, capacity={"default": 9})
+        await etcd.put(ks.node("n1"), info.to_json(), lease=session)
+
+    old, _ = await etcd.lease_grant(30)
+    await register(old)
+    for i in range(2):
+        rec = initial_record(
+            Record(state=State.PENDING, options=TaskOptions(max_attempts=1), since_at=0),
+            now=0,
+            run_at=None,
+        )
+        await etcd.put(ks.state(State.PENDING, TaskId(f"t{i}")), rec.to_json())
+    kvs, revision = await etcd.list_prefix(ks.prefix)
+    view = LeaderView.from_listing(ks, kvs, revision)
+    (batch,) = view.decide(1.0, LeaderPolicy()).batches
+    assert {record.session for _, record in batch.moves} == {old}
+    # The node restarts before the leader's view shows it: the old lease is gone and the
+    # node is registered again under a new one.
+    await etcd.lease_revoke(old)
+    new, _ = await etcd.lease_grant(30)
+    await register(new)
+    committed, _ = await _commit(etcd, ks, fence, RetentionLeases(etcd, 0), view, batch)
+    assert not committed
+    processing, _ = await etcd.list_prefix(ks.state_prefix(State.PROCESSING))
+    pending, _ = await etcd.list_prefix(ks.state_prefix(State.PENDING))
+    assert (len(processing), len(pending)) == (0, 2)  # no attempt spent on the dead session
+    # Once the view has caught up, the tasks go to the node's current session.
+    kvs, revision = await etcd.list_prefix(ks.prefix)
+    view = LeaderView.from_listing(ks, kvs, revision)
+    (batch,) = view.decide(2.0, LeaderPolicy()).batches
+    committed, _ = await _commit(etcd, ks, fence, RetentionLeases(etcd, 0), view, batch)
+    assert committed
+    processing, _ = await etcd.list_prefix(ks.state_prefix(State.PROCESSING))
+    sessions = {Record.from_json(State.PROCESSING, kv.value).session for kv in processing}
+    assert (len(processing), sessions) == (2, {new})
+    await etcd.aclose()

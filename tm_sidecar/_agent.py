@@ -25,6 +25,7 @@ from ._group import GroupCommit, GroupStats, txn_group
 from ._session import RetentionLeases, Session
 from .core import (
     JSON,
+    AttemptLedger,
     Keyspace,
     KeyValue,
     NodeId,
@@ -197,6 +198,8 @@ class AgentState:
     """The assignments running here."""
 
     running: dict[TaskId, Running] = attrs.Factory(dict)
+    #: Every attempt started here, so that none starts twice (see core/_attempts.py).
+    attempts: AttemptLedger = attrs.Factory(AttemptLedger)
     recent: RecentTasks = attrs.Factory(RecentTasks)
     report_batches: GroupStats = attrs.Factory(GroupStats)
     read_batches: GroupStats = attrs.Factory(GroupStats)
@@ -261,9 +264,8 @@ async def run_agent(
             record = parse_record(State.PROCESSING, kv.value)
             if record.session != session.lease:
                 return  # an earlier incarnation's: the leader reaps it
-            known = state.running.get(parsed.task_id)
-            if known is not None and known.create_revision == kv.create_revision:
-                return
+            if not state.attempts.begin(parsed.task_id, kv.create_revision):
+                return  # started here already: a rewrite of it, a repeat, or a re-list
             slot = Slot(parsed.task_id, kv.key, kv.create_revision, kv.mod_revision, record)
             running = Running(kv.create_revision, trio.CancelScope())
             state.running[parsed.task_id] = running
@@ -310,6 +312,7 @@ async def run_agent(
                             parsed = ks.parse(event.kv.key)
                             if parsed is not None and parsed.task_id is not None:
                                 vanished(parsed.task_id, event.prev.create_revision)
+                state.attempts.settle()
 
 
 #: Task reads per batch: payloads may be large, and so may the answer.
@@ -497,6 +500,7 @@ async def _run_one(
         # assigned; the node carries on with the others.
         log.exception("task=%s attempt=%d: the agent failed", tid, current.attempts)
     finally:
+        state.attempts.end(tid, running.create_revision)
         if state.running.get(tid) is running:
             del state.running[tid]
             state._changed()

@@ -134,6 +134,7 @@ _TARGET_FIELD = {
     "CREATE": "create_revision",
     "MOD": "mod_revision",
     "VALUE": "value",
+    "LEASE": "lease",
 }
 
 

@@ -1,5 +1,6 @@
 """The functional core: no I/O, no clock, no randomness. Time and random draws are arguments."""
 
+from ._attempts import AttemptLedger
 from ._events import EVENT_KINDS, EventDeriver, TaskEvent, event_from_change
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
 from ._leader import Batch, Decision, LeaderPolicy, LeaderView
@@ -50,6 +51,7 @@ __all__ = [
     "JSON",
     "MAX_TXN_OPS",
     "REAP_BATCH",
+    "AttemptLedger",
     "Backoff",
     "Batch",
     "Compare",

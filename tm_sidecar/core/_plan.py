@@ -93,7 +93,8 @@ def plan_update(slot: Slot, record: Record) -> Txn:
     )
 
 
-#: Tasks per batched leader transaction: each needs one compare and two writes.
+#: Tasks per batched leader transaction: each needs one compare and two writes (the
+#: fence and at most one session guard per task keep the compares under the limit too).
 ASSIGN_BATCH = (MAX_TXN_OPS - 1) // 2
 #: Tasks per batched terminal move: a delete, a put and a lease touch.
 REAP_BATCH = MAX_TXN_OPS // 3
@@ -120,7 +121,21 @@ def plan_batch(
         compare.append(Compare.modified_at(slot.key, slot.mod_revision))
         success.append(Delete(slot.key))
         success.extend(_terminal_ops(ks, slot.task_id, record, lease, touch))
+    compare.extend(_session_guards(ks, moves))
     return Txn(compare=tuple(compare), success=tuple(success), failure=(Range(fence.key),))
+
+
+def _session_guards(ks: Keyspace, moves: Sequence[tuple[Slot, Record]]) -> list[Compare]:
+    """An assignment goes only to a node's current session: its registration must still
+    be attached to the session's lease. A leader whose view has not yet seen a node
+    restart (a new lease) thus cannot hand work to the dead session, where the new one
+    would never run it and the reap would cost the task an attempt."""
+    sessions = {
+        (record.node, record.session)
+        for _, record in moves
+        if record.state is State.PROCESSING and record.node is not None
+    }
+    return [Compare.leased(ks.node(node), session or 0) for node, session in sorted(sessions)]
 
 
 def assignment_key(ks: Keyspace, task_id: TaskId, node: NodeId) -> str:

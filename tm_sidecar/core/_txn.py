@@ -21,6 +21,7 @@ class Target(enum.Enum):
     CREATE = "CREATE"
     MOD = "MOD"
     VALUE = "VALUE"
+    LEASE = "LEASE"
 
 
 class Op(enum.Enum):
@@ -55,6 +56,11 @@ class Compare:
     def modified_at(cls, key: str, revision: int) -> Compare:
         """The key is unchanged since this mod revision."""
         return cls(key, Target.MOD, Op.EQUAL, revision)
+
+    @classmethod
+    def leased(cls, key: str, lease: int) -> Compare:
+        """The key exists, attached to this lease (an absent key has lease 0)."""
+        return cls(key, Target.LEASE, Op.EQUAL, lease)
 
 
 @attrs.frozen
