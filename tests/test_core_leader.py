@@ -224,3 +224,19 @@ def test_large_backlogs_are_batched_within_etcd_limits() -> None:
     ids = [t for t, _ in assigned_ids(d.batches)]
     assert ids == sorted(ids)  # FIFO across batches
     assert len(ids) == len(set(ids))  # no task twice
+
+
+def test_a_malformed_value_is_ignored_and_shown_not_fatal() -> None:
+    ks = Keyspace(namespace="m")
+    pending = initial_record(
+        Record(state=State.PENDING, options=TaskOptions(), since_at=0), now=0, run_at=None
+    )
+    good = KeyValue(ks.state(State.PENDING, TaskId("a")), pending.to_json(), 5, 5, 1)
+    view = LeaderView.from_listing(ks, [good], 5)
+    assert set(view.pending) == {"a"}
+    view.apply(WatchEvent("PUT", KeyValue(good.key, "not json", 5, 6, 2), None))
+    view.apply(WatchEvent("PUT", KeyValue(ks.node("n9"), "{}", 7, 7, 1), None))
+    assert view.pending == {}
+    assert view.malformed == {good.key, ks.node("n9")}
+    view.apply(WatchEvent("DELETE", KeyValue(good.key, "", 0, 8, 0), None))
+    assert view.malformed == {ks.node("n9")}

@@ -25,6 +25,7 @@ from tm_sidecar import (
     State,
     TaskContext,
     TaskEvent,
+    TaskNotFound,
     TaskOptions,
 )
 from tm_sidecar._embedded import EtcdProcess
@@ -83,9 +84,12 @@ async def test_full_lifecycle_with_every_event_in_order(
             json.loads(kv.value)
         task_kv = await sc.etcd.get(ks.task(spec.id))
         assert task_kv is not None
-        # The payload expires with the outcome: the lease was attached without sending it again.
+        # The payload was written once (the leader deletes it once the record expires).
         assert json.loads(task_kv.value)["payload"] == {"TaskSpecificKey": "TaskSpecificValue"}
-        assert task_kv.lease != 0
+        assert task_kv.version == 1
+        completed = await sc.etcd.get(ks.state(State.COMPLETED, spec.id))
+        assert completed is not None
+        assert completed.lease != 0  # the record expires after the retention
 
 
 async def test_a_running_attempt_announces_its_start_and_a_quick_one_with_its_outcome(
@@ -392,7 +396,9 @@ async def test_finished_records_expire_after_the_retention(
     etcd_server: EtcdProcess, namespace: str
 ) -> None:
     ks = Keyspace(namespace=namespace)
-    async with running_sidecars(etcd_server.endpoint, namespace, "n1", retention_s=2.0) as (sc,):
+    async with running_sidecars(
+        etcd_server.endpoint, namespace, "n1", retention_s=2.0, compact_interval_s=0.5
+    ) as (sc,):
 
         async def handler(task: TaskContext) -> str:
             return "done"
@@ -407,7 +413,18 @@ async def test_finished_records_expire_after_the_retention(
 
         await poll_until(gone, timeout_s=10)
         assert trio.current_time() - finished_at >= 1.5  # not before the retention
-        assert await sc.etcd.get(ks.task(spec.id)) is None  # the payload went with it
+        with pytest.raises(TaskNotFound, match="expired"):
+            await sc.get(spec.id)
+
+        async def payload_gone() -> bool:
+            return await sc.etcd.get(ks.task(spec.id)) is None
+
+        await poll_until(payload_gone, timeout_s=10)  # the leader's sweep deletes it
+        # The id is free again, as it was when the payload expired with the record.
+        again = await sc.create({"n": 2}, task_id=spec.id)
+        info = await sc.wait(again.id, timeout_s=10)
+        assert info.record is not None
+        assert info.record.result == "done"
 
 
 async def test_the_leader_compacts_etcd_history(etcd_server: EtcdProcess, namespace: str) -> None:

@@ -6,6 +6,7 @@ from ._agent import Handler, Permanent, Registration, TaskContext
 from ._errors import (
     Compacted,
     EtcdError,
+    EtcdFull,
     EtcdUnavailable,
     InvalidRequest,
     LeaseLost,
@@ -27,6 +28,7 @@ __all__ = [
     "Etcd",
     "EtcdConfig",
     "EtcdError",
+    "EtcdFull",
     "EtcdUnavailable",
     "Handler",
     "InvalidRequest",

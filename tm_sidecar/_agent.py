@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import EtcdError, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
+from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
 from ._etcd import Changes, Etcd, Reset, retrying
 from ._group import GroupCommit, GroupStats, txn_group
 from ._session import RetentionLeases, Session
@@ -427,7 +427,7 @@ async def _run_one(
                         type="TaskMissing", message="the task record is gone", retryable=False
                     )
                     running.reporting = True
-                    await _report(io, ks, slot, failed(missing), retention, state, touch=False)
+                    await _report(io, ks, slot, failed(missing), retention, state)
                     return
                 spec = TaskSpec.from_json(spec_kv.value)
             reg = registry.pick(current.options.queue)
@@ -539,13 +539,12 @@ async def _report(
     retention: RetentionLeases,
     state: AgentState,
     *,
-    touch: bool = True,
     batched: bool = True,
 ) -> bool:
     """Commit an attempt's outcome; False when the attempt was no longer live.
 
-    Keeps trying while etcd is unavailable (the assignment holds its slot meanwhile; if
-    this node dies, the leader reaps it). An outcome etcd refuses (too large, say) is
+    Keeps trying while etcd is unavailable or full (the assignment holds its slot
+    meanwhile; if this node dies, the leader reaps it). An outcome etcd refuses (too large, say) is
     replaced by a small failure so that the task does not stay assigned for ever.
     """
     failures = 0
@@ -553,10 +552,11 @@ async def _report(
         try:
             final = outcome.state in (State.COMPLETED, State.FAILED)
             lease = await retention.current() if final else 0
-            txn = plan_move(ks, slot, outcome, lease=lease, touch=touch)
+            txn = plan_move(ks, slot, outcome, lease=lease)
             result = await (io.reports.submit(txn) if batched else io.etcd.txn(txn))
             break
-        except (EtcdUnavailable, trio.TooSlowError) as exc:
+        except (EtcdUnavailable, EtcdFull, trio.TooSlowError) as exc:
+            # A full etcd takes writes again once space is freed: the outcome waits too.
             failures += 1
             wait = min(2.0, 0.05 * 2**failures)
             log.warning(
@@ -566,9 +566,6 @@ async def _report(
         except LeaseNotFound:
             retention.forget()
         except EtcdError as exc:
-            if "key not found" in str(exc) and touch:
-                touch = False  # the payload is gone (deleted by hand): record the outcome anyway
-                continue
             if outcome.error is not None and outcome.error.type == "ReportRefused":
                 log.error("report of task=%s refused by etcd: %s", slot.task_id, exc)
                 return False

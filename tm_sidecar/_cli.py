@@ -47,6 +47,8 @@ _ENV = {
     "log_level": "TM_LOG_LEVEL",
     "log_format": "TM_LOG_FORMAT",
     "metrics": "TM_METRICS",
+    "etcd_quota": "TM_ETCD_QUOTA",
+    "quota_fraction": "TM_QUOTA_FRACTION",
 }
 
 
@@ -130,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-payload", type=int, default=256 * 1024, help="largest task payload in bytes"
+    )
+    p.add_argument(
+        "--etcd-quota",
+        type=int,
+        default=int(env("TM_ETCD_QUOTA", str(2 * 1024**3))),
+        help="etcd's database quota in bytes (its --quota-backend-bytes; the embedded etcd "
+        "is started with it) [TM_ETCD_QUOTA]",
+    )
+    p.add_argument(
+        "--quota-fraction",
+        type=float,
+        default=float(env("TM_QUOTA_FRACTION", "0.8")),
+        help="refuse new tasks once etcd's database fills this fraction of the quota, so "
+        "that the tasks already accepted can still be assigned and finished "
+        "[TM_QUOTA_FRACTION]",
     )
     p.add_argument(
         "--max-live-tasks",
@@ -289,7 +306,9 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
     embedded: EtcdProcess | None = None
     endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
     if not endpoints:
-        embedded = EtcdProcess(data_dir=Path(args.data_dir), binary=args.etcd_binary)
+        embedded = EtcdProcess(
+            data_dir=Path(args.data_dir), binary=args.etcd_binary, quota_bytes=args.etcd_quota
+        )
         try:
             await trio.to_thread.run_sync(embedded.start)
         except EmbeddedEtcdError as exc:
@@ -317,6 +336,8 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
         retention_s=args.retention,
         max_payload_bytes=args.max_payload,
         max_live_tasks=args.max_live_tasks,
+        quota_bytes=args.etcd_quota,
+        quota_fraction=args.quota_fraction,
     )
     log.info(
         "starting tm-sidecar %s node=%s etcd=%s", __version__, settings.node_id, ",".join(endpoints)

@@ -55,6 +55,14 @@ class EtcdUnavailable(Unavailable):
     code = "etcd_unavailable"
 
 
+class EtcdFull(Unavailable):
+    """etcd's database has reached its quota (the NOSPACE alarm): it takes no writes until
+    an operator frees space (``tmctl recover``). Reads, watches and keep-alives go on;
+    retry later."""
+
+    code = "etcd_full"
+
+
 class NotLeader(Unavailable):
     """This sidecar is not (or no longer) the leader."""
 
@@ -105,6 +113,7 @@ ERRORS: dict[str, type[TaskManagerError]] = {
         QueueFull,
         Unavailable,
         EtcdUnavailable,
+        EtcdFull,
         NotLeader,
         LeaseLost,
         ProtocolViolation,

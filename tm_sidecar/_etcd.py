@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import attrs
 import trio
 
-from ._errors import Compacted, EtcdError, EtcdUnavailable, LeaseNotFound
+from ._errors import Compacted, EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound
 from .core import (
     Compare,
     Delete,
@@ -208,6 +208,9 @@ def translate_error(status: int, body: _Body | None, text: str = "") -> Exceptio
         message = str(body.get("message") or body.get("error") or "")
     message = message or text or f"HTTP {status}"
     code = int(body.get("code", 0)) if body else 0
+    # gRPC 8 is RESOURCE_EXHAUSTED: the NOSPACE alarm ("database space exceeded").
+    if code == 8 or status == 429:
+        return EtcdFull(message)
     if "compacted" in message:
         return Compacted(message)
     if "lease not found" in message:
@@ -672,16 +675,18 @@ class Etcd:
         range_end: str | None = None,
         page: int = 2000,
         consume: Callable[[tuple[KeyValue, ...]], None] | None = None,
+        keys_only: bool = False,
     ) -> tuple[tuple[KeyValue, ...], int]:
         """Every key under ``prefix`` (or in ``[prefix, range_end)``), in pages at one revision.
 
         With ``consume``, the pages go to it instead, in order, in a worker thread, each
         while the next one is fetched (a large listing costs about as much CPU to take in
-        as etcd takes to send); the answer's keys are then empty.
+        as etcd takes to send); the answer's keys are then empty. With ``keys_only``, the
+        values are left out (empty).
         """
         if consume is None:
             kvs: list[KeyValue] = []
-            revision = await self._pages(prefix, range_end, page, kvs.extend)
+            revision = await self._pages(prefix, range_end, page, kvs.extend, keys_only)
             return tuple(kvs), revision
         send, receive = trio.open_memory_channel[tuple[KeyValue, ...]](1)
 
@@ -708,6 +713,7 @@ class Etcd:
         range_end: str | None,
         page: int,
         out: Callable[[tuple[KeyValue, ...]], object],
+        keys_only: bool = False,
     ) -> int:
         start, revision = prefix, 0
         end = _b64(range_end) if range_end is not None else _range_end_b64(prefix)
@@ -715,6 +721,8 @@ class Etcd:
             body: _Body = {"key": _b64(start), "range_end": end, "limit": page}
             if revision:
                 body["revision"] = revision
+            if keys_only:
+                body["keys_only"] = True
             result = decode_range(await self.call("/kv/range", body))
             revision = revision or result.revision
             done = out(result.kvs)
@@ -752,6 +760,28 @@ class Etcd:
     async def status(self) -> _Body:
         """The endpoint's status (db size, revision, leader)."""
         return await self.call("/maintenance/status", {})
+
+    # -- maintenance (what an operator needs to recover a full etcd) --
+
+    async def alarms(self) -> list[tuple[int, str]]:
+        """The raised alarms, as (member id, alarm name)."""
+        answer = await self.call("/maintenance/alarm", {"action": "GET"})
+        return [(int(a.get("memberID", 0)), str(a["alarm"])) for a in answer.get("alarms") or ()]
+
+    async def disarm(self, member_id: int, alarm: str) -> None:
+        """Clear one alarm (etcd takes writes again once no NOSPACE alarm is left)."""
+        await self.call(
+            "/maintenance/alarm", {"action": "DEACTIVATE", "memberID": member_id, "alarm": alarm}
+        )
+
+    async def member_urls(self) -> list[str]:
+        """Every member's first client URL."""
+        answer = await self.call("/cluster/member/list", {})
+        return [str(m["clientURLs"][0]) for m in answer.get("members") or () if m.get("clientURLs")]
+
+    async def defragment(self) -> None:
+        """Defragment the member this client talks to (give it one endpoint)."""
+        await self.call("/maintenance/defragment", {})
 
     # -- leases --
 
@@ -953,16 +983,26 @@ async def retrying(
     deadline_s: float = math.inf,
     on_retry: Callable[[Exception], None] | None = None,
 ) -> T:
-    """Run a safe-to-repeat operation until it stops failing with EtcdUnavailable."""
+    """Run a safe-to-repeat operation until it stops failing with EtcdUnavailable (or
+    EtcdFull: a full etcd takes writes again once an operator has freed space)."""
     failures = 0
     with trio.fail_after(deadline_s) if math.isfinite(deadline_s) else trio.CancelScope():
         while True:
             try:
                 return await op()
-            except EtcdUnavailable as exc:
+            except (EtcdUnavailable, EtcdFull) as exc:
                 failures += 1
                 if on_retry is not None:
                     on_retry(exc)
                 wait = _default_backoff(failures)
-                log.warning("%s failed (%s); retrying in %.2f s", what, exc, wait)
+                if isinstance(exc, EtcdFull):
+                    log.error(
+                        "%s refused: etcd is full (%s); free space with `tmctl recover`; "
+                        "retrying in %.2f s",
+                        what,
+                        exc,
+                        wait,
+                    )
+                else:
+                    log.warning("%s failed (%s); retrying in %.2f s", what, exc, wait)
                 await trio.sleep(wait)

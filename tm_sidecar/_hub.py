@@ -133,7 +133,13 @@ class EventHub:
                         for change in changes.events:
                             if change.kv.mod_revision <= self.revision:
                                 continue
-                            for event in self._deriver.derive(change):
+                            try:
+                                events = self._deriver.derive(change)
+                            except (ValueError, KeyError, TypeError) as exc:
+                                # Not a record of ours (written by hand?): nothing to tell.
+                                log.warning("malformed value at %s ignored: %s", change.kv.key, exc)
+                                continue
+                            for event in events:
                                 self._publish(event)
                         self.revision = max(self.revision, changes.revision)
             except Compacted as exc:

@@ -11,11 +11,13 @@ from contextlib import aclosing
 import attrs
 import trio
 
-from ._errors import EtcdError, EtcdUnavailable, LeaseNotFound, NotLeader
+from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
 from ._etcd import Changes, Etcd, Reset, retrying
 from ._session import RetentionLeases, Session
 from .core import (
+    MAX_TXN_OPS,
     Batch,
+    Delete,
     Fence,
     Keyspace,
     LeaderPolicy,
@@ -24,6 +26,7 @@ from .core import (
     State,
     Txn,
     TxnResult,
+    orphan_payloads,
     plan_batch,
 )
 
@@ -161,12 +164,15 @@ async def run_leader(
         while True:
             await trio.sleep(settings.compact_interval_s)
             try:
+                swept = await sweep_payloads(etcd, ks)
+                if swept:
+                    log.info("deleted %d payloads of expired tasks", swept)
                 current = await etcd.revision()
                 if previous:
                     await etcd.compact(previous)
                     log.info("compacted etcd history up to revision %d", previous)
                 previous = current
-            except (EtcdUnavailable, EtcdError) as exc:
+            except (EtcdUnavailable, EtcdFull, EtcdError) as exc:
                 log.warning("compaction failed: %s", exc)
 
     log.info("leading with fence=%s@%d", fence.key, fence.revision)
@@ -206,6 +212,13 @@ async def _commit(
         view.settle(batch, committed_at=None)
         retention.forget()
         return False, 0
+    except EtcdFull as exc:
+        # Refused whole, nothing written: wait for an operator to free space rather than
+        # asking again at once (the session's keep-alives still work meanwhile).
+        log.error("%s batch of %d refused: etcd is full (%s)", batch.kind, len(batch.moves), exc)
+        view.settle(batch, committed_at=None)
+        await trio.sleep(ETCD_FULL_PAUSE_S)
+        return False, 0
     except EtcdError as exc:
         # Refused whole (too large, a payload deleted by hand): commit the moves one by one.
         log.warning(
@@ -224,6 +237,25 @@ async def _commit(
         "%s batch of %d conflicted: waiting for the view to catch up", batch.kind, len(batch.moves)
     )
     return False, result.revision
+
+
+async def sweep_payloads(etcd: Etcd, ks: Keyspace) -> int:
+    """Delete the payloads of finished tasks whose records have expired; answers how many.
+
+    A final record expires with its retention lease and its payload is left behind (see
+    ``core.orphan_payloads``). Batches of deletes, or one by one when etcd is full (plain
+    deletes still work then, and freeing space is what a full etcd needs).
+    """
+    kvs, _ = await etcd.list_prefix(ks.prefix, keys_only=True, page=10_000)
+    orphans = orphan_payloads(ks, (kv.key for kv in kvs))
+    for start in range(0, len(orphans), MAX_TXN_OPS):
+        chunk = orphans[start : start + MAX_TXN_OPS]
+        try:
+            await etcd.txn(Txn(success=tuple(Delete(ks.task(t)) for t in chunk)))
+        except EtcdFull:
+            for task_id in chunk:
+                await etcd.delete(ks.task(task_id))
+    return len(orphans)
 
 
 def _check_fence(fence: Fence, result: TxnResult) -> None:
@@ -255,21 +287,19 @@ async def _commit_singly(
 ) -> None:
     for move in batch.moves:
         lease = await retention.current() if move[1].state is State.FAILED else 0
-        for touch in (True, False):
-            try:
-                result = await etcd.txn(plan_batch(ks, fence, [move], lease=lease, touch=touch))
-            except EtcdError as exc:
-                if touch and "key not found" in str(exc):
-                    continue  # the payload was deleted by hand: move the task anyway
-                log.error("%s of task=%s refused by etcd: %s", batch.kind, move[0].task_id, exc)
-                break
-            if not result.succeeded:
-                _check_fence(fence, result)
-            break
+        try:
+            result = await etcd.txn(plan_batch(ks, fence, [move], lease=lease))
+        except EtcdError as exc:
+            log.error("%s of task=%s refused by etcd: %s", batch.kind, move[0].task_id, exc)
+            continue
+        if not result.succeeded:
+            _check_fence(fence, result)
 
 
 #: How long the leader waits for its watch to show a revision before deciding anyway.
 CATCH_UP_S = 1.0
+#: How long the leader waits before trying again when etcd is full.
+ETCD_FULL_PAUSE_S = 1.0
 
 
 def _count(state: LeaderState, batch: Batch) -> None:

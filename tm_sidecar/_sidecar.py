@@ -20,6 +20,7 @@ from ._agent import AgentState, Handler, Registration, Registry, run_agent
 from ._election import campaign, resign
 from ._errors import (
     EtcdError,
+    EtcdFull,
     EtcdUnavailable,
     InvalidRequest,
     LeaseLost,
@@ -43,6 +44,7 @@ from .core import (
     NodeId,
     NodeInfo,
     Range,
+    RangeResult,
     Record,
     State,
     TaskEvent,
@@ -60,6 +62,10 @@ from .core import (
 log = logging.getLogger("tm_sidecar")
 
 FINAL_STATES = (State.COMPLETED, State.FAILED)
+_FULL = (
+    "etcd's database is full (its NOSPACE alarm is raised): new tasks are refused until an "
+    "operator frees space with `tmctl recover`; the tasks already accepted wait, nothing is lost"
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -75,8 +81,12 @@ class SidecarSettings:
     retention_s: float = 24 * 3600.0
     max_payload_bytes: int = 256 * 1024
     max_live_tasks: int = 1_000_000
-    quota_bytes: int = 2 * 1024**3
-    quota_fraction: float = 0.9
+    #: etcd's database quota, and the part of it new tasks may fill: the rest is
+    #: headroom for the tasks already accepted (assignment, outcome, the payload's lease).
+    quota_bytes: int = attrs.field(default=2 * 1024**3, validator=attrs.validators.gt(0))
+    quota_fraction: float = attrs.field(
+        default=0.8, validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)]
+    )
     grace_s: float = 5.0
     requeue_stalled: bool = True
     compact_interval_s: float = 300.0
@@ -125,6 +135,8 @@ class Sidecar:
     _live_tasks: int = 0
     _created: int = 0
     _db_size: int = 0
+    _written: int = 0  # bytes created since _db_size was read
+    _nospace: bool = False  # etcd's NOSPACE alarm is raised
     _started_at: float = 0.0
     _stopping: trio.CancelScope | None = None
     role_changed: trio.Event = attrs.Factory(trio.Event)
@@ -296,8 +308,13 @@ class Sidecar:
                 self._live_tasks = sum(
                     self.depths[s.value] for s in (State.PENDING, State.DELAYED, State.PROCESSING)
                 ) + (self._created - created_before)
+                written_before = self._written
                 status = await self.etcd.status()
-                self._db_size = int(status.get("dbSize", 0))
+                # The space in use (freed pages are reused), not the file's size, which
+                # shrinks only when an operator defragments.
+                self._db_size = int(status.get("dbSizeInUse") or status.get("dbSize") or 0)
+                self._written -= written_before
+                self._nospace = any("NOSPACE" in str(e) for e in status.get("errors") or ())
             except Unavailable as exc:
                 log.debug("limit refresh failed: %s", exc)
             await trio.sleep(1.0)
@@ -344,10 +361,7 @@ class Sidecar:
                 f"namespace {self.settings.namespace!r} holds {self._live_tasks} live tasks, "
                 f"the limit is {self.settings.max_live_tasks} (max_live_tasks)"
             )
-        if self._db_size >= self.settings.quota_bytes * self.settings.quota_fraction:
-            raise QueueFull(
-                f"etcd's database is {self._db_size} bytes, near its quota: refusing new tasks"
-            )
+        self._admit_size()
         now = self.clock()
         spec = TaskSpec(
             id=task_id or self.new_task_id(),
@@ -361,12 +375,21 @@ class Sidecar:
         )
         txn = plan_create(self.ks, spec, record)
         try:
-            result = await self.creates.submit(txn)
-        except EtcdUnavailable:
-            # Once more: a repeat is safe, and tells whether the first one committed.
-            result = await self.creates.submit(txn)
+            try:
+                result = await self.creates.submit(txn)
+            except EtcdUnavailable:
+                # Once more: a repeat is safe, and tells whether the first one committed.
+                result = await self.creates.submit(txn)
+        except EtcdFull as exc:
+            self._nospace = True
+            raise EtcdFull(_FULL) from exc
+        self._written += sum(len(op.key) + len(getattr(op, "value", "")) for op in txn.success)
         if not result.succeeded:
             existing = await self.etcd.get(self.ks.task(spec.id))
+            if existing is not None and not await self._has_state(spec.id):
+                # An expired task's payload, not yet swept: the id is free again.
+                await self.etcd.delete(existing.key)
+                return await self.create(payload, options=options, run_at=run_at, task_id=spec.id)
             if existing is None or TaskSpec.from_json(existing.value).payload != payload:
                 raise InvalidRequest(f"task id {spec.id} is taken")
             return TaskSpec.from_json(existing.value)
@@ -374,6 +397,21 @@ class Sidecar:
         self._created += 1
         self.agent.recent.add(spec, encoded)
         return spec
+
+    def _admit_size(self) -> None:
+        """Refuse a new task when etcd is full, or when it would leave too little room for
+        the tasks already accepted to finish."""
+        if self._nospace:
+            raise EtcdFull(_FULL)
+        used = self._db_size + self._written
+        allowed = self.settings.quota_bytes * self.settings.quota_fraction
+        if used >= allowed:
+            raise QueueFull(
+                f"etcd's database holds about {used} bytes of its {self.settings.quota_bytes}-"
+                f"byte quota; new tasks may fill {self.settings.quota_fraction:.0%} of it "
+                "(quota_fraction), the rest is kept for the tasks already accepted: "
+                "free space with `tmctl recover`, or raise etcd's quota (etcd_quota)"
+            )
 
     def register(
         self, handler: Handler, *, queue: str = "default", concurrency: int = 1
@@ -400,6 +438,12 @@ class Sidecar:
                 )
         return TaskInfo(spec=spec, state=None, record=None, revision=revision)
 
+    async def _has_state(self, task_id: TaskId) -> bool:
+        try:
+            return (await self.get(task_id)).state is not None
+        except TaskNotFound:
+            return False
+
     async def get(self, task_id: TaskId) -> TaskInfo:
         """The task and where it stands (linearizable reads of its own keys)."""
         for _ in range(3):
@@ -407,23 +451,27 @@ class Sidecar:
             if info.state is not None:
                 return info
             # It moved between the two reads (from processing, say): look again.
-        return info
+        # A payload with no state key left: the task finished and its record expired.
+        raise TaskNotFound(f"no task {task_id} (it has expired)")
 
     async def _get_once(self, task_id: TaskId) -> TaskInfo:
-        # One read for the task and the states a task id alone names.
+        # Plain ranges, read together: a full etcd refuses every transaction, reads too.
         states = (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED)
-        read = Txn(
-            success=(
-                Range(self.ks.task(task_id)),
-                *(Range(self.ks.state(state, task_id)) for state in states),
-            )
-        )
-        answer = await self.etcd.txn(read)
-        if not answer.ranges[0].kvs:
+        keys = (self.ks.task(task_id), *(self.ks.state(state, task_id) for state in states))
+        answers: list[RangeResult | None] = [None] * len(keys)
+
+        async def read(i: int, key: str) -> None:
+            answers[i] = await self.etcd.range(Range(key))
+
+        async with trio.open_nursery() as nursery:
+            for i, key in enumerate(keys):
+                nursery.start_soon(read, i, key)
+        ranges = [a for a in answers if a is not None]
+        if not ranges[0].kvs:
             raise TaskNotFound(f"no task {task_id} (it may have expired)")
-        spec = TaskSpec.from_json(answer.ranges[0].kvs[0].value)
-        revision = answer.revision
-        found: list[KeyValue] = [kv for r in answer.ranges[1:] for kv in r.kvs]
+        spec = TaskSpec.from_json(ranges[0].kvs[0].value)
+        revision = max(r.revision for r in ranges)
+        found: list[KeyValue] = [kv for r in ranges[1:] for kv in r.kvs]
         if not found:
             procs, rev = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
             found = [kv for kv in procs if kv.key.endswith("/" + task_id)]

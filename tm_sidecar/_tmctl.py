@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from contextlib import aclosing
 from typing import Any
 
+import attrs
 import trio
 
 from ._errors import TaskManagerError
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         "purge", help="delete every completed or failed record (and its payload)"
     )
     purge.add_argument("state", choices=["completed", "failed"])
+    recover = sub.add_parser(
+        "recover",
+        help="recover a full etcd (NOSPACE alarm): delete completed records and their "
+        "payloads with plain deletes, compact, defragment every member, disarm the alarm",
+    )
+    recover.add_argument("--include-failed", action="store_true", help="delete failed records too")
+    recover.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sub.add_parser("events", help="print task events as they happen (Ctrl-C stops)")
     return p
 
@@ -249,19 +257,73 @@ class Ctl:
         return 0
 
     async def purge(self, state: State) -> None:
+        purged = await self._purge(state)
+        self.out({"purged": purged}, [["PURGED"], [str(purged)]])
+
+    async def _purge(self, state: State) -> int:
+        """Delete every record in a final state, then its payload.
+
+        Plain deletes, not transactions: a full etcd refuses every transaction but still
+        deletes. Safe without a compare: a final record never changes, and the payload
+        goes only when this call removed the record (a record retried meanwhile is gone
+        from here, and its task keeps its payload).
+        """
         kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
         purged = 0
         for kv in kvs:
             parsed = self.ks.parse(kv.key)
             if parsed is None or parsed.task_id is None:
                 continue
-            txn = Txn(
-                compare=(Compare.modified_at(kv.key, kv.mod_revision),),
-                success=(Delete(kv.key), Delete(self.ks.task(parsed.task_id))),
-            )
-            if (await self.etcd.txn(txn)).succeeded:
+            if await self.etcd.delete(kv.key):
+                await self.etcd.delete(self.ks.task(parsed.task_id))
                 purged += 1
-        self.out({"purged": purged}, [["PURGED"], [str(purged)]])
+        return purged
+
+    async def _space(self) -> dict[str, Any]:
+        status = await self.etcd.status()
+        return {
+            "db_size": int(status.get("dbSize") or 0),
+            "db_size_in_use": int(status.get("dbSizeInUse") or status.get("dbSize") or 0),
+            "alarms": [name for _, name in await self.etcd.alarms()],
+        }
+
+    async def recover(self, cfg: EtcdConfig, include_failed: bool) -> None:
+        """Free space in a full etcd and let it take writes again."""
+        before = await self._space()
+        purged = await self._purge(State.COMPLETED)
+        if include_failed:
+            purged += await self._purge(State.FAILED)
+        # Compaction drops the deleted values' history; defragmenting gives the space
+        # back to the file; both work over quota. Then the alarm can go.
+        await self.etcd.compact(await self.etcd.revision())
+        for url in await self.etcd.member_urls():
+            member = Etcd(attrs.evolve(cfg, endpoints=(url,), timeout_s=max(cfg.timeout_s, 60)))
+            try:
+                await member.defragment()
+            finally:
+                await member.aclose()
+        for member_id, alarm in await self.etcd.alarms():
+            if alarm == "NOSPACE":
+                await self.etcd.disarm(member_id, alarm)
+        after = await self._space()
+        report = {
+            "purged": purged,
+            **{f"{k}_before": v for k, v in before.items()},
+            **{f"{k}_after": v for k, v in after.items()},
+        }
+        self.out(
+            report,
+            [
+                ["PURGED", "IN USE BEFORE", "IN USE AFTER", "FILE AFTER", "ALARMS AFTER"],
+                [
+                    str(purged),
+                    str(before["db_size_in_use"]),
+                    str(after["db_size_in_use"]),
+                    str(after["db_size"]),
+                    ",".join(after["alarms"]) or "-",
+                ],
+            ],
+        )
 
     async def events(self) -> None:
         start = await self.etcd.revision()
@@ -288,6 +350,13 @@ class Ctl:
                         )
 
 
+def _confirm(question: str) -> bool:
+    """Ask on the terminal; no terminal (a script, a pipe) is no."""
+    if not sys.stdin.isatty():
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
@@ -298,16 +367,25 @@ async def run(args: argparse.Namespace) -> int:
     if not endpoints:
         print("tmctl: give --etcd (or TM_ETCD): the etcd the sidecars use", file=sys.stderr)
         return 2
-    etcd = Etcd(
-        EtcdConfig(
-            endpoints=endpoints,
-            ca_file=args.etcd_ca,
-            cert_file=args.etcd_cert,
-            key_file=args.etcd_key,
-            username=args.etcd_user,
-            password=args.etcd_password,
-        )
+    cfg = EtcdConfig(
+        endpoints=endpoints,
+        ca_file=args.etcd_ca,
+        cert_file=args.etcd_cert,
+        key_file=args.etcd_key,
+        username=args.etcd_user,
+        password=args.etcd_password,
     )
+    if (
+        args.command == "recover"
+        and not args.yes
+        and not _confirm(
+            f"delete every completed{' and failed' if args.include_failed else ''} record of "
+            f"namespace {args.namespace!r}, compact and defragment etcd?"
+        )
+    ):
+        print("tmctl: recover deletes records: confirm, or give --yes", file=sys.stderr)
+        return 2
+    etcd = Etcd(cfg)
     ctl = Ctl(etcd, Keyspace(namespace=args.namespace), args.json)
     try:
         match args.command:
@@ -326,6 +404,8 @@ async def run(args: argparse.Namespace) -> int:
                 return await ctl.cancel(args.task_id)
             case "purge":
                 await ctl.purge(State(args.state))
+            case "recover":
+                await ctl.recover(cfg, args.include_failed)
             case "events":
                 await ctl.events()
         return 0

@@ -23,6 +23,7 @@ from ._client import (
 from ._errors import (
     ConnectionLost,
     EtcdError,
+    EtcdFull,
     EtcdUnavailable,
     InvalidRequest,
     LeaseLost,
@@ -45,6 +46,7 @@ __all__ = [
     "ConnectionLost",
     "DefaultTaskManager",
     "EtcdError",
+    "EtcdFull",
     "EtcdUnavailable",
     "InvalidRequest",
     "LeaseLost",

@@ -50,6 +50,13 @@ class EtcdUnavailable(Unavailable):
     code = "etcd_unavailable"
 
 
+class EtcdFull(Unavailable):
+    """etcd's database is at its quota: no task can be created until an operator frees
+    space (``tmctl recover``); retry later."""
+
+    code = "etcd_full"
+
+
 class NotLeader(Unavailable):
     """The sidecar is not the leader."""
 
@@ -107,6 +114,7 @@ _BY_CODE: dict[str, type[TaskManagerError]] = {
         QueueFull,
         Unavailable,
         EtcdUnavailable,
+        EtcdFull,
         NotLeader,
         LeaseLost,
         ProtocolViolation,

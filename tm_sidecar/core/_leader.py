@@ -67,6 +67,8 @@ class LeaderView:
     _due: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _deadlines: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _suspects: set[TaskId] = attrs.Factory(set)
+    #: Keys whose value is not a record of ours: ignored, and shown for an operator.
+    malformed: set[str] = attrs.Factory(set)
     # task id -> (node, queue) of an assignment in flight, or None for other moves
     _claims: dict[TaskId, tuple[NodeId, str] | None] = attrs.Factory(dict)
     # revision the view must reach before the claims of a committed batch are released
@@ -108,6 +110,16 @@ class LeaderView:
         self._release_settled()
 
     def _put(self, kv: KeyValue, parse: Callable[[State, str], Record] = parse_record) -> None:
+        try:
+            self._put_parsed(kv, parse)
+        except (ValueError, KeyError, TypeError):
+            # Not a record of ours (written by hand?): as good as absent, and shown.
+            self._delete(kv.key)
+            self.malformed.add(kv.key)
+        else:
+            self.malformed.discard(kv.key)
+
+    def _put_parsed(self, kv: KeyValue, parse: Callable[[State, str], Record]) -> None:
         parsed = self.ks.parse(kv.key)
         if parsed is None:
             return
@@ -147,6 +159,7 @@ class LeaderView:
                 self._suspects.add(tid)
 
     def _delete(self, key: str) -> None:
+        self.malformed.discard(key)
         parsed = self.ks.parse(key)
         if parsed is None:
             return

@@ -3,13 +3,13 @@ happens at most once and only from the state the caller saw."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import Record, TaskSpec
-from ._txn import MAX_TXN_OPS, Compare, Delete, Put, Range, Request, Touch, Txn
+from ._txn import MAX_TXN_OPS, Compare, Delete, Put, Range, Request, Txn
 
 
 @attrs.frozen
@@ -49,16 +49,13 @@ def plan_create(ks: Keyspace, spec: TaskSpec, record: Record) -> Txn:
     )
 
 
-def _terminal_ops(
-    ks: Keyspace, task_id: TaskId, record: Record, lease: int, touch: bool
-) -> list[Request]:
+def _terminal_ops(ks: Keyspace, task_id: TaskId, record: Record, lease: int) -> list[Request]:
+    # A final record expires with the retention lease. The payload is not rewritten to
+    # join it (etcd would store the whole value again, doubling a full queue's need for
+    # space as it drains): the leader deletes payloads left without a state key.
     final = record.state in (State.COMPLETED, State.FAILED)
     key = ks.state(record.state, task_id, record.node)
-    ops: list[Request] = [Put(key, record.to_json(), lease if final else 0)]
-    if final and lease and touch:
-        # The payload expires with the outcome; ignore_value keeps it written once.
-        ops.append(Touch(ks.task(task_id), lease))
-    return ops
+    return [Put(key, record.to_json(), lease if final else 0)]
 
 
 def plan_move(
@@ -68,7 +65,6 @@ def plan_move(
     *,
     lease: int = 0,
     fence: Fence | None = None,
-    touch: bool = True,
 ) -> Txn:
     """Move one task from the state key ``slot`` to ``record``, if that key is unchanged.
 
@@ -80,7 +76,7 @@ def plan_move(
         compare.insert(0, fence.compare())
     return Txn(
         compare=tuple(compare),
-        success=(Delete(slot.key), *_terminal_ops(ks, slot.task_id, record, lease, touch)),
+        success=(Delete(slot.key), *_terminal_ops(ks, slot.task_id, record, lease)),
         failure=(Range(fence.key),) if fence is not None else (),
     )
 
@@ -96,8 +92,8 @@ def plan_update(slot: Slot, record: Record) -> Txn:
 #: Tasks per batched leader transaction: each needs one compare and two writes (the
 #: fence and at most one session guard per task keep the compares under the limit too).
 ASSIGN_BATCH = (MAX_TXN_OPS - 1) // 2
-#: Tasks per batched terminal move: a delete, a put and a lease touch.
-REAP_BATCH = MAX_TXN_OPS // 3
+#: Tasks per batched terminal move: a delete and a put.
+REAP_BATCH = MAX_TXN_OPS // 2
 
 
 def plan_batch(
@@ -106,21 +102,19 @@ def plan_batch(
     moves: Sequence[tuple[Slot, Record]],
     *,
     lease: int = 0,
-    touch: bool = True,
 ) -> Txn:
     """Several leader moves in one transaction, all or none.
 
     Each move compares its source key's mod revision, so that one changed behind the
     leader's back fails the batch; the failure branch reads the fence key so that the
-    caller can tell a lost leadership from a stale view. ``touch`` attaches the payload of
-    a finished task to the retention lease (off when that key may be gone).
+    caller can tell a lost leadership from a stale view.
     """
     compare: list[Compare] = [fence.compare()]
     success: list[Request] = []
     for slot, record in moves:
         compare.append(Compare.modified_at(slot.key, slot.mod_revision))
         success.append(Delete(slot.key))
-        success.extend(_terminal_ops(ks, slot.task_id, record, lease, touch))
+        success.extend(_terminal_ops(ks, slot.task_id, record, lease))
     compare.extend(_session_guards(ks, moves))
     return Txn(compare=tuple(compare), success=tuple(success), failure=(Range(fence.key),))
 
@@ -141,3 +135,24 @@ def _session_guards(ks: Keyspace, moves: Sequence[tuple[Slot, Record]]) -> list[
 def assignment_key(ks: Keyspace, task_id: TaskId, node: NodeId) -> str:
     """The processing key of a task assigned to ``node``."""
     return ks.state(State.PROCESSING, task_id, node)
+
+
+def orphan_payloads(ks: Keyspace, keys: Iterable[str]) -> list[TaskId]:
+    """The tasks whose payload is left without a state key, from one listing of the
+    namespace's keys (at one revision).
+
+    Such a payload belongs to a finished task whose record has expired. Deleting it needs
+    no guard: nothing gives a state key back to a task that has none (a create of the same
+    id fails while the payload is there, and a retry needs a final record).
+    """
+    payloads: set[TaskId] = set()
+    stated: set[TaskId] = set()
+    for key in keys:
+        parsed = ks.parse(key)
+        if parsed is None or parsed.task_id is None:
+            continue
+        if parsed.kind == "task":
+            payloads.add(parsed.task_id)
+        elif parsed.kind == "state":
+            stated.add(parsed.task_id)
+    return sorted(payloads - stated)

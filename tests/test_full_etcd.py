@@ -1,0 +1,181 @@
+"""A full etcd is survivable (DESIGN.md 3.12): creates are refused with a clear, retryable
+error before etcd's quota is reached, the tasks already accepted still finish, reads keep
+working, and one documented command recovers.
+
+Against a real etcd with a 16 MiB quota and 100 KB payloads, as an operator would see it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.helpers import running_sidecars, wait_for
+from tm_sidecar import EtcdFull, QueueFull, State, TaskContext
+from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar._etcd import Etcd, EtcdConfig
+from tm_sidecar.core import Keyspace, Put, Range, Record, TaskId, TaskOptions, TaskSpec, Txn
+
+QUOTA = 16 * 1024 * 1024
+PAYLOAD = "x" * 100_000
+
+
+TMCTL = str(Path(sys.executable).parent / "tmctl")
+
+
+@pytest.fixture
+def small_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+    """An etcd of its own whose database quota is 16 MiB (no auto-compaction)."""
+    proc = EtcdProcess(
+        data_dir=tmp_path_factory.mktemp("etcd-small"), quota_bytes=QUOTA, auto_compaction="0"
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+async def _alarms(etcd: Etcd) -> list[Any]:
+    answer = await etcd.call("/maintenance/alarm", {"action": "GET"})
+    return list(answer.get("alarms") or [])
+
+
+async def _fill(etcd: Etcd, ks: Keyspace) -> int:
+    """Write finished tasks with big payloads straight to etcd (as a queue without a
+    retention would keep them) until it raises its NOSPACE alarm."""
+    n = 0
+    while True:
+        spec = TaskSpec(
+            id=TaskId(f"filler-{n}"), payload=PAYLOAD, options=TaskOptions(), created_at=0.0
+        )
+        done = Record(state=State.COMPLETED, options=TaskOptions(), since_at=0.0, attempts=1)
+        try:
+            await etcd.txn(
+                Txn(
+                    success=(
+                        Put(ks.task(spec.id), spec.to_json()),
+                        Put(ks.state(State.COMPLETED, spec.id), done.to_json()),
+                    )
+                )
+            )
+        except EtcdFull:
+            return n
+        n += 1
+
+
+async def test_creates_stop_before_the_quota_and_accepted_tasks_still_finish(
+    small_etcd: EtcdProcess, namespace: str
+) -> None:
+    async with running_sidecars(
+        small_etcd.endpoint, namespace, "n1", quota_bytes=QUOTA, compact_interval_s=0
+    ) as (sc,):
+        await wait_for(lambda: sc._db_size > 0)
+        accepted = []
+        refused: QueueFull | None = None
+        for _ in range(400):
+            try:
+                accepted.append((await sc.create({"blob": PAYLOAD})).id)
+            except QueueFull as exc:
+                refused = exc
+                break
+        assert refused is not None, "creates went on past the quota"
+        assert "quota" in str(refused)
+        assert "tmctl recover" in str(refused)
+        assert refused.retryable
+        assert 50 < len(accepted) < 200
+        done = trio.Event()
+        finished = 0
+
+        async def handler(task: TaskContext) -> int:
+            nonlocal finished
+            finished += 1
+            if finished == len(accepted):
+                done.set()
+            return len(task.payload["blob"])
+
+        sc.register(handler, concurrency=8)
+        for task_id in accepted:
+            info = await sc.wait(task_id, timeout_s=60)
+            assert info.state is State.COMPLETED
+        assert await _alarms(sc.etcd) == []  # the headroom held: etcd never filled up
+
+
+async def test_a_full_etcd_refuses_creates_retryably_keeps_reads_and_recovers(
+    small_etcd: EtcdProcess, namespace: str
+) -> None:
+    ks = Keyspace(namespace=namespace)
+    async with running_sidecars(
+        small_etcd.endpoint, namespace, "n1", quota_bytes=QUOTA, compact_interval_s=0
+    ) as (sc,):
+        ran = []
+
+        async def handler(task: TaskContext) -> None:
+            ran.append(task.id)
+
+        sc.register(handler)
+        finished = await sc.create({"n": 1})
+        await sc.wait(finished.id, timeout_s=10)
+        # Something else fills etcd up behind the queue's back.
+        filler = Etcd(EtcdConfig(endpoints=(small_etcd.endpoint,)))
+        try:
+            await _fill(filler, ks)
+        finally:
+            await filler.aclose()
+        assert [a["alarm"] for a in await _alarms(sc.etcd)] == ["NOSPACE"]
+        with pytest.raises(EtcdFull, match="tmctl recover") as refused:
+            await sc.create({"n": 2})
+        assert refused.value.retryable
+        assert refused.value.code == "etcd_full"
+        # Reads are plain ranges: they work over quota.
+        info = await sc.get(finished.id)
+        assert info.state is State.COMPLETED
+        # The documented recovery, as an operator runs it.
+        recover = await trio.run_process(
+            [
+                TMCTL,
+                "--etcd",
+                small_etcd.endpoint,
+                "--namespace",
+                namespace,
+                "--json",
+                "recover",
+                "--yes",
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert recover.returncode == 0, recover.stderr.decode()
+        report = json.loads(recover.stdout)
+        assert report["purged"] >= 100
+        assert report["alarms_after"] == []
+        assert report["db_size_in_use_after"] < report["db_size_in_use_before"]
+        # The queue takes tasks again, and runs them.
+        await wait_for(lambda: not sc._nospace, timeout_s=10)
+        again = await sc.create({"n": 3})
+        info = await sc.wait(again.id, timeout_s=10)
+        assert info.state is State.COMPLETED
+        assert again.id in ran
+        kept = await sc.etcd.range(Range(ks.task(finished.id)))
+        assert kept.count == 0  # the purged completed task went with its payload
+
+
+def test_tmctl_recover_asks_before_it_deletes(small_etcd: EtcdProcess) -> None:
+    run = subprocess.run(
+        [TMCTL, "--etcd", small_etcd.endpoint, "recover"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert "--yes" in run.stderr
