@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -108,8 +109,9 @@ class EtcdProcess:
             self.peer_port = free_port()
         saved.write_text(json.dumps({"client": self.client_port, "peer": self.peer_port}))
 
-    def start(self, timeout_s: float = 30.0) -> None:
-        """Start etcd and wait until it is healthy."""
+    def start(self, timeout_s: float = 30.0, *, abort: threading.Event | None = None) -> None:
+        """Start etcd and wait until it is healthy; ``abort`` set meanwhile stops it again
+        (and raises :class:`EmbeddedEtcdError`)."""
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         binary = find_etcd_binary(self.binary)
         self.version = _binary_version(binary)
@@ -159,6 +161,9 @@ class EtcdProcess:
                 raise EmbeddedEtcdError(f"etcd exited at start-up; its log ends with:\n{tail}")
             if self.healthy():
                 return
+            if abort is not None and abort.is_set():
+                self.stop()
+                raise EmbeddedEtcdError("start-up interrupted")
             if time.monotonic() > deadline:
                 self.stop()
                 raise EmbeddedEtcdError(f"etcd was not healthy within {timeout_s} s")
