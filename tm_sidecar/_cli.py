@@ -410,8 +410,8 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
 
 
 async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
-    """Start the embedded etcd in a thread; False if a signal came first (it is then
-    stopped again within a poll of its start-up)."""
+    """Start the embedded etcd, tied to this process; False if a signal came first (it
+    is then stopped again within a poll of its start-up)."""
     abort = threading.Event()
 
     async def on_signal() -> None:
@@ -424,7 +424,10 @@ async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signal)
         try:
-            await trio.to_thread.run_sync(functools.partial(embedded.start, abort=abort))
+            await trio.to_thread.run_sync(embedded.prepare)
+            # From this (the main) thread, so that etcd dies with us; the fork is quick.
+            embedded.launch()
+            await trio.to_thread.run_sync(functools.partial(embedded.wait_healthy, abort=abort))
         except EmbeddedEtcdError:
             if abort.is_set():
                 return False
