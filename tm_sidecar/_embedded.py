@@ -100,7 +100,7 @@ class EtcdProcess:
         return self._proc.pid if self._proc is not None else None
 
     def _choose_ports(self) -> None:
-        saved = self.data_dir / "tm-ports.json"
+        saved = self.data_dir / PORTS_FILE
         if not self.client_port and saved.exists():
             try:
                 ports = json.loads(saved.read_text())
@@ -241,6 +241,8 @@ class EtcdProcess:
             self._log_file = None
 
 
+#: In the data directory: the embedded etcd's ports, kept for the next start (and tmctl).
+PORTS_FILE = "tm-ports.json"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
