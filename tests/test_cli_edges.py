@@ -179,3 +179,22 @@ def test_an_interrupted_embedded_start_stops_its_etcd(tmp_path: Path) -> None:
         etcd.wait_healthy(abort=abort)
     assert etcd.pid is None
     assert not _alive(pid)
+
+
+def test_a_signal_while_the_embedded_etcd_starts_stops_both(tmp_path: Path) -> None:
+    proc, log = _start(["--node-id", "a"], tmp_path)
+    try:
+        _wait_for_line(proc, log, "starting at", timeout_s=30)
+        etcd_pid = _etcd_pid(log)
+        proc.send_signal(signal.SIGTERM)
+        code = _wait_exit(proc, timeout_s=15)
+        etcd_left = _alive(etcd_pid)  # before the clean-up below
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _kill_etcds(log)
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "received SIGTERM before the sidecar was ready: stopping" in text
+    assert not etcd_left

@@ -425,14 +425,18 @@ async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
         nursery.start_soon(on_signal)
         try:
             await trio.to_thread.run_sync(embedded.prepare)
-            # From this (the main) thread, so that etcd dies with us; the fork is quick.
-            embedded.launch()
-            await trio.to_thread.run_sync(functools.partial(embedded.wait_healthy, abort=abort))
+            if not abort.is_set():
+                # From this (the main) thread, so that etcd dies with us; the fork is quick.
+                embedded.launch()
+                await trio.to_thread.run_sync(functools.partial(embedded.wait_healthy, abort=abort))
         except EmbeddedEtcdError:
             if abort.is_set():
                 return False
             raise
         nursery.cancel_scope.cancel()
+    if abort.is_set():  # the signal came as etcd became healthy: it still counts
+        await trio.to_thread.run_sync(embedded.stop)
+        return False
     return True
 
 
