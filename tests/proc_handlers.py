@@ -18,3 +18,8 @@ async def work(task: TaskContext) -> Any:
         "node": os.environ.get("TM_NODE_ID"),
         "attempt": task.attempt,
     }
+
+
+async def hang(task: TaskContext) -> Any:
+    """Never finish (until cancelled): a task a drain has to hand back."""
+    await trio.sleep_forever()

@@ -17,6 +17,7 @@ from tm_sidecar.core import (
     WatchEvent,
     after_failure,
     assigned,
+    handed_back,
     initial_record,
     succeeded,
 )
@@ -107,3 +108,18 @@ def test_creation_is_queued_and_deletions_and_promotions_are_silent() -> None:
     assert kinds(d, promoted) == []
     gone = put(created)
     assert d.derive(WatchEvent("DELETE", gone.kv, None)) == []
+
+
+def test_a_hand_back_is_silent_and_the_rerun_tells_its_start_again() -> None:
+    # The attempt did not fail: no failed event. The same attempt number runs again,
+    # and its start is told again.
+    d = EventDeriver(KS)
+    run = first_attempt()
+    kinds(d, run)
+    assert kinds(d, attrs.evolve(run, started_at=1.5)) == ["started"]
+    back = handed_back(run, now=2.0)
+    assert kinds(d, back) == []
+    again = assigned(back, node=NODE, session=8, now=3.0, grace_s=5.0)
+    assert kinds(d, again) == ["assigned"]
+    events = d.derive(put(succeeded(attrs.evolve(again, started_at=3.5), result=1, now=4.0)))
+    assert [(e.kind, e.attempt) for e in events] == [("started", 1), ("completed", 1)]

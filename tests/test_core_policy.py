@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from tm_sidecar.core import (
     after_failure,
     assigned,
     backoff_delay_s,
+    handed_back,
     initial_record,
     make_task_id,
     promoted,
@@ -93,6 +95,26 @@ def test_zero_backoff_goes_straight_back_to_pending() -> None:
     )
     nxt = after_failure(rec, error=ERR, now=5.0, fraction=0.9)
     assert (nxt.state, nxt.reason, nxt.error) == (State.PENDING, "retry", ERR)
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 3])
+def test_a_hand_back_spends_no_attempt(attempts: int) -> None:
+    # A graceful stop (a worker's shutdown, a sidecar's drain) that runs out of time gives
+    # the attempt back: pending at once, no backoff, and the attempt is not counted, even
+    # the last one allowed: a single-attempt task survives a deploy.
+    run = attrs.evolve(_processing(attempts, max_attempts=attempts), started_at=1.0)
+    back = handed_back(run, now=100.0)
+    assert (back.state, back.attempts, back.since_at, back.due_at) == (
+        State.PENDING,
+        attempts - 1,
+        100.0,
+        None,
+    )
+    assert (back.node, back.session, back.error, back.started_at) == (None, None, None, None)
+    assert back.reason == "handed back"
+    assert back.options == run.options
+    again = assigned(back, node=NodeId("m"), session=8, now=101.0, grace_s=1.0)
+    assert again.attempts == attempts  # the next attempt has the same number
 
 
 def test_a_life_in_records() -> None:

@@ -177,5 +177,5 @@ def test_tmctl_recover_asks_before_it_deletes(small_etcd: EtcdProcess) -> None:
         timeout=30,
         check=False,
     )
-    assert run.returncode == 2
+    assert run.returncode == 1
     assert "--yes" in run.stderr

@@ -129,7 +129,17 @@ junk_values = st.recursive(
 wrong_types = st.fixed_dictionaries(
     {
         "op": st.sampled_from(
-            ["create", "get", "wait", "register", "progress", "complete", "fail", "unsubscribe"]
+            [
+                "create",
+                "get",
+                "wait",
+                "register",
+                "progress",
+                "complete",
+                "fail",
+                "release",
+                "unsubscribe",
+            ]
         )
     },
     optional={

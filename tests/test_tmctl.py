@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -106,7 +107,7 @@ def test_tmctl_reads_and_repairs(
     assert json.loads(out)["record"]["error"]["type"] == "Cancelled"
     assert tmctl(capsys, ep, namespace, "cancel", "t0")[0] == 1  # already failed
 
-    code, out = tmctl(capsys, ep, namespace, "--json", "purge", "failed")
+    code, out = tmctl(capsys, ep, namespace, "--json", "purge", "--yes", "failed")
     assert json.loads(out) == {"purged": 1}
     assert tmctl(capsys, ep, namespace, "show", "t0")[0] == 1  # gone, payload too
 
@@ -115,9 +116,10 @@ def test_tmctl_reads_and_repairs(
 
 
 def test_tmctl_needs_an_endpoint(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv("TM_ETCD", raising=False)
+    monkeypatch.setenv("TM_DATA_DIR", str(tmp_path))  # no embedded etcd to find there
     with pytest.raises(SystemExit) as exit_:
         main(["status"])
     assert exit_.value.code == 2

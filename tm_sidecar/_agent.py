@@ -24,6 +24,7 @@ from ._etcd import Changes, Etcd, Reset, retrying
 from ._group import GroupCommit, GroupStats, txn_group
 from ._session import RetentionLeases, Session
 from .core import (
+    HANDED_BACK,
     JSON,
     AttemptLedger,
     Keyspace,
@@ -40,6 +41,7 @@ from .core import (
     TxnResult,
     after_failure,
     dumps,
+    handed_back,
     parse_record,
     plan_move,
     plan_update,
@@ -51,6 +53,11 @@ log = logging.getLogger("tm_sidecar.agent")
 
 class Permanent(Exception):
     """Raise (or raise from) this in a handler: the task fails at once, without retries."""
+
+
+class HandedBack(Exception):
+    """A handler elsewhere (an SDK worker shutting down) gave its task back unfinished:
+    the task goes back to pending at once and the attempt does not count."""
 
 
 class HandlerFailed(Exception):
@@ -207,6 +214,9 @@ class AgentState:
     completed: int = 0
     failed: int = 0
     stale: int = 0
+    #: Set by a graceful stop (a drain, ``Sidecar.stop``): attempts cut short by it are
+    #: handed back without counting. Without it (a lost session, say), they count.
+    handing_back: bool = False
     #: Called with (state reached, seconds since assignment) for each reported outcome.
     on_outcome: Callable[[str, float], None] | None = None
     #: Called with the seconds from a task's due time (commit, or run_at) to its start.
@@ -472,6 +482,8 @@ async def _run_one(
                         )
                     else:
                         outcome = succeeded(current, result=result, now=clock())
+                except HandedBack:
+                    outcome = handed_back(current, now=clock())
                 except trio.TooSlowError:
                     outcome = failed(
                         TaskError(
@@ -490,9 +502,13 @@ async def _run_one(
             )
     except trio.Cancelled:
         # The agent is stopping: hand the attempt back at once rather than after the lease.
-        error = TaskError(type="Interrupted", message="the sidecar stopped during the attempt")
-        with trio.move_on_after(2.0, shield=True):
+        # A graceful stop spends no attempt (the task did not fail); anything else does.
+        if state.handing_back:
+            nxt = handed_back(current, now=clock())
+        else:
+            error = TaskError(type="Interrupted", message="the sidecar stopped during the attempt")
             nxt = after_failure(current, error=error, now=clock(), fraction=0.0)
+        with trio.move_on_after(2.0, shield=True):
             await _report(io, ks, slot, nxt, retention, state, batched=False)
         raise
     except Exception:
@@ -587,7 +603,7 @@ async def _report(
         return False
     if outcome.state is State.COMPLETED:
         state.completed += 1
-    else:
+    elif outcome.reason != HANDED_BACK:
         state.failed += 1
     if state.on_outcome is not None and slot.record.since_at:
         state.on_outcome(outcome.state.value, outcome.since_at - slot.record.since_at)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Sequence
@@ -86,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--socket-mode",
+        # A string default goes through the type too: --help shows it in octal.
         type=lambda v: int(v, 8),
-        default=int(env("TM_SOCKET_MODE", "660"), 8),
+        default=env("TM_SOCKET_MODE", "0660"),
+        metavar="MODE",
         help="permissions of the socket, octal [TM_SOCKET_MODE]",
     )
     p.add_argument(
@@ -310,7 +314,8 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
             data_dir=Path(args.data_dir), binary=args.etcd_binary, quota_bytes=args.etcd_quota
         )
         try:
-            await trio.to_thread.run_sync(embedded.start)
+            if not await _start_embedded(embedded, signals):
+                return 0
         except EmbeddedEtcdError as exc:
             log.error("embedded etcd failed: %s", exc)
             return 1
@@ -354,6 +359,30 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
             )
             return 1
         async with trio.open_nursery() as nursery:
+            server: SocketServer | None = None  # once the sidecar is ready
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    serving = server
+                    if serving is None:
+                        # Not ready (etcd cannot be reached, say): nothing to drain.
+                        log.warning("received %s before the sidecar was ready: stopping", name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("received %s: draining for up to %.1f s", name, args.drain_timeout)
+                    notifier.send("STOPPING=1", "STATUS=draining")
+                    serving.stop_accepting()
+                    idle = await sidecar.drain(args.drain_timeout)
+                    if not idle:
+                        log.warning(
+                            "%d tasks still running: handing them back", len(sidecar.agent.running)
+                        )
+                    nursery.cancel_scope.cancel()
+                    return
+
+            # Signals are heard from the start: a sidecar still waiting for etcd stops too.
+            nursery.start_soon(on_signals)
             await nursery.start(sidecar.run)
             server = SocketServer(
                 sidecar,
@@ -382,24 +411,6 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
                     args.concurrency,
                 )
 
-            async def on_signals() -> None:
-                async for signum in signals:
-                    log.info(
-                        "received %s: draining for up to %.1f s",
-                        signal.Signals(signum).name,
-                        args.drain_timeout,
-                    )
-                    notifier.send("STOPPING=1", "STATUS=draining")
-                    server.stop_accepting()
-                    idle = await sidecar.drain(args.drain_timeout)
-                    if not idle:
-                        log.warning(
-                            "%d tasks still running: handing them back", len(sidecar.agent.running)
-                        )
-                    nursery.cancel_scope.cancel()
-                    return
-
-            nursery.start_soon(on_signals)
             if args.demo:
 
                 async def demo() -> None:
@@ -417,6 +428,37 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
                 await trio.to_thread.run_sync(embedded.stop)
     log.info("stopped")
     return exit_code
+
+
+async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
+    """Start the embedded etcd, tied to this process; False if a signal came first (it
+    is then stopped again within a poll of its start-up)."""
+    abort = threading.Event()
+
+    async def on_signal() -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            log.warning("received %s before the sidecar was ready: stopping", name)
+            abort.set()
+            return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_signal)
+        try:
+            await trio.to_thread.run_sync(embedded.prepare)
+            if not abort.is_set():
+                # From this (the main) thread, so that etcd dies with us; the fork is quick.
+                embedded.launch()
+                await trio.to_thread.run_sync(functools.partial(embedded.wait_healthy, abort=abort))
+        except EmbeddedEtcdError:
+            if abort.is_set():
+                return False
+            raise
+        nursery.cancel_scope.cancel()
+    if abort.is_set():  # the signal came as etcd became healthy: it still counts
+        await trio.to_thread.run_sync(embedded.stop)
+        return False
+    return True
 
 
 def _status_line(sidecar: Sidecar) -> str:

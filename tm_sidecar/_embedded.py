@@ -8,6 +8,8 @@ data directory so that a restart finds the same member again, with auto-compacti
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -15,9 +17,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -80,6 +85,7 @@ class EtcdProcess:
     peer_port: int = 0
     version: str = ""
     _proc: subprocess.Popen[bytes] | None = None
+    _binary: str = attrs.field(default="", init=False)
     _log_file: object = None
 
     @property
@@ -94,7 +100,7 @@ class EtcdProcess:
         return self._proc.pid if self._proc is not None else None
 
     def _choose_ports(self) -> None:
-        saved = self.data_dir / "tm-ports.json"
+        saved = self.data_dir / PORTS_FILE
         if not self.client_port and saved.exists():
             try:
                 ports = json.loads(saved.read_text())
@@ -108,12 +114,27 @@ class EtcdProcess:
             self.peer_port = free_port()
         saved.write_text(json.dumps({"client": self.client_port, "peer": self.peer_port}))
 
-    def start(self, timeout_s: float = 30.0) -> None:
-        """Start etcd and wait until it is healthy."""
+    def start(self, timeout_s: float = 30.0, *, abort: threading.Event | None = None) -> None:
+        """Start etcd and wait until it is healthy; ``abort`` set meanwhile stops it again
+        (and raises :class:`EmbeddedEtcdError`). Blocking: :meth:`prepare`, :meth:`launch`
+        and :meth:`wait_healthy` in turn."""
+        self.prepare()
+        self.launch()
+        self.wait_healthy(timeout_s, abort=abort)
+
+    def prepare(self) -> None:
+        """Find the binary and the ports; refuse a data directory a live etcd holds."""
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        binary = find_etcd_binary(self.binary)
-        self.version = _binary_version(binary)
+        self._binary = find_etcd_binary(self.binary)
+        self.version = _binary_version(self._binary)
+        _check_not_in_use(self.data_dir)
         self._choose_ports()
+
+    def launch(self) -> None:
+        """Start the process (quick: no waiting). Called from the main thread, the child
+        gets SIGTERM if this process dies (``PR_SET_PDEATHSIG``), SIGKILL included, so
+        that it never outlives us holding the data directory."""
+        binary = self._binary or find_etcd_binary(self.binary)
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
             binary,
@@ -142,15 +163,26 @@ class EtcdProcess:
         args += list(self.extra_args)
         log_path = self.data_dir / "etcd.log"
         self._log_file = open(log_path, "ab")  # noqa: SIM115 - kept open for the process's life
+        # The death signal follows the thread that forks, not the process: only the main
+        # thread lives as long as we do (a worker thread may end first and take etcd).
+        on_main = threading.current_thread() is threading.main_thread()
         self._proc = subprocess.Popen(
             args,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent() if on_main else None,
         )
         log.info(
             "embedded etcd %s starting at %s (pid %d)", self.version, self.endpoint, self._proc.pid
         )
+
+    def wait_healthy(
+        self, timeout_s: float = 30.0, *, abort: threading.Event | None = None
+    ) -> None:
+        """Wait until the launched etcd is healthy (blocking)."""
+        assert self._proc is not None, "launch() first"
+        log_path = self.data_dir / "etcd.log"
         deadline = time.monotonic() + timeout_s
         while True:
             if self._proc.poll() is not None:
@@ -159,6 +191,9 @@ class EtcdProcess:
                 raise EmbeddedEtcdError(f"etcd exited at start-up; its log ends with:\n{tail}")
             if self.healthy():
                 return
+            if abort is not None and abort.is_set():
+                self.stop()
+                raise EmbeddedEtcdError("start-up interrupted")
             if time.monotonic() > deadline:
                 self.stop()
                 raise EmbeddedEtcdError(f"etcd was not healthy within {timeout_s} s")
@@ -204,6 +239,79 @@ class EtcdProcess:
         if self._log_file is not None:
             self._log_file.close()  # type: ignore[attr-defined]
             self._log_file = None
+
+
+#: In the data directory: the embedded etcd's ports, kept for the next start (and tmctl).
+PORTS_FILE = "tm-ports.json"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks Linux to SIGTERM the child when its parent dies (None
+    elsewhere). etcd stops cleanly on SIGTERM; after a crash it would replay its WAL."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def preexec() -> None:
+        # Runs in the child between fork and exec: only the call, nothing that locks.
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)  # the parent died before the call took effect
+
+    return preexec
+
+
+def _check_not_in_use(data_dir: Path, wait_s: float = 2.0) -> None:
+    """Refuse, fast and by name, a data directory whose etcd is still running (etcd's
+    database holds an exclusive flock while etcd lives; a second etcd would wait on it
+    for ever). A dying etcd (its sidecar just killed) gets ``wait_s`` to let go."""
+    db = data_dir / "etcd" / "member" / "snap" / "db"
+    try:
+        fd = os.open(db, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = _flock_holder(db)
+                who = f" (pid {holder})" if holder else ""
+                raise EmbeddedEtcdError(
+                    f"the data directory {data_dir} is in use by a running etcd{who}: stop the "
+                    "sidecar that owns it, or give this one its own --data-dir (or --etcd)"
+                ) from None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return
+    finally:
+        os.close(fd)
+
+
+def _flock_holder(path: Path) -> int | None:
+    """The pid holding a flock on ``path``, from /proc/locks (Linux), if it can be told."""
+    try:
+        st = os.stat(path)
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    inode = f":{st.st_ino}"
+    for line in locks.splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(inode):
+            with contextlib.suppress(ValueError):
+                return int(fields[4])
+    return None
 
 
 def _binary_version(binary: str) -> str:

@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from . import __version__
-from ._agent import HandlerFailed, Registration, TaskContext
+from ._agent import HandedBack, HandlerFailed, Registration, TaskContext
 from ._errors import (
     ERRORS,
     InvalidRequest,
@@ -83,6 +83,7 @@ class _Delivery:
     done: trio.Event = attrs.Factory(trio.Event)
     result: JSON = None
     error: TaskError | None = None
+    handed_back: bool = False
 
 
 @attrs.define(eq=False)
@@ -467,6 +468,8 @@ class SocketServer:
             raise
         finally:
             conn.deliveries.pop(delivery.id, None)
+        if delivery.handed_back:
+            raise HandedBack
         if delivery.error is not None:
             raise HandlerFailed(delivery.error)
         return delivery.result
@@ -498,6 +501,13 @@ class SocketServer:
             traceback=None if err.get("traceback") is None else str(err["traceback"]),
             retryable=bool(err.get("retryable", True)),
         )
+        delivery.done.set()
+        return True
+
+    async def op_release(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        # A worker shutting down gives its task back unfinished: no attempt is spent.
+        delivery = self._delivery(conn, frame)
+        delivery.handed_back = True
         delivery.done.set()
         return True
 

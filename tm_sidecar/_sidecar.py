@@ -205,13 +205,19 @@ class Sidecar:
                         await close_session(self.etcd, session)
 
     def stop(self) -> None:
-        """Cancel :meth:`run` (the cleanup is shielded and bounded)."""
+        """Cancel :meth:`run` (the cleanup is shielded and bounded); attempts still
+        running are handed back: pending at once, without counting."""
+        self.agent.handing_back = True
         if self._stopping is not None:
             self._stopping.cancel()
 
     async def drain(self, timeout_s: float) -> bool:
-        """Take no new tasks and wait up to ``timeout_s`` for running ones; True if idle."""
+        """Take no new tasks and wait up to ``timeout_s`` for running ones; True if idle.
+
+        What still runs when the sidecar then stops is handed back without counting.
+        """
         self.registry.accepting = False
+        self.agent.handing_back = True
         self._node_dirty.set()
         with trio.move_on_after(timeout_s):
             await self.agent.idle.wait()

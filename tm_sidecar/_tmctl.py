@@ -1,4 +1,8 @@
-"""``tmctl``: look at and repair tm-sidecar's queues, straight from etcd (no sidecar needed)."""
+"""``tmctl``: look at and repair tm-sidecar's queues, straight from etcd (no sidecar needed).
+
+With no ``--etcd``, it finds the embedded etcd of a sidecar on this host by its data
+directory (the same default as the sidecar's, or ``--data-dir`` / ``TM_DATA_DIR``).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import TaskManagerError
+from ._cli import default_data_dir
+from ._embedded import PORTS_FILE
+from ._errors import EtcdUnavailable, TaskManagerError
 from ._etcd import Etcd, EtcdConfig
 from .core import (
     Compare,
@@ -44,7 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="tmctl", description=__doc__)
     p.add_argument(
-        "--etcd", default=env("TM_ETCD", ""), help="etcd endpoints, comma-separated [TM_ETCD]"
+        "--etcd",
+        default=env("TM_ETCD", ""),
+        help="etcd endpoints, comma-separated [TM_ETCD]; default: the embedded etcd of the "
+        "sidecar whose --data-dir is given",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=env("TM_DATA_DIR", default_data_dir()),
+        help="with no --etcd: the sidecar's data directory, whose tm-ports.json names its "
+        "embedded etcd [TM_DATA_DIR] (default: %(default)s)",
     )
     p.add_argument("--namespace", default=env("TM_NAMESPACE", "default"), help="[TM_NAMESPACE]")
     p.add_argument("--etcd-ca", default=env("TM_ETCD_CA"))
@@ -58,9 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="leader, nodes with capacity and in-flight counts, queue depths")
     sub.add_parser("leader", help="the leading node")
+    sub.add_parser(
+        "endpoint",
+        help="print the etcd URL tmctl uses (the embedded etcd's, found by --data-dir, or "
+        "--etcd): export ETCDCTL_ENDPOINTS=$(tmctl endpoint)",
+    )
     ls = sub.add_parser("ls", help="tasks in one state")
     ls.add_argument("state", choices=STATES)
     ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--queue", help="only the tasks of this queue")
     show = sub.add_parser("show", help="one task: payload, options, state")
     show.add_argument("task_id")
     retry = sub.add_parser("retry", help="send failed tasks back to pending with fresh attempts")
@@ -73,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "purge", help="delete every completed or failed record (and its payload)"
     )
     purge.add_argument("state", choices=["completed", "failed"])
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     recover = sub.add_parser(
         "recover",
         help="recover a full etcd (NOSPACE alarm): delete completed records and their "
@@ -109,21 +131,46 @@ class Ctl:
             return None
         return str(json.loads(min(kvs, key=lambda kv: kv.create_revision).value).get("node"))
 
+    async def nodes(self) -> list[NodeInfo]:
+        nodes_kv, _ = await self.etcd.list_prefix(self.ks.nodes())
+        return [NodeInfo.from_json(kv.value) for kv in nodes_kv]
+
+    async def queue_depths(self, procs: Sequence[KeyValue]) -> dict[str, dict[str, int]]:
+        """Unfinished tasks per queue and state (finished ones are only counted)."""
+        queues: dict[str, dict[str, int]] = {}
+        listed = {State.PROCESSING: procs}
+        for state in (State.PENDING, State.DELAYED):
+            listed[state], _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
+        for state, kvs in listed.items():
+            for kv in kvs:
+                queue = Record.from_json(state, kv.value).options.queue
+                row = queues.setdefault(queue, dict.fromkeys(_QUEUE_STATES, 0))
+                row[state.value] += 1
+        return dict(sorted(queues.items()))
+
     async def status(self) -> None:
         depths = {s.value: await self.count(s) for s in State}
-        nodes_kv, _ = await self.etcd.list_prefix(self.ks.nodes())
-        nodes = [NodeInfo.from_json(kv.value) for kv in nodes_kv]
+        nodes = await self.nodes()
         procs, _ = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
         inflight: dict[str, int] = {}
         for kv in procs:
             parsed = self.ks.parse(kv.key)
             if parsed and parsed.node:
                 inflight[parsed.node] = inflight.get(parsed.node, 0) + 1
+        queues = await self.queue_depths(procs)
+        capacity = _capacity(nodes)
+        for queue in capacity:
+            queues.setdefault(queue, dict.fromkeys(_QUEUE_STATES, 0))
+        for queue, row in queues.items():
+            row["capacity"] = capacity.get(queue, 0)
+        warnings = _unserved(queues, capacity)
         leader = await self.leader()
         data = {
             "namespace": self.ks.namespace,
             "leader": leader,
             "depths": depths,
+            "queues": queues,
+            "warnings": warnings,
             "nodes": [
                 {
                     "id": n.id,
@@ -141,26 +188,47 @@ class Ctl:
             role = "leader" if n.id == leader else ""
             table.append([n.id, n.host, str(n.pid), cap, str(inflight.get(n.id, 0)), role])
         if not self.as_json:
-            print("queues: " + "  ".join(f"{k}={v}" for k, v in depths.items()))
-        self.out(data, table)
+            print("tasks: " + "  ".join(f"{k}={v}" for k, v in depths.items()))
+            rows = [["QUEUE", *(s.upper() for s in _QUEUE_STATES), "CAPACITY"]]
+            for queue, row in queues.items():
+                rows.append([queue, *(str(row[k]) for k in (*_QUEUE_STATES, "capacity"))])
+            if len(rows) > 1:
+                self.out(None, rows)
+            for warning in warnings:
+                print(f"warning: {warning}")
+            print()
+        self.out(data, table if nodes else [["NODE"], ["(no sidecar registered)"]])
 
-    async def ls(self, state: State, limit: int) -> None:
+    async def ls(self, state: State, limit: int, queue: str | None = None) -> None:
         kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
-        rows = []
-        for kv in kvs[:limit]:
+        rows: list[tuple[TaskId, Record]] = []
+        waiting: dict[str, dict[str, int]] = {}
+        for kv in kvs:
             parsed = self.ks.parse(kv.key)
             if parsed is None or parsed.task_id is None:
                 continue
             rec = Record.from_json(state, kv.value)
-            rows.append((parsed.task_id, rec))
+            if queue is not None and rec.options.queue != queue:
+                continue
+            row = waiting.setdefault(rec.options.queue, dict.fromkeys(_QUEUE_STATES, 0))
+            if state.value in row:
+                row[state.value] += 1
+            if len(rows) < limit:
+                rows.append((parsed.task_id, rec))
         data = [{"task_id": tid, **json.loads(rec.to_json())} for tid, rec in rows]
-        table = [["TASK", "ATTEMPTS", "SINCE", "DETAIL"]]
+        table = [["TASK", "QUEUE", "ATTEMPTS", "SINCE", "DETAIL"]]
         for tid, rec in rows:
             detail = rec.node or (f"{rec.error.type}: {rec.error.message}" if rec.error else "")
             if rec.due_at:
                 detail = f"due {_when(rec.due_at)}"
-            table.append([tid, str(rec.attempts), _when(rec.since_at), detail[:60]])
+            table.append(
+                [tid, rec.options.queue, str(rec.attempts), _when(rec.since_at), detail[:60]]
+            )
         self.out(data, table)
+        if state in (State.PENDING, State.DELAYED) and waiting:
+            # On stderr: the listing itself stays a table (or JSON) for the next command.
+            for warning in _unserved(waiting, _capacity(await self.nodes())):
+                print(f"tmctl: warning: {warning}", file=sys.stderr)
 
     async def find(self, task_id: str) -> tuple[TaskSpec | None, State | None, KeyValue | None]:
         tid = TaskId(task_id)
@@ -186,7 +254,13 @@ class Ctl:
             data.update(json.loads(spec.to_json()))
         if kv is not None and state is not None:
             data["record"] = json.loads(kv.value)
-        self.out(data)
+        if self.as_json:
+            self.out(data)
+            return 0
+        rec = Record.from_json(state, kv.value) if kv is not None and state is not None else None
+        self.out(data, _show_table(task_id, state, spec, rec))
+        if rec is not None and rec.error is not None and rec.error.traceback:
+            print("\n" + rec.error.traceback.rstrip())
         return 0
 
     async def retry(self, task_id: str | None, all_failed: bool) -> int:
@@ -228,9 +302,17 @@ class Ctl:
         return 0
 
     async def cancel(self, task_id: str) -> int:
-        _, state, kv = await self.find(task_id)
-        if kv is None or state in (None, State.COMPLETED, State.FAILED):
-            print(f"tmctl: task {task_id} is not pending, delayed or running", file=sys.stderr)
+        spec, state, kv = await self.find(task_id)
+        if kv is None or state is None:
+            what = "has no state record" if spec is not None else "not found"
+            print(f"tmctl: task {task_id} {what}", file=sys.stderr)
+            return 1
+        if state in (State.COMPLETED, State.FAILED):
+            print(
+                f"tmctl: task {task_id} is already {state.value}: only a pending, delayed or "
+                "running task can be cancelled",
+                file=sys.stderr,
+            )
             return 1
         rec = Record.from_json(state, kv.value)
         failed = Record(
@@ -350,23 +432,160 @@ class Ctl:
                         )
 
 
-def _confirm(question: str) -> bool:
-    """Ask on the terminal; no terminal (a script, a pipe) is no."""
-    if not sys.stdin.isatty():
-        return False
-    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+#: The states of unfinished tasks, shown per queue.
+_QUEUE_STATES = ("pending", "delayed", "processing")
+
+
+def _capacity(nodes: Sequence[NodeInfo]) -> dict[str, int]:
+    """Registered concurrency per queue, summed over the live sidecars."""
+    capacity: dict[str, int] = {}
+    for node in nodes:
+        for queue, cap in node.capacity.items():
+            capacity[queue] = capacity.get(queue, 0) + cap
+    return capacity
+
+
+def _unserved(queues: dict[str, dict[str, int]], capacity: dict[str, int]) -> list[str]:
+    """A sentence for each queue with work waiting and no worker registered for it."""
+    out = []
+    for queue, row in queues.items():
+        waiting = {k: row[k] for k in ("pending", "delayed") if row.get(k)}
+        if waiting and not capacity.get(queue):
+            what = " and ".join(f"{n} {k}" for k, n in waiting.items())
+            out.append(
+                f"queue {queue!r} has {what} tasks and no registered worker "
+                f"(no sidecar has a handler for it)"
+            )
+    return out
+
+
+def _show_table(
+    task_id: str, state: State | None, spec: TaskSpec | None, rec: Record | None
+) -> list[list[str]]:
+    """One task for people: a field per line."""
+    rows = [["FIELD", "VALUE"], ["task", task_id], ["state", state.value if state else "-"]]
+    options = spec.options if spec is not None else rec.options if rec is not None else None
+    if options is not None:
+        rows.append(["queue", options.queue])
+        rows.append(["priority", str(options.priority)])
+        timeout = "-" if options.timeout_s is None else f"{options.timeout_s:g} s"
+        rows.append(["timeout", timeout])
+    if rec is not None:
+        limit = f" of {options.max_attempts}" if options is not None else ""
+        rows.append(["attempts", f"{rec.attempts}{limit}"])
+    if spec is not None:
+        rows.append(["created", _when(spec.created_at)])
+        if spec.run_at is not None:
+            rows.append(["run at", _when(spec.run_at)])
+    if rec is not None:
+        rows.append(["since", _when(rec.since_at)])
+        for label, at in (("due", rec.due_at), ("started", rec.started_at)):
+            if at is not None:
+                rows.append([label, _when(at)])
+        if rec.node is not None:
+            rows.append(["node", rec.node])
+        if rec.reason is not None:
+            rows.append(["reason", rec.reason])
+        if rec.error is not None:
+            retry = "" if rec.error.retryable else " (not retryable)"
+            rows.append(["error", f"{rec.error.type}: {rec.error.message}{retry}"])
+        if state is State.PROCESSING and rec.progress is not None:
+            rows.append(["progress", _short_json(rec.progress)])
+        if state is State.COMPLETED:
+            rows.append(["result", _short_json(rec.result)])
+    rows.append(["payload", _short_json(spec.payload) if spec is not None else "(gone)"])
+    return [[label, value.replace("\n", " ")] for label, value in rows]
+
+
+def _short_json(value: Any, limit: int = 300) -> str:
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters: --json shows it all)"
 
 
 def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+class NoEndpoint(Exception):
+    """Neither an endpoint nor an embedded etcd to be found."""
+
+
+def embedded_endpoint(data_dir: str) -> str:
+    """The client URL of the embedded etcd a sidecar keeps in ``data_dir``."""
+    path = os.path.join(data_dir, PORTS_FILE)
+    try:
+        with open(path) as f:
+            port = int(json.load(f)["client"])
+    except FileNotFoundError:
+        raise NoEndpoint(
+            f"no --etcd (or TM_ETCD), and no embedded etcd in {data_dir} ({PORTS_FILE} is "
+            "missing): give the etcd the sidecars use, or the sidecar's --data-dir"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NoEndpoint(f"cannot read the embedded etcd's port from {path}: {exc}") from exc
+    return f"http://127.0.0.1:{port}"
+
+
+async def _confirm_purge(ctl: Ctl, state: State) -> bool:
+    """Ask before deleting for good; refuse when nobody can be asked."""
+    if not sys.stdin.isatty():
+        print(
+            f"tmctl: purge deletes every {state.value} record for good: add --yes to do it "
+            "without a terminal to confirm on",
+            file=sys.stderr,
+        )
+        return False
+    count = await ctl.count(state)
+    return await _ask(
+        f"Delete {count} {state.value} records, and their payloads, of namespace "
+        f"{ctl.ks.namespace!r}?",
+        "nothing purged",
+    )
+
+
+async def _confirm_recover(ctl: Ctl, include_failed: bool) -> bool:
+    """Ask before recovering (it deletes records for good); refuse with no terminal."""
+    what = "completed and failed" if include_failed else "completed"
+    if not sys.stdin.isatty():
+        print(
+            f"tmctl: recover deletes every {what} record for good: add --yes to do it "
+            "without a terminal to confirm on",
+            file=sys.stderr,
+        )
+        return False
+    return await _ask(
+        f"Delete every {what} record of namespace {ctl.ks.namespace!r} with its payload, "
+        "then compact and defragment etcd and disarm its NOSPACE alarm?",
+        "nothing done",
+    )
+
+
+async def _ask(question: str, declined: str) -> bool:
+    try:
+        answer = await trio.to_thread.run_sync(input, f"{question} [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    print(f"tmctl: {declined}", file=sys.stderr)
+    return False
+
+
 async def run(args: argparse.Namespace) -> int:
     """Run one command; answers the exit code."""
     endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
-    if not endpoints:
-        print("tmctl: give --etcd (or TM_ETCD): the etcd the sidecars use", file=sys.stderr)
-        return 2
+    embedded = not endpoints
+    if embedded:
+        try:
+            endpoints = (embedded_endpoint(args.data_dir),)
+        except NoEndpoint as exc:
+            print(f"tmctl: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "endpoint":
+        print(",".join(endpoints))
+        return 0
     cfg = EtcdConfig(
         endpoints=endpoints,
         ca_file=args.etcd_ca,
@@ -375,16 +594,6 @@ async def run(args: argparse.Namespace) -> int:
         username=args.etcd_user,
         password=args.etcd_password,
     )
-    if (
-        args.command == "recover"
-        and not args.yes
-        and not _confirm(
-            f"delete every completed{' and failed' if args.include_failed else ''} record of "
-            f"namespace {args.namespace!r}, compact and defragment etcd?"
-        )
-    ):
-        print("tmctl: recover deletes records: confirm, or give --yes", file=sys.stderr)
-        return 2
     etcd = Etcd(cfg)
     ctl = Ctl(etcd, Keyspace(namespace=args.namespace), args.json)
     try:
@@ -395,7 +604,7 @@ async def run(args: argparse.Namespace) -> int:
                 leader = await ctl.leader()
                 ctl.out({"leader": leader}, [["LEADER"], [leader or "-"]])
             case "ls":
-                await ctl.ls(State(args.state), args.limit)
+                await ctl.ls(State(args.state), args.limit, args.queue)
             case "show":
                 return await ctl.show(args.task_id)
             case "retry":
@@ -403,12 +612,20 @@ async def run(args: argparse.Namespace) -> int:
             case "cancel":
                 return await ctl.cancel(args.task_id)
             case "purge":
+                if not args.yes and not await _confirm_purge(ctl, State(args.state)):
+                    return 1
                 await ctl.purge(State(args.state))
             case "recover":
+                if not args.yes and not await _confirm_recover(ctl, args.include_failed):
+                    return 1
                 await ctl.recover(cfg, args.include_failed)
             case "events":
                 await ctl.events()
         return 0
+    except EtcdUnavailable as exc:
+        hint = f" (the embedded etcd of {args.data_dir}: is its sidecar running?)"
+        print(f"tmctl: {exc}{hint if embedded else ''}", file=sys.stderr)
+        return 1
     except TaskManagerError as exc:
         print(f"tmctl: {exc}", file=sys.stderr)
         return 1

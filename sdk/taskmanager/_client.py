@@ -535,7 +535,8 @@ class TaskManager:
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking tasks, let running handlers finish within ``timeout`` seconds, hand
-        back what could not finish (so that it is retried at once), then disconnect.
+        back what could not finish (pending again at once, the attempt not counted),
+        then disconnect.
 
         A handler may call it: its own task is not waited for (it ends with the manager).
         """
@@ -556,15 +557,13 @@ class TaskManager:
                 if delivery == mine:
                     continue
                 scope.cancel()
+                # Given back, not failed: the task is pending again at once and this
+                # attempt does not count.
                 with anyio.move_on_after(2):
-                    await self._report_failure(
-                        delivery,
-                        {
-                            "type": "WorkerShutdown",
-                            "message": "the worker shut down",
-                            "retryable": True,
-                        },
-                    )
+                    try:
+                        await self._request("release", {"delivery": delivery})
+                    except TaskManagerError as exc:
+                        log.warning("could not hand back delivery %d: %s", delivery, exc)
         self._closing = True
         if self._scope is not None:
             self._scope.cancel()

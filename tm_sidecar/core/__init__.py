@@ -26,7 +26,16 @@ from ._plan import (
     plan_move,
     plan_update,
 )
-from ._policy import after_failure, assigned, backoff_delay_s, initial_record, promoted, succeeded
+from ._policy import (
+    HANDED_BACK,
+    after_failure,
+    assigned,
+    backoff_delay_s,
+    handed_back,
+    initial_record,
+    promoted,
+    succeeded,
+)
 from ._txn import (
     MAX_TXN_OPS,
     Compare,
@@ -49,6 +58,7 @@ from ._txn import (
 __all__ = [
     "ASSIGN_BATCH",
     "EVENT_KINDS",
+    "HANDED_BACK",
     "JSON",
     "MAX_TXN_OPS",
     "REAP_BATCH",
@@ -93,6 +103,7 @@ __all__ = [
     "check_name",
     "dumps",
     "event_from_change",
+    "handed_back",
     "initial_record",
     "make_task_id",
     "orphan_payloads",

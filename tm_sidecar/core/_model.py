@@ -192,7 +192,8 @@ class Record:
     progress: JSON = None  # processing
     result: JSON = None  # completed
     error: TaskError | None = None  # failed; the last error in pending/delayed after a retry
-    reason: str | None = None  # pending/delayed: "created", "promoted", "retry" or "stalled"
+    # pending/delayed: "created", "promoted", "retry", "stalled" or "handed back"
+    reason: str | None = None
 
     def to_json(self) -> str:
         """The value stored in etcd (the state itself is the key's prefix)."""

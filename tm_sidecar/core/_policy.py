@@ -112,3 +112,22 @@ def after_failure(
         error=error,
         reason=reason,
     )
+
+
+def handed_back(record: Record, *, now: float) -> Record:
+    """A task whose attempt was given back unfinished by a graceful stop (a worker's
+    ``shutdown`` or a sidecar's drain running out of time): pending at once, and the
+    attempt does not count, since the task did not fail. So a single-attempt task
+    survives a deploy.
+    """
+    return Record(
+        state=State.PENDING,
+        attempts=max(record.attempts - 1, 0),
+        options=record.options,
+        since_at=now,
+        reason=HANDED_BACK,
+    )
+
+
+#: The ``reason`` of a pending record that a graceful stop gave back.
+HANDED_BACK = "handed back"
