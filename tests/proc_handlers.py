@@ -18,3 +18,11 @@ async def work(task: TaskContext) -> Any:
         "node": os.environ.get("TM_NODE_ID"),
         "attempt": task.attempt,
     }
+
+
+async def fail_unless_flag(task: TaskContext) -> Any:
+    """Fail (with a traceback) until the file the payload names exists, then work."""
+    flag = task.payload.get("fail_unless")
+    if flag and not await trio.Path(flag).exists():
+        raise RuntimeError(f"the flag file {flag} is not there yet")
+    return await work(task)

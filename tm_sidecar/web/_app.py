@@ -15,6 +15,7 @@ import math
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ class Dashboard:
     templates: Jinja2Templates = attrs.field(init=False)
     app: Starlette = attrs.field(init=False)
     streams: int = 0
+    page_size: int = 50
     _overview: tuple[float, Overview] | None = None
     _overview_lock: trio.Lock = attrs.Factory(trio.Lock)
 
@@ -326,7 +328,13 @@ class Dashboard:
             if after and not all(valid_partial_name(p) for p in after.split("/", 1)):
                 raise HTTPError(400, "that is not a page of this listing (after=)")
             listing = await queue_tasks(
-                self.sidecar.etcd, self.sidecar.ks, queue, state, after=after, query=query
+                self.sidecar.etcd,
+                self.sidecar.ks,
+                queue,
+                state,
+                after=after,
+                query=query,
+                limit=self.page_size,
             )
             self.census.want()
             counts = self.census.counts.get(queue, {})
@@ -590,10 +598,11 @@ async def _form(request: Request) -> dict[str, str]:
     if kind != "application/x-www-form-urlencoded":
         raise HTTPError(415, "send the form as application/x-www-form-urlencoded")
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise HTTPError(413, "that form is too large")
+    async with aclosing(request.stream()) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                raise HTTPError(413, "that form is too large")
     try:
         pairs = urllib.parse.parse_qsl(body.decode("utf-8"), max_num_fields=20)
     except (UnicodeDecodeError, ValueError):

@@ -35,7 +35,7 @@ from ..core import (
 
 STATES = tuple(State)
 #: Characters of a task id, a node id or a queue name (``check_name``), for searches.
-_PARTIAL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_PARTIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # A record's options come before anything a task wrote (Record.to_json puts them third),
 # so the first "queue" in its JSON is the task's queue: a count needs no full parse.
 _QUEUE_IN_RECORD = re.compile(r'"queue":"([A-Za-z0-9_.:-]{1,128})"')
