@@ -72,7 +72,8 @@ SECURITY_HEADERS = [
         b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     ),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # Not no-referrer: with it, browsers send "Origin: null" with the pages' own forms.
+    (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
     (b"cache-control", b"no-store"),
 ]
@@ -283,7 +284,7 @@ class Dashboard:
 
     async def overview_data(self) -> Overview:
         """The overview, read at most once a second however many pages look."""
-        self.census.want()
+        await self.census.want_fresh(0.5)
         async with self._overview_lock:
             now = trio.current_time()
             if self._overview is None or now - self._overview[0] >= OVERVIEW_TTL_S:
@@ -358,10 +359,16 @@ class Dashboard:
 
         async def page() -> Response:
             task_id = TaskId(_name(request.path_params["task_id"], "task id"))
+            seq = self.journal.events_seen
             detail = await read_task(self.sidecar, self.journal, task_id)
             # The page fetches its upper part again while the task is not finished.
             name = "_task.html" if request.query_params.get("fragment") else "task.html"
-            return self.render(request, name, {"t": detail, "now": self.clock()})
+            events = [
+                {"at": t, "event": e}
+                for _, t, e in reversed(self.journal.events(task_id, upto=seq))
+            ]
+            context = {"t": detail, "now": self.clock(), "seq": seq, "events": events}
+            return self.render(request, name, context)
 
         return await self.guarded(request, page)
 
@@ -390,10 +397,19 @@ class Dashboard:
                 check_name("task id", task)
             except ValueError as exc:
                 return _plain(400, f"{exc}\n")
+        after = request.query_params.get("after", "")
+        if after and not after.isdigit():
+            return _plain(400, "after= takes the event number the page was drawn at\n")
         batcher = EventBatcher(keep=200 if task is None else 500, tracebacks=task is not None)
         subscription = self.sidecar.subscribe(
             TaskId(task) if task else None, deliver=batcher.deliver
         )
+        if task and after:
+            # What happened between the page and this stream: from the journal, up to
+            # the last event before the subscription (later ones come live).
+            upto = self.journal.events_seen
+            gap = self.journal.events(TaskId(task), after=int(after), upto=upto)
+            batcher.replay([(t, e) for _, t, e in gap])
 
         async def body() -> Any:
             self.streams += 1

@@ -71,6 +71,17 @@ class AttemptSeen:
 
 #: Tracebacks kept per attempt in the journal, at most (the record in etcd has the whole).
 MAX_TRACEBACK = 16_000
+#: Events kept per task, for its page.
+EVENTS_PER_TASK = 40
+
+#: An event as the journal keeps it: (sequence number, when seen, the event).
+Seen = tuple[int, float, TaskEvent]
+
+
+@attrs.define
+class _TaskSeen:
+    attempts: list[AttemptSeen] = attrs.Factory(list)
+    events: deque[Seen] = attrs.Factory(lambda: deque(maxlen=EVENTS_PER_TASK))
 
 
 @attrs.define(eq=False)
@@ -82,7 +93,7 @@ class Journal:
     recent_kept: int = 50
     clock: Callable[[], float] = time.time
     events_seen: int = 0
-    _tasks: OrderedDict[TaskId, list[AttemptSeen]] = attrs.Factory(OrderedDict)
+    _tasks: OrderedDict[TaskId, _TaskSeen] = attrs.Factory(OrderedDict)
     # minute (epoch // 60) -> [completed, failed for good]
     _minutes: dict[int, list[int]] = attrs.Factory(dict)
     recent: deque[tuple[float, TaskEvent]] = attrs.field(init=False)
@@ -103,15 +114,17 @@ class Journal:
                 for old in [m for m in self._minutes if m <= minute - self.minutes_kept]:
                     del self._minutes[old]
             counts[0 if event.kind == "completed" else 1] += 1
-        if event.kind == "queued":
-            return
-        attempts = self._tasks.get(event.task_id)
-        if attempts is None:
+        task = self._tasks.get(event.task_id)
+        if task is None:
             if len(self._tasks) >= self.max_tasks:
                 self._tasks.popitem(last=False)
-            attempts = self._tasks[event.task_id] = []
+            task = self._tasks[event.task_id] = _TaskSeen()
         else:
             self._tasks.move_to_end(event.task_id)
+        task.events.append((self.events_seen, now, event))
+        if event.kind == "queued":
+            return
+        attempts = task.attempts
         if event.kind == "assigned" or not attempts or attempts[-1].number != event.attempt:
             attempts.append(AttemptSeen(number=event.attempt))
         attempt = attempts[-1]
@@ -133,7 +146,15 @@ class Journal:
 
     def attempts(self, task_id: TaskId) -> list[AttemptSeen]:
         """The attempts seen of one task, oldest first (copies)."""
-        return [attrs.evolve(a) for a in self._tasks.get(task_id, ())]
+        task = self._tasks.get(task_id)
+        return [attrs.evolve(a) for a in task.attempts] if task else []
+
+    def events(self, task_id: TaskId, after: int = 0, upto: int | None = None) -> list[Seen]:
+        """The events seen of one task with a sequence number in ``(after, upto]``."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            return []
+        return [e for e in task.events if after < e[0] and (upto is None or e[0] <= upto)]
 
     def per_minute(self, minutes: int = 30) -> list[tuple[int, int, int]]:
         """``(minute, completed, failed)`` for the last ``minutes`` minutes, oldest first."""
@@ -173,10 +194,20 @@ class Census:
     took_s: float = 0.0
     error: str | None = None
     _wanted: trio.Event = attrs.Factory(trio.Event)
+    _taken: trio.Event = attrs.Factory(trio.Event)
 
     def want(self) -> None:
         """Someone is looking: count again if the last count is old enough."""
         self._wanted.set()
+
+    async def want_fresh(self, within_s: float) -> None:
+        """Want a count, and wait up to ``within_s`` for it if one is due now (a first
+        look at the page then shows counts, not "counting")."""
+        due = self._due_in_s() <= 0
+        self.want()
+        if due:
+            with trio.move_on_after(within_s):
+                await self._taken.wait()
 
     def age_s(self) -> float | None:
         """Seconds since the last count, or None before the first."""
@@ -227,6 +258,8 @@ class Census:
         self.error = None
         self.took_s = self.clock() - started
         self.taken_at = self.clock()
+        self._taken.set()
+        self._taken = trio.Event()
 
 
 # -- the overview --------------------------------------------------------------------------

@@ -41,6 +41,14 @@ class EventBatcher:
         self._ring.append((self.clock(), event))
         self._wake.set()
 
+    def replay(self, events: list[tuple[float, TaskEvent]]) -> None:
+        """Events that came before the stream did, to send first."""
+        for seen_at, event in events:
+            self.seen += 1
+            self._ring.append((seen_at, event))
+        if events:
+            self._wake.set()
+
     def take(self) -> dict[str, object]:
         """The events since the last take (the latest ``keep``), and the counts."""
         events = [event_json(e, t, tracebacks=self.tracebacks) for t, e in self._ring]
