@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -441,3 +444,25 @@ def test_binds_hosts_and_cross_site_rules() -> None:
     assert cross_site_refusal(**same, origin=None, fetch_site=None) is None
     assert cross_site_refusal(**same, origin="null", fetch_site=None)
     assert cross_site_refusal(**same, origin=None, fetch_site="same-site")
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--web", "0.0.0.0:0", "--web-actions"], "needs a token"),
+        (["--web", "127.0.0.1:0", "--web-token-file", "/nonexistent/token"], "--web-token-file"),
+        (["--web", "localhost:http"], "expected [HOST:]PORT"),
+    ],
+)
+def test_the_sidecar_refuses_unsafe_or_broken_dashboard_settings(
+    flags: list[str], words: str, tmp_path: Path
+) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "tm_sidecar", "--etcd", "http://127.0.0.1:9", *flags],
+        env={**os.environ, "TM_SOCKET": str(tmp_path / "s.sock")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert words in run.stderr

@@ -312,6 +312,10 @@ async def _run_demo(sidecar: Sidecar, count: int) -> None:
 
 async def amain(args: argparse.Namespace, signals: Any) -> int:
     """Run the sidecar until SIGTERM or SIGINT; answers the exit code."""
+    web = _web_settings(args) if args.web else None
+    if isinstance(web, str):
+        log.error("%s", web)
+        return 1
     embedded: EtcdProcess | None = None
     endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
     if not endpoints:
@@ -347,10 +351,6 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
     log.info(
         "starting tm-sidecar %s node=%s etcd=%s", __version__, settings.node_id, ",".join(endpoints)
     )
-    web = _web_settings(args) if args.web else None
-    if isinstance(web, str):
-        log.error("%s", web)
-        return 1
     etcd = Etcd(cfg)
     sidecar = Sidecar(etcd, settings)
     notifier = Notifier()
