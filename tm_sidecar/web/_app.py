@@ -423,7 +423,7 @@ class Dashboard:
         return StreamingResponse(
             body(),
             media_type="text/event-stream",
-            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+            headers={"x-accel-buffering": "no"},
         )
 
     async def confirm_page(self, request: Request) -> Response:
