@@ -466,3 +466,26 @@ def test_the_sidecar_refuses_unsafe_or_broken_dashboard_settings(
     )
     assert run.returncode == 1, run.stderr[-2000:]
     assert words in run.stderr
+
+
+async def test_a_task_stream_replays_what_happened_since_its_page(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    async with dashboard(etcd_server, namespace, actions=True) as (sidecar, board, _):
+        client = Client(board)
+        later = await sidecar.create({"n": 1}, run_at=time.time() + 3600)
+        await wait_for(lambda: bool(board.journal.events(later.id)))  # queued, seen
+        page = await client.get(f"/tasks/{later.id}")
+        found = re.search(r"after=(\d+)", page.text)
+        assert found is not None
+        # The task fails (cancelled) after the page was drawn, before its stream opens.
+        form = {"csrf": session_csrf(board, client), "task": later.id, "confirm": "yes"}
+        assert (await client.post("/actions/cancel", form)).status == 303
+        await wait_for(lambda: board.journal.events_seen > int(found.group(1)))
+        stream = await client.get(
+            f"/api/events?task={later.id}&after={found.group(1)}",
+            until=lambda body: b'"failed"' in body,
+            timeout_s=5,
+        )
+        assert b"Cancelled" in stream.body
+        assert b'"queued"' not in stream.body  # drawn on the page already: not again

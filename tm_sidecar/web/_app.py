@@ -401,19 +401,22 @@ class Dashboard:
         if after and not after.isdigit():
             return _plain(400, "after= takes the event number the page was drawn at\n")
         batcher = EventBatcher(keep=200 if task is None else 500, tracebacks=task is not None)
-        subscription = self.sidecar.subscribe(
-            TaskId(task) if task else None, deliver=batcher.deliver
-        )
-        if task and after:
-            # What happened between the page and this stream: from the journal, up to
-            # the last event before the subscription (later ones come live).
-            upto = self.journal.events_seen
-            gap = self.journal.events(TaskId(task), after=int(after), upto=upto)
-            batcher.replay([(t, e) for _, t, e in gap])
 
         async def body() -> Any:
+            # Subscribed here, not before: a client gone before the body starts must
+            # leave no subscription behind (an unstarted generator runs no finally).
+            subscription = self.sidecar.subscribe(
+                TaskId(task) if task else None, deliver=batcher.deliver
+            )
             self.streams += 1
             try:
+                if task and after:
+                    # What happened between the page and this stream, from the journal,
+                    # up to the last event before the subscription (later ones come live).
+                    gap = self.journal.events(
+                        TaskId(task), after=int(after), upto=self.journal.events_seen
+                    )
+                    batcher.replay([(t, e) for _, t, e in gap])
                 async for chunk in batcher.stream():
                     yield chunk
             finally:
