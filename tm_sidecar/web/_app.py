@@ -33,7 +33,6 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .._errors import TaskNotFound, Unavailable
 from .._sidecar import Sidecar
-from .._tmctl import Ctl, cancel_record, purge_records, retry_failed
 from ..core import State, TaskId, check_name
 from ._access import (
     COOKIE,
@@ -44,12 +43,12 @@ from ._access import (
     is_loopback_host,
     token_matches,
 )
+from ._actions import ACTIONS, HTTPError, action_fields, back_to, perform, valid_name
 from ._data import (
     STATES,
     Census,
     Journal,
     Overview,
-    filter_queue,
     pretty,
     queue_tasks,
     read_overview,
@@ -105,23 +104,6 @@ class WebSettings:
     def loopback(self) -> bool:
         """Whether it listens on loopback only."""
         return is_loopback_host(self.host)
-
-
-class HTTPError(Exception):
-    """A request the dashboard refuses: a status and a message for the person."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-ACTIONS = {
-    "retry": "Retry this failed task with fresh attempts",
-    "retry-queue": "Retry every failed task of this queue with fresh attempts",
-    "cancel": "Cancel this task: it goes to failed as Cancelled (a running handler is cancelled)",
-    "purge": "Delete these records and their tasks for good",
-}
 
 
 @attrs.define(eq=False)
@@ -319,7 +301,7 @@ class Dashboard:
         """A queue's tasks in one state, a page at a time, searchable by id."""
 
         async def page() -> Response:
-            queue = _name(request.path_params["queue"], "queue")
+            queue = valid_name(request.path_params["queue"], "queue")
             params = request.query_params
             state = _state(params.get("state", "pending"))
             query = params.get("q", "").strip()
@@ -358,7 +340,7 @@ class Dashboard:
         """One task: payload, options, every attempt, its live events."""
 
         async def page() -> Response:
-            task_id = TaskId(_name(request.path_params["task_id"], "task id"))
+            task_id = TaskId(valid_name(request.path_params["task_id"], "task id"))
             seq = self.journal.events_seen
             detail = await read_task(self.sidecar, self.journal, task_id)
             # The page fetches its upper part again while the task is not finished.
@@ -379,7 +361,7 @@ class Dashboard:
             query = request.query_params.get("q", "").strip()
             if not query:
                 raise HTTPError(400, "give a task id to look for")
-            task_id = TaskId(_name(query, "task id"))
+            task_id = TaskId(valid_name(query, "task id"))
             await read_task(self.sidecar, self.journal, task_id)  # 404 if there is none
             return RedirectResponse(f"/tasks/{task_id}", status_code=303)
 
@@ -438,7 +420,7 @@ class Dashboard:
             action = params.get("action", "")
             if action not in ACTIONS:
                 raise HTTPError(400, f"no such action {action!r}")
-            fields = self._action_fields(action, dict(params))
+            fields = action_fields(action, dict(params))
             return self.render(
                 request,
                 "confirm.html",
@@ -446,7 +428,7 @@ class Dashboard:
                     "action": action,
                     "what": ACTIONS[action],
                     "fields": fields,
-                    "back": _back(action, fields),
+                    "back": back_to(action, fields),
                 },
             )
 
@@ -459,20 +441,6 @@ class Dashboard:
             raise HTTPError(
                 403, "this dashboard is read-only: actions are enabled with --web-actions"
             )
-
-    def _action_fields(self, action: str, params: dict[str, str]) -> dict[str, str]:
-        """The validated fields an action takes."""
-        if action in ("retry", "cancel"):
-            return {"task": _name(params.get("task", ""), "task id")}
-        if action == "retry-queue":
-            return {"queue": _name(params.get("queue", ""), "queue")}
-        state = params.get("state", "")
-        if state not in ("completed", "failed"):
-            raise HTTPError(400, "purge takes state=completed or state=failed")
-        fields = {"state": state}
-        if params.get("queue"):
-            fields["queue"] = _name(params["queue"], "queue")
-        return fields
 
     async def action(self, request: Request) -> Response:
         """Run a confirmed action; back to where it was asked for, with what it did."""
@@ -501,52 +469,15 @@ class Dashboard:
             action = request.path_params["action"]
             if action not in ACTIONS:
                 raise HTTPError(404, f"no such action {action!r}")
-            fields = self._action_fields(action, form)
+            fields = action_fields(action, form)
             if form.get("confirm") != "yes":
                 raise HTTPError(400, "actions run only once confirmed: nothing was done")
-            message, back = await self._perform(action, fields)
+            message, back = await perform(self.sidecar, action, fields)
             log.info("dashboard action %s %s: %s", action, fields, message)
             session.flash = message
             return RedirectResponse(back, status_code=303)
 
         return await self.guarded(request, run)
-
-    async def _perform(self, action: str, fields: dict[str, str]) -> tuple[str, str]:
-        etcd, ks = self.sidecar.etcd, self.sidecar.ks
-        if action == "retry":
-            task_id = TaskId(fields["task"])
-            kv = await etcd.get(ks.state(State.FAILED, task_id))
-            if kv is None:
-                raise HTTPError(409, f"task {task_id} is not in the failed queue: nothing was done")
-            moved = await retry_failed(etcd, ks, [kv])
-            if not moved:
-                raise HTTPError(409, f"task {task_id} moved meanwhile: nothing was done")
-            return f"Task {task_id} sent back to pending with fresh attempts.", f"/tasks/{task_id}"
-        if action == "cancel":
-            task_id = TaskId(fields["task"])
-            _, state, kv = await Ctl(etcd, ks, as_json=True).find(task_id)
-            if kv is None or state is None or state in (State.COMPLETED, State.FAILED):
-                raise HTTPError(
-                    409, f"task {task_id} is not pending, delayed or running: nothing was done"
-                )
-            if not await cancel_record(etcd, ks, kv, state, by="dashboard"):
-                raise HTTPError(409, f"task {task_id} moved meanwhile: nothing was done")
-            return f"Task {task_id} cancelled.", f"/tasks/{task_id}"
-        if action == "retry-queue":
-            queue = fields["queue"]
-            kvs, _ = await etcd.list_prefix(ks.state_prefix(State.FAILED))
-            moved = await retry_failed(etcd, ks, filter_queue(kvs, State.FAILED, queue))
-            return (
-                f"{moved} failed task{'s' if moved != 1 else ''} of {queue} sent back to pending.",
-                f"/queues/{queue}?state=pending",
-            )
-        state = State(fields["state"])
-        queue_or_none = fields.get("queue")
-        kvs, _ = await etcd.list_prefix(ks.state_prefix(state))
-        purged = await purge_records(etcd, ks, filter_queue(kvs, state, queue_or_none))
-        where = f" of {queue_or_none}" if queue_or_none else ""
-        back = f"/queues/{queue_or_none}?state={state.value}" if queue_or_none else "/"
-        return f"{purged} {state.value} record{'s' if purged != 1 else ''}{where} purged.", back
 
     # -- the token -------------------------------------------------------------------
 
@@ -595,13 +526,6 @@ class Dashboard:
 # -- small pieces ------------------------------------------------------------------------
 
 
-def _name(value: str, kind: str) -> str:
-    try:
-        return check_name(kind, value)
-    except ValueError as exc:
-        raise HTTPError(400, str(exc)) from None
-
-
 def _state(value: str) -> State:
     try:
         return State(value)
@@ -627,15 +551,6 @@ async def _form(request: Request) -> dict[str, str]:
     except (UnicodeDecodeError, ValueError):
         raise HTTPError(400, "that form cannot be read") from None
     return dict(pairs)
-
-
-def _back(action: str, fields: dict[str, str]) -> str:
-    """Where a person goes back to from an action's confirmation."""
-    if "task" in fields:
-        return f"/tasks/{fields['task']}"
-    if "queue" in fields:
-        return f"/queues/{fields['queue']}?state={fields.get('state', 'failed')}"
-    return "/"
 
 
 def _cookie(session_id: str) -> bytes:
