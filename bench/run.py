@@ -15,6 +15,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -221,12 +222,76 @@ async def etcd_cpu(env: Env) -> Result:
     return out
 
 
-async def throughput(env: Env, sidecars: int) -> Result:
-    """No-op tasks created, run and completed end to end through the SDK."""
+def cpu_s(proc: SidecarProcess) -> float:
+    """CPU seconds (user + system) a sidecar process has used so far."""
+    assert proc.proc is not None
+    fields = Path(f"/proc/{proc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class DashboardViewer:
+    """What an open overview page asks of a sidecar: its event stream (server-sent
+    events) and the overview's body every 2 s. Counts what the stream brought."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self.batches = 0
+        self.events_sent = 0
+        self.events_seen = 0
+        self.refreshes = 0
+
+    async def _get(self, path: str) -> trio.SocketStream:
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        head = f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nConnection: close\r\n\r\n"
+        await stream.send_all(head.encode())
+        return stream
+
+    async def stream(self) -> None:
+        stream = await self._get("/api/events")
+        buffer = b""
+        async with stream:
+            while data := await stream.receive_some(65536):
+                buffer += data
+                # One server-sent message per HTTP chunk: the chunks' framing lines fall
+                # between messages, never inside one.
+                while b"\n\n" in buffer:
+                    message, buffer = buffer.split(b"\n\n", 1)
+                    if b"event: batch" not in message:
+                        continue
+                    batch = json.loads(message.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+                    self.batches += 1
+                    self.events_sent += len(batch["events"])
+                    self.events_seen = batch["seen"]
+
+    async def refresh(self) -> None:
+        while True:
+            stream = await self._get("/fragments/overview")
+            async with stream:
+                while await stream.receive_some(65536):
+                    pass
+            self.refreshes += 1
+            await trio.sleep(2.0)
+
+
+async def dashboard_url(proc: SidecarProcess) -> str:
+    """The URL the sidecar logs once its dashboard listens (which may follow its socket)."""
+    with trio.fail_after(20):
+        while not (found := re.search(r"dashboard on (http://\S+/)", proc.log())):
+            await trio.sleep(0.05)
+    return found.group(1)
+
+
+async def throughput(env: Env, sidecars: int, *, dashboard: bool = False) -> Result:
+    """No-op tasks created, run and completed end to end through the SDK; with
+    ``dashboard``, the first sidecar serves its dashboard and a viewer keeps the
+    overview open (the event stream and the 2 s refresh) throughout."""
     n = env.scale(3200)
-    async with env.sidecars(sidecars) as procs:
+    extra = ("--web", "127.0.0.1:0") if dashboard else ()
+    async with env.sidecars(sidecars, extra=extra) as procs:
         done = 0
         managers = [TaskManager(str(p.socket_path)) for p in procs]
+        viewer = DashboardViewer(await dashboard_url(procs[0])) if dashboard else None
 
         async def noop(task: WorkerTask) -> None:
             return None
@@ -234,6 +299,10 @@ async def throughput(env: Env, sidecars: int) -> Result:
         async with trio.open_nursery() as nursery:
             for m in managers:
                 await m.process(noop, concurrency=64)
+            if viewer is not None:
+                nursery.start_soon(viewer.stream)
+                nursery.start_soon(viewer.refresh)
+            cpu0 = cpu_s(procs[0])
             start = trio.current_time()
 
             async def producer(m: TaskManager, count: int) -> None:
@@ -251,11 +320,24 @@ async def throughput(env: Env, sidecars: int) -> Result:
                     for _ in range(64):
                         producers.start_soon(producer, m, per)
             elapsed = trio.current_time() - start
+            cpu = cpu_s(procs[0]) - cpu0
             for m in managers:
                 await m.shutdown()
             nursery.cancel_scope.cancel()
         rss = [rss_mb(p) for p in procs]
-    return {"tasks": done, "tasks_per_s": done / elapsed, "sidecar_rss_mb": max(rss)}
+    out: Result = {
+        "tasks": done,
+        "tasks_per_s": done / elapsed,
+        "sidecar_rss_mb": max(rss),
+        "sidecar_cpu_ms_per_task": cpu / done * 1000,
+        "sidecar_cpu_share": cpu / elapsed,
+    }
+    if viewer is not None:
+        out["events_seen_per_s"] = viewer.events_seen / elapsed
+        out["events_streamed_per_s"] = viewer.events_sent / elapsed
+        out["batches_per_s"] = viewer.batches / elapsed
+        out["overview_refreshes"] = viewer.refreshes
+    return out
 
 
 async def latency(env: Env) -> Result:
@@ -484,25 +566,34 @@ class Env:
     def scale(self, n: int, quick: int | None = None) -> int:
         return (quick or max(1, n // 20)) if self.quick else n
 
-    def sidecar(self, name: str, namespace: str, handler: str | None = None) -> SidecarProcess:
+    def sidecar(
+        self,
+        name: str,
+        namespace: str,
+        handler: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> SidecarProcess:
         """A sidecar process (not started) with the benchmarks' lease TTL of 5 s; its
         workers connect over the SDK unless ``handler`` runs tasks in the process."""
         log = self.tmp / f"{namespace}-{name}.log"
         return SidecarProcess(
-            name, self.etcd.endpoint, namespace, log, lease_ttl_s=5, handler=handler
+            name, self.etcd.endpoint, namespace, log, lease_ttl_s=5, handler=handler, extra=extra
         )
 
     def namespace(self) -> str:
         self._ns += 1
         return f"b{self._ns}"
 
-    def sidecars(self, count: int) -> Any:
+    def sidecars(self, count: int, extra: tuple[str, ...] = ()) -> Any:
         env = self
 
         class _Ctx:
             async def __aenter__(self) -> list[SidecarProcess]:
                 ns = env.namespace()
-                self.procs = [env.sidecar(f"n{i}", ns) for i in range(count)]
+                # Extra flags go to the first sidecar only (the one a viewer looks at).
+                self.procs = [
+                    env.sidecar(f"n{i}", ns, extra=extra if i == 0 else ()) for i in range(count)
+                ]
                 for p in self.procs:
                     p.start()
                     await p.wait_serving()
@@ -520,6 +611,7 @@ SCENARIOS: dict[str, Callable[[Env], Awaitable[Result]]] = {
     "etcd_cpu": etcd_cpu,
     "throughput_1": lambda env: throughput(env, 1),
     "throughput_3": lambda env: throughput(env, 3),
+    "throughput_1_web": lambda env: throughput(env, 1, dashboard=True),
     "latency": latency,
     "delays": delays,
     "failover": failover,

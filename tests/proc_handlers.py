@@ -23,3 +23,11 @@ async def work(task: TaskContext) -> Any:
 async def hang(task: TaskContext) -> Any:
     """Never finish (until cancelled): a task a drain has to hand back."""
     await trio.sleep_forever()
+
+
+async def fail_unless_flag(task: TaskContext) -> Any:
+    """Fail (with a traceback) until the file the payload names exists, then work."""
+    flag = task.payload.get("fail_unless")
+    if flag and not await trio.Path(flag).exists():
+        raise RuntimeError(f"the flag file {flag} is not there yet")
+    return await work(task)

@@ -112,8 +112,14 @@ async def test_a_full_etcd_refuses_creates_retryably_keeps_reads_and_recovers(
     small_etcd: EtcdProcess, namespace: str
 ) -> None:
     ks = Keyspace(namespace=namespace)
+    # No headroom of our own: the create below meets etcd's own refusal.
     async with running_sidecars(
-        small_etcd.endpoint, namespace, "n1", quota_bytes=QUOTA, compact_interval_s=0
+        small_etcd.endpoint,
+        namespace,
+        "n1",
+        quota_bytes=QUOTA,
+        quota_fraction=1.0,
+        compact_interval_s=0,
     ) as (sc,):
         ran = []
 

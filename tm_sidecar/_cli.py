@@ -15,7 +15,7 @@ import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -29,6 +29,9 @@ from ._notify import Notifier
 from ._server import ServerSettings, SocketServer
 from ._sidecar import Sidecar, SidecarSettings
 from .core import NodeId, TaskEvent, TaskOptions, check_name
+
+if TYPE_CHECKING:
+    from .web import WebSettings
 
 log = logging.getLogger("tm_sidecar.cli")
 
@@ -51,6 +54,9 @@ _ENV = {
     "metrics": "TM_METRICS",
     "etcd_quota": "TM_ETCD_QUOTA",
     "quota_fraction": "TM_QUOTA_FRACTION",
+    "web": "TM_WEB",
+    "web_actions": "TM_WEB_ACTIONS",
+    "web_token_file": "TM_WEB_TOKEN_FILE",
 }
 
 
@@ -230,6 +236,26 @@ def build_parser() -> argparse.ArgumentParser:
         "127.0.0.1); empty: off [TM_METRICS]",
     )
     p.add_argument(
+        "--web",
+        default=env("TM_WEB", ""),
+        metavar="[HOST:]PORT",
+        help="serve the web dashboard at http://HOST:PORT/ (HOST defaults to 127.0.0.1); "
+        "empty: off [TM_WEB]",
+    )
+    p.add_argument(
+        "--web-actions",
+        action="store_true",
+        default=env("TM_WEB_ACTIONS", "").lower() in ("1", "true", "yes", "on"),
+        help="let the dashboard retry, cancel and purge (each confirmed); default: read-only "
+        "[TM_WEB_ACTIONS]",
+    )
+    p.add_argument(
+        "--web-token-file",
+        default=env("TM_WEB_TOKEN_FILE"),
+        help="a file holding the token the dashboard asks for (or the token itself in "
+        "TM_WEB_TOKEN); default: no token [TM_WEB_TOKEN_FILE]",
+    )
+    p.add_argument(
         "--config",
         default=env("TM_CONFIG"),
         help='a TOML file of settings named like the options (etcd = "...", lease_ttl = 5); '
@@ -307,6 +333,10 @@ async def _run_demo(sidecar: Sidecar, count: int) -> None:
 
 async def amain(args: argparse.Namespace, signals: Any) -> int:
     """Run the sidecar until SIGTERM or SIGINT; answers the exit code."""
+    web = _web_settings(args) if args.web else None
+    if isinstance(web, str):
+        log.error("%s", web)
+        return 1
     embedded: EtcdProcess | None = None
     endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
     if not endpoints:
@@ -398,6 +428,10 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
                 host, _, port = args.metrics.rpartition(":")
                 metrics = Metrics(sidecar, lambda: len(server.connections))
                 await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
+            if web is not None:
+                from .web import Dashboard
+
+                await nursery.start(Dashboard(sidecar, web).run)
             notifier.send("READY=1", f"STATUS={_status_line(sidecar)}")
             nursery.start_soon(notifier.keep_watchdog)
             nursery.start_soon(_keep_status, notifier, sidecar)
@@ -459,6 +493,27 @@ async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
         await trio.to_thread.run_sync(embedded.stop)
         return False
     return True
+
+
+def _web_settings(args: argparse.Namespace) -> WebSettings | str:
+    """The dashboard's settings, or why they cannot be used (a string)."""
+    from .web import TokenError, WebSettings, load_token
+
+    try:
+        host, port = WebSettings.parse_bind(args.web)
+        token, source = load_token(args.web_token_file, os.environ)
+    except (ValueError, TokenError) as exc:
+        return str(exc)
+    web = WebSettings(host=host, port=port, actions=args.web_actions, token=token)
+    if web.actions and not web.loopback and token is None:
+        return (
+            f"--web-actions on {host}, which is not loopback, needs a token "
+            "(--web-token-file or TM_WEB_TOKEN)"
+        )
+    if not web.loopback and token is None:
+        log.warning("the dashboard on %s has no token: anyone who reaches it can read it", host)
+    log.info("dashboard token: %s", source)
+    return web
 
 
 def _status_line(sidecar: Sidecar) -> str:

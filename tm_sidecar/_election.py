@@ -12,7 +12,7 @@ from contextlib import aclosing
 
 import trio
 
-from ._errors import EtcdUnavailable, LeaseLost, LeaseNotFound
+from ._errors import EtcdFull, EtcdUnavailable, LeaseLost, LeaseNotFound
 from ._etcd import Etcd, retrying
 from ._session import Session
 from .core import Compare, Delete, Fence, Keyspace, Put, Range, Txn, dumps
@@ -73,7 +73,8 @@ async def resign(etcd: Etcd, fence: Fence, timeout_s: float = 2.0) -> None:
         try:
             await etcd.txn(Txn(compare=(fence.compare(),), success=(Delete(fence.key),)))
             log.info("resigned leadership")
-        except EtcdUnavailable as exc:
+        except (EtcdUnavailable, EtcdFull) as exc:
+            # The key goes with the session's lease (a revoke works even on a full etcd).
             log.warning("could not resign: %s", exc)
 
 

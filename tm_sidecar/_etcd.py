@@ -732,6 +732,12 @@ class Etcd:
                 return revision
             start = result.kvs[-1].key + "\0"
 
+    async def page(self, start: str, range_end: str, limit: int) -> RangeResult:
+        """Up to ``limit`` keys of ``[start, range_end)`` in key order (one page of a
+        listing for a person: ``more`` says whether a next page starts after the last key)."""
+        body: _Body = {"key": _b64(start), "range_end": _b64(range_end), "limit": limit}
+        return decode_range(await self.call("/kv/range", body))
+
     async def put(self, key: str, value: str, *, lease: int = 0) -> int:
         """Write one key; answers the revision."""
         body: _Body = {"key": _b64(key), "value": _b64(value)}

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -272,32 +272,7 @@ class Ctl:
                 print(f"tmctl: task {task_id} is not in the failed queue", file=sys.stderr)
                 return 1
             kvs = (kv,)
-        moved = 0
-        for kv in kvs:
-            parsed = self.ks.parse(kv.key)
-            if parsed is None or parsed.task_id is None:
-                continue
-            rec = Record.from_json(State.FAILED, kv.value)
-            pending = Record(
-                state=State.PENDING,
-                attempts=0,
-                options=rec.options,
-                since_at=time.time(),
-                reason="created",
-            )
-            txn = Txn(
-                compare=(
-                    Compare.modified_at(kv.key, kv.mod_revision),
-                    Compare(self.ks.task(parsed.task_id), Target.VERSION, Op.GREATER, 0),
-                ),
-                success=(
-                    Delete(kv.key),
-                    Put(self.ks.state(State.PENDING, parsed.task_id), pending.to_json()),
-                    Touch(self.ks.task(parsed.task_id), 0),  # no longer expires
-                ),
-            )
-            if (await self.etcd.txn(txn)).succeeded:
-                moved += 1
+        moved = await retry_failed(self.etcd, self.ks, kvs)
         self.out({"retried": moved}, [["RETRIED"], [str(moved)]])
         return 0
 
@@ -314,24 +289,7 @@ class Ctl:
                 file=sys.stderr,
             )
             return 1
-        rec = Record.from_json(state, kv.value)
-        failed = Record(
-            state=State.FAILED,
-            attempts=rec.attempts,
-            options=rec.options,
-            since_at=time.time(),
-            error=TaskError(
-                type="Cancelled", message="cancelled by an operator (tmctl)", retryable=False
-            ),
-        )
-        txn = Txn(
-            compare=(Compare.modified_at(kv.key, kv.mod_revision),),
-            success=(
-                Delete(kv.key),
-                Put(self.ks.state(State.FAILED, TaskId(task_id)), failed.to_json()),
-            ),
-        )
-        ok = (await self.etcd.txn(txn)).succeeded
+        ok = await cancel_record(self.etcd, self.ks, kv, state)
         if not ok:
             print(f"tmctl: task {task_id} moved meanwhile; look again", file=sys.stderr)
             return 1
@@ -343,23 +301,9 @@ class Ctl:
         self.out({"purged": purged}, [["PURGED"], [str(purged)]])
 
     async def _purge(self, state: State) -> int:
-        """Delete every record in a final state, then its payload.
-
-        Plain deletes, not transactions: a full etcd refuses every transaction but still
-        deletes. Safe without a compare: a final record never changes, and the payload
-        goes only when this call removed the record (a record retried meanwhile is gone
-        from here, and its task keeps its payload).
-        """
+        """Delete every record in a final state, then its payload (see purge_records)."""
         kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
-        purged = 0
-        for kv in kvs:
-            parsed = self.ks.parse(kv.key)
-            if parsed is None or parsed.task_id is None:
-                continue
-            if await self.etcd.delete(kv.key):
-                await self.etcd.delete(self.ks.task(parsed.task_id))
-                purged += 1
-        return purged
+        return await purge_records(self.etcd, self.ks, kvs)
 
     async def _space(self) -> dict[str, Any]:
         status = await self.etcd.status()
@@ -502,6 +446,88 @@ def _short_json(value: Any, limit: int = 300) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters: --json shows it all)"
+
+
+# The repairs, as functions of their own: the web dashboard makes them too.
+
+
+async def retry_failed(etcd: Etcd, ks: Keyspace, kvs: Iterable[KeyValue]) -> int:
+    """Send these failed records back to pending with fresh attempts; answers how many
+    moved (a record that changed meanwhile, or whose task is gone, is left alone)."""
+    moved = 0
+    for kv in kvs:
+        parsed = ks.parse(kv.key)
+        if parsed is None or parsed.task_id is None:
+            continue
+        rec = Record.from_json(State.FAILED, kv.value)
+        pending = Record(
+            state=State.PENDING,
+            attempts=0,
+            options=rec.options,
+            since_at=time.time(),
+            reason="created",
+        )
+        txn = Txn(
+            compare=(
+                Compare.modified_at(kv.key, kv.mod_revision),
+                Compare(ks.task(parsed.task_id), Target.VERSION, Op.GREATER, 0),
+            ),
+            success=(
+                Delete(kv.key),
+                Put(ks.state(State.PENDING, parsed.task_id), pending.to_json()),
+                Touch(ks.task(parsed.task_id), 0),  # no longer expires
+            ),
+        )
+        if (await etcd.txn(txn)).succeeded:
+            moved += 1
+    return moved
+
+
+async def cancel_record(
+    etcd: Etcd, ks: Keyspace, kv: KeyValue, state: State, *, by: str = "tmctl"
+) -> bool:
+    """Move a pending, delayed or processing record to failed as ``Cancelled``; False if
+    it moved meanwhile."""
+    parsed = ks.parse(kv.key)
+    if parsed is None or parsed.task_id is None:
+        return False
+    rec = Record.from_json(state, kv.value)
+    failed = Record(
+        state=State.FAILED,
+        attempts=rec.attempts,
+        options=rec.options,
+        since_at=time.time(),
+        error=TaskError(
+            type="Cancelled", message=f"cancelled by an operator ({by})", retryable=False
+        ),
+    )
+    txn = Txn(
+        compare=(Compare.modified_at(kv.key, kv.mod_revision),),
+        success=(
+            Delete(kv.key),
+            Put(ks.state(State.FAILED, parsed.task_id), failed.to_json()),
+        ),
+    )
+    return (await etcd.txn(txn)).succeeded
+
+
+async def purge_records(etcd: Etcd, ks: Keyspace, kvs: Iterable[KeyValue]) -> int:
+    """Delete these completed or failed records, then their payloads; answers how many.
+
+    Plain deletes, not transactions: a full etcd refuses every transaction but still
+    deletes. Safe without a compare: a final record never changes, and the payload goes
+    only when this call removed the record (a record retried meanwhile is gone from
+    here, and its task keeps its payload).
+    """
+    purged = 0
+    for kv in kvs:
+        parsed = ks.parse(kv.key)
+        if parsed is None or parsed.task_id is None:
+            continue
+        if await etcd.delete(kv.key):
+            await etcd.delete(ks.task(parsed.task_id))
+            purged += 1
+    return purged
 
 
 def _when(epoch: float) -> str:
