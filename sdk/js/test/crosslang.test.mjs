@@ -9,6 +9,9 @@ import { fileURLToPath } from "node:url";
 import { after, before, describe, test } from "node:test";
 import { Sidecar, pythonBinary } from "../test-support/sidecar.mjs";
 
+/** Every test has a deadline: a hang is a failure, not a stuck run. */
+const T = { timeout: 60000 };
+
 const HERE = join(dirname(fileURLToPath(import.meta.url)), "crosslang");
 const PROGRAMS = {
   node: (script) => [process.execPath, [join(HERE, `${script}.mjs`)]],
@@ -67,7 +70,7 @@ function timeout(promise, ms, what) {
 describe("cross-language", () => {
   for (const producer of ["python", "node"]) {
     for (const worker of ["python", "node"]) {
-      test(`a ${producer} producer with a ${worker} worker`, async () => {
+      test(`a ${producer} producer with a ${worker} worker`, T, async () => {
         const queue = `x-${producer}-${worker}`;
         const w = run(worker, "worker", queue);
         try {

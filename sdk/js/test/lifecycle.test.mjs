@@ -14,6 +14,9 @@ import {
 } from "../index.js";
 import { Sidecar, deferred, pollUntil } from "../test-support/sidecar.mjs";
 
+/** Every test has a deadline: a hang is a failure, not a stuck run. */
+const T = { timeout: 20000 };
+
 let sidecar;
 const managers = [];
 let queues = 0;
@@ -41,7 +44,7 @@ after(async () => {
 });
 
 describe("lifecycle", () => {
-  test("the seed's flow: process, create, configure, commit, result", async () => {
+  test("the seed's flow: process, create, configure, commit, result", T, async () => {
     const q = queue();
     const workers = manager();
     const seen = [];
@@ -72,7 +75,7 @@ describe("lifecycle", () => {
     assert.equal(producer.isMaster(), true, "a single sidecar leads");
   });
 
-  test("a handler may use the worker `process()` answers, even for a task already waiting", async () => {
+  test("a handler may use the worker `process()` answers, even for a task already waiting", T, async () => {
     const q = queue();
     const producer = manager();
     const task = await (await producer.create({})).withQueue(q).withRetries(1).commit();
@@ -82,7 +85,7 @@ describe("lifecycle", () => {
     assert.deepEqual(await task.result(10000), { id: worker.id });
   });
 
-  test("events of a task, and of the manager, in order", async () => {
+  test("events of a task, and of the manager, in order", T, async () => {
     const q = queue();
     const workers = manager();
     await workers.process(
@@ -129,7 +132,7 @@ describe("lifecycle", () => {
     ]);
   });
 
-  test("a delayed task waits for its time", async () => {
+  test("a delayed task waits for its time", T, async () => {
     const q = queue();
     const workers = manager();
     const startedAt = deferred();
@@ -153,7 +156,7 @@ describe("lifecycle", () => {
     assert.ok(started >= due - 5, `started ${due - started} ms early`);
   });
 
-  test("a timeout fails the attempt and aborts the handler's signal", async () => {
+  test("a timeout fails the attempt and aborts the handler's signal", T, async () => {
     const q = queue();
     const workers = manager();
     const aborted = deferred();
@@ -187,7 +190,7 @@ describe("lifecycle", () => {
     assert.equal(info.attempts, 1);
   });
 
-  test("retries: failed attempts are retried with backoff until one succeeds", async () => {
+  test("retries: failed attempts are retried with backoff until one succeeds", T, async () => {
     const q = queue();
     const workers = manager();
     const attempts = [];
@@ -215,7 +218,7 @@ describe("lifecycle", () => {
     assert.deepEqual(info.options.backoff, { base_s: 0.05, factor: 2, max_s: 300, jitter: 0 });
   });
 
-  test("Permanent fails the task at once, without the remaining retries", async () => {
+  test("Permanent fails the task at once, without the remaining retries", T, async () => {
     const q = queue();
     const workers = manager();
     let runs = 0;
@@ -249,7 +252,7 @@ describe("lifecycle", () => {
     assert.equal((await producer.get(task.id)).attempts, 1);
   });
 
-  test("results that cannot travel fail the attempt with why; bad input is refused", async () => {
+  test("results that cannot travel fail the attempt with why; bad input is refused", T, async () => {
     const q = queue();
     const workers = manager();
     await workers.process((task) => (task.data.big ? "x".repeat(300 * 1024) : { n: 10n }), { queue: q });
@@ -276,7 +279,7 @@ describe("lifecycle", () => {
     assert.equal((await producer.status()).leader, true);
   });
 
-  test("shutdown lets a running handler finish and report, then disconnects", async () => {
+  test("shutdown lets a running handler finish and report, then disconnects", T, async () => {
     const q = queue();
     const workers = manager();
     const running = deferred();
@@ -307,7 +310,7 @@ describe("lifecycle", () => {
     await assert.rejects(workers.create({}), /shut down/);
   });
 
-  test("shutdown hands back a handler that does not finish in time, and it runs again elsewhere", async () => {
+  test("shutdown hands back a handler that does not finish in time, and it runs again elsewhere", T, async () => {
     const q = queue();
     const stuck = manager();
     const running = deferred();

@@ -8,6 +8,9 @@ import { backoffMs } from "../lib/connection.js";
 import { FakeSidecar } from "../test-support/fake_sidecar.mjs";
 import { deferred, pollUntil } from "../test-support/sidecar.mjs";
 
+/** Every test has a deadline: a hang is a failure, not a stuck run. */
+const T = { timeout: 15000 };
+
 let fake;
 let manager;
 
@@ -41,7 +44,7 @@ const GARBAGE = [
 
 describe("malformed frames from the sidecar", () => {
   for (const [what, garbage, message] of GARBAGE) {
-    test(`${what}: reported, reconnected, the request answered on the next connection`, async () => {
+    test(`${what}: reported, reconnected, the request answered on the next connection`, T, async () => {
       fake = await new FakeSidecar(async (conn) => {
         await conn.hello({ leader: conn.index > 0 });
         const request = await conn.next();
@@ -68,7 +71,7 @@ describe("malformed frames from the sidecar", () => {
     });
   }
 
-  test("an error reply about no request is reported, and the connection stays", async () => {
+  test("an error reply about no request is reported, and the connection stays", T, async () => {
     fake = await new FakeSidecar(async (conn) => {
       await conn.hello();
       const request = await conn.next();
@@ -82,7 +85,7 @@ describe("malformed frames from the sidecar", () => {
     assert.match(errors[0].message, /the sidecar reports: say hello first/);
   });
 
-  test("a running handler is stopped when its connection is garbled, and the worker registers again", async () => {
+  test("a running handler is stopped when its connection is garbled, and the worker registers again", T, async () => {
     const registered = [];
     fake = await new FakeSidecar(async (conn) => {
       await conn.hello();
@@ -114,7 +117,32 @@ describe("malformed frames from the sidecar", () => {
     );
   });
 
-  test("a sidecar that keeps sending garbage is reconnected to with growing waits", async () => {
+  test("a create whose answer is lost is sent again with the same task id, then read", T, async () => {
+    const creates = [];
+    fake = await new FakeSidecar(async (conn) => {
+      await conn.hello();
+      const create = await conn.next();
+      creates.push(create);
+      if (conn.index === 0) {
+        conn.socket.destroy(); // the answer is lost with the connection
+        return;
+      }
+      conn.reply(create, { task_id: create.task_id, subscription: 7 });
+      // The task finished while the client was away: no event will come; `get` tells.
+      const get = await conn.next();
+      assert.deepEqual([get.op, get.task_id], ["get", create.task_id]);
+      conn.reply(get, { task_id: create.task_id, state: "completed", result: "done", attempts: 1 });
+    }).start();
+    const { m } = managerOn(fake.socket);
+    manager = m;
+    const task = await (await m.create({ n: 1 })).commit();
+    assert.equal(await task.result(5000), "done");
+    assert.equal(creates.length, 2);
+    assert.equal(creates[0].task_id, task.id);
+    assert.deepEqual({ ...creates[1], id: 0 }, { ...creates[0], id: 0 }, "the same create, repeated");
+  });
+
+  test("a sidecar that keeps sending garbage is reconnected to with growing waits", T, async () => {
     fake = await new FakeSidecar(async (conn) => {
       await conn.hello();
       conn.write("garbage\n");
@@ -132,7 +160,7 @@ describe("malformed frames from the sidecar", () => {
     assert.ok(errors.filter((e) => e instanceof MalformedFrame).length >= 3);
   });
 
-  test("a refused hello is reported and retried; calls wait for a connection, then time out", async () => {
+  test("a refused hello is reported and retried; calls wait for a connection, then time out", T, async () => {
     fake = await new FakeSidecar(async (conn) => {
       const hello = await conn.next();
       conn.send({ id: hello.id, ok: false, error: { code: "invalid_request", message: "protocol version 1 is not spoken here; use 2", retryable: false } });

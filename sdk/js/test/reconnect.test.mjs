@@ -6,6 +6,9 @@ import { after, test } from "node:test";
 import { ConnectionLost, DefaultTaskManager } from "../index.js";
 import { Sidecar, pollUntil } from "../test-support/sidecar.mjs";
 
+/** Every test has a deadline: a hang is a failure, not a stuck run. */
+const T = { timeout: 60000 };
+
 const sidecar = new Sidecar();
 const managers = [];
 
@@ -21,15 +24,18 @@ function manager(errors) {
   return m;
 }
 
-test("after a sidecar restart: workers registered again, results still arrive", async () => {
+test("after a sidecar restart: workers registered again, results still arrive", T, async () => {
   await sidecar.start();
   const errors = [];
   const workers = manager(errors);
   await workers.process((task) => task.data.n * 10, { queue: "r", concurrency: 2 });
+  // The producer's tasks hear their events by their own subscriptions only; a watcher
+  // hears every task's.
   const producer = manager(errors);
+  const watcher = manager(errors);
   const completed = [];
-  producer.on("completed", (event) => completed.push(event.data));
-  await producer.waitSubscribed();
+  watcher.on("completed", (event) => completed.push(event.data));
+  await watcher.waitSubscribed();
 
   const first = await (await producer.create({ n: 1 })).withQueue("r").commit();
   assert.equal(await first.result(10000), 10);
