@@ -71,6 +71,8 @@ export interface TaskManagerOptions {
   logger?: { warn(message: string): void };
   /** The client name told to the sidecar. */
   client?: string;
+  /** Read a task not heard of for this long, in case the sidecar missed its events (30000). */
+  resyncMs?: number;
 }
 
 type Awaitable<T> = T | Promise<T>;

@@ -43,6 +43,8 @@ export class TaskManager {
    * @param {{warn: (message: string) => void}} [options.logger] where errors go when nobody
    *   listens to "error" (default: console)
    * @param {string} [options.client] the client name told in hello
+   * @param {number} [options.resyncMs] read a task not heard of for this long (30 s): in
+   *   case the sidecar missed its events
    */
   constructor(options = {}) {
     this.socketPath = options.socket ?? options.socketPath ?? defaultSocket();
@@ -51,6 +53,7 @@ export class TaskManager {
     this._connectTimeoutMs = options.connectTimeoutMs ?? 30000;
     this._logger = options.logger ?? console;
     this._client = options.client ?? CLIENT;
+    this._resyncMs = options.resyncMs ?? RESYNC_MS;
     this._leader = false;
     this._conn = null;
     this._listeners = new Map();
@@ -65,7 +68,6 @@ export class TaskManager {
     this._wantAll = false;
     this._all = null; // {session, sid, promise, early}
     this._resync = null;
-    this._draining = false;
     this._closed = false;
     this._shutdown = null;
   }
@@ -342,7 +344,6 @@ export class TaskManager {
   }
 
   async _shutdownNow(timeoutMs, mine) {
-    this._draining = true;
     const session = this._conn?.session ?? null;
     if (session !== null) {
       await Promise.all(this._workers.filter((w) => !w.closed).map((w) => within(w.close(), 5000)));
@@ -394,6 +395,7 @@ export class TaskManager {
       throw err;
     }
     task.committed = true;
+    task._heardAt = Date.now();
     task._session = session;
     task._sid = answer?.subscription ?? null;
     if (task._final) {
@@ -445,14 +447,18 @@ export class TaskManager {
   _ensureResync() {
     if (this._resync !== null || this._closed) return;
     // Should the sidecar miss events (its watch fell behind etcd's compaction), a read
-    // now and then settles what waits.
+    // settles a task not heard of for a while.
     this._resync = setInterval(() => {
       const session = this._conn?.session;
       if (session === null || session === undefined) return;
+      const now = Date.now();
       for (const task of this._tasks.values()) {
-        if (task.committed && !task._final) this._settleFromGet(task, session);
+        if (task.committed && !task._final && now - task._heardAt >= this._resyncMs) {
+          task._heardAt = now;
+          this._settleFromGet(task, session);
+        }
       }
-    }, RESYNC_MS);
+    }, this._resyncMs / 3);
     this._resync.unref();
   }
 

@@ -72,6 +72,7 @@ export class Task {
     this._session = null;
     this._sid = null;
     this._followsAll = false;
+    this._heardAt = 0;
     this._endError = null;
   }
 
@@ -206,6 +207,7 @@ export class Task {
   /** An event pushed by the sidecar (`streamed`), or an outcome read with `get`. */
   _onEvent(event, streamed = true) {
     if (this._final) return;
+    this._heardAt = Date.now();
     const kind = event.event;
     if (streamed) {
       const seen = [Number(event.revision) || 0, RANK[kind] ?? 0];

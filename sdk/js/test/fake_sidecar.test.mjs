@@ -1,5 +1,6 @@
-// What a real sidecar never sends: the client reports it, reconnects, and the
-// application carries on (a fake sidecar on a real Unix socket).
+// What a real sidecar never sends (garbage: the client reports it, reconnects, and the
+// application carries on), and what it rarely does (a lost answer, missed events), from
+// a fake sidecar on a real Unix socket.
 
 import assert from "node:assert/strict";
 import { afterEach, describe, test } from "node:test";
@@ -42,7 +43,7 @@ const GARBAGE = [
   ["a role push without leader", '{"push": "role"}\n', /without leader/],
 ];
 
-describe("malformed frames from the sidecar", () => {
+describe("against a fake sidecar: garbage, lost answers, missed events", () => {
   for (const [what, garbage, message] of GARBAGE) {
     test(`${what}: reported, reconnected, the request answered on the next connection`, T, async () => {
       fake = await new FakeSidecar(async (conn) => {
@@ -140,6 +141,28 @@ describe("malformed frames from the sidecar", () => {
     assert.equal(creates.length, 2);
     assert.equal(creates[0].task_id, task.id);
     assert.deepEqual({ ...creates[1], id: 0 }, { ...creates[0], id: 0 }, "the same create, repeated");
+  });
+
+  test("a task whose events never come is settled by reading it now and then", T, async () => {
+    const gets = [];
+    fake = await new FakeSidecar(async (conn) => {
+      await conn.hello();
+      const create = await conn.next();
+      conn.reply(create, { task_id: create.task_id, subscription: 3 }); // and no event, ever
+      for (;;) {
+        const get = await conn.next();
+        gets.push(Date.now());
+        const state = gets.length < 2 ? { state: "pending" } : { state: "failed", error: { type: "Boom", message: "m", retryable: true } };
+        conn.reply(get, { task_id: create.task_id, attempts: 1, ...state });
+      }
+    }).start();
+    manager = new DefaultTaskManager({ socket: fake.socket, resyncMs: 150, logger: { warn: () => {} } });
+    const started = Date.now();
+    const task = await (await manager.create({})).commit();
+    const err = await task.result(5000).catch((e) => e);
+    assert.equal(err.error?.type, "Boom", String(err));
+    assert.equal(gets.length, 2);
+    assert.ok(gets[0] - started >= 150, "not read before it went unheard for resyncMs");
   });
 
   test("a sidecar that keeps sending garbage is reconnected to with growing waits", T, async () => {
