@@ -1,0 +1,222 @@
+// Types for tm-sidecar-sdk (hand-written: the package is plain ES modules, no build step).
+// The wire shapes are those of docs/protocol.md.
+
+/** Any JSON value: payloads, results, progress. */
+export type JSONValue = null | boolean | number | string | JSONValue[] | { [key: string]: JSONValue };
+
+/** The event kinds the sidecar pushes. */
+export type LifecycleEvent = "queued" | "assigned" | "started" | "updated" | "failed" | "completed";
+/** What `on()` takes: the pushed kinds, and the outcome as "success" or "failure". */
+export type EventName = LifecycleEvent | "success" | "failure";
+export declare const EVENTS: readonly EventName[];
+export declare const PROTOCOL_VERSION: 1;
+
+/** What an attempt reported when it failed (`fail`'s `error`). */
+export interface TaskError {
+  type: string;
+  message: string;
+  traceback?: string | null;
+  retryable: boolean;
+}
+
+/** A task event, as pushed (docs/protocol.md, "Events"). */
+export interface TaskEvent {
+  event: LifecycleEvent;
+  task_id: string;
+  revision?: number;
+  attempt?: number;
+  node?: string;
+  /** The result (completed) or the progress (updated). */
+  data?: JSONValue;
+  error?: TaskError;
+  will_retry?: boolean;
+}
+
+/** A task as `get` answers it. */
+export interface TaskInfo {
+  task_id: string;
+  state: "pending" | "delayed" | "processing" | "completed" | "failed" | null;
+  payload: JSONValue;
+  options: TaskOptions;
+  created_at: number;
+  attempts: number | null;
+  result?: JSONValue;
+  error?: TaskError;
+  node?: string;
+  due_at?: number;
+}
+
+/** The protocol's task options. */
+export interface TaskOptions {
+  queue?: string;
+  priority?: number;
+  max_attempts?: number;
+  timeout_s?: number;
+  backoff?: { base_s?: number; factor?: number; max_s?: number; jitter?: number };
+}
+
+export interface Backoff {
+  baseMs?: number;
+  factor?: number;
+  maxMs?: number;
+  jitter?: number;
+}
+
+export interface TaskManagerOptions {
+  /** The sidecar's socket; default `defaultSocket()`. */
+  socket?: string;
+  /** How long a call waits for a connection to the sidecar (default 30000 ms). */
+  connectTimeoutMs?: number;
+  /** Where the SDK's errors go when nobody listens to "error" (default: console). */
+  logger?: { warn(message: string): void };
+  /** The client name told to the sidecar. */
+  client?: string;
+  /** Read a task not heard of for this long, in case the sidecar missed its events (30000). */
+  resyncMs?: number;
+}
+
+type Awaitable<T> = T | Promise<T>;
+
+interface TaskCallbacks {
+  queued: (event: TaskEvent) => Awaitable<unknown>;
+  assigned: (event: TaskEvent) => Awaitable<unknown>;
+  started: (event: TaskEvent) => Awaitable<unknown>;
+  updated: (progress: JSONValue, event: TaskEvent) => Awaitable<unknown>;
+  failed: (error: TaskError | null, willRetry: boolean, event: TaskEvent) => Awaitable<unknown>;
+  completed: (result: JSONValue, event: TaskEvent) => Awaitable<unknown>;
+  success: (result: JSONValue) => Awaitable<unknown>;
+  failure: (error: TaskError | null) => Awaitable<unknown>;
+}
+
+interface ManagerCallbacks {
+  queued: (event: TaskEvent) => Awaitable<unknown>;
+  assigned: (event: TaskEvent) => Awaitable<unknown>;
+  started: (event: TaskEvent) => Awaitable<unknown>;
+  updated: (event: TaskEvent) => Awaitable<unknown>;
+  failed: (event: TaskEvent) => Awaitable<unknown>;
+  completed: (event: TaskEvent) => Awaitable<unknown>;
+  success: (result: JSONValue, event: TaskEvent) => Awaitable<unknown>;
+  failure: (error: TaskError | null, event: TaskEvent) => Awaitable<unknown>;
+  /** The SDK's own errors (a malformed frame, a lost connection, a callback that threw). */
+  error: (error: Error) => unknown;
+}
+
+/** A task being built, then committed, then waited for. Methods chain. */
+export declare class Task<T extends JSONValue = JSONValue> {
+  readonly manager: TaskManager;
+  readonly id: string;
+  readonly data: T;
+  readonly options: TaskOptions;
+  /** UTC epoch seconds before which it does not start, or null. */
+  readonly runAt: number | null;
+  readonly committed: boolean;
+  readonly state: LifecycleEvent | null;
+  readonly resultValue: JSONValue | undefined;
+  readonly error: TaskError | null;
+  /** Fail an attempt that runs longer than `ms` milliseconds. */
+  withTimeout(ms: number): this;
+  /** Do not start before `when` (a Date, or epoch milliseconds as Date.parse answers). */
+  withDelayUntil(when: Date | number): this;
+  withDelay(ms: number): this;
+  /** At most `maxAttempts` attempts (attempts, not retries, as in the Python SDK). */
+  withRetries(maxAttempts: number, backoff?: Backoff): this;
+  withPriority(priority: number): this;
+  withQueue(queue: string): this;
+  on<E extends EventName>(event: E, callback: TaskCallbacks[E]): this;
+  /** Queue it; durable in etcd once this resolves. */
+  commit(): Promise<this>;
+  /** The result; rejects with TaskFailed if it fails for good, WaitTimeout after `timeoutMs`. */
+  result(timeoutMs?: number): Promise<JSONValue>;
+}
+
+/** What a handler receives. */
+export declare class WorkerTask<T extends JSONValue = JSONValue> {
+  readonly id: string;
+  readonly data: T;
+  readonly payload: T;
+  readonly attempt: number;
+  readonly options: TaskOptions;
+  readonly createdAt: number | null;
+  readonly delivery: number | string;
+  /** True once the attempt must stop; what the handler returns after that is dropped. */
+  readonly cancelled: boolean;
+  /** Aborted when the attempt must stop (its timeout, a withdrawn assignment, shutdown). */
+  readonly signal: AbortSignal;
+  /** Publish progress (any JSON, at most 64 KiB); false if the attempt is over. */
+  update(progress: JSONValue): Promise<boolean>;
+}
+
+export type Handler<T extends JSONValue = JSONValue> = (task: WorkerTask<T>) => Awaitable<JSONValue | undefined | void>;
+
+/** Handlers registered with `process()`. */
+export declare class Worker {
+  readonly manager: TaskManager;
+  readonly queue: string;
+  readonly concurrency: number;
+  /** The sidecar's id for this registration (a new one after a reconnect). */
+  readonly id: number | string | null;
+  readonly node: string | null;
+  readonly closed: boolean;
+  /** Take no new tasks (running ones finish). */
+  close(): Promise<void>;
+}
+
+/** A connection to the local sidecar, made on first use and again after it is lost. */
+export declare class TaskManager {
+  constructor(options?: TaskManagerOptions);
+  readonly socketPath: string;
+  /** The sidecar's node id and namespace, once connected. */
+  readonly node: string | null;
+  readonly namespace: string | null;
+  create<T extends JSONValue>(data: T, options?: { taskId?: string }): Promise<Task<T>>;
+  process<T extends JSONValue = JSONValue>(
+    handler: Handler<T>,
+    options?: { concurrency?: number; queue?: string },
+  ): Promise<Worker>;
+  on<E extends keyof ManagerCallbacks>(event: E, callback: ManagerCallbacks[E]): this;
+  /** Resolves once manager-level callbacks receive events. */
+  waitSubscribed(): Promise<void>;
+  /** Whether the local sidecar is the cluster's leader (as last told). */
+  isMaster(): boolean;
+  get(taskId: string): Promise<TaskInfo>;
+  status(): Promise<Record<string, JSONValue>>;
+  /** Stop taking tasks, let running ones finish within `timeoutMs` (30000), disconnect. */
+  shutdown(timeoutMs?: number): Promise<void>;
+}
+
+/** The seed's name for the task manager. */
+export declare const DefaultTaskManager: typeof TaskManager;
+export type DefaultTaskManager = TaskManager;
+
+/** `$TM_SOCKET`, else `$XDG_RUNTIME_DIR/tm-sidecar.sock`, else `/tmp/tm-sidecar.sock`. */
+export declare function defaultSocket(env?: Record<string, string | undefined>): string;
+
+export declare class TaskManagerError extends Error {
+  static readonly code: string;
+  static readonly retryable: boolean;
+  code: string;
+  retryable: boolean;
+}
+export declare class InvalidRequest extends TaskManagerError {}
+export declare class TaskNotFound extends InvalidRequest {}
+export declare class PayloadTooLarge extends InvalidRequest {}
+export declare class QueueFull extends TaskManagerError {}
+export declare class Unavailable extends TaskManagerError {}
+export declare class EtcdUnavailable extends Unavailable {}
+export declare class NotLeader extends Unavailable {}
+export declare class LeaseLost extends TaskManagerError {}
+export declare class ProtocolViolation extends TaskManagerError {}
+export declare class EtcdError extends TaskManagerError {}
+export declare class ConnectionLost extends Unavailable {}
+export declare class WaitTimeout extends TaskManagerError {}
+export declare class TaskFailed extends TaskManagerError {
+  constructor(taskId: string, error: TaskError | null);
+  readonly taskId: string;
+  readonly error: TaskError;
+}
+/** Throw this (or an error whose `cause` is one) in a handler: no more retries. */
+export declare class Permanent extends Error {}
+/** A handler's `signal` is aborted with this. */
+export declare class TaskCancelled extends Error {}
+/** A frame from the sidecar that broke the framing (reported; the SDK reconnects). */
+export declare class MalformedFrame extends Error {}

@@ -1,0 +1,25 @@
+// tm-sidecar-sdk: create tasks and run workers through the local tm-sidecar, over the
+// socket protocol of docs/protocol.md. No dependencies beyond Node's standard library.
+
+export {
+  ConnectionLost,
+  EtcdError,
+  EtcdUnavailable,
+  InvalidRequest,
+  LeaseLost,
+  NotLeader,
+  PayloadTooLarge,
+  Permanent,
+  ProtocolViolation,
+  QueueFull,
+  TaskFailed,
+  TaskManagerError,
+  TaskNotFound,
+  Unavailable,
+  WaitTimeout,
+} from "./lib/errors.js";
+export { MalformedFrame } from "./lib/framing.js";
+export { PROTOCOL_VERSION } from "./lib/connection.js";
+export { DefaultTaskManager, TaskManager, defaultSocket } from "./lib/manager.js";
+export { EVENTS, Task } from "./lib/task.js";
+export { TaskCancelled, Worker, WorkerTask } from "./lib/worker.js";

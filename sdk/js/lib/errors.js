@@ -1,0 +1,140 @@
+// The errors the sidecar reports, by their wire code (docs/protocol.md, "Error codes"),
+// and the SDK's own: the same names and codes as the Python SDK's.
+
+/** The root of every error the SDK raises. */
+export class TaskManagerError extends Error {
+  static code = "internal";
+  static retryable = false;
+
+  constructor(message, options) {
+    super(message, options);
+    this.name = new.target.name;
+    this.code = new.target.code;
+    this.retryable = new.target.retryable;
+  }
+}
+
+/** The request cannot be done as asked. */
+export class InvalidRequest extends TaskManagerError {
+  static code = "invalid_request";
+}
+
+/** No task has this id (or its record has expired). */
+export class TaskNotFound extends InvalidRequest {
+  static code = "task_not_found";
+}
+
+/** The payload (or a frame) is over the sidecar's limit. */
+export class PayloadTooLarge extends InvalidRequest {
+  static code = "payload_too_large";
+}
+
+/** The namespace is at its configured limit, or etcd near its quota: try later. */
+export class QueueFull extends TaskManagerError {
+  static code = "queue_full";
+  static retryable = true;
+}
+
+/** A passing failure: try again later. */
+export class Unavailable extends TaskManagerError {
+  static code = "unavailable";
+  static retryable = true;
+}
+
+/** The sidecar cannot reach etcd. */
+export class EtcdUnavailable extends Unavailable {
+  static code = "etcd_unavailable";
+}
+
+/** The operation needs the leader. */
+export class NotLeader extends Unavailable {
+  static code = "not_leader";
+}
+
+/** The sidecar lost its session; retry once it recovers. */
+export class LeaseLost extends TaskManagerError {
+  static code = "lease_lost";
+}
+
+/** A frame broke the protocol (ours, as the sidecar said, or the sidecar's). */
+export class ProtocolViolation extends TaskManagerError {
+  static code = "protocol_violation";
+}
+
+/** etcd refused a request. */
+export class EtcdError extends TaskManagerError {
+  static code = "etcd_error";
+}
+
+/** The connection to the sidecar closed while a request was in flight, or none could be made. */
+export class ConnectionLost extends Unavailable {
+  static code = "connection_lost";
+}
+
+/** `task.result(timeoutMs)` ran out of time (the task goes on). */
+export class WaitTimeout extends TaskManagerError {
+  static code = "wait_timeout";
+  static retryable = true;
+}
+
+/** The task ended in the failed queue; `error` is what its last attempt reported. */
+export class TaskFailed extends TaskManagerError {
+  static code = "task_failed";
+
+  constructor(taskId, error) {
+    const err = error ?? {};
+    super(`task ${taskId} failed: ${err.type}: ${err.message}`);
+    this.taskId = taskId;
+    this.error = err;
+  }
+}
+
+/** Throw this (or an error whose `cause` is one) in a handler: the task fails without retries. */
+export class Permanent extends Error {
+  constructor(message, options) {
+    super(message, options);
+    this.name = "Permanent";
+  }
+}
+
+const BY_CODE = new Map(
+  [
+    TaskManagerError,
+    InvalidRequest,
+    TaskNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    Unavailable,
+    EtcdUnavailable,
+    NotLeader,
+    LeaseLost,
+    ProtocolViolation,
+    EtcdError,
+    ConnectionLost,
+  ].map((cls) => [cls.code, cls]),
+);
+BY_CODE.set("compacted", EtcdError);
+BY_CODE.set("lease_not_found", EtcdError);
+
+/** The error for an error reply: the class the sidecar raised, looked up by its code. */
+export function errorFromWire(error) {
+  const obj = error !== null && typeof error === "object" ? error : {};
+  const Cls = BY_CODE.get(String(obj.code)) ?? TaskManagerError;
+  const err = new Cls(String(obj.message ?? ""));
+  if (typeof obj.code === "string") err.code = obj.code;
+  return err;
+}
+
+/** What a handler's exception is on the wire (`fail`'s `error`). */
+export function errorToWire(err) {
+  if (err instanceof Error) {
+    const named = err.name && err.name !== "Error" ? err.name : err.constructor?.name;
+    return {
+      type: named || "Error",
+      message: err.message,
+      traceback: typeof err.stack === "string" ? err.stack : null,
+      retryable: !(err instanceof Permanent || err.cause instanceof Permanent),
+    };
+  }
+  return { type: "Error", message: String(err), traceback: null, retryable: true };
+}

@@ -1,0 +1,69 @@
+// Type-checked (never run) by `npm test`: the seed's usage and the rest of the API must
+// compile against index.d.ts, and misuse must not.
+import {
+  DefaultTaskManager,
+  Permanent,
+  TaskFailed,
+  type TaskEvent,
+  type WorkerTask,
+} from "tm-sidecar-sdk";
+
+export async function seed(): Promise<void> {
+  const manager = new DefaultTaskManager();
+  const worker = await manager.process(async (task) => {
+    console.log(`Worker with ID ${worker.id} (Master:${manager.isMaster()}) received Task with ID ${task.id}`);
+    return true;
+  });
+  const task = await manager.create({
+    TaskSpecificKey: "TaskSpecificValue",
+  });
+  task.withTimeout(10000);
+  task.withDelayUntil(Date.parse("2020-01-01"));
+  task.on("success", (result) => {
+    console.log(result);
+  });
+  task.on("failure", (error) => {
+    console.log(error?.type, error?.message);
+  });
+  await task.commit();
+  process.on("SIGTERM", async () => {
+    await manager.shutdown();
+    process.exit(0);
+  });
+}
+
+export async function more(): Promise<void> {
+  const manager = new DefaultTaskManager({ socket: "/tmp/x.sock", connectTimeoutMs: 1000 });
+  await manager.process(
+    async (task: WorkerTask<{ n: number }>) => {
+      await task.update({ progress: 0.5 });
+      if (task.signal.aborted) return null;
+      if (task.data.n < 0) throw new Permanent("negative");
+      return { doubled: task.data.n * 2 };
+    },
+    { concurrency: 4, queue: "math" },
+  );
+  const task = (await manager.create({ n: 2 }, { taskId: "job-1" }))
+    .withQueue("math")
+    .withRetries(3, { baseMs: 100 })
+    .withPriority(5)
+    .withDelay(10)
+    .on("updated", (progress, event: TaskEvent) => console.log(progress, event.revision))
+    .on("failed", (error, willRetry) => console.log(error?.message, willRetry));
+  await task.commit();
+  manager.on("completed", (event) => console.log(event.task_id, event.data));
+  manager.on("error", (err) => console.error(err.message));
+  await manager.waitSubscribed();
+  try {
+    console.log(await task.result(5000));
+  } catch (err) {
+    if (err instanceof TaskFailed) console.log(err.error.type, err.taskId);
+  }
+  const info = await manager.get(task.id);
+  console.log(info.state, info.attempts);
+  // @ts-expect-error: an event name that does not exist
+  task.on("finished", () => {});
+  // @ts-expect-error: timeouts are numbers of milliseconds
+  task.withTimeout("10s");
+  await manager.shutdown(1000);
+}
