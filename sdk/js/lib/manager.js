@@ -4,7 +4,7 @@ import { Connector } from "./connection.js";
 import { ConnectionLost, InvalidRequest } from "./errors.js";
 import { MalformedFrame } from "./framing.js";
 import { CallQueue, EVENTS, LIFECYCLE, Task, checkEvent } from "./task.js";
-import { Worker, WorkerTask, currentDelivery, reportFailure, runDelivery } from "./worker.js";
+import { Worker, WorkerTask, currentDelivery, releaseDelivery, runDelivery } from "./worker.js";
 
 const CLIENT = "tm-sidecar-sdk-js/0.1.0";
 /** How long result() trusts the event stream alone before it reads the task once. */
@@ -350,8 +350,8 @@ export class TaskManager {
       await within(this._whenIdle(mine), timeoutMs);
       const left = [...this._deliveries.values()].filter((wt) => wt !== mine);
       for (const wt of left) wt._cancel("the worker shut down");
-      const shutdown = { type: "WorkerShutdown", message: "the worker shut down", retryable: true };
-      await within(Promise.all(left.map((wt) => reportFailure(wt, shutdown, (err) => this._report(err)))), 2000);
+      // Handed back unfinished: straight to pending, the attempt not spent (protocol: release).
+      await within(Promise.all(left.map((wt) => releaseDelivery(wt, (err) => this._report(err)))), 2000);
     }
     this._closed = true;
     clearInterval(this._resync);

@@ -101,6 +101,14 @@ export async function runDelivery(worker, wt, report) {
 }
 
 /** Tell the sidecar an attempt failed with `error`; a refusal is reported, not thrown. */
+export async function releaseDelivery(wt, report) {
+  try {
+    await wt._session.request("release", { delivery: wt.delivery });
+  } catch (err) {
+    report(new ConnectionLost(`could not hand task ${wt.id} back: ${err.message}`));
+  }
+}
+
 export async function reportFailure(wt, error, report) {
   try {
     await wt._session.request("fail", { delivery: wt.delivery, error });
