@@ -44,10 +44,11 @@ class SidecarProcess:
     concurrency: int = 4
     handler: str | None = "tests.proc_handlers:work"
     extra: tuple[str, ...] = ()
+    env: dict[str, str] = attrs.Factory(dict)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TM_NODE_ID": self.node_id}
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), "TM_NODE_ID": self.node_id}
         args = [
             sys.executable,
             "-m",

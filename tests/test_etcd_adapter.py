@@ -281,3 +281,41 @@ async def test_compacted_watch_lists_again(own_etcd: EtcdProcess) -> None:
     assert isinstance(reset, Reset)
     assert len(reset.kvs) == 4
     await client.aclose()
+
+
+async def test_a_watch_catching_up_on_a_long_history_misses_nothing(
+    etcd: Etcd, namespace: str
+) -> None:
+    """etcd splits a catching-up watch into responses of at most 1,000 revisions, each
+    stamped with the store's current revision: taking that stamp as "seen up to" drops
+    (or, after a reconnect, skips) every event past the first 1,000 revisions."""
+    prefix = f"/{namespace}/backlog/"
+    await etcd.put(f"{prefix}first", "x")
+    written = threading.Event()
+
+    class HeldLoader:
+        """Takes the listing in only once the backlog is written: the watch then starts
+        from the listing's revision, 1,500 revisions behind."""
+
+        def load(self, kvs: Sequence[KeyValue]) -> None:
+            assert written.wait(30)
+
+    async def write_backlog() -> None:
+        for start_at in range(0, 1500, 50):
+            async with trio.open_nursery() as nursery:
+                for i in range(start_at, start_at + 50):
+                    nursery.start_soon(etcd.put, f"{prefix}{i:04d}", "x")
+        written.set()
+
+    seen: set[str] = set()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_backlog)
+            stream = etcd.informer(prefix, loader=HeldLoader)
+            async with aclosing(stream) as items:
+                async for item in items:
+                    if isinstance(item, Changes):
+                        seen.update(e.kv.key for e in item.events)
+                        if len(seen) == 1500:
+                            break
+    assert len(seen) == 1500

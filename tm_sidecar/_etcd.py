@@ -484,7 +484,8 @@ class Loader(Protocol):
 
 @attrs.frozen
 class Changes:
-    """Changes to the watched prefix, up to and including ``revision``."""
+    """Changes to the watched prefix; ``revision`` is the last one's (everything up to it
+    has been delivered)."""
 
     events: tuple[WatchEvent, ...]
     revision: int
@@ -890,11 +891,13 @@ class Etcd:
             if compact:
                 raise Compacted("watch start revision was compacted", compact)
             raise EtcdUnavailable(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
-        revision = int(result.get("header", {}).get("revision", 0))
         events = tuple(decode_event(e) for e in result.get("events", ()))
         if not events:
             return None
-        return Changes(events, max(revision, events[-1].kv.mod_revision))
+        # Seen up to the last event, not the header's revision: a watch catching up on
+        # history comes in responses of at most 1,000 revisions, each stamped with the
+        # store's current revision, so the stamp runs ahead of what has been delivered.
+        return Changes(events, events[-1].kv.mod_revision)
 
     async def informer(
         self,
