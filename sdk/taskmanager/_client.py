@@ -33,6 +33,7 @@ from ._errors import (
     InvalidRequest,
     PayloadTooLarge,
     Permanent,
+    ProtocolViolation,
     TaskFailed,
     TaskManagerError,
     Unavailable,
@@ -347,6 +348,8 @@ class WorkerTask:
         self.data: Any = frame.get("payload")
         self.attempt: int = frame.get("attempt", 1)
         self.options: dict[str, Any] = frame.get("options", {})
+        if not isinstance(self.id, str) or not isinstance(delivery, int):
+            raise TypeError("a task push needs a string id and an integer delivery")
 
     @property
     def payload(self) -> Any:
@@ -552,6 +555,7 @@ class TaskManager:
             began = time.monotonic()
             self._stream = stream
             self._violation = None
+            connected = self._connections
             try:
                 async with anyio.create_task_group() as conn_tg:
                     self._conn_scope = conn_tg.cancel_scope
@@ -581,6 +585,12 @@ class TaskManager:
                     scope.cancel()  # the sidecar has failed these attempts already
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
+            if self._violation is not None and self._connections == connected:
+                # Refused before the handshake was done (a uid not allowed, say): trying
+                # again would be refused again.
+                raise ProtocolViolation(
+                    f"the sidecar refused this client: {self._violation.get('message')}"
+                )
             self._last_error = "the connection was lost"
             # A connection that ends at once (refused, or closed over a bad frame) is
             # made again with backoff, not in a tight loop.
@@ -904,13 +914,13 @@ class TaskManager:
             if frame.get("subscription") == self._all_sub:
                 self._on_gap({k: v for k, v in frame.items() if k not in ("push", "subscription")})
         elif kind == "task":
+            delivery = frame["delivery"]
+            work = WorkerTask(self, delivery, frame["task"])  # a malformed push raises here
             worker = self._workers.get(frame["worker"])
             if worker is None:
                 # The push can overtake the register reply: keep it for the worker.
                 self._early.setdefault(frame["worker"], []).append(frame)
             else:
-                delivery = frame["delivery"]
-                work = WorkerTask(self, delivery, frame["task"])
                 new_scope = anyio.CancelScope()
                 self._deliveries[delivery] = new_scope
                 if self._idle.is_set():
