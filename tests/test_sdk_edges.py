@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from taskmanager import (
 )
 
 from tests.helpers import Observed
-from tests.test_sdk import sidecars
+from tests.procs import ROOT, SidecarProcess
+from tests.test_sdk import _env, sidecars
 from tm_sidecar._embedded import EtcdProcess
 
 BIG = "x" * 1_100_000  # over the sidecar's max_frame (1 MiB)
@@ -265,3 +267,28 @@ async def test_options_of_the_wrong_type_are_invalid_requests(tmp_path: Path) ->
     with pytest.raises(InvalidRequest, match="unknown event"):
         manager.on("finished", print)
     assert task.options == {}
+
+
+@pytest.mark.parametrize("before", ["used", "fresh"])
+async def test_the_blocking_facade_reconnects_in_a_forked_child(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path, before: str
+) -> None:
+    sc = SidecarProcess("n1", etcd_server.endpoint, namespace, tmp_path / "n1.log")
+    sc.start()
+    try:
+        await sc.wait_serving()
+        with trio.fail_after(60):
+            run = await trio.run_process(
+                [sys.executable, str(ROOT / "tests" / "sdk_fork.py"), before],
+                env=_env(sc.socket_path),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        sc.stop()
+    out = run.stdout.decode().split("\n")
+    assert run.returncode == 0, (out, run.stderr.decode()[-3000:])
+    assert "child n1" in out
+    assert "parent-after n1" in out
+    assert ("parent-before n1" in out) == (before == "used")

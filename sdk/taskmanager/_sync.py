@@ -9,6 +9,7 @@ new pid and starts a loop and a connection of its own.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import os
 import threading
 import weakref
@@ -16,8 +17,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
+import anyio
 import anyio.to_thread
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 
 from ._client import Callback, Task, TaskManager
 from ._errors import InvalidRequest
@@ -34,6 +36,31 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _start_portal(backend: str) -> tuple[BlockingPortal, threading.Thread]:
+    """An event loop in a daemon thread, and the portal into it.
+
+    Not anyio's ``start_blocking_portal``: its context manager, dropped in a forked
+    child, would on collection wait for the parent's thread, which the child lacks.
+    """
+    ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+
+    async def main() -> None:
+        async with BlockingPortal() as portal:
+            ready.set_result(portal)
+            await portal.sleep_until_stopped()
+
+    def run() -> None:
+        try:
+            anyio.run(main, backend=backend)
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+
+    thread = threading.Thread(target=run, daemon=True, name="taskmanager-loop")
+    thread.start()
+    return ready.result(), thread
 
 
 def _in_thread(callback: Callback) -> Callback:
@@ -139,7 +166,7 @@ class BlockingTaskManager:
         self._backend = backend
         self._lock = threading.Lock()
         self._pid: int | None = None  # the process whose loop and connection these are
-        self._portal_cm: Any = None
+        self._thread: threading.Thread | None = None
         self._portal: BlockingPortal | None = None
         self._manager: TaskManager | None = None
         self._closed = False
@@ -157,9 +184,7 @@ class BlockingTaskManager:
                     # First use, or the first in a forked child: the parent's thread did
                     # not come along, so its loop and connection are left alone (the
                     # socket stays the parent's) and this process makes its own.
-                    cm = start_blocking_portal(self._backend)
-                    self._portal = cm.__enter__()
-                    self._portal_cm = cm
+                    self._portal, self._thread = _start_portal(self._backend)
                     self._manager = TaskManager(
                         self.socket_path, connect_timeout_s=self.connect_timeout_s
                     )
@@ -240,7 +265,9 @@ class BlockingTaskManager:
         try:
             self._portal.call(self._manager.shutdown)
         finally:
-            self._portal_cm.__exit__(None, None, None)
+            self._portal.call(self._portal.stop)
+            assert self._thread is not None
+            self._thread.join()
 
     def __enter__(self) -> BlockingTaskManager:
         return self
