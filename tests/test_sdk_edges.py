@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -292,3 +294,78 @@ async def test_the_blocking_facade_reconnects_in_a_forked_child(
     assert "child n1" in out
     assert "parent-after n1" in out
     assert ("parent-before n1" in out) == (before == "used")
+
+
+@pytest.mark.parametrize(
+    ("signum", "hang", "backend"),
+    [
+        (signal.SIGTERM, False, "asyncio"),
+        (signal.SIGINT, True, "asyncio"),
+        (signal.SIGINT, False, "trio"),
+        (signal.SIGTERM, True, "trio"),
+    ],
+)
+async def test_run_worker_shuts_down_gracefully_on_sigterm_and_ctrl_c(
+    etcd_server: EtcdProcess,
+    namespace: str,
+    tmp_path: Path,
+    signum: signal.Signals,
+    hang: bool,
+    backend: str,
+) -> None:
+    async with sidecars(etcd_server, namespace, tmp_path, "n1", lease_ttl_s=30) as (sc,):
+        proc = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "sdk_signal_worker.py"),
+                backend,
+                "0.3" if hang else "10",
+            ],
+            env=_env(sc.socket_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        out: list[bytes] = []
+        err: list[bytes] = []
+        started = trio.Event()
+
+        async def drain(stream: trio.abc.ReceiveStream, into: list[bytes]) -> None:
+            while chunk := await stream.receive_some(65536):
+                into.append(bytes(chunk))
+                if b"started" in b"".join(out):
+                    started.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain, proc.stdout, out)
+                nursery.start_soon(drain, proc.stderr, err)
+                async with TaskManager(str(sc.socket_path)) as producer:
+                    task = (
+                        await (await producer.create({"hang": hang}))
+                        .with_retries(3, base_s=0)
+                        .commit()
+                    )
+                    with trio.fail_after(20):
+                        await started.wait()  # the task runs in the worker process
+                    proc.send_signal(signum)
+                    with trio.fail_after(20):
+                        code = await proc.wait()
+                    if hang:  # handed back: another worker finishes it at once
+
+                        async def rescuer(t: WorkerTask) -> int:
+                            return t.attempt
+
+                        await producer.process(rescuer)
+                    result = await task.result(timeout=20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+    stdout, stderr = b"".join(out).decode(), b"".join(err).decode()
+    assert code == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert f"received {signum.name}: shutting down" in stderr
+    assert "exited by itself" in stdout
+    assert result == (2 if hang else "finished")
