@@ -416,6 +416,8 @@ class TaskManager:
         # (one change can tell several, one transaction can change many tasks).
         self._all_revision: int | None = None
         self._all_seen: set[tuple[str, str]] = set()
+        self._calls: collections.deque[tuple[Callback, tuple[Any, ...]]] = collections.deque()
+        self._calling = False
         self._shutting_down = False
         self._early: dict[int, list[dict[str, Any]]] = {}
         self._callbacks: dict[str, list[Callback]] = {}
@@ -951,10 +953,24 @@ class TaskManager:
             names.append("success")
         elif kind == "failed" and not event.get("will_retry"):
             names.append("failure")
-        assert self._tg is not None
-        for name in names:
-            for callback in self._callbacks.get(name, []):
-                self._tg.start_soon(_call, callback, event)
+        self._call_in_order(
+            [(cb, (event,)) for name in names for cb in self._callbacks.get(name, [])]
+        )
+
+    def _call_in_order(self, calls: list[tuple[Callback, tuple[Any, ...]]]) -> None:
+        # One task runs the manager's callbacks, in event order, off the reader.
+        if calls:
+            self._calls.extend(calls)
+            if not self._calling:
+                self._calling = self._spawn(self._run_calls)
+
+    async def _run_calls(self) -> None:
+        try:
+            while self._calls:
+                callback, args = self._calls.popleft()
+                await _call(callback, *args)
+        finally:
+            self._calling = False
 
     def _on_gap(self, gap: dict[str, Any]) -> None:
         log.warning(
@@ -965,9 +981,7 @@ class TaskManager:
         to = gap.get("to_revision")
         if isinstance(to, int) and (self._all_revision is None or to > self._all_revision):
             self._all_revision, self._all_seen = to, set()
-        assert self._tg is not None
-        for callback in self._callbacks.get("gap", []):
-            self._tg.start_soon(_call, callback, gap)
+        self._call_in_order([(cb, (gap,)) for cb in self._callbacks.get("gap", [])])
 
     # -- workers -----------------------------------------------------------------------------
 
