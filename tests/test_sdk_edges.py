@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -178,17 +179,26 @@ async def test_result_and_wait_by_task_id_from_another_process_and_blocking_pari
 
             await worker.process(handler, concurrency=4)
 
-            def produce() -> tuple[str, str, str, list[Any], dict[str, Any]]:
+            def produce() -> tuple[str, str, str, dict[str, Any]]:
                 with BlockingTaskManager(sock) as tm:
-                    events: list[Any] = []
-                    tm.on("queued", events.append)
+                    queued: list[str] = []
+                    heard = threading.Event()
+
+                    def on_queued(event: dict[str, Any]) -> None:
+                        queued.append(event["task_id"])
+                        if len(queued) == 4:  # three from the manager, one from the task
+                            heard.set()
+
+                    tm.on("queued", on_queued)
                     good = tm.create("good", task_id="parity-good").with_delay(0.2)
-                    good.with_priority(2).with_retries(2).on("success", events.append).commit()
+                    good.with_priority(2).with_retries(2).on("queued", on_queued).commit()
                     bad = tm.create("bad").commit()
                     later = tm.submit("later", max_attempts=1)
-                    return good.id, bad.id, later.id, events, tm.status()
+                    assert heard.wait(10), queued
+                    assert sorted(queued) == sorted([good.id, good.id, bad.id, later.id])
+                    return good.id, bad.id, later.id, tm.status()
 
-            good_id, bad_id, later_id, _events, status = await trio.to_thread.run_sync(produce)
+            good_id, bad_id, later_id, status = await trio.to_thread.run_sync(produce)
             assert good_id == "parity-good"
             assert status["node"] == "n1"
             # A process that did not make the tasks waits for them by id.

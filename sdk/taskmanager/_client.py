@@ -939,15 +939,15 @@ class TaskManager:
         kind = event["event"]
         revision = event.get("revision")
         if isinstance(revision, int):
+            # One subscription tells events in revision order, without repeats; only the
+            # revision a resumed one starts from may repeat events already told.
             key = (str(event.get("task_id")), kind)
-            if self._all_revision is None or revision > self._all_revision:
+            if revision != self._all_revision:
                 self._all_revision, self._all_seen = revision, {key}
-            elif revision == self._all_revision:
-                if key in self._all_seen:
-                    return  # replayed after a reconnect: told already
-                self._all_seen.add(key)
+            elif key in self._all_seen:
+                return  # told before the reconnect
             else:
-                return  # older than what was told: replayed after a reconnect
+                self._all_seen.add(key)
         names = [kind]
         if kind == "completed":
             names.append("success")

@@ -244,7 +244,7 @@ class BlockingTaskManager:
         Events flow once the subscription is made: this returns after it is.
         """
         portal, manager = self._ready()
-        manager.on(event, _in_thread(callback))
+        portal.call(lambda: manager.on(event, _in_thread(callback)))  # in the loop's thread
         portal.call(manager.wait_subscribed)
         return self
 
