@@ -465,7 +465,7 @@ class TaskManager:
 
     async def _ensure_started(self) -> None:
         if self._failure is not None:
-            raise self._failure
+            raise self._failed()
         if self._closing:
             raise InvalidRequest("the task manager is shut down")
         self._prime()
@@ -490,7 +490,7 @@ class TaskManager:
                 tg.start_soon(until, self._connected)
                 tg.start_soon(until, self._stopped)
         if self._failure is not None:
-            raise self._failure
+            raise self._failed()
         if self._closing or self._stopped.is_set():
             raise InvalidRequest("the task manager is shut down")
         if not self._connected.is_set():
@@ -538,6 +538,14 @@ class TaskManager:
         for event, slot in self._waiting.values():
             slot.append({"ok": False, "error": {"code": error.code, "message": str(error)}})
             event.set()
+
+    def _failed(self) -> TaskManagerError:
+        """A fresh copy of the error that ended the connection (one raised again and
+        again would pile up tracebacks)."""
+        assert self._failure is not None
+        error = type(self._failure)(str(self._failure))
+        error.__cause__ = self._failure.__cause__
+        return error
 
     async def _connection_loop(self) -> None:
         failures = 0
@@ -718,7 +726,7 @@ class TaskManager:
             tg.start_soon(on_signal)
             tg.start_soon(on_end)
         if self._failure is not None:
-            raise self._failure
+            raise self._failed()
         if received:
             log.info(
                 "received %s: shutting down (running tasks get %g s to finish)",
