@@ -14,9 +14,11 @@ import trio
 from taskmanager import TaskManager
 
 from tests.helpers import Observed, wait_for
-from tests.procs import SidecarProcess
+from tests.procs import SidecarProcess, create_tasks
+from tests.test_protocol import Raw
 from tm_sidecar import Etcd, EtcdConfig
 from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.core import Keyspace
 
 
 async def _outage(
@@ -101,3 +103,47 @@ async def test_a_compacted_outage_is_told_as_a_gap_naming_the_tasks_to_read_agai
     assert missed  # the outage's five at least
     assert missed <= set(gap["task_ids"])
     assert gap["from_revision"] < gap["to_revision"]
+
+
+async def test_a_long_replay_waits_for_the_client_instead_of_dropping_it(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    sc = SidecarProcess("n1", etcd_server.endpoint, namespace, tmp_path / "n1.log", handler=None)
+    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    try:
+        sc.start()
+        await sc.wait_serving()
+
+        def subscribe(from_revision: int | None = None) -> tuple[Raw, int]:
+            raw = Raw(sc.socket_path)
+            assert raw.call("hello", version=1)["ok"]
+            fields = {} if from_revision is None else {"from_revision": from_revision}
+            answer = raw.call("subscribe", **fields)
+            assert answer["ok"], answer
+            return raw, int(answer["result"]["revision"])
+
+        first, since = await trio.to_thread.run_sync(subscribe)
+        first.close()
+        # More events than a client's outbox holds (1,000 frames), in a few revisions.
+        ids = await create_tasks(etcd, Keyspace(namespace=namespace), 1500)
+
+        def replay() -> list[dict[str, Any]]:
+            raw, _ = subscribe(since)
+            events = [f["event"] for f in raw.pushed if f.get("push") == "event"]
+            try:
+                while len(events) < len(ids):
+                    frame = raw.frame()
+                    assert frame is not None, f"dropped after {len(events)} events"
+                    if frame.get("push") == "event":
+                        events.append(frame["event"])
+                assert raw.call("ping")["result"] == "pong"
+            finally:
+                raw.close()
+            return events
+
+        events = await trio.to_thread.run_sync(replay)
+    finally:
+        sc.stop()
+        await etcd.aclose()
+    assert [e["task_id"] for e in events] == ids
+    assert {e["event"] for e in events} == {"queued"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -145,10 +145,19 @@ class EventHub:
         # completed/ to processing/ : every state key, and nothing else of size.
         return self.ks.state_prefix(State.COMPLETED), self.ks.prefix + "task"
 
-    async def catch_up(self, sub: Subscription, on_gap: Callable[[dict[str, Any]], None]) -> None:
+    async def catch_up(
+        self,
+        sub: Subscription,
+        on_gap: Callable[[dict[str, Any]], None],
+        room: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Tell a resumed subscription the events it missed, read back from etcd, then
         the live ones held meanwhile. When etcd has compacted what it missed, call
-        ``on_gap`` with the revisions missed and the tasks changed since, instead."""
+        ``on_gap`` with the revisions missed and the tasks changed since, instead.
+
+        A replay can be long: ``room`` is awaited before each event, so that the
+        subscriber may take its time rather than overflow.
+        """
         assert sub.replay is not None
         assert sub.deliver is not None
         after, up_to = sub.replay
@@ -174,6 +183,10 @@ class EventHub:
                                     break
                                 for event in deriver.derive(change):
                                     if sub.task_id is None or event.task_id == sub.task_id:
+                                        if room is not None:
+                                            await room()
+                                        if sub.closed:
+                                            return
                                         deliver(event)
                                 if sub.closed:
                                     return

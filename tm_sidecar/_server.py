@@ -391,8 +391,14 @@ class SocketServer:
             def on_gap(gap: dict[str, Any]) -> None:
                 conn.push({"push": "gap", "subscription": sid, **gap})
 
+            async def room() -> None:
+                # Replayed events wait for the client to read, rather than overflow its
+                # outbox (which would drop it) in one go.
+                while conn.outbox_send.statistics().current_buffer_used > OUTBOX // 2:  # noqa: ASYNC110 - polled while the client reads
+                    await trio.sleep(0.005)
+
             assert conn.nursery is not None
-            conn.nursery.start_soon(self.sidecar.hub.catch_up, sub, on_gap)
+            conn.nursery.start_soon(self.sidecar.hub.catch_up, sub, on_gap, room)
         return {"subscription": sid, "revision": sub.revision}
 
     def _subscribe(
