@@ -109,6 +109,8 @@ def encode_range(r: Range) -> _Body:
         body["keys_only"] = True
     if r.count_only:
         body["count_only"] = True
+    if r.min_mod_revision:
+        body["min_mod_revision"] = r.min_mod_revision
     return body
 
 

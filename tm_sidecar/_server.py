@@ -381,8 +381,26 @@ class SocketServer:
         until_final = bool(frame.get("until_final", False))
         if until_final and task_id is None:
             raise InvalidRequest("until_final needs a task_id")
-        sid, _ = self._subscribe(conn, task_id, until_final=until_final)
-        return {"subscription": sid}
+        after = frame.get("from_revision")
+        if after is not None and (
+            isinstance(after, bool) or not isinstance(after, int) or after < 0
+        ):
+            raise InvalidRequest("from_revision must be a whole number, 0 or more")
+        sid, sub = self._subscribe(conn, task_id, until_final=until_final, from_revision=after)
+        if sub.replay is not None:
+            # Resumed: the events after from_revision are read back first (or a gap told).
+            def on_gap(gap: dict[str, Any]) -> None:
+                conn.push({"push": "gap", "subscription": sid, **gap})
+
+            async def room() -> None:
+                # Replayed events wait for the client to read, rather than overflow its
+                # outbox (which would drop it) in one go.
+                while conn.outbox_send.statistics().current_buffer_used > OUTBOX // 2:  # noqa: ASYNC110 - polled while the client reads
+                    await trio.sleep(0.005)
+
+            assert conn.nursery is not None
+            conn.nursery.start_soon(self.sidecar.hub.catch_up, sub, on_gap, room)
+        return {"subscription": sid, "revision": sub.revision}
 
     def _subscribe(
         self,
@@ -391,6 +409,7 @@ class SocketServer:
         *,
         until_final: bool,
         kinds: frozenset[str] | None = None,
+        from_revision: int | None = None,
     ) -> tuple[int, Subscription]:
         sid = next(_ids)
 
@@ -402,7 +421,10 @@ class SocketServer:
                 conn.subscriptions.pop(sid, None)
                 sub.close()
 
-        sub = self.sidecar.subscribe(task_id, deliver=deliver)
+        if from_revision is None:
+            sub = self.sidecar.subscribe(task_id, deliver=deliver)
+        else:
+            sub = self.sidecar.hub.subscribe(task_id, deliver, from_revision=from_revision)
         conn.subscriptions[sid] = sub
         return sid, sub
 

@@ -9,10 +9,15 @@ task.with_timeout(10).on("success", print)
 await task.commit()
 print(await task.result(timeout=30))
 await manager.shutdown()
+
+A worker process in one call (until SIGTERM or Ctrl-C, then a graceful shutdown):
+
+run_worker(handler, concurrency=4)
 """
 
 from ._client import (
     EVENTS,
+    MANAGER_EVENTS,
     DefaultTaskManager,
     Task,
     TaskManager,
@@ -37,10 +42,12 @@ from ._errors import (
     TaskNotFound,
     Unavailable,
 )
+from ._run import run_worker
 from ._sync import BlockingTask, BlockingTaskManager
 
 __all__ = [
     "EVENTS",
+    "MANAGER_EVENTS",
     "BlockingTask",
     "BlockingTaskManager",
     "ConnectionLost",
@@ -64,4 +71,5 @@ __all__ = [
     "Worker",
     "WorkerTask",
     "default_socket",
+    "run_worker",
 ]

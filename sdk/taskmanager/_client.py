@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import signal
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
@@ -30,17 +31,31 @@ import sniffio
 from ._errors import (
     ConnectionLost,
     InvalidRequest,
+    PayloadTooLarge,
     Permanent,
+    ProtocolViolation,
     TaskFailed,
     TaskManagerError,
     Unavailable,
     error_from_wire,
 )
+from ._validate import check_json, finite_number, positive_number, whole_number
 
 log = logging.getLogger("taskmanager")
 
 PROTOCOL_VERSION = 1
 EVENTS = ("queued", "assigned", "started", "updated", "failed", "completed", "success", "failure")
+#: What :meth:`TaskManager.on` takes besides :data:`EVENTS`: ``gap``, told when events
+#: were missed and cannot be replayed (docs/protocol.md, "Resuming a subscription").
+MANAGER_EVENTS = (*EVENTS, "gap")
+#: The frame size assumed until the sidecar's ``hello`` tells its own.
+DEFAULT_MAX_FRAME = 1024 * 1024
+#: Frames larger than this are sent shielded from cancellation: a frame cut short would
+#: corrupt the stream (smaller ones go out in one write, or not at all).
+_SHIELDED_SEND = 64 * 1024
+#: How much of an error's message and traceback a report carries.
+_MAX_MESSAGE = 8 * 1024
+_MAX_TRACEBACK = 32 * 1024
 Callback = Callable[..., Any]
 Handler = Callable[["WorkerTask"], Any]
 
@@ -73,6 +88,9 @@ class Task:
     """
 
     def __init__(self, manager: TaskManager, data: Any, task_id: str | None = None) -> None:
+        check_json(data, "data")
+        if task_id is not None and not isinstance(task_id, str):
+            raise InvalidRequest(f"task_id must be a string, not {task_id!r}")
         self.manager = manager
         self._own_id = task_id is not None
         self.id = task_id or _new_task_id()
@@ -91,6 +109,8 @@ class Task:
         # Callbacks run in one task per Task, in event order, off the connection's reader.
         self._calls: collections.deque[tuple[Callback, tuple[Any, ...]]] = collections.deque()
         self._calling = False
+        # Set when the manager's connection ended for good: result() raises it.
+        self._aborted: TaskManagerError | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state or 'uncommitted'}>"
@@ -102,7 +122,7 @@ class Task:
     def with_timeout(self, seconds: float) -> Task:
         """Fail an attempt that runs longer than ``seconds`` (its handler is cancelled)."""
         self._editable()
-        self.options["timeout_s"] = float(seconds)
+        self.options["timeout_s"] = positive_number(seconds, "the timeout")
         return self
 
     def with_delay_until(self, when: datetime | float) -> Task:
@@ -114,12 +134,12 @@ class Task:
                     "use an aware datetime (with tzinfo), e.g. datetime(..., tzinfo=timezone.utc)"
                 )
             when = when.timestamp()
-        self.run_at = float(when)
+        self.run_at = finite_number(when, "the delay's time")
         return self
 
     def with_delay(self, seconds: float) -> Task:
         """Do not start before ``seconds`` from now."""
-        return self.with_delay_until(time.time() + seconds)
+        return self.with_delay_until(time.time() + finite_number(seconds, "the delay"))
 
     def with_retries(
         self,
@@ -132,24 +152,27 @@ class Task:
     ) -> Task:
         """Try at most ``max_attempts`` times, waiting ``min(max_s, base_s * factor**n)``."""
         self._editable()
-        self.options["max_attempts"] = int(max_attempts)
-        self.options["backoff"] = {
-            "base_s": base_s,
-            "factor": factor,
-            "max_s": max_s,
-            "jitter": jitter,
+        attempts = whole_number(max_attempts, "max_attempts", minimum=1)
+        backoff = {
+            "base_s": finite_number(base_s, "base_s"),
+            "factor": finite_number(factor, "factor"),
+            "max_s": finite_number(max_s, "max_s"),
+            "jitter": finite_number(jitter, "jitter"),
         }
+        self.options["max_attempts"], self.options["backoff"] = attempts, backoff
         return self
 
     def with_priority(self, priority: int) -> Task:
         """Higher runs first; equal priorities run in commit order."""
         self._editable()
-        self.options["priority"] = int(priority)
+        self.options["priority"] = whole_number(priority, "the priority")
         return self
 
     def with_queue(self, queue: str) -> Task:
         """Send the task to the workers of ``queue`` (default: ``default``)."""
         self._editable()
+        if not isinstance(queue, str) or not queue:
+            raise InvalidRequest(f"the queue must be a non-empty string, not {queue!r}")
         self.options["queue"] = queue
         return self
 
@@ -213,9 +236,17 @@ class Task:
             await anyio.lowlevel.checkpoint()
         else:
             await self._await_final(timeout)
+        if self._aborted is not None:
+            raise self._aborted
         if self.state == "failed":
             raise TaskFailed(self.id, self.error)
         return self.result_value
+
+    def _abort(self, error: TaskManagerError) -> None:
+        """The manager's connection ended for good: whoever waits gets ``error``."""
+        if not self._final.is_set():
+            self._aborted = error
+            self._final.set()
 
     async def _await_final(self, timeout: float | None) -> None:
         with anyio.fail_after(timeout):
@@ -317,6 +348,8 @@ class WorkerTask:
         self.data: Any = frame.get("payload")
         self.attempt: int = frame.get("attempt", 1)
         self.options: dict[str, Any] = frame.get("options", {})
+        if not isinstance(self.id, str) or not isinstance(delivery, int):
+            raise TypeError("a task push needs a string id and an integer delivery")
 
     @property
     def payload(self) -> Any:
@@ -325,6 +358,7 @@ class WorkerTask:
 
     async def update(self, progress: Any) -> bool:
         """Publish progress (any JSON); False if the attempt is no longer live."""
+        check_json(progress, "the progress")
         return bool(
             await self._manager._request("progress", {"delivery": self._delivery, "data": progress})
         )
@@ -359,22 +393,31 @@ class TaskManager:
     """A connection to the local sidecar. ``DefaultTaskManager`` is the seed's name for it.
 
     Use it with ``async with``, or lazily: the first call connects; ``shutdown()``
-    releases it.
+    releases it. A call that needs the sidecar while it cannot be reached waits at most
+    ``connect_timeout_s`` for it, then raises :class:`Unavailable`.
     """
 
-    def __init__(self, socket_path: str | None = None, *, connect_timeout_s: float = 30.0) -> None:
+    def __init__(self, socket_path: str | None = None, *, connect_timeout_s: float = 5.0) -> None:
         self.socket_path = socket_path or default_socket()
-        self.connect_timeout_s = connect_timeout_s
+        self.connect_timeout_s = positive_number(connect_timeout_s, "connect_timeout_s")
         self.node: str | None = None
         self._leader = False
         self._stream: anyio.abc.ByteStream | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[anyio.Event, list[dict[str, Any]]]] = {}
+        self._on_reply: dict[int, Callable[[dict[str, Any]], None]] = {}
         self._tasks: dict[str, Task] = {}
         self._sub_of: dict[str, int] = {}  # task id -> its subscription
         self._connections = 0  # how many connections were made so far
         self._all_sub: int | None = None
         self._subscribing_all = False
+        # Where the manager-level stream stands, to resume it after a reconnect: the
+        # last revision whose events were taken, and which of that revision's events
+        # (one change can tell several, one transaction can change many tasks).
+        self._all_revision: int | None = None
+        self._all_seen: set[tuple[str, str]] = set()
+        self._calls: collections.deque[tuple[Callback, tuple[Any, ...]]] = collections.deque()
+        self._calling = False
         self._shutting_down = False
         self._early: dict[int, list[dict[str, Any]]] = {}
         self._callbacks: dict[str, list[Callback]] = {}
@@ -383,10 +426,15 @@ class TaskManager:
         self._deliveries: dict[int, anyio.CancelScope] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._scope: anyio.CancelScope | None = None
+        self._conn_scope: anyio.CancelScope | None = None
         self._started = False
         self._closing = False
         self._own_tg: Any = None
         self._primed = False
+        self._max_frame = DEFAULT_MAX_FRAME
+        self._violation: dict[str, Any] | None = None  # the sidecar's last protocol_violation
+        self._last_error = "not connected yet"  # why the sidecar could not be reached
+        self._failure: TaskManagerError | None = None  # why the connection ended for good
 
     def _prime(self) -> None:
         # anyio's primitives bind to the running event loop: make them on first async use,
@@ -416,6 +464,8 @@ class TaskManager:
             await self._own_tg.__aexit__(None, None, None)
 
     async def _ensure_started(self) -> None:
+        if self._failure is not None:
+            raise self._failed()
         if self._closing:
             raise InvalidRequest("the task manager is shut down")
         self._prime()
@@ -426,8 +476,28 @@ class TaskManager:
             await ready.wait()
         if self._connected.is_set():
             return  # the common case, without the cost of a cancel scope
-        with anyio.fail_after(self.connect_timeout_s):
-            await self._connected.wait()
+        await self._wait_connected()
+
+    async def _wait_connected(self) -> None:
+        # Connected, or the connection loop ended (shut down, or failed for good).
+        with anyio.move_on_after(self.connect_timeout_s):
+            async with anyio.create_task_group() as tg:
+
+                async def until(event: anyio.Event) -> None:
+                    await event.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(until, self._connected)
+                tg.start_soon(until, self._stopped)
+        if self._failure is not None:
+            raise self._failed()
+        if self._closing or self._stopped.is_set():
+            raise InvalidRequest("the task manager is shut down")
+        if not self._connected.is_set():
+            raise Unavailable(
+                f"cannot reach the sidecar at {self.socket_path} within "
+                f"{self.connect_timeout_s:g} s ({self._last_error}); is tm-sidecar running?"
+            )
 
     async def _supervise(
         self, *, task_status: Any = anyio.TASK_STATUS_IGNORED, ready: anyio.Event | None = None
@@ -440,29 +510,65 @@ class TaskManager:
                     if ready is not None:
                         ready.set()
                     await self._connection_loop()
-        except Exception:
-            log.exception("the task manager's connection loop failed")
+        except Exception as exc:
+            self._fail_for_good(exc)
         finally:
             self._stopped.set()
+
+    def _fail_for_good(self, exc: BaseException) -> None:
+        """The connection loop ended with an error: every call from now on raises it."""
+        cause = exc
+        while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+            cause = cause.exceptions[0]
+        if isinstance(cause, TaskManagerError) and not isinstance(cause, TaskFailed):
+            error: TaskManagerError = type(cause)(
+                f"the connection to the sidecar ended for good: {cause}"
+            )
+            log.error("%s", error)
+        else:
+            error = TaskManagerError(
+                f"the task manager's connection loop failed ({type(cause).__name__}: {cause}); "
+                "make a new TaskManager"
+            )
+            log.error("the task manager's connection loop failed", exc_info=exc)
+        error.__cause__ = cause
+        self._failure = error
+        for task in list(self._tasks.values()):
+            task._abort(error)
+        for event, slot in self._waiting.values():
+            slot.append({"ok": False, "error": {"code": error.code, "message": str(error)}})
+            event.set()
+
+    def _failed(self) -> TaskManagerError:
+        """A fresh copy of the error that ended the connection (one raised again and
+        again would pile up tracebacks)."""
+        assert self._failure is not None
+        error = type(self._failure)(str(self._failure))
+        error.__cause__ = self._failure.__cause__
+        return error
 
     async def _connection_loop(self) -> None:
         failures = 0
         while not self._closing:
+            if failures:
+                await anyio.sleep(min(2.0, 0.05 * 2**failures))
             try:
                 stream = await anyio.connect_unix(self.socket_path)
             except OSError as exc:
                 failures += 1
-                wait = min(2.0, 0.05 * 2**failures)
+                self._last_error = f"{type(exc).__name__}: {exc.strerror or exc}"
                 if failures in (1, 10) or failures % 50 == 0:
                     log.warning(
                         "cannot reach the sidecar at %s (%s); retrying", self.socket_path, exc
                     )
-                await anyio.sleep(wait)
                 continue
-            failures = 0
+            began = time.monotonic()
             self._stream = stream
+            self._violation = None
+            connected = self._connections
             try:
                 async with anyio.create_task_group() as conn_tg:
+                    self._conn_scope = conn_tg.cancel_scope
                     conn_tg.start_soon(self._read, stream, conn_tg.cancel_scope)
                     await self._handshake()
                     self._connections += 1
@@ -472,32 +578,50 @@ class TaskManager:
                 pass
             finally:
                 self._stream = None
+                self._conn_scope = None
                 self._connected = anyio.Event()
+                # Requests in flight were not answered. When the sidecar closed the
+                # connection for a protocol violation, they fail with it and are not
+                # sent again: a refused frame is never repeated.
+                error = self._violation or {
+                    "code": "connection_lost",
+                    "message": "the sidecar went away",
+                }
                 for event, slot in self._waiting.values():
-                    slot.append(
-                        {
-                            "ok": False,
-                            "error": {
-                                "code": "connection_lost",
-                                "message": "the sidecar went away",
-                            },
-                        }
-                    )
+                    slot.append({"ok": False, "error": error})
                     event.set()
                 self._waiting.clear()
                 for scope in self._deliveries.values():
                     scope.cancel()  # the sidecar has failed these attempts already
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
+            if self._violation is not None and self._connections == connected:
+                # Refused before the handshake was done (a uid not allowed, say): trying
+                # again would be refused again.
+                raise ProtocolViolation(
+                    f"the sidecar refused this client: {self._violation.get('message')}"
+                )
+            self._last_error = "the connection was lost"
+            # A connection that ends at once (refused, or closed over a bad frame) is
+            # made again with backoff, not in a tight loop.
+            failures = failures + 1 if time.monotonic() - began < 1.0 else 0
             if not self._closing:
                 log.warning("connection to the sidecar lost; reconnecting")
 
     async def _handshake(self) -> None:
-        hello = await self._send_request(
-            "hello", {"version": PROTOCOL_VERSION, "client": "taskmanager-py/0.1"}
-        )
+        try:
+            hello = await self._send_request(
+                "hello", {"version": PROTOCOL_VERSION, "client": "taskmanager-py/0.1"}
+            )
+        except TaskManagerError as exc:
+            if exc.retryable:
+                raise ConnectionLost(f"the handshake failed: {exc}") from exc
+            raise  # refused for good (a version, a uid): ends the connection loop
         self.node = hello.get("node")
         self._leader = bool(hello.get("leader"))
+        max_frame = hello.get("max_frame")
+        if isinstance(max_frame, int) and not isinstance(max_frame, bool) and max_frame > 0:
+            self._max_frame = max_frame
         # Re-establish what the previous connection had.
         self._sub_of.clear()
         self._all_sub = None
@@ -523,7 +647,9 @@ class TaskManager:
         if self._callbacks:
             self._subscribing_all = True
             try:
-                self._all_sub = (await self._send_request("subscribe", {}))["subscription"]
+                await self._open_all_subscription(self._send_request)
+            except TaskManagerError as exc:
+                log.error("could not subscribe to the namespace's events again: %s", exc)
             finally:
                 self._subscribing_all = False
 
@@ -571,10 +697,52 @@ class TaskManager:
                 with anyio.move_on_after(5):
                     await self._stopped.wait()
 
+    async def serve(self, *, shutdown_timeout: float = 30.0) -> None:
+        """Run this manager's workers until SIGTERM or SIGINT (Ctrl-C), then shut down
+        gracefully (see :meth:`shutdown`) and return.
+
+        Call it from the main thread. Raises if the connection to the sidecar ends for
+        good. :func:`taskmanager.run_worker` is the same in one blocking call.
+        """
+        await self._ensure_started()
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await self._serve_until(signals, shutdown_timeout)
+
+    async def _serve_until(self, signals: Any, shutdown_timeout: float) -> None:
+        received: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    received.append(signum)
+                    break
+                tg.cancel_scope.cancel()
+
+            async def on_end() -> None:
+                await self._stopped.wait()  # shut down by someone else, or failed
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(on_signal)
+            tg.start_soon(on_end)
+        if self._failure is not None:
+            raise self._failed()
+        if received:
+            log.info(
+                "received %s: shutting down (running tasks get %g s to finish)",
+                signal.Signals(received[0]).name,
+                shutdown_timeout,
+            )
+        # Further signals stay queued in the receiver meanwhile: no KeyboardInterrupt.
+        await self.shutdown(shutdown_timeout)
+
     # -- framing -----------------------------------------------------------------------------
 
     async def _read(self, stream: anyio.abc.ByteStream, connection: anyio.CancelScope) -> None:
-        buffer = b""
+        # The sidecar is not trusted: a frame that is not a JSON object, is over
+        # max_frame, or does not make sense is logged and the connection made again.
+        # A partial line is kept as pieces, bounded by max_frame, and joined once.
+        pieces: list[bytes] = []
+        pending = 0
         while True:
             try:
                 chunk = await stream.receive(65536)
@@ -586,31 +754,115 @@ class TaskManager:
             ):
                 connection.cancel()  # the sidecar went away: reconnect
                 return
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
+            *lines, rest = chunk.split(b"\n")
+            if lines and pieces:
+                lines[0] = b"".join([*pieces, lines[0]])
+                pieces, pending = [], 0
             for line in lines:
-                if line.strip():
-                    await self._dispatch(json.loads(line))
+                if not await self._take(line):
+                    connection.cancel()
+                    return
+            if rest:
+                pieces.append(rest)
+                pending += len(rest)
+                if pending > self._max_frame:
+                    log.error(
+                        "the sidecar sent over %d bytes without ending the frame (max_frame): "
+                        "reconnecting",
+                        self._max_frame,
+                    )
+                    connection.cancel()
+                    return
 
-    async def _send_request(self, op: str, fields: dict[str, Any]) -> Any:
+    async def _take(self, line: bytes) -> bool:
+        """Handle one frame from the sidecar; False if it is malformed."""
+        if len(line) > self._max_frame:
+            log.error(
+                "the sidecar sent a frame of %d bytes, over max_frame (%d): reconnecting",
+                len(line),
+                self._max_frame,
+            )
+            return False
+        if not line.strip():
+            return True
+        try:
+            frame = json.loads(line)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            log.error("the sidecar sent a frame that is not JSON (%s): reconnecting", exc)
+            return False
+        if not isinstance(frame, dict):
+            log.error(
+                "the sidecar sent a frame that is not a JSON object (%s): reconnecting",
+                type(frame).__name__,
+            )
+            return False
+        try:
+            await self._dispatch(frame)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.error(
+                "the sidecar sent a malformed frame (%s: %s): reconnecting %.200r",
+                type(exc).__name__,
+                exc,
+                line,
+            )
+            return False
+        return True
+
+    async def _send_request(
+        self,
+        op: str,
+        fields: dict[str, Any],
+        *,
+        on_reply: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
+        """Send one request and wait for its answer; ``on_reply`` sees it as it is read."""
         if self._stream is None:
             raise ConnectionLost("not connected")
         rid = next(self._ids)
+        try:
+            frame = json.dumps(
+                {"id": rid, "op": op, **fields}, separators=(",", ":"), allow_nan=False
+            ).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"the {op} request is not JSON: {exc}") from exc
+        if len(frame) > self._max_frame:
+            # The sidecar would refuse it and close the connection: never send it.
+            raise PayloadTooLarge(
+                f"the {op} request is {len(frame)} bytes, over the sidecar's max_frame of "
+                f"{self._max_frame} bytes"
+            )
         event, slot = anyio.Event(), list[dict[str, Any]]()
         self._waiting[rid] = (event, slot)
-        frame = json.dumps({"id": rid, "op": op, **fields}, separators=(",", ":"), allow_nan=False)
+        if on_reply is not None:
+            self._on_reply[rid] = on_reply
         try:
             async with self._send_lock:
                 if self._stream is None:
                     raise ConnectionLost("not connected")
-                await self._stream.send(frame.encode() + b"\n")
+                await self._send(self._stream, frame + b"\n")
             await event.wait()
         finally:
             self._waiting.pop(rid, None)
+            self._on_reply.pop(rid, None)
         reply = slot[0]
         if not reply.get("ok"):
             raise error_from_wire(reply.get("error") or {})
         return reply.get("result")
+
+    async def _send(self, stream: anyio.abc.ByteStream, data: bytes) -> None:
+        try:
+            if len(data) <= _SHIELDED_SEND:
+                await stream.send(data)
+                return
+            with anyio.move_on_after(30, shield=True) as scope:
+                await stream.send(data)
+            if scope.cancelled_caught:
+                # Part of the frame may be out: the stream cannot be used any more.
+                if self._conn_scope is not None:
+                    self._conn_scope.cancel()
+                raise ConnectionLost("the sidecar did not take a frame within 30 s")
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise ConnectionLost(f"the connection to the sidecar broke: {exc!r}") from exc
 
     async def _request(
         self,
@@ -619,12 +871,16 @@ class TaskManager:
         *,
         idempotent: bool = False,
         unavailable_ok: bool = False,
+        on_reply: Callable[[dict[str, Any]], None] | None = None,
     ) -> Any:
-        """A request; repeated after a reconnect when ``idempotent``."""
+        """A request; repeated after a reconnect when ``idempotent``.
+
+        With ``unavailable_ok``, a passing failure (the sidecar unreachable too) is None.
+        """
         while True:
-            await self._ensure_started()
             try:
-                return await self._send_request(op, fields)
+                await self._ensure_started()
+                return await self._send_request(op, fields, on_reply=on_reply)
             except ConnectionLost:
                 if not idempotent:
                     raise
@@ -637,10 +893,19 @@ class TaskManager:
         if "push" not in frame:
             waiting = self._waiting.get(frame.get("id"))  # type: ignore[arg-type]
             if waiting is not None:
+                on_reply = self._on_reply.get(frame["id"])
+                if on_reply is not None:
+                    on_reply(frame)
                 waiting[1].append(frame)
                 waiting[0].set()
             elif not frame.get("ok", True):
-                log.warning("the sidecar reports: %s", frame.get("error"))
+                error = frame.get("error")
+                if isinstance(error, dict) and error.get("code") == "protocol_violation":
+                    # The sidecar is about to close the connection over a frame of ours.
+                    self._violation = error
+                    log.error("the sidecar refused a frame: %s", error.get("message"))
+                else:
+                    log.warning("the sidecar reports: %s", error)
             return
         kind = frame["push"]
         assert self._tg is not None
@@ -648,30 +913,82 @@ class TaskManager:
             event = frame["event"]
             sid = frame.get("subscription")
             if sid is not None and sid == self._all_sub:
-                for callback in self._callbacks.get(event.get("event"), []):
-                    self._tg.start_soon(_call, callback, event)
+                self._on_namespace_event(event)
             else:
                 # A task's own subscription (its events may overtake the create's answer).
                 task = self._tasks.get(event.get("task_id"))
                 if task is not None:
                     await task._on_event(event)
+        elif kind == "gap":
+            if frame.get("subscription") == self._all_sub:
+                self._on_gap({k: v for k, v in frame.items() if k not in ("push", "subscription")})
         elif kind == "task":
+            delivery = frame["delivery"]
+            work = WorkerTask(self, delivery, frame["task"])  # a malformed push raises here
             worker = self._workers.get(frame["worker"])
             if worker is None:
                 # The push can overtake the register reply: keep it for the worker.
                 self._early.setdefault(frame["worker"], []).append(frame)
             else:
                 new_scope = anyio.CancelScope()
-                self._deliveries[frame["delivery"]] = new_scope
+                self._deliveries[delivery] = new_scope
                 if self._idle.is_set():
                     self._idle = anyio.Event()  # busy now; set again when the last one ends
-                self._tg.start_soon(self._run, worker, frame["delivery"], frame["task"], new_scope)
+                self._tg.start_soon(self._run, worker, work, new_scope)
         elif kind == "cancel":
             scope = self._deliveries.get(frame["delivery"])
             if scope is not None:
                 scope.cancel()
         elif kind == "role":
             self._leader = bool(frame.get("leader"))
+
+    def _on_namespace_event(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        revision = event.get("revision")
+        if isinstance(revision, int):
+            # One subscription tells events in revision order, without repeats; only the
+            # revision a resumed one starts from may repeat events already told.
+            key = (str(event.get("task_id")), kind)
+            if revision != self._all_revision:
+                self._all_revision, self._all_seen = revision, {key}
+            elif key in self._all_seen:
+                return  # told before the reconnect
+            else:
+                self._all_seen.add(key)
+        names = [kind]
+        if kind == "completed":
+            names.append("success")
+        elif kind == "failed" and not event.get("will_retry"):
+            names.append("failure")
+        self._call_in_order(
+            [(cb, (event,)) for name in names for cb in self._callbacks.get(name, [])]
+        )
+
+    def _call_in_order(self, calls: list[tuple[Callback, tuple[Any, ...]]]) -> None:
+        # One task runs the manager's callbacks, in event order, off the reader.
+        if calls:
+            self._calls.extend(calls)
+            if not self._calling:
+                self._calling = self._spawn(self._run_calls)
+
+    async def _run_calls(self) -> None:
+        try:
+            while self._calls:
+                callback, args = self._calls.popleft()
+                await _call(callback, *args)
+        finally:
+            self._calling = False
+
+    def _on_gap(self, gap: dict[str, Any]) -> None:
+        log.warning(
+            "events of the namespace were missed (%s) after revision %s",
+            gap.get("reason"),
+            gap.get("from_revision"),
+        )
+        to = gap.get("to_revision")
+        if isinstance(to, int) and (self._all_revision is None or to > self._all_revision):
+            self._all_revision, self._all_seen = to, set()
+        self._call_in_order([(cb, (gap,)) for cb in self._callbacks.get("gap", [])])
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -684,10 +1001,8 @@ class TaskManager:
         for frame in self._early.pop(answer["worker"], []):
             await self._dispatch(frame)
 
-    async def _run(
-        self, worker: Worker, delivery: int, frame: dict[str, Any], scope: anyio.CancelScope
-    ) -> None:
-        task = WorkerTask(self, delivery, frame)
+    async def _run(self, worker: Worker, task: WorkerTask, scope: anyio.CancelScope) -> None:
+        delivery = task._delivery
         _DELIVERY.set(delivery)
         outcome: tuple[str, Any] | None = None
         try:
@@ -707,28 +1022,47 @@ class TaskManager:
                     permanent = isinstance(exc, Permanent) or isinstance(exc.__cause__, Permanent)
                     error = {
                         "type": type(exc).__name__,
-                        "message": str(exc),
-                        "traceback": "".join(traceback.format_exception(exc)),
+                        "message": _clip(str(exc), _MAX_MESSAGE),
+                        "traceback": _clip(
+                            "".join(traceback.format_exception(exc)), _MAX_TRACEBACK, tail=True
+                        ),
                         "retryable": not permanent,
                     }
                     outcome = ("fail", {"delivery": delivery, "error": error})
             if outcome is not None and not scope.cancel_called:
-                try:
-                    await self._request(outcome[0], outcome[1])
-                except (TypeError, ValueError) as exc:  # the result is not JSON
-                    await self._report_failure(
-                        delivery, {"type": "ResultNotJSON", "message": str(exc), "retryable": False}
-                    )
-                except ConnectionLost:
-                    log.warning(
-                        "report of task %s lost with the connection; it will be retried", task.id
-                    )
-                except TaskManagerError as exc:
-                    log.warning("report of task %s not taken: %s", task.id, exc)
+                await self._report(task, outcome)
         finally:
             self._deliveries.pop(delivery, None)
             if not self._deliveries:
                 self._idle.set()
+
+    async def _report(self, task: WorkerTask, outcome: tuple[str, dict[str, Any]]) -> None:
+        op, fields = outcome
+        if op == "complete":
+            try:
+                check_json(fields["result"], "the result")
+            except InvalidRequest as exc:
+                await self._report_failure(
+                    task._delivery,
+                    {"type": "ResultNotJSON", "message": str(exc), "retryable": False},
+                )
+                return
+        try:
+            await self._request(op, fields)
+        except PayloadTooLarge as exc:
+            # Sent, it would break the connection; retried, it would fail the same way.
+            await self._report_failure(
+                task._delivery,
+                {
+                    "type": "ResultTooLarge" if op == "complete" else "ErrorTooLarge",
+                    "message": str(exc),
+                    "retryable": False,
+                },
+            )
+        except ConnectionLost:
+            log.warning("report of task %s lost with the connection; it will be retried", task.id)
+        except TaskManagerError as exc:
+            log.warning("report of task %s not taken: %s", task.id, exc)
 
     async def _report_failure(self, delivery: int, error: dict[str, Any]) -> None:
         try:
@@ -739,12 +1073,17 @@ class TaskManager:
     # -- the API -----------------------------------------------------------------------------
 
     async def create(self, data: Any, *, task_id: str | None = None) -> Task:
-        """A new task for ``data`` (any JSON); set its options, then ``await task.commit()``."""
+        """A new task for ``data`` (any JSON); set its options, then ``await task.commit()``.
+
+        Raises :class:`InvalidRequest` (naming the field) for data that is not JSON.
+        """
+        task = Task(self, data, task_id)  # checked before connecting
         await self._ensure_started()
-        return Task(self, data, task_id)
+        return task
 
     async def submit(self, data: Any, **options: Any) -> Task:
         """Create and commit in one call; ``options`` as the protocol's (timeout_s, ...)."""
+        check_json(options, "the options")
         task = Task(self, data)
         task.options.update(options)
         return await task.commit()
@@ -765,9 +1104,16 @@ class TaskManager:
         return worker
 
     def on(self, event: str, callback: Callback) -> TaskManager:
-        """Call ``callback(event)`` on every task event of the namespace."""
-        if event not in EVENTS[:6]:
-            raise InvalidRequest(f"unknown event {event!r}; one of {', '.join(EVENTS[:6])}")
+        """Call ``callback(event)`` on every task event of the namespace.
+
+        ``event`` is one of :data:`EVENTS` (``success`` is a ``completed`` event,
+        ``failure`` a ``failed`` one that will not be retried), or ``gap``: events were
+        missed and could not be replayed (``callback(gap)`` with ``from_revision``,
+        ``to_revision``, ``reason`` and ``task_ids``, the tasks to read again).
+        Across a reconnect the stream resumes where it stopped.
+        """
+        if event not in MANAGER_EVENTS:
+            raise InvalidRequest(f"unknown event {event!r}; one of {', '.join(MANAGER_EVENTS)}")
         first = not self._callbacks
         self._callbacks.setdefault(event, []).append(callback)
         if first and self._tg is not None and self._connected.is_set():
@@ -781,9 +1127,41 @@ class TaskManager:
             return
         self._subscribing_all = True
         try:
-            self._all_sub = (await self._request("subscribe", {}))["subscription"]
+            await self._open_all_subscription(self._request)
         finally:
             self._subscribing_all = False
+
+    async def _open_all_subscription(self, send: Callable[..., Awaitable[Any]]) -> None:
+        fields: dict[str, Any] = {}
+        resume = self._all_revision
+        if resume is not None:
+            # From the revision before the last one told when some of its events were:
+            # the rest of them may not have arrived; the ones that did are skipped.
+            fields["from_revision"] = resume - 1 if self._all_seen else resume
+
+        def took(reply: dict[str, Any]) -> None:
+            # Set as the answer is read: the events that follow it are this stream's.
+            if reply.get("ok") and isinstance(reply.get("result"), dict):
+                self._all_sub = reply["result"]["subscription"]
+
+        answer = await send("subscribe", fields, on_reply=took)
+        if answer is None:
+            return
+        self._all_sub = answer["subscription"]
+        revision = answer.get("revision")
+        if resume is None:
+            if isinstance(revision, int) and self._all_revision is None:
+                self._all_revision, self._all_seen = revision, set()
+        elif not isinstance(revision, int):
+            # A sidecar that cannot resume a subscription: say what may have been missed.
+            self._on_gap(
+                {
+                    "from_revision": resume,
+                    "to_revision": None,
+                    "reason": "not_supported",
+                    "task_ids": None,
+                }
+            )
 
     async def wait_subscribed(self) -> None:
         """Return once manager-level callbacks receive events (after :meth:`on`)."""
@@ -793,6 +1171,58 @@ class TaskManager:
     async def get(self, task_id: str) -> dict[str, Any]:
         """A task as it stands: state, attempts, result or error, payload, options."""
         return dict(await self._request("get", {"task_id": task_id}, idempotent=True))
+
+    async def task(self, task_id: str) -> Task:
+        """A :class:`Task` for a task committed elsewhere (another process, say).
+
+        Its :meth:`Task.result` and :meth:`Task.on` work as on a task committed here.
+        Raises :class:`TaskNotFound` for an unknown (or expired) task.
+        """
+        await self._ensure_started()
+        known = self._tasks.get(task_id)
+        if known is not None and known.committed:
+            return known
+        task = Task(self, None, task_id)
+        task.committed = True
+        for kind in EVENTS[:6]:  # its subscription pushes every kind
+            task._callbacks.setdefault(kind, [])
+        self._tasks[task_id] = task
+        try:
+            sub = await self._request(
+                "subscribe", {"task_id": task_id, "until_final": True}, idempotent=True
+            )
+            if not task._final.is_set():
+                self._sub_of[task_id] = sub["subscription"]
+            # Subscribed first, read second: nothing between the two can be missed.
+            info = await self._request("get", {"task_id": task_id}, idempotent=True)
+        except BaseException:
+            self._untrack(task, ended=False)
+            raise
+        task.data, task.options = info.get("payload"), dict(info.get("options") or {})
+        if task.state is None:
+            task.state = info.get("state")
+        await task._settle(info)
+        return task
+
+    async def result(self, task_id: str, timeout: float | None = None) -> Any:
+        """The result of the task ``task_id`` once it completes, wherever it was committed.
+
+        Raises :class:`TaskFailed` if it fails, :class:`TaskNotFound` if there is no
+        such task, ``TimeoutError`` after ``timeout`` seconds.
+        """
+        with anyio.fail_after(timeout):
+            return await (await self.task(task_id)).result()
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The task ``task_id`` (as :meth:`get` shows it) once it completed or failed for good.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds.
+        """
+        with anyio.fail_after(timeout):
+            task = await self.task(task_id)
+            with contextlib.suppress(TaskFailed):
+                await task.result()
+            return await self.get(task_id)
 
     async def status(self) -> dict[str, Any]:
         """The local sidecar's status."""
@@ -833,6 +1263,14 @@ class TaskManager:
 
 
 DefaultTaskManager = TaskManager
+
+
+def _clip(text: str, limit: int, *, tail: bool = False) -> str:
+    """At most ``limit`` characters of ``text`` (its end with ``tail``), marked if cut."""
+    if len(text) <= limit:
+        return text
+    return "[...] " + text[-limit:] if tail else text[:limit] + " [...]"
+
 
 #: The delivery a handler task is running (so that shutdown() from a handler knows).
 _DELIVERY: contextvars.ContextVar[int | None] = contextvars.ContextVar(

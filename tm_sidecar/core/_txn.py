@@ -98,6 +98,7 @@ class Range:
     revision: int = 0
     keys_only: bool = False
     count_only: bool = False
+    min_mod_revision: int = 0  # only keys last changed at or after this revision
 
 
 Request = Put | Touch | Delete | Range

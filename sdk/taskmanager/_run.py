@@ -1,0 +1,64 @@
+"""``run_worker``: the one call a worker process needs."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import anyio
+
+from ._client import Handler, TaskManager
+from ._errors import Unavailable
+
+log = logging.getLogger("taskmanager")
+
+
+def run_worker(
+    handler: Handler,
+    *,
+    concurrency: int = 1,
+    queue: str = "default",
+    socket_path: str | None = None,
+    shutdown_timeout: float = 30.0,
+    connect_timeout_s: float = 5.0,
+    backend: str = "asyncio",
+) -> None:
+    """Run ``handler`` for the tasks of ``queue`` until SIGTERM or Ctrl-C, then return.
+
+    On the signal, no new task is taken; running ones get ``shutdown_timeout`` seconds
+    to finish, and what cannot finish is handed back to be retried. There is no
+    ``KeyboardInterrupt`` traceback: the process can simply exit 0. It waits for a
+    sidecar that is not up yet. Raises if the sidecar refuses this worker for good.
+
+    ``handler`` as for :meth:`TaskManager.process`; ``backend`` is anyio's
+    (``asyncio`` or ``trio``).
+    """
+
+    async def main() -> None:
+        # Signals are taken from the start: a Ctrl-C while connecting is graceful too.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with TaskManager(socket_path, connect_timeout_s=connect_timeout_s) as manager:
+                signalled = False
+                async with anyio.create_task_group() as tg:
+
+                    async def stop_waiting() -> None:
+                        nonlocal signalled
+                        async for _ in signals:
+                            signalled = True
+                            break
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(stop_waiting)
+                    while True:
+                        try:
+                            await manager.process(handler, concurrency=concurrency, queue=queue)
+                            break
+                        except Unavailable as exc:
+                            log.warning("%s; still trying", exc)
+                    tg.cancel_scope.cancel()
+                if signalled:
+                    return  # stopped before the worker could start (leaving shuts down)
+                log.info("worker for queue %r running (concurrency %d)", queue, concurrency)
+                await manager._serve_until(signals, shutdown_timeout)
+
+    anyio.run(main, backend=backend)
