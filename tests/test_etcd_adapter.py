@@ -1,4 +1,5 @@
-"""The etcd adapter against a real etcd, through both transports."""
+"""The etcd adapter against a real etcd: the same assertions through every transport
+(the JSON gateway's native HTTP client and etcd3-py, and etcd's native gRPC API)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -26,11 +28,16 @@ from tm_sidecar.core import (
     Txn,
     WatchEvent,
 )
+from tm_sidecar.etcd import connect
+
+TRANSPORTS = ["native", "etcd3", "grpc"]
+#: The transports that read watches their own way (etcd3-py's unary calls watch natively).
+WATCHING = ["native", "grpc"]
 
 
-@pytest.fixture(params=["native", "etcd3"])
+@pytest.fixture(params=TRANSPORTS)
 async def etcd(request: pytest.FixtureRequest, etcd_server: EtcdProcess) -> AsyncIterator[Etcd]:
-    client = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,), transport=request.param))
+    client = connect(EtcdConfig(endpoints=(etcd_server.endpoint,), transport=request.param))
     yield client
     await client.aclose()
 
@@ -95,7 +102,7 @@ async def test_a_failing_page_consumer_raises_its_own_error(etcd: Etcd, namespac
     # Not an exception group: the informer's and the leader's handlers must see it.
     with pytest.raises(ValueError, match="a bad record"):
         await etcd.list_prefix(p, page=2, consume=consume)
-    gone = Etcd(EtcdConfig(endpoints=("http://127.0.0.1:9",), timeout_s=1.0, transport="native"))
+    gone = connect(attrs.evolve(etcd.cfg, endpoints=("http://127.0.0.1:9",), timeout_s=1.0))
     with pytest.raises(EtcdUnavailable):
         await gone.list_prefix(p, consume=consume)
     await gone.aclose()
@@ -211,8 +218,10 @@ async def test_an_informer_can_hand_its_listing_to_a_loader(etcd: Etcd, namespac
             break
 
 
-async def test_unreachable_etcd_is_unavailable_quickly() -> None:
-    client = Etcd(EtcdConfig(endpoints=(f"http://127.0.0.1:{free_port()}",), timeout_s=1.0))
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_unreachable_etcd_is_unavailable_quickly(transport: str) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    client = connect(EtcdConfig(endpoints=(endpoint,), timeout_s=1.0, transport=transport))  # type: ignore[arg-type]
     with trio.fail_after(5), pytest.raises(EtcdUnavailable):
         await client.get("/x")
     await client.aclose()
@@ -233,9 +242,11 @@ def _events(items: list[Reset | Changes]) -> list[WatchEvent]:
     return [e for item in items if isinstance(item, Changes) for e in item.events]
 
 
-async def test_watch_resumes_after_etcd_restart(own_etcd: EtcdProcess) -> None:
+@pytest.mark.parametrize("transport", WATCHING)
+async def test_watch_resumes_after_etcd_restart(own_etcd: EtcdProcess, transport: str) -> None:
     """No gaps and no repeats across an etcd crash, and no re-list."""
-    client = Etcd(EtcdConfig(endpoints=(own_etcd.endpoint,), timeout_s=2.0))
+    cfg = EtcdConfig(endpoints=(own_etcd.endpoint,), timeout_s=2.0, transport=transport)  # type: ignore[arg-type]
+    client = connect(cfg)
     observed: Observed[Reset | Changes] = Observed()
     async with trio.open_nursery() as nursery:
 
@@ -267,8 +278,9 @@ async def test_watch_resumes_after_etcd_restart(own_etcd: EtcdProcess) -> None:
     assert len(resets) == 1  # resumed from the last revision, not re-listed
 
 
-async def test_compacted_watch_lists_again(own_etcd: EtcdProcess) -> None:
-    client = Etcd(EtcdConfig(endpoints=(own_etcd.endpoint,)))
+@pytest.mark.parametrize("transport", WATCHING)
+async def test_compacted_watch_lists_again(own_etcd: EtcdProcess, transport: str) -> None:
+    client = connect(EtcdConfig(endpoints=(own_etcd.endpoint,), transport=transport))  # type: ignore[arg-type]
     for i in range(3):
         await client.put(f"/c/{i}", str(i))
     rev = await client.put("/c/x", "x")
