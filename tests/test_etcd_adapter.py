@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
 
@@ -147,6 +147,43 @@ async def test_touch_moves_a_key_to_a_lease_without_rewriting_it(
     assert (kv.value, kv.lease) == ("written once", lease)
     await etcd.lease_revoke(lease)
     assert await etcd.get(key) is None
+
+
+async def test_txn_compares_on_a_keys_lease(etcd: Etcd, namespace: str) -> None:
+    key = f"/{namespace}/held"
+    lease, _ = await etcd.lease_grant(30)
+    other, _ = await etcd.lease_grant(30)
+    await etcd.put(key, "x", lease=lease)
+    assert (await etcd.txn(Txn(compare=(Compare.leased(key, lease),)))).succeeded
+    assert not (await etcd.txn(Txn(compare=(Compare.leased(key, other),)))).succeeded
+    assert (await etcd.txn(Txn(compare=(Compare.leased(f"{key}/absent", 0),)))).succeeded
+    await etcd.lease_revoke(lease)
+    await etcd.lease_revoke(other)
+
+
+async def test_a_watch_on_one_key_or_a_range_and_puts_only(etcd: Etcd, namespace: str) -> None:
+    p = f"/{namespace}/"
+    start = await etcd.put(p + "a", "0")
+    await etcd.put(p + "ab", "1")
+    await etcd.delete(p + "a")
+    await etcd.put(p + "b", "2")
+    await etcd.put(p + "c", "3")
+
+    async def first(watch: AsyncGenerator[Changes, None], count: int) -> list[tuple[str, str]]:
+        seen: list[tuple[str, str]] = []
+        async with aclosing(watch) as items:
+            async for changes in items:
+                seen += [(e.kind, e.kv.key) for e in changes.events]
+                if len(seen) >= count:
+                    return seen
+        raise AssertionError("unreachable")
+
+    one = etcd.watch_once(p + "a", start, prefix=False)
+    assert await first(one, 2) == [("PUT", p + "a"), ("DELETE", p + "a")]
+    puts = etcd.watch_once(p, start, puts_only=True, prev_kv=False)
+    assert await first(puts, 4) == [("PUT", p + k) for k in ("a", "ab", "b", "c")]
+    ranged = etcd.watch_once(p + "ab", start, range_end=p + "c")
+    assert await first(ranged, 2) == [("PUT", p + "ab"), ("PUT", p + "b")]
 
 
 async def test_lease_keepalive_and_loss(etcd: Etcd, namespace: str) -> None:

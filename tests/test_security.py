@@ -170,3 +170,30 @@ async def test_no_credentials_is_refused(auth_etcd: EtcdProcess, transport: str)
     with pytest.raises(EtcdError):
         await etcd.put("/tm/auth/anon", "no")
     await etcd.aclose()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_token_etcd_dropped_is_replaced_without_an_error(
+    auth_etcd: EtcdProcess, transport: str
+) -> None:
+    """etcd drops a user's tokens when the user's password is set (here to the same
+    one), as it forgets idle simple tokens: the next call authenticates again, once."""
+    cfg = EtcdConfig(
+        endpoints=(auth_etcd.endpoint,),
+        username="tm",
+        password="s3cret-pw",
+        transport=transport,  # type: ignore[arg-type]
+    )
+    etcd = connect(cfg)
+    await etcd.put(f"/tm/refresh/{transport}", "before")
+    lease, _ = await etcd.lease_grant(30)
+    ep = auth_etcd.endpoint
+    root = str(_call(ep, "/auth/authenticate", {"name": "root", "password": "root-pw"})["token"])
+    _call(ep, "/auth/user/changepw", {"name": "tm", "password": "s3cret-pw"}, root)
+    await etcd.put(f"/tm/refresh/{transport}", "after")
+    kv = await etcd.get(f"/tm/refresh/{transport}")
+    assert kv is not None
+    assert kv.value == "after"
+    assert await etcd.lease_keepalive(lease) == 30
+    await etcd.lease_revoke(lease)
+    await etcd.aclose()

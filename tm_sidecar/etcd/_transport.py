@@ -76,8 +76,8 @@ _OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     # Reconnect soon after etcd comes back (the default backoff grows to two minutes).
+    # Not grpc.min_reconnect_backoff_ms: grpc-core also takes it as the connect timeout.
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
     # We decide what is repeated: a write may have committed.
     ("grpc.enable_retries", 0),
