@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from taskmanager import TaskManager, WorkerTask
 
+from tests.procs import SidecarProcess
 from tm_sidecar import Compacted, Etcd, EtcdConfig, EtcdFull, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess, free_port
 from tm_sidecar._errors import LeaseNotFound, Unavailable
@@ -227,3 +229,45 @@ async def test_a_full_etcd_is_etcd_full_and_the_maintenance_calls_recover_it(
         await etcd.aclose()
     finally:
         proc.stop()
+
+
+async def test_sidecars_on_grpc_run_tasks_end_to_end(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    """Two real sidecars with ``--etcd-transport grpc``: election, sessions, watches,
+    assignment and results all over gRPC; an SDK producer on one, a worker on the other."""
+    procs = [
+        SidecarProcess(
+            name,
+            etcd_server.endpoint,
+            namespace,
+            tmp_path / f"{name}.log",
+            handler=None,
+            extra=("--etcd-transport", "grpc"),
+        )
+        for name in ("g1", "g2")
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+            await proc.wait_serving()
+        async with (
+            TaskManager(str(procs[0].socket_path)) as producer,
+            TaskManager(str(procs[1].socket_path)) as worker,
+        ):
+
+            async def double(task: WorkerTask) -> int:
+                return int(task.data["n"]) * 2
+
+            await worker.process(double, concurrency=4)
+            tasks = [await (await producer.create({"n": n})).commit() for n in range(30)]
+            with trio.fail_after(30):
+                results = [await task.result(timeout=30) for task in tasks]
+        assert results == [n * 2 for n in range(30)]
+    finally:
+        for proc in procs:
+            proc.stop()
+    for proc in procs:
+        log = proc.log()
+        assert "client=GrpcEtcd" in log
+        assert "Traceback" not in log, log[-3000:]

@@ -10,9 +10,9 @@ Modules, one job each: ``_bridge`` (grpcio's futures and streams driven from Tri
 ``_errors`` (gRPC status to our exceptions), ``_codec`` (the core's values to and from
 protobuf), ``_transport`` (channels, TLS, auth token, deadlines, failover, metrics),
 ``_leases`` (keep-alives on one stream), ``_watch`` (watches and the informer),
-``_client`` (the facade). The messages are generated from ``_proto/rpc.proto``, a
-minimal copy of etcd's definitions; regenerate them (grpcio-tools, the ``protos`` extra)
-from the repository's root with::
+``_client`` (the facade), ``_sync`` (a blocking face, for the property tests). The
+messages are generated from ``_proto/rpc.proto``, a minimal copy of etcd's definitions;
+regenerate them (grpcio-tools, the ``protos`` extra) from the repository's root with::
 
     python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. tm_sidecar/etcd/_proto/rpc.proto
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from .._etcd import Etcd, EtcdConfig
 from ._client import GrpcEtcd
+from ._sync import SyncEtcd
 
 
 def connect(cfg: EtcdConfig) -> Etcd:
@@ -30,4 +31,4 @@ def connect(cfg: EtcdConfig) -> Etcd:
     return Etcd(cfg)
 
 
-__all__ = ["GrpcEtcd", "connect"]
+__all__ = ["GrpcEtcd", "SyncEtcd", "connect"]

@@ -65,7 +65,7 @@ AUTHENTICATE = Method(
     "/etcdserverpb.Auth/Authenticate", pb.AuthenticateResponse, "/auth/authenticate"
 )
 
-_OPTIONS = (
+CHANNEL_OPTIONS = (
     # etcd answers ranges of any size (its own client lifts the limit the same way).
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", -1),
@@ -174,9 +174,9 @@ class Transport:
         if tls:
             if self._credentials is None:
                 self._credentials = await trio.to_thread.run_sync(self._read_credentials)
-            channel = grpc.secure_channel(target, self._credentials, options=_OPTIONS)
+            channel = grpc.secure_channel(target, self._credentials, options=CHANNEL_OPTIONS)
         else:
-            channel = grpc.insecure_channel(target, options=_OPTIONS)
+            channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         conn = self._conns.setdefault(index, _Conn(channel))
         if conn.channel is not channel:
             channel.close()  # another task made one meanwhile
