@@ -118,7 +118,7 @@ async def test_a_cancelled_call_returns_at_once_and_the_client_goes_on(
     silent_endpoint: str, etcd_server: EtcdProcess, namespace: str
 ) -> None:
     stuck = _grpc(silent_endpoint, timeout_s=30)
-    with trio.move_on_after(0.2) as scope:
+    with trio.fail_after(5), trio.move_on_after(0.2) as scope:
         await stuck.get("/x")
     assert scope.cancelled_caught
     await stuck.aclose()
