@@ -34,6 +34,7 @@ from tests.procs import SidecarProcess, create_tasks
 from tm_sidecar import Etcd, EtcdConfig
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Delete, Keyspace, Put, Range, State, Txn
+from tm_sidecar.etcd import connect
 
 Result = dict[str, Any]
 
@@ -65,36 +66,47 @@ async def rate(n: int, in_flight: int, op: Callable[[int], Awaitable[None]]) -> 
 
 
 async def ceiling(env: Env) -> Result:
-    """etcd's own limit through the sidecar's client and through etcd3-py."""
+    """etcd's own limit through each client: the gateway's (native HTTP and etcd3-py) and
+    the gRPC one, with the client's and etcd's CPU per call (the client's is this whole
+    process, grpcio's threads included)."""
     out: Result = {}
-    transports: tuple[Literal["native", "etcd3"], ...] = ("native", "etcd3")
+    transports: tuple[Literal["native", "etcd3", "grpc"], ...] = ("native", "etcd3", "grpc")
     for transport in transports:
-        etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,), transport=transport, threads=64))
+        etcd = connect(EtcdConfig(endpoints=(env.etcd.endpoint,), transport=transport, threads=64))
         for in_flight in (1, 64):
             n = env.scale(400 if in_flight == 1 else 3000)
 
             async def put(i: int, etcd: Etcd = etcd) -> None:
                 await etcd.put(f"/bench/put/{i % 512}", "x" * 64)
 
+            cpu, etcd_cpu = time.process_time(), _etcd_cpu_s(env)
             out[f"puts_per_s_{transport}_{in_flight}"] = await rate(n, in_flight, put)
+            if transport != "etcd3":
+                out[f"client_cpu_us_per_put_{transport}_{in_flight}"] = (
+                    (time.process_time() - cpu) / n * 1e6
+                )
+                out[f"etcd_cpu_us_per_put_{transport}_{in_flight}"] = (
+                    (_etcd_cpu_s(env) - etcd_cpu) / n * 1e6
+                )
         await etcd.aclose()
-    etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
+    for transport in ("native", "grpc"):
+        etcd = connect(EtcdConfig(endpoints=(env.etcd.endpoint,), transport=transport))
 
-    async def move(i: int) -> None:
-        # Each lane moves its own 32 keys between two prefixes, as a leader batch does.
-        lane = i % 8
-        src, dst = ("a", "b") if (i // 8) % 2 == 0 else ("b", "a")
-        ops: list[Put | Delete] = []
-        for k in range(32):
-            ops += [
-                Delete(f"/bench/move/{lane}/{src}/{k}"),
-                Put(f"/bench/move/{lane}/{dst}/{k}", "x" * 64),
-            ]
-        await etcd.txn(Txn(success=tuple(ops)))
+        async def move(i: int, etcd: Etcd = etcd, transport: str = transport) -> None:
+            # Each lane moves its own 32 keys between two prefixes, as a leader batch does.
+            lane = i % 8
+            src, dst = ("a", "b") if (i // 8) % 2 == 0 else ("b", "a")
+            ops: list[Put | Delete] = []
+            for k in range(32):
+                ops += [
+                    Delete(f"/bench/move/{transport}/{lane}/{src}/{k}"),
+                    Put(f"/bench/move/{transport}/{lane}/{dst}/{k}", "x" * 64),
+                ]
+            await etcd.txn(Txn(success=tuple(ops)))
 
-    n = env.scale(400)
-    out["moved_keys_per_s_native_32"] = 32 * await rate(n, 8, move)
-    await etcd.aclose()
+        n = env.scale(400)
+        out[f"moved_keys_per_s_{transport}_32"] = 32 * await rate(n, 8, move)
+        await etcd.aclose()
     return out | await raw_ceiling(env)
 
 
@@ -557,9 +569,11 @@ IN_PROCESS = "tests.proc_handlers:work"
 class Env:
     """One etcd, and sidecar processes on demand."""
 
-    def __init__(self, tmp: Path, quick: bool) -> None:
+    def __init__(self, tmp: Path, quick: bool, transport: str = "native") -> None:
         self.tmp = tmp
         self.quick = quick
+        #: The sidecars' --etcd-transport.
+        self.transport = transport
         self.etcd = EtcdProcess(data_dir=tmp / "etcd")
         self._ns = 0
 
@@ -577,7 +591,13 @@ class Env:
         workers connect over the SDK unless ``handler`` runs tasks in the process."""
         log = self.tmp / f"{namespace}-{name}.log"
         return SidecarProcess(
-            name, self.etcd.endpoint, namespace, log, lease_ttl_s=5, handler=handler, extra=extra
+            name,
+            self.etcd.endpoint,
+            namespace,
+            log,
+            lease_ttl_s=5,
+            handler=handler,
+            extra=("--etcd-transport", self.transport, *extra),
         )
 
     def namespace(self) -> str:
@@ -631,14 +651,20 @@ def median_of(runs: list[Result]) -> Result:
 
 async def main(args: argparse.Namespace) -> Result:
     chosen = [s for s in (args.only.split(",") if args.only else SCENARIOS)]
-    results: Result = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    results: Result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "sidecar_etcd_transport": args.etcd_transport,
+        }
+    }
     with (
         contextlib.nullcontext(args.keep)
         if args.keep
         else tempfile.TemporaryDirectory(prefix="tm-bench-")
     ) as tmp:
         os.makedirs(tmp, exist_ok=True)
-        env = Env(Path(tmp), args.quick)
+        env = Env(Path(tmp), args.quick, args.etcd_transport)
         await trio.to_thread.run_sync(env.etcd.start)
         results["machine"]["etcd"] = env.etcd.version
         try:
@@ -655,7 +681,7 @@ async def main(args: argparse.Namespace) -> Result:
             await trio.to_thread.run_sync(env.etcd.stop)
     ceiling_figures = results.get("ceiling", {})
     for name in ("throughput_1", "throughput_3"):
-        for client in ("native", "raw"):
+        for client in ("native", "grpc", "raw"):
             ceil = ceiling_figures.get(f"puts_per_s_{client}_64")
             if ceil and name in results:
                 results[name][f"ratio_to_{client}_put_ceiling_64"] = (
@@ -679,6 +705,12 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is reported)")
     p.add_argument("--out", default="bench-result.json", help="where to write the JSON")
     p.add_argument("--keep", default="", help="a directory for etcd and the sidecar logs, kept")
+    p.add_argument(
+        "--etcd-transport",
+        choices=("native", "etcd3", "grpc"),
+        default="native",
+        help="the sidecars' etcd client (the ceiling measures every one regardless)",
+    )
     args = p.parse_args(argv)
     results = trio.run(main, args)
     Path(args.out).write_text(json.dumps(results, indent=2))

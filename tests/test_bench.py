@@ -23,6 +23,9 @@ def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert results["ceiling"]["puts_per_s_native_64"] > 0
     assert results["ceiling"]["puts_per_s_raw_64"] > 0
+    assert results["ceiling"]["puts_per_s_grpc_64"] > 0
+    assert results["ceiling"]["moved_keys_per_s_grpc_32"] > 0
+    assert results["ceiling"]["client_cpu_us_per_put_grpc_1"] > 0
     assert results["ceiling"]["moved_keys_per_s_raw_32"] > 0
     assert results["latency"]["start_p50_ms"] > 0
     assert "| latency | start_p99_ms |" in run.stdout

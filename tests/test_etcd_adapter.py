@@ -1,12 +1,14 @@
-"""The etcd adapter against a real etcd, through both transports."""
+"""The etcd adapter against a real etcd: the same assertions through every transport
+(the JSON gateway's native HTTP client and etcd3-py, and etcd's native gRPC API)."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -26,11 +28,16 @@ from tm_sidecar.core import (
     Txn,
     WatchEvent,
 )
+from tm_sidecar.etcd import connect
+
+TRANSPORTS = ["native", "etcd3", "grpc"]
+#: The transports that read watches their own way (etcd3-py's unary calls watch natively).
+WATCHING = ["native", "grpc"]
 
 
-@pytest.fixture(params=["native", "etcd3"])
+@pytest.fixture(params=TRANSPORTS)
 async def etcd(request: pytest.FixtureRequest, etcd_server: EtcdProcess) -> AsyncIterator[Etcd]:
-    client = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,), transport=request.param))
+    client = connect(EtcdConfig(endpoints=(etcd_server.endpoint,), transport=request.param))
     yield client
     await client.aclose()
 
@@ -95,7 +102,7 @@ async def test_a_failing_page_consumer_raises_its_own_error(etcd: Etcd, namespac
     # Not an exception group: the informer's and the leader's handlers must see it.
     with pytest.raises(ValueError, match="a bad record"):
         await etcd.list_prefix(p, page=2, consume=consume)
-    gone = Etcd(EtcdConfig(endpoints=("http://127.0.0.1:9",), timeout_s=1.0, transport="native"))
+    gone = connect(attrs.evolve(etcd.cfg, endpoints=("http://127.0.0.1:9",), timeout_s=1.0))
     with pytest.raises(EtcdUnavailable):
         await gone.list_prefix(p, consume=consume)
     await gone.aclose()
@@ -140,6 +147,43 @@ async def test_touch_moves_a_key_to_a_lease_without_rewriting_it(
     assert (kv.value, kv.lease) == ("written once", lease)
     await etcd.lease_revoke(lease)
     assert await etcd.get(key) is None
+
+
+async def test_txn_compares_on_a_keys_lease(etcd: Etcd, namespace: str) -> None:
+    key = f"/{namespace}/held"
+    lease, _ = await etcd.lease_grant(30)
+    other, _ = await etcd.lease_grant(30)
+    await etcd.put(key, "x", lease=lease)
+    assert (await etcd.txn(Txn(compare=(Compare.leased(key, lease),)))).succeeded
+    assert not (await etcd.txn(Txn(compare=(Compare.leased(key, other),)))).succeeded
+    assert (await etcd.txn(Txn(compare=(Compare.leased(f"{key}/absent", 0),)))).succeeded
+    await etcd.lease_revoke(lease)
+    await etcd.lease_revoke(other)
+
+
+async def test_a_watch_on_one_key_or_a_range_and_puts_only(etcd: Etcd, namespace: str) -> None:
+    p = f"/{namespace}/"
+    start = await etcd.put(p + "a", "0")
+    await etcd.put(p + "ab", "1")
+    await etcd.delete(p + "a")
+    await etcd.put(p + "b", "2")
+    await etcd.put(p + "c", "3")
+
+    async def first(watch: AsyncGenerator[Changes, None], count: int) -> list[tuple[str, str]]:
+        seen: list[tuple[str, str]] = []
+        async with aclosing(watch) as items:
+            async for changes in items:
+                seen += [(e.kind, e.kv.key) for e in changes.events]
+                if len(seen) >= count:
+                    return seen
+        raise AssertionError("unreachable")
+
+    one = etcd.watch_once(p + "a", start, prefix=False)
+    assert await first(one, 2) == [("PUT", p + "a"), ("DELETE", p + "a")]
+    puts = etcd.watch_once(p, start, puts_only=True, prev_kv=False)
+    assert await first(puts, 4) == [("PUT", p + k) for k in ("a", "ab", "b", "c")]
+    ranged = etcd.watch_once(p + "ab", start, range_end=p + "c")
+    assert await first(ranged, 2) == [("PUT", p + "ab"), ("PUT", p + "b")]
 
 
 async def test_lease_keepalive_and_loss(etcd: Etcd, namespace: str) -> None:
@@ -211,8 +255,10 @@ async def test_an_informer_can_hand_its_listing_to_a_loader(etcd: Etcd, namespac
             break
 
 
-async def test_unreachable_etcd_is_unavailable_quickly() -> None:
-    client = Etcd(EtcdConfig(endpoints=(f"http://127.0.0.1:{free_port()}",), timeout_s=1.0))
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_unreachable_etcd_is_unavailable_quickly(transport: str) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    client = connect(EtcdConfig(endpoints=(endpoint,), timeout_s=1.0, transport=transport))  # type: ignore[arg-type]
     with trio.fail_after(5), pytest.raises(EtcdUnavailable):
         await client.get("/x")
     await client.aclose()
@@ -233,9 +279,11 @@ def _events(items: list[Reset | Changes]) -> list[WatchEvent]:
     return [e for item in items if isinstance(item, Changes) for e in item.events]
 
 
-async def test_watch_resumes_after_etcd_restart(own_etcd: EtcdProcess) -> None:
+@pytest.mark.parametrize("transport", WATCHING)
+async def test_watch_resumes_after_etcd_restart(own_etcd: EtcdProcess, transport: str) -> None:
     """No gaps and no repeats across an etcd crash, and no re-list."""
-    client = Etcd(EtcdConfig(endpoints=(own_etcd.endpoint,), timeout_s=2.0))
+    cfg = EtcdConfig(endpoints=(own_etcd.endpoint,), timeout_s=2.0, transport=transport)  # type: ignore[arg-type]
+    client = connect(cfg)
     observed: Observed[Reset | Changes] = Observed()
     async with trio.open_nursery() as nursery:
 
@@ -267,8 +315,9 @@ async def test_watch_resumes_after_etcd_restart(own_etcd: EtcdProcess) -> None:
     assert len(resets) == 1  # resumed from the last revision, not re-listed
 
 
-async def test_compacted_watch_lists_again(own_etcd: EtcdProcess) -> None:
-    client = Etcd(EtcdConfig(endpoints=(own_etcd.endpoint,)))
+@pytest.mark.parametrize("transport", WATCHING)
+async def test_compacted_watch_lists_again(own_etcd: EtcdProcess, transport: str) -> None:
+    client = connect(EtcdConfig(endpoints=(own_etcd.endpoint,), transport=transport))  # type: ignore[arg-type]
     for i in range(3):
         await client.put(f"/c/{i}", str(i))
     rev = await client.put("/c/x", "x")
@@ -291,16 +340,18 @@ async def test_a_watch_catching_up_on_a_long_history_misses_nothing(
     (or, after a reconnect, skips) every event past the first 1,000 revisions."""
     prefix = f"/{namespace}/backlog/"
     await etcd.put(f"{prefix}first", "x")
-    written = threading.Event()
+    listing_taken, written = threading.Event(), threading.Event()
 
     class HeldLoader:
         """Takes the listing in only once the backlog is written: the watch then starts
         from the listing's revision, 1,500 revisions behind."""
 
         def load(self, kvs: Sequence[KeyValue]) -> None:
+            listing_taken.set()
             assert written.wait(30)
 
     async def write_backlog() -> None:
+        await trio.to_thread.run_sync(listing_taken.wait)  # every put after the listing
         for start_at in range(0, 1500, 50):
             async with trio.open_nursery() as nursery:
                 for i in range(start_at, start_at + 50):

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tm_sidecar import Etcd, EtcdConfig, EtcdError, EtcdUnavailable
+from tm_sidecar import EtcdConfig, EtcdError, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.etcd import connect
+
+TRANSPORTS = ["native", "etcd3", "grpc"]
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +46,13 @@ def tls_etcd(
     proc.stop()
 
 
-@pytest.mark.parametrize("transport", ["native", "etcd3"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_tls_with_client_certificates(
     tls_etcd: tuple[EtcdProcess, dict[str, str]], transport: str
 ) -> None:
     proc, files = tls_etcd
     assert proc.endpoint.startswith("https://")
-    etcd = Etcd(
+    etcd = connect(
         EtcdConfig(
             endpoints=(proc.endpoint,),
             ca_file=files["ca"],
@@ -65,29 +68,38 @@ async def test_tls_with_client_certificates(
     await etcd.aclose()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_tls_without_a_client_certificate_is_refused(
-    tls_etcd: tuple[EtcdProcess, dict[str, str]],
+    tls_etcd: tuple[EtcdProcess, dict[str, str]], transport: str
 ) -> None:
     proc, files = tls_etcd
-    etcd = Etcd(EtcdConfig(endpoints=(proc.endpoint,), ca_file=files["ca"], timeout_s=2.0))
+    cfg = EtcdConfig(
+        endpoints=(proc.endpoint,),
+        ca_file=files["ca"],
+        timeout_s=2.0,
+        transport=transport,  # type: ignore[arg-type]
+    )
+    etcd = connect(cfg)
     with pytest.raises((EtcdUnavailable, EtcdError)):
         await etcd.get("/tls/x")
     await etcd.aclose()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_tls_with_an_unknown_ca_is_refused(
-    tls_etcd: tuple[EtcdProcess, dict[str, str]], tmp_path: Path
+    tls_etcd: tuple[EtcdProcess, dict[str, str]], tmp_path: Path, transport: str
 ) -> None:
     proc, files = tls_etcd
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
-    etcd = Etcd(
+    etcd = connect(
         EtcdConfig(
             endpoints=(proc.endpoint,),
             ca_file=str(other),
             cert_file=files["client_cert"],
             key_file=files["client_key"],
             timeout_s=2.0,
+            transport=transport,  # type: ignore[arg-type]
         )
     )
     with pytest.raises(EtcdUnavailable):
@@ -130,7 +142,7 @@ def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]
     proc.stop()
 
 
-@pytest.mark.parametrize("transport", ["native", "etcd3"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_user_and_password(
     auth_etcd: EtcdProcess, transport: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -141,7 +153,7 @@ async def test_user_and_password(
         password="s3cret-pw",
         transport=transport,  # type: ignore[arg-type]
     )
-    etcd = Etcd(cfg)
+    etcd = connect(cfg)
     await etcd.put(f"/tm/auth/{transport}", "ok")
     kv = await etcd.get(f"/tm/auth/{transport}")
     assert kv is not None
@@ -152,8 +164,36 @@ async def test_user_and_password(
     assert "s3cret-pw" not in caplog.text
 
 
-async def test_no_credentials_is_refused(auth_etcd: EtcdProcess) -> None:
-    etcd = Etcd(EtcdConfig(endpoints=(auth_etcd.endpoint,)))
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_no_credentials_is_refused(auth_etcd: EtcdProcess, transport: str) -> None:
+    etcd = connect(EtcdConfig(endpoints=(auth_etcd.endpoint,), transport=transport))  # type: ignore[arg-type]
     with pytest.raises(EtcdError):
         await etcd.put("/tm/auth/anon", "no")
+    await etcd.aclose()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_token_etcd_dropped_is_replaced_without_an_error(
+    auth_etcd: EtcdProcess, transport: str
+) -> None:
+    """etcd drops a user's tokens when the user's password is set (here to the same
+    one), as it forgets idle simple tokens: the next call authenticates again, once."""
+    cfg = EtcdConfig(
+        endpoints=(auth_etcd.endpoint,),
+        username="tm",
+        password="s3cret-pw",
+        transport=transport,  # type: ignore[arg-type]
+    )
+    etcd = connect(cfg)
+    await etcd.put(f"/tm/refresh/{transport}", "before")
+    lease, _ = await etcd.lease_grant(30)
+    ep = auth_etcd.endpoint
+    root = str(_call(ep, "/auth/authenticate", {"name": "root", "password": "root-pw"})["token"])
+    _call(ep, "/auth/user/changepw", {"name": "tm", "password": "s3cret-pw"}, root)
+    await etcd.put(f"/tm/refresh/{transport}", "after")
+    kv = await etcd.get(f"/tm/refresh/{transport}")
+    assert kv is not None
+    assert kv.value == "after"
+    assert await etcd.lease_keepalive(lease) == 30
+    await etcd.lease_revoke(lease)
     await etcd.aclose()

@@ -22,13 +22,14 @@ import trio
 from . import __version__
 from ._agent import Handler, Permanent, TaskContext
 from ._embedded import EmbeddedEtcdError, EtcdProcess
-from ._etcd import Etcd, EtcdConfig
+from ._etcd import EtcdConfig
 from ._log import setup_logging
 from ._metrics import Metrics
 from ._notify import Notifier
 from ._server import ServerSettings, SocketServer
 from ._sidecar import Sidecar, SidecarSettings
 from .core import NodeId, TaskEvent, TaskOptions, check_name
+from .etcd import connect
 
 if TYPE_CHECKING:
     from .web import WebSettings
@@ -185,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--etcd-transport",
-        choices=("native", "etcd3"),
+        choices=("native", "etcd3", "grpc"),
         default=env("TM_ETCD_TRANSPORT", "native"),
-        help="unary etcd calls through the native HTTP client or through etcd3-py "
-        "[TM_ETCD_TRANSPORT]",
+        help="etcd's JSON gateway through the native HTTP client or through etcd3-py, or "
+        "etcd's native gRPC API [TM_ETCD_TRANSPORT]",
     )
     p.add_argument("--etcd-binary", default=None, help="etcd binary for the embedded etcd")
     p.add_argument(
@@ -374,10 +375,14 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
         quota_bytes=args.etcd_quota,
         quota_fraction=args.quota_fraction,
     )
+    etcd = connect(cfg)
     log.info(
-        "starting tm-sidecar %s node=%s etcd=%s", __version__, settings.node_id, ",".join(endpoints)
+        "starting tm-sidecar %s node=%s etcd=%s client=%s",
+        __version__,
+        settings.node_id,
+        ",".join(endpoints),
+        type(etcd).__name__,
     )
-    etcd = Etcd(cfg)
     sidecar = Sidecar(etcd, settings)
     notifier = Notifier()
     exit_code = 0

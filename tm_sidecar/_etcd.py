@@ -65,7 +65,8 @@ class EtcdConfig:
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=lambda v: "***" if v else "None")
     timeout_s: float = 5.0
-    transport: Literal["etcd3", "native"] = "etcd3"
+    #: "grpc" is etcd's native API (``tm_sidecar.etcd.connect`` makes that client).
+    transport: Literal["etcd3", "native", "grpc"] = "etcd3"
     threads: int = 16
 
     @property
@@ -497,6 +498,8 @@ class Etcd:
     """Async access to etcd for Trio code. Share one per process."""
 
     def __init__(self, cfg: EtcdConfig) -> None:
+        if cfg.transport == "grpc":
+            raise ValueError("the gRPC transport is tm_sidecar.etcd.connect(cfg), not Etcd(cfg)")
         self.cfg = cfg
         self._endpoint_index = 0
         self._native = _NativeHttp(cfg)

@@ -1,0 +1,273 @@
+"""What only the gRPC client has to show, against real etcds: failover, deadlines,
+cancellation, the keep-alive stream across a restart, a full etcd, and the package's
+shape. The behaviour it shares with the gateway clients is in test_etcd_adapter.py."""
+
+from __future__ import annotations
+
+import ast
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from taskmanager import TaskManager, WorkerTask
+
+from tests.procs import SidecarProcess
+from tm_sidecar import Compacted, Etcd, EtcdConfig, EtcdFull, EtcdUnavailable
+from tm_sidecar._embedded import EtcdProcess, free_port
+from tm_sidecar._errors import LeaseNotFound, Unavailable
+from tm_sidecar.core import Range
+from tm_sidecar.etcd import GrpcEtcd, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "tm_sidecar" / "etcd"
+
+
+def _grpc(*endpoints: str, timeout_s: float = 5.0) -> Etcd:
+    return connect(EtcdConfig(endpoints=endpoints, timeout_s=timeout_s, transport="grpc"))
+
+
+def test_every_public_method_of_the_adapter_is_the_grpc_clients_own() -> None:
+    """GrpcEtcd subclasses Etcd for typing only: nothing of the gateway may leak in."""
+    public = {name for name in vars(Etcd) if not name.startswith("_")}
+    inherited = {name for name in public if name not in vars(GrpcEtcd)}
+    assert public
+    assert inherited == set()
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = path.relative_to(ROOT).with_suffix("").parts
+                base = ".".join((*parts[: len(parts) - node.level], base)).rstrip(".")
+            names.add(base)
+    return names
+
+
+def test_the_package_imports_only_what_its_docstring_allows() -> None:
+    allowed_own = ("tm_sidecar.etcd", "tm_sidecar.core", "tm_sidecar._errors", "tm_sidecar._etcd")
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "rpc_pb2.py":
+            continue
+        for name in _imports(path):
+            if name.startswith("tm_sidecar"):
+                assert name.startswith(allowed_own), f"{path.name} imports {name}"
+    for path in (ROOT / "tm_sidecar").rglob("*.py"):
+        if PACKAGE in path.parents:
+            continue
+        grpc_imports = {n for n in _imports(path) if n == "grpc" or n.startswith("grpc.")}
+        assert not grpc_imports, f"{path} imports grpc outside tm_sidecar/etcd/"
+
+
+async def test_a_dead_endpoint_is_passed_over(etcd_server: EtcdProcess, namespace: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    etcd = _grpc(dead, etcd_server.endpoint)
+    key = f"/{namespace}/k"
+    # A read goes on to the next endpoint within its deadline: no error at all.
+    assert await etcd.get(key) is None
+    assert etcd.endpoint == etcd_server.endpoint
+    await etcd.put(key, "v")
+    # A write is never repeated by the client (it may have committed); one that finds
+    # its endpoint dead fails as unavailable and the next goes to the other one.
+    back = _grpc(etcd_server.endpoint, dead)
+    await back.put(key, "w")
+    etcd_server_index = back.endpoint
+    assert etcd_server_index == etcd_server.endpoint
+    await etcd.aclose()
+    await back.aclose()
+    lone = _grpc(dead, etcd_server.endpoint)
+    with pytest.raises(EtcdUnavailable):
+        await lone.put(key, "x")
+    assert lone.endpoint == etcd_server.endpoint
+    await lone.put(key, "x")
+    kv = await lone.get(key)
+    assert kv is not None
+    assert kv.value == "x"
+    await lone.aclose()
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers (a hung etcd)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_every_call_has_a_deadline(silent_endpoint: str) -> None:
+    etcd = _grpc(silent_endpoint, timeout_s=0.5)
+    for call in (etcd.get("/x"), etcd.put("/x", "1"), etcd.lease_keepalive(1)):
+        started = trio.current_time()
+        with trio.fail_after(5), pytest.raises(EtcdUnavailable):
+            await call
+        assert 0.4 < trio.current_time() - started < 3
+    with trio.fail_after(5), pytest.raises(EtcdUnavailable, match="confirm the watch"):
+        async for _ in etcd.watch_once("/x", 1):
+            pass
+    await etcd.aclose()
+
+
+async def test_a_cancelled_call_returns_at_once_and_the_client_goes_on(
+    silent_endpoint: str, etcd_server: EtcdProcess, namespace: str
+) -> None:
+    stuck = _grpc(silent_endpoint, timeout_s=30)
+    with trio.fail_after(5), trio.move_on_after(0.2) as scope:
+        await stuck.get("/x")
+    assert scope.cancelled_caught
+    await stuck.aclose()
+    etcd = _grpc(etcd_server.endpoint)
+    async with trio.open_nursery() as nursery:
+        for i in range(20):  # cancel some of many calls in flight
+            nursery.start_soon(etcd.put, f"/{namespace}/{i}", str(i))
+        nursery.cancel_scope.cancel()
+    await etcd.put(f"/{namespace}/after", "ok")
+    kvs, _ = await etcd.list_prefix(f"/{namespace}/")
+    assert f"/{namespace}/after" in {kv.key for kv in kvs}
+    await etcd.aclose()
+
+
+async def test_refusals_by_status_code(etcd_server: EtcdProcess, namespace: str) -> None:
+    etcd = _grpc(etcd_server.endpoint)
+    key = f"/{namespace}/k"
+    old = await etcd.put(key, "1")
+    await etcd.put(key, "2")
+    await etcd.compact(old + 1)
+    await etcd.compact(old)  # already compacted: not an error
+    with pytest.raises(Compacted):
+        await etcd.range(Range(key, revision=old))
+    with pytest.raises(LeaseNotFound):
+        await etcd.put(key, "3", lease=0x7EADBEEF)
+    assert await etcd.lease_ttl(0x7EADBEEF) == -1
+    assert await etcd.lease_keepalive(0x7EADBEEF) == 0
+    seen: list[tuple[str, str]] = []
+    etcd.on_request = lambda path, s, outcome: seen.append((path, outcome))
+    await etcd.get(key)
+    with pytest.raises(LeaseNotFound):
+        await etcd.put(key, "3", lease=0x7EADBEEF)
+    await etcd.lease_keepalive(0x7EADBEEF)
+    assert seen == [("/kv/range", "ok"), ("/kv/put", "error"), ("/lease/keepalive", "ok")]
+    await etcd.aclose()
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
+    proc = EtcdProcess(data_dir=tmp_path / "etcd", auto_compaction="0")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+async def _until_up(etcd: Etcd) -> None:
+    with trio.fail_after(15):
+        while True:
+            try:
+                await etcd.get("/up")
+                return
+            except EtcdUnavailable:
+                await trio.sleep(0.05)
+
+
+async def test_the_keepalive_stream_comes_back_after_an_etcd_restart(
+    own_etcd: EtcdProcess,
+) -> None:
+    etcd = _grpc(own_etcd.endpoint, timeout_s=2.0)
+    lease, _ = await etcd.lease_grant(30)
+    assert await etcd.lease_keepalive(lease) == 30
+    # The stream dies while idle: the next keep-alive gets a new one, with no error.
+    await trio.to_thread.run_sync(own_etcd.kill)
+    await trio.to_thread.run_sync(own_etcd.start)
+    await _until_up(etcd)
+    assert await etcd.lease_keepalive(lease) == 30
+    # A keep-alive while etcd is down fails as unavailable, and the next one works.
+    await trio.to_thread.run_sync(own_etcd.kill)
+    with pytest.raises(EtcdUnavailable):
+        await etcd.lease_keepalive(lease)
+    await trio.to_thread.run_sync(own_etcd.start)
+    await _until_up(etcd)
+    assert await etcd.lease_keepalive(lease) == 30  # a new stream, at the first call
+    await etcd.aclose()
+
+
+async def test_a_full_etcd_is_etcd_full_and_the_maintenance_calls_recover_it(
+    tmp_path: Path,
+) -> None:
+    proc = EtcdProcess(
+        data_dir=tmp_path / "small", quota_bytes=4 * 1024 * 1024, auto_compaction="0"
+    )
+    proc.start()
+    try:
+        etcd = _grpc(proc.endpoint)
+        refused: EtcdFull | None = None
+        with trio.fail_after(60):
+            for i in range(10_000):
+                try:
+                    await etcd.put(f"/fill/{i}", "x" * 100_000)
+                except EtcdFull as exc:
+                    refused = exc
+                    break
+        assert isinstance(refused, Unavailable)  # retryable, once space is freed
+        assert [alarm for _, alarm in await etcd.alarms()] == ["NOSPACE"]
+        status = await etcd.status()
+        assert int(status["dbSize"]) > 0
+        assert any("NOSPACE" in str(e) for e in status.get("errors", ()))
+        assert await etcd.get("/fill/0") is not None  # reads go on
+        assert await etcd.delete("/fill/", prefix=True) > 0
+        await etcd.compact(await etcd.revision())
+        assert await etcd.member_urls() == [proc.endpoint]
+        await etcd.defragment()
+        for member_id, alarm in await etcd.alarms():
+            await etcd.disarm(member_id, alarm)
+        assert await etcd.alarms() == []
+        await etcd.put("/fill/again", "ok")
+        await etcd.aclose()
+    finally:
+        proc.stop()
+
+
+async def test_sidecars_on_grpc_run_tasks_end_to_end(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    """Two real sidecars with ``--etcd-transport grpc``: election, sessions, watches,
+    assignment and results all over gRPC; an SDK producer on one, a worker on the other."""
+    procs = [
+        SidecarProcess(
+            name,
+            etcd_server.endpoint,
+            namespace,
+            tmp_path / f"{name}.log",
+            handler=None,
+            extra=("--etcd-transport", "grpc"),
+        )
+        for name in ("g1", "g2")
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+            await proc.wait_serving()
+        async with (
+            TaskManager(str(procs[0].socket_path)) as producer,
+            TaskManager(str(procs[1].socket_path)) as worker,
+        ):
+
+            async def double(task: WorkerTask) -> int:
+                return int(task.data["n"]) * 2
+
+            await worker.process(double, concurrency=4)
+            tasks = [await (await producer.create({"n": n})).commit() for n in range(30)]
+            with trio.fail_after(30):
+                results = [await task.result(timeout=30) for task in tasks]
+        assert results == [n * 2 for n in range(30)]
+    finally:
+        for proc in procs:
+            proc.stop()
+    for proc in procs:
+        log = proc.log()
+        assert "client=GrpcEtcd" in log
+        assert "Traceback" not in log, log[-3000:]
