@@ -30,6 +30,7 @@ from typing import Any, Literal
 import trio
 from taskmanager import TaskManager, WorkerTask
 
+from bench.drain import drain, peers
 from tests.procs import SidecarProcess, create_tasks
 from tm_sidecar import Etcd, EtcdConfig
 from tm_sidecar._embedded import EtcdProcess
@@ -637,6 +638,8 @@ SCENARIOS: dict[str, Callable[[Env], Awaitable[Result]]] = {
     "failover": failover,
     "stall": stall,
     "backlog": backlog,
+    "drain": drain,
+    "peers": peers,
 }
 
 
