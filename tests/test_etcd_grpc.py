@@ -356,3 +356,9 @@ async def test_sidecars_on_grpc_run_tasks_end_to_end(
         log = proc.log()
         assert "client=GrpcEtcd" in log
         assert "Traceback" not in log, log[-3000:]
+
+
+def test_grpc_is_the_default_transport() -> None:
+    assert isinstance(connect(EtcdConfig()), GrpcEtcd)
+    # The gateway stays one flag away, for a deployment that can reach only it.
+    assert type(connect(EtcdConfig(transport="native"))) is Etcd
