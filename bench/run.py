@@ -199,7 +199,7 @@ def _etcd_cpu_s(env: Env) -> float:
 async def etcd_cpu(env: Env) -> Result:
     """etcd's CPU per key written (32 puts a transaction), and per watcher of those keys:
     what a task's seven key writes and its watch deliveries cost etcd at least."""
-    etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,), transport="native"))
+    etcd = connect(EtcdConfig(endpoints=(env.etcd.endpoint,), transport="native"))
     out: Result = {}
     n = env.scale(12_800, quick=640)
     for watchers in (0, 1, 3):
@@ -415,7 +415,7 @@ async def failover(env: Env) -> Result:
     for how in ("kill", "term"):
         ks = Keyspace(namespace=env.namespace())
         procs = [env.sidecar(n, ks.namespace, handler=IN_PROCESS) for n in ("a", "b")]
-        etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
+        etcd = connect(EtcdConfig(endpoints=(env.etcd.endpoint,)))
         try:
             procs[0].start()
             await procs[0].wait_serving()
@@ -449,7 +449,7 @@ async def stall(env: Env) -> Result:
     ks = Keyspace(namespace=env.namespace())
     lead = env.sidecar("lead", ks.namespace)
     worker = env.sidecar("w", ks.namespace, handler=IN_PROCESS)
-    etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(env.etcd.endpoint,)))
     try:
         lead.start()
         await lead.wait_serving()
@@ -484,7 +484,7 @@ async def backlog(env: Env) -> Result:
     """Throughput and RSS with a large pending backlog; the leader's re-list time."""
     n = env.scale(100_000, quick=2_000)
     ks = Keyspace(namespace=env.namespace())
-    etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(env.etcd.endpoint,)))
     await create_tasks(etcd, ks, n, work_s=0.0)
     procs = [env.sidecar(x, ks.namespace) for x in ("a", "b")]
     try:
@@ -570,7 +570,7 @@ IN_PROCESS = "tests.proc_handlers:work"
 class Env:
     """One etcd, and sidecar processes on demand."""
 
-    def __init__(self, tmp: Path, quick: bool, transport: str = "native") -> None:
+    def __init__(self, tmp: Path, quick: bool, transport: str = "grpc") -> None:
         self.tmp = tmp
         self.quick = quick
         #: The sidecars' --etcd-transport.
@@ -710,8 +710,8 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", default="", help="a directory for etcd and the sidecar logs, kept")
     p.add_argument(
         "--etcd-transport",
-        choices=("native", "etcd3", "grpc"),
-        default="native",
+        choices=("grpc", "native", "etcd3"),
+        default="grpc",
         help="the sidecars' etcd client (the ceiling measures every one regardless)",
     )
     args = p.parse_args(argv)

@@ -8,8 +8,9 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from tm_sidecar import Etcd, EtcdConfig, Sidecar, SidecarSettings
+from tm_sidecar import EtcdConfig, Sidecar, SidecarSettings
 from tm_sidecar.core import NodeId
+from tm_sidecar.etcd import connect
 
 T = TypeVar("T")
 
@@ -43,7 +44,7 @@ async def running_sidecars(
     """Sidecars on one etcd and namespace, started in order (the first one leads)."""
     settings.setdefault("lease_ttl_s", 2)
     settings.setdefault("grace_s", 1.0)
-    etcd = Etcd(EtcdConfig(endpoints=(endpoint,), timeout_s=3.0))
+    etcd = connect(EtcdConfig(endpoints=(endpoint,), timeout_s=3.0))
     try:
         async with trio.open_nursery() as nursery:
             sidecars = []

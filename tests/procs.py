@@ -30,6 +30,10 @@ from tm_sidecar.core import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The etcd transport of every sidecar these tests start (``--etcd-transport``): set
+#: ``TM_TEST_ETCD_TRANSPORT`` to run the multi-process and fault tests on another one;
+#: unset, the sidecar's own default.
+TRANSPORT = os.environ.get("TM_TEST_ETCD_TRANSPORT") or None
 
 
 @attrs.define(eq=False)
@@ -63,8 +67,10 @@ class SidecarProcess:
             str(self.lease_ttl_s),
             "--log-level",
             "info",
-            *self.extra,
         ]
+        if TRANSPORT is not None:
+            args += ["--etcd-transport", TRANSPORT]
+        args += self.extra  # after it: a test's own --etcd-transport wins
         if self.handler:
             args += ["--handler", self.handler, "--concurrency", str(self.concurrency)]
         with open(self.log_path, "ab") as log:

@@ -15,10 +15,11 @@ from typing import Any
 import trio
 
 from tests.helpers import wait_for
-from tm_sidecar import Etcd, EtcdConfig, Sidecar, SidecarSettings, TaskContext
+from tm_sidecar import EtcdConfig, Sidecar, SidecarSettings, TaskContext
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar._etcd import Changes, Reset
 from tm_sidecar.core import AttemptLedger, NodeId, TaskId
+from tm_sidecar.etcd import GrpcEtcd
 
 
 def test_the_ledger_starts_each_attempt_once_running_or_over() -> None:
@@ -49,7 +50,7 @@ def test_the_ledger_forgets_the_oldest_behind_a_floor_between_deliveries() -> No
     assert ledger.begin(TaskId("t11"), 11)
 
 
-class RepeatingEtcd(Etcd):
+class RepeatingEtcd(GrpcEtcd):
     """A real etcd client whose assignment watch delivers every item twice: the repeat
     only once the agent is idle, i.e. after the attempt the item started has ended."""
 

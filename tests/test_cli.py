@@ -13,10 +13,11 @@ import pytest
 import trio
 
 from tests.helpers import poll_until
-from tm_sidecar import Etcd, EtcdConfig
+from tm_sidecar import EtcdConfig
 from tm_sidecar._cli import build_parser, load_handler
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace
+from tm_sidecar.etcd import connect
 
 
 def test_help_names_every_option_and_its_variable() -> None:
@@ -103,7 +104,7 @@ async def test_sidecar_against_an_external_etcd_exits_0_on_sigterm(
     proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; waits go through a thread
         [sys.executable, "-m", "tm_sidecar", *args], stderr=subprocess.PIPE, text=True, env=env
     )
-    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     try:
 
         async def registered() -> bool:

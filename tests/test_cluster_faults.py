@@ -50,6 +50,7 @@ from tm_sidecar.core import (
     make_task_id,
     plan_create,
 )
+from tm_sidecar.etcd import connect
 
 NAMESPACE = "faults"
 KS = Keyspace(namespace=NAMESPACE)
@@ -373,7 +374,7 @@ async def _run_faults(cluster: EtcdCluster, tmp_path: Path, scale: Scale) -> dic
             )
             sc.start()
             sidecars.append(sc)
-        etcd = Etcd(EtcdConfig(endpoints=cluster.endpoints, timeout_s=2.0))
+        etcd = connect(EtcdConfig(endpoints=cluster.endpoints, timeout_s=2.0))
         try:
             for sc in sidecars:
                 await sc.wait_serving()

@@ -5,10 +5,15 @@ shape. The behaviour it shares with the gateway clients is in test_etcd_adapter.
 from __future__ import annotations
 
 import ast
+import contextlib
+import itertools
+import os
+import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 from taskmanager import TaskManager, WorkerTask
@@ -195,6 +200,86 @@ async def test_the_keepalive_stream_comes_back_after_an_etcd_restart(
     await etcd.aclose()
 
 
+async def test_a_keepalive_cancelled_by_its_caller_leaves_no_answer_behind(
+    own_etcd: EtcdProcess,
+) -> None:
+    etcd = _grpc(own_etcd.endpoint, timeout_s=5.0)
+    assert isinstance(etcd, GrpcEtcd)
+    lease, _ = await etcd.lease_grant(30)
+    other, _ = await etcd.lease_grant(30)
+    assert await etcd.lease_keepalive(lease) == 30
+    stream = etcd._keepalives._opened
+    assert stream is not None
+    pid = own_etcd.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # etcd hangs: the keep-alive gets no answer in time
+    try:
+        with trio.fail_after(5), trio.move_on_after(0.3) as scope:
+            await etcd.lease_keepalive(lease)
+        assert scope.cancelled_caught
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # The stream that may still carry the late answer is gone: the next keep-alive gets
+    # its own answer on a fresh stream, not the one etcd now sends for the cancelled one.
+    assert stream.stream.ended
+    assert await etcd.lease_keepalive(other) == 30
+    assert etcd._keepalives._opened is not stream
+    await etcd.aclose()
+
+
+async def test_a_down_endpoint_is_tried_again_often(refusing_endpoint: RefusingEndpoint) -> None:
+    """grpc-core waits longer and longer between connection attempts to an endpoint
+    that is down; it must not wait so long that a returning etcd goes unused (the
+    default grows to two minutes, and even one second shows in the fault test's figure
+    for an etcd cluster restart)."""
+    etcd = _grpc(refusing_endpoint.endpoint, timeout_s=0.5)
+    async with trio.open_nursery() as nursery:
+
+        async def keep_calling() -> None:
+            while True:
+                with contextlib.suppress(EtcdUnavailable):
+                    await etcd.get("/x")
+                await trio.sleep(0.02)
+
+        nursery.start_soon(refusing_endpoint.serve)
+        nursery.start_soon(keep_calling)
+        await trio.sleep(3.0)  # long enough for the default backoff to pass one second
+        nursery.cancel_scope.cancel()
+    await etcd.aclose()
+    attempts = refusing_endpoint.attempts
+    assert len(attempts) >= 6, attempts
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert max(gaps) < 0.5, gaps
+
+
+@attrs.define(eq=False)
+class RefusingEndpoint:
+    """A port that takes TCP connections and closes them at once: an etcd that is not
+    serving yet. Records when each connection attempt came."""
+
+    listener: trio.socket.SocketType
+    attempts: list[float] = attrs.Factory(list)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    async def serve(self) -> None:
+        while True:
+            conn, _ = await self.listener.accept()
+            self.attempts.append(trio.current_time())
+            conn.close()
+
+
+@pytest.fixture
+async def refusing_endpoint() -> AsyncIterator[RefusingEndpoint]:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    with listener:
+        yield RefusingEndpoint(listener)
+
+
 async def test_a_full_etcd_is_etcd_full_and_the_maintenance_calls_recover_it(
     tmp_path: Path,
 ) -> None:
@@ -271,3 +356,9 @@ async def test_sidecars_on_grpc_run_tasks_end_to_end(
         log = proc.log()
         assert "client=GrpcEtcd" in log
         assert "Traceback" not in log, log[-3000:]
+
+
+def test_grpc_is_the_default_transport() -> None:
+    assert isinstance(connect(EtcdConfig()), GrpcEtcd)
+    # The gateway stays one flag away, for a deployment that can reach only it.
+    assert type(connect(EtcdConfig(transport="native"))) is Etcd

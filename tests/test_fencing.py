@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from tests.helpers import running_sidecars, wait_for
-from tm_sidecar import Etcd, EtcdConfig, NotLeader, State, TaskContext
+from tm_sidecar import EtcdConfig, NotLeader, State, TaskContext
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar._leading import _commit
 from tm_sidecar._session import RetentionLeases
@@ -23,13 +23,14 @@ from tm_sidecar.core import (
     TaskOptions,
     initial_record,
 )
+from tm_sidecar.etcd import connect
 
 
 async def test_a_deposed_leaders_batch_fails_whole(
     etcd_server: EtcdProcess, namespace: str
 ) -> None:
     ks = Keyspace(namespace=namespace)
-    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     lease, _ = await etcd.lease_grant(30)
     await etcd.put(ks.candidate(lease), "{}", lease=lease)
     candidate = await etcd.get(ks.candidate(lease))
@@ -87,7 +88,7 @@ async def test_an_assignment_to_a_restarted_nodes_old_session_does_not_commit(
     etcd_server: EtcdProcess, namespace: str
 ) -> None:
     ks = Keyspace(namespace=namespace)
-    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     leader, _ = await etcd.lease_grant(30)
     await etcd.put(ks.candidate(leader), "{}", lease=leader)
     candidate = await etcd.get(ks.candidate(leader))

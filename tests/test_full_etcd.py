@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -22,6 +21,7 @@ from tm_sidecar import EtcdFull, QueueFull, State, TaskContext
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar._etcd import Etcd, EtcdConfig
 from tm_sidecar.core import Keyspace, Put, Range, Record, TaskId, TaskOptions, TaskSpec, Txn
+from tm_sidecar.etcd import connect
 
 QUOTA = 16 * 1024 * 1024
 PAYLOAD = "x" * 100_000
@@ -43,9 +43,8 @@ def small_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess
         proc.stop()
 
 
-async def _alarms(etcd: Etcd) -> list[Any]:
-    answer = await etcd.call("/maintenance/alarm", {"action": "GET"})
-    return list(answer.get("alarms") or [])
+async def _alarms(etcd: Etcd) -> list[str]:
+    return [alarm for _, alarm in await etcd.alarms()]
 
 
 async def _fill(etcd: Etcd, ks: Keyspace) -> int:
@@ -130,12 +129,12 @@ async def test_a_full_etcd_refuses_creates_retryably_keeps_reads_and_recovers(
         finished = await sc.create({"n": 1})
         await sc.wait(finished.id, timeout_s=10)
         # Something else fills etcd up behind the queue's back.
-        filler = Etcd(EtcdConfig(endpoints=(small_etcd.endpoint,)))
+        filler = connect(EtcdConfig(endpoints=(small_etcd.endpoint,)))
         try:
             await _fill(filler, ks)
         finally:
             await filler.aclose()
-        assert [a["alarm"] for a in await _alarms(sc.etcd)] == ["NOSPACE"]
+        assert await _alarms(sc.etcd) == ["NOSPACE"]
         with pytest.raises(EtcdFull, match="tmctl recover") as refused:
             await sc.create({"n": 2})
         assert refused.value.retryable

@@ -14,11 +14,12 @@ from tm_sidecar import Etcd, EtcdConfig, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar._group import GroupCommit, merge_txns, txn_group
 from tm_sidecar.core import Compare, Put, Touch, Txn, TxnResult
+from tm_sidecar.etcd import connect
 
 
 @pytest.fixture
 async def etcd(etcd_server: EtcdProcess) -> AsyncIterator[Etcd]:
-    client = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    client = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     yield client
     await client.aclose()
 
@@ -122,7 +123,7 @@ async def test_batches_hold_to_the_byte_budget(etcd: Etcd, namespace: str) -> No
 async def test_unavailability_is_every_items_answer(
     etcd_server: EtcdProcess, namespace: str
 ) -> None:
-    gone = Etcd(EtcdConfig(endpoints=("http://127.0.0.1:9",), timeout_s=1.0))
+    gone = connect(EtcdConfig(endpoints=("http://127.0.0.1:9",), timeout_s=1.0))
     group = txn_group(gone, ops_per_item=1, name="test")
     answers = await submit_all(group, [create(f"/{namespace}/u{i}") for i in range(5)])
     assert all(isinstance(a, EtcdUnavailable) for a in answers)

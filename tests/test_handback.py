@@ -13,9 +13,10 @@ from taskmanager import TaskManager, WorkerTask
 
 from tests.helpers import poll_until
 from tests.procs import SidecarProcess
-from tm_sidecar import Etcd, EtcdConfig
+from tm_sidecar import EtcdConfig
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace, Record, State, TaskId
+from tm_sidecar.etcd import connect
 
 
 async def test_a_worker_shutdown_hands_back_without_spending_the_attempt(
@@ -64,7 +65,7 @@ async def test_a_sigterm_drain_that_runs_out_hands_back_without_spending_the_att
         handler="tests.proc_handlers:hang" if worker == "in-process" else None,
         extra=("--drain-timeout", "0.3"),
     )
-    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     sc.start()
     try:
         await sc.wait_serving()

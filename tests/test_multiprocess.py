@@ -18,6 +18,7 @@ from tests.procs import Auditor, SidecarProcess, create_tasks, leader_node, wait
 from tm_sidecar import Etcd, EtcdConfig, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace, Range, State
+from tm_sidecar.etcd import connect
 
 TTL = 2
 
@@ -48,7 +49,7 @@ async def test_three_sidecars_survive_killing_the_leader_and_a_worker(
     etcd_server: EtcdProcess, namespace: str, tmp_path: Path
 ) -> None:
     ks = Keyspace(namespace=namespace)
-    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     procs = _procs(etcd_server.endpoint, namespace, tmp_path, ["a", "b", "c"])
     try:
         procs[0].start()
@@ -97,7 +98,7 @@ async def test_a_paused_leader_is_fenced_and_steps_down(
     etcd_server: EtcdProcess, namespace: str, tmp_path: Path
 ) -> None:
     ks = Keyspace(namespace=namespace)
-    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     procs = _procs(etcd_server.endpoint, namespace, tmp_path, ["a", "b"])
     try:
         procs[0].start()
@@ -137,7 +138,7 @@ async def test_sidecars_ride_out_an_etcd_restart(
     own_etcd: EtcdProcess, namespace: str, tmp_path: Path
 ) -> None:
     ks = Keyspace(namespace=namespace)
-    etcd = Etcd(EtcdConfig(endpoints=(own_etcd.endpoint,), timeout_s=2.0))
+    etcd = connect(EtcdConfig(endpoints=(own_etcd.endpoint,), timeout_s=2.0))
     procs = _procs(own_etcd.endpoint, namespace, tmp_path, ["a", "b"])
     try:
         for p in procs:

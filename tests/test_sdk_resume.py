@@ -16,9 +16,10 @@ from taskmanager import TaskManager
 from tests.helpers import Observed, wait_for
 from tests.procs import SidecarProcess, create_tasks
 from tests.test_protocol import Raw
-from tm_sidecar import Etcd, EtcdConfig
+from tm_sidecar import EtcdConfig
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace
+from tm_sidecar.etcd import connect
 
 
 async def _outage(
@@ -31,7 +32,7 @@ async def _outage(
     completed: Observed[dict[str, Any]] = Observed()
     gaps: Observed[dict[str, Any]] = Observed()
     ids: list[str] = []
-    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     try:
         for sc in (a, b):
             sc.start()
@@ -109,7 +110,7 @@ async def test_a_long_replay_waits_for_the_client_instead_of_dropping_it(
     etcd_server: EtcdProcess, namespace: str, tmp_path: Path
 ) -> None:
     sc = SidecarProcess("n1", etcd_server.endpoint, namespace, tmp_path / "n1.log", handler=None)
-    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     try:
         sc.start()
         await sc.wait_serving()

@@ -15,7 +15,6 @@ from tests.helpers import Observed, poll_until, running_sidecars, wait_for
 from tm_sidecar import (
     Backoff,
     Compacted,
-    Etcd,
     EtcdConfig,
     InvalidRequest,
     PayloadTooLarge,
@@ -31,6 +30,7 @@ from tm_sidecar import (
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace, NodeId, Range, Slot, TaskId, plan_move, succeeded
 from tm_sidecar.core import Record as CoreRecord
+from tm_sidecar.etcd import connect
 
 
 async def _collect(sidecar: Sidecar, observed: Observed[TaskEvent]) -> None:
@@ -315,7 +315,7 @@ async def test_create_with_the_same_id_is_idempotent(
 async def test_a_stale_report_is_rejected(etcd_server: EtcdProcess, namespace: str) -> None:
     """An outcome for attempt k fails once attempt k is no longer the live assignment."""
     ks = Keyspace(namespace=namespace)
-    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     # A task assigned to a node, as the leader would leave it.
     key = ks.state(State.PROCESSING, TaskId("t1"), NodeId("n1"))
     record = CoreRecord(
@@ -506,7 +506,7 @@ async def test_listing_a_large_backlog_does_not_block_the_event_loop(
     from tests.procs import create_tasks
 
     ks = Keyspace(namespace=namespace)
-    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     await create_tasks(etcd, ks, 30_000, work_s=0.0)
     await etcd.aclose()
     longest_gap = 0.0

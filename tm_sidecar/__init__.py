@@ -21,6 +21,7 @@ from ._errors import (
 from ._etcd import Etcd, EtcdConfig
 from ._sidecar import Sidecar, SidecarSettings, TaskInfo
 from .core import Backoff, State, TaskError, TaskEvent, TaskOptions, TaskSpec
+from .etcd import connect
 
 __all__ = [
     "Backoff",
@@ -52,4 +53,5 @@ __all__ = [
     "TaskSpec",
     "Unavailable",
     "__version__",
+    "connect",
 ]

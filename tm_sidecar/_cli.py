@@ -187,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--etcd-transport",
         choices=("native", "etcd3", "grpc"),
-        default=env("TM_ETCD_TRANSPORT", "native"),
-        help="etcd's JSON gateway through the native HTTP client or through etcd3-py, or "
-        "etcd's native gRPC API [TM_ETCD_TRANSPORT]",
+        default=env("TM_ETCD_TRANSPORT", "grpc"),
+        help="etcd's native gRPC API (the default), or its JSON gateway through our own "
+        "HTTP client (native) or etcd3-py (etcd3), for when only the gateway can be "
+        "reached [TM_ETCD_TRANSPORT]",
     )
     p.add_argument("--etcd-binary", default=None, help="etcd binary for the embedded etcd")
     p.add_argument(

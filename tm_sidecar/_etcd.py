@@ -65,8 +65,10 @@ class EtcdConfig:
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=lambda v: "***" if v else "None")
     timeout_s: float = 5.0
-    #: "grpc" is etcd's native API (``tm_sidecar.etcd.connect`` makes that client).
-    transport: Literal["etcd3", "native", "grpc"] = "etcd3"
+    #: "grpc", the default, is etcd's native API; "native" (our HTTP/1.1 client) and
+    #: "etcd3" (etcd3-py) speak its JSON gateway. ``tm_sidecar.etcd.connect(cfg)`` makes
+    #: the client for it (``Etcd(cfg)`` is the gateway client only).
+    transport: Literal["etcd3", "native", "grpc"] = "grpc"
     threads: int = 16
 
     @property

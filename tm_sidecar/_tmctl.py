@@ -41,6 +41,7 @@ from .core import (
     Touch,
     Txn,
 )
+from .etcd import connect
 
 STATES = [s.value for s in State]
 
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-cert", default=env("TM_ETCD_CERT"))
     p.add_argument("--etcd-key", default=env("TM_ETCD_KEY"))
     p.add_argument("--etcd-user", default=env("TM_ETCD_USER"))
+    p.add_argument(
+        "--etcd-transport",
+        choices=("grpc", "native", "etcd3"),
+        default=env("TM_ETCD_TRANSPORT", "grpc"),
+        help="as tm-sidecar's [TM_ETCD_TRANSPORT]",
+    )
     p.add_argument(
         "--etcd-password", default=env("TM_ETCD_PASSWORD"), help="prefer TM_ETCD_PASSWORD"
     )
@@ -323,7 +330,7 @@ class Ctl:
         # back to the file; both work over quota. Then the alarm can go.
         await self.etcd.compact(await self.etcd.revision())
         for url in await self.etcd.member_urls():
-            member = Etcd(attrs.evolve(cfg, endpoints=(url,), timeout_s=max(cfg.timeout_s, 60)))
+            member = connect(attrs.evolve(cfg, endpoints=(url,), timeout_s=max(cfg.timeout_s, 60)))
             try:
                 await member.defragment()
             finally:
@@ -619,8 +626,9 @@ async def run(args: argparse.Namespace) -> int:
         key_file=args.etcd_key,
         username=args.etcd_user,
         password=args.etcd_password,
+        transport=args.etcd_transport,
     )
-    etcd = Etcd(cfg)
+    etcd = connect(cfg)
     ctl = Ctl(etcd, Keyspace(namespace=args.namespace), args.json)
     try:
         match args.command:

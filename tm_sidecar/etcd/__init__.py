@@ -25,7 +25,7 @@ from ._sync import SyncEtcd
 
 
 def connect(cfg: EtcdConfig) -> Etcd:
-    """The etcd client for ``cfg.transport``: gRPC, or the JSON gateway."""
+    """The etcd client for ``cfg.transport``: gRPC (the default), or the JSON gateway."""
     if cfg.transport == "grpc":
         return GrpcEtcd(cfg)
     return Etcd(cfg)

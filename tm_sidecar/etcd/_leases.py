@@ -3,8 +3,9 @@
 etcd renews leases only through a stream. The stream opens on first use and carries the
 keep-alives of every lease of the client, one at a time (a session renews every TTL/3:
 there is no queue to speak of); it is opened again after etcd or the connection goes
-away. A keep-alive that gets no answer within the deadline fails as unavailable, and
-the stream is dropped so that a late answer cannot be taken for the next request's.
+away. A keep-alive that gets no answer within the deadline fails as unavailable; one
+left without an answer for any reason (the caller cancelled it too) drops the stream, so
+that a late answer cannot be taken for the next request's.
 """
 
 from __future__ import annotations
@@ -57,21 +58,28 @@ class KeepAlives:
             self._drop()
             opened = self._opened = await transport.open_stream(LEASE_KEEPALIVE)
         opened.stream.send(pb.LeaseKeepAliveRequest(ID=lease))
-        with trio.move_on_after(transport.timeout_s):
-            while True:
-                try:
-                    answer = await opened.stream.receive()
-                except Exception as exc:
-                    self._drop()
-                    raise _StreamEnded(
-                        transport.stream_error(exc, opened, "lease keep-alive")
-                    ) from None
-                if lease == answer.ID:
-                    # etcd answers a lease it does not know (expired, revoked) with TTL 0.
-                    return max(int(answer.TTL), 0)
-        # No answer: drop the stream, so that a late answer is not taken for the next one.
-        self._drop()
-        raise EtcdUnavailable(f"lease keep-alive: no answer within {transport.timeout_s} s")
+        answered = False
+        try:
+            with trio.move_on_after(transport.timeout_s):
+                while True:
+                    try:
+                        answer = await opened.stream.receive()
+                    except Exception as exc:
+                        raise _StreamEnded(
+                            transport.stream_error(exc, opened, "lease keep-alive")
+                        ) from None
+                    if lease == answer.ID:
+                        answered = True
+                        # etcd answers a lease it does not know (expired, revoked) with TTL 0.
+                        return max(int(answer.TTL), 0)
+            raise EtcdUnavailable(f"lease keep-alive: no answer within {transport.timeout_s} s")
+        finally:
+            if not answered:
+                # No answer (our deadline, the caller's, or a broken stream): drop the
+                # stream, so that a late answer is not taken for the next request's (its
+                # TTL would count from the wrong time), and so that the next keep-alive
+                # goes to the endpoint in use now rather than to one that stopped answering.
+                self._drop()
 
     def _drop(self) -> None:
         opened, self._opened = self._opened, None

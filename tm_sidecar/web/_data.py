@@ -320,14 +320,11 @@ async def etcd_health(etcd: Etcd) -> EtcdHealth:
     try:
         status = await etcd.status()
         latency_ms = (trio.current_time() - started) * 1000
-        alarms_answer = await etcd.call("/maintenance/alarm", {"action": "GET"})
+        raised = await etcd.alarms()
     except (Unavailable, TaskManagerError) as exc:
         return EtcdHealth(endpoint=etcd.endpoint, ok=False, error=str(exc))
     header = status.get("header", {})
-    alarms = tuple(
-        f"{a.get('alarm', 'alarm')} on member {a.get('memberID', '?')}"
-        for a in alarms_answer.get("alarms", []) or []
-    )
+    alarms = tuple(f"{alarm} on member {member}" for member, alarm in raised)
     return EtcdHealth(
         endpoint=etcd.endpoint,
         ok=not alarms,
