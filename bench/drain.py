@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from tests.procs import ROOT, create_tasks
-from tm_sidecar import Etcd, EtcdConfig
+from tm_sidecar import Etcd, EtcdConfig, connect
 from tm_sidecar._embedded import free_port
 from tm_sidecar.core import Keyspace, Range, State
 
@@ -58,7 +58,7 @@ async def drain(env: Env) -> Result:
     sidecar = env.sidecar("n0", ns)
     sidecar.start()
     await sidecar.wait_serving()
-    etcd = Etcd(EtcdConfig(endpoints=(env.etcd.endpoint,)))
+    etcd = connect(EtcdConfig(endpoints=(env.etcd.endpoint,)))
     workers: list[trio.Process] = []
     try:
         await create_tasks(etcd, ks, n, work_s=0.0)

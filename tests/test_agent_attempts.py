@@ -79,7 +79,9 @@ class RepeatingEtcd(GrpcEtcd):
 async def test_a_repeated_or_late_delivery_never_starts_an_attempt_again(
     etcd_server: EtcdProcess, namespace: str
 ) -> None:
-    etcd = RepeatingEtcd(EtcdConfig(endpoints=(etcd_server.endpoint,), timeout_s=3.0))
+    # The repetition is the test's own, whatever the transport: the gateway client here.
+    cfg = EtcdConfig(endpoints=(etcd_server.endpoint,), timeout_s=3.0, transport="native")
+    etcd = RepeatingEtcd(cfg)
     sidecar = Sidecar(
         etcd,
         SidecarSettings(node_id=NodeId("n1"), namespace=namespace, lease_ttl_s=2, grace_s=1.0),

@@ -28,6 +28,7 @@ from tm_sidecar.core import (
     promoted,
     succeeded,
 )
+from tm_sidecar.core._policy import MAX_FREE_HANDBACKS
 
 backoffs = st.builds(
     Backoff,
@@ -115,6 +116,23 @@ def test_a_hand_back_spends_no_attempt(attempts: int) -> None:
     assert back.options == run.options
     again = assigned(back, node=NodeId("m"), session=8, now=101.0, grace_s=1.0)
     assert again.attempts == attempts  # the next attempt has the same number
+
+
+def test_hand_backs_in_a_row_are_free_only_so_often() -> None:
+    # A task that never finishes (and has no timeout) must not come back for ever: after
+    # MAX_FREE_HANDBACKS free hand-backs in a row, the next one counts as an attempt.
+    run = _processing(1, max_attempts=1)
+    for n in range(1, MAX_FREE_HANDBACKS + 1):
+        back = handed_back(run, now=float(n))
+        assert (back.state, back.attempts, back.handbacks) == (State.PENDING, 0, n)
+        assert Record.from_json(State.PENDING, back.to_json()) == back  # kept in etcd
+        run = assigned(back, node=NodeId("m"), session=8, now=float(n), grace_s=1.0)
+        assert run.handbacks == n
+    last = handed_back(run, now=9.0)
+    assert last.state is State.FAILED
+    assert last.error is not None
+    assert last.error.type == "HandedBack"
+    assert last.attempts == 1
 
 
 def test_a_life_in_records() -> None:

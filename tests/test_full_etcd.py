@@ -12,11 +12,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from tests.helpers import running_sidecars, wait_for
+from tests.helpers import poll_until, running_sidecars, wait_for
 from tm_sidecar import EtcdFull, QueueFull, State, TaskContext
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar._etcd import Etcd, EtcdConfig
@@ -184,3 +185,73 @@ def test_tmctl_recover_asks_before_it_deletes(small_etcd: EtcdProcess) -> None:
     )
     assert run.returncode == 1
     assert "--yes" in run.stderr
+
+
+async def test_the_leader_decides_again_once_space_is_freed(
+    small_etcd: EtcdProcess, namespace: str
+) -> None:
+    """A reap refused while etcd is full happens once space is freed, though freeing it
+    changes nothing the leader watches (tmctl recover deletes completed records)."""
+    ks = Keyspace(namespace=namespace)
+    async with running_sidecars(
+        small_etcd.endpoint,
+        namespace,
+        "n1",
+        "n2",
+        quota_bytes=QUOTA,
+        quota_fraction=1.0,
+        compact_interval_s=0,
+    ) as (leader, worker):
+        started = trio.Event()
+
+        async def hang(task: TaskContext) -> None:
+            started.set()
+            await trio.sleep_forever()
+
+        worker.register(hang)
+        spec = await leader.create({"n": 1})
+        with trio.fail_after(10):
+            await started.wait()
+        filler = connect(EtcdConfig(endpoints=(small_etcd.endpoint,)))
+        try:
+            await _fill(filler, ks)
+            # The worker's node goes away for good; the leader's reap of its task is
+            # refused while etcd is full.
+            worker.stop()
+
+            async def node_gone() -> bool:
+                return await filler.get(ks.node("n2")) is None
+
+            await poll_until(node_gone, timeout_s=15)
+            await poll_until(lambda: _conflicted(leader), timeout_s=15)
+            recover = [TMCTL, "--etcd", small_etcd.endpoint, "--namespace", namespace]
+            report = await trio.run_process(
+                [*recover, "--json", "recover", "--yes"],
+                capture_stdout=True,
+                check=True,
+            )
+            assert json.loads(report.stdout)["alarms_after"] == []
+
+            async def reaped() -> bool:
+                kvs, _ = await filler.list_prefix(ks.state_prefix(State.PROCESSING))
+                return not any(kv.key.endswith(spec.id) for kv in kvs)
+
+            await poll_until(reaped, timeout_s=15)
+        finally:
+            await filler.aclose()
+
+
+async def _conflicted(sidecar: Any) -> bool:
+    return bool(sidecar.leader.conflicts)
+
+
+def test_an_overloaded_etcd_is_not_a_full_one() -> None:
+    """The gateway answers both with gRPC code 8 and HTTP 429: only a full etcd must
+    refuse creates and send an operator to `tmctl recover`."""
+    from tm_sidecar._errors import EtcdUnavailable
+    from tm_sidecar._etcd import translate_error
+
+    full = {"code": 8, "message": "etcdserver: mvcc: database space exceeded"}
+    busy = {"code": 8, "message": "etcdserver: too many requests"}
+    assert isinstance(translate_error(429, full), EtcdFull)
+    assert isinstance(translate_error(429, busy), EtcdUnavailable)

@@ -213,8 +213,12 @@ def translate_error(status: int, body: _Body | None, text: str = "") -> Exceptio
         message = str(body.get("message") or body.get("error") or "")
     message = message or text or f"HTTP {status}"
     code = int(body.get("code", 0)) if body else 0
-    # gRPC 8 is RESOURCE_EXHAUSTED: the NOSPACE alarm ("database space exceeded").
+    # gRPC 8 is RESOURCE_EXHAUSTED: the NOSPACE alarm ("database space exceeded"), or
+    # etcd's applier falling behind ("too many requests"), which passes. The gateway
+    # gives both the same code and status, so only the text tells them apart.
     if code == 8 or status == 429:
+        if "too many requests" in message:
+            return EtcdUnavailable(message)
         return EtcdFull(message)
     if "compacted" in message:
         return Compacted(message)

@@ -17,6 +17,7 @@ from ._session import RetentionLeases, Session
 from .core import (
     MAX_TXN_OPS,
     Batch,
+    Compare,
     Delete,
     Fence,
     Keyspace,
@@ -132,7 +133,7 @@ async def run_leader(
                 continue
             changed = trio.Event()
             decision = view.decide(clock(), settings.policy, draws)
-            progressed = False
+            progressed = retry = False
             for n, batch in enumerate(decision.batches):
                 if not session.trusted():
                     raise NotLeader("the session lease is no longer trusted")
@@ -145,10 +146,11 @@ async def run_leader(
                 # Stop here, so that later batches cannot overtake this one's tasks.
                 state.conflicts += 1
                 must_reach = max(must_reach, revision)
+                retry = revision == DECIDE_AGAIN
                 for rest in decision.batches[n + 1 :]:
                     view.settle(rest, committed_at=None)
                 break
-            if progressed:
+            if progressed or retry:
                 continue  # there may be more to do at once
             if must_reach > view.revision:
                 continue
@@ -218,7 +220,8 @@ async def _commit(
         log.error("%s batch of %d refused: etcd is full (%s)", batch.kind, len(batch.moves), exc)
         view.settle(batch, committed_at=None)
         await trio.sleep(ETCD_FULL_PAUSE_S)
-        return False, 0
+        # Decide again now: freeing space (tmctl recover) may change nothing we watch.
+        return False, DECIDE_AGAIN
     except EtcdError as exc:
         # Refused whole (too large, a payload deleted by hand): commit the moves one by one.
         log.warning(
@@ -243,19 +246,32 @@ async def sweep_payloads(etcd: Etcd, ks: Keyspace) -> int:
     """Delete the payloads of finished tasks whose records have expired; answers how many.
 
     A final record expires with its retention lease and its payload is left behind (see
-    ``core.orphan_payloads``). Batches of deletes, or one by one when etcd is full (plain
-    deletes still work then, and freeing space is what a full etcd needs).
+    ``core.orphan_payloads``). Each delete compares the payload's mod revision as listed,
+    so a payload taken again by a create of the same id (which rewrites it) is kept.
+    When etcd is full it takes no transaction, and no create either: plain deletes then
+    (freeing space is what a full etcd needs).
     """
     kvs, _ = await etcd.list_prefix(ks.prefix, keys_only=True, page=10_000)
-    orphans = orphan_payloads(ks, (kv.key for kv in kvs))
-    for start in range(0, len(orphans), MAX_TXN_OPS):
-        chunk = orphans[start : start + MAX_TXN_OPS]
+    listed = {kv.key: kv.mod_revision for kv in kvs}
+    keys = [ks.task(t) for t in orphan_payloads(ks, listed)]
+    deleted = 0
+    for start in range(0, len(keys), MAX_TXN_OPS):
+        chunk = keys[start : start + MAX_TXN_OPS]
         try:
-            await etcd.txn(Txn(success=tuple(Delete(ks.task(t)) for t in chunk)))
+            batch = Txn(
+                compare=tuple(Compare.modified_at(k, listed[k]) for k in chunk),
+                success=tuple(Delete(k) for k in chunk),
+            )
+            if (await etcd.txn(batch)).succeeded:
+                deleted += len(chunk)
+                continue
+            for k in chunk:  # one was taken again meanwhile: each alone
+                one = Txn(compare=(Compare.modified_at(k, listed[k]),), success=(Delete(k),))
+                deleted += (await etcd.txn(one)).succeeded
         except EtcdFull:
-            for task_id in chunk:
-                await etcd.delete(ks.task(task_id))
-    return len(orphans)
+            for k in chunk:
+                deleted += await etcd.delete(k)
+    return deleted
 
 
 def _check_fence(fence: Fence, result: TxnResult) -> None:
@@ -300,6 +316,8 @@ async def _commit_singly(
 CATCH_UP_S = 1.0
 #: How long the leader waits before trying again when etcd is full.
 ETCD_FULL_PAUSE_S = 1.0
+#: The revision _commit answers for "not committed, decide again at once".
+DECIDE_AGAIN = -1
 
 
 def _count(state: LeaderState, batch: Batch) -> None:

@@ -19,6 +19,7 @@ from . import __version__
 from ._agent import AgentState, Handler, Registration, Registry, run_agent
 from ._election import campaign, resign
 from ._errors import (
+    Compacted,
     EtcdError,
     EtcdFull,
     EtcdUnavailable,
@@ -38,6 +39,7 @@ from ._leading import LeaderSettings, LeaderState, run_leader
 from ._session import RetentionLeases, Session, close_session, keep_session, open_session
 from .core import (
     JSON,
+    Compare,
     Keyspace,
     KeyValue,
     LeaderPolicy,
@@ -391,11 +393,22 @@ class Sidecar:
             raise EtcdFull(_FULL) from exc
         self._written += sum(len(op.key) + len(getattr(op, "value", "")) for op in txn.success)
         if not result.succeeded:
-            existing = await self.etcd.get(self.ks.task(spec.id))
-            if existing is not None and not await self._has_state(spec.id):
-                # An expired task's payload, not yet swept: the id is free again.
-                await self.etcd.delete(existing.key)
-                return await self.create(payload, options=options, run_at=run_at, task_id=spec.id)
+            existing, found, _ = await self._read(spec.id)
+            if existing is not None and not found:
+                # An expired task's payload, not yet swept: the id is free again. Take it
+                # if that payload is still the one read, which no state had at that
+                # revision (nothing gives a state to such a task but a create, and a
+                # create rewrites the payload).
+                retake = Txn(
+                    compare=(Compare.modified_at(existing.key, existing.mod_revision),),
+                    success=txn.success,
+                )
+                if (await self.creates.submit(retake)).succeeded:
+                    self._live_tasks += 1
+                    self._created += 1
+                    self.agent.recent.add(spec, encoded)
+                    return spec
+                existing, found, _ = await self._read(spec.id)
             if existing is None or TaskSpec.from_json(existing.value).payload != payload:
                 raise InvalidRequest(f"task id {spec.id} is taken")
             return TaskSpec.from_json(existing.value)
@@ -444,45 +457,54 @@ class Sidecar:
                 )
         return TaskInfo(spec=spec, state=None, record=None, revision=revision)
 
-    async def _has_state(self, task_id: TaskId) -> bool:
-        try:
-            return (await self.get(task_id)).state is not None
-        except TaskNotFound:
-            return False
-
     async def get(self, task_id: TaskId) -> TaskInfo:
-        """The task and where it stands (linearizable reads of its own keys)."""
-        for _ in range(3):
-            info = await self._get_once(task_id)
-            if info.state is not None:
-                return info
-            # It moved between the two reads (from processing, say): look again.
-        # A payload with no state key left: the task finished and its record expired.
-        raise TaskNotFound(f"no task {task_id} (it has expired)")
-
-    async def _get_once(self, task_id: TaskId) -> TaskInfo:
-        # Plain ranges, read together: a full etcd refuses every transaction, reads too.
-        states = (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED)
-        keys = (self.ks.task(task_id), *(self.ks.state(state, task_id) for state in states))
-        answers: list[RangeResult | None] = [None] * len(keys)
-
-        async def read(i: int, key: str) -> None:
-            answers[i] = await self.etcd.range(Range(key))
-
-        async with trio.open_nursery() as nursery:
-            for i, key in enumerate(keys):
-                nursery.start_soon(read, i, key)
-        ranges = [a for a in answers if a is not None]
-        if not ranges[0].kvs:
+        """The task and where it stands (linearizable reads of its own keys, at one
+        revision, so that a task moving meanwhile is seen in one place or the other)."""
+        existing, found, at = await self._read(task_id)
+        if existing is None:
             raise TaskNotFound(f"no task {task_id} (it may have expired)")
-        spec = TaskSpec.from_json(ranges[0].kvs[0].value)
-        revision = max(r.revision for r in ranges)
-        found: list[KeyValue] = [kv for r in ranges[1:] for kv in r.kvs]
         if not found:
-            procs, rev = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
-            found = [kv for kv in procs if kv.key.endswith("/" + task_id)]
-            revision = max(revision, rev)
-        return self._info(spec, found, revision)
+            # A payload with no state key left: the task finished and its record expired.
+            raise TaskNotFound(f"no task {task_id} (it has expired)")
+        return self._info(TaskSpec.from_json(existing.value), found, at)
+
+    async def _read(self, task_id: TaskId) -> tuple[KeyValue | None, list[KeyValue], int]:
+        """The task's payload key and its state keys, all as of one revision (the third).
+
+        Plain ranges, not a transaction: a full etcd refuses every transaction, reads too.
+        The first read fixes the revision the others read at.
+        """
+        for _ in range(3):
+            first = await self.etcd.range(Range(self.ks.task(task_id)))
+            if not first.kvs:
+                return None, [], first.revision
+            at = first.revision
+            states = (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED)
+            reads = [Range(self.ks.state(state, task_id), revision=at) for state in states]
+            # Assignments are under their node: read them all, keep this task's.
+            reads.append(Range(self.ks.state_prefix(State.PROCESSING), prefix=True, revision=at))
+            answers = await self._ranges(reads)
+            if answers is None:
+                continue  # compacted between the reads: read again at a newer revision
+            found = [kv for a in answers for kv in a.kvs if kv.key.rsplit("/", 1)[-1] == task_id]
+            return first.kvs[0], found, at
+        raise EtcdUnavailable(f"could not read task {task_id} at one revision")
+
+    async def _ranges(self, reads: list[Range]) -> list[RangeResult] | None:
+        """Several ranges at once; None if their revision was compacted meanwhile."""
+        answers: list[RangeResult] = []
+
+        async def read(r: Range) -> None:
+            answers.append(await self.etcd.range(r))
+
+        compacted = False
+        try:
+            async with trio.open_nursery() as nursery:
+                for r in reads:
+                    nursery.start_soon(read, r)
+        except* Compacted:
+            compacted = True
+        return None if compacted else answers
 
     async def wait(self, task_id: TaskId, timeout_s: float | None = None) -> TaskInfo:
         """Wait until the task is completed or failed for good; answers how it ended."""

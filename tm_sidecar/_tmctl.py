@@ -22,6 +22,7 @@ from ._cli import default_data_dir
 from ._embedded import PORTS_FILE
 from ._errors import EtcdUnavailable, TaskManagerError
 from ._etcd import Etcd, EtcdConfig
+from ._leading import sweep_payloads
 from .core import (
     Compare,
     Delete,
@@ -326,6 +327,9 @@ class Ctl:
         purged = await self._purge(State.COMPLETED)
         if include_failed:
             purged += await self._purge(State.FAILED)
+        # Payloads whose record expired, which the leader would sweep in time (a full
+        # etcd grants no lease, so there may be no leader to do it).
+        purged += await sweep_payloads(self.etcd, self.ks)
         # Compaction drops the deleted values' history; defragmenting gives the space
         # back to the file; both work over quota. Then the alarm can go.
         await self.etcd.compact(await self.etcd.revision())

@@ -194,6 +194,8 @@ class Record:
     error: TaskError | None = None  # failed; the last error in pending/delayed after a retry
     # pending/delayed: "created", "promoted", "retry", "stalled" or "handed back"
     reason: str | None = None
+    # Hand-backs in a row that spent no attempt (pending and processing records).
+    handbacks: int = 0
 
     def to_json(self) -> str:
         """The value stored in etcd (the state itself is the key's prefix)."""
@@ -212,6 +214,8 @@ class Record:
             obj["result"] = self.result
         if self.error is not None:
             obj["error"] = self.error.to_json()
+        if self.handbacks:
+            obj["handbacks"] = self.handbacks
         return dumps(obj)
 
     @classmethod
@@ -234,6 +238,7 @@ class Record:
             result=get("result"),
             error=None if error is None else TaskError.from_json(error),
             reason=get("reason"),
+            handbacks=int(get("handbacks", 0)),
         )
 
 

@@ -43,6 +43,7 @@ def assigned(record: Record, *, node: NodeId, session: int, now: float, grace_s:
         node=node,
         session=session,
         deadline_at=None if timeout is None else now + timeout + grace_s,
+        handbacks=record.handbacks,
     )
 
 
@@ -119,15 +120,29 @@ def handed_back(record: Record, *, now: float) -> Record:
     ``shutdown`` or a sidecar's drain running out of time): pending at once, and the
     attempt does not count, since the task did not fail. So a single-attempt task
     survives a deploy.
+
+    Only ``MAX_FREE_HANDBACKS`` times in a row, though: a task handed back that often
+    may be what keeps its workers from stopping, and must not come back for ever. The
+    next hand-back then counts as a failed attempt (``HandedBack``, retryable), which
+    ends in failed once the attempts are spent.
     """
+    if record.handbacks >= MAX_FREE_HANDBACKS:
+        error = TaskError(
+            type="HandedBack",
+            message=f"handed back unfinished {record.handbacks + 1} times in a row",
+        )
+        return after_failure(record, error=error, now=now, fraction=0.5)
     return Record(
         state=State.PENDING,
         attempts=max(record.attempts - 1, 0),
         options=record.options,
         since_at=now,
         reason=HANDED_BACK,
+        handbacks=record.handbacks + 1,
     )
 
 
+#: Hand-backs in a row that spend no attempt.
+MAX_FREE_HANDBACKS = 3
 #: The ``reason`` of a pending record that a graceful stop gave back.
 HANDED_BACK = "handed back"
