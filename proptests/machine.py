@@ -54,8 +54,10 @@ from tm_sidecar.core import (
     Txn,
     WatchEvent,
     after_failure,
+    cancelled,
     initial_record,
     plan_batch,
+    plan_cancel,
     plan_create,
     plan_move,
     plan_update,
@@ -82,6 +84,7 @@ class ModelTask:
     session: int | None = None
     deadline_at: float | None = None
     completions: int = 0
+    cancelled: bool = False
 
 
 @attrs.define
@@ -517,7 +520,8 @@ class QueueMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.stale))
     @rule(data=st.data())
     def stale_report(self, data: st.DataObject) -> None:
-        """A report for an attempt that has ended must change nothing."""
+        """A report for an attempt that has ended, or a cancel of a state the task has
+        left, must change nothing."""
         slot, _ = data.draw(st.sampled_from(self.stale), label="stale attempt")
         before = self._state_keys()
         late = succeeded(slot.record, result="late", now=self.now)
@@ -525,7 +529,59 @@ class QueueMachine(RuleBasedStateMachine):
             "a stale report was accepted"
         )
         assert not self.db.txn(plan_update(slot, attrs.evolve(slot.record, progress=9))).succeeded
+        stale_cancel = plan_cancel(self.ks, slot, cancelled(slot.record, now=self.now))
+        assert not self.db.txn(stale_cancel).succeeded, "a cancel of a stale state was accepted"
         assert self._state_keys() == before
+
+    def _current_slot(self, tid: TaskId) -> Slot:
+        ((state, kv),) = self._state_keys()[tid]
+        return Slot(
+            tid, kv.key, kv.create_revision, kv.mod_revision, Record.from_json(state, kv.value)
+        )
+
+    def _live_ids(self) -> list[TaskId]:
+        live = (State.PENDING, State.DELAYED, State.PROCESSING)
+        return sorted(t.id for t in self.tasks.values() if t.state in live)
+
+    def _cancel(self, tid: TaskId) -> None:
+        slot = self._current_slot(tid)
+        record = cancelled(slot.record, now=self.now)
+        assert self.db.txn(plan_cancel(self.ks, slot, record)).succeeded, "a cancel failed"
+        self._record_assignments()
+        self.stale.append((slot, record))
+        task = self.tasks[tid]
+        assert task.state is slot.record.state
+        task.state, task.cancelled = State.FAILED, True
+        task.node = task.session = task.deadline_at = None
+
+    @precondition(lambda self: bool(self._live_ids()))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        """A client or an operator cancels a live task: failed at once, for good."""
+        self._cancel(data.draw(st.sampled_from(self._live_ids()), label="task"))
+
+    @rule()
+    def cancel_behind_the_leader(self) -> None:
+        """A task is cancelled after the leader decided to move it: that move must not
+        commit (a cancelled task is never run, nor retried)."""
+        assert self.view is not None
+        assert self.fence is not None
+        self._sync_view()
+        decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+        if not decision.batches:
+            return
+        victim = decision.batches[0].moves[0][0].task_id
+        self._cancel(victim)
+        for n, batch in enumerate(decision.batches):
+            result = self.db.txn(plan_batch(self.ks, self.fence, batch.moves))
+            if result.succeeded:
+                assert victim not in batch.task_ids, f"a move of cancelled {victim} committed"
+                self._committed(batch, result.revision)
+                continue
+            assert victim in batch.task_ids, "a batch without the cancelled task failed"
+            for rest in decision.batches[n:]:
+                self.view.settle(rest, committed_at=None)
+            break
 
     @rule()
     def change_leader(self) -> None:
@@ -644,6 +700,9 @@ class QueueMachine(RuleBasedStateMachine):
             if state is State.COMPLETED:
                 assert kv.version == 1, f"{tid}'s result was written {kv.version} times"
                 assert task.completions == 1
+            if task.cancelled:
+                assert record.error is not None
+                assert record.error.type == "Cancelled", f"{tid} was cancelled, not {record.error}"
 
     @invariant()
     def capacity_holds(self) -> None:

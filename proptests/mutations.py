@@ -104,6 +104,13 @@ MUTATIONS = [
         "compare.extend([])",
         "an assignment goes only to a node's current session",
     ),
+    Mutation(
+        "cancel-unguarded",
+        "tm_sidecar/core/_plan.py",
+        "        compare=(guard,),",
+        "        compare=(),",
+        "a cancel moves the task only from the state it was seen in",
+    ),
 ]
 
 

@@ -69,6 +69,14 @@ class _Snapshot(Collector):
             items.add_metric([kind], stats.items)
         yield batches
         yield items
+        flow = CounterMetricFamily(
+            "tm_flow",
+            "Flow-control actions this sidecar took: cancelled, ...",
+            labels=["action"],
+        )
+        for action, count in sorted(sc.counters.items()):
+            flow.add_metric([action], count)
+        yield flow
 
 
 class Metrics:

@@ -311,6 +311,7 @@ class SocketServer:
             "namespace": self.sidecar.settings.namespace,
             "leader": self.sidecar.is_leader,
             "max_frame": self.settings.max_frame,
+            "ops": sorted(OPS),
         }
 
     async def _role_pushes(self, conn: Connection) -> None:
@@ -373,6 +374,21 @@ class SocketServer:
         except trio.TooSlowError as exc:
             raise Unavailable(f"the task did not finish within {timeout} s") from exc
         return task_json(info)
+
+    async def op_cancel(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        task_id = TaskId(check_name("task id", frame["task_id"]))
+        message = frame.get("reason", "cancelled by a client")
+        if not isinstance(message, str) or len(message) > 1000:
+            raise InvalidRequest("reason must be a string of at most 1000 characters")
+        done, info = await self.sidecar.cancel(task_id, message=message)
+        answer: dict[str, JSON] = {
+            "task_id": task_id,
+            "cancelled": done,
+            "state": info.state.value if info.state else None,
+        }
+        if not done:
+            answer["message"] = f"task {task_id} is already {answer['state']}: nothing to cancel"
+        return answer
 
     async def op_subscribe(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         task_id = frame.get("task_id")

@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,7 @@ from .core import (
     Range,
     RangeResult,
     Record,
+    Slot,
     State,
     TaskEvent,
     TaskId,
@@ -53,15 +55,19 @@ from .core import (
     TaskSpec,
     Txn,
     TxnResult,
+    cancelled,
     dumps,
     initial_record,
     make_task_id,
+    plan_cancel,
     plan_create,
 )
 
 log = logging.getLogger("tm_sidecar")
 
 FINAL_STATES = (State.COMPLETED, State.FAILED)
+#: How often a cancel reads and tries again when the task moves under it.
+CANCEL_TRIES = 10
 _FULL = (
     "etcd's database is full (its NOSPACE alarm is raised): new tasks are refused until an "
     "operator frees space with `tmctl recover`; the tasks already accepted wait, nothing is lost"
@@ -105,6 +111,8 @@ class TaskInfo:
     state: State | None
     record: Record | None
     revision: int
+    #: The state key as read (its create revision names the incarnation), if any.
+    kv: KeyValue | None = None
 
     @property
     def final(self) -> bool:
@@ -142,6 +150,8 @@ class Sidecar:
     role_changed: trio.Event = attrs.Factory(trio.Event)
     depths: dict[str, int] = attrs.Factory(dict)
     node_count: int = 0
+    #: What this sidecar did for its clients, by kind (cancelled, ...), for metrics.
+    counters: Counter[str] = attrs.Factory(Counter)
 
     def __attrs_post_init__(self) -> None:
         self.ks = self.settings.keyspace
@@ -441,6 +451,7 @@ class Sidecar:
                     state=parsed.state,
                     record=Record.from_json(parsed.state, kv.value),
                     revision=revision,
+                    kv=kv,
                 )
         return TaskInfo(spec=spec, state=None, record=None, revision=revision)
 
@@ -495,6 +506,34 @@ class Sidecar:
                     if is_final(event):
                         return await self.get(task_id)
         raise Unavailable("event stream ended")  # pragma: no cover - the hub runs until stopped
+
+    async def cancel(self, task_id: TaskId, *, message: str = "cancelled") -> tuple[bool, TaskInfo]:
+        """Cancel a task: answers (whether this call cancelled it, the task afterwards).
+
+        A pending or delayed task fails at once with ``Cancelled``, for good; a running
+        one too, and its node cancels the handler when it sees its assignment go. A task
+        that has finished is left as it is (``False``, and how it ended). Raises
+        :class:`TaskNotFound` for an unknown or expired task.
+        """
+        for _ in range(CANCEL_TRIES):
+            info = await self.get(task_id)
+            if info.final or info.kv is None or info.record is None or info.state is None:
+                return False, info
+            kv = info.kv
+            slot = Slot(task_id, kv.key, kv.create_revision, kv.mod_revision, info.record)
+            record = cancelled(info.record, now=self.clock(), message=message)
+            try:
+                txn = plan_cancel(self.ks, slot, record, lease=await self.retention.current())
+                result = await self.etcd.txn(txn)
+            except LeaseNotFound:
+                self.retention.forget()
+                continue
+            if result.succeeded:
+                self.counters["cancelled"] += 1
+                log.info("cancelled task=%s (was %s)", task_id, info.state.value)
+                return True, await self.get(task_id)
+            # It moved meanwhile (assigned, promoted, finished): look again.
+        raise Unavailable(f"task {task_id} kept moving: could not cancel it, try again")
 
     def status(self) -> dict[str, Any]:
         """What this sidecar is doing, for logs and status lines."""

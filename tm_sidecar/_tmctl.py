@@ -33,13 +33,15 @@ from .core import (
     Put,
     Range,
     Record,
+    Slot,
     State,
     Target,
-    TaskError,
     TaskId,
     TaskSpec,
     Touch,
     Txn,
+    cancelled,
+    plan_cancel,
 )
 
 STATES = [s.value for s in State]
@@ -315,22 +317,11 @@ class Ctl:
             )
             return 1
         rec = Record.from_json(state, kv.value)
-        failed = Record(
-            state=State.FAILED,
-            attempts=rec.attempts,
-            options=rec.options,
-            since_at=time.time(),
-            error=TaskError(
-                type="Cancelled", message="cancelled by an operator (tmctl)", retryable=False
-            ),
-        )
-        txn = Txn(
-            compare=(Compare.modified_at(kv.key, kv.mod_revision),),
-            success=(
-                Delete(kv.key),
-                Put(self.ks.state(State.FAILED, TaskId(task_id)), failed.to_json()),
-            ),
-        )
+        slot = Slot(TaskId(task_id), kv.key, kv.create_revision, kv.mod_revision, rec)
+        # The same move a sidecar makes for a client's cancel. No retention lease here
+        # (tmctl does not know the sidecars' setting): the record stays until purged.
+        record = cancelled(rec, now=time.time(), message="cancelled by an operator (tmctl)")
+        txn = plan_cancel(self.ks, slot, record)
         ok = (await self.etcd.txn(txn)).succeeded
         if not ok:
             print(f"tmctl: task {task_id} moved meanwhile; look again", file=sys.stderr)

@@ -205,6 +205,15 @@ class Task:
             self.manager._spawn(self.manager._recheck, self)
         return self
 
+    async def cancel(self, reason: str = "cancelled by its creator") -> bool:
+        """Cancel the task: pending or delayed, it fails at once with ``Cancelled``;
+        running, its handler is cancelled (on whichever node runs it) and it fails the
+        same way, never retried. ``result()`` then raises :class:`TaskFailed` and the
+        ``failure`` callbacks run. False if it had finished already (nothing changes)."""
+        if not self.committed:
+            raise InvalidRequest("commit() the task first")
+        return await self.manager.cancel(self.id, reason=reason)
+
     async def result(self, timeout: float | None = None) -> Any:
         """The task's result once it completes; raises :class:`TaskFailed` if it fails."""
         if not self.committed:
@@ -793,6 +802,13 @@ class TaskManager:
     async def get(self, task_id: str) -> dict[str, Any]:
         """A task as it stands: state, attempts, result or error, payload, options."""
         return dict(await self._request("get", {"task_id": task_id}, idempotent=True))
+
+    async def cancel(self, task_id: str, *, reason: str = "cancelled by a client") -> bool:
+        """Cancel a task by id (see :meth:`Task.cancel`); False if it had finished."""
+        answer = await self._request(
+            "cancel", {"task_id": task_id, "reason": reason}, idempotent=True
+        )
+        return bool(answer["cancelled"])
 
     async def status(self) -> dict[str, Any]:
         """The local sidecar's status."""

@@ -53,6 +53,10 @@ class BlockingTask:
         self._portal.call(self._task.commit)
         return self
 
+    def cancel(self) -> bool:
+        """See :meth:`Task.cancel`."""
+        return bool(self._portal.call(self._task.cancel))
+
     def result(self, timeout: float | None = None) -> Any:
         """Block until the result; raises TaskFailed if the task fails."""
         return self._portal.call(self._task.result, timeout)
@@ -76,6 +80,10 @@ class BlockingTaskManager:
     def get(self, task_id: str) -> dict[str, Any]:
         """A task as it stands."""
         return self._portal.call(self._manager.get, task_id)
+
+    def cancel(self, task_id: str) -> bool:
+        """See :meth:`TaskManager.cancel`."""
+        return bool(self._portal.call(self._manager.cancel, task_id))
 
     def close(self) -> None:
         """Disconnect and stop the background event loop (once; also at exit)."""

@@ -22,15 +22,18 @@ from ._plan import (
     Slot,
     orphan_payloads,
     plan_batch,
+    plan_cancel,
     plan_create,
     plan_move,
     plan_update,
 )
 from ._policy import (
+    CANCELLED,
     HANDED_BACK,
     after_failure,
     assigned,
     backoff_delay_s,
+    cancelled,
     handed_back,
     initial_record,
     promoted,
@@ -57,6 +60,7 @@ from ._txn import (
 
 __all__ = [
     "ASSIGN_BATCH",
+    "CANCELLED",
     "EVENT_KINDS",
     "HANDED_BACK",
     "JSON",
@@ -100,6 +104,7 @@ __all__ = [
     "after_failure",
     "assigned",
     "backoff_delay_s",
+    "cancelled",
     "check_name",
     "dumps",
     "event_from_change",
@@ -109,6 +114,7 @@ __all__ = [
     "orphan_payloads",
     "parse_record",
     "plan_batch",
+    "plan_cancel",
     "plan_create",
     "plan_move",
     "plan_update",

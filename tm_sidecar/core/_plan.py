@@ -81,6 +81,19 @@ def plan_move(
     )
 
 
+def plan_cancel(ks: Keyspace, slot: Slot, record: Record, *, lease: int = 0) -> Txn:
+    """Cancel a live task seen at ``slot`` (pending, delayed or processing): move it to
+    the failed record ``record`` (see ``cancelled``) if that key is still the same
+    incarnation. Anyone may cancel (a sidecar for a client, tmctl for an operator): the
+    guard alone makes it safe. A running attempt's report then fails on its own guard,
+    and its node cancels the handler when it sees the assignment key go."""
+    guard = Compare.created_at(slot.key, slot.create_revision)
+    return Txn(
+        compare=(guard,),
+        success=(Delete(slot.key), *_terminal_ops(ks, slot.task_id, record, lease)),
+    )
+
+
 def plan_update(slot: Slot, record: Record) -> Txn:
     """Rewrite a processing record in place (started, progress), if the attempt is live."""
     return Txn(

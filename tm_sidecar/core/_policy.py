@@ -131,3 +131,20 @@ def handed_back(record: Record, *, now: float) -> Record:
 
 #: The ``reason`` of a pending record that a graceful stop gave back.
 HANDED_BACK = "handed back"
+
+#: The error type of a cancelled task.
+CANCELLED = "Cancelled"
+
+
+def cancelled(record: Record, *, now: float, message: str = "cancelled") -> Record:
+    """A live task (pending, delayed or running) that was cancelled: failed at once, for
+    good. The attempts it had are kept; a running attempt's handler is cancelled by its
+    node when the assignment key goes."""
+    return Record(
+        state=State.FAILED,
+        attempts=record.attempts,
+        options=record.options,
+        since_at=now,
+        started_at=record.started_at,
+        error=TaskError(type=CANCELLED, message=message, retryable=False),
+    )

@@ -1,0 +1,110 @@
+"""Flow control end to end (issue 14), through real tm-sidecar processes and the SDK:
+cancel, pause, unique tasks, snooze, limits, schedules."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from taskmanager import TaskFailed, TaskManager, WorkerTask
+
+from tests.helpers import Observed
+from tests.procs import SidecarProcess
+from tm_sidecar._embedded import EtcdProcess
+
+
+@asynccontextmanager
+async def sidecars(
+    etcd: EtcdProcess, namespace: str, tmp_path: Path, *names: str, **kw: Any
+) -> AsyncIterator[list[SidecarProcess]]:
+    """Sidecar processes with no handler of their own, started in order (the first leads)."""
+    kw.setdefault("handler", None)
+    procs = [
+        SidecarProcess(n, etcd.endpoint, namespace, tmp_path / f"{n}.log", **kw) for n in names
+    ]
+    try:
+        for p in procs:
+            p.start()
+            await p.wait_serving()
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+# -- cancel -------------------------------------------------------------------------------------
+
+
+async def test_cancel_a_waiting_task_and_a_finished_one(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    async with (
+        sidecars(etcd_server, namespace, tmp_path, "n1") as (sc,),
+        TaskManager(str(sc.socket_path)) as manager,
+    ):
+        failures: list[Any] = []
+        delayed = await manager.create({"n": 1})
+        await delayed.with_delay(3600).on("failure", failures.append).commit()
+        pending = await (await manager.create({"n": 2})).commit()  # no worker: it waits
+        assert await delayed.cancel() is True
+        assert await manager.cancel(pending.id) is True
+        with pytest.raises(TaskFailed) as err:
+            await delayed.result(timeout=10)
+        with pytest.raises(TaskFailed):
+            await pending.result(timeout=10)
+        info = await manager.get(pending.id)
+        # Cancelling again, or a finished task, is a no-op that says so.
+        assert await manager.cancel(pending.id) is False
+
+        async def handler(task: WorkerTask) -> str:
+            return "done"
+
+        await manager.process(handler)
+        done = await (await manager.create({})).commit()
+        assert await done.result(timeout=10) == "done"
+        assert await done.cancel() is False
+        assert (await manager.get(done.id))["state"] == "completed"
+    assert err.value.error["type"] == "Cancelled"
+    assert err.value.error["retryable"] is False
+    assert failures == [err.value.error]
+    assert info["state"] == "failed"
+    assert info["attempts"] == 0
+
+
+async def test_cancel_a_running_task_on_another_node(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    async with (
+        sidecars(etcd_server, namespace, tmp_path, "a", "b") as (a, b),
+        TaskManager(str(a.socket_path)) as creator,
+        TaskManager(str(b.socket_path)) as worker,
+    ):
+        started: Observed[int] = Observed()
+        cancelled = trio.Event()
+
+        async def handler(task: WorkerTask) -> None:
+            started.add(task.attempt)
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancelled.set()  # the handler saw its cancellation
+
+        await worker.process(handler)
+        task = await (await creator.create({})).with_retries(3).commit()
+        await started.wait_until(bool)
+        assert await task.cancel() is True
+        with trio.fail_after(10):
+            await cancelled.wait()
+        with pytest.raises(TaskFailed) as err:
+            await task.result(timeout=10)
+        # Never retried: the failed record stays and no second attempt starts.
+        info = await creator.get(task.id)
+    assert err.value.error["type"] == "Cancelled"
+    assert started.items == [1]
+    assert info["state"] == "failed"
+    assert info["attempts"] == 1
+    assert "abandoned" in b.log()
