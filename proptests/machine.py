@@ -44,6 +44,7 @@ from tm_sidecar.core import (
     NodeId,
     NodeInfo,
     Put,
+    QueueConfig,
     Record,
     Slot,
     State,
@@ -56,10 +57,10 @@ from tm_sidecar.core import (
     after_failure,
     cancelled,
     initial_record,
-    plan_batch,
     plan_cancel,
     plan_create,
     plan_move,
+    plan_queue_config,
     plan_update,
     succeeded,
 )
@@ -134,6 +135,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.stale: list[tuple[Slot, Record]] = []
         self.policy = LeaderPolicy(grace_s=GRACE_S)
         self.assignments: dict[str, KeyValue] = {}  # processing keys as last recorded
+        self.paused = False  # the default queue's settings
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -244,6 +246,7 @@ class QueueMachine(RuleBasedStateMachine):
         task = self.tasks[slot.task_id]
         if kind == "assign":
             assert task.state is State.PENDING, f"{task.id} assigned from {task.state}"
+            assert not self.paused, f"{task.id} assigned from a paused queue"
             assert self.now >= task.due_at, (
                 f"{task.id} assigned at {self.now} before due {task.due_at}"
             )
@@ -382,13 +385,13 @@ class QueueMachine(RuleBasedStateMachine):
                 first, _ = decision.batches[0].moves[0]
                 current = self.listing[first.key]
                 self.db.txn(Txn(success=(Put(first.key, current.value),)))
-                result = self.db.txn(plan_batch(self.ks, self.fence, decision.batches[0].moves))
+                result = self.db.txn(decision.batches[0].plan(self.ks, self.fence))
                 assert not result.succeeded, "a batch over a changed key committed"
                 for batch in decision.batches:
                     self.view.settle(batch, committed_at=None)
                 continue
             for batch in decision.batches:
-                result = self.db.txn(plan_batch(self.ks, self.fence, batch.moves))
+                result = self.db.txn(batch.plan(self.ks, self.fence))
                 assert result.succeeded, f"the live leader's {batch.kind} batch failed"
                 self._committed(batch, result.revision)
         self._sync_view()
@@ -414,7 +417,7 @@ class QueueMachine(RuleBasedStateMachine):
         decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
         self.restart_node(name)
         for n, batch in enumerate(decision.batches):
-            result = self.db.txn(plan_batch(self.ks, self.fence, batch.moves))
+            result = self.db.txn(batch.plan(self.ks, self.fence))
             if result.succeeded:
                 self._committed(batch, result.revision)
                 continue
@@ -458,7 +461,8 @@ class QueueMachine(RuleBasedStateMachine):
             if n.alive
         )
         pending = [t.id for t in self.tasks.values() if t.state is State.PENDING]
-        assert not (pending and free), f"{pending} wait while {free} slots are free"
+        if not self.paused:
+            assert not (pending and free), f"{pending} wait while {free} slots are free"
         due = [
             t.id for t in self.tasks.values() if t.state is State.DELAYED and t.due_at <= self.now
         ]
@@ -560,6 +564,36 @@ class QueueMachine(RuleBasedStateMachine):
         """A client or an operator cancels a live task: failed at once, for good."""
         self._cancel(data.draw(st.sampled_from(self._live_ids()), label="task"))
 
+    def _set_paused(self, paused: bool) -> None:
+        seen = self.db.list(self.ks.queue("default"))[0]
+        kv = next((k for k in seen if k.key == self.ks.queue("default")), None)
+        config = QueueConfig(paused=paused, updated_at=self.now)
+        assert self.db.txn(plan_queue_config(self.ks, "default", config, kv)).succeeded
+        self.paused = paused
+
+    @rule(paused=st.booleans())
+    def pause_queue(self, paused: bool) -> None:
+        """An operator pauses or resumes the queue."""
+        self._set_paused(paused)
+
+    @rule()
+    def pause_behind_the_leader(self) -> None:
+        """The queue is paused after the leader decided its assignments: none may commit."""
+        assert self.view is not None
+        assert self.fence is not None
+        self._sync_view()
+        decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+        self._set_paused(True)
+        for n, batch in enumerate(decision.batches):
+            result = self.db.txn(batch.plan(self.ks, self.fence))
+            if result.succeeded:
+                self._committed(batch, result.revision)
+                continue
+            assert batch.kind == "assign", f"a {batch.kind} batch failed"
+            for rest in decision.batches[n:]:
+                self.view.settle(rest, committed_at=None)
+            break
+
     @rule()
     def cancel_behind_the_leader(self) -> None:
         """A task is cancelled after the leader decided to move it: that move must not
@@ -573,7 +607,7 @@ class QueueMachine(RuleBasedStateMachine):
         victim = decision.batches[0].moves[0][0].task_id
         self._cancel(victim)
         for n, batch in enumerate(decision.batches):
-            result = self.db.txn(plan_batch(self.ks, self.fence, batch.moves))
+            result = self.db.txn(batch.plan(self.ks, self.fence))
             if result.succeeded:
                 assert victim not in batch.task_ids, f"a move of cancelled {victim} committed"
                 self._committed(batch, result.revision)
@@ -600,7 +634,7 @@ class QueueMachine(RuleBasedStateMachine):
         before = self._state_keys()
         decision = view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
         for batch in decision.batches:
-            result = self.db.txn(plan_batch(self.ks, fence, batch.moves))
+            result = self.db.txn(batch.plan(self.ks, fence))
             assert not result.succeeded, f"a deposed leader's {batch.kind} batch committed"
             view.settle(batch, committed_at=None)
         assert self._state_keys() == before

@@ -111,6 +111,13 @@ MUTATIONS = [
         "        compare=(),",
         "a cancel moves the task only from the state it was seen in",
     ),
+    Mutation(
+        "pause-unguarded",
+        "tm_sidecar/core/_leader.py",
+        'Batch("assign", tuple(c), guards=(guard,))',
+        'Batch("assign", tuple(c), guards=())',
+        "nothing is assigned from a paused queue, even decided just before the pause",
+    ),
 ]
 
 

@@ -3,6 +3,8 @@ cancel, pause, unique tasks, snooze, limits, schedules."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +15,7 @@ import trio
 from taskmanager import TaskFailed, TaskManager, WorkerTask
 
 from tests.helpers import Observed
-from tests.procs import SidecarProcess
+from tests.procs import ROOT, SidecarProcess
 from tm_sidecar._embedded import EtcdProcess
 
 
@@ -108,3 +110,67 @@ async def test_cancel_a_running_task_on_another_node(
     assert info["state"] == "failed"
     assert info["attempts"] == 1
     assert "abandoned" in b.log()
+
+
+# -- pause and resume ---------------------------------------------------------------------------
+
+
+async def tmctl(etcd: EtcdProcess, namespace: str, *args: str) -> str:
+    """Run tmctl as an operator would; answers what it printed."""
+    run = await trio.run_process(
+        [
+            sys.executable,
+            "-c",
+            "from tm_sidecar._tmctl import main; main()",
+            "--etcd",
+            etcd.endpoint,
+            "--namespace",
+            namespace,
+            *args,
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr.decode()
+    return run.stdout.decode()
+
+
+async def test_a_paused_queue_assigns_nothing_until_resumed(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    async with (
+        sidecars(etcd_server, namespace, tmp_path, "a", "b") as (a, b),
+        TaskManager(str(a.socket_path)) as manager,
+        TaskManager(str(b.socket_path)) as worker,
+    ):
+        release = trio.Event()
+        started: Observed[str] = Observed()
+
+        async def handler(task: WorkerTask) -> str:
+            started.add(task.id)
+            if task.data.get("wait"):
+                await release.wait()
+            return "done"
+
+        for queue in ("default", "other"):
+            await worker.process(handler, concurrency=4, queue=queue)
+        running = await (await manager.create({"wait": True})).commit()
+        await started.wait_until(lambda ids: running.id in ids)
+        config = await manager.pause_queue()
+        assert config["paused"] is True
+        held = await (await manager.create({})).commit()
+        # A task of another queue, created after it, runs: the leader has looked since.
+        other = await (await manager.create({})).with_queue("other").commit()
+        assert await other.result(timeout=10) == "done"
+        release.set()
+        assert await running.result(timeout=10) == "done"  # running tasks finish
+        assert (await manager.get(held.id))["state"] == "pending"
+        assert (await manager.queues())["default"]["paused"] is True
+        listed = await tmctl(etcd_server, namespace, "queues")
+        assert "default" in listed
+        assert "yes" in listed
+        await tmctl(etcd_server, namespace, "resume", "default")
+        assert await held.result(timeout=10) == "done"
+    assert started.items == [running.id, other.id, held.id]

@@ -27,7 +27,6 @@ from .core import (
     Txn,
     TxnResult,
     orphan_payloads,
-    plan_batch,
 )
 
 log = logging.getLogger("tm_sidecar.leader")
@@ -204,7 +203,7 @@ async def _commit(
         lease = 0
         if any(record.state is State.FAILED for _, record in batch.moves):
             lease = await retention.current()
-        result = await etcd.txn(plan_batch(ks, fence, batch.moves, lease=lease))
+        result = await etcd.txn(batch.plan(ks, fence, lease=lease))
     except EtcdUnavailable as exc:
         log.warning("%s batch of %d: outcome unknown (%s)", batch.kind, len(batch.moves), exc)
         return False, await _settle_unknown(etcd, ks, view, batch)
@@ -288,7 +287,8 @@ async def _commit_singly(
     for move in batch.moves:
         lease = await retention.current() if move[1].state is State.FAILED else 0
         try:
-            result = await etcd.txn(plan_batch(ks, fence, [move], lease=lease))
+            single = attrs.evolve(batch, moves=(move,))
+            result = await etcd.txn(single.plan(ks, fence, lease=lease))
         except EtcdError as exc:
             log.error("%s of task=%s refused by etcd: %s", batch.kind, move[0].task_id, exc)
             continue

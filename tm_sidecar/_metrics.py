@@ -69,6 +69,14 @@ class _Snapshot(Collector):
             items.add_metric([kind], stats.items)
         yield batches
         yield items
+        paused = GaugeMetricFamily(
+            "tm_queue_paused",
+            "1 for a paused queue (the leader assigns nothing from it).",
+            labels=["queue"],
+        )
+        for queue, config in sorted(sc.queue_configs.items()):
+            paused.add_metric([queue], int(config.paused))
+        yield paused
         flow = CounterMetricFamily(
             "tm_flow",
             "Flow-control actions this sidecar took: cancelled, ...",

@@ -390,6 +390,17 @@ class SocketServer:
             answer["message"] = f"task {task_id} is already {answer['state']}: nothing to cancel"
         return answer
 
+    async def op_pause(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        queue = check_name("queue", frame.get("queue", "default"))
+        return (await self.sidecar.pause_queue(queue)).to_obj()
+
+    async def op_resume(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        queue = check_name("queue", frame.get("queue", "default"))
+        return (await self.sidecar.resume_queue(queue)).to_obj()
+
+    async def op_queues(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        return {name: config.to_obj() for name, config in (await self.sidecar.queues()).items()}
+
     async def op_subscribe(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         task_id = frame.get("task_id")
         if task_id is not None:

@@ -44,6 +44,7 @@ from .core import (
     LeaderPolicy,
     NodeId,
     NodeInfo,
+    QueueConfig,
     Range,
     RangeResult,
     Record,
@@ -56,11 +57,13 @@ from .core import (
     Txn,
     TxnResult,
     cancelled,
+    check_name,
     dumps,
     initial_record,
     make_task_id,
     plan_cancel,
     plan_create,
+    plan_queue_config,
 )
 
 log = logging.getLogger("tm_sidecar")
@@ -150,6 +153,8 @@ class Sidecar:
     role_changed: trio.Event = attrs.Factory(trio.Event)
     depths: dict[str, int] = attrs.Factory(dict)
     node_count: int = 0
+    #: Every queue's settings, as last read (for metrics and status).
+    queue_configs: dict[str, QueueConfig] = attrs.Factory(dict)
     #: What this sidecar did for its clients, by kind (cancelled, ...), for metrics.
     counters: Counter[str] = attrs.Factory(Counter)
 
@@ -319,6 +324,7 @@ class Sidecar:
                     self.depths[s.value] = (await self.etcd.range(r)).count
                 nodes = Range(self.ks.nodes(), prefix=True, count_only=True)
                 self.node_count = (await self.etcd.range(nodes)).count
+                self.queue_configs = await self.queues()
                 # Creates that raced the count may be missing from it: count them again
                 # (an over-count only makes the limit stricter for a second).
                 self._live_tasks = sum(
@@ -535,6 +541,37 @@ class Sidecar:
             # It moved meanwhile (assigned, promoted, finished): look again.
         raise Unavailable(f"task {task_id} kept moving: could not cancel it, try again")
 
+    # -- queues --
+
+    async def queues(self) -> dict[str, QueueConfig]:
+        """Every queue that has settings (paused, limits), by name."""
+        kvs, _ = await self.etcd.list_prefix(self.ks.queues())
+        out = {}
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.name is not None:
+                out[parsed.name] = QueueConfig.from_json(kv.value)
+        return out
+
+    async def update_queue(
+        self, queue: str, change: Callable[[QueueConfig], QueueConfig]
+    ) -> QueueConfig:
+        """Change a queue's settings (read, ``change``, write if unchanged meanwhile)."""
+        return await update_queue(self.etcd, self.ks, queue, change, now=self.clock())
+
+    async def pause_queue(self, queue: str) -> QueueConfig:
+        """The leader assigns nothing more from ``queue`` (creates still land, running
+        tasks finish) until :meth:`resume_queue`."""
+        config = await self.update_queue(queue, lambda c: attrs.evolve(c, paused=True))
+        log.info("queue %s paused", queue)
+        return config
+
+    async def resume_queue(self, queue: str) -> QueueConfig:
+        """Assign from ``queue`` again."""
+        config = await self.update_queue(queue, lambda c: attrs.evolve(c, paused=False))
+        log.info("queue %s resumed", queue)
+        return config
+
     def status(self) -> dict[str, Any]:
         """What this sidecar is doing, for logs and status lines."""
         view = self.leader.view
@@ -546,6 +583,25 @@ class Sidecar:
             "capacity": self.registry.capacity(),
             "depth": view.depth() if view is not None else None,
         }
+
+
+async def update_queue(
+    etcd: Etcd,
+    ks: Keyspace,
+    queue: str,
+    change: Callable[[QueueConfig], QueueConfig],
+    *,
+    now: float,
+) -> QueueConfig:
+    """Read a queue's settings, change them, and write them back if nobody else did
+    meanwhile (else read again). Shared by the sidecar and tmctl."""
+    check_name("queue", queue)
+    while True:
+        seen = await etcd.get(ks.queue(queue))
+        current = QueueConfig.from_json(seen.value) if seen is not None else QueueConfig()
+        config = attrs.evolve(change(current), updated_at=now)
+        if (await etcd.txn(plan_queue_config(ks, queue, config, seen))).succeeded:
+            return config
 
 
 def is_final(event: TaskEvent) -> bool:

@@ -22,6 +22,7 @@ from ._cli import default_data_dir
 from ._embedded import PORTS_FILE
 from ._errors import EtcdUnavailable, TaskManagerError
 from ._etcd import Etcd, EtcdConfig
+from ._sidecar import update_queue
 from .core import (
     Compare,
     Delete,
@@ -31,7 +32,9 @@ from .core import (
     NodeInfo,
     Op,
     Put,
+    QueueConfig,
     Range,
+    RateLimit,
     Record,
     Slot,
     State,
@@ -105,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--include-failed", action="store_true", help="delete failed records too")
     recover.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sub.add_parser("events", help="print task events as they happen (Ctrl-C stops)")
+    pause = sub.add_parser(
+        "pause", help="pause a queue cluster-wide: nothing more is assigned from it"
+    )
+    pause.add_argument("queue")
+    resume = sub.add_parser("resume", help="resume a paused queue")
+    resume.add_argument("queue")
+    sub.add_parser("queues", help="every queue's flow control: paused, limits")
     return p
 
 
@@ -150,6 +160,15 @@ class Ctl:
                 row[state.value] += 1
         return dict(sorted(queues.items()))
 
+    async def paused_queues(self) -> set[str]:
+        kvs, _ = await self.etcd.list_prefix(self.ks.queues())
+        out = set()
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.name and QueueConfig.from_json(kv.value).paused:
+                out.add(parsed.name)
+        return out
+
     async def status(self) -> None:
         depths = {s.value: await self.count(s) for s in State}
         nodes = await self.nodes()
@@ -163,8 +182,13 @@ class Ctl:
         capacity = _capacity(nodes)
         for queue in capacity:
             queues.setdefault(queue, dict.fromkeys(_QUEUE_STATES, 0))
+        paused = await self.paused_queues()
+        for queue in paused:
+            queues.setdefault(queue, dict.fromkeys(_QUEUE_STATES, 0))
         for queue, row in queues.items():
             row["capacity"] = capacity.get(queue, 0)
+            if queue in paused:
+                row["paused"] = 1
         warnings = _unserved(queues, capacity)
         leader = await self.leader()
         data = {
@@ -191,9 +215,13 @@ class Ctl:
             table.append([n.id, n.host, str(n.pid), cap, str(inflight.get(n.id, 0)), role])
         if not self.as_json:
             print("tasks: " + "  ".join(f"{k}={v}" for k, v in depths.items()))
-            rows = [["QUEUE", *(s.upper() for s in _QUEUE_STATES), "CAPACITY"]]
+            # A PAUSED column only when a queue is paused.
+            flag = ["PAUSED"] if paused else []
+            rows = [["QUEUE", *(s.upper() for s in _QUEUE_STATES), "CAPACITY", *flag]]
             for queue, row in queues.items():
-                rows.append([queue, *(str(row[k]) for k in (*_QUEUE_STATES, "capacity"))])
+                cells = [str(row[k]) for k in (*_QUEUE_STATES, "capacity")]
+                mark = [_yes(bool(row.get("paused")))] if paused else []
+                rows.append([queue, *cells, *mark])
             if len(rows) > 1:
                 self.out(None, rows)
             for warning in warnings:
@@ -328,6 +356,34 @@ class Ctl:
             return 1
         self.out({"cancelled": task_id}, [["CANCELLED"], [task_id]])
         return 0
+
+    async def set_paused(self, queue: str, paused: bool) -> int:
+        config = await update_queue(
+            self.etcd, self.ks, queue, lambda c: attrs.evolve(c, paused=paused), now=time.time()
+        )
+        self.out({queue: config.to_obj()}, [["QUEUE", "PAUSED"], [queue, _yes(config.paused)]])
+        return 0
+
+    async def queues(self) -> None:
+        kvs, _ = await self.etcd.list_prefix(self.ks.queues())
+        configs = {}
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.name is not None:
+                configs[parsed.name] = QueueConfig.from_json(kv.value)
+        table = [["QUEUE", "PAUSED", "MAX RUNNING", "PER KEY", "RATE", "PER KEY RATE"]]
+        for name, c in configs.items():
+            table.append(
+                [
+                    name,
+                    _yes(c.paused),
+                    _opt(c.max_running),
+                    _opt(c.key_max_running),
+                    _rate(c.rate),
+                    _rate(c.key_rate),
+                ]
+            )
+        self.out({name: c.to_obj() for name, c in configs.items()}, table)
 
     async def purge(self, state: State) -> None:
         purged = await self._purge(state)
@@ -488,6 +544,18 @@ def _show_table(
     return [[label, value.replace("\n", " ")] for label, value in rows]
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
+
+
+def _opt(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _rate(rate: RateLimit | None) -> str:
+    return "-" if rate is None else f"{rate.limit}/{rate.period_s:g}s"
+
+
 def _short_json(value: Any, limit: int = 300) -> str:
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     if len(text) <= limit:
@@ -612,6 +680,10 @@ async def run(args: argparse.Namespace) -> int:
                 await ctl.recover(cfg, args.include_failed)
             case "events":
                 await ctl.events()
+            case "pause" | "resume":
+                return await ctl.set_paused(args.queue, args.command == "pause")
+            case "queues":
+                await ctl.queues()
         return 0
     except EtcdUnavailable as exc:
         hint = f" (the embedded etcd of {args.data_dir}: is its sidecar running?)"

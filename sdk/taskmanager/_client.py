@@ -810,6 +810,19 @@ class TaskManager:
         )
         return bool(answer["cancelled"])
 
+    async def pause_queue(self, queue: str = "default") -> dict[str, Any]:
+        """Pause a queue, cluster-wide: the leader assigns nothing more from it (creates
+        still land, running tasks finish). Answers the queue's settings."""
+        return dict(await self._request("pause", {"queue": queue}, idempotent=True))
+
+    async def resume_queue(self, queue: str = "default") -> dict[str, Any]:
+        """Resume a paused queue. Answers the queue's settings."""
+        return dict(await self._request("resume", {"queue": queue}, idempotent=True))
+
+    async def queues(self) -> dict[str, dict[str, Any]]:
+        """The settings of every queue that has some (paused, limits), by name."""
+        return dict(await self._request("queues", {}, idempotent=True))
+
     async def status(self) -> dict[str, Any]:
         """The local sidecar's status."""
         return dict(await self._request("status", {}, idempotent=True))

@@ -85,6 +85,14 @@ class BlockingTaskManager:
         """See :meth:`TaskManager.cancel`."""
         return bool(self._portal.call(self._manager.cancel, task_id))
 
+    def pause_queue(self, queue: str = "default") -> dict[str, Any]:
+        """See :meth:`TaskManager.pause_queue`."""
+        return self._portal.call(self._manager.pause_queue, queue)
+
+    def resume_queue(self, queue: str = "default") -> dict[str, Any]:
+        """See :meth:`TaskManager.resume_queue`."""
+        return self._portal.call(self._manager.resume_queue, queue)
+
     def close(self) -> None:
         """Disconnect and stop the background event loop (once; also at exit)."""
         if self._closed:

@@ -2,6 +2,7 @@
 
 from ._attempts import AttemptLedger
 from ._events import EVENT_KINDS, EventDeriver, TaskEvent, event_from_change
+from ._flow import QueueConfig, RateLimit, plan_queue_config, queue_guard
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
 from ._leader import Batch, Decision, LeaderPolicy, LeaderView
 from ._model import (
@@ -84,8 +85,10 @@ __all__ = [
     "Op",
     "ParsedKey",
     "Put",
+    "QueueConfig",
     "Range",
     "RangeResult",
+    "RateLimit",
     "Record",
     "Request",
     "Revision",
@@ -117,7 +120,9 @@ __all__ = [
     "plan_cancel",
     "plan_create",
     "plan_move",
+    "plan_queue_config",
     "plan_update",
     "promoted",
+    "queue_guard",
     "succeeded",
 ]

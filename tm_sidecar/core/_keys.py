@@ -10,6 +10,9 @@ Under ``<root><namespace>/``::
     failed/<id>               the last error (expires with the retention lease)
     nodes/<node>              a live sidecar, attached to its session lease
     election/<lease-hex>      a leadership candidate; the lowest create revision leads
+    queues/<queue>            a queue's flow control: paused, concurrency and rate limits
+
+Every key the leader needs sorts between ``delayed/`` and ``task/`` (its watch's range).
 
 A task is in exactly one of pending, delayed, processing, completed, failed.
 """
@@ -98,6 +101,14 @@ class Keyspace:
         """Prefix of every node registration."""
         return f"{self.prefix}nodes/"
 
+    def queue(self, queue: str) -> str:
+        """A queue's flow-control settings."""
+        return f"{self.prefix}queues/{queue}"
+
+    def queues(self) -> str:
+        """Prefix of every queue's settings."""
+        return f"{self.prefix}queues/"
+
     def election(self) -> str:
         """Prefix of the leadership candidates."""
         return f"{self.prefix}election/"
@@ -122,6 +133,8 @@ class Keyspace:
             return ParsedKey("node", node=NodeId(parts[1]))
         if kind == "election" and len(parts) == 2:
             return ParsedKey("election", name=parts[1])
+        if kind == "queues" and len(parts) == 2:
+            return ParsedKey("queue", name=parts[1])
         return None
 
 
@@ -129,7 +142,7 @@ class Keyspace:
 class ParsedKey:
     """A key of the namespace, taken apart."""
 
-    kind: str  # "task", "state", "node" or "election"
+    kind: str  # "task", "state", "node", "election" or "queue"
     task_id: TaskId | None = None
     state: State | None = None
     node: NodeId | None = None

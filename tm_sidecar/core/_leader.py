@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
+from ._flow import QueueConfig, queue_guard
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import NodeInfo, Record, TaskError, parse_record
-from ._plan import ASSIGN_BATCH, REAP_BATCH, Slot
+from ._plan import ASSIGN_BATCH, REAP_BATCH, Fence, Slot, plan_batch
 from ._policy import after_failure, assigned, promoted
-from ._txn import KeyValue, WatchEvent
+from ._txn import Compare, KeyValue, Request, Txn, WatchEvent
 
 
 @attrs.frozen
@@ -28,11 +29,19 @@ class Batch:
 
     kind: str  # "assign", "promote" or "reap"
     moves: tuple[tuple[Slot, Record], ...]
+    #: Further compares: an assignment's queue settings are as the leader saw them.
+    guards: tuple[Compare, ...] = ()
+    #: Further writes of the leader's own (a rate limit's window).
+    extra: tuple[Request, ...] = ()
 
     @property
     def task_ids(self) -> tuple[TaskId, ...]:
         """The tasks this batch moves."""
         return tuple(slot.task_id for slot, _ in self.moves)
+
+    def plan(self, ks: Keyspace, fence: Fence, *, lease: int = 0) -> Txn:
+        """The fenced transaction that commits this batch."""
+        return plan_batch(ks, fence, self.moves, lease=lease, guards=self.guards, extra=self.extra)
 
 
 @attrs.frozen
@@ -63,6 +72,9 @@ class LeaderView:
     delayed: dict[TaskId, Slot] = attrs.Factory(dict)
     processing: dict[TaskId, Slot] = attrs.Factory(dict)
     inflight: Counter[tuple[NodeId, str]] = attrs.Factory(Counter)
+    #: Each queue's flow-control settings (queues/<name>), and its key's mod revision.
+    queue_settings: dict[str, QueueConfig] = attrs.Factory(dict)
+    queue_revisions: dict[str, int] = attrs.Factory(dict)
     _queues: dict[str, list[tuple[int, int, TaskId]]] = attrs.Factory(dict)
     _due: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _deadlines: list[tuple[float, int, TaskId]] = attrs.Factory(list)
@@ -130,6 +142,10 @@ class LeaderView:
             if old is None or old.session != info.session:
                 self._suspects.update(self._tasks_of(parsed.node))
             return
+        if parsed.kind == "queue" and parsed.name is not None:
+            self.queue_settings[parsed.name] = QueueConfig.from_json(kv.value)
+            self.queue_revisions[parsed.name] = kv.mod_revision
+            return
         if parsed.kind != "state" or parsed.task_id is None or parsed.state is None:
             return
         tid, record = parsed.task_id, parse(parsed.state, kv.value)
@@ -166,6 +182,10 @@ class LeaderView:
         if parsed.kind == "node" and parsed.node is not None:
             if self.nodes.pop(parsed.node, None) is not None:
                 self._suspects.update(self._tasks_of(parsed.node))
+            return
+        if parsed.kind == "queue" and parsed.name is not None:
+            self.queue_settings.pop(parsed.name, None)
+            self.queue_revisions.pop(parsed.name, None)
             return
         if parsed.kind != "state" or parsed.task_id is None:
             return
@@ -247,9 +267,17 @@ class LeaderView:
         promotes = self._decide_promotions(now)
         batches += [Batch("promote", tuple(c)) for c in _chunk(promotes, ASSIGN_BATCH)]
         budget = max(policy.max_batches - len(batches), 1) * ASSIGN_BATCH
-        assigns = self._decide_assignments(now, policy, budget)
-        batches += [Batch("assign", tuple(c)) for c in _chunk(assigns, ASSIGN_BATCH)]
+        for queue, assigns in self._decide_assignments(now, policy, budget):
+            # One queue per batch: its guard is the one further compare.
+            guard = queue_guard(self.ks, queue, self.queue_revisions.get(queue, 0))
+            batches += [
+                Batch("assign", tuple(c), guards=(guard,)) for c in _chunk(assigns, ASSIGN_BATCH)
+            ]
         return Decision(tuple(batches), self._wake_at())
+
+    def queue_config(self, queue: str) -> QueueConfig:
+        """A queue's settings (the defaults when it has no key)."""
+        return self.queue_settings.get(queue) or _NO_CONFIG
 
     def _claim(self, tid: TaskId, node: NodeId | None = None, queue: str = "") -> None:
         claim = None
@@ -334,37 +362,48 @@ class LeaderView:
 
     def _decide_assignments(
         self, now: float, policy: LeaderPolicy, budget: int
-    ) -> list[tuple[Slot, Record]]:
-        out: list[tuple[Slot, Record]] = []
+    ) -> list[tuple[str, list[tuple[Slot, Record]]]]:
+        """The assignments to make now, queue by queue."""
+        out: list[tuple[str, list[tuple[Slot, Record]]]] = []
         for queue, rooms in self.free_slots().items():
             heap = self._queues.get(queue)
-            if not heap:
+            if budget <= 0:
+                break
+            if not heap or self.queue_config(queue).paused:
+                continue  # a paused queue keeps its tasks pending, in order
+            moves = self._assign_queue(queue, heap, rooms, now, policy, budget)
+            if moves:
+                out.append((queue, moves))
+                budget -= len(moves)
+        return out
+
+    def _assign_queue(
+        self,
+        queue: str,
+        heap: list[tuple[int, int, TaskId]],
+        rooms: list[tuple[NodeId, int]],
+        now: float,
+        policy: LeaderPolicy,
+        budget: int,
+    ) -> list[tuple[Slot, Record]]:
+        out: list[tuple[Slot, Record]] = []
+        # Spread work: the node with the most room takes the next task.
+        nodes = [(-room, node) for node, room in rooms]
+        heapq.heapify(nodes)
+        while heap and nodes and len(out) < budget:
+            _, create_rev, tid = heapq.heappop(heap)
+            slot = self.pending.get(tid)
+            if slot is None or slot.create_revision != create_rev or tid in self._claims:
                 continue
-            # Spread work: the node with the most room takes the next task.
-            nodes = [(-room, node) for node, room in rooms]
-            heapq.heapify(nodes)
-            while heap and nodes and len(out) < budget:
-                _, create_rev, tid = heapq.heappop(heap)
-                slot = self.pending.get(tid)
-                if slot is None or slot.create_revision != create_rev or tid in self._claims:
-                    continue
-                neg_room, node = heapq.heappop(nodes)
-                info = self.nodes[node]
-                self._claim(tid, node, queue)
-                out.append(
-                    (
-                        slot,
-                        assigned(
-                            slot.record,
-                            node=node,
-                            session=info.session,
-                            now=now,
-                            grace_s=policy.grace_s,
-                        ),
-                    )
-                )
-                if neg_room + 1 < 0:
-                    heapq.heappush(nodes, (neg_room + 1, node))
+            neg_room, node = heapq.heappop(nodes)
+            info = self.nodes[node]
+            self._claim(tid, node, queue)
+            record = assigned(
+                slot.record, node=node, session=info.session, now=now, grace_s=policy.grace_s
+            )
+            out.append((slot, record))
+            if neg_room + 1 < 0:
+                heapq.heappush(nodes, (neg_room + 1, node))
         return out
 
     def _wake_at(self) -> float | None:
@@ -391,6 +430,8 @@ class LeaderView:
             "processing": len(self.processing),
         }
 
+
+_NO_CONFIG = QueueConfig()
 
 #: etcd refuses requests over 1.5 MiB; batches stay well under, JSON and base64 included.
 MAX_BATCH_BYTES = 512 * 1024

@@ -115,12 +115,16 @@ def plan_batch(
     moves: Sequence[tuple[Slot, Record]],
     *,
     lease: int = 0,
+    guards: Sequence[Compare] = (),
+    extra: Sequence[Request] = (),
 ) -> Txn:
     """Several leader moves in one transaction, all or none.
 
     Each move compares its source key's mod revision, so that one changed behind the
     leader's back fails the batch; the failure branch reads the fence key so that the
-    caller can tell a lost leadership from a stale view.
+    caller can tell a lost leadership from a stale view. ``guards`` are further compares
+    (the settings of an assignment's queue), ``extra`` further writes (the leader's own
+    bookkeeping, such as a rate limit's window).
     """
     compare: list[Compare] = [fence.compare()]
     success: list[Request] = []
@@ -129,6 +133,8 @@ def plan_batch(
         success.append(Delete(slot.key))
         success.extend(_terminal_ops(ks, slot.task_id, record, lease))
     compare.extend(_session_guards(ks, moves))
+    compare.extend(guards)
+    success.extend(extra)
     return Txn(compare=tuple(compare), success=tuple(success), failure=(Range(fence.key),))
 
 

@@ -1,0 +1,121 @@
+"""Flow control of a queue: its settings in ``queues/<name>`` (paused, concurrency and rate
+limits), and the planner that changes them.
+
+Anyone may change a queue's settings (a sidecar for a client, tmctl for an operator):
+each change is a read-modify-write guarded by the key's mod revision, so two changes
+never lose one another. The leader reads the settings through its view and guards every
+assignment batch with the mod revision of its queue's key, so that no assignment it
+decided before a change (a pause, a lower limit) can commit after it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import attrs
+
+from ._keys import Keyspace
+from ._model import JSON, dumps
+from ._txn import Compare, KeyValue, Put, Txn
+
+
+def _positive_int_or_none(_inst: object, attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{attr.name} must be a whole number >= 1 (or none), got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class RateLimit:
+    """At most ``limit`` starts in any window of ``period_s`` seconds."""
+
+    limit: int = attrs.field(validator=_positive_int_or_none)
+    period_s: float = attrs.field()
+
+    @period_s.validator
+    def _check_period(self, _attr: attrs.Attribute[Any], value: float) -> None:
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"period_s must be a positive number of seconds, got {value!r}")
+
+    def to_json(self) -> dict[str, JSON]:
+        """The JSON object stored in etcd."""
+        return {"limit": self.limit, "period_s": self.period_s}
+
+    @classmethod
+    def from_json(cls, obj: JSON) -> RateLimit:
+        """Read the JSON object (refuses anything else with ValueError)."""
+        if not isinstance(obj, dict) or set(obj) - {"limit", "period_s"}:
+            raise ValueError("a rate limit is {limit, period_s}")
+        return cls(limit=obj.get("limit"), period_s=obj.get("period_s"))  # type: ignore[arg-type]
+
+
+@attrs.frozen(kw_only=True)
+class QueueConfig:
+    """A queue's flow-control settings. The default is a queue with no key at all."""
+
+    paused: bool = False
+    #: Tasks of the queue running at once, across every node.
+    max_running: int | None = attrs.field(default=None, validator=_positive_int_or_none)
+    #: Tasks running at once per concurrency key (a task's ``concurrency_key`` option).
+    key_max_running: int | None = attrs.field(default=None, validator=_positive_int_or_none)
+    #: Starts of the queue's tasks, across every node.
+    rate: RateLimit | None = None
+    #: Starts per concurrency key.
+    key_rate: RateLimit | None = None
+    updated_at: float = 0.0
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit applies."""
+        return any(
+            x is not None
+            for x in (self.max_running, self.key_max_running, self.rate, self.key_rate)
+        )
+
+    def to_json(self) -> str:
+        """The value stored in etcd."""
+        obj: dict[str, JSON] = {"paused": self.paused, "updated_at": self.updated_at}
+        for name in ("max_running", "key_max_running"):
+            if getattr(self, name) is not None:
+                obj[name] = getattr(self, name)
+        for name in ("rate", "key_rate"):
+            limit = getattr(self, name)
+            if limit is not None:
+                obj[name] = limit.to_json()
+        return dumps(obj)
+
+    def to_obj(self) -> dict[str, JSON]:
+        """The settings as a JSON object (as the protocol shows them)."""
+        return dict(json.loads(self.to_json()))
+
+    @classmethod
+    def from_json(cls, text: str) -> QueueConfig:
+        """Read the value stored in etcd."""
+        obj = json.loads(text)
+        if not isinstance(obj, dict):
+            raise ValueError("a queue's settings are a JSON object")
+        rate, key_rate = obj.get("rate"), obj.get("key_rate")
+        return cls(
+            paused=bool(obj.get("paused", False)),
+            max_running=obj.get("max_running"),
+            key_max_running=obj.get("key_max_running"),
+            rate=None if rate is None else RateLimit.from_json(rate),
+            key_rate=None if key_rate is None else RateLimit.from_json(key_rate),
+            updated_at=float(obj.get("updated_at", 0.0)),
+        )
+
+
+def plan_queue_config(ks: Keyspace, queue: str, config: QueueConfig, seen: KeyValue | None) -> Txn:
+    """Write a queue's settings if its key is as ``seen`` (None: absent)."""
+    key = ks.queue(queue)
+    return Txn(
+        compare=(Compare.modified_at(key, seen.mod_revision if seen is not None else 0),),
+        success=(Put(key, config.to_json()),),
+    )
+
+
+def queue_guard(ks: Keyspace, queue: str, mod_revision: int) -> Compare:
+    """The guard of an assignment from ``queue``: its settings are as the leader saw them
+    (mod revision 0: the queue has no settings key)."""
+    return Compare.modified_at(ks.queue(queue), mod_revision)
