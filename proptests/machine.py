@@ -37,6 +37,7 @@ from tm_sidecar.core import (
     Backoff,
     Batch,
     Fence,
+    Guard,
     Keyspace,
     KeyValue,
     LeaderPolicy,
@@ -63,6 +64,7 @@ from tm_sidecar.core import (
     plan_queue_config,
     plan_update,
     succeeded,
+    takeover,
 )
 
 GRACE_S = 2.0
@@ -86,6 +88,7 @@ class ModelTask:
     deadline_at: float | None = None
     completions: int = 0
     cancelled: bool = False
+    unique_key: str | None = None
 
 
 @attrs.define
@@ -330,6 +333,67 @@ class QueueMachine(RuleBasedStateMachine):
             state=record.state,
             due_at=run_at if record.state is State.DELAYED and run_at is not None else 0.0,
         )
+
+    def _unique_spec(self, key: str, window: float | None) -> tuple[TaskSpec, Record]:
+        self.created += 1
+        tid = TaskId(f"t{self.created:04d}")
+        opts = TaskOptions(backoff=BACKOFF, unique_key=key, unique_for_s=window)
+        spec = TaskSpec(id=tid, payload={"n": self.created}, options=opts, created_at=self.now)
+        record = initial_record(
+            Record(state=State.PENDING, options=opts, since_at=self.now), now=self.now, run_at=None
+        )
+        return spec, record
+
+    def _created_unique(self, spec: TaskSpec, record: Record) -> None:
+        self.tasks[spec.id] = ModelTask(
+            id=spec.id,
+            priority=0,
+            max_attempts=spec.options.max_attempts,
+            timeout_s=None,
+            state=record.state,
+            unique_key=spec.options.unique_key,
+        )
+
+    @rule(key=st.sampled_from(["u0", "u1"]), window=st.sampled_from([None, 4.0]))
+    def create_unique(self, key: str, window: float | None) -> None:
+        """A create with a unique key, as a sidecar makes it: take the guard, or read
+        its holder and either answer it or take over from it."""
+        spec, record = self._unique_spec(key, window)
+        result = self.db.txn(plan_create(self.ks, spec, record))
+        if result.succeeded:
+            self._created_unique(spec, record)
+            return
+        (guard_kv,) = result.ranges[1].kvs
+        guard = Guard.from_kv(guard_kv)
+        entries = self._state_keys().get(guard.task_id)
+        holder = (entries[0][0], entries[0][1]) if entries else None
+        taking = takeover(self.ks, guard, holder, self.now)
+        if taking is None:
+            # Answered the holder: it must be live, or finished inside its window.
+            held = self.tasks[guard.task_id]
+            live = held.state in (State.PENDING, State.DELAYED, State.PROCESSING)
+            assert live or (guard.until_at is not None and self.now < guard.until_at)
+            return
+        assert self.db.txn(plan_create(self.ks, spec, record, takeover=taking)).succeeded
+        self._created_unique(spec, record)
+
+    @rule(key=st.sampled_from(["u0", "u1"]))
+    def unique_creates_race(self, key: str) -> None:
+        """Two sidecars create with one key from the same read: one task at most."""
+        first, first_rec = self._unique_spec(key, None)
+        second, second_rec = self._unique_spec(key, None)
+        guard_kvs = [kv for kv in self.db.list(self.ks.unique(key))[0] if kv.key.endswith(key)]
+        taking = None
+        if guard_kvs:
+            guard = Guard.from_kv(guard_kvs[0])
+            entries = self._state_keys().get(guard.task_id)
+            holder = (entries[0][0], entries[0][1]) if entries else None
+            taking = takeover(self.ks, guard, holder, self.now)
+            if taking is None:
+                return
+        for spec, rec in ((first, first_rec), (second, second_rec)):
+            if self.db.txn(plan_create(self.ks, spec, rec, takeover=taking)).succeeded:
+                self._created_unique(spec, rec)
 
     @rule(target=nodes_b, capacity=st.integers(1, 3))
     def add_node(self, capacity: int) -> str:
@@ -737,6 +801,23 @@ class QueueMachine(RuleBasedStateMachine):
             if task.cancelled:
                 assert record.error is not None
                 assert record.error.type == "Cancelled", f"{tid} was cancelled, not {record.error}"
+
+    @invariant()
+    def unique_keys_held_once(self) -> None:
+        """Never two live tasks with one unique key, and each holds its key's guard."""
+        live_states = (State.PENDING, State.DELAYED, State.PROCESSING)
+        holders: dict[str, list[TaskId]] = {}
+        for tid, entries in self._state_keys().items():
+            key = self.tasks[tid].unique_key
+            if key is not None and entries[0][0] in live_states:
+                holders.setdefault(key, []).append(tid)
+        guards = {kv.key: Guard.from_kv(kv) for kv in self.db.list(self.ks.uniques())[0]}
+        for key, tids in holders.items():
+            assert len(tids) == 1, f"live tasks {tids} share unique key {key}"
+            guard = guards.get(self.ks.unique(key))
+            assert guard is not None, f"{tids[0]} is live without its guard"
+            assert guard.task_id == tids[0], f"{key}'s guard names {guard.task_id}, not {tids[0]}"
+            assert guard.until_at is None
 
     @invariant()
     def capacity_holds(self) -> None:

@@ -118,6 +118,13 @@ MUTATIONS = [
         'Batch("assign", tuple(c), guards=())',
         "nothing is assigned from a paused queue, even decided just before the pause",
     ),
+    Mutation(
+        "unique-unguarded",
+        "tm_sidecar/core/_plan.py",
+        "        compare.extend(guards)",
+        "        compare.extend(())",
+        "never two live tasks with one unique key",
+    ),
 ]
 
 

@@ -3,8 +3,26 @@ limits and schedules, at given times."""
 
 from __future__ import annotations
 
+import attrs
+import pytest
+
 from tests.test_core_leader import KS, POLICY, Feed
-from tm_sidecar.core import Compare, Fence, QueueConfig, TaskId
+from tm_sidecar.core import (
+    Compare,
+    Delete,
+    Fence,
+    Guard,
+    KeyValue,
+    Put,
+    QueueConfig,
+    Record,
+    State,
+    TaskId,
+    TaskOptions,
+    guard_value,
+    takeover,
+)
+from tm_sidecar.core._unique import guard_ops
 
 FENCE = Fence(KS.candidate(1), 1)
 
@@ -43,3 +61,51 @@ def test_an_assignment_batch_is_guarded_by_its_queue_settings() -> None:
     (batch,) = feed.view.decide(0.0, POLICY).batches
     assert batch.guards == (Compare.modified_at(KS.queue("default"), kv.mod_revision),)
     assert batch.plan(KS, FENCE, lease=0).compare[-1] == batch.guards[0]
+
+
+# -- unique keys --------------------------------------------------------------------------------
+
+
+def _guard(until_at: float | None) -> Guard:
+    return Guard(KS.unique("k"), TaskId("old"), until_at, 7)
+
+
+def _held(state: State) -> tuple[State, KeyValue]:
+    node = "n1" if state is State.PROCESSING else None
+    return state, KeyValue(KS.state(state, TaskId("old"), node), "{}", 5, 6, 1)
+
+
+@pytest.mark.parametrize(
+    ("until_at", "holder", "now", "taken_over"),
+    [
+        (None, _held(State.PENDING), 0.0, False),  # live: the create answers it
+        (None, _held(State.PROCESSING), 0.0, False),
+        (None, _held(State.COMPLETED), 0.0, True),  # finished, no window
+        (10.0, _held(State.COMPLETED), 9.9, False),  # inside its window
+        (10.0, _held(State.FAILED), 10.0, True),  # the window has passed
+        (10.0, None, 10.0, True),  # its record expired
+    ],
+)
+def test_takeover_of_a_unique_key(
+    until_at: float | None, holder: tuple[State, KeyValue] | None, now: float, taken_over: bool
+) -> None:
+    result = takeover(KS, _guard(until_at), holder, now)
+    assert (result is not None) == taken_over
+    if result is not None:
+        assert result.compares[0] == Compare.modified_at(KS.unique("k"), 7)
+        expected = (
+            Compare.created_at(holder[1].key, 5)
+            if holder
+            else Compare.absent(KS.state(State.FAILED, TaskId("old")))
+        )
+        assert result.compares[1] == expected
+
+
+def test_a_final_move_releases_the_unique_key_or_keeps_it_for_its_window() -> None:
+    opts = TaskOptions(unique_key="k")
+    done = Record(state=State.COMPLETED, options=opts, since_at=100.0)
+    assert guard_ops(KS, TaskId("t"), done) == [Delete(KS.unique("k"))]
+    windowed = attrs.evolve(done, options=attrs.evolve(opts, unique_for_s=60.0))
+    assert guard_ops(KS, TaskId("t"), windowed) == [Put(KS.unique("k"), guard_value("t", 160.0))]
+    retry = Record(state=State.DELAYED, options=opts, since_at=100.0)
+    assert guard_ops(KS, TaskId("t"), retry) == []

@@ -16,7 +16,9 @@ from taskmanager import TaskFailed, TaskManager, WorkerTask
 
 from tests.helpers import Observed
 from tests.procs import ROOT, SidecarProcess
+from tm_sidecar import Etcd, EtcdConfig
 from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.core import Keyspace
 
 
 @asynccontextmanager
@@ -174,3 +176,64 @@ async def test_a_paused_queue_assigns_nothing_until_resumed(
         await tmctl(etcd_server, namespace, "resume", "default")
         assert await held.result(timeout=10) == "done"
     assert started.items == [running.id, other.id, held.id]
+
+
+# -- unique tasks -------------------------------------------------------------------------------
+
+
+async def test_unique_key_answers_the_live_task_then_its_window(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    async with (
+        sidecars(etcd_server, namespace, tmp_path, "n1") as (sc,),
+        TaskManager(str(sc.socket_path)) as manager,
+    ):
+        first = await (await manager.create({"n": 1}, unique_key="invoice-42")).commit()
+        again = await (await manager.create({"n": 2}, unique_key="invoice-42")).commit()
+        other = await (await manager.create({"n": 3}, unique_key="invoice-43")).commit()
+
+        async def handler(task: WorkerTask) -> Any:
+            return task.data
+
+        await manager.process(handler, concurrency=2)
+        assert await again.result(timeout=10) == {"n": 1}  # it follows the first task
+        assert await other.result(timeout=10) == {"n": 3}
+        # Finished: the key is free again; with a window, it stays taken after.
+        after = (await manager.create({"n": 4})).with_unique("invoice-42", for_s=3600)
+        await after.commit()
+        assert await after.result(timeout=10) == {"n": 4}
+        held = await (await manager.create({"n": 5}, unique_key="invoice-42")).commit()
+        assert await held.result(timeout=10) == {"n": 4}
+    assert (first.existing, again.existing, other.existing) == (False, True, False)
+    assert again.id == first.id
+    assert (after.existing, held.existing) == (False, True)
+    assert held.id == after.id
+
+
+async def test_unique_creates_from_several_sidecars_make_one_task(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    async with (
+        sidecars(etcd_server, namespace, tmp_path, "a", "b", "c") as procs,
+        TaskManager(str(procs[0].socket_path)) as ma,
+        TaskManager(str(procs[1].socket_path)) as mb,
+        TaskManager(str(procs[2].socket_path)) as mc,
+    ):
+        tasks: list[Any] = []
+
+        async def create(manager: TaskManager, n: int) -> None:
+            task = await manager.create({"n": n}, unique_key="customer-7-sync")
+            tasks.append(await task.commit())
+
+        async with trio.open_nursery() as nursery:
+            for n in range(8):
+                for manager in (ma, mb, mc):
+                    nursery.start_soon(create, manager, n)
+        etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+        try:
+            kvs, _ = await etcd.list_prefix(Keyspace(namespace=namespace).tasks())
+        finally:
+            await etcd.aclose()
+    assert len({t.id for t in tasks}) == 1
+    assert sum(not t.existing for t in tasks) == 1
+    assert len(kvs) == 1

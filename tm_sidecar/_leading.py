@@ -17,8 +17,10 @@ from ._session import RetentionLeases, Session
 from .core import (
     MAX_TXN_OPS,
     Batch,
+    Compare,
     Delete,
     Fence,
+    Guard,
     Keyspace,
     LeaderPolicy,
     LeaderView,
@@ -166,6 +168,9 @@ async def run_leader(
                 swept = await sweep_payloads(etcd, ks)
                 if swept:
                     log.info("deleted %d payloads of expired tasks", swept)
+                released = await sweep_unique_guards(etcd, ks, clock())
+                if released:
+                    log.info("deleted %d unique keys whose window has passed", released)
                 current = await etcd.revision()
                 if previous:
                     await etcd.compact(previous)
@@ -255,6 +260,27 @@ async def sweep_payloads(etcd: Etcd, ks: Keyspace) -> int:
             for task_id in chunk:
                 await etcd.delete(ks.task(task_id))
     return len(orphans)
+
+
+async def sweep_unique_guards(etcd: Etcd, ks: Keyspace, now: float) -> int:
+    """Delete the guards of unique keys whose task finished longer than its
+    ``unique_for_s`` ago (creates would take them over anyway); answers how many. Each
+    delete compares the guard as read, so one taken over meanwhile stays."""
+    kvs, _ = await etcd.list_prefix(ks.uniques())
+    deleted = 0
+    for kv in kvs:
+        try:
+            guard = Guard.from_kv(kv)
+        except (ValueError, TypeError):
+            continue
+        if guard.until_at is None or guard.until_at > now:
+            continue
+        txn = Txn(
+            compare=(Compare.modified_at(kv.key, kv.mod_revision),), success=(Delete(kv.key),)
+        )
+        if (await etcd.txn(txn)).succeeded:
+            deleted += 1
+    return deleted
 
 
 def _check_fence(fence: Fence, result: TxnResult) -> None:

@@ -33,8 +33,9 @@ from ._errors import (
     Unavailable,
 )
 from ._hub import Subscription
-from ._sidecar import Sidecar, TaskInfo, is_final
+from ._sidecar import Created, Sidecar, TaskInfo, is_final
 from .core import (
+    DEFAULT_MAX_SNOOZES,
     EVENT_KINDS,
     JSON,
     Backoff,
@@ -336,10 +337,10 @@ class SocketServer:
         if task_id is not None:
             task_id = TaskId(check_name("task id", task_id))
         if not frame.get("subscribe"):
-            spec = await self.sidecar.create(
+            created = await self.sidecar.create_task(
                 frame.get("payload"), options=options, run_at=run_at, task_id=task_id
             )
-            return {"task_id": spec.id}
+            return _created(created)
         # Subscribed before the task exists, so that no event of it can be missed; the
         # subscription ends with the task's final event.
         task_id = task_id or self.sidecar.new_task_id()
@@ -348,18 +349,23 @@ class SocketServer:
             not isinstance(kinds, list) or not set(kinds) <= set(EVENT_KINDS) or not kinds
         ):
             raise InvalidRequest(f"events must be a list of some of {', '.join(EVENT_KINDS)}")
-        sid, sub = self._subscribe(
-            conn, task_id, until_final=True, kinds=frozenset(kinds) if kinds else None
-        )
+        chosen = frozenset(kinds) if kinds else None
+        sid, sub = self._subscribe(conn, task_id, until_final=True, kinds=chosen)
         try:
-            spec = await self.sidecar.create(
+            created = await self.sidecar.create_task(
                 frame.get("payload"), options=options, run_at=run_at, task_id=task_id
             )
         except BaseException:
             conn.subscriptions.pop(sid, None)
             sub.close()
             raise
-        return {"task_id": spec.id, "subscription": sid}
+        if created.spec.id != task_id:
+            # The unique key's holder answered: follow that task instead (it may finish
+            # before this subscription starts: a client reads it once to be sure).
+            conn.subscriptions.pop(sid, None)
+            sub.close()
+            sid, _ = self._subscribe(conn, created.spec.id, until_final=True, kinds=chosen)
+        return {**_created(created), "subscription": sid}
 
     async def op_get(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         info = await self.sidecar.get(TaskId(check_name("task id", frame["task_id"])))
@@ -548,6 +554,13 @@ OPS: dict[str, _Op] = {
 }
 
 
+def _created(created: Created) -> dict[str, JSON]:
+    answer: dict[str, JSON] = {"task_id": created.spec.id}
+    if created.existing:
+        answer["existing"] = True
+    return answer
+
+
 def task_json(info: TaskInfo) -> dict[str, JSON]:
     """A task as the protocol shows it."""
     record = info.record
@@ -571,10 +584,23 @@ def task_json(info: TaskInfo) -> dict[str, JSON]:
     return obj
 
 
+_OPTION_NAMES = {
+    "queue",
+    "priority",
+    "max_attempts",
+    "timeout_s",
+    "backoff",
+    "unique_key",
+    "unique_for_s",
+    "concurrency_key",
+    "max_snoozes",
+}
+
+
 def _options(obj: JSON) -> TaskOptions:
     if not isinstance(obj, dict):
         raise InvalidRequest("options must be an object")
-    unknown = set(obj) - {"queue", "priority", "max_attempts", "timeout_s", "backoff"}
+    unknown = set(obj) - _OPTION_NAMES
     if unknown:
         raise InvalidRequest(f"unknown options: {sorted(unknown)}")
     backoff = obj.get("backoff") or {}
@@ -583,15 +609,24 @@ def _options(obj: JSON) -> TaskOptions:
     try:
         priority = obj.get("priority", 0)
         attempts = obj.get("max_attempts", 3)
-        if not isinstance(priority, int) or not isinstance(attempts, int):
-            raise InvalidRequest("priority and max_attempts are whole numbers")
+        snoozes = obj.get("max_snoozes", DEFAULT_MAX_SNOOZES)
+        if not all(isinstance(n, int) for n in (priority, attempts, snoozes)):
+            raise InvalidRequest("priority, max_attempts and max_snoozes are whole numbers")
+        for name in ("unique_key", "concurrency_key"):
+            if obj.get(name) is not None and not isinstance(obj[name], str):
+                raise InvalidRequest(f"{name} must be a string")
         timeout = obj.get("timeout_s")
+        window = obj.get("unique_for_s")
         return TaskOptions(
             queue=obj.get("queue", "default"),
             priority=priority,
             max_attempts=attempts,
             timeout_s=None if timeout is None else float(timeout),
             backoff=Backoff.from_json(backoff),
+            unique_key=obj.get("unique_key"),
+            unique_for_s=None if window is None else float(window),
+            concurrency_key=obj.get("concurrency_key"),
+            max_snoozes=snoozes,
         )
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(str(exc)) from exc

@@ -39,6 +39,7 @@ from ._leading import LeaderSettings, LeaderState, run_leader
 from ._session import RetentionLeases, Session, close_session, keep_session, open_session
 from .core import (
     JSON,
+    Guard,
     Keyspace,
     KeyValue,
     LeaderPolicy,
@@ -50,6 +51,7 @@ from .core import (
     Record,
     Slot,
     State,
+    Takeover,
     TaskEvent,
     TaskId,
     TaskOptions,
@@ -65,12 +67,15 @@ from .core import (
     plan_create,
     plan_queue_config,
 )
+from .core import takeover as core_takeover
 
 log = logging.getLogger("tm_sidecar")
 
 FINAL_STATES = (State.COMPLETED, State.FAILED)
 #: How often a cancel reads and tries again when the task moves under it.
 CANCEL_TRIES = 10
+#: How often a unique create reads the key's holder and tries again.
+UNIQUE_TRIES = 10
 _FULL = (
     "etcd's database is full (its NOSPACE alarm is raised): new tasks are refused until an "
     "operator frees space with `tmctl recover`; the tasks already accepted wait, nothing is lost"
@@ -121,6 +126,15 @@ class TaskInfo:
     def final(self) -> bool:
         """Whether the task has finished (completed or failed for good)."""
         return self.state in FINAL_STATES
+
+
+@attrs.frozen
+class Created:
+    """What a create made: a new task, or (``existing``) the live task that holds the
+    unique key asked for."""
+
+    spec: TaskSpec
+    existing: bool
 
 
 @attrs.define(eq=False)
@@ -364,8 +378,22 @@ class Sidecar:
         Raises :class:`PayloadTooLarge`, :class:`QueueFull` or :class:`InvalidRequest`
         for what cannot be accepted, and :class:`EtcdUnavailable` when etcd cannot be
         reached within the request timeout (the task may then exist or not: repeat the
-        call with the same ``task_id`` to be sure, it is idempotent).
+        call with the same ``task_id`` to be sure, it is idempotent). With a
+        ``unique_key`` whose task is live, answers that task (see :meth:`create_task`).
         """
+        created = await self.create_task(payload, options=options, run_at=run_at, task_id=task_id)
+        return created.spec
+
+    async def create_task(
+        self,
+        payload: JSON,
+        *,
+        options: TaskOptions | None = None,
+        run_at: float | None = None,
+        task_id: TaskId | None = None,
+    ) -> Created:
+        """:meth:`create`, saying whether the task is new or, for a ``unique_key`` held
+        by a live task (or one inside its ``unique_for_s`` window), that existing task."""
         options = options or TaskOptions()
         if run_at is not None and not (isinstance(run_at, int | float) and run_at == run_at):
             raise InvalidRequest("run_at must be a UTC epoch time in seconds")
@@ -395,6 +423,8 @@ class Sidecar:
         record = initial_record(
             Record(state=State.PENDING, options=options, since_at=now), now=now, run_at=run_at
         )
+        if options.unique_key is not None:
+            return await self._create_unique(spec, record, encoded)
         txn = plan_create(self.ks, spec, record)
         try:
             try:
@@ -407,18 +437,71 @@ class Sidecar:
             raise EtcdFull(_FULL) from exc
         self._written += sum(len(op.key) + len(getattr(op, "value", "")) for op in txn.success)
         if not result.succeeded:
-            existing = await self.etcd.get(self.ks.task(spec.id))
-            if existing is not None and not await self._has_state(spec.id):
-                # An expired task's payload, not yet swept: the id is free again.
-                await self.etcd.delete(existing.key)
-                return await self.create(payload, options=options, run_at=run_at, task_id=spec.id)
-            if existing is None or TaskSpec.from_json(existing.value).payload != payload:
-                raise InvalidRequest(f"task id {spec.id} is taken")
-            return TaskSpec.from_json(existing.value)
+            return Created(await self._taken(spec, payload, options, run_at), existing=False)
+        self._created_one(spec, encoded)
+        return Created(spec, existing=False)
+
+    def _created_one(self, spec: TaskSpec, encoded: str) -> None:
         self._live_tasks += 1
         self._created += 1
         self.agent.recent.add(spec, encoded)
-        return spec
+
+    async def _taken(
+        self, spec: TaskSpec, payload: JSON, options: TaskOptions, run_at: float | None
+    ) -> TaskSpec:
+        """The create of ``spec`` found its id taken: a repeat of the same create, an
+        expired task's payload, or another task."""
+        existing = await self.etcd.get(self.ks.task(spec.id))
+        if existing is not None and not await self._has_state(spec.id):
+            # An expired task's payload, not yet swept: the id is free again.
+            await self.etcd.delete(existing.key)
+            return await self.create(payload, options=options, run_at=run_at, task_id=spec.id)
+        if existing is None or TaskSpec.from_json(existing.value).payload != payload:
+            raise InvalidRequest(f"task id {spec.id} is taken")
+        return TaskSpec.from_json(existing.value)
+
+    async def _create_unique(self, spec: TaskSpec, record: Record, encoded: str) -> Created:
+        """Create a task that takes its unique key's guard, or answer the key's holder.
+
+        Not batched with other creates: the failure branch tells who holds the key.
+        """
+        takeover: Takeover | None = None
+        for _ in range(UNIQUE_TRIES):
+            txn = plan_create(self.ks, spec, record, takeover=takeover)
+            try:
+                result = await retrying(lambda: self.etcd.txn(txn), what="unique create")  # noqa: B023
+            except EtcdFull as exc:
+                self._nospace = True
+                raise EtcdFull(_FULL) from exc
+            if result.succeeded:
+                self._written += sum(
+                    len(op.key) + len(getattr(op, "value", "")) for op in txn.success
+                )
+                self._created_one(spec, encoded)
+                return Created(spec, existing=False)
+            mine, guard_kvs = result.ranges[0].kvs, result.ranges[1].kvs
+            if mine:
+                same = await self._taken(spec, spec.payload, spec.options, spec.run_at)
+                return Created(same, existing=False)  # this very create, repeated
+            if not guard_kvs:
+                takeover = None  # released meanwhile: it is free
+                continue
+            guard = Guard.from_kv(guard_kvs[0])
+            try:
+                holder = await self.get(guard.task_id)
+            except TaskNotFound:
+                holder = None
+            at = None
+            if holder is not None and holder.state is not None and holder.kv is not None:
+                at = (holder.state, holder.kv)
+            takeover = core_takeover(self.ks, guard, at, self.clock())
+            if takeover is None:
+                self.counters["unique_existing"] += 1
+                if holder is None:  # finished inside its window, and its record expired
+                    holder_spec = TaskSpec(id=guard.task_id, payload=None, created_at=0.0)
+                    return Created(holder_spec, existing=True)
+                return Created(holder.spec, existing=True)
+        raise Unavailable(f"unique key {spec.options.unique_key} is contended: try again")
 
     def _admit_size(self) -> None:
         """Refuse a new task when etcd is full, or when it would leave too little room for

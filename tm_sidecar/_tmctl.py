@@ -27,6 +27,7 @@ from .core import (
     Compare,
     Delete,
     EventDeriver,
+    Guard,
     Keyspace,
     KeyValue,
     NodeInfo,
@@ -44,6 +45,7 @@ from .core import (
     Touch,
     Txn,
     cancelled,
+    guard_value,
     plan_cancel,
 )
 
@@ -315,21 +317,46 @@ class Ctl:
                 since_at=time.time(),
                 reason="created",
             )
+            guard = await self._retake_guard(parsed.task_id, rec)
+            if guard is None:
+                continue
             txn = Txn(
                 compare=(
                     Compare.modified_at(kv.key, kv.mod_revision),
                     Compare(self.ks.task(parsed.task_id), Target.VERSION, Op.GREATER, 0),
+                    *guard[0],
                 ),
                 success=(
                     Delete(kv.key),
                     Put(self.ks.state(State.PENDING, parsed.task_id), pending.to_json()),
                     Touch(self.ks.task(parsed.task_id), 0),  # no longer expires
+                    *guard[1],
                 ),
             )
             if (await self.etcd.txn(txn)).succeeded:
                 moved += 1
         self.out({"retried": moved}, [["RETRIED"], [str(moved)]])
         return 0
+
+    async def _retake_guard(
+        self, task_id: TaskId, rec: Record
+    ) -> tuple[tuple[Compare, ...], tuple[Put, ...]] | None:
+        """A retried task with a unique key is live again: it takes its guard back in the
+        same transaction, if no other task holds it (None: then it is not retried)."""
+        key = rec.options.unique_key
+        if key is None:
+            return (), ()
+        kv = await self.etcd.get(self.ks.unique(key))
+        if kv is not None and Guard.from_kv(kv).task_id != task_id:
+            holder = Guard.from_kv(kv).task_id
+            print(
+                f"tmctl: task {task_id} not retried: its unique key {key!r} is held by task "
+                f"{holder} now",
+                file=sys.stderr,
+            )
+            return None
+        seen = Compare.modified_at(self.ks.unique(key), kv.mod_revision if kv else 0)
+        return (seen,), (Put(self.ks.unique(key), guard_value(task_id)),)
 
     async def cancel(self, task_id: str) -> int:
         spec, state, kv = await self.find(task_id)
@@ -517,6 +544,13 @@ def _show_table(
         rows.append(["priority", str(options.priority)])
         timeout = "-" if options.timeout_s is None else f"{options.timeout_s:g} s"
         rows.append(["timeout", timeout])
+        if options.unique_key is not None:
+            window = (
+                "" if options.unique_for_s is None else f" (and {options.unique_for_s:g} s after)"
+            )
+            rows.append(["unique key", options.unique_key + window])
+        if options.concurrency_key is not None:
+            rows.append(["concurrency key", options.concurrency_key])
     if rec is not None:
         limit = f" of {options.max_attempts}" if options is not None else ""
         rows.append(["attempts", f"{rec.attempts}{limit}"])

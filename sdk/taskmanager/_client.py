@@ -20,7 +20,7 @@ import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -80,6 +80,9 @@ class Task:
         self.options: dict[str, Any] = {}
         self.run_at: float | None = None
         self.committed = False
+        #: After commit: True if a live task held this task's unique key, and this Task
+        #: now follows that one (its ``id`` is the existing task's).
+        self.existing = False
         self.state: str | None = None
         self.result_value: Any = None
         self.error: dict[str, Any] | None = None
@@ -91,6 +94,8 @@ class Task:
         # Callbacks run in one task per Task, in event order, off the connection's reader.
         self._calls: collections.deque[tuple[Callback, tuple[Any, ...]]] = collections.deque()
         self._calling = False
+        #: Tasks of this manager that follow this one (they met its unique key).
+        self._followers: list[Task] = []
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state or 'uncommitted'}>"
@@ -147,6 +152,25 @@ class Task:
         self.options["priority"] = int(priority)
         return self
 
+    def with_unique(self, key: str, *, for_s: float | timedelta | None = None) -> Task:
+        """At most one live task per ``key`` (namespace-wide): if one is pending, delayed
+        or running when this commits, no new task is made and this Task follows that one
+        (``existing`` is then True). With ``for_s``, a key stays taken that long after its
+        task finished too."""
+        self._editable()
+        self.options["unique_key"] = key
+        if for_s is not None:
+            seconds = for_s.total_seconds() if isinstance(for_s, timedelta) else float(for_s)
+            self.options["unique_for_s"] = seconds
+        return self
+
+    def with_concurrency_key(self, key: str) -> Task:
+        """Count this task against its queue's per-key limits (``key_max_running``,
+        ``key_rate``) under ``key``: e.g. one task at a time per customer."""
+        self._editable()
+        self.options["concurrency_key"] = key
+        return self
+
     def with_queue(self, queue: str) -> Task:
         """Send the task to the workers of ``queue`` (default: ``default``)."""
         self._editable()
@@ -194,6 +218,14 @@ class Task:
             self.manager._untrack(self, ended=False)
             raise
         self.committed = True
+        if answer.get("existing") and answer["task_id"] != self.id:
+            # The unique key is held by a live task: follow that one.
+            self.manager._tasks.pop(self.id, None)
+            self.id, self.existing = answer["task_id"], True
+            followed = self.manager._tasks.setdefault(self.id, self)
+            if followed is not self:  # this manager follows it already: hear it from there
+                followed._followers.append(self)
+            self.manager._spawn(self.manager._recheck, self)
         if answer.get("subscription") is None:  # a sidecar from before subscribe-on-create
             sub = await self.manager._request("subscribe", {"task_id": self.id}, idempotent=True)
             answer["subscription"] = sub["subscription"]
@@ -262,6 +294,8 @@ class Task:
             )
 
     async def _on_event(self, event: dict[str, Any], *, streamed: bool = True) -> None:
+        for follower in self._followers:
+            await follower._on_event(event, streamed=streamed)
         kind = event.get("event", "")
         if self._final.is_set():
             return
@@ -747,10 +781,23 @@ class TaskManager:
 
     # -- the API -----------------------------------------------------------------------------
 
-    async def create(self, data: Any, *, task_id: str | None = None) -> Task:
-        """A new task for ``data`` (any JSON); set its options, then ``await task.commit()``."""
+    async def create(
+        self,
+        data: Any,
+        *,
+        task_id: str | None = None,
+        unique_key: str | None = None,
+        unique_for: float | timedelta | None = None,
+    ) -> Task:
+        """A new task for ``data`` (any JSON); set its options, then ``await task.commit()``.
+
+        ``unique_key`` (and ``unique_for``): see :meth:`Task.with_unique`.
+        """
         await self._ensure_started()
-        return Task(self, data, task_id)
+        task = Task(self, data, task_id)
+        if unique_key is not None:
+            task.with_unique(unique_key, for_s=unique_for)
+        return task
 
     async def submit(self, data: Any, **options: Any) -> Task:
         """Create and commit in one call; ``options`` as the protocol's (timeout_s, ...)."""

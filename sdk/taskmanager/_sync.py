@@ -43,6 +43,21 @@ class BlockingTask:
         self._task.with_priority(priority)
         return self
 
+    def with_unique(self, key: str, *, for_s: float | None = None) -> BlockingTask:
+        """See :meth:`Task.with_unique`."""
+        self._task.with_unique(key, for_s=for_s)
+        return self
+
+    def with_concurrency_key(self, key: str) -> BlockingTask:
+        """See :meth:`Task.with_concurrency_key`."""
+        self._task.with_concurrency_key(key)
+        return self
+
+    @property
+    def existing(self) -> bool:
+        """See :attr:`Task.existing`."""
+        return self._task.existing
+
     def with_queue(self, queue: str) -> BlockingTask:
         """See :meth:`Task.with_queue`."""
         self._task.with_queue(queue)

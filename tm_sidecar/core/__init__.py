@@ -6,6 +6,7 @@ from ._flow import QueueConfig, RateLimit, plan_queue_config, queue_guard
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
 from ._leader import Batch, Decision, LeaderPolicy, LeaderView
 from ._model import (
+    DEFAULT_MAX_SNOOZES,
     JSON,
     Backoff,
     NodeInfo,
@@ -58,10 +59,12 @@ from ._txn import (
     TxnResult,
     WatchEvent,
 )
+from ._unique import Guard, Takeover, guard_value, takeover
 
 __all__ = [
     "ASSIGN_BATCH",
     "CANCELLED",
+    "DEFAULT_MAX_SNOOZES",
     "EVENT_KINDS",
     "HANDED_BACK",
     "JSON",
@@ -75,6 +78,7 @@ __all__ = [
     "Delete",
     "EventDeriver",
     "Fence",
+    "Guard",
     "KeyValue",
     "Keyspace",
     "LeaderPolicy",
@@ -94,6 +98,7 @@ __all__ = [
     "Revision",
     "Slot",
     "State",
+    "Takeover",
     "Target",
     "TaskError",
     "TaskEvent",
@@ -111,6 +116,7 @@ __all__ = [
     "check_name",
     "dumps",
     "event_from_change",
+    "guard_value",
     "handed_back",
     "initial_record",
     "make_task_id",
@@ -125,4 +131,5 @@ __all__ = [
     "promoted",
     "queue_guard",
     "succeeded",
+    "takeover",
 ]

@@ -11,6 +11,7 @@ Under ``<root><namespace>/``::
     nodes/<node>              a live sidecar, attached to its session lease
     election/<lease-hex>      a leadership candidate; the lowest create revision leads
     queues/<queue>            a queue's flow control: paused, concurrency and rate limits
+    unique/<key>              the task that holds a unique key (see _unique.py)
 
 Every key the leader needs sorts between ``delayed/`` and ``task/`` (its watch's range).
 
@@ -109,6 +110,14 @@ class Keyspace:
         """Prefix of every queue's settings."""
         return f"{self.prefix}queues/"
 
+    def unique(self, key: str) -> str:
+        """The guard of a unique key: which task holds it."""
+        return f"{self.prefix}unique/{key}"
+
+    def uniques(self) -> str:
+        """Prefix of every unique key's guard."""
+        return f"{self.prefix}unique/"
+
     def election(self) -> str:
         """Prefix of the leadership candidates."""
         return f"{self.prefix}election/"
@@ -135,6 +144,8 @@ class Keyspace:
             return ParsedKey("election", name=parts[1])
         if kind == "queues" and len(parts) == 2:
             return ParsedKey("queue", name=parts[1])
+        if kind == "unique" and len(parts) == 2:
+            return ParsedKey("unique", name=parts[1])
         return None
 
 

@@ -18,9 +18,9 @@ import attrs
 from ._flow import QueueConfig, queue_guard
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import NodeInfo, Record, TaskError, parse_record
-from ._plan import ASSIGN_BATCH, REAP_BATCH, Fence, Slot, plan_batch
+from ._plan import ASSIGN_BATCH, REAP_BATCH, Fence, Slot, move_ops, plan_batch
 from ._policy import after_failure, assigned, promoted
-from ._txn import Compare, KeyValue, Request, Txn, WatchEvent
+from ._txn import MAX_TXN_OPS, Compare, KeyValue, Request, Txn, WatchEvent
 
 
 @attrs.frozen
@@ -441,14 +441,18 @@ def _chunk(items: list[tuple[Slot, Record]], size: int) -> list[list[tuple[Slot,
     """Consecutive batches of at most ``size`` moves and about MAX_BATCH_BYTES."""
     out: list[list[tuple[Slot, Record]]] = []
     current: list[tuple[Slot, Record]] = []
-    weight = 0
+    weight = ops = 0
     for slot, record in items:
         cost = len(record.to_json().encode()) + 2 * len(slot.key) + 200
-        if current and (len(current) >= size or weight + cost > MAX_BATCH_BYTES):
+        n = move_ops(record)
+        if current and (
+            len(current) >= size or weight + cost > MAX_BATCH_BYTES or ops + n > MAX_TXN_OPS
+        ):
             out.append(current)
-            current, weight = [], 0
+            current, weight, ops = [], 0, 0
         current.append((slot, record))
         weight += cost
+        ops += n
     if current:
         out.append(current)
     return out

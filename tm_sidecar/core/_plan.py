@@ -10,6 +10,7 @@ import attrs
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import Record, TaskSpec
 from ._txn import MAX_TXN_OPS, Compare, Delete, Put, Range, Request, Txn
+from ._unique import FREE, Takeover, guard_ops, guard_value
 
 
 @attrs.frozen
@@ -38,15 +39,29 @@ class Slot:
     record: Record
 
 
-def plan_create(ks: Keyspace, spec: TaskSpec, record: Record) -> Txn:
-    """Write the task once and put it in its first queue; fails if the id is taken."""
-    return Txn(
-        compare=(Compare.absent(ks.task(spec.id)),),
-        success=(
-            Put(ks.task(spec.id), spec.to_json()),
-            Put(ks.state(record.state, spec.id), record.to_json()),
-        ),
-    )
+def plan_create(
+    ks: Keyspace, spec: TaskSpec, record: Record, *, takeover: Takeover | None = None
+) -> Txn:
+    """Write the task once and put it in its first queue; fails if the id is taken.
+
+    A task with a ``unique_key`` also takes that key's guard, which must be free (absent,
+    or as ``takeover`` says: see _unique.py); its failure branch reads the task and the
+    guard, to tell a repeated create from a key held by another task.
+    """
+    compare = [Compare.absent(ks.task(spec.id))]
+    success: list[Request] = [
+        Put(ks.task(spec.id), spec.to_json()),
+        Put(ks.state(record.state, spec.id), record.to_json()),
+    ]
+    failure: tuple[Request, ...] = ()
+    key = spec.options.unique_key
+    if key is not None:
+        guard = ks.unique(key)
+        guards = (takeover or FREE).compares or (Compare.absent(guard),)
+        compare.extend(guards)
+        success.append(Put(guard, guard_value(spec.id)))
+        failure = (Range(ks.task(spec.id)), Range(guard))
+    return Txn(compare=tuple(compare), success=tuple(success), failure=failure)
 
 
 def _terminal_ops(ks: Keyspace, task_id: TaskId, record: Record, lease: int) -> list[Request]:
@@ -55,7 +70,13 @@ def _terminal_ops(ks: Keyspace, task_id: TaskId, record: Record, lease: int) -> 
     # space as it drains): the leader deletes payloads left without a state key.
     final = record.state in (State.COMPLETED, State.FAILED)
     key = ks.state(record.state, task_id, record.node)
-    return [Put(key, record.to_json(), lease if final else 0)]
+    return [Put(key, record.to_json(), lease if final else 0), *guard_ops(ks, task_id, record)]
+
+
+def move_ops(record: Record) -> int:
+    """The writes a move to ``record`` takes in a transaction (for batch sizes)."""
+    final = record.state in (State.COMPLETED, State.FAILED)
+    return 2 + (1 if final and record.options.unique_key is not None else 0)
 
 
 def plan_move(

@@ -43,6 +43,7 @@ def assigned(record: Record, *, node: NodeId, session: int, now: float, grace_s:
         node=node,
         session=session,
         deadline_at=None if timeout is None else now + timeout + grace_s,
+        snoozes=record.snoozes,
     )
 
 
@@ -101,6 +102,7 @@ def after_failure(
             started_at=record.started_at,
             error=error,
             reason=reason,
+            snoozes=record.snoozes,
         )
     return Record(
         state=State.DELAYED,
@@ -111,6 +113,7 @@ def after_failure(
         started_at=record.started_at,
         error=error,
         reason=reason,
+        snoozes=record.snoozes,
     )
 
 
@@ -126,6 +129,7 @@ def handed_back(record: Record, *, now: float) -> Record:
         options=record.options,
         since_at=now,
         reason=HANDED_BACK,
+        snoozes=record.snoozes,
     )
 
 
