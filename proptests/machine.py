@@ -63,11 +63,13 @@ from tm_sidecar.core import (
     plan_move,
     plan_queue_config,
     plan_update,
+    snoozed,
     succeeded,
     takeover,
 )
 
 GRACE_S = 2.0
+MAX_SNOOZES = 1
 BACKOFF = Backoff(base_s=1.0, factor=2.0, max_s=8.0, jitter=0.5)
 _namespaces = itertools.count()
 
@@ -89,6 +91,8 @@ class ModelTask:
     completions: int = 0
     cancelled: bool = False
     unique_key: str | None = None
+    snoozes: int = 0
+    max_snoozes: int = 1
 
 
 @attrs.define
@@ -299,19 +303,34 @@ class QueueMachine(RuleBasedStateMachine):
     def elect(self) -> None:
         self._new_fence()
 
+    @initialize(target=nodes_b, capacity=st.integers(1, 3))
+    def first_node(self, capacity: int) -> str:
+        """Most runs need a node: start with one (more come with add_node)."""
+        return self.add_node(capacity)
+
     @rule(
         priority=st.integers(0, 2),
         delay=st.none() | st.floats(0, 30),
         max_attempts=st.integers(1, 3),
         timeout=st.sampled_from([None, 5.0, 20.0]),
+        max_snoozes=st.integers(0, MAX_SNOOZES),
     )
     def create(
-        self, priority: int, delay: float | None, max_attempts: int, timeout: float | None
+        self,
+        priority: int,
+        delay: float | None,
+        max_attempts: int,
+        timeout: float | None,
+        max_snoozes: int,
     ) -> None:
         self.created += 1
         tid = TaskId(f"t{self.created:04d}")
         opts = TaskOptions(
-            priority=priority, max_attempts=max_attempts, timeout_s=timeout, backoff=BACKOFF
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout_s=timeout,
+            backoff=BACKOFF,
+            max_snoozes=max_snoozes,
         )
         run_at = None if delay is None else self.now + delay
         spec = TaskSpec(
@@ -332,12 +351,15 @@ class QueueMachine(RuleBasedStateMachine):
             timeout_s=timeout,
             state=record.state,
             due_at=run_at if record.state is State.DELAYED and run_at is not None else 0.0,
+            max_snoozes=max_snoozes,
         )
 
     def _unique_spec(self, key: str, window: float | None) -> tuple[TaskSpec, Record]:
         self.created += 1
         tid = TaskId(f"t{self.created:04d}")
-        opts = TaskOptions(backoff=BACKOFF, unique_key=key, unique_for_s=window)
+        opts = TaskOptions(
+            backoff=BACKOFF, unique_key=key, unique_for_s=window, max_snoozes=MAX_SNOOZES
+        )
         spec = TaskSpec(id=tid, payload={"n": self.created}, options=opts, created_at=self.now)
         record = initial_record(
             Record(state=State.PENDING, options=opts, since_at=self.now), now=self.now, run_at=None
@@ -550,8 +572,25 @@ class QueueMachine(RuleBasedStateMachine):
                 out.append(slot)
         return out
 
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from(["success", "failure", "permanent", "progress", "snooze"]),
+    )
+    def leader_assigns_and_a_worker_reports(self, data: st.DataObject, outcome: str) -> None:
+        """The common path in one step: the leader does its rounds, every agent sees its
+        assignments, and one started attempt reports."""
+        self.leader_rounds(interfere=False)
+        for node in self.nodes.values():
+            if node.agent is not None:
+                self._agent_takes(node, len(node.feed))
+        if self._started_attempts():
+            self.worker_reports(data, outcome)
+
     @precondition(lambda self: any(n.agent and n.agent.running for n in self.nodes.values()))
-    @rule(data=st.data(), outcome=st.sampled_from(["success", "failure", "permanent", "progress"]))
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from(["success", "failure", "permanent", "progress", "snooze"]),
+    )
     def worker_reports(self, data: st.DataObject, outcome: str) -> None:
         """An attempt its node's agent started reports progress or its outcome."""
         slots = self._started_attempts()
@@ -567,6 +606,9 @@ class QueueMachine(RuleBasedStateMachine):
             return
         if outcome == "success":
             nxt = succeeded(slot.record, result={"ok": task.id}, now=self.now)
+        elif outcome == "snooze":
+            delay = data.draw(st.sampled_from([0.0, 3.0]), label="snooze_s")
+            nxt = snoozed(slot.record, delay_s=delay, now=self.now)
         else:
             error = TaskError(type="E", message="x", retryable=outcome == "failure")
             nxt = after_failure(slot.record, error=error, now=self.now, fraction=self.rng.random())
@@ -582,8 +624,27 @@ class QueueMachine(RuleBasedStateMachine):
             task.completions += 1
             task.state = State.COMPLETED
             task.node = task.session = task.deadline_at = None
+        elif outcome == "snooze":
+            self._after_snooze(task, nxt, delay)
         else:
             self._after_attempt(task, nxt, retryable=outcome == "failure")
+
+    def _after_snooze(self, task: ModelTask, record: Record, delay: float) -> None:
+        """A snooze costs no attempt, and a task may take ``max_snoozes`` of them."""
+        if task.snoozes >= task.max_snoozes:
+            assert record.state is State.FAILED, f"{task.id} snoozed past its limit"
+            assert record.error is not None
+            assert record.error.type == "SnoozeLimit"
+        else:
+            task.snoozes += 1
+            task.attempts -= 1
+            expected = State.DELAYED if delay > 0 else State.PENDING
+            assert record.state is expected, f"{task.id}: snoozed to {record.state}"
+            task.due_at = record.due_at or 0.0
+            assert task.due_at == (self.now + delay if delay > 0 else 0.0)
+        assert record.snoozes == task.snoozes
+        task.state = record.state
+        task.node = task.session = task.deadline_at = None
 
     @precondition(lambda self: bool(self.stale))
     @rule(data=st.data())
@@ -795,6 +856,7 @@ class QueueMachine(RuleBasedStateMachine):
             record = Record.from_json(state, kv.value)
             assert record.attempts == task.attempts
             assert record.attempts <= task.max_attempts
+            assert record.snoozes == task.snoozes <= task.max_snoozes
             if state is State.COMPLETED:
                 assert kv.version == 1, f"{tid}'s result was written {kv.version} times"
                 assert task.completions == 1

@@ -125,6 +125,20 @@ MUTATIONS = [
         "        compare.extend(())",
         "never two live tasks with one unique key",
     ),
+    Mutation(
+        "snooze-unbounded",
+        "tm_sidecar/core/_policy.py",
+        "    if record.snoozes >= record.options.max_snoozes:",
+        "    if False:",
+        "a task snoozes at most max_snoozes times, then fails",
+    ),
+    Mutation(
+        "snooze-counts-the-attempt",
+        "tm_sidecar/core/_policy.py",
+        "    spent = max(record.attempts - 1, 0)",
+        "    spent = record.attempts",
+        "a snooze does not count an attempt",
+    ),
 ]
 
 

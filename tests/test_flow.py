@@ -3,6 +3,7 @@ cancel, pause, unique tasks, snooze, limits, schedules."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from taskmanager import TaskFailed, TaskManager, WorkerTask
+from taskmanager import Snooze, TaskFailed, TaskManager, WorkerTask
 
 from tests.helpers import Observed
 from tests.procs import ROOT, SidecarProcess
@@ -237,3 +238,34 @@ async def test_unique_creates_from_several_sidecars_make_one_task(
     assert len({t.id for t in tasks}) == 1
     assert sum(not t.existing for t in tasks) == 1
     assert len(kvs) == 1
+
+
+# -- snooze -------------------------------------------------------------------------------------
+
+
+async def test_a_handler_snoozes_its_task_without_spending_attempts(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    async with (
+        sidecars(etcd_server, namespace, tmp_path, "n1") as (sc,),
+        TaskManager(str(sc.socket_path)) as manager,
+    ):
+        runs: list[tuple[str, int, float]] = []
+
+        async def handler(task: WorkerTask) -> Any:
+            runs.append((task.data["name"], task.attempt, trio.current_time()))
+            if task.data["name"] == "forever" or len(runs) < 3:
+                raise Snooze(0.2)
+            return len(runs)
+
+        await manager.process(handler)
+        once = await (await manager.create({"name": "later"})).with_retries(1).commit()
+        assert await once.result(timeout=10) == 3
+        forever = await manager.submit({"name": "forever"}, max_snoozes=2)
+        with pytest.raises(TaskFailed) as err:
+            await forever.result(timeout=10)
+    # Three runs of a task allowed one attempt: the snoozes did not count.
+    assert [(name, attempt) for name, attempt, _ in runs[:3]] == [("later", 1)] * 3
+    assert all(b[2] - a[2] >= 0.2 for a, b in itertools.pairwise(runs[:3]))
+    assert err.value.error["type"] == "SnoozeLimit"
+    assert [name for name, _, _ in runs[3:]] == ["forever"] * 3  # 2 snoozes, then the limit

@@ -41,6 +41,7 @@ class _Snapshot(Collector):
         )
         outcomes.add_metric(["completed"], sc.agent.completed)
         outcomes.add_metric(["failed_or_retried"], sc.agent.failed)
+        outcomes.add_metric(["snoozed"], sc.agent.snoozed)
         outcomes.add_metric(["stale_rejected"], sc.agent.stale)
         yield outcomes
         yield GaugeMetricFamily("tm_leader", "1 while this sidecar leads.", value=int(sc.is_leader))

@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from . import __version__
-from ._agent import HandedBack, HandlerFailed, Registration, TaskContext
+from ._agent import HandedBack, HandlerFailed, Registration, Snooze, TaskContext
 from ._errors import (
     ERRORS,
     InvalidRequest,
@@ -85,6 +85,7 @@ class _Delivery:
     result: JSON = None
     error: TaskError | None = None
     handed_back: bool = False
+    snooze_s: float | None = None
 
 
 @attrs.define(eq=False)
@@ -503,6 +504,8 @@ class SocketServer:
             conn.deliveries.pop(delivery.id, None)
         if delivery.handed_back:
             raise HandedBack
+        if delivery.snooze_s is not None:
+            raise Snooze(delivery.snooze_s)
         if delivery.error is not None:
             raise HandlerFailed(delivery.error)
         return delivery.result
@@ -534,6 +537,17 @@ class SocketServer:
             traceback=None if err.get("traceback") is None else str(err["traceback"]),
             retryable=bool(err.get("retryable", True)),
         )
+        delivery.done.set()
+        return True
+
+    async def op_snooze(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        # The handler asks to run its task again later: this attempt does not count.
+        delivery = self._delivery(conn, frame)
+        delay = frame.get("delay_s")
+        if not isinstance(delay, int | float) or isinstance(delay, bool):
+            raise InvalidRequest("delay_s must be a number of seconds")
+        Snooze(delay)  # checks the range
+        delivery.snooze_s = float(delay)
         delivery.done.set()
         return True
 

@@ -31,6 +31,7 @@ from ._errors import (
     ConnectionLost,
     InvalidRequest,
     Permanent,
+    Snooze,
     TaskFailed,
     TaskManagerError,
     Unavailable,
@@ -746,6 +747,8 @@ class TaskManager:
                         if inspect.isawaitable(value):
                             value = await value
                     outcome = ("complete", {"delivery": delivery, "result": value})
+                except Snooze as snooze:
+                    outcome = ("snooze", {"delivery": delivery, "delay_s": snooze.delay_s})
                 except Exception as exc:
                     permanent = isinstance(exc, Permanent) or isinstance(exc.__cause__, Permanent)
                     error = {

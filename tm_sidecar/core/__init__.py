@@ -32,6 +32,8 @@ from ._plan import (
 from ._policy import (
     CANCELLED,
     HANDED_BACK,
+    SNOOZE_LIMIT,
+    SNOOZED,
     after_failure,
     assigned,
     backoff_delay_s,
@@ -39,6 +41,7 @@ from ._policy import (
     handed_back,
     initial_record,
     promoted,
+    snoozed,
     succeeded,
 )
 from ._txn import (
@@ -70,6 +73,8 @@ __all__ = [
     "JSON",
     "MAX_TXN_OPS",
     "REAP_BATCH",
+    "SNOOZED",
+    "SNOOZE_LIMIT",
     "AttemptLedger",
     "Backoff",
     "Batch",
@@ -130,6 +135,7 @@ __all__ = [
     "plan_update",
     "promoted",
     "queue_guard",
+    "snoozed",
     "succeeded",
     "takeover",
 ]
