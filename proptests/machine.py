@@ -306,7 +306,7 @@ class QueueMachine(RuleBasedStateMachine):
     @initialize(target=nodes_b, capacity=st.integers(1, 3))
     def first_node(self, capacity: int) -> str:
         """Most runs need a node: start with one (more come with add_node)."""
-        return self.add_node(capacity)
+        return self._add_node(capacity)
 
     @rule(
         priority=st.integers(0, 2),
@@ -419,6 +419,9 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(target=nodes_b, capacity=st.integers(1, 3))
     def add_node(self, capacity: int) -> str:
+        return self._add_node(capacity)
+
+    def _add_node(self, capacity: int) -> str:
         name = f"n{len(self.nodes)}"
         lease = self.db.lease_grant(60)
         info = NodeInfo(id=NodeId(name), session=lease, capacity={"default": capacity})
