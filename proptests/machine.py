@@ -91,6 +91,7 @@ class ModelTask:
     completions: int = 0
     cancelled: bool = False
     unique_key: str | None = None
+    concurrency_key: str | None = None
     snoozes: int = 0
     max_snoozes: int = 1
 
@@ -142,7 +143,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.stale: list[tuple[Slot, Record]] = []
         self.policy = LeaderPolicy(grace_s=GRACE_S)
         self.assignments: dict[str, KeyValue] = {}  # processing keys as last recorded
-        self.paused = False  # the default queue's settings
+        self.config = QueueConfig()  # the default queue's settings
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -253,7 +254,7 @@ class QueueMachine(RuleBasedStateMachine):
         task = self.tasks[slot.task_id]
         if kind == "assign":
             assert task.state is State.PENDING, f"{task.id} assigned from {task.state}"
-            assert not self.paused, f"{task.id} assigned from a paused queue"
+            assert not self.config.paused, f"{task.id} assigned from a paused queue"
             assert self.now >= task.due_at, (
                 f"{task.id} assigned at {self.now} before due {task.due_at}"
             )
@@ -303,6 +304,12 @@ class QueueMachine(RuleBasedStateMachine):
     def elect(self) -> None:
         self._new_fence()
 
+    @initialize(max_running=st.sampled_from([None, 2, 3]), per_key=st.sampled_from([None, 1]))
+    def first_limits(self, max_running: int | None, per_key: int | None) -> None:
+        """Runs start with limits or without (set_limits changes them later)."""
+        if max_running is not None or per_key is not None:
+            self.set_limits(max_running, per_key)
+
     @initialize(target=nodes_b, capacity=st.integers(1, 3))
     def first_node(self, capacity: int) -> str:
         """Most runs need a node: start with one (more come with add_node)."""
@@ -314,6 +321,8 @@ class QueueMachine(RuleBasedStateMachine):
         max_attempts=st.integers(1, 3),
         timeout=st.sampled_from([None, 5.0, 20.0]),
         max_snoozes=st.integers(0, MAX_SNOOZES),
+        key=st.sampled_from([None, "k0", "k0", "k1"]),
+        count=st.integers(1, 3),
     )
     def create(
         self,
@@ -322,6 +331,21 @@ class QueueMachine(RuleBasedStateMachine):
         max_attempts: int,
         timeout: float | None,
         max_snoozes: int,
+        key: str | None,
+        count: int = 1,
+    ) -> None:
+        """``count`` tasks alike, as a producer makes them."""
+        for _ in range(count):
+            self._create_one(priority, delay, max_attempts, timeout, max_snoozes, key)
+
+    def _create_one(
+        self,
+        priority: int,
+        delay: float | None,
+        max_attempts: int,
+        timeout: float | None,
+        max_snoozes: int,
+        key: str | None,
     ) -> None:
         self.created += 1
         tid = TaskId(f"t{self.created:04d}")
@@ -331,6 +355,7 @@ class QueueMachine(RuleBasedStateMachine):
             timeout_s=timeout,
             backoff=BACKOFF,
             max_snoozes=max_snoozes,
+            concurrency_key=key,
         )
         run_at = None if delay is None else self.now + delay
         spec = TaskSpec(
@@ -352,6 +377,7 @@ class QueueMachine(RuleBasedStateMachine):
             state=record.state,
             due_at=run_at if record.state is State.DELAYED and run_at is not None else 0.0,
             max_snoozes=max_snoozes,
+            concurrency_key=key,
         )
 
     def _unique_spec(self, key: str, window: float | None) -> tuple[TaskSpec, Record]:
@@ -493,6 +519,8 @@ class QueueMachine(RuleBasedStateMachine):
             if batch.kind == "reap":
                 self.stale.append((slot, record))
             self._check_move(slot, record, batch.kind)
+        if batch.kind == "assign":
+            self._check_limits(batch)
         self.view.settle(batch, committed_at=revision)
 
     @rule(name=nodes_b)
@@ -531,8 +559,17 @@ class QueueMachine(RuleBasedStateMachine):
         left = [
             t for t in rank if t not in {s.task_id for s in chosen} and not self.view.claimed(t)
         ]
-        better_left = [t for t in left if rank[t] < worst_chosen]
+        better_left = [t for t in left if rank[t] < worst_chosen and not self._held_back(t, chosen)]
         assert not better_left, f"{better_left} skipped for worse tasks"
+
+    def _held_back(self, tid: TaskId, chosen: list[Slot]) -> bool:
+        """A task that its key's limit held back, counting the tasks chosen with it."""
+        key, limit = self.tasks[tid].concurrency_key, self.config.key_max_running
+        if key is None or limit is None:
+            return False
+        running = [t for t in self.tasks.values() if t.state is State.PROCESSING]
+        running += [self.tasks[s.task_id] for s in chosen]
+        return sum(t.concurrency_key == key for t in running) >= limit
 
     def _check_quiescent(self) -> None:
         """After the leader has done all it can: nothing due waits, no capacity idles."""
@@ -549,9 +586,10 @@ class QueueMachine(RuleBasedStateMachine):
             for n in self.nodes.values()
             if n.alive
         )
-        pending = [t.id for t in self.tasks.values() if t.state is State.PENDING]
-        if not self.paused:
-            assert not (pending and free), f"{pending} wait while {free} slots are free"
+        pending = [
+            t.id for t in self.tasks.values() if t.state is State.PENDING and self._may_run(t)
+        ]
+        assert not (pending and free), f"{pending} wait while {free} slots are free"
         due = [
             t.id for t in self.tasks.values() if t.state is State.DELAYED and t.due_at <= self.now
         ]
@@ -692,12 +730,66 @@ class QueueMachine(RuleBasedStateMachine):
         """A client or an operator cancels a live task: failed at once, for good."""
         self._cancel(data.draw(st.sampled_from(self._live_ids()), label="task"))
 
-    def _set_paused(self, paused: bool) -> None:
+    def _may_run(self, task: ModelTask) -> bool:
+        """Whether the queue's settings let ``task`` start now (capacity aside)."""
+        config = self.config
+        running = [t for t in self.tasks.values() if t.state is State.PROCESSING]
+        if config.paused:
+            return False
+        if config.max_running is not None and len(running) >= config.max_running:
+            return False
+        key, limit = task.concurrency_key, config.key_max_running
+        if key is not None and limit is not None:
+            return sum(t.concurrency_key == key for t in running) < limit
+        return True
+
+    def _write_config(self, config: QueueConfig) -> None:
         seen = self.db.list(self.ks.queue("default"))[0]
         kv = next((k for k in seen if k.key == self.ks.queue("default")), None)
-        config = QueueConfig(paused=paused, updated_at=self.now)
         assert self.db.txn(plan_queue_config(self.ks, "default", config, kv)).succeeded
-        self.paused = paused
+        self.config = config
+
+    def _set_paused(self, paused: bool) -> None:
+        self._write_config(attrs.evolve(self.config, paused=paused, updated_at=self.now))
+
+    @rule(max_running=st.sampled_from([None, 1, 2, 3]), per_key=st.sampled_from([None, 1, 2]))
+    def set_limits(self, max_running: int | None, per_key: int | None) -> None:
+        """An operator sets (or lowers, or lifts) the queue's concurrency limits."""
+        config = attrs.evolve(
+            self.config, max_running=max_running, key_max_running=per_key, updated_at=self.now
+        )
+        self._write_config(config)
+
+    def _check_limits(self, batch: Batch) -> None:
+        """After an assignment batch: the queue and each key it assigned to are within
+        their limits, counted across every node (and decided with claims in flight)."""
+        running = [self.tasks[s.task_id] for s in self._live_assignments()]
+        config = self.config
+        if config.max_running is not None:
+            assert len(running) <= config.max_running, (
+                f"{len(running)} running over max_running {config.max_running}"
+            )
+        if config.key_max_running is not None:
+            for key in {self.tasks[s.task_id].concurrency_key for s, _ in batch.moves} - {None}:
+                count = sum(t.concurrency_key == key for t in running)
+                assert count <= config.key_max_running, (
+                    f"{count} of key {key} running over {config.key_max_running}"
+                )
+
+    @rule()
+    def leader_decides_twice_before_the_watch(self) -> None:
+        """The leader decides again before its watch shows its last batches: its claims
+        must keep capacity and limits from being spent twice."""
+        assert self.view is not None
+        assert self.fence is not None
+        self._sync_view()
+        for _ in range(2):
+            decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+            for batch in decision.batches:
+                result = self.db.txn(batch.plan(self.ks, self.fence))
+                assert result.succeeded, f"the live leader's {batch.kind} batch failed"
+                self._committed(batch, result.revision)
+        self._sync_view()
 
     @rule(paused=st.booleans())
     def pause_queue(self, paused: bool) -> None:
@@ -721,6 +813,7 @@ class QueueMachine(RuleBasedStateMachine):
             for rest in decision.batches[n:]:
                 self.view.settle(rest, committed_at=None)
             break
+        self._set_paused(False)  # and resumed (pause_queue leaves it paused for a while)
 
     @rule()
     def cancel_behind_the_leader(self) -> None:
@@ -753,6 +846,8 @@ class QueueMachine(RuleBasedStateMachine):
         self.deposed.append((self.fence, self.view))
         self.db.lease_revoke(self._leader_lease)
         self._new_fence()
+        # The old leader has not noticed yet and acts on its view at once.
+        self.deposed_leader_writes()
 
     @precondition(lambda self: bool(self.deposed))
     @rule()

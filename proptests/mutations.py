@@ -139,6 +139,20 @@ MUTATIONS = [
         "    spent = record.attempts",
         "a snooze does not count an attempt",
     ),
+    Mutation(
+        "key-limit-ignores-claims",
+        "tm_sidecar/core/_leader.py",
+        "            self.keys.add(queue, key)",
+        "            pass",
+        "never more tasks of one concurrency key running than its limit, claims included",
+    ),
+    Mutation(
+        "queue-limit-ignores-claims",
+        "tm_sidecar/core/_leader.py",
+        "running = sum(n for (_, q), n in self.inflight.items() if q == queue)",
+        "running = sum(s.record.options.queue == queue for s in self.processing.values())",
+        "never more tasks of a queue running than max_running, assignments in flight included",
+    ),
 ]
 
 

@@ -109,3 +109,39 @@ def test_a_final_move_releases_the_unique_key_or_keeps_it_for_its_window() -> No
     assert guard_ops(KS, TaskId("t"), windowed) == [Put(KS.unique("k"), guard_value("t", 160.0))]
     retry = Record(state=State.DELAYED, options=opts, since_at=100.0)
     assert guard_ops(KS, TaskId("t"), retry) == []
+
+
+# -- concurrency limits -------------------------------------------------------------------------
+
+
+def test_max_running_counts_every_node_and_assignments_in_flight() -> None:
+    feed = Feed()
+    feed.node("n1", {"default": 4})
+    feed.node("n2", {"default": 4})
+    feed.put(KS.queue("default"), QueueConfig(max_running=3).to_json())
+    for tid in "abcde":
+        feed.task(tid)
+    first = feed.view.decide(0.0, POLICY).batches
+    assert sum(len(b.moves) for b in first) == 3
+    # Decided again before the watch shows them: the claims count.
+    assert feed.view.decide(0.0, POLICY).batches == ()
+    for batch in first:
+        feed.commit(batch)
+    assert feed.view.decide(0.0, POLICY).batches == ()
+    done = next(iter(feed.view.processing.values()))
+    feed.delete(done.key)  # one finished
+    assert assigned(feed) == ["d"]
+
+
+def test_one_at_a_time_per_key_keeps_each_keys_order() -> None:
+    feed = Feed()
+    feed.node("n1", {"default": 10})
+    feed.put(KS.queue("default"), QueueConfig(key_max_running=1).to_json())
+    for tid, key in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("a3", "a"), ("b2", "b"), ("c", None)]:
+        feed.task(tid, concurrency_key=key)
+    assert assigned(feed) == ["a1", "b1", "c"]
+    assert assigned(feed) == []  # a2 and b2 are parked behind their keys
+    feed.delete(feed.view.processing[TaskId("a1")].key)
+    assert assigned(feed) == ["a2"]
+    feed.put(KS.queue("default"), QueueConfig(key_max_running=2).to_json())
+    assert assigned(feed) == ["a3", "b2"]  # a raised limit lets the parked ones go

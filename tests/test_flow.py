@@ -6,11 +6,14 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from taskmanager import Snooze, TaskFailed, TaskManager, WorkerTask
@@ -19,7 +22,17 @@ from tests.helpers import Observed
 from tests.procs import ROOT, SidecarProcess
 from tm_sidecar import Etcd, EtcdConfig
 from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar.core import Keyspace
+from tm_sidecar._group import merge_txns
+from tm_sidecar.core import (
+    Keyspace,
+    Record,
+    State,
+    TaskOptions,
+    TaskSpec,
+    initial_record,
+    make_task_id,
+    plan_create,
+)
 
 
 @asynccontextmanager
@@ -269,3 +282,91 @@ async def test_a_handler_snoozes_its_task_without_spending_attempts(
     assert all(b[2] - a[2] >= 0.2 for a, b in itertools.pairwise(runs[:3]))
     assert err.value.error["type"] == "SnoozeLimit"
     assert [name for name, _, _ in runs[3:]] == ["forever"] * 3  # 2 snoozes, then the limit
+
+
+# -- concurrency limits -------------------------------------------------------------------------
+
+
+async def _create_keyed(etcd: Etcd, ks: Keyspace, keys: list[str | None], work_s: float) -> None:
+    """Tasks with these concurrency keys (None: none), several per transaction."""
+    txns = []
+    for i, key in enumerate(keys):
+        now = time.time()
+        spec = TaskSpec(
+            id=make_task_id(int(now * 1000), i, 0),
+            payload={"i": i, "work_s": work_s},
+            options=TaskOptions(max_attempts=5, concurrency_key=key),
+            created_at=now,
+        )
+        rec = initial_record(
+            Record(state=State.PENDING, options=spec.options, since_at=now), now=now, run_at=None
+        )
+        txns.append(plan_create(ks, spec, rec))
+    for start in range(0, len(txns), 32):
+        assert (await etcd.txn(merge_txns(txns[start : start + 32]))).succeeded
+
+
+@attrs.define
+class Concurrency:
+    """The most tasks processing at once, in all and per key, at any revision."""
+
+    ks: Keyspace
+    live: dict[str, str | None] = attrs.Factory(dict)  # processing key -> concurrency key
+    most: int = 0
+    most_per_key: Counter[str] = attrs.Factory(Counter)
+    completed: int = 0
+    changed: trio.Event = attrs.Factory(trio.Event)
+
+    async def run(self, etcd: Etcd, revision: int) -> None:
+        watch = etcd.watch_once(self.ks.prefix, revision, range_end=self.ks.prefix + "task")
+        async with aclosing(watch) as changes:
+            async for batch in changes:
+                for event in batch.events:
+                    parsed = self.ks.parse(event.kv.key)
+                    if parsed is None or parsed.state is None:
+                        continue
+                    if parsed.state is State.PROCESSING:
+                        if event.kind == "PUT":
+                            record = Record.from_json(State.PROCESSING, event.kv.value)
+                            self.live[event.kv.key] = record.options.concurrency_key
+                        else:
+                            self.live.pop(event.kv.key, None)
+                    elif parsed.state is State.COMPLETED and event.kind == "PUT":
+                        self.completed += 1
+                # A watch response holds whole revisions: count after each.
+                self.most = max(self.most, len(self.live))
+                for key, n in Counter(k for k in self.live.values() if k).items():
+                    self.most_per_key[key] = max(self.most_per_key[key], n)
+                self.changed.set()
+                self.changed = trio.Event()
+
+
+async def test_limits_hold_across_nodes_and_a_leader_kill(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    ks = Keyspace(namespace=namespace)
+    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    handler = "tests.proc_handlers:work"
+    try:
+        async with sidecars(
+            etcd_server, namespace, tmp_path, "a", "b", "c", handler=handler, concurrency=4
+        ) as procs:
+            async with TaskManager(str(procs[1].socket_path)) as manager:
+                await manager.set_limits(max_running=3, key_max_running=1)
+            audit = Concurrency(ks)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(audit.run, etcd, await etcd.revision() + 1)
+                keys: list[str | None] = ["customer-7", "customer-8", None, None] * 8
+                await _create_keyed(etcd, ks, keys, work_s=0.05)
+                with trio.fail_after(30):
+                    while audit.completed < 8:
+                        await audit.changed.wait()
+                procs[0].kill()  # the leader, mid-run
+                with trio.fail_after(60):
+                    while audit.completed < len(keys):
+                        await audit.changed.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        await etcd.aclose()
+    assert audit.most == 3  # reached, never passed, across three nodes and two leaders
+    assert audit.most_per_key == {"customer-7": 1, "customer-8": 1}

@@ -75,9 +75,23 @@ class _Snapshot(Collector):
             "1 for a paused queue (the leader assigns nothing from it).",
             labels=["queue"],
         )
+        limits = GaugeMetricFamily(
+            "tm_queue_limit",
+            "A queue's cluster-wide limits: max_running, key_max_running; rate and key_rate "
+            "as starts per second.",
+            labels=["queue", "limit"],
+        )
         for queue, config in sorted(sc.queue_configs.items()):
             paused.add_metric([queue], int(config.paused))
+            for name in ("max_running", "key_max_running"):
+                if getattr(config, name) is not None:
+                    limits.add_metric([queue, name], getattr(config, name))
+            for name in ("rate", "key_rate"):
+                rate = getattr(config, name)
+                if rate is not None:
+                    limits.add_metric([queue, name], rate.limit / rate.period_s)
         yield paused
+        yield limits
         flow = CounterMetricFamily(
             "tm_flow",
             "Flow-control actions this sidecar took: cancelled, ...",

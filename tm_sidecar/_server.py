@@ -38,6 +38,7 @@ from .core import (
     DEFAULT_MAX_SNOOZES,
     EVENT_KINDS,
     JSON,
+    LIMIT_FIELDS,
     Backoff,
     State,
     TaskError,
@@ -404,6 +405,14 @@ class SocketServer:
     async def op_resume(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         queue = check_name("queue", frame.get("queue", "default"))
         return (await self.sidecar.resume_queue(queue)).to_obj()
+
+    async def op_set_limits(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        queue = check_name("queue", frame.get("queue", "default"))
+        changes = {name: frame[name] for name in LIMIT_FIELDS if name in frame}
+        unknown = set(frame) - {"id", "op", "queue", *LIMIT_FIELDS}
+        if unknown:
+            raise InvalidRequest(f"unknown fields: {sorted(unknown)}")
+        return (await self.sidecar.set_limits(queue, changes)).to_obj()
 
     async def op_queues(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         return {name: config.to_obj() for name, config in (await self.sidecar.queues()).items()}

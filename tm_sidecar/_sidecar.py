@@ -66,6 +66,7 @@ from .core import (
     plan_cancel,
     plan_create,
     plan_queue_config,
+    with_limits,
 )
 from .core import takeover as core_takeover
 
@@ -653,6 +654,18 @@ class Sidecar:
         """Assign from ``queue`` again."""
         config = await self.update_queue(queue, lambda c: attrs.evolve(c, paused=False))
         log.info("queue %s resumed", queue)
+        return config
+
+    async def set_limits(self, queue: str, changes: dict[str, JSON]) -> QueueConfig:
+        """Set (or, with None, lift) a queue's cluster-wide limits: ``max_running``,
+        ``key_max_running``, ``rate`` and ``key_rate`` ({limit, period_s}). Raises
+        :class:`InvalidRequest` for a bad name or value."""
+        try:
+            with_limits(QueueConfig(), changes)  # checked before anything is read
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(str(exc)) from exc
+        config = await self.update_queue(queue, lambda c: with_limits(c, changes))
+        log.info("queue %s limits %s", queue, config.to_json())
         return config
 
     def status(self) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from .core import (
     cancelled,
     guard_value,
     plan_cancel,
+    with_limits,
 )
 
 STATES = [s.value for s in State]
@@ -117,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="resume a paused queue")
     resume.add_argument("queue")
     sub.add_parser("queues", help="every queue's flow control: paused, limits")
+    limit = sub.add_parser(
+        "limit",
+        help="set a queue's cluster-wide limits (each flag given is set; 'none' lifts it)",
+    )
+    limit.add_argument("queue")
+    limit.add_argument("--max-running", help="tasks of the queue running at once, or none")
+    limit.add_argument("--per-key", help="tasks running at once per concurrency key, or none")
+    limit.add_argument("--rate", help="starts per period, e.g. 100/60s (or none)")
+    limit.add_argument("--key-rate", help="starts per period per concurrency key (or none)")
     return p
 
 
@@ -391,6 +401,19 @@ class Ctl:
         self.out({queue: config.to_obj()}, [["QUEUE", "PAUSED"], [queue, _yes(config.paused)]])
         return 0
 
+    async def limit(self, queue: str, args: argparse.Namespace) -> int:
+        try:
+            changes = _limit_changes(args)
+            with_limits(QueueConfig(), changes)
+        except ValueError as exc:
+            print(f"tmctl: {exc}", file=sys.stderr)
+            return 2
+        config = await update_queue(
+            self.etcd, self.ks, queue, lambda c: with_limits(c, changes), now=time.time()
+        )
+        self.out({queue: config.to_obj()}, _queue_table({queue: config}))
+        return 0
+
     async def queues(self) -> None:
         kvs, _ = await self.etcd.list_prefix(self.ks.queues())
         configs = {}
@@ -398,19 +421,7 @@ class Ctl:
             parsed = self.ks.parse(kv.key)
             if parsed is not None and parsed.name is not None:
                 configs[parsed.name] = QueueConfig.from_json(kv.value)
-        table = [["QUEUE", "PAUSED", "MAX RUNNING", "PER KEY", "RATE", "PER KEY RATE"]]
-        for name, c in configs.items():
-            table.append(
-                [
-                    name,
-                    _yes(c.paused),
-                    _opt(c.max_running),
-                    _opt(c.key_max_running),
-                    _rate(c.rate),
-                    _rate(c.key_rate),
-                ]
-            )
-        self.out({name: c.to_obj() for name, c in configs.items()}, table)
+        self.out({name: c.to_obj() for name, c in configs.items()}, _queue_table(configs))
 
     async def purge(self, state: State) -> None:
         purged = await self._purge(state)
@@ -578,6 +589,56 @@ def _show_table(
     return [[label, value.replace("\n", " ")] for label, value in rows]
 
 
+def _queue_table(configs: dict[str, QueueConfig]) -> list[list[str]]:
+    table = [["QUEUE", "PAUSED", "MAX RUNNING", "PER KEY", "RATE", "PER KEY RATE"]]
+    for name, c in configs.items():
+        table.append(
+            [
+                name,
+                _yes(c.paused),
+                _opt(c.max_running),
+                _opt(c.key_max_running),
+                _rate(c.rate),
+                _rate(c.key_rate),
+            ]
+        )
+    return table
+
+
+def _limit_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The limits given on tmctl's command line, as the protocol's JSON."""
+    changes: dict[str, Any] = {}
+    for flag, name in (("max_running", "max_running"), ("per_key", "key_max_running")):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[name] = None if value == "none" else _whole(value, flag)
+    for flag, name in (("rate", "rate"), ("key_rate", "key_rate")):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[name] = None if value == "none" else _parse_rate(value)
+    if not changes:
+        raise ValueError("give at least one of --max-running, --per-key, --rate, --key-rate")
+    return changes
+
+
+def _whole(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--{flag.replace('_', '-')} takes a whole number or none") from None
+
+
+def _parse_rate(text: str) -> dict[str, Any]:
+    """``100/60s``, ``5/1m``, ``10/1h``, ``3/2.5`` (seconds) as {limit, period_s}."""
+    try:
+        count, period = text.split("/", 1)
+        scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(period[-1:])
+        seconds = float(period[:-1]) * scale if scale else float(period)
+        return {"limit": int(count), "period_s": seconds}
+    except ValueError:
+        raise ValueError(f"a rate is COUNT/PERIOD, e.g. 100/60s or 5/1m, not {text!r}") from None
+
+
 def _yes(flag: bool) -> str:
     return "yes" if flag else "-"
 
@@ -718,6 +779,8 @@ async def run(args: argparse.Namespace) -> int:
                 return await ctl.set_paused(args.queue, args.command == "pause")
             case "queues":
                 await ctl.queues()
+            case "limit":
+                return await ctl.limit(args.queue, args)
         return 0
     except EtcdUnavailable as exc:
         hint = f" (the embedded etcd of {args.data_dir}: is its sidecar running?)"

@@ -869,6 +869,20 @@ class TaskManager:
         """Resume a paused queue. Answers the queue's settings."""
         return dict(await self._request("resume", {"queue": queue}, idempotent=True))
 
+    async def set_limits(self, queue: str = "default", **limits: Any) -> dict[str, Any]:
+        """Set a queue's cluster-wide limits; None lifts one. ``max_running`` (tasks of the
+        queue running at once), ``key_max_running`` (per ``concurrency_key``), ``rate``
+        and ``key_rate`` (starts: ``(limit, period_s)`` or ``{"limit", "period_s"}``).
+        Answers the queue's settings."""
+        fields: dict[str, Any] = {"queue": queue}
+        for name, value in limits.items():
+            if name in ("rate", "key_rate") and isinstance(value, tuple | list):
+                limit, period = value
+                period_s = period.total_seconds() if isinstance(period, timedelta) else period
+                value = {"limit": limit, "period_s": period_s}
+            fields[name] = value
+        return dict(await self._request("set_limits", fields, idempotent=True))
+
     async def queues(self) -> dict[str, dict[str, Any]]:
         """The settings of every queue that has some (paused, limits), by name."""
         return dict(await self._request("queues", {}, idempotent=True))

@@ -108,6 +108,10 @@ class BlockingTaskManager:
         """See :meth:`TaskManager.resume_queue`."""
         return self._portal.call(self._manager.resume_queue, queue)
 
+    def set_limits(self, queue: str = "default", **limits: Any) -> dict[str, Any]:
+        """See :meth:`TaskManager.set_limits`."""
+        return self._portal.call(lambda: self._manager.set_limits(queue, **limits))
+
     def close(self) -> None:
         """Disconnect and stop the background event loop (once; also at exit)."""
         if self._closed:

@@ -2,7 +2,7 @@
 
 from ._attempts import AttemptLedger
 from ._events import EVENT_KINDS, EventDeriver, TaskEvent, event_from_change
-from ._flow import QueueConfig, RateLimit, plan_queue_config, queue_guard
+from ._flow import LIMIT_FIELDS, QueueConfig, RateLimit, plan_queue_config, queue_guard, with_limits
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
 from ._leader import Batch, Decision, LeaderPolicy, LeaderView
 from ._model import (
@@ -71,6 +71,7 @@ __all__ = [
     "EVENT_KINDS",
     "HANDED_BACK",
     "JSON",
+    "LIMIT_FIELDS",
     "MAX_TXN_OPS",
     "REAP_BATCH",
     "SNOOZED",
@@ -138,4 +139,5 @@ __all__ = [
     "snoozed",
     "succeeded",
     "takeover",
+    "with_limits",
 ]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from typing import Any
 
 import attrs
 
-from ._keys import Keyspace
+from ._keys import Keyspace, TaskId
 from ._model import JSON, dumps
 from ._txn import Compare, KeyValue, Put, Txn
 
@@ -30,8 +31,13 @@ def _positive_int_or_none(_inst: object, attr: attrs.Attribute[Any], value: int 
 class RateLimit:
     """At most ``limit`` starts in any window of ``period_s`` seconds."""
 
-    limit: int = attrs.field(validator=_positive_int_or_none)
+    limit: int = attrs.field()
     period_s: float = attrs.field()
+
+    @limit.validator
+    def _check_limit(self, _attr: attrs.Attribute[Any], value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"a rate's limit must be a whole number >= 1, got {value!r}")
 
     @period_s.validator
     def _check_period(self, _attr: attrs.Attribute[Any], value: float) -> None:
@@ -106,6 +112,25 @@ class QueueConfig:
         )
 
 
+#: The limit settings a client may change, and the JSON each takes.
+LIMIT_FIELDS = ("max_running", "key_max_running", "rate", "key_rate")
+
+
+def with_limits(config: QueueConfig, changes: dict[str, JSON]) -> QueueConfig:
+    """``config`` with the limits in ``changes`` set (a JSON null lifts one); raises
+    ValueError for an unknown name or a bad value."""
+    unknown = set(changes) - set(LIMIT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown limits: {sorted(unknown)} (known: {', '.join(LIMIT_FIELDS)})")
+    values: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name in ("rate", "key_rate"):
+            values[name] = None if value is None else RateLimit.from_json(value)
+        else:
+            values[name] = value
+    return attrs.evolve(config, **values)
+
+
 def plan_queue_config(ks: Keyspace, queue: str, config: QueueConfig, seen: KeyValue | None) -> Txn:
     """Write a queue's settings if its key is as ``seen`` (None: absent)."""
     key = ks.queue(queue)
@@ -119,3 +144,44 @@ def queue_guard(ks: Keyspace, queue: str, mod_revision: int) -> Compare:
     """The guard of an assignment from ``queue``: its settings are as the leader saw them
     (mod revision 0: the queue has no settings key)."""
     return Compare.modified_at(ks.queue(queue), mod_revision)
+
+
+#: A pending task in the leader's queue heap: (-priority, create revision, task id).
+Entry = tuple[int, int, TaskId]
+
+
+@attrs.define(eq=False)
+class KeyCounts:
+    """What the leader counts per (queue, concurrency key): tasks processing plus
+    assignments in flight, and the pending tasks set aside because their key was at its
+    limit (parked, in heap order, until a task of the key ends or the limit changes)."""
+
+    running: Counter[tuple[str, str]] = attrs.Factory(Counter)
+    _parked: dict[tuple[str, str], list[Entry]] = attrs.Factory(dict)
+
+    def add(self, queue: str, key: str) -> None:
+        """One more task of ``key`` runs (or is being assigned)."""
+        self.running[(queue, key)] += 1
+
+    def remove(self, queue: str, key: str) -> list[Entry]:
+        """One task of ``key`` less; answers the tasks parked on it, to consider again."""
+        k = (queue, key)
+        self.running[k] -= 1
+        if self.running[k] <= 0:
+            del self.running[k]
+        return self._parked.pop(k, [])
+
+    def full(self, queue: str, key: str, limit: int) -> bool:
+        """Whether ``key`` has ``limit`` tasks running or being assigned."""
+        return self.running[(queue, key)] >= limit
+
+    def park(self, queue: str, key: str, entry: Entry) -> None:
+        """Set a pending task aside until its key has room."""
+        self._parked.setdefault((queue, key), []).append(entry)
+
+    def unpark_queue(self, queue: str) -> list[Entry]:
+        """Every task parked in ``queue`` (its limits changed)."""
+        out: list[Entry] = []
+        for k in [k for k in self._parked if k[0] == queue]:
+            out += self._parked.pop(k)
+        return out

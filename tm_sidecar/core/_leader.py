@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from ._flow import QueueConfig, queue_guard
+from ._flow import KeyCounts, QueueConfig, queue_guard
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import NodeInfo, Record, TaskError, parse_record
 from ._plan import ASSIGN_BATCH, REAP_BATCH, Fence, Slot, move_ops, plan_batch
@@ -75,6 +75,9 @@ class LeaderView:
     #: Each queue's flow-control settings (queues/<name>), and its key's mod revision.
     queue_settings: dict[str, QueueConfig] = attrs.Factory(dict)
     queue_revisions: dict[str, int] = attrs.Factory(dict)
+    #: Tasks running or being assigned per (queue, concurrency key), and parked tasks.
+    keys: KeyCounts = attrs.Factory(KeyCounts)
+    _key_claims: dict[TaskId, tuple[str, str]] = attrs.Factory(dict)
     _queues: dict[str, list[tuple[int, int, TaskId]]] = attrs.Factory(dict)
     _due: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _deadlines: list[tuple[float, int, TaskId]] = attrs.Factory(list)
@@ -145,6 +148,7 @@ class LeaderView:
         if parsed.kind == "queue" and parsed.name is not None:
             self.queue_settings[parsed.name] = QueueConfig.from_json(kv.value)
             self.queue_revisions[parsed.name] = kv.mod_revision
+            self._unpark(self.keys.unpark_queue(parsed.name))
             return
         if parsed.kind != "state" or parsed.task_id is None or parsed.state is None:
             return
@@ -167,6 +171,8 @@ class LeaderView:
                 if old_slot is not None:
                     self._count_out(old_slot)
                 self.inflight[(record.node or NodeId(""), record.options.queue)] += 1
+                if record.options.concurrency_key is not None:
+                    self.keys.add(record.options.queue, record.options.concurrency_key)
             new_attempt = old_slot is None or old_slot.create_revision != kv.create_revision
             self.processing[tid] = slot
             if new_attempt and record.deadline_at is not None:
@@ -186,6 +192,7 @@ class LeaderView:
         if parsed.kind == "queue" and parsed.name is not None:
             self.queue_settings.pop(parsed.name, None)
             self.queue_revisions.pop(parsed.name, None)
+            self._unpark(self.keys.unpark_queue(parsed.name))
             return
         if parsed.kind != "state" or parsed.task_id is None:
             return
@@ -205,6 +212,15 @@ class LeaderView:
         self.inflight[k] -= 1
         if self.inflight[k] <= 0:
             del self.inflight[k]
+        key = slot.record.options.concurrency_key
+        if key is not None:
+            self._unpark(self.keys.remove(slot.record.options.queue, key))
+
+    def _unpark(self, entries: Iterable[tuple[int, int, TaskId]]) -> None:
+        for entry in entries:
+            slot = self.pending.get(entry[2])
+            if slot is not None and slot.create_revision == entry[1]:
+                heapq.heappush(self._queues.setdefault(slot.record.options.queue, []), entry)
 
     def _tasks_of(self, node: NodeId) -> list[TaskId]:
         return [tid for tid, slot in self.processing.items() if slot.record.node == node]
@@ -236,6 +252,9 @@ class LeaderView:
                 self.inflight[claim] -= 1
                 if self.inflight[claim] <= 0:
                     del self.inflight[claim]
+            keyed = self._key_claims.pop(tid, None)
+            if keyed is not None:
+                self._unpark(self.keys.remove(*keyed))
             # A released task that is still where it was is a candidate again.
             slot = self.pending.get(tid)
             if slot is not None:
@@ -279,11 +298,17 @@ class LeaderView:
         """A queue's settings (the defaults when it has no key)."""
         return self.queue_settings.get(queue) or _NO_CONFIG
 
-    def _claim(self, tid: TaskId, node: NodeId | None = None, queue: str = "") -> None:
+    def _claim(
+        self, tid: TaskId, node: NodeId | None = None, queue: str = "", key: str | None = None
+    ) -> None:
         claim = None
         if node is not None:
             claim = (node, queue)
             self.inflight[claim] += 1
+        if key is not None:
+            # An assignment in flight counts against its key's limit until it settles.
+            self._key_claims[tid] = (queue, key)
+            self.keys.add(queue, key)
         self._claims[tid] = claim
 
     def _decide_reaps(
@@ -387,17 +412,28 @@ class LeaderView:
         budget: int,
     ) -> list[tuple[Slot, Record]]:
         out: list[tuple[Slot, Record]] = []
+        config = self.queue_config(queue)
+        if config.max_running is not None:
+            # Cluster-wide: every node's tasks of the queue, and assignments in flight.
+            running = sum(n for (_, q), n in self.inflight.items() if q == queue)
+            budget = min(budget, config.max_running - running)
+        key_limit = config.key_max_running
         # Spread work: the node with the most room takes the next task.
         nodes = [(-room, node) for node, room in rooms]
         heapq.heapify(nodes)
         while heap and nodes and len(out) < budget:
-            _, create_rev, tid = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
+            _, create_rev, tid = entry
             slot = self.pending.get(tid)
             if slot is None or slot.create_revision != create_rev or tid in self._claims:
                 continue
+            key = slot.record.options.concurrency_key
+            if key is not None and key_limit is not None and self.keys.full(queue, key, key_limit):
+                self.keys.park(queue, key, entry)  # back when a task of its key ends
+                continue
             neg_room, node = heapq.heappop(nodes)
             info = self.nodes[node]
-            self._claim(tid, node, queue)
+            self._claim(tid, node, queue, key)
             record = assigned(
                 slot.record, node=node, session=info.session, now=now, grace_s=policy.grace_s
             )
