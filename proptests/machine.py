@@ -46,6 +46,7 @@ from tm_sidecar.core import (
     NodeInfo,
     Put,
     QueueConfig,
+    RateLimit,
     Record,
     Slot,
     State,
@@ -144,6 +145,9 @@ class QueueMachine(RuleBasedStateMachine):
         self.policy = LeaderPolicy(grace_s=GRACE_S)
         self.assignments: dict[str, KeyValue] = {}  # processing keys as last recorded
         self.config = QueueConfig()  # the default queue's settings
+        # Starts made while a rate (a per-key rate) was in force: when, and the key.
+        self.starts: list[float] = []
+        self.key_starts: list[tuple[float, str]] = []
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -565,6 +569,8 @@ class QueueMachine(RuleBasedStateMachine):
     def _held_back(self, tid: TaskId, chosen: list[Slot]) -> bool:
         """A task that its key's limit held back, counting the tasks chosen with it."""
         key, limit = self.tasks[tid].concurrency_key, self.config.key_max_running
+        if key is not None and self.config.key_rate is not None:
+            return True  # (its key's rate window may be full)
         if key is None or limit is None:
             return False
         running = [t for t in self.tasks.values() if t.state is State.PROCESSING]
@@ -734,7 +740,9 @@ class QueueMachine(RuleBasedStateMachine):
         """Whether the queue's settings let ``task`` start now (capacity aside)."""
         config = self.config
         running = [t for t in self.tasks.values() if t.state is State.PROCESSING]
-        if config.paused:
+        if config.paused or config.rate is not None or config.key_rate is not None:
+            # (with a rate, the leader may hold back more than the model counts: it
+            # counts the starts of batches that then failed, which is the safe side)
             return False
         if config.max_running is not None and len(running) >= config.max_running:
             return False
@@ -760,9 +768,45 @@ class QueueMachine(RuleBasedStateMachine):
         )
         self._write_config(config)
 
+    @rule(
+        rate=st.sampled_from([None, (1, 5.0), (2, 20.0)]),
+        key_rate=st.sampled_from([None, (1, 10.0)]),
+    )
+    def set_rates(self, rate: tuple[int, float] | None, key_rate: tuple[int, float] | None) -> None:
+        """An operator sets (or lifts) the queue's rate limits."""
+        config = attrs.evolve(
+            self.config,
+            rate=None if rate is None else RateLimit(limit=rate[0], period_s=rate[1]),
+            key_rate=None
+            if key_rate is None
+            else RateLimit(limit=key_rate[0], period_s=key_rate[1]),
+            updated_at=self.now,
+        )
+        self._write_config(config)
+
+    def _check_rates(self, batch: Batch) -> None:
+        """No window of a rate's period holds more starts than its limit, whichever
+        leader made them."""
+        rate, key_rate = self.config.rate, self.config.key_rate
+        for slot, _ in batch.moves:
+            key = self.tasks[slot.task_id].concurrency_key
+            if rate is not None:
+                self.starts.append(self.now)
+            if key_rate is not None and key is not None:
+                self.key_starts.append((self.now, key))
+        if rate is not None:
+            recent = [t for t in self.starts if t > self.now - rate.period_s]
+            assert len(recent) <= rate.limit, f"{len(recent)} starts in {rate.period_s} s"
+        if key_rate is not None:
+            per_key = Counter(k for t, k in self.key_starts if t > self.now - key_rate.period_s)
+            assert all(n <= key_rate.limit for n in per_key.values()), (
+                f"{per_key} starts per key in {key_rate.period_s} s"
+            )
+
     def _check_limits(self, batch: Batch) -> None:
         """After an assignment batch: the queue and each key it assigned to are within
         their limits, counted across every node (and decided with claims in flight)."""
+        self._check_rates(batch)
         running = [self.tasks[s.task_id] for s in self._live_assignments()]
         config = self.config
         if config.max_running is not None:

@@ -153,6 +153,20 @@ MUTATIONS = [
         "running = sum(s.record.options.queue == queue for s in self.processing.values())",
         "never more tasks of a queue running than max_running, assignments in flight included",
     ),
+    Mutation(
+        "rate-forgotten-on-failover",
+        "tm_sidecar/core/_leader.py",
+        "            if window not in self.rate_windows:  # a listing",
+        "            if False:  # a listing",
+        "a new leader starts no more than the rate allows in any window",
+    ),
+    Mutation(
+        "rate-window-too-short",
+        "tm_sidecar/core/_flow.py",
+        "        while cut < len(self.starts) and self.starts[cut] <= now - period_s:",
+        "        while cut < len(self.starts) and self.starts[cut] <= now - period_s / 2:",
+        "no window of a rate's period holds more starts than its limit",
+    ),
 ]
 
 

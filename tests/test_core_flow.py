@@ -13,8 +13,11 @@ from tm_sidecar.core import (
     Fence,
     Guard,
     KeyValue,
+    LeaderView,
     Put,
     QueueConfig,
+    RateLimit,
+    RateWindow,
     Record,
     State,
     TaskId,
@@ -145,3 +148,54 @@ def test_one_at_a_time_per_key_keeps_each_keys_order() -> None:
     assert assigned(feed) == ["a2"]
     feed.put(KS.queue("default"), QueueConfig(key_max_running=2).to_json())
     assert assigned(feed) == ["a3", "b2"]  # a raised limit lets the parked ones go
+
+
+# -- rate limits --------------------------------------------------------------------------------
+
+
+def test_a_rate_limit_is_a_sliding_window_kept_across_leaders() -> None:
+    feed = Feed()
+    feed.node("n1", {"default": 10})
+    rate = RateLimit(limit=2, period_s=10.0)
+    feed.put(KS.queue("default"), QueueConfig(rate=rate).to_json())
+    for tid in "abcde":
+        feed.task(tid)
+    decision = feed.view.decide(100.0, POLICY)
+    (batch,) = decision.batches
+    assert batch.task_ids == (TaskId("a"), TaskId("b"))
+    assert decision.wake_at == 110.0  # when the window has room again
+    # The window goes to etcd with the assignments, in the same transaction.
+    (window,) = batch.extra
+    assert isinstance(window, Put)
+    assert window.key == KS.rate("default")
+    feed.commit(batch)
+    feed.put(window.key, window.value)
+    assert assigned(feed, 105.0) == []
+    # A new leader lists the window back, and holds to it.
+    successor = Feed()
+    successor.view = LeaderView.from_listing(KS, feed.live.values(), feed.revision)
+    assert successor.view.decide(109.9, POLICY).batches == ()
+    assert [str(t) for b in successor.view.decide(110.0, POLICY).batches for t in b.task_ids] == [
+        "c",
+        "d",
+    ]
+
+
+def test_a_key_rate_parks_the_key_and_lets_others_pass() -> None:
+    feed = Feed()
+    feed.node("n1", {"default": 10})
+    key_rate = RateLimit(limit=1, period_s=5.0)
+    feed.put(KS.queue("default"), QueueConfig(key_rate=key_rate).to_json())
+    for tid, key in [("a1", "a"), ("a2", "a"), ("b1", "b")]:
+        feed.task(tid, concurrency_key=key)
+    assert assigned(feed, 0.0) == ["a1", "b1"]
+    assert feed.view.decide(1.0, POLICY).wake_at == 5.0
+    assert assigned(feed, 5.0) == ["a2"]
+
+
+def test_a_persisted_window_rounds_later_never_earlier() -> None:
+    window = RateWindow([100.01, 100.02, 103.3])
+    back = RateWindow.from_json(window.to_json(period_s=32.0))
+    assert len(back.starts) == 3
+    assert all(b >= a for a, b in zip(window.starts, back.starts, strict=True))
+    assert all(b - a <= 1.0 for a, b in zip(window.starts, back.starts, strict=True))

@@ -370,3 +370,43 @@ async def test_limits_hold_across_nodes_and_a_leader_kill(
         await etcd.aclose()
     assert audit.most == 3  # reached, never passed, across three nodes and two leaders
     assert audit.most_per_key == {"customer-7": 1, "customer-8": 1}
+
+
+# -- rate limits --------------------------------------------------------------------------------
+
+
+async def test_a_rate_limit_holds_across_a_leader_kill(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    ks = Keyspace(namespace=namespace)
+    etcd = Etcd(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    period = 4.0
+    starts: Observed[float] = Observed()  # each assignment's time, by the leader's clock
+
+    async def watch(revision: int) -> None:
+        prefix = ks.state_prefix(State.PROCESSING)
+        async with aclosing(etcd.watch_once(prefix, revision, prev_kv=False)) as changes:
+            async for batch in changes:
+                for event in batch.events:
+                    if event.kind == "PUT" and event.kv.version == 1:
+                        starts.add(Record.from_json(State.PROCESSING, event.kv.value).since_at)
+
+    try:
+        async with sidecars(
+            etcd_server, namespace, tmp_path, "a", "b", handler="tests.proc_handlers:work"
+        ) as procs:
+            async with TaskManager(str(procs[1].socket_path)) as manager:
+                await manager.set_limits(rate=(2, period))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch, await etcd.revision() + 1)
+                await _create_keyed(etcd, ks, [None] * 4, work_s=0.01)
+                await starts.wait_until(lambda s: len(s) >= 2)
+                procs[0].kill()  # the leader, with its window full
+                await starts.wait_until(lambda s: len(s) >= 4, timeout_s=30)
+                nursery.cancel_scope.cancel()
+    finally:
+        await etcd.aclose()
+    times = sorted(starts.items)
+    # The new leader took over within the period, and still waited for the window.
+    assert times[2] - times[0] >= period - 0.2  # the persisted window rounds up, never down
+    assert all(b - a >= period - 0.2 for a, b in zip(times, times[2:], strict=False))

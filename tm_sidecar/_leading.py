@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -25,6 +26,7 @@ from .core import (
     LeaderPolicy,
     LeaderView,
     Range,
+    RateWindow,
     State,
     Txn,
     TxnResult,
@@ -168,6 +170,7 @@ async def run_leader(
                 swept = await sweep_payloads(etcd, ks)
                 if swept:
                     log.info("deleted %d payloads of expired tasks", swept)
+                await sweep_rate_windows(etcd, ks, clock())
                 released = await sweep_unique_guards(etcd, ks, clock())
                 if released:
                     log.info("deleted %d unique keys whose window has passed", released)
@@ -260,6 +263,28 @@ async def sweep_payloads(etcd: Etcd, ks: Keyspace) -> int:
             for task_id in chunk:
                 await etcd.delete(ks.task(task_id))
     return len(orphans)
+
+
+async def sweep_rate_windows(etcd: Etcd, ks: Keyspace, now: float) -> int:
+    """Delete the persisted rate windows that hold no start any more (a concurrency key
+    not seen for a period); answers how many. Guarded by the mod revision as read."""
+    kvs, _ = await etcd.list_prefix(ks.rates())
+    deleted = 0
+    for kv in kvs:
+        try:
+            period = float(json.loads(kv.value).get("period_s", 0.0))
+            window = RateWindow.from_json(kv.value)
+        except (ValueError, TypeError, AttributeError):
+            continue
+        window.prune(now, period)
+        if window.starts:
+            continue
+        txn = Txn(
+            compare=(Compare.modified_at(kv.key, kv.mod_revision),), success=(Delete(kv.key),)
+        )
+        if (await etcd.txn(txn)).succeeded:
+            deleted += 1
+    return deleted
 
 
 async def sweep_unique_guards(etcd: Etcd, ks: Keyspace, now: float) -> int:

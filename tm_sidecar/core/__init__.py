@@ -2,7 +2,15 @@
 
 from ._attempts import AttemptLedger
 from ._events import EVENT_KINDS, EventDeriver, TaskEvent, event_from_change
-from ._flow import LIMIT_FIELDS, QueueConfig, RateLimit, plan_queue_config, queue_guard, with_limits
+from ._flow import (
+    LIMIT_FIELDS,
+    QueueConfig,
+    RateLimit,
+    RateWindow,
+    plan_queue_config,
+    queue_guard,
+    with_limits,
+)
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
 from ._leader import Batch, Decision, LeaderPolicy, LeaderView
 from ._model import (
@@ -99,6 +107,7 @@ __all__ = [
     "Range",
     "RangeResult",
     "RateLimit",
+    "RateWindow",
     "Record",
     "Request",
     "Revision",

@@ -179,9 +179,68 @@ class KeyCounts:
         """Set a pending task aside until its key has room."""
         self._parked.setdefault((queue, key), []).append(entry)
 
+    def unpark(self, queue: str, key: str) -> list[Entry]:
+        """The tasks parked on ``key`` (its rate window has room again)."""
+        return self._parked.pop((queue, key), [])
+
     def unpark_queue(self, queue: str) -> list[Entry]:
         """Every task parked in ``queue`` (its limits changed)."""
         out: list[Entry] = []
         for k in [k for k in self._parked if k[0] == queue]:
             out += self._parked.pop(k)
         return out
+
+
+@attrs.define(eq=False)
+class RateWindow:
+    """The starts of one queue (or one concurrency key of it) in the last ``period_s``:
+    a sliding window, so that no window of ``period_s`` ever holds more than ``limit``.
+
+    The leader keeps the exact times; it persists them rounded up to a grid of
+    ``period_s / GRID`` (later times leave the window later: a new leader that reads them
+    back can only be stricter than the old one was), in the same fenced transaction as
+    the assignments they count.
+    """
+
+    starts: list[float] = attrs.Factory(list)  # ascending
+
+    def prune(self, now: float, period_s: float) -> None:
+        """Forget the starts that have left the window."""
+        cut = 0
+        while cut < len(self.starts) and self.starts[cut] <= now - period_s:
+            cut += 1
+        if cut:
+            del self.starts[:cut]
+
+    def room(self, now: float, rate: RateLimit) -> int:
+        """How many more starts the window allows at ``now``."""
+        self.prune(now, rate.period_s)
+        return max(rate.limit - len(self.starts), 0)
+
+    def free_at(self, rate: RateLimit) -> float:
+        """When the next start is allowed (once the oldest leaves the window)."""
+        index = len(self.starts) - rate.limit
+        return self.starts[max(index, 0)] + rate.period_s if self.starts else 0.0
+
+    def record(self, now: float) -> None:
+        """A start at ``now``."""
+        self.starts.append(now)
+
+    def to_json(self, period_s: float) -> str:
+        """The persisted form: [time, count] pairs on the grid, times rounded up."""
+        step = period_s / GRID
+        cells: Counter[float] = Counter(math.ceil(t / step) * step for t in self.starts)
+        return dumps({"period_s": period_s, "starts": sorted([t, n] for t, n in cells.items())})
+
+    @classmethod
+    def from_json(cls, text: str) -> RateWindow:
+        """Read the persisted form."""
+        obj = json.loads(text)
+        starts: list[float] = []
+        for at, count in obj.get("starts", []):
+            starts += [float(at)] * int(count)
+        return cls(sorted(starts))
+
+
+#: Cells per period in a persisted rate window.
+GRID = 32

@@ -12,6 +12,7 @@ Under ``<root><namespace>/``::
     election/<lease-hex>      a leadership candidate; the lowest create revision leads
     queues/<queue>            a queue's flow control: paused, concurrency and rate limits
     unique/<key>              the task that holds a unique key (see _unique.py)
+    rates/<queue>[/<key>]     the leader's rate window of a queue (or of one of its keys)
 
 Every key the leader needs sorts between ``delayed/`` and ``task/`` (its watch's range).
 
@@ -110,6 +111,14 @@ class Keyspace:
         """Prefix of every queue's settings."""
         return f"{self.prefix}queues/"
 
+    def rate(self, queue: str, key: str | None = None) -> str:
+        """A queue's rate window, or one concurrency key's."""
+        return f"{self.prefix}rates/{queue}" + ("" if key is None else f"/{key}")
+
+    def rates(self) -> str:
+        """Prefix of every rate window."""
+        return f"{self.prefix}rates/"
+
     def unique(self, key: str) -> str:
         """The guard of a unique key: which task holds it."""
         return f"{self.prefix}unique/{key}"
@@ -144,6 +153,14 @@ class Keyspace:
             return ParsedKey("election", name=parts[1])
         if kind == "queues" and len(parts) == 2:
             return ParsedKey("queue", name=parts[1])
+        if kind == "rates" and len(parts) in (2, 3):
+            return ParsedKey(
+                "rate",
+                name=parts[1],
+                node=None,
+                task_id=None,
+                key=parts[2] if len(parts) == 3 else None,
+            )
         if kind == "unique" and len(parts) == 2:
             return ParsedKey("unique", name=parts[1])
         return None
@@ -158,6 +175,7 @@ class ParsedKey:
     state: State | None = None
     node: NodeId | None = None
     name: str | None = None
+    key: str | None = None  # a rate window's concurrency key
 
 
 def make_task_id(now_ms: int, counter: int, entropy: int) -> TaskId:

@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from ._flow import KeyCounts, QueueConfig, queue_guard
+from ._flow import KeyCounts, QueueConfig, RateWindow, queue_guard
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import NodeInfo, Record, TaskError, parse_record
 from ._plan import ASSIGN_BATCH, REAP_BATCH, Fence, Slot, move_ops, plan_batch
 from ._policy import after_failure, assigned, promoted
-from ._txn import MAX_TXN_OPS, Compare, KeyValue, Request, Txn, WatchEvent
+from ._txn import MAX_TXN_OPS, Compare, KeyValue, Put, Request, Txn, WatchEvent
 
 
 @attrs.frozen
@@ -78,6 +78,11 @@ class LeaderView:
     #: Tasks running or being assigned per (queue, concurrency key), and parked tasks.
     keys: KeyCounts = attrs.Factory(KeyCounts)
     _key_claims: dict[TaskId, tuple[str, str]] = attrs.Factory(dict)
+    #: Rate windows by (queue, concurrency key or None for the whole queue).
+    rate_windows: dict[tuple[str, str | None], RateWindow] = attrs.Factory(dict)
+    # When a rate window has room again: (time, queue, key) for parked keys, and per queue.
+    _rate_wakes: list[tuple[float, str, str]] = attrs.Factory(list)
+    _queue_rate_wakes: dict[str, float] = attrs.Factory(dict)
     _queues: dict[str, list[tuple[int, int, TaskId]]] = attrs.Factory(dict)
     _due: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _deadlines: list[tuple[float, int, TaskId]] = attrs.Factory(list)
@@ -149,6 +154,11 @@ class LeaderView:
             self.queue_settings[parsed.name] = QueueConfig.from_json(kv.value)
             self.queue_revisions[parsed.name] = kv.mod_revision
             self._unpark(self.keys.unpark_queue(parsed.name))
+            return
+        if parsed.kind == "rate" and parsed.name is not None:
+            window = (parsed.name, parsed.key)
+            if window not in self.rate_windows:  # a listing: where the last leader left it
+                self.rate_windows[window] = RateWindow.from_json(kv.value)
             return
         if parsed.kind != "state" or parsed.task_id is None or parsed.state is None:
             return
@@ -286,13 +296,44 @@ class LeaderView:
         promotes = self._decide_promotions(now)
         batches += [Batch("promote", tuple(c)) for c in _chunk(promotes, ASSIGN_BATCH)]
         budget = max(policy.max_batches - len(batches), 1) * ASSIGN_BATCH
+        self._wake_rates(now)
         for queue, assigns in self._decide_assignments(now, policy, budget):
-            # One queue per batch: its guard is the one further compare.
-            guard = queue_guard(self.ks, queue, self.queue_revisions.get(queue, 0))
-            batches += [
-                Batch("assign", tuple(c), guards=(guard,)) for c in _chunk(assigns, ASSIGN_BATCH)
-            ]
+            batches += self._assign_batches(queue, assigns)
         return Decision(tuple(batches), self._wake_at())
+
+    def _assign_batches(self, queue: str, assigns: list[tuple[Slot, Record]]) -> list[Batch]:
+        """One queue's assignments in batches: each guarded by the queue's settings key
+        and carrying the rate windows its moves count in."""
+        guard = queue_guard(self.ks, queue, self.queue_revisions.get(queue, 0))
+        config = self.queue_config(queue)
+        out: list[Batch] = []
+        rated = config.rate is not None or config.key_rate is not None
+        for chunk in _chunk(assigns, ASSIGN_BATCH, rated=rated):
+            windows: dict[tuple[str, str | None], float] = {}
+            if config.rate is not None:
+                windows[(queue, None)] = config.rate.period_s
+            if config.key_rate is not None:
+                for _, record in chunk:
+                    if record.options.concurrency_key is not None:
+                        windows[(queue, record.options.concurrency_key)] = config.key_rate.period_s
+            extra = tuple(
+                Put(self.ks.rate(*w), self.rate_windows[w].to_json(period))
+                for w, period in windows.items()
+            )
+            out.append(Batch("assign", tuple(chunk), guards=(guard,), extra=extra))
+        return out
+
+    def _wake_rates(self, now: float) -> None:
+        """Keys parked on a full rate window whose window has room again go back."""
+        while self._rate_wakes and self._rate_wakes[0][0] <= now:
+            _, queue, key = heapq.heappop(self._rate_wakes)
+            self._unpark(self.keys.unpark(queue, key))
+        for queue, at in list(self._queue_rate_wakes.items()):
+            if at <= now:
+                del self._queue_rate_wakes[queue]
+
+    def _window(self, queue: str, key: str | None) -> RateWindow:
+        return self.rate_windows.setdefault((queue, key), RateWindow())
 
     def queue_config(self, queue: str) -> QueueConfig:
         """A queue's settings (the defaults when it has no key)."""
@@ -418,6 +459,9 @@ class LeaderView:
             running = sum(n for (_, q), n in self.inflight.items() if q == queue)
             budget = min(budget, config.max_running - running)
         key_limit = config.key_max_running
+        qwin = None if config.rate is None else self._window(queue, None)
+        if qwin is not None and config.rate is not None:
+            budget = min(budget, qwin.room(now, config.rate))
         # Spread work: the node with the most room takes the next task.
         nodes = [(-room, node) for node, room in rooms]
         heapq.heapify(nodes)
@@ -431,15 +475,33 @@ class LeaderView:
             if key is not None and key_limit is not None and self.keys.full(queue, key, key_limit):
                 self.keys.park(queue, key, entry)  # back when a task of its key ends
                 continue
+            kwin = None
+            if key is not None and config.key_rate is not None:
+                kwin = self._window(queue, key)
+                if not kwin.room(now, config.key_rate):
+                    self.keys.park(queue, key, entry)  # back when its window has room
+                    at = kwin.free_at(config.key_rate)
+                    heapq.heappush(self._rate_wakes, (at, queue, key))
+                    continue
             neg_room, node = heapq.heappop(nodes)
             info = self.nodes[node]
             self._claim(tid, node, queue, key)
+            for window in (qwin, kwin):
+                if window is not None:
+                    window.record(now)
             record = assigned(
                 slot.record, node=node, session=info.session, now=now, grace_s=policy.grace_s
             )
             out.append((slot, record))
             if neg_room + 1 < 0:
                 heapq.heappush(nodes, (neg_room + 1, node))
+        if (
+            qwin is not None
+            and config.rate is not None
+            and heap
+            and not qwin.room(now, config.rate)
+        ):
+            self._queue_rate_wakes[queue] = qwin.free_at(config.rate)
         return out
 
     def _wake_at(self) -> float | None:
@@ -456,6 +518,9 @@ class LeaderView:
                 break
             heapq.heappop(self._deadlines)
         times = [h[0][0] for h in (self._due, self._deadlines) if h]
+        if self._rate_wakes:
+            times.append(self._rate_wakes[0][0])
+        times += self._queue_rate_wakes.values()
         return min(times) if times else None
 
     def depth(self) -> dict[str, int]:
@@ -473,19 +538,24 @@ _NO_CONFIG = QueueConfig()
 MAX_BATCH_BYTES = 512 * 1024
 
 
-def _chunk(items: list[tuple[Slot, Record]], size: int) -> list[list[tuple[Slot, Record]]]:
-    """Consecutive batches of at most ``size`` moves and about MAX_BATCH_BYTES."""
+def _chunk(
+    items: list[tuple[Slot, Record]], size: int, *, rated: bool = False
+) -> list[list[tuple[Slot, Record]]]:
+    """Consecutive batches of at most ``size`` moves, MAX_TXN_OPS writes and about
+    MAX_BATCH_BYTES; ``rated`` keeps room for the rate windows' writes (the queue's, and
+    one per move for its concurrency key's)."""
     out: list[list[tuple[Slot, Record]]] = []
     current: list[tuple[Slot, Record]] = []
-    weight = ops = 0
+    base = 1 if rated else 0
+    weight, ops = 0, base
     for slot, record in items:
         cost = len(record.to_json().encode()) + 2 * len(slot.key) + 200
-        n = move_ops(record)
+        n = move_ops(record) + base
         if current and (
             len(current) >= size or weight + cost > MAX_BATCH_BYTES or ops + n > MAX_TXN_OPS
         ):
             out.append(current)
-            current, weight, ops = [], 0, 0
+            current, weight, ops = [], 0, base
         current.append((slot, record))
         weight += cost
         ops += n
