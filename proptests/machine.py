@@ -36,6 +36,7 @@ from tm_sidecar.core import (
     AttemptLedger,
     Backoff,
     Batch,
+    Compare,
     Fence,
     Guard,
     Keyspace,
@@ -48,6 +49,7 @@ from tm_sidecar.core import (
     QueueConfig,
     RateLimit,
     Record,
+    Schedule,
     Slot,
     State,
     TaskError,
@@ -58,21 +60,26 @@ from tm_sidecar.core import (
     WatchEvent,
     after_failure,
     cancelled,
+    first_slot,
     initial_record,
     plan_cancel,
     plan_create,
     plan_move,
     plan_queue_config,
     plan_update,
+    schedule_from_request,
+    slot_task_id,
     snoozed,
     succeeded,
     takeover,
 )
 
 GRACE_S = 2.0
+SCHEDULE_GRACE_S = 3.0
 MAX_SNOOZES = 1
 BACKOFF = Backoff(base_s=1.0, factor=2.0, max_s=8.0, jitter=0.5)
 _namespaces = itertools.count()
+SCHEDULE_OPTIONS = TaskOptions(backoff=BACKOFF, max_snoozes=1)
 
 
 @attrs.define
@@ -95,6 +102,17 @@ class ModelTask:
     concurrency_key: str | None = None
     snoozes: int = 0
     max_snoozes: int = 1
+
+
+@attrs.define
+class ModelSchedule:
+    """A schedule as created, and the slots it has fired."""
+
+    schedule: Schedule
+    incarnation: int  # its key's create revision
+    fired: list[float] = attrs.Factory(list)
+    paused: bool = False
+    resumed: bool = False  # slots of a pause never fire: "none lost" is not checked
 
 
 @attrs.define
@@ -145,6 +163,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.policy = LeaderPolicy(grace_s=GRACE_S)
         self.assignments: dict[str, KeyValue] = {}  # processing keys as last recorded
         self.config = QueueConfig()  # the default queue's settings
+        self.schedules: dict[str, ModelSchedule] = {}
         # Starts made while a rate (a per-key rate) was in force: when, and the key.
         self.starts: list[float] = []
         self.key_starts: list[tuple[float, str]] = []
@@ -313,6 +332,14 @@ class QueueMachine(RuleBasedStateMachine):
         """Runs start with limits or without (set_limits changes them later)."""
         if max_running is not None or per_key is not None:
             self.set_limits(max_running, per_key)
+
+    @initialize(
+        every=st.sampled_from([None, 5.0, 7.0]), missed=st.sampled_from(["skip", "one", "all"])
+    )
+    def first_schedule(self, every: float | None, missed: str) -> None:
+        """Runs start with a schedule or without (add_schedule adds more)."""
+        if every is not None:
+            self.add_schedule(every, missed)
 
     @initialize(target=nodes_b, capacity=st.integers(1, 3))
     def first_node(self, capacity: int) -> str:
@@ -499,12 +526,13 @@ class QueueMachine(RuleBasedStateMachine):
             if not decision.batches:
                 break
             self._check_order(decision.batches)
-            if interfere:
+            moving = [b for b in decision.batches if b.moves]
+            if interfere and moving:
                 interfere = False
-                first, _ = decision.batches[0].moves[0]
+                first, _ = moving[0].moves[0]
                 current = self.listing[first.key]
                 self.db.txn(Txn(success=(Put(first.key, current.value),)))
-                result = self.db.txn(decision.batches[0].plan(self.ks, self.fence))
+                result = self.db.txn(moving[0].plan(self.ks, self.fence))
                 assert not result.succeeded, "a batch over a changed key committed"
                 for batch in decision.batches:
                     self.view.settle(batch, committed_at=None)
@@ -515,6 +543,7 @@ class QueueMachine(RuleBasedStateMachine):
                 self._committed(batch, result.revision)
         self._sync_view()
         self._check_quiescent()
+        self._check_schedules()
 
     def _committed(self, batch: Batch, revision: int) -> None:
         assert self.view is not None
@@ -525,7 +554,104 @@ class QueueMachine(RuleBasedStateMachine):
             self._check_move(slot, record, batch.kind)
         if batch.kind == "assign":
             self._check_limits(batch)
+        if batch.kind == "fire":
+            self._fired(batch)
         self.view.settle(batch, committed_at=revision)
+
+    # -- schedules -----------------------------------------------------------------------
+
+    @rule(every=st.sampled_from([5.0, 7.0]), missed=st.sampled_from(["skip", "one", "all"]))
+    def add_schedule(self, every: float, missed: str) -> None:
+        """A client adds an interval schedule (slots every ``every`` seconds from now)."""
+        name = f"s{len(self.schedules)}"
+        fields = {
+            "name": name,
+            "every_s": every,
+            "missed": missed,
+            "grace_s": SCHEDULE_GRACE_S,
+            "options": SCHEDULE_OPTIONS,
+        }
+        schedule = schedule_from_request(fields, now=self.now)
+        key = self.ks.schedule(name)
+        txn = Txn(compare=(Compare.absent(key),), success=(Put(key, schedule.to_json()),))
+        result = self.db.txn(txn)
+        assert result.succeeded
+        self.schedules[name] = ModelSchedule(schedule, incarnation=result.revision)
+
+    def _fired(self, batch: Batch) -> None:
+        """A firing committed: each slot is one of the schedule's, fired for the first
+        time, in order; its task is a new pending task."""
+        model = self.schedules[batch.schedule or ""]
+        assert not model.paused, f"paused schedule {batch.schedule} fired"
+        every, anchor = model.schedule.every_s or 0.0, model.schedule.anchor_at
+        for slot in batch.slots:
+            assert slot not in model.fired, f"{batch.schedule} fired slot {slot} twice"
+            k = round((slot - anchor) / every)
+            assert k >= 1, f"{slot} is before the first slot"
+            assert abs(anchor + k * every - slot) < 1e-6, f"{slot} is not a slot"
+            assert slot <= self.now, f"slot {slot} fired early at {self.now}"
+            assert not model.fired or slot > max(model.fired), "slots fired out of order"
+            model.fired.append(slot)
+            tid = slot_task_id(model.schedule, slot, model.incarnation)
+            assert tid not in self.tasks
+            self.tasks[tid] = ModelTask(
+                id=tid, priority=0, max_attempts=3, timeout_s=None, state=State.PENDING
+            )
+
+    @rule()
+    def schedule_paused_behind_the_leader(self) -> None:
+        """A client pauses a schedule after the leader decided to fire it: the firing
+        must not commit (nor undo the pause); then the client resumes it."""
+        assert self.view is not None
+        assert self.fence is not None
+        self._sync_view()
+        decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+        firing = next((b for b in decision.batches if b.kind == "fire"), None)
+        if firing is not None:
+            model = self.schedules[firing.schedule or ""]
+            self._write_schedule(model, paused=True)
+        for batch in decision.batches:
+            result = self.db.txn(batch.plan(self.ks, self.fence))
+            if result.succeeded:
+                assert batch is not firing, "a firing committed over a pause"
+                self._committed(batch, result.revision)
+            else:
+                assert batch is firing, f"a {batch.kind} batch failed"
+                self.view.settle(batch, committed_at=None)
+        if firing is not None:
+            self._write_schedule(self.schedules[firing.schedule or ""], paused=False)
+
+    def _write_schedule(self, model: ModelSchedule, *, paused: bool) -> None:
+        key = self.ks.schedule(model.schedule.name)
+        (kv,) = [k for k in self.db.list(key)[0] if k.key == key]
+        current = Schedule.from_json(kv.value)
+        changed = attrs.evolve(current, paused=paused)
+        if not paused:
+            changed = attrs.evolve(changed, next_at=first_slot(changed, self.now))
+            model.resumed = True
+        txn = Txn(
+            compare=(Compare.modified_at(key, kv.mod_revision),),
+            success=(Put(key, changed.to_json()),),
+        )
+        assert self.db.txn(txn).succeeded
+        model.paused = paused
+
+    def _check_schedules(self) -> None:
+        """While a leader exists no slot is lost: with ``all``, every slot so far has
+        fired; with ``one``, the latest; with ``skip``, the latest if it is on time."""
+        for name, model in self.schedules.items():
+            if model.resumed:
+                continue
+            every, anchor = model.schedule.every_s or 0.0, model.schedule.anchor_at
+            slots = [anchor + k * every for k in range(1, int((self.now - anchor) / every) + 1)]
+            slots = [s for s in slots if s <= self.now]
+            if not slots:
+                continue
+            fired = set(model.fired)
+            if model.schedule.missed == "all":
+                assert set(slots) <= fired, f"{name} lost slots {sorted(set(slots) - fired)}"
+            elif model.schedule.missed == "one" or self.now - slots[-1] <= SCHEDULE_GRACE_S:
+                assert slots[-1] in fired, f"{name} did not fire its latest slot {slots[-1]}"
 
     @rule(name=nodes_b)
     def node_restarts_behind_the_leader(self, name: str) -> None:
@@ -867,9 +993,12 @@ class QueueMachine(RuleBasedStateMachine):
         assert self.fence is not None
         self._sync_view()
         decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
-        if not decision.batches:
+        moving = [b for b in decision.batches if b.moves]
+        if not moving:
+            for batch in decision.batches:
+                self.view.settle(batch, committed_at=None)
             return
-        victim = decision.batches[0].moves[0][0].task_id
+        victim = moving[0].moves[0][0].task_id
         self._cancel(victim)
         for n, batch in enumerate(decision.batches):
             result = self.db.txn(batch.plan(self.ks, self.fence))

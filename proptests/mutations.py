@@ -167,6 +167,27 @@ MUTATIONS = [
         "        while cut < len(self.starts) and self.starts[cut] <= now - period_s / 2:",
         "no window of a rate's period holds more starts than its limit",
     ),
+    Mutation(
+        "schedule-slot-skipped",
+        "tm_sidecar/core/_schedule.py",
+        "        k = max(math.floor((after - anchor) / every) + 1, 1)",
+        "        k = max(math.floor((after - anchor) / every) + 2, 1)",
+        "no schedule slot is lost while a leader exists",
+    ),
+    Mutation(
+        "firing-not-claimed",
+        "tm_sidecar/core/_leader.py",
+        "            self._firing.add(name)",
+        "            pass",
+        "a slot fires once: a firing in flight is not planned again",
+    ),
+    Mutation(
+        "firing-unguarded",
+        "tm_sidecar/core/_leader.py",
+        "            guards = (Compare.modified_at(kv.key, kv.mod_revision), *compares)",
+        "            guards = ()",
+        "a slot fires once, whoever leads (the firing compares its schedule and tasks)",
+    ),
 ]
 
 

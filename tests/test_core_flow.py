@@ -3,6 +3,9 @@ limits and schedules, at given times."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 import attrs
 import pytest
 
@@ -11,6 +14,7 @@ from tm_sidecar.core import (
     Compare,
     Delete,
     Fence,
+    Firing,
     Guard,
     KeyValue,
     LeaderView,
@@ -19,10 +23,15 @@ from tm_sidecar.core import (
     RateLimit,
     RateWindow,
     Record,
+    Schedule,
     State,
     TaskId,
     TaskOptions,
+    due,
+    first_slot,
     guard_value,
+    schedule_from_request,
+    slot_task_id,
     takeover,
 )
 from tm_sidecar.core._unique import guard_ops
@@ -199,3 +208,90 @@ def test_a_persisted_window_rounds_later_never_earlier() -> None:
     assert len(back.starts) == 3
     assert all(b >= a for a, b in zip(window.starts, back.starts, strict=True))
     assert all(b - a <= 1.0 for a, b in zip(window.starts, back.starts, strict=True))
+
+
+# -- schedules ----------------------------------------------------------------------------------
+
+
+def _every(next_at: float = 10.0, **kw: Any) -> Schedule:
+    return Schedule(name="s", every_s=10.0, anchor_at=0.0, next_at=next_at, **kw)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "now", "slots", "next_at"),
+    [
+        (_every(), 5.0, None, None),
+        (_every(), 10.0, (10.0,), 20.0),
+        (_every(), 10.5, (10.0,), 20.0),
+        (_every(grace_s=25.0), 30.0, (10.0, 20.0, 30.0), 40.0),  # late, but within grace
+        # After downtime (grace 5 s): slots 10 to 90 are missed, 100 is on time.
+        (_every(grace_s=5.0, missed="skip"), 100.0, (100.0,), 110.0),
+        (_every(grace_s=5.0, missed="one"), 100.0, (90.0, 100.0), 110.0),
+        (
+            _every(grace_s=5.0, missed="all", max_catch_up=3),
+            100.0,
+            (70.0, 80.0, 90.0, 100.0),
+            110.0,
+        ),
+        (_every(grace_s=5.0, missed="all"), 99.0, tuple(10.0 * k for k in range(1, 10)), 100.0),
+        (_every(paused=True), 100.0, None, None),
+    ],
+)
+def test_due_slots_and_the_missed_slot_policy(
+    schedule: Schedule, now: float, slots: tuple[float, ...] | None, next_at: float | None
+) -> None:
+    firing = due(schedule, now)
+    if slots is None:
+        assert firing is None
+    else:
+        assert firing == Firing(slots, next_at or 0.0)
+
+
+def test_cron_slots_follow_the_time_zone_across_daylight_saving() -> None:
+    berlin = Schedule(name="s", cron="0 9 * * *", timezone="Europe/Berlin")
+    winter = datetime(2026, 1, 15, 12, tzinfo=UTC).timestamp()
+    summer = datetime(2026, 7, 15, 12, tzinfo=UTC).timestamp()
+    assert first_slot(berlin, winter) == datetime(2026, 1, 16, 8, tzinfo=UTC).timestamp()
+    assert first_slot(berlin, summer) == datetime(2026, 7, 16, 7, tzinfo=UTC).timestamp()
+    five = Schedule(name="s", cron="*/5 * * * *")
+    at = datetime(2026, 1, 1, 0, 5, tzinfo=UTC).timestamp()
+    assert first_slot(five, at) == at + 300  # strictly after
+    firing = due(attrs.evolve(five, next_at=at, grace_s=0.0, missed="one"), at + 3600)
+    assert firing is not None
+    assert firing.slots == (at + 3300, at + 3600)  # the latest missed one, then on time
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"name": "s"},  # neither cron nor interval
+        {"name": "s", "cron": "* * *"},
+        {"name": "s", "every_s": 0.5},
+        {"name": "s", "every_s": 5, "timezone": "Mars/Olympus"},
+        {"name": "s", "every_s": 5, "missed": "some"},
+        {"name": "s/x", "every_s": 5},
+    ],
+)
+def test_a_bad_schedule_is_refused(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
+        schedule_from_request(fields, now=0.0)
+
+
+def test_the_leader_fires_a_slot_once_and_advances_the_schedule() -> None:
+    feed = Feed()
+    sched = schedule_from_request({"name": "tick", "every_s": 10, "payload": {"p": 1}}, now=0.0)
+    kv = feed.put(KS.schedule("tick"), sched.to_json())
+    (fire,) = feed.view.decide(10.0, POLICY).batches
+    assert (fire.kind, fire.schedule, fire.slots) == ("fire", "tick", (10.0,))
+    tid = slot_task_id(sched, 10.0, kv.create_revision)
+    assert Compare.absent(KS.task(tid)) in fire.guards
+    assert Compare.modified_at(KS.schedule("tick"), kv.mod_revision) in fire.guards
+    assert feed.view.decide(10.0, POLICY).batches == ()  # claimed while in flight
+    for op in fire.extra:
+        assert isinstance(op, Put)
+        feed.put(op.key, op.value)
+    feed.view.settle(fire, committed_at=feed.revision)
+    assert TaskId(tid) in feed.view.pending
+    decision = feed.view.decide(15.0, POLICY)
+    assert decision.batches == ()
+    assert decision.wake_at == 20.0

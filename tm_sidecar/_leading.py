@@ -53,6 +53,9 @@ class LeaderState:
     promoted: int = 0
     reaped: int = 0
     conflicts: int = 0
+    fired: int = 0  # schedule slots fired
+    #: Called with each fired slot's lateness (seconds from the slot to its commit).
+    on_fire: Callable[[float], None] | None = None
 
 
 async def run_leader(
@@ -144,6 +147,8 @@ async def run_leader(
                     progressed = True
                     last_commit = max(last_commit, revision)
                     _count(state, batch)
+                    if batch.kind == "fire":
+                        _fired(state, batch, clock())
                     continue
                 # Stop here, so that later batches cannot overtake this one's tasks.
                 state.conflicts += 1
@@ -319,7 +324,17 @@ async def _settle_unknown(etcd: Etcd, ks: Keyspace, view: LeaderView, batch: Bat
 
     A batch is atomic: its first move tells. If that move's target exists, the batch
     committed at the target's mod revision, and the claims hold until the watch shows it.
+    A firing (no moves) tells by its schedule key: changed since the leader saw it.
     """
+    if not batch.moves:
+        key = ks.schedule(batch.schedule or "")
+        seen = next((c.value for c in batch.guards if c.key == key), 0)
+        kv = await retrying(lambda: etcd.get(key), what="look up a firing of unknown outcome")
+        if kv is not None and kv.mod_revision != seen:
+            view.settle(batch, committed_at=kv.mod_revision)
+            return kv.mod_revision
+        view.settle(batch, committed_at=None)
+        return 0
     slot, record = batch.moves[0]
     target = ks.state(record.state, slot.task_id, record.node)
     probe = Txn(success=(Range(slot.key), Range(target)))
@@ -353,12 +368,22 @@ CATCH_UP_S = 1.0
 ETCD_FULL_PAUSE_S = 1.0
 
 
+def _fired(state: LeaderState, batch: Batch, now: float) -> None:
+    state.fired += len(batch.slots)
+    for slot in batch.slots:
+        log.info("schedule=%s fired slot=%.3f late_s=%.3f", batch.schedule, slot, now - slot)
+        if state.on_fire is not None:
+            state.on_fire(max(0.0, now - slot))
+
+
 def _count(state: LeaderState, batch: Batch) -> None:
     n = len(batch.moves)
     if batch.kind == "assign":
         state.assigned += n
     elif batch.kind == "promote":
         state.promoted += n
+    elif batch.kind == "fire":
+        pass
     else:
         state.reaped += n
         for slot, record in batch.moves:

@@ -128,6 +128,13 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
         )
+        self.schedule_lateness = Histogram(
+            "tm_schedule_lateness_seconds",
+            "From a schedule slot's time to the commit of its task (on the leader).",
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 120),
+        )
+        sidecar.leader.on_fire = self.schedule_lateness.observe
         sidecar.agent.on_start = self.start_latency.observe
         sidecar.etcd.on_request = lambda path, s, result: self.etcd_seconds.labels(
             path, result

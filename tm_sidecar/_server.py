@@ -414,6 +414,31 @@ class SocketServer:
             raise InvalidRequest(f"unknown fields: {sorted(unknown)}")
         return (await self.sidecar.set_limits(queue, changes)).to_obj()
 
+    async def op_schedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        known = {"id", "op", "name", "payload", "options", *_SCHEDULE_FIELDS}
+        unknown = set(frame) - known
+        if unknown:
+            raise InvalidRequest(f"unknown fields: {sorted(unknown)}")
+        if not isinstance(frame.get("name"), str):
+            raise InvalidRequest("a schedule needs a name")
+        fields = {k: frame[k] for k in ("name", "payload", *_SCHEDULE_FIELDS) if k in frame}
+        fields["options"] = _options(frame.get("options") or {})
+        return (await self.sidecar.schedule(fields)).to_obj()
+
+    async def op_schedules(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        return [s.to_obj() for s in await self.sidecar.schedules()]
+
+    async def op_pause_schedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        name = check_name("schedule", frame["name"])
+        return (await self.sidecar.pause_schedule(name, True)).to_obj()
+
+    async def op_resume_schedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        name = check_name("schedule", frame["name"])
+        return (await self.sidecar.pause_schedule(name, False)).to_obj()
+
+    async def op_unschedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        return await self.sidecar.delete_schedule(check_name("schedule", frame["name"]))
+
     async def op_queues(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         return {name: config.to_obj() for name, config in (await self.sidecar.queues()).items()}
 
@@ -606,6 +631,9 @@ def task_json(info: TaskInfo) -> dict[str, JSON]:
             obj["due_at"] = record.due_at
     return obj
 
+
+#: A schedule's fields besides its name, payload and task options.
+_SCHEDULE_FIELDS = ("cron", "every_s", "timezone", "missed", "max_catch_up", "grace_s", "paused")
 
 _OPTION_NAMES = {
     "queue",

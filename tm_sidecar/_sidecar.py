@@ -39,16 +39,19 @@ from ._leading import LeaderSettings, LeaderState, run_leader
 from ._session import RetentionLeases, Session, close_session, keep_session, open_session
 from .core import (
     JSON,
+    Compare,
     Guard,
     Keyspace,
     KeyValue,
     LeaderPolicy,
     NodeId,
     NodeInfo,
+    Put,
     QueueConfig,
     Range,
     RangeResult,
     Record,
+    Schedule,
     Slot,
     State,
     Takeover,
@@ -61,11 +64,13 @@ from .core import (
     cancelled,
     check_name,
     dumps,
+    first_slot,
     initial_record,
     make_task_id,
     plan_cancel,
     plan_create,
     plan_queue_config,
+    schedule_from_request,
     with_limits,
 )
 from .core import takeover as core_takeover
@@ -668,6 +673,48 @@ class Sidecar:
         log.info("queue %s limits %s", queue, config.to_json())
         return config
 
+    # -- schedules --
+
+    async def schedule(self, fields: dict[str, Any]) -> Schedule:
+        """Create or replace a schedule (``name``, ``payload``, ``options``, ``cron`` or
+        ``every_s``, ``timezone``, ``missed``, ``max_catch_up``, ``grace_s``). Its next
+        slot is the first after now; a replaced one keeps its count of fired slots.
+        Raises :class:`InvalidRequest` for a bad one."""
+        now = self.clock()
+        try:
+            new = schedule_from_request(fields, now=now)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidRequest(f"bad schedule: {exc}") from exc
+
+        def replace(old: Schedule | None) -> Schedule:
+            if old is None:
+                return new
+            return attrs.evolve(
+                new, fired=old.fired, last_slot_at=old.last_slot_at, last_task_id=old.last_task_id
+            )
+
+        schedule = await update_schedule(self.etcd, self.ks, new.name, replace)
+        assert schedule is not None
+        log.info("schedule %s set: next slot at %.3f", schedule.name, schedule.next_at)
+        return schedule
+
+    async def schedules(self) -> list[Schedule]:
+        """Every schedule of the namespace."""
+        kvs, _ = await self.etcd.list_prefix(self.ks.schedules())
+        return [Schedule.from_json(kv.value) for kv in kvs]
+
+    async def pause_schedule(self, name: str, paused: bool = True) -> Schedule:
+        """Fire nothing more until resumed; resuming starts with the first slot after
+        now (the slots of the pause are not missed ones: none of them fires)."""
+        change = pausing(name, paused, now=self.clock())
+        schedule = await update_schedule(self.etcd, self.ks, name, change)
+        assert schedule is not None
+        return schedule
+
+    async def delete_schedule(self, name: str) -> bool:
+        """Delete a schedule (the tasks it made stay); False if there was none."""
+        return bool(await self.etcd.delete(self.ks.schedule(check_name("schedule", name))))
+
     def status(self) -> dict[str, Any]:
         """What this sidecar is doing, for logs and status lines."""
         view = self.leader.view
@@ -698,6 +745,42 @@ async def update_queue(
         config = attrs.evolve(change(current), updated_at=now)
         if (await etcd.txn(plan_queue_config(ks, queue, config, seen))).succeeded:
             return config
+
+
+def pausing(name: str, paused: bool, *, now: float) -> Callable[[Schedule | None], Schedule]:
+    """The change that pauses a schedule, or resumes it from its first slot after now
+    (the slots of a pause are not missed ones: none of them fires)."""
+
+    def change(old: Schedule | None) -> Schedule:
+        if old is None:
+            raise InvalidRequest(f"no schedule {name!r}")
+        if paused:
+            return attrs.evolve(old, paused=True)
+        resumed = attrs.evolve(old, paused=False)
+        return attrs.evolve(resumed, next_at=first_slot(resumed, now))
+
+    return change
+
+
+async def update_schedule(
+    etcd: Etcd,
+    ks: Keyspace,
+    name: str,
+    change: Callable[[Schedule | None], Schedule],
+) -> Schedule | None:
+    """Read a schedule (None: there is none), change it, and write it back if nobody
+    (the leader firing it, say) wrote it meanwhile; else read again."""
+    check_name("schedule", name)
+    key = ks.schedule(name)
+    while True:
+        seen = await etcd.get(key)
+        schedule = change(Schedule.from_json(seen.value) if seen is not None else None)
+        txn = Txn(
+            compare=(Compare.modified_at(key, seen.mod_revision if seen is not None else 0),),
+            success=(Put(key, schedule.to_json()),),
+        )
+        if (await etcd.txn(txn)).succeeded:
+            return schedule
 
 
 def is_final(event: TaskEvent) -> bool:

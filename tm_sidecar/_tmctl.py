@@ -22,7 +22,7 @@ from ._cli import default_data_dir
 from ._embedded import PORTS_FILE
 from ._errors import EtcdUnavailable, TaskManagerError
 from ._etcd import Etcd, EtcdConfig
-from ._sidecar import update_queue
+from ._sidecar import pausing, update_queue, update_schedule
 from .core import (
     Compare,
     Delete,
@@ -37,16 +37,19 @@ from .core import (
     Range,
     RateLimit,
     Record,
+    Schedule,
     Slot,
     State,
     Target,
     TaskId,
+    TaskOptions,
     TaskSpec,
     Touch,
     Txn,
     cancelled,
     guard_value,
     plan_cancel,
+    schedule_from_request,
     with_limits,
 )
 
@@ -127,6 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     limit.add_argument("--per-key", help="tasks running at once per concurrency key, or none")
     limit.add_argument("--rate", help="starts per period, e.g. 100/60s (or none)")
     limit.add_argument("--key-rate", help="starts per period per concurrency key (or none)")
+    sub.add_parser("schedules", help="every schedule: cron or interval, next slot, fired")
+    sched = sub.add_parser(
+        "schedule", help="create or replace a schedule: a task at each slot, fired once"
+    )
+    sched.add_argument("name")
+    when = sched.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help="a cron expression, e.g. '*/5 * * * *'")
+    when.add_argument("--every", type=float, help="an interval in seconds")
+    sched.add_argument("--tz", default="UTC", help="the cron's time zone (IANA name)")
+    sched.add_argument("--payload", default="null", help="the tasks' payload, as JSON")
+    sched.add_argument("--queue", default="default", help="the tasks' queue")
+    sched.add_argument(
+        "--missed", default="one", choices=["skip", "one", "all"], help="slots missed by downtime"
+    )
+    for name, what in (
+        ("pause-schedule", "fire nothing more until resumed"),
+        ("resume-schedule", "fire again, from the first slot after now"),
+        ("unschedule", "delete a schedule (its tasks stay)"),
+    ):
+        sub.add_parser(name, help=what).add_argument("name")
     return p
 
 
@@ -412,6 +435,75 @@ class Ctl:
             self.etcd, self.ks, queue, lambda c: with_limits(c, changes), now=time.time()
         )
         self.out({queue: config.to_obj()}, _queue_table({queue: config}))
+        return 0
+
+    async def schedules(self) -> None:
+        kvs, _ = await self.etcd.list_prefix(self.ks.schedules())
+        found = [Schedule.from_json(kv.value) for kv in kvs]
+        table = [["SCHEDULE", "WHEN", "TZ", "NEXT", "FIRED", "MISSED", "PAUSED", "QUEUE"]]
+        for s in found:
+            when = s.cron if s.cron is not None else f"every {s.every_s:g} s"
+            table.append(
+                [
+                    s.name,
+                    when,
+                    s.timezone,
+                    _when(s.next_at),
+                    str(s.fired),
+                    s.missed,
+                    _yes(s.paused),
+                    s.options.queue,
+                ]
+            )
+        self.out([s.to_obj() for s in found], table)
+
+    async def set_schedule(self, args: argparse.Namespace) -> int:
+        try:
+            fields = {
+                "name": args.name,
+                "cron": args.cron,
+                "every_s": args.every,
+                "timezone": args.tz,
+                "payload": json.loads(args.payload),
+                "options": TaskOptions(queue=args.queue),
+                "missed": args.missed,
+            }
+            new = schedule_from_request(fields, now=time.time())
+        except (ValueError, TypeError) as exc:
+            print(f"tmctl: bad schedule: {exc}", file=sys.stderr)
+            return 2
+
+        def replace(old: Schedule | None) -> Schedule:
+            if old is None:
+                return new
+            return attrs.evolve(new, fired=old.fired, last_slot_at=old.last_slot_at)
+
+        schedule = await update_schedule(self.etcd, self.ks, new.name, replace)
+        assert schedule is not None
+        self.out(
+            schedule.to_obj(), [["SCHEDULE", "NEXT"], [schedule.name, _when(schedule.next_at)]]
+        )
+        return 0
+
+    async def pause_schedule(self, name: str, paused: bool) -> int:
+        try:
+            schedule = await update_schedule(
+                self.etcd, self.ks, name, pausing(name, paused, now=time.time())
+            )
+        except TaskManagerError as exc:
+            print(f"tmctl: {exc}", file=sys.stderr)
+            return 1
+        assert schedule is not None
+        rows = [["SCHEDULE", "PAUSED", "NEXT"], [name, _yes(paused), _when(schedule.next_at)]]
+        self.out(schedule.to_obj(), rows)
+        return 0
+
+    async def unschedule(self, name: str) -> int:
+        deleted = bool(await self.etcd.delete(self.ks.schedule(name)))
+        if not deleted:
+            print(f"tmctl: no schedule {name!r}", file=sys.stderr)
+            return 1
+        self.out({"deleted": name}, [["DELETED"], [name]])
         return 0
 
     async def queues(self) -> None:
@@ -781,6 +873,14 @@ async def run(args: argparse.Namespace) -> int:
                 await ctl.queues()
             case "limit":
                 return await ctl.limit(args.queue, args)
+            case "schedules":
+                await ctl.schedules()
+            case "schedule":
+                return await ctl.set_schedule(args)
+            case "pause-schedule" | "resume-schedule":
+                return await ctl.pause_schedule(args.name, args.command == "pause-schedule")
+            case "unschedule":
+                return await ctl.unschedule(args.name)
         return 0
     except EtcdUnavailable as exc:
         hint = f" (the embedded etcd of {args.data_dir}: is its sidecar running?)"

@@ -883,6 +883,58 @@ class TaskManager:
             fields[name] = value
         return dict(await self._request("set_limits", fields, idempotent=True))
 
+    async def schedule(
+        self,
+        name: str,
+        payload: Any = None,
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        timezone: str = "UTC",
+        options: dict[str, Any] | None = None,
+        missed: str = "one",
+        max_catch_up: int | None = None,
+        grace: float | timedelta | None = None,
+    ) -> dict[str, Any]:
+        """Create or replace the schedule ``name``: a task with ``payload`` (and task
+        ``options``: queue, timeout_s, ...) at each slot of ``cron`` (in ``timezone``) or
+        ``every`` interval. The leader fires each slot exactly once, across failovers.
+        Slots later than ``grace`` (60 s) are missed: ``missed`` says what then fires,
+        ``"skip"`` (none), ``"one"`` (the latest) or ``"all"`` (each, at most
+        ``max_catch_up``). Answers the schedule, with its ``next_at``."""
+        fields: dict[str, Any] = {
+            "name": name,
+            "payload": payload,
+            "timezone": timezone,
+            "missed": missed,
+            "options": options or {},
+        }
+        if cron is not None:
+            fields["cron"] = cron
+        if every is not None:
+            fields["every_s"] = every.total_seconds() if isinstance(every, timedelta) else every
+        if max_catch_up is not None:
+            fields["max_catch_up"] = max_catch_up
+        if grace is not None:
+            fields["grace_s"] = grace.total_seconds() if isinstance(grace, timedelta) else grace
+        return dict(await self._request("schedule", fields, idempotent=True))
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """Every schedule of the namespace."""
+        return list(await self._request("schedules", {}, idempotent=True))
+
+    async def pause_schedule(self, name: str) -> dict[str, Any]:
+        """Fire nothing more from schedule ``name`` until resumed."""
+        return dict(await self._request("pause_schedule", {"name": name}, idempotent=True))
+
+    async def resume_schedule(self, name: str) -> dict[str, Any]:
+        """Fire again, from the first slot after now."""
+        return dict(await self._request("resume_schedule", {"name": name}, idempotent=True))
+
+    async def delete_schedule(self, name: str) -> bool:
+        """Delete schedule ``name`` (its tasks stay); False if there was none."""
+        return bool(await self._request("unschedule", {"name": name}, idempotent=True))
+
     async def queues(self) -> dict[str, dict[str, Any]]:
         """The settings of every queue that has some (paused, limits), by name."""
         return dict(await self._request("queues", {}, idempotent=True))

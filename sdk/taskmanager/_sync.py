@@ -112,6 +112,18 @@ class BlockingTaskManager:
         """See :meth:`TaskManager.set_limits`."""
         return self._portal.call(lambda: self._manager.set_limits(queue, **limits))
 
+    def schedule(self, name: str, payload: Any = None, **kw: Any) -> dict[str, Any]:
+        """See :meth:`TaskManager.schedule`."""
+        return self._portal.call(lambda: self._manager.schedule(name, payload, **kw))
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """See :meth:`TaskManager.schedules`."""
+        return self._portal.call(self._manager.schedules)
+
+    def delete_schedule(self, name: str) -> bool:
+        """See :meth:`TaskManager.delete_schedule`."""
+        return self._portal.call(self._manager.delete_schedule, name)
+
     def close(self) -> None:
         """Disconnect and stop the background event loop (once; also at exit)."""
         if self._closed:

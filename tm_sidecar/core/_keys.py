@@ -13,6 +13,7 @@ Under ``<root><namespace>/``::
     queues/<queue>            a queue's flow control: paused, concurrency and rate limits
     unique/<key>              the task that holds a unique key (see _unique.py)
     rates/<queue>[/<key>]     the leader's rate window of a queue (or of one of its keys)
+    schedules/<name>          a cron or interval schedule and its next slot
 
 Every key the leader needs sorts between ``delayed/`` and ``task/`` (its watch's range).
 
@@ -119,6 +120,14 @@ class Keyspace:
         """Prefix of every rate window."""
         return f"{self.prefix}rates/"
 
+    def schedule(self, name: str) -> str:
+        """A cron or interval schedule."""
+        return f"{self.prefix}schedules/{name}"
+
+    def schedules(self) -> str:
+        """Prefix of every schedule."""
+        return f"{self.prefix}schedules/"
+
     def unique(self, key: str) -> str:
         """The guard of a unique key: which task holds it."""
         return f"{self.prefix}unique/{key}"
@@ -161,6 +170,8 @@ class Keyspace:
                 task_id=None,
                 key=parts[2] if len(parts) == 3 else None,
             )
+        if kind == "schedules" and len(parts) == 2:
+            return ParsedKey("schedule", name=parts[1])
         if kind == "unique" and len(parts) == 2:
             return ParsedKey("unique", name=parts[1])
         return None

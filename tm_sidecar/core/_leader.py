@@ -20,6 +20,7 @@ from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import NodeInfo, Record, TaskError, parse_record
 from ._plan import ASSIGN_BATCH, REAP_BATCH, Fence, Slot, move_ops, plan_batch
 from ._policy import after_failure, assigned, promoted
+from ._schedule import Schedule, due, fire_ops
 from ._txn import MAX_TXN_OPS, Compare, KeyValue, Put, Request, Txn, WatchEvent
 
 
@@ -27,12 +28,15 @@ from ._txn import MAX_TXN_OPS, Compare, KeyValue, Put, Request, Txn, WatchEvent
 class Batch:
     """Moves to commit together in one fenced transaction."""
 
-    kind: str  # "assign", "promote" or "reap"
+    kind: str  # "assign", "promote", "reap" or "fire"
     moves: tuple[tuple[Slot, Record], ...]
     #: Further compares: an assignment's queue settings are as the leader saw them.
     guards: tuple[Compare, ...] = ()
-    #: Further writes of the leader's own (a rate limit's window).
+    #: Further writes of the leader's own (a rate limit's window, a firing's tasks).
     extra: tuple[Request, ...] = ()
+    #: A firing: its schedule, and the slots it fires.
+    schedule: str | None = None
+    slots: tuple[float, ...] = ()
 
     @property
     def task_ids(self) -> tuple[TaskId, ...]:
@@ -83,6 +87,10 @@ class LeaderView:
     # When a rate window has room again: (time, queue, key) for parked keys, and per queue.
     _rate_wakes: list[tuple[float, str, str]] = attrs.Factory(list)
     _queue_rate_wakes: dict[str, float] = attrs.Factory(dict)
+    #: Schedules (schedules/<name>) as seen, with their keys; and firings in flight.
+    schedules: dict[str, tuple[KeyValue, Schedule]] = attrs.Factory(dict)
+    _firing: set[str] = attrs.Factory(set)
+    _settling_firings: list[tuple[int, str]] = attrs.Factory(list)
     _queues: dict[str, list[tuple[int, int, TaskId]]] = attrs.Factory(dict)
     _due: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _deadlines: list[tuple[float, int, TaskId]] = attrs.Factory(list)
@@ -155,6 +163,9 @@ class LeaderView:
             self.queue_revisions[parsed.name] = kv.mod_revision
             self._unpark(self.keys.unpark_queue(parsed.name))
             return
+        if parsed.kind == "schedule" and parsed.name is not None:
+            self.schedules[parsed.name] = (kv, Schedule.from_json(kv.value))
+            return
         if parsed.kind == "rate" and parsed.name is not None:
             window = (parsed.name, parsed.key)
             if window not in self.rate_windows:  # a listing: where the last leader left it
@@ -199,6 +210,9 @@ class LeaderView:
             if self.nodes.pop(parsed.node, None) is not None:
                 self._suspects.update(self._tasks_of(parsed.node))
             return
+        if parsed.kind == "schedule" and parsed.name is not None:
+            self.schedules.pop(parsed.name, None)
+            return
         if parsed.kind == "queue" and parsed.name is not None:
             self.queue_settings.pop(parsed.name, None)
             self.queue_revisions.pop(parsed.name, None)
@@ -241,10 +255,18 @@ class LeaderView:
         """Report a batch's outcome: committed at a revision, or not committed (None)."""
         if committed_at is None or committed_at <= self.revision:
             self._release(batch.task_ids)
+            if batch.schedule is not None:
+                self._firing.discard(batch.schedule)
         else:
             self._settling.append((committed_at, batch.task_ids))
+            if batch.schedule is not None:
+                self._settling_firings.append((committed_at, batch.schedule))
 
     def _release_settled(self) -> None:
+        if self._settling_firings:
+            done = [name for rev, name in self._settling_firings if rev <= self.revision]
+            self._firing.difference_update(done)
+            self._settling_firings = [f for f in self._settling_firings if f[0] > self.revision]
         if not self._settling:
             return
         keep = []
@@ -290,7 +312,7 @@ class LeaderView:
     def decide(self, now: float, policy: LeaderPolicy, fractions: Iterable[float] = ()) -> Decision:
         """The moves to make at ``now``; ``fractions`` are random draws for backoff jitter."""
         draws = iter(fractions)
-        batches: list[Batch] = []
+        batches: list[Batch] = self._decide_firings(now)
         reaps = self._decide_reaps(now, policy, draws)
         batches += [Batch("reap", tuple(c)) for c in _chunk(reaps, REAP_BATCH)]
         promotes = self._decide_promotions(now)
@@ -321,6 +343,31 @@ class LeaderView:
                 for w, period in windows.items()
             )
             out.append(Batch("assign", tuple(chunk), guards=(guard,), extra=extra))
+        return out
+
+    def _decide_firings(self, now: float) -> list[Batch]:
+        """A batch per schedule with slots due: creates their tasks and advances it, if
+        the schedule key is still as seen (so a slot fires once)."""
+        out: list[Batch] = []
+        for name, (kv, schedule) in self.schedules.items():
+            if name in self._firing:
+                continue
+            firing = due(schedule, now)
+            if firing is None:
+                continue
+            compares, writes, _ = fire_ops(self.ks, schedule, kv.create_revision, firing, now)
+            guards = (Compare.modified_at(kv.key, kv.mod_revision), *compares)
+            self._firing.add(name)
+            out.append(
+                Batch(
+                    "fire",
+                    (),
+                    guards=guards,
+                    extra=tuple(writes),
+                    schedule=name,
+                    slots=firing.slots,
+                )
+            )
         return out
 
     def _wake_rates(self, now: float) -> None:
@@ -520,6 +567,11 @@ class LeaderView:
         times = [h[0][0] for h in (self._due, self._deadlines) if h]
         if self._rate_wakes:
             times.append(self._rate_wakes[0][0])
+        times += [
+            schedule.next_at
+            for name, (_, schedule) in self.schedules.items()
+            if not schedule.paused and name not in self._firing
+        ]
         times += self._queue_rate_wakes.values()
         return min(times) if times else None
 
