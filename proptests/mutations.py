@@ -113,9 +113,9 @@ MUTATIONS = [
     ),
     Mutation(
         "pause-unguarded",
-        "tm_sidecar/core/_leader.py",
-        'Batch("assign", tuple(c), guards=(guard,))',
-        'Batch("assign", tuple(c), guards=())',
+        "tm_sidecar/core/_batch.py",
+        'out.append(Batch("assign", tuple(chunk), guards=(guard,), extra=extra))',
+        'out.append(Batch("assign", tuple(chunk), guards=(), extra=extra))',
         "nothing is assigned from a paused queue, even decided just before the pause",
     ),
     Mutation(
@@ -183,9 +183,9 @@ MUTATIONS = [
     ),
     Mutation(
         "firing-unguarded",
-        "tm_sidecar/core/_leader.py",
-        "            guards = (Compare.modified_at(kv.key, kv.mod_revision), *compares)",
-        "            guards = ()",
+        "tm_sidecar/core/_schedule.py",
+        "    guards = (Compare.modified_at(kv.key, kv.mod_revision), *compares)",
+        "    guards = ()",
         "a slot fires once, whoever leads (the firing compares its schedule and tasks)",
     ),
 ]

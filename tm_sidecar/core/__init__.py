@@ -1,6 +1,7 @@
 """The functional core: no I/O, no clock, no randomness. Time and random draws are arguments."""
 
 from ._attempts import AttemptLedger
+from ._batch import Batch, Decision, LeaderPolicy
 from ._events import EVENT_KINDS, EventDeriver, TaskEvent, event_from_change
 from ._flow import (
     LIMIT_FIELDS,
@@ -12,7 +13,7 @@ from ._flow import (
     with_limits,
 )
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
-from ._leader import Batch, Decision, LeaderPolicy, LeaderView
+from ._leader import LeaderView
 from ._model import (
     DEFAULT_MAX_SNOOZES,
     JSON,

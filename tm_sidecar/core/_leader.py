@@ -15,54 +15,14 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
+from ._batch import Batch, Decision, LeaderPolicy, assign_batches, chunk_moves
 from ._flow import KeyCounts, QueueConfig, RateWindow, queue_guard
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import NodeInfo, Record, TaskError, parse_record
-from ._plan import ASSIGN_BATCH, REAP_BATCH, Fence, Slot, move_ops, plan_batch
+from ._plan import ASSIGN_BATCH, REAP_BATCH, Slot
 from ._policy import after_failure, assigned, promoted
-from ._schedule import Schedule, due, fire_ops
-from ._txn import MAX_TXN_OPS, Compare, KeyValue, Put, Request, Txn, WatchEvent
-
-
-@attrs.frozen
-class Batch:
-    """Moves to commit together in one fenced transaction."""
-
-    kind: str  # "assign", "promote", "reap" or "fire"
-    moves: tuple[tuple[Slot, Record], ...]
-    #: Further compares: an assignment's queue settings are as the leader saw them.
-    guards: tuple[Compare, ...] = ()
-    #: Further writes of the leader's own (a rate limit's window, a firing's tasks).
-    extra: tuple[Request, ...] = ()
-    #: A firing: its schedule, and the slots it fires.
-    schedule: str | None = None
-    slots: tuple[float, ...] = ()
-
-    @property
-    def task_ids(self) -> tuple[TaskId, ...]:
-        """The tasks this batch moves."""
-        return tuple(slot.task_id for slot, _ in self.moves)
-
-    def plan(self, ks: Keyspace, fence: Fence, *, lease: int = 0) -> Txn:
-        """The fenced transaction that commits this batch."""
-        return plan_batch(ks, fence, self.moves, lease=lease, guards=self.guards, extra=self.extra)
-
-
-@attrs.frozen
-class Decision:
-    """What to do now, and when to decide again at the latest (None: on the next change)."""
-
-    batches: tuple[Batch, ...]
-    wake_at: float | None
-
-
-@attrs.frozen(kw_only=True)
-class LeaderPolicy:
-    """The leader's settings."""
-
-    grace_s: float = 5.0
-    requeue_stalled: bool = True
-    max_batches: int = 16
+from ._schedule import Schedule, firing_batch
+from ._txn import KeyValue, WatchEvent
 
 
 @attrs.define(eq=False)
@@ -314,9 +274,9 @@ class LeaderView:
         draws = iter(fractions)
         batches: list[Batch] = self._decide_firings(now)
         reaps = self._decide_reaps(now, policy, draws)
-        batches += [Batch("reap", tuple(c)) for c in _chunk(reaps, REAP_BATCH)]
+        batches += [Batch("reap", tuple(c)) for c in chunk_moves(reaps, REAP_BATCH)]
         promotes = self._decide_promotions(now)
-        batches += [Batch("promote", tuple(c)) for c in _chunk(promotes, ASSIGN_BATCH)]
+        batches += [Batch("promote", tuple(c)) for c in chunk_moves(promotes, ASSIGN_BATCH)]
         budget = max(policy.max_batches - len(batches), 1) * ASSIGN_BATCH
         self._wake_rates(now)
         for queue, assigns in self._decide_assignments(now, policy, budget):
@@ -326,48 +286,29 @@ class LeaderView:
     def _assign_batches(self, queue: str, assigns: list[tuple[Slot, Record]]) -> list[Batch]:
         """One queue's assignments in batches: each guarded by the queue's settings key
         and carrying the rate windows its moves count in."""
-        guard = queue_guard(self.ks, queue, self.queue_revisions.get(queue, 0))
         config = self.queue_config(queue)
-        out: list[Batch] = []
-        rated = config.rate is not None or config.key_rate is not None
-        for chunk in _chunk(assigns, ASSIGN_BATCH, rated=rated):
-            windows: dict[tuple[str, str | None], float] = {}
-            if config.rate is not None:
-                windows[(queue, None)] = config.rate.period_s
-            if config.key_rate is not None:
-                for _, record in chunk:
-                    if record.options.concurrency_key is not None:
-                        windows[(queue, record.options.concurrency_key)] = config.key_rate.period_s
-            extra = tuple(
-                Put(self.ks.rate(*w), self.rate_windows[w].to_json(period))
-                for w, period in windows.items()
-            )
-            out.append(Batch("assign", tuple(chunk), guards=(guard,), extra=extra))
-        return out
+        windows: dict[tuple[str, str | None], tuple[RateWindow, float]] = {}
+        if config.rate is not None:
+            windows[(queue, None)] = (self._window(queue, None), config.rate.period_s)
+        if config.key_rate is not None:
+            for _, record in assigns:
+                key = record.options.concurrency_key
+                if key is not None:
+                    windows[(queue, key)] = (self._window(queue, key), config.key_rate.period_s)
+        guard = queue_guard(self.ks, queue, self.queue_revisions.get(queue, 0))
+        return assign_batches(self.ks, assigns, guard, windows)
 
     def _decide_firings(self, now: float) -> list[Batch]:
-        """A batch per schedule with slots due: creates their tasks and advances it, if
-        the schedule key is still as seen (so a slot fires once)."""
+        """A batch per schedule with slots due (see _schedule.py); claimed until the
+        watch shows it, so that a slot is not planned twice."""
         out: list[Batch] = []
         for name, (kv, schedule) in self.schedules.items():
             if name in self._firing:
                 continue
-            firing = due(schedule, now)
-            if firing is None:
-                continue
-            compares, writes, _ = fire_ops(self.ks, schedule, kv.create_revision, firing, now)
-            guards = (Compare.modified_at(kv.key, kv.mod_revision), *compares)
-            self._firing.add(name)
-            out.append(
-                Batch(
-                    "fire",
-                    (),
-                    guards=guards,
-                    extra=tuple(writes),
-                    schedule=name,
-                    slots=firing.slots,
-                )
-            )
+            batch = firing_batch(self.ks, kv, schedule, now)
+            if batch is not None:
+                self._firing.add(name)
+                out.append(batch)
         return out
 
     def _wake_rates(self, now: float) -> None:
@@ -585,32 +526,3 @@ class LeaderView:
 
 
 _NO_CONFIG = QueueConfig()
-
-#: etcd refuses requests over 1.5 MiB; batches stay well under, JSON and base64 included.
-MAX_BATCH_BYTES = 512 * 1024
-
-
-def _chunk(
-    items: list[tuple[Slot, Record]], size: int, *, rated: bool = False
-) -> list[list[tuple[Slot, Record]]]:
-    """Consecutive batches of at most ``size`` moves, MAX_TXN_OPS writes and about
-    MAX_BATCH_BYTES; ``rated`` keeps room for the rate windows' writes (the queue's, and
-    one per move for its concurrency key's)."""
-    out: list[list[tuple[Slot, Record]]] = []
-    current: list[tuple[Slot, Record]] = []
-    base = 1 if rated else 0
-    weight, ops = 0, base
-    for slot, record in items:
-        cost = len(record.to_json().encode()) + 2 * len(slot.key) + 200
-        n = move_ops(record) + base
-        if current and (
-            len(current) >= size or weight + cost > MAX_BATCH_BYTES or ops + n > MAX_TXN_OPS
-        ):
-            out.append(current)
-            current, weight, ops = [], 0, base
-        current.append((slot, record))
-        weight += cost
-        ops += n
-    if current:
-        out.append(current)
-    return out

@@ -28,10 +28,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import attrs
 from cronsim import CronSim, CronSimError
 
+from ._batch import Batch
 from ._keys import Keyspace, State, TaskId, check_name
 from ._model import JSON, Record, TaskOptions, TaskSpec, dumps
 from ._policy import initial_record
-from ._txn import Compare, Put, Request
+from ._txn import Compare, KeyValue, Put, Request
 
 #: What to do with slots missed by more than ``grace_s`` (no leader, a pause of etcd):
 #: fire none of them, only the latest, or each (at most ``max_catch_up``).
@@ -293,3 +294,17 @@ def schedule_from_request(obj: dict[str, Any], *, now: float) -> Schedule:
         created_at=now,
     )
     return attrs.evolve(schedule, next_at=first_slot(schedule, now))
+
+
+def firing_batch(ks: Keyspace, kv: KeyValue, schedule: Schedule, now: float) -> Batch | None:
+    """The leader's batch that fires what ``schedule`` (seen as ``kv``) has due at
+    ``now``, or None: it compares the schedule's mod revision and that each slot's task
+    does not exist yet, and the fence like every leader transaction."""
+    firing = due(schedule, now)
+    if firing is None:
+        return None
+    compares, writes, _ = fire_ops(ks, schedule, kv.create_revision, firing, now)
+    guards = (Compare.modified_at(kv.key, kv.mod_revision), *compares)
+    return Batch(
+        "fire", (), guards=guards, extra=tuple(writes), schedule=schedule.name, slots=firing.slots
+    )
