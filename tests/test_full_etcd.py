@@ -130,6 +130,10 @@ async def test_a_full_etcd_refuses_creates_retryably_keeps_reads_and_recovers(
         finally:
             await filler.aclose()
         assert [a["alarm"] for a in await _alarms(sc.etcd)] == ["NOSPACE"]
+        # The sidecar's once-a-second look at etcd may have caught the fill past
+        # quota_fraction but before the alarm (creates would then be queue_full, the
+        # earlier refusal): let it look once more, so that it has seen the alarm.
+        await wait_for(lambda: sc._nospace, timeout_s=10)
         with pytest.raises(EtcdFull, match="tmctl recover") as refused:
             await sc.create({"n": 2})
         assert refused.value.retryable
