@@ -221,12 +221,15 @@ async def etcd_cpu(env: Env) -> Result:
     return out
 
 
-async def throughput(env: Env, sidecars: int) -> Result:
-    """No-op tasks created, run and completed end to end through the SDK."""
+async def throughput(env: Env, sidecars: int, limits: dict[str, Any] | None = None) -> Result:
+    """No-op tasks created, run and completed end to end through the SDK; with
+    ``limits``, under those queue limits (set so as not to bind: their cost alone)."""
     n = env.scale(3200)
     async with env.sidecars(sidecars) as procs:
         done = 0
         managers = [TaskManager(str(p.socket_path)) for p in procs]
+        if limits:
+            await managers[0].set_limits(**limits)
 
         async def noop(task: WorkerTask) -> None:
             return None
@@ -520,6 +523,11 @@ SCENARIOS: dict[str, Callable[[Env], Awaitable[Result]]] = {
     "etcd_cpu": etcd_cpu,
     "throughput_1": lambda env: throughput(env, 1),
     "throughput_3": lambda env: throughput(env, 3),
+    # The cost of flow control: a concurrency limit and a rate limit that never bind
+    # (the leader still counts, and writes the rate window with every batch).
+    "throughput_1_limited": lambda env: throughput(
+        env, 1, {"max_running": 100_000, "rate": (1_000_000, 1.0)}
+    ),
     "latency": latency,
     "delays": delays,
     "failover": failover,

@@ -120,6 +120,18 @@ class BlockingTaskManager:
         """See :meth:`TaskManager.schedules`."""
         return self._portal.call(self._manager.schedules)
 
+    def pause_schedule(self, name: str) -> dict[str, Any]:
+        """See :meth:`TaskManager.pause_schedule`."""
+        return self._portal.call(self._manager.pause_schedule, name)
+
+    def resume_schedule(self, name: str) -> dict[str, Any]:
+        """See :meth:`TaskManager.resume_schedule`."""
+        return self._portal.call(self._manager.resume_schedule, name)
+
+    def queues(self) -> dict[str, dict[str, Any]]:
+        """See :meth:`TaskManager.queues`."""
+        return self._portal.call(self._manager.queues)
+
     def delete_schedule(self, name: str) -> bool:
         """See :meth:`TaskManager.delete_schedule`."""
         return self._portal.call(self._manager.delete_schedule, name)
