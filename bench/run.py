@@ -295,8 +295,15 @@ async def dashboard_url(proc: SidecarProcess) -> str:
     return found.group(1)
 
 
-async def throughput(env: Env, sidecars: int, *, dashboard: bool = False) -> Result:
+async def throughput(
+    env: Env,
+    sidecars: int,
+    limits: dict[str, Any] | None = None,
+    *,
+    dashboard: bool = False,
+) -> Result:
     """No-op tasks created, run and completed end to end through the SDK; with
+    ``limits``, under those queue limits (set so as not to bind: their cost alone); with
     ``dashboard``, the first sidecar serves its dashboard and a viewer keeps the
     overview open (the event stream and the 2 s refresh) throughout."""
     n = env.scale(3200)
@@ -305,6 +312,8 @@ async def throughput(env: Env, sidecars: int, *, dashboard: bool = False) -> Res
         done = 0
         managers = [TaskManager(str(p.socket_path)) for p in procs]
         viewer = DashboardViewer(await dashboard_url(procs[0])) if dashboard else None
+        if limits:
+            await managers[0].set_limits(**limits)
 
         async def noop(task: WorkerTask) -> None:
             return None
@@ -633,6 +642,11 @@ SCENARIOS: dict[str, Callable[[Env], Awaitable[Result]]] = {
     "throughput_1": lambda env: throughput(env, 1),
     "throughput_3": lambda env: throughput(env, 3),
     "throughput_1_web": lambda env: throughput(env, 1, dashboard=True),
+    # The cost of flow control: a concurrency limit and a rate limit that never bind
+    # (the leader still counts, and writes the rate window with every batch).
+    "throughput_1_limited": lambda env: throughput(
+        env, 1, {"max_running": 100_000, "rate": (1_000_000, 1.0)}
+    ),
     "latency": latency,
     "delays": delays,
     "failover": failover,

@@ -36,7 +36,9 @@ from tm_sidecar.core import (
     AttemptLedger,
     Backoff,
     Batch,
+    Compare,
     Fence,
+    Guard,
     Keyspace,
     KeyValue,
     LeaderPolicy,
@@ -44,7 +46,10 @@ from tm_sidecar.core import (
     NodeId,
     NodeInfo,
     Put,
+    QueueConfig,
+    RateLimit,
     Record,
+    Schedule,
     Slot,
     State,
     TaskError,
@@ -54,17 +59,27 @@ from tm_sidecar.core import (
     Txn,
     WatchEvent,
     after_failure,
+    cancelled,
+    first_slot,
     initial_record,
-    plan_batch,
+    plan_cancel,
     plan_create,
     plan_move,
+    plan_queue_config,
     plan_update,
+    schedule_from_request,
+    slot_task_id,
+    snoozed,
     succeeded,
+    takeover,
 )
 
 GRACE_S = 2.0
+SCHEDULE_GRACE_S = 3.0
+MAX_SNOOZES = 1
 BACKOFF = Backoff(base_s=1.0, factor=2.0, max_s=8.0, jitter=0.5)
 _namespaces = itertools.count()
+SCHEDULE_OPTIONS = TaskOptions(backoff=BACKOFF, max_snoozes=1)
 
 
 @attrs.define
@@ -82,6 +97,22 @@ class ModelTask:
     session: int | None = None
     deadline_at: float | None = None
     completions: int = 0
+    cancelled: bool = False
+    unique_key: str | None = None
+    concurrency_key: str | None = None
+    snoozes: int = 0
+    max_snoozes: int = 1
+
+
+@attrs.define
+class ModelSchedule:
+    """A schedule as created, and the slots it has fired."""
+
+    schedule: Schedule
+    incarnation: int  # its key's create revision
+    fired: list[float] = attrs.Factory(list)
+    paused: bool = False
+    resumed: bool = False  # slots of a pause never fire: "none lost" is not checked
 
 
 @attrs.define
@@ -131,6 +162,11 @@ class QueueMachine(RuleBasedStateMachine):
         self.stale: list[tuple[Slot, Record]] = []
         self.policy = LeaderPolicy(grace_s=GRACE_S)
         self.assignments: dict[str, KeyValue] = {}  # processing keys as last recorded
+        self.config = QueueConfig()  # the default queue's settings
+        self.schedules: dict[str, ModelSchedule] = {}
+        # Starts made while a rate (a per-key rate) was in force: when, and the key.
+        self.starts: list[float] = []
+        self.key_starts: list[tuple[float, str]] = []
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -241,6 +277,7 @@ class QueueMachine(RuleBasedStateMachine):
         task = self.tasks[slot.task_id]
         if kind == "assign":
             assert task.state is State.PENDING, f"{task.id} assigned from {task.state}"
+            assert not self.config.paused, f"{task.id} assigned from a paused queue"
             assert self.now >= task.due_at, (
                 f"{task.id} assigned at {self.now} before due {task.due_at}"
             )
@@ -290,19 +327,66 @@ class QueueMachine(RuleBasedStateMachine):
     def elect(self) -> None:
         self._new_fence()
 
+    @initialize(max_running=st.sampled_from([None, 2, 3]), per_key=st.sampled_from([None, 1]))
+    def first_limits(self, max_running: int | None, per_key: int | None) -> None:
+        """Runs start with limits or without (set_limits changes them later)."""
+        if max_running is not None or per_key is not None:
+            self.set_limits(max_running, per_key)
+
+    @initialize(
+        every=st.sampled_from([None, 5.0, 7.0]), missed=st.sampled_from(["skip", "one", "all"])
+    )
+    def first_schedule(self, every: float | None, missed: str) -> None:
+        """Runs start with a schedule or without (add_schedule adds more)."""
+        if every is not None:
+            self.add_schedule(every, missed)
+
+    @initialize(target=nodes_b, capacity=st.integers(1, 3))
+    def first_node(self, capacity: int) -> str:
+        """Most runs need a node: start with one (more come with add_node)."""
+        return self._add_node(capacity)
+
     @rule(
         priority=st.integers(0, 2),
         delay=st.none() | st.floats(0, 30),
         max_attempts=st.integers(1, 3),
         timeout=st.sampled_from([None, 5.0, 20.0]),
+        max_snoozes=st.integers(0, MAX_SNOOZES),
+        key=st.sampled_from([None, "k0", "k0", "k1"]),
+        count=st.integers(1, 3),
     )
     def create(
-        self, priority: int, delay: float | None, max_attempts: int, timeout: float | None
+        self,
+        priority: int,
+        delay: float | None,
+        max_attempts: int,
+        timeout: float | None,
+        max_snoozes: int,
+        key: str | None,
+        count: int = 1,
+    ) -> None:
+        """``count`` tasks alike, as a producer makes them."""
+        for _ in range(count):
+            self._create_one(priority, delay, max_attempts, timeout, max_snoozes, key)
+
+    def _create_one(
+        self,
+        priority: int,
+        delay: float | None,
+        max_attempts: int,
+        timeout: float | None,
+        max_snoozes: int,
+        key: str | None,
     ) -> None:
         self.created += 1
         tid = TaskId(f"t{self.created:04d}")
         opts = TaskOptions(
-            priority=priority, max_attempts=max_attempts, timeout_s=timeout, backoff=BACKOFF
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout_s=timeout,
+            backoff=BACKOFF,
+            max_snoozes=max_snoozes,
+            concurrency_key=key,
         )
         run_at = None if delay is None else self.now + delay
         spec = TaskSpec(
@@ -323,10 +407,78 @@ class QueueMachine(RuleBasedStateMachine):
             timeout_s=timeout,
             state=record.state,
             due_at=run_at if record.state is State.DELAYED and run_at is not None else 0.0,
+            max_snoozes=max_snoozes,
+            concurrency_key=key,
         )
+
+    def _unique_spec(self, key: str, window: float | None) -> tuple[TaskSpec, Record]:
+        self.created += 1
+        tid = TaskId(f"t{self.created:04d}")
+        opts = TaskOptions(
+            backoff=BACKOFF, unique_key=key, unique_for_s=window, max_snoozes=MAX_SNOOZES
+        )
+        spec = TaskSpec(id=tid, payload={"n": self.created}, options=opts, created_at=self.now)
+        record = initial_record(
+            Record(state=State.PENDING, options=opts, since_at=self.now), now=self.now, run_at=None
+        )
+        return spec, record
+
+    def _created_unique(self, spec: TaskSpec, record: Record) -> None:
+        self.tasks[spec.id] = ModelTask(
+            id=spec.id,
+            priority=0,
+            max_attempts=spec.options.max_attempts,
+            timeout_s=None,
+            state=record.state,
+            unique_key=spec.options.unique_key,
+        )
+
+    @rule(key=st.sampled_from(["u0", "u1"]), window=st.sampled_from([None, 4.0]))
+    def create_unique(self, key: str, window: float | None) -> None:
+        """A create with a unique key, as a sidecar makes it: take the guard, or read
+        its holder and either answer it or take over from it."""
+        spec, record = self._unique_spec(key, window)
+        result = self.db.txn(plan_create(self.ks, spec, record))
+        if result.succeeded:
+            self._created_unique(spec, record)
+            return
+        (guard_kv,) = result.ranges[1].kvs
+        guard = Guard.from_kv(guard_kv)
+        entries = self._state_keys().get(guard.task_id)
+        holder = (entries[0][0], entries[0][1]) if entries else None
+        taking = takeover(self.ks, guard, holder, self.now)
+        if taking is None:
+            # Answered the holder: it must be live, or finished inside its window.
+            held = self.tasks[guard.task_id]
+            live = held.state in (State.PENDING, State.DELAYED, State.PROCESSING)
+            assert live or (guard.until_at is not None and self.now < guard.until_at)
+            return
+        assert self.db.txn(plan_create(self.ks, spec, record, takeover=taking)).succeeded
+        self._created_unique(spec, record)
+
+    @rule(key=st.sampled_from(["u0", "u1"]))
+    def unique_creates_race(self, key: str) -> None:
+        """Two sidecars create with one key from the same read: one task at most."""
+        first, first_rec = self._unique_spec(key, None)
+        second, second_rec = self._unique_spec(key, None)
+        guard_kvs = [kv for kv in self.db.list(self.ks.unique(key))[0] if kv.key.endswith(key)]
+        taking = None
+        if guard_kvs:
+            guard = Guard.from_kv(guard_kvs[0])
+            entries = self._state_keys().get(guard.task_id)
+            holder = (entries[0][0], entries[0][1]) if entries else None
+            taking = takeover(self.ks, guard, holder, self.now)
+            if taking is None:
+                return
+        for spec, rec in ((first, first_rec), (second, second_rec)):
+            if self.db.txn(plan_create(self.ks, spec, rec, takeover=taking)).succeeded:
+                self._created_unique(spec, rec)
 
     @rule(target=nodes_b, capacity=st.integers(1, 3))
     def add_node(self, capacity: int) -> str:
+        return self._add_node(capacity)
+
+    def _add_node(self, capacity: int) -> str:
         name = f"n{len(self.nodes)}"
         lease = self.db.lease_grant(60)
         info = NodeInfo(id=NodeId(name), session=lease, capacity={"default": capacity})
@@ -374,22 +526,24 @@ class QueueMachine(RuleBasedStateMachine):
             if not decision.batches:
                 break
             self._check_order(decision.batches)
-            if interfere:
+            moving = [b for b in decision.batches if b.moves]
+            if interfere and moving:
                 interfere = False
-                first, _ = decision.batches[0].moves[0]
+                first, _ = moving[0].moves[0]
                 current = self.listing[first.key]
                 self.db.txn(Txn(success=(Put(first.key, current.value),)))
-                result = self.db.txn(plan_batch(self.ks, self.fence, decision.batches[0].moves))
+                result = self.db.txn(moving[0].plan(self.ks, self.fence))
                 assert not result.succeeded, "a batch over a changed key committed"
                 for batch in decision.batches:
                     self.view.settle(batch, committed_at=None)
                 continue
             for batch in decision.batches:
-                result = self.db.txn(plan_batch(self.ks, self.fence, batch.moves))
+                result = self.db.txn(batch.plan(self.ks, self.fence))
                 assert result.succeeded, f"the live leader's {batch.kind} batch failed"
                 self._committed(batch, result.revision)
         self._sync_view()
         self._check_quiescent()
+        self._check_schedules()
 
     def _committed(self, batch: Batch, revision: int) -> None:
         assert self.view is not None
@@ -398,7 +552,106 @@ class QueueMachine(RuleBasedStateMachine):
             if batch.kind == "reap":
                 self.stale.append((slot, record))
             self._check_move(slot, record, batch.kind)
+        if batch.kind == "assign":
+            self._check_limits(batch)
+        if batch.kind == "fire":
+            self._fired(batch)
         self.view.settle(batch, committed_at=revision)
+
+    # -- schedules -----------------------------------------------------------------------
+
+    @rule(every=st.sampled_from([5.0, 7.0]), missed=st.sampled_from(["skip", "one", "all"]))
+    def add_schedule(self, every: float, missed: str) -> None:
+        """A client adds an interval schedule (slots every ``every`` seconds from now)."""
+        name = f"s{len(self.schedules)}"
+        fields = {
+            "name": name,
+            "every_s": every,
+            "missed": missed,
+            "grace_s": SCHEDULE_GRACE_S,
+            "options": SCHEDULE_OPTIONS,
+        }
+        schedule = schedule_from_request(fields, now=self.now)
+        key = self.ks.schedule(name)
+        txn = Txn(compare=(Compare.absent(key),), success=(Put(key, schedule.to_json()),))
+        result = self.db.txn(txn)
+        assert result.succeeded
+        self.schedules[name] = ModelSchedule(schedule, incarnation=result.revision)
+
+    def _fired(self, batch: Batch) -> None:
+        """A firing committed: each slot is one of the schedule's, fired for the first
+        time, in order; its task is a new pending task."""
+        model = self.schedules[batch.schedule or ""]
+        assert not model.paused, f"paused schedule {batch.schedule} fired"
+        every, anchor = model.schedule.every_s or 0.0, model.schedule.anchor_at
+        for slot in batch.slots:
+            assert slot not in model.fired, f"{batch.schedule} fired slot {slot} twice"
+            k = round((slot - anchor) / every)
+            assert k >= 1, f"{slot} is before the first slot"
+            assert abs(anchor + k * every - slot) < 1e-6, f"{slot} is not a slot"
+            assert slot <= self.now, f"slot {slot} fired early at {self.now}"
+            assert not model.fired or slot > max(model.fired), "slots fired out of order"
+            model.fired.append(slot)
+            tid = slot_task_id(model.schedule, slot, model.incarnation)
+            assert tid not in self.tasks
+            self.tasks[tid] = ModelTask(
+                id=tid, priority=0, max_attempts=3, timeout_s=None, state=State.PENDING
+            )
+
+    @rule()
+    def schedule_paused_behind_the_leader(self) -> None:
+        """A client pauses a schedule after the leader decided to fire it: the firing
+        must not commit (nor undo the pause); then the client resumes it."""
+        assert self.view is not None
+        assert self.fence is not None
+        self._sync_view()
+        decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+        firing = next((b for b in decision.batches if b.kind == "fire"), None)
+        if firing is not None:
+            model = self.schedules[firing.schedule or ""]
+            self._write_schedule(model, paused=True)
+        for batch in decision.batches:
+            result = self.db.txn(batch.plan(self.ks, self.fence))
+            if result.succeeded:
+                assert batch is not firing, "a firing committed over a pause"
+                self._committed(batch, result.revision)
+            else:
+                assert batch is firing, f"a {batch.kind} batch failed"
+                self.view.settle(batch, committed_at=None)
+        if firing is not None:
+            self._write_schedule(self.schedules[firing.schedule or ""], paused=False)
+
+    def _write_schedule(self, model: ModelSchedule, *, paused: bool) -> None:
+        key = self.ks.schedule(model.schedule.name)
+        (kv,) = [k for k in self.db.list(key)[0] if k.key == key]
+        current = Schedule.from_json(kv.value)
+        changed = attrs.evolve(current, paused=paused)
+        if not paused:
+            changed = attrs.evolve(changed, next_at=first_slot(changed, self.now))
+            model.resumed = True
+        txn = Txn(
+            compare=(Compare.modified_at(key, kv.mod_revision),),
+            success=(Put(key, changed.to_json()),),
+        )
+        assert self.db.txn(txn).succeeded
+        model.paused = paused
+
+    def _check_schedules(self) -> None:
+        """While a leader exists no slot is lost: with ``all``, every slot so far has
+        fired; with ``one``, the latest; with ``skip``, the latest if it is on time."""
+        for name, model in self.schedules.items():
+            if model.resumed:
+                continue
+            every, anchor = model.schedule.every_s or 0.0, model.schedule.anchor_at
+            slots = [anchor + k * every for k in range(1, int((self.now - anchor) / every) + 1)]
+            slots = [s for s in slots if s <= self.now]
+            if not slots:
+                continue
+            fired = set(model.fired)
+            if model.schedule.missed == "all":
+                assert set(slots) <= fired, f"{name} lost slots {sorted(set(slots) - fired)}"
+            elif model.schedule.missed == "one" or self.now - slots[-1] <= SCHEDULE_GRACE_S:
+                assert slots[-1] in fired, f"{name} did not fire its latest slot {slots[-1]}"
 
     @rule(name=nodes_b)
     def node_restarts_behind_the_leader(self, name: str) -> None:
@@ -411,7 +664,7 @@ class QueueMachine(RuleBasedStateMachine):
         decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
         self.restart_node(name)
         for n, batch in enumerate(decision.batches):
-            result = self.db.txn(plan_batch(self.ks, self.fence, batch.moves))
+            result = self.db.txn(batch.plan(self.ks, self.fence))
             if result.succeeded:
                 self._committed(batch, result.revision)
                 continue
@@ -436,8 +689,19 @@ class QueueMachine(RuleBasedStateMachine):
         left = [
             t for t in rank if t not in {s.task_id for s in chosen} and not self.view.claimed(t)
         ]
-        better_left = [t for t in left if rank[t] < worst_chosen]
+        better_left = [t for t in left if rank[t] < worst_chosen and not self._held_back(t, chosen)]
         assert not better_left, f"{better_left} skipped for worse tasks"
+
+    def _held_back(self, tid: TaskId, chosen: list[Slot]) -> bool:
+        """A task that its key's limit held back, counting the tasks chosen with it."""
+        key, limit = self.tasks[tid].concurrency_key, self.config.key_max_running
+        if key is not None and self.config.key_rate is not None:
+            return True  # (its key's rate window may be full)
+        if key is None or limit is None:
+            return False
+        running = [t for t in self.tasks.values() if t.state is State.PROCESSING]
+        running += [self.tasks[s.task_id] for s in chosen]
+        return sum(t.concurrency_key == key for t in running) >= limit
 
     def _check_quiescent(self) -> None:
         """After the leader has done all it can: nothing due waits, no capacity idles."""
@@ -454,7 +718,9 @@ class QueueMachine(RuleBasedStateMachine):
             for n in self.nodes.values()
             if n.alive
         )
-        pending = [t.id for t in self.tasks.values() if t.state is State.PENDING]
+        pending = [
+            t.id for t in self.tasks.values() if t.state is State.PENDING and self._may_run(t)
+        ]
         assert not (pending and free), f"{pending} wait while {free} slots are free"
         due = [
             t.id for t in self.tasks.values() if t.state is State.DELAYED and t.due_at <= self.now
@@ -479,8 +745,25 @@ class QueueMachine(RuleBasedStateMachine):
                 out.append(slot)
         return out
 
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from(["success", "failure", "permanent", "progress", "snooze"]),
+    )
+    def leader_assigns_and_a_worker_reports(self, data: st.DataObject, outcome: str) -> None:
+        """The common path in one step: the leader does its rounds, every agent sees its
+        assignments, and one started attempt reports."""
+        self.leader_rounds(interfere=False)
+        for node in self.nodes.values():
+            if node.agent is not None:
+                self._agent_takes(node, len(node.feed))
+        if self._started_attempts():
+            self.worker_reports(data, outcome)
+
     @precondition(lambda self: any(n.agent and n.agent.running for n in self.nodes.values()))
-    @rule(data=st.data(), outcome=st.sampled_from(["success", "failure", "permanent", "progress"]))
+    @rule(
+        data=st.data(),
+        outcome=st.sampled_from(["success", "failure", "permanent", "progress", "snooze"]),
+    )
     def worker_reports(self, data: st.DataObject, outcome: str) -> None:
         """An attempt its node's agent started reports progress or its outcome."""
         slots = self._started_attempts()
@@ -496,6 +779,9 @@ class QueueMachine(RuleBasedStateMachine):
             return
         if outcome == "success":
             nxt = succeeded(slot.record, result={"ok": task.id}, now=self.now)
+        elif outcome == "snooze":
+            delay = data.draw(st.sampled_from([0.0, 3.0]), label="snooze_s")
+            nxt = snoozed(slot.record, delay_s=delay, now=self.now)
         else:
             error = TaskError(type="E", message="x", retryable=outcome == "failure")
             nxt = after_failure(slot.record, error=error, now=self.now, fraction=self.rng.random())
@@ -511,13 +797,33 @@ class QueueMachine(RuleBasedStateMachine):
             task.completions += 1
             task.state = State.COMPLETED
             task.node = task.session = task.deadline_at = None
+        elif outcome == "snooze":
+            self._after_snooze(task, nxt, delay)
         else:
             self._after_attempt(task, nxt, retryable=outcome == "failure")
+
+    def _after_snooze(self, task: ModelTask, record: Record, delay: float) -> None:
+        """A snooze costs no attempt, and a task may take ``max_snoozes`` of them."""
+        if task.snoozes >= task.max_snoozes:
+            assert record.state is State.FAILED, f"{task.id} snoozed past its limit"
+            assert record.error is not None
+            assert record.error.type == "SnoozeLimit"
+        else:
+            task.snoozes += 1
+            task.attempts -= 1
+            expected = State.DELAYED if delay > 0 else State.PENDING
+            assert record.state is expected, f"{task.id}: snoozed to {record.state}"
+            task.due_at = record.due_at or 0.0
+            assert task.due_at == (self.now + delay if delay > 0 else 0.0)
+        assert record.snoozes == task.snoozes
+        task.state = record.state
+        task.node = task.session = task.deadline_at = None
 
     @precondition(lambda self: bool(self.stale))
     @rule(data=st.data())
     def stale_report(self, data: st.DataObject) -> None:
-        """A report for an attempt that has ended must change nothing."""
+        """A report for an attempt that has ended, or a cancel of a state the task has
+        left, must change nothing."""
         slot, _ = data.draw(st.sampled_from(self.stale), label="stale attempt")
         before = self._state_keys()
         late = succeeded(slot.record, result="late", now=self.now)
@@ -525,7 +831,185 @@ class QueueMachine(RuleBasedStateMachine):
             "a stale report was accepted"
         )
         assert not self.db.txn(plan_update(slot, attrs.evolve(slot.record, progress=9))).succeeded
+        stale_cancel = plan_cancel(self.ks, slot, cancelled(slot.record, now=self.now))
+        assert not self.db.txn(stale_cancel).succeeded, "a cancel of a stale state was accepted"
         assert self._state_keys() == before
+
+    def _current_slot(self, tid: TaskId) -> Slot:
+        ((state, kv),) = self._state_keys()[tid]
+        return Slot(
+            tid, kv.key, kv.create_revision, kv.mod_revision, Record.from_json(state, kv.value)
+        )
+
+    def _live_ids(self) -> list[TaskId]:
+        live = (State.PENDING, State.DELAYED, State.PROCESSING)
+        return sorted(t.id for t in self.tasks.values() if t.state in live)
+
+    def _cancel(self, tid: TaskId) -> None:
+        slot = self._current_slot(tid)
+        record = cancelled(slot.record, now=self.now)
+        assert self.db.txn(plan_cancel(self.ks, slot, record)).succeeded, "a cancel failed"
+        self._record_assignments()
+        self.stale.append((slot, record))
+        task = self.tasks[tid]
+        assert task.state is slot.record.state
+        task.state, task.cancelled = State.FAILED, True
+        task.node = task.session = task.deadline_at = None
+
+    @precondition(lambda self: bool(self._live_ids()))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        """A client or an operator cancels a live task: failed at once, for good."""
+        self._cancel(data.draw(st.sampled_from(self._live_ids()), label="task"))
+
+    def _may_run(self, task: ModelTask) -> bool:
+        """Whether the queue's settings let ``task`` start now (capacity aside)."""
+        config = self.config
+        running = [t for t in self.tasks.values() if t.state is State.PROCESSING]
+        if config.paused or config.rate is not None or config.key_rate is not None:
+            # (with a rate, the leader may hold back more than the model counts: it
+            # counts the starts of batches that then failed, which is the safe side)
+            return False
+        if config.max_running is not None and len(running) >= config.max_running:
+            return False
+        key, limit = task.concurrency_key, config.key_max_running
+        if key is not None and limit is not None:
+            return sum(t.concurrency_key == key for t in running) < limit
+        return True
+
+    def _write_config(self, config: QueueConfig) -> None:
+        seen = self.db.list(self.ks.queue("default"))[0]
+        kv = next((k for k in seen if k.key == self.ks.queue("default")), None)
+        assert self.db.txn(plan_queue_config(self.ks, "default", config, kv)).succeeded
+        self.config = config
+
+    def _set_paused(self, paused: bool) -> None:
+        self._write_config(attrs.evolve(self.config, paused=paused, updated_at=self.now))
+
+    @rule(max_running=st.sampled_from([None, 1, 2, 3]), per_key=st.sampled_from([None, 1, 2]))
+    def set_limits(self, max_running: int | None, per_key: int | None) -> None:
+        """An operator sets (or lowers, or lifts) the queue's concurrency limits."""
+        config = attrs.evolve(
+            self.config, max_running=max_running, key_max_running=per_key, updated_at=self.now
+        )
+        self._write_config(config)
+
+    @rule(
+        rate=st.sampled_from([None, (1, 5.0), (2, 20.0)]),
+        key_rate=st.sampled_from([None, (1, 10.0)]),
+    )
+    def set_rates(self, rate: tuple[int, float] | None, key_rate: tuple[int, float] | None) -> None:
+        """An operator sets (or lifts) the queue's rate limits."""
+        config = attrs.evolve(
+            self.config,
+            rate=None if rate is None else RateLimit(limit=rate[0], period_s=rate[1]),
+            key_rate=None
+            if key_rate is None
+            else RateLimit(limit=key_rate[0], period_s=key_rate[1]),
+            updated_at=self.now,
+        )
+        self._write_config(config)
+
+    def _check_rates(self, batch: Batch) -> None:
+        """No window of a rate's period holds more starts than its limit, whichever
+        leader made them."""
+        rate, key_rate = self.config.rate, self.config.key_rate
+        for slot, _ in batch.moves:
+            key = self.tasks[slot.task_id].concurrency_key
+            if rate is not None:
+                self.starts.append(self.now)
+            if key_rate is not None and key is not None:
+                self.key_starts.append((self.now, key))
+        if rate is not None:
+            recent = [t for t in self.starts if t > self.now - rate.period_s]
+            assert len(recent) <= rate.limit, f"{len(recent)} starts in {rate.period_s} s"
+        if key_rate is not None:
+            per_key = Counter(k for t, k in self.key_starts if t > self.now - key_rate.period_s)
+            assert all(n <= key_rate.limit for n in per_key.values()), (
+                f"{per_key} starts per key in {key_rate.period_s} s"
+            )
+
+    def _check_limits(self, batch: Batch) -> None:
+        """After an assignment batch: the queue and each key it assigned to are within
+        their limits, counted across every node (and decided with claims in flight)."""
+        self._check_rates(batch)
+        running = [self.tasks[s.task_id] for s in self._live_assignments()]
+        config = self.config
+        if config.max_running is not None:
+            assert len(running) <= config.max_running, (
+                f"{len(running)} running over max_running {config.max_running}"
+            )
+        if config.key_max_running is not None:
+            for key in {self.tasks[s.task_id].concurrency_key for s, _ in batch.moves} - {None}:
+                count = sum(t.concurrency_key == key for t in running)
+                assert count <= config.key_max_running, (
+                    f"{count} of key {key} running over {config.key_max_running}"
+                )
+
+    @rule()
+    def leader_decides_twice_before_the_watch(self) -> None:
+        """The leader decides again before its watch shows its last batches: its claims
+        must keep capacity and limits from being spent twice."""
+        assert self.view is not None
+        assert self.fence is not None
+        self._sync_view()
+        for _ in range(2):
+            decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+            for batch in decision.batches:
+                result = self.db.txn(batch.plan(self.ks, self.fence))
+                assert result.succeeded, f"the live leader's {batch.kind} batch failed"
+                self._committed(batch, result.revision)
+        self._sync_view()
+
+    @rule(paused=st.booleans())
+    def pause_queue(self, paused: bool) -> None:
+        """An operator pauses or resumes the queue."""
+        self._set_paused(paused)
+
+    @rule()
+    def pause_behind_the_leader(self) -> None:
+        """The queue is paused after the leader decided its assignments: none may commit."""
+        assert self.view is not None
+        assert self.fence is not None
+        self._sync_view()
+        decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+        self._set_paused(True)
+        for n, batch in enumerate(decision.batches):
+            result = self.db.txn(batch.plan(self.ks, self.fence))
+            if result.succeeded:
+                self._committed(batch, result.revision)
+                continue
+            assert batch.kind == "assign", f"a {batch.kind} batch failed"
+            for rest in decision.batches[n:]:
+                self.view.settle(rest, committed_at=None)
+            break
+        self._set_paused(False)  # and resumed (pause_queue leaves it paused for a while)
+
+    @rule()
+    def cancel_behind_the_leader(self) -> None:
+        """A task is cancelled after the leader decided to move it: that move must not
+        commit (a cancelled task is never run, nor retried)."""
+        assert self.view is not None
+        assert self.fence is not None
+        self._sync_view()
+        decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+        moving = [b for b in decision.batches if b.moves]
+        if not moving:
+            for batch in decision.batches:
+                self.view.settle(batch, committed_at=None)
+            return
+        victim = moving[0].moves[0][0].task_id
+        self._cancel(victim)
+        for n, batch in enumerate(decision.batches):
+            result = self.db.txn(batch.plan(self.ks, self.fence))
+            if result.succeeded:
+                assert victim not in batch.task_ids, f"a move of cancelled {victim} committed"
+                self._committed(batch, result.revision)
+                continue
+            assert victim in batch.task_ids, "a batch without the cancelled task failed"
+            for rest in decision.batches[n:]:
+                self.view.settle(rest, committed_at=None)
+            break
 
     @rule()
     def change_leader(self) -> None:
@@ -535,6 +1019,8 @@ class QueueMachine(RuleBasedStateMachine):
         self.deposed.append((self.fence, self.view))
         self.db.lease_revoke(self._leader_lease)
         self._new_fence()
+        # The old leader has not noticed yet and acts on its view at once.
+        self.deposed_leader_writes()
 
     @precondition(lambda self: bool(self.deposed))
     @rule()
@@ -544,7 +1030,7 @@ class QueueMachine(RuleBasedStateMachine):
         before = self._state_keys()
         decision = view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
         for batch in decision.batches:
-            result = self.db.txn(plan_batch(self.ks, fence, batch.moves))
+            result = self.db.txn(batch.plan(self.ks, fence))
             assert not result.succeeded, f"a deposed leader's {batch.kind} batch committed"
             view.settle(batch, committed_at=None)
         assert self._state_keys() == before
@@ -641,9 +1127,30 @@ class QueueMachine(RuleBasedStateMachine):
             record = Record.from_json(state, kv.value)
             assert record.attempts == task.attempts
             assert record.attempts <= task.max_attempts
+            assert record.snoozes == task.snoozes <= task.max_snoozes
             if state is State.COMPLETED:
                 assert kv.version == 1, f"{tid}'s result was written {kv.version} times"
                 assert task.completions == 1
+            if task.cancelled:
+                assert record.error is not None
+                assert record.error.type == "Cancelled", f"{tid} was cancelled, not {record.error}"
+
+    @invariant()
+    def unique_keys_held_once(self) -> None:
+        """Never two live tasks with one unique key, and each holds its key's guard."""
+        live_states = (State.PENDING, State.DELAYED, State.PROCESSING)
+        holders: dict[str, list[TaskId]] = {}
+        for tid, entries in self._state_keys().items():
+            key = self.tasks[tid].unique_key
+            if key is not None and entries[0][0] in live_states:
+                holders.setdefault(key, []).append(tid)
+        guards = {kv.key: Guard.from_kv(kv) for kv in self.db.list(self.ks.uniques())[0]}
+        for key, tids in holders.items():
+            assert len(tids) == 1, f"live tasks {tids} share unique key {key}"
+            guard = guards.get(self.ks.unique(key))
+            assert guard is not None, f"{tids[0]} is live without its guard"
+            assert guard.task_id == tids[0], f"{key}'s guard names {guard.task_id}, not {tids[0]}"
+            assert guard.until_at is None
 
     @invariant()
     def capacity_holds(self) -> None:

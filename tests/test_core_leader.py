@@ -240,3 +240,27 @@ def test_a_malformed_value_is_ignored_and_shown_not_fatal() -> None:
     assert view.malformed == {good.key, ks.node("n9")}
     view.apply(WatchEvent("DELETE", KeyValue(good.key, "", 0, 8, 0), None))
     assert view.malformed == {ks.node("n9")}
+
+
+def test_an_assignment_batch_over_many_nodes_keeps_within_etcds_compare_limit() -> None:
+    from tm_sidecar.core import MAX_TXN_OPS, Compare, Fence, Slot, plan_batch
+    from tm_sidecar.core._batch import chunk_moves
+
+    ks = Keyspace(namespace="wide")
+    moves = []
+    for i in range(100):
+        options = TaskOptions(queue=f"q{i % 3}")
+        pending = initial_record(
+            Record(state=State.PENDING, options=options, since_at=0), now=0, run_at=None
+        )
+        slot = Slot(TaskId(f"t{i}"), ks.state(State.PENDING, f"t{i}"), i + 1, i + 1, pending)
+        target = attrs.evolve(
+            pending, state=State.PROCESSING, node=NodeId(f"n{i}"), session=1000 + i, attempts=1
+        )
+        moves.append((slot, target))
+    for chunk in chunk_moves(moves, 63):
+        # The leader adds a compare of each assigned queue's settings.
+        queues = sorted({record.options.queue for _, record in chunk})
+        guards = [Compare.modified_at(f"/queues/{q}", 0) for q in queues]
+        txn = plan_batch(ks, Fence("/f", 1), chunk, guards=guards)  # raises past the limit
+        assert len(txn.compare) <= MAX_TXN_OPS

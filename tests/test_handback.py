@@ -82,8 +82,13 @@ async def test_a_sigterm_drain_that_runs_out_hands_back_without_spending_the_att
             tid = TaskId(task.id)
 
             async def processing() -> bool:
+                # Running, not only assigned: the attempt announces its start after 50 ms.
                 kvs, _ = await etcd.list_prefix(ks.state_prefix(State.PROCESSING))
-                return any(kv.key.endswith("/" + tid) for kv in kvs)
+                return any(
+                    kv.key.endswith("/" + tid)
+                    and Record.from_json(State.PROCESSING, kv.value).started_at is not None
+                    for kv in kvs
+                )
 
             await poll_until(processing, timeout_s=20)
             if worker == "sdk":

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from ._agent import Handler, Permanent, Registration, TaskContext
+from ._agent import Handler, Permanent, Registration, Snooze, TaskContext
 from ._errors import (
     Compacted,
     EtcdError,
@@ -42,6 +42,7 @@ __all__ = [
     "Registration",
     "Sidecar",
     "SidecarSettings",
+    "Snooze",
     "State",
     "TaskContext",
     "TaskError",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 import traceback
@@ -26,6 +27,7 @@ from ._session import RetentionLeases, Session
 from .core import (
     HANDED_BACK,
     JSON,
+    SNOOZED,
     AttemptLedger,
     Keyspace,
     KeyValue,
@@ -45,6 +47,7 @@ from .core import (
     parse_record,
     plan_move,
     plan_update,
+    snoozed,
     succeeded,
 )
 
@@ -53,6 +56,22 @@ log = logging.getLogger("tm_sidecar.agent")
 
 class Permanent(Exception):
     """Raise (or raise from) this in a handler: the task fails at once, without retries."""
+
+
+class Snooze(Exception):
+    """Raise this in a handler to run the task again ``delay_s`` seconds from now: back
+    to delayed, and the attempt does not count (at most ``max_snoozes`` times a task)."""
+
+    def __init__(self, delay_s: float) -> None:
+        delay = float(delay_s)
+        if not (math.isfinite(delay) and 0 <= delay <= MAX_SNOOZE_S):
+            raise ValueError(f"a snooze is 0 to {MAX_SNOOZE_S:g} seconds, not {delay_s!r}")
+        super().__init__(f"snooze for {delay:g} s")
+        self.delay_s = delay
+
+
+#: The longest snooze: a year.
+MAX_SNOOZE_S = 366 * 86400.0
 
 
 class HandedBack(Exception):
@@ -213,6 +232,7 @@ class AgentState:
     idle: trio.Event = attrs.Factory(trio.Event)
     completed: int = 0
     failed: int = 0
+    snoozed: int = 0
     stale: int = 0
     #: Set by a graceful stop (a drain, ``Sidecar.stop``): attempts cut short by it are
     #: handed back without counting. Without it (a lost session, say), they count.
@@ -484,6 +504,8 @@ async def _run_one(
                         outcome = succeeded(current, result=result, now=clock())
                 except HandedBack:
                     outcome = handed_back(current, now=clock())
+                except Snooze as snooze:
+                    outcome = snoozed(current, delay_s=snooze.delay_s, now=clock())
                 except trio.TooSlowError:
                     outcome = failed(
                         TaskError(
@@ -603,6 +625,8 @@ async def _report(
         return False
     if outcome.state is State.COMPLETED:
         state.completed += 1
+    elif outcome.reason == SNOOZED:
+        state.snoozed += 1
     elif outcome.reason != HANDED_BACK:
         state.failed += 1
     if state.on_outcome is not None and slot.record.since_at:

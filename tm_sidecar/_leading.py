@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -20,15 +21,16 @@ from .core import (
     Compare,
     Delete,
     Fence,
+    Guard,
     Keyspace,
     LeaderPolicy,
     LeaderView,
     Range,
+    RateWindow,
     State,
     Txn,
     TxnResult,
     orphan_payloads,
-    plan_batch,
 )
 
 log = logging.getLogger("tm_sidecar.leader")
@@ -51,6 +53,9 @@ class LeaderState:
     promoted: int = 0
     reaped: int = 0
     conflicts: int = 0
+    fired: int = 0  # schedule slots fired
+    #: Called with each fired slot's lateness (seconds from the slot to its commit).
+    on_fire: Callable[[float], None] | None = None
 
 
 async def run_leader(
@@ -142,6 +147,8 @@ async def run_leader(
                     progressed = True
                     last_commit = max(last_commit, revision)
                     _count(state, batch)
+                    if batch.kind == "fire":
+                        _fired(state, batch, clock())
                     continue
                 # Stop here, so that later batches cannot overtake this one's tasks.
                 state.conflicts += 1
@@ -169,6 +176,10 @@ async def run_leader(
                 swept = await sweep_payloads(etcd, ks)
                 if swept:
                     log.info("deleted %d payloads of expired tasks", swept)
+                await sweep_rate_windows(etcd, ks, clock())
+                released = await sweep_unique_guards(etcd, ks, clock())
+                if released:
+                    log.info("deleted %d unique keys whose window has passed", released)
                 current = await etcd.revision()
                 if previous:
                     await etcd.compact(previous)
@@ -206,7 +217,7 @@ async def _commit(
         lease = 0
         if any(record.state is State.FAILED for _, record in batch.moves):
             lease = await retention.current()
-        result = await etcd.txn(plan_batch(ks, fence, batch.moves, lease=lease))
+        result = await etcd.txn(batch.plan(ks, fence, lease=lease))
     except EtcdUnavailable as exc:
         log.warning("%s batch of %d: outcome unknown (%s)", batch.kind, len(batch.moves), exc)
         return False, await _settle_unknown(etcd, ks, view, batch)
@@ -274,6 +285,49 @@ async def sweep_payloads(etcd: Etcd, ks: Keyspace) -> int:
     return deleted
 
 
+async def sweep_rate_windows(etcd: Etcd, ks: Keyspace, now: float) -> int:
+    """Delete the persisted rate windows that hold no start any more (a concurrency key
+    not seen for a period); answers how many. Guarded by the mod revision as read."""
+    kvs, _ = await etcd.list_prefix(ks.rates())
+    deleted = 0
+    for kv in kvs:
+        try:
+            period = float(json.loads(kv.value).get("period_s", 0.0))
+            window = RateWindow.from_json(kv.value)
+        except (ValueError, TypeError, AttributeError):
+            continue
+        window.prune(now, period)
+        if window.starts:
+            continue
+        txn = Txn(
+            compare=(Compare.modified_at(kv.key, kv.mod_revision),), success=(Delete(kv.key),)
+        )
+        if (await etcd.txn(txn)).succeeded:
+            deleted += 1
+    return deleted
+
+
+async def sweep_unique_guards(etcd: Etcd, ks: Keyspace, now: float) -> int:
+    """Delete the guards of unique keys whose task finished longer than its
+    ``unique_for_s`` ago (creates would take them over anyway); answers how many. Each
+    delete compares the guard as read, so one taken over meanwhile stays."""
+    kvs, _ = await etcd.list_prefix(ks.uniques())
+    deleted = 0
+    for kv in kvs:
+        try:
+            guard = Guard.from_kv(kv)
+        except (ValueError, TypeError):
+            continue
+        if guard.until_at is None or guard.until_at > now:
+            continue
+        txn = Txn(
+            compare=(Compare.modified_at(kv.key, kv.mod_revision),), success=(Delete(kv.key),)
+        )
+        if (await etcd.txn(txn)).succeeded:
+            deleted += 1
+    return deleted
+
+
 def _check_fence(fence: Fence, result: TxnResult) -> None:
     fence_kvs = result.ranges[0].kvs if result.ranges else ()
     if not fence_kvs or fence_kvs[0].create_revision != fence.revision:
@@ -285,7 +339,17 @@ async def _settle_unknown(etcd: Etcd, ks: Keyspace, view: LeaderView, batch: Bat
 
     A batch is atomic: its first move tells. If that move's target exists, the batch
     committed at the target's mod revision, and the claims hold until the watch shows it.
+    A firing (no moves) tells by its schedule key: changed since the leader saw it.
     """
+    if not batch.moves:
+        key = ks.schedule(batch.schedule or "")
+        seen = next((c.value for c in batch.guards if c.key == key), 0)
+        kv = await retrying(lambda: etcd.get(key), what="look up a firing of unknown outcome")
+        if kv is not None and kv.mod_revision != seen:
+            view.settle(batch, committed_at=kv.mod_revision)
+            return kv.mod_revision
+        view.settle(batch, committed_at=None)
+        return 0
     slot, record = batch.moves[0]
     target = ks.state(record.state, slot.task_id, record.node)
     probe = Txn(success=(Range(slot.key), Range(target)))
@@ -304,7 +368,8 @@ async def _commit_singly(
     for move in batch.moves:
         lease = await retention.current() if move[1].state is State.FAILED else 0
         try:
-            result = await etcd.txn(plan_batch(ks, fence, [move], lease=lease))
+            single = attrs.evolve(batch, moves=(move,))
+            result = await etcd.txn(single.plan(ks, fence, lease=lease))
         except EtcdError as exc:
             log.error("%s of task=%s refused by etcd: %s", batch.kind, move[0].task_id, exc)
             continue
@@ -320,12 +385,22 @@ ETCD_FULL_PAUSE_S = 1.0
 DECIDE_AGAIN = -1
 
 
+def _fired(state: LeaderState, batch: Batch, now: float) -> None:
+    state.fired += len(batch.slots)
+    for slot in batch.slots:
+        log.info("schedule=%s fired slot=%.3f late_s=%.3f", batch.schedule, slot, now - slot)
+        if state.on_fire is not None:
+            state.on_fire(max(0.0, now - slot))
+
+
 def _count(state: LeaderState, batch: Batch) -> None:
     n = len(batch.moves)
     if batch.kind == "assign":
         state.assigned += n
     elif batch.kind == "promote":
         state.promoted += n
+    elif batch.kind == "fire":
+        pass
     else:
         state.reaped += n
         for slot, record in batch.moves:

@@ -41,6 +41,7 @@ class _Snapshot(Collector):
         )
         outcomes.add_metric(["completed"], sc.agent.completed)
         outcomes.add_metric(["failed_or_retried"], sc.agent.failed)
+        outcomes.add_metric(["snoozed"], sc.agent.snoozed)
         outcomes.add_metric(["stale_rejected"], sc.agent.stale)
         yield outcomes
         yield GaugeMetricFamily("tm_leader", "1 while this sidecar leads.", value=int(sc.is_leader))
@@ -69,6 +70,36 @@ class _Snapshot(Collector):
             items.add_metric([kind], stats.items)
         yield batches
         yield items
+        paused = GaugeMetricFamily(
+            "tm_queue_paused",
+            "1 for a paused queue (the leader assigns nothing from it).",
+            labels=["queue"],
+        )
+        limits = GaugeMetricFamily(
+            "tm_queue_limit",
+            "A queue's cluster-wide limits: max_running, key_max_running; rate and key_rate "
+            "as starts per second.",
+            labels=["queue", "limit"],
+        )
+        for queue, config in sorted(sc.queue_configs.items()):
+            paused.add_metric([queue], int(config.paused))
+            for name in ("max_running", "key_max_running"):
+                if getattr(config, name) is not None:
+                    limits.add_metric([queue, name], getattr(config, name))
+            for name in ("rate", "key_rate"):
+                rate = getattr(config, name)
+                if rate is not None:
+                    limits.add_metric([queue, name], rate.limit / rate.period_s)
+        yield paused
+        yield limits
+        flow = CounterMetricFamily(
+            "tm_flow",
+            "Flow-control actions this sidecar took: cancelled, ...",
+            labels=["action"],
+        )
+        for action, count in sorted(sc.counters.items()):
+            flow.add_metric([action], count)
+        yield flow
 
 
 class Metrics:
@@ -97,6 +128,13 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
         )
+        self.schedule_lateness = Histogram(
+            "tm_schedule_lateness_seconds",
+            "From a schedule slot's time to the commit of its task (on the leader).",
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 120),
+        )
+        sidecar.leader.on_fire = self.schedule_lateness.observe
         sidecar.agent.on_start = self.start_latency.observe
         sidecar.etcd.on_request = lambda path, s, result: self.etcd_seconds.labels(
             path, result

@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from . import __version__
-from ._agent import HandedBack, HandlerFailed, Registration, TaskContext
+from ._agent import HandedBack, HandlerFailed, Registration, Snooze, TaskContext
 from ._errors import (
     ERRORS,
     InvalidRequest,
@@ -33,10 +33,12 @@ from ._errors import (
     Unavailable,
 )
 from ._hub import Subscription
-from ._sidecar import Sidecar, TaskInfo, is_final
+from ._sidecar import Created, Sidecar, TaskInfo, is_final
 from .core import (
+    DEFAULT_MAX_SNOOZES,
     EVENT_KINDS,
     JSON,
+    LIMIT_FIELDS,
     Backoff,
     State,
     TaskError,
@@ -84,6 +86,7 @@ class _Delivery:
     result: JSON = None
     error: TaskError | None = None
     handed_back: bool = False
+    snooze_s: float | None = None
 
 
 @attrs.define(eq=False)
@@ -311,6 +314,7 @@ class SocketServer:
             "namespace": self.sidecar.settings.namespace,
             "leader": self.sidecar.is_leader,
             "max_frame": self.settings.max_frame,
+            "ops": sorted(OPS),
         }
 
     async def _role_pushes(self, conn: Connection) -> None:
@@ -335,10 +339,10 @@ class SocketServer:
         if task_id is not None:
             task_id = TaskId(check_name("task id", task_id))
         if not frame.get("subscribe"):
-            spec = await self.sidecar.create(
+            created = await self.sidecar.create_task(
                 frame.get("payload"), options=options, run_at=run_at, task_id=task_id
             )
-            return {"task_id": spec.id}
+            return _created(created)
         # Subscribed before the task exists, so that no event of it can be missed; the
         # subscription ends with the task's final event.
         task_id = task_id or self.sidecar.new_task_id()
@@ -347,18 +351,23 @@ class SocketServer:
             not isinstance(kinds, list) or not set(kinds) <= set(EVENT_KINDS) or not kinds
         ):
             raise InvalidRequest(f"events must be a list of some of {', '.join(EVENT_KINDS)}")
-        sid, sub = self._subscribe(
-            conn, task_id, until_final=True, kinds=frozenset(kinds) if kinds else None
-        )
+        chosen = frozenset(kinds) if kinds else None
+        sid, sub = self._subscribe(conn, task_id, until_final=True, kinds=chosen)
         try:
-            spec = await self.sidecar.create(
+            created = await self.sidecar.create_task(
                 frame.get("payload"), options=options, run_at=run_at, task_id=task_id
             )
         except BaseException:
             conn.subscriptions.pop(sid, None)
             sub.close()
             raise
-        return {"task_id": spec.id, "subscription": sid}
+        if created.spec.id != task_id:
+            # The unique key's holder answered: follow that task instead (it may finish
+            # before this subscription starts: a client reads it once to be sure).
+            conn.subscriptions.pop(sid, None)
+            sub.close()
+            sid, _ = self._subscribe(conn, created.spec.id, until_final=True, kinds=chosen)
+        return {**_created(created), "subscription": sid}
 
     async def op_get(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         info = await self.sidecar.get(TaskId(check_name("task id", frame["task_id"])))
@@ -373,6 +382,65 @@ class SocketServer:
         except trio.TooSlowError as exc:
             raise Unavailable(f"the task did not finish within {timeout} s") from exc
         return task_json(info)
+
+    async def op_cancel(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        task_id = TaskId(check_name("task id", frame["task_id"]))
+        message = frame.get("reason", "cancelled by a client")
+        if not isinstance(message, str) or len(message) > 1000:
+            raise InvalidRequest("reason must be a string of at most 1000 characters")
+        done, info = await self.sidecar.cancel(task_id, message=message)
+        answer: dict[str, JSON] = {
+            "task_id": task_id,
+            "cancelled": done,
+            "state": info.state.value if info.state else None,
+        }
+        if not done:
+            answer["message"] = f"task {task_id} is already {answer['state']}: nothing to cancel"
+        return answer
+
+    async def op_pause(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        queue = check_name("queue", frame.get("queue", "default"))
+        return (await self.sidecar.pause_queue(queue)).to_obj()
+
+    async def op_resume(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        queue = check_name("queue", frame.get("queue", "default"))
+        return (await self.sidecar.resume_queue(queue)).to_obj()
+
+    async def op_set_limits(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        queue = check_name("queue", frame.get("queue", "default"))
+        changes = {name: frame[name] for name in LIMIT_FIELDS if name in frame}
+        unknown = set(frame) - {"id", "op", "queue", *LIMIT_FIELDS}
+        if unknown:
+            raise InvalidRequest(f"unknown fields: {sorted(unknown)}")
+        return (await self.sidecar.set_limits(queue, changes)).to_obj()
+
+    async def op_schedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        known = {"id", "op", "name", "payload", "options", *_SCHEDULE_FIELDS}
+        unknown = set(frame) - known
+        if unknown:
+            raise InvalidRequest(f"unknown fields: {sorted(unknown)}")
+        if not isinstance(frame.get("name"), str):
+            raise InvalidRequest("a schedule needs a name")
+        fields = {k: frame[k] for k in ("name", "payload", *_SCHEDULE_FIELDS) if k in frame}
+        fields["options"] = _options(frame.get("options") or {})
+        return (await self.sidecar.schedule(fields)).to_obj()
+
+    async def op_schedules(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        return [s.to_obj() for s in await self.sidecar.schedules()]
+
+    async def op_pause_schedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        name = check_name("schedule", frame["name"])
+        return (await self.sidecar.pause_schedule(name, True)).to_obj()
+
+    async def op_resume_schedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        name = check_name("schedule", frame["name"])
+        return (await self.sidecar.pause_schedule(name, False)).to_obj()
+
+    async def op_unschedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        return await self.sidecar.delete_schedule(check_name("schedule", frame["name"]))
+
+    async def op_queues(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        return {name: config.to_obj() for name, config in (await self.sidecar.queues()).items()}
 
     async def op_subscribe(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         task_id = frame.get("task_id")
@@ -492,6 +560,8 @@ class SocketServer:
             conn.deliveries.pop(delivery.id, None)
         if delivery.handed_back:
             raise HandedBack
+        if delivery.snooze_s is not None:
+            raise Snooze(delivery.snooze_s)
         if delivery.error is not None:
             raise HandlerFailed(delivery.error)
         return delivery.result
@@ -526,6 +596,17 @@ class SocketServer:
         delivery.done.set()
         return True
 
+    async def op_snooze(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        # The handler asks to run its task again later: this attempt does not count.
+        delivery = self._delivery(conn, frame)
+        delay = frame.get("delay_s")
+        if not isinstance(delay, int | float) or isinstance(delay, bool):
+            raise InvalidRequest("delay_s must be a number of seconds")
+        Snooze(delay)  # checks the range
+        delivery.snooze_s = float(delay)
+        delivery.done.set()
+        return True
+
     async def op_release(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         # A worker shutting down gives its task back unfinished: no attempt is spent.
         delivery = self._delivery(conn, frame)
@@ -541,6 +622,13 @@ OPS: dict[str, _Op] = {
     for name in dir(SocketServer)
     if name.startswith("op_")
 }
+
+
+def _created(created: Created) -> dict[str, JSON]:
+    answer: dict[str, JSON] = {"task_id": created.spec.id}
+    if created.existing:
+        answer["existing"] = True
+    return answer
 
 
 def task_json(info: TaskInfo) -> dict[str, JSON]:
@@ -566,10 +654,26 @@ def task_json(info: TaskInfo) -> dict[str, JSON]:
     return obj
 
 
+#: A schedule's fields besides its name, payload and task options.
+_SCHEDULE_FIELDS = ("cron", "every_s", "timezone", "missed", "max_catch_up", "grace_s", "paused")
+
+_OPTION_NAMES = {
+    "queue",
+    "priority",
+    "max_attempts",
+    "timeout_s",
+    "backoff",
+    "unique_key",
+    "unique_for_s",
+    "concurrency_key",
+    "max_snoozes",
+}
+
+
 def _options(obj: JSON) -> TaskOptions:
     if not isinstance(obj, dict):
         raise InvalidRequest("options must be an object")
-    unknown = set(obj) - {"queue", "priority", "max_attempts", "timeout_s", "backoff"}
+    unknown = set(obj) - _OPTION_NAMES
     if unknown:
         raise InvalidRequest(f"unknown options: {sorted(unknown)}")
     backoff = obj.get("backoff") or {}
@@ -578,15 +682,24 @@ def _options(obj: JSON) -> TaskOptions:
     try:
         priority = obj.get("priority", 0)
         attempts = obj.get("max_attempts", 3)
-        if not isinstance(priority, int) or not isinstance(attempts, int):
-            raise InvalidRequest("priority and max_attempts are whole numbers")
+        snoozes = obj.get("max_snoozes", DEFAULT_MAX_SNOOZES)
+        if not all(isinstance(n, int) for n in (priority, attempts, snoozes)):
+            raise InvalidRequest("priority, max_attempts and max_snoozes are whole numbers")
+        for name in ("unique_key", "concurrency_key"):
+            if obj.get(name) is not None and not isinstance(obj[name], str):
+                raise InvalidRequest(f"{name} must be a string")
         timeout = obj.get("timeout_s")
+        window = obj.get("unique_for_s")
         return TaskOptions(
             queue=obj.get("queue", "default"),
             priority=priority,
             max_attempts=attempts,
             timeout_s=None if timeout is None else float(timeout),
             backoff=Backoff.from_json(backoff),
+            unique_key=obj.get("unique_key"),
+            unique_for_s=None if window is None else float(window),
+            concurrency_key=obj.get("concurrency_key"),
+            max_snoozes=snoozes,
         )
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(str(exc)) from exc

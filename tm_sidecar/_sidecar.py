@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -40,30 +41,48 @@ from ._session import RetentionLeases, Session, close_session, keep_session, ope
 from .core import (
     JSON,
     Compare,
+    Guard,
     Keyspace,
     KeyValue,
     LeaderPolicy,
     NodeId,
     NodeInfo,
+    Put,
+    QueueConfig,
     Range,
     RangeResult,
     Record,
+    Schedule,
+    Slot,
     State,
+    Takeover,
     TaskEvent,
     TaskId,
     TaskOptions,
     TaskSpec,
     Txn,
     TxnResult,
+    cancelled,
+    check_name,
     dumps,
+    first_slot,
     initial_record,
     make_task_id,
+    plan_cancel,
     plan_create,
+    plan_queue_config,
+    schedule_from_request,
+    with_limits,
 )
+from .core import takeover as core_takeover
 
 log = logging.getLogger("tm_sidecar")
 
 FINAL_STATES = (State.COMPLETED, State.FAILED)
+#: How often a cancel reads and tries again when the task moves under it.
+CANCEL_TRIES = 10
+#: How often a unique create reads the key's holder and tries again.
+UNIQUE_TRIES = 10
 _FULL = (
     "etcd's database is full (its NOSPACE alarm is raised): new tasks are refused until an "
     "operator frees space with `tmctl recover`; the tasks already accepted wait, nothing is lost"
@@ -107,11 +126,22 @@ class TaskInfo:
     state: State | None
     record: Record | None
     revision: int
+    #: The state key as read (its create revision names the incarnation), if any.
+    kv: KeyValue | None = None
 
     @property
     def final(self) -> bool:
         """Whether the task has finished (completed or failed for good)."""
         return self.state in FINAL_STATES
+
+
+@attrs.frozen
+class Created:
+    """What a create made: a new task, or (``existing``) the live task that holds the
+    unique key asked for."""
+
+    spec: TaskSpec
+    existing: bool
 
 
 @attrs.define(eq=False)
@@ -144,6 +174,10 @@ class Sidecar:
     role_changed: trio.Event = attrs.Factory(trio.Event)
     depths: dict[str, int] = attrs.Factory(dict)
     node_count: int = 0
+    #: Every queue's settings, as last read (for metrics and status).
+    queue_configs: dict[str, QueueConfig] = attrs.Factory(dict)
+    #: What this sidecar did for its clients, by kind (cancelled, ...), for metrics.
+    counters: Counter[str] = attrs.Factory(Counter)
 
     def __attrs_post_init__(self) -> None:
         self.ks = self.settings.keyspace
@@ -311,6 +345,7 @@ class Sidecar:
                     self.depths[s.value] = (await self.etcd.range(r)).count
                 nodes = Range(self.ks.nodes(), prefix=True, count_only=True)
                 self.node_count = (await self.etcd.range(nodes)).count
+                self.queue_configs = await self.queues()
                 # Creates that raced the count may be missing from it: count them again
                 # (an over-count only makes the limit stricter for a second).
                 self._live_tasks = sum(
@@ -350,8 +385,22 @@ class Sidecar:
         Raises :class:`PayloadTooLarge`, :class:`QueueFull` or :class:`InvalidRequest`
         for what cannot be accepted, and :class:`EtcdUnavailable` when etcd cannot be
         reached within the request timeout (the task may then exist or not: repeat the
-        call with the same ``task_id`` to be sure, it is idempotent).
+        call with the same ``task_id`` to be sure, it is idempotent). With a
+        ``unique_key`` whose task is live, answers that task (see :meth:`create_task`).
         """
+        created = await self.create_task(payload, options=options, run_at=run_at, task_id=task_id)
+        return created.spec
+
+    async def create_task(
+        self,
+        payload: JSON,
+        *,
+        options: TaskOptions | None = None,
+        run_at: float | None = None,
+        task_id: TaskId | None = None,
+    ) -> Created:
+        """:meth:`create`, saying whether the task is new or, for a ``unique_key`` held
+        by a live task (or one inside its ``unique_for_s`` window), that existing task."""
         options = options or TaskOptions()
         if run_at is not None and not (isinstance(run_at, int | float) and run_at == run_at):
             raise InvalidRequest("run_at must be a UTC epoch time in seconds")
@@ -381,6 +430,8 @@ class Sidecar:
         record = initial_record(
             Record(state=State.PENDING, options=options, since_at=now), now=now, run_at=run_at
         )
+        if options.unique_key is not None:
+            return await self._create_unique(spec, record, encoded)
         txn = plan_create(self.ks, spec, record)
         try:
             try:
@@ -393,29 +444,83 @@ class Sidecar:
             raise EtcdFull(_FULL) from exc
         self._written += sum(len(op.key) + len(getattr(op, "value", "")) for op in txn.success)
         if not result.succeeded:
-            existing, found, _ = await self._read(spec.id)
-            if existing is not None and not found:
-                # An expired task's payload, not yet swept: the id is free again. Take it
-                # if that payload is still the one read, which no state had at that
-                # revision (nothing gives a state to such a task but a create, and a
-                # create rewrites the payload).
-                retake = Txn(
-                    compare=(Compare.modified_at(existing.key, existing.mod_revision),),
-                    success=txn.success,
-                )
-                if (await self.creates.submit(retake)).succeeded:
-                    self._live_tasks += 1
-                    self._created += 1
-                    self.agent.recent.add(spec, encoded)
-                    return spec
-                existing, found, _ = await self._read(spec.id)
-            if existing is None or TaskSpec.from_json(existing.value).payload != payload:
-                raise InvalidRequest(f"task id {spec.id} is taken")
-            return TaskSpec.from_json(existing.value)
+            return Created(await self._taken(spec, payload, txn, encoded), existing=False)
+        self._created_one(spec, encoded)
+        return Created(spec, existing=False)
+
+    def _created_one(self, spec: TaskSpec, encoded: str) -> None:
         self._live_tasks += 1
         self._created += 1
         self.agent.recent.add(spec, encoded)
-        return spec
+
+    async def _taken(
+        self, spec: TaskSpec, payload: JSON, create: Txn | None, encoded: str
+    ) -> TaskSpec:
+        """The create of ``spec`` found its id taken: a repeat of the same create, an
+        expired task's payload (taken again with ``create``'s writes, when given), or
+        another task."""
+        existing, found, _ = await self._read(spec.id)
+        if existing is not None and not found and create is not None:
+            # An expired task's payload, not yet swept: the id is free again. Take it
+            # if that payload is still the one read, which no state had at that
+            # revision (nothing gives a state to such a task but a create, and a
+            # create rewrites the payload).
+            retake = Txn(
+                compare=(Compare.modified_at(existing.key, existing.mod_revision),),
+                success=create.success,
+            )
+            if (await self.creates.submit(retake)).succeeded:
+                self._created_one(spec, encoded)
+                return spec
+            existing, found, _ = await self._read(spec.id)
+        if existing is None or TaskSpec.from_json(existing.value).payload != payload:
+            raise InvalidRequest(f"task id {spec.id} is taken")
+        return TaskSpec.from_json(existing.value)
+
+    async def _create_unique(self, spec: TaskSpec, record: Record, encoded: str) -> Created:
+        """Create a task that takes its unique key's guard, or answer the key's holder.
+
+        Not batched with other creates: the failure branch tells who holds the key.
+        """
+        takeover: Takeover | None = None
+        for _ in range(UNIQUE_TRIES):
+            txn = plan_create(self.ks, spec, record, takeover=takeover)
+            try:
+                result = await retrying(lambda: self.etcd.txn(txn), what="unique create")  # noqa: B023
+            except EtcdFull as exc:
+                self._nospace = True
+                raise EtcdFull(_FULL) from exc
+            if result.succeeded:
+                self._written += sum(
+                    len(op.key) + len(getattr(op, "value", "")) for op in txn.success
+                )
+                self._created_one(spec, encoded)
+                return Created(spec, existing=False)
+            mine, guard_kvs = result.ranges[0].kvs, result.ranges[1].kvs
+            if mine:
+                # (An expired task's leftover payload under a unique key waits for the
+                # sweep: taking it again would bypass the key's guard.)
+                same = await self._taken(spec, spec.payload, None, encoded)
+                return Created(same, existing=False)  # this very create, repeated
+            if not guard_kvs:
+                takeover = None  # released meanwhile: it is free
+                continue
+            guard = Guard.from_kv(guard_kvs[0])
+            try:
+                holder = await self.get(guard.task_id)
+            except TaskNotFound:
+                holder = None
+            at = None
+            if holder is not None and holder.state is not None and holder.kv is not None:
+                at = (holder.state, holder.kv)
+            takeover = core_takeover(self.ks, guard, at, self.clock())
+            if takeover is None:
+                self.counters["unique_existing"] += 1
+                if holder is None:  # finished inside its window, and its record expired
+                    holder_spec = TaskSpec(id=guard.task_id, payload=None, created_at=0.0)
+                    return Created(holder_spec, existing=True)
+                return Created(holder.spec, existing=True)
+        raise Unavailable(f"unique key {spec.options.unique_key} is contended: try again")
 
     def _admit_size(self) -> None:
         """Refuse a new task when etcd is full, or when it would leave too little room for
@@ -454,6 +559,7 @@ class Sidecar:
                     state=parsed.state,
                     record=Record.from_json(parsed.state, kv.value),
                     revision=revision,
+                    kv=kv,
                 )
         return TaskInfo(spec=spec, state=None, record=None, revision=revision)
 
@@ -518,6 +624,119 @@ class Sidecar:
                         return await self.get(task_id)
         raise Unavailable("event stream ended")  # pragma: no cover - the hub runs until stopped
 
+    async def cancel(self, task_id: TaskId, *, message: str = "cancelled") -> tuple[bool, TaskInfo]:
+        """Cancel a task: answers (whether this call cancelled it, the task afterwards).
+
+        A pending or delayed task fails at once with ``Cancelled``, for good; a running
+        one too, and its node cancels the handler when it sees its assignment go. A task
+        that has finished is left as it is (``False``, and how it ended). Raises
+        :class:`TaskNotFound` for an unknown or expired task.
+        """
+        for _ in range(CANCEL_TRIES):
+            info = await self.get(task_id)
+            if info.final or info.kv is None or info.record is None or info.state is None:
+                return False, info
+            kv = info.kv
+            slot = Slot(task_id, kv.key, kv.create_revision, kv.mod_revision, info.record)
+            record = cancelled(info.record, now=self.clock(), message=message)
+            try:
+                txn = plan_cancel(self.ks, slot, record, lease=await self.retention.current())
+                result = await self.etcd.txn(txn)
+            except LeaseNotFound:
+                self.retention.forget()
+                continue
+            if result.succeeded:
+                self.counters["cancelled"] += 1
+                log.info("cancelled task=%s (was %s)", task_id, info.state.value)
+                return True, await self.get(task_id)
+            # It moved meanwhile (assigned, promoted, finished): look again.
+        raise Unavailable(f"task {task_id} kept moving: could not cancel it, try again")
+
+    # -- queues --
+
+    async def queues(self) -> dict[str, QueueConfig]:
+        """Every queue that has settings (paused, limits), by name."""
+        kvs, _ = await self.etcd.list_prefix(self.ks.queues())
+        out = {}
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.name is not None:
+                out[parsed.name] = QueueConfig.from_json(kv.value)
+        return out
+
+    async def update_queue(
+        self, queue: str, change: Callable[[QueueConfig], QueueConfig]
+    ) -> QueueConfig:
+        """Change a queue's settings (read, ``change``, write if unchanged meanwhile)."""
+        return await update_queue(self.etcd, self.ks, queue, change, now=self.clock())
+
+    async def pause_queue(self, queue: str) -> QueueConfig:
+        """The leader assigns nothing more from ``queue`` (creates still land, running
+        tasks finish) until :meth:`resume_queue`."""
+        config = await self.update_queue(queue, lambda c: attrs.evolve(c, paused=True))
+        log.info("queue %s paused", queue)
+        return config
+
+    async def resume_queue(self, queue: str) -> QueueConfig:
+        """Assign from ``queue`` again."""
+        config = await self.update_queue(queue, lambda c: attrs.evolve(c, paused=False))
+        log.info("queue %s resumed", queue)
+        return config
+
+    async def set_limits(self, queue: str, changes: dict[str, JSON]) -> QueueConfig:
+        """Set (or, with None, lift) a queue's cluster-wide limits: ``max_running``,
+        ``key_max_running``, ``rate`` and ``key_rate`` ({limit, period_s}). Raises
+        :class:`InvalidRequest` for a bad name or value."""
+        try:
+            with_limits(QueueConfig(), changes)  # checked before anything is read
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(str(exc)) from exc
+        config = await self.update_queue(queue, lambda c: with_limits(c, changes))
+        log.info("queue %s limits %s", queue, config.to_json())
+        return config
+
+    # -- schedules --
+
+    async def schedule(self, fields: dict[str, Any]) -> Schedule:
+        """Create or replace a schedule (``name``, ``payload``, ``options``, ``cron`` or
+        ``every_s``, ``timezone``, ``missed``, ``max_catch_up``, ``grace_s``). Its next
+        slot is the first after now; a replaced one keeps its count of fired slots.
+        Raises :class:`InvalidRequest` for a bad one."""
+        now = self.clock()
+        try:
+            new = schedule_from_request(fields, now=now)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidRequest(f"bad schedule: {exc}") from exc
+
+        def replace(old: Schedule | None) -> Schedule:
+            if old is None:
+                return new
+            return attrs.evolve(
+                new, fired=old.fired, last_slot_at=old.last_slot_at, last_task_id=old.last_task_id
+            )
+
+        schedule = await update_schedule(self.etcd, self.ks, new.name, replace)
+        assert schedule is not None
+        log.info("schedule %s set: next slot at %.3f", schedule.name, schedule.next_at)
+        return schedule
+
+    async def schedules(self) -> list[Schedule]:
+        """Every schedule of the namespace."""
+        kvs, _ = await self.etcd.list_prefix(self.ks.schedules())
+        return [Schedule.from_json(kv.value) for kv in kvs]
+
+    async def pause_schedule(self, name: str, paused: bool = True) -> Schedule:
+        """Fire nothing more until resumed; resuming starts with the first slot after
+        now (the slots of the pause are not missed ones: none of them fires)."""
+        change = pausing(name, paused, now=self.clock())
+        schedule = await update_schedule(self.etcd, self.ks, name, change)
+        assert schedule is not None
+        return schedule
+
+    async def delete_schedule(self, name: str) -> bool:
+        """Delete a schedule (the tasks it made stay); False if there was none."""
+        return bool(await self.etcd.delete(self.ks.schedule(check_name("schedule", name))))
+
     def status(self) -> dict[str, Any]:
         """What this sidecar is doing, for logs and status lines."""
         view = self.leader.view
@@ -529,6 +748,61 @@ class Sidecar:
             "capacity": self.registry.capacity(),
             "depth": view.depth() if view is not None else None,
         }
+
+
+async def update_queue(
+    etcd: Etcd,
+    ks: Keyspace,
+    queue: str,
+    change: Callable[[QueueConfig], QueueConfig],
+    *,
+    now: float,
+) -> QueueConfig:
+    """Read a queue's settings, change them, and write them back if nobody else did
+    meanwhile (else read again). Shared by the sidecar and tmctl."""
+    check_name("queue", queue)
+    while True:
+        seen = await etcd.get(ks.queue(queue))
+        current = QueueConfig.from_json(seen.value) if seen is not None else QueueConfig()
+        config = attrs.evolve(change(current), updated_at=now)
+        if (await etcd.txn(plan_queue_config(ks, queue, config, seen))).succeeded:
+            return config
+
+
+def pausing(name: str, paused: bool, *, now: float) -> Callable[[Schedule | None], Schedule]:
+    """The change that pauses a schedule, or resumes it from its first slot after now
+    (the slots of a pause are not missed ones: none of them fires)."""
+
+    def change(old: Schedule | None) -> Schedule:
+        if old is None:
+            raise InvalidRequest(f"no schedule {name!r}")
+        if paused:
+            return attrs.evolve(old, paused=True)
+        resumed = attrs.evolve(old, paused=False)
+        return attrs.evolve(resumed, next_at=first_slot(resumed, now))
+
+    return change
+
+
+async def update_schedule(
+    etcd: Etcd,
+    ks: Keyspace,
+    name: str,
+    change: Callable[[Schedule | None], Schedule],
+) -> Schedule | None:
+    """Read a schedule (None: there is none), change it, and write it back if nobody
+    (the leader firing it, say) wrote it meanwhile; else read again."""
+    check_name("schedule", name)
+    key = ks.schedule(name)
+    while True:
+        seen = await etcd.get(key)
+        schedule = change(Schedule.from_json(seen.value) if seen is not None else None)
+        txn = Txn(
+            compare=(Compare.modified_at(key, seen.mod_revision if seen is not None else 0),),
+            success=(Put(key, schedule.to_json()),),
+        )
+        if (await etcd.txn(txn)).succeeded:
+            return schedule
 
 
 def is_final(event: TaskEvent) -> bool:

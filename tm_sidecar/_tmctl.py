@@ -23,24 +23,35 @@ from ._embedded import PORTS_FILE
 from ._errors import EtcdUnavailable, TaskManagerError
 from ._etcd import Etcd, EtcdConfig
 from ._leading import sweep_payloads
+from ._sidecar import pausing, update_queue, update_schedule
 from .core import (
     Compare,
     Delete,
     EventDeriver,
+    Guard,
     Keyspace,
     KeyValue,
     NodeInfo,
     Op,
     Put,
+    QueueConfig,
     Range,
+    RateLimit,
     Record,
+    Schedule,
+    Slot,
     State,
     Target,
-    TaskError,
     TaskId,
+    TaskOptions,
     TaskSpec,
     Touch,
     Txn,
+    cancelled,
+    guard_value,
+    plan_cancel,
+    schedule_from_request,
+    with_limits,
 )
 from .etcd import connect
 
@@ -111,6 +122,42 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--include-failed", action="store_true", help="delete failed records too")
     recover.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sub.add_parser("events", help="print task events as they happen (Ctrl-C stops)")
+    pause = sub.add_parser(
+        "pause", help="pause a queue cluster-wide: nothing more is assigned from it"
+    )
+    pause.add_argument("queue")
+    resume = sub.add_parser("resume", help="resume a paused queue")
+    resume.add_argument("queue")
+    sub.add_parser("queues", help="every queue's flow control: paused, limits")
+    limit = sub.add_parser(
+        "limit",
+        help="set a queue's cluster-wide limits (each flag given is set; 'none' lifts it)",
+    )
+    limit.add_argument("queue")
+    limit.add_argument("--max-running", help="tasks of the queue running at once, or none")
+    limit.add_argument("--per-key", help="tasks running at once per concurrency key, or none")
+    limit.add_argument("--rate", help="starts per period, e.g. 100/60s (or none)")
+    limit.add_argument("--key-rate", help="starts per period per concurrency key (or none)")
+    sub.add_parser("schedules", help="every schedule: cron or interval, next slot, fired")
+    sched = sub.add_parser(
+        "schedule", help="create or replace a schedule: a task at each slot, fired once"
+    )
+    sched.add_argument("name")
+    when = sched.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help="a cron expression, e.g. '*/5 * * * *'")
+    when.add_argument("--every", type=float, help="an interval in seconds")
+    sched.add_argument("--tz", default="UTC", help="the cron's time zone (IANA name)")
+    sched.add_argument("--payload", default="null", help="the tasks' payload, as JSON")
+    sched.add_argument("--queue", default="default", help="the tasks' queue")
+    sched.add_argument(
+        "--missed", default="one", choices=["skip", "one", "all"], help="slots missed by downtime"
+    )
+    for name, what in (
+        ("pause-schedule", "fire nothing more until resumed"),
+        ("resume-schedule", "fire again, from the first slot after now"),
+        ("unschedule", "delete a schedule (its tasks stay)"),
+    ):
+        sub.add_parser(name, help=what).add_argument("name")
     return p
 
 
@@ -156,6 +203,15 @@ class Ctl:
                 row[state.value] += 1
         return dict(sorted(queues.items()))
 
+    async def paused_queues(self) -> set[str]:
+        kvs, _ = await self.etcd.list_prefix(self.ks.queues())
+        out = set()
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.name and QueueConfig.from_json(kv.value).paused:
+                out.add(parsed.name)
+        return out
+
     async def status(self) -> None:
         depths = {s.value: await self.count(s) for s in State}
         nodes = await self.nodes()
@@ -169,8 +225,13 @@ class Ctl:
         capacity = _capacity(nodes)
         for queue in capacity:
             queues.setdefault(queue, dict.fromkeys(_QUEUE_STATES, 0))
+        paused = await self.paused_queues()
+        for queue in paused:
+            queues.setdefault(queue, dict.fromkeys(_QUEUE_STATES, 0))
         for queue, row in queues.items():
             row["capacity"] = capacity.get(queue, 0)
+            if queue in paused:
+                row["paused"] = 1
         warnings = _unserved(queues, capacity)
         leader = await self.leader()
         data = {
@@ -197,9 +258,13 @@ class Ctl:
             table.append([n.id, n.host, str(n.pid), cap, str(inflight.get(n.id, 0)), role])
         if not self.as_json:
             print("tasks: " + "  ".join(f"{k}={v}" for k, v in depths.items()))
-            rows = [["QUEUE", *(s.upper() for s in _QUEUE_STATES), "CAPACITY"]]
+            # A PAUSED column only when a queue is paused.
+            flag = ["PAUSED"] if paused else []
+            rows = [["QUEUE", *(s.upper() for s in _QUEUE_STATES), "CAPACITY", *flag]]
             for queue, row in queues.items():
-                rows.append([queue, *(str(row[k]) for k in (*_QUEUE_STATES, "capacity"))])
+                cells = [str(row[k]) for k in (*_QUEUE_STATES, "capacity")]
+                mark = [_yes(bool(row.get("paused")))] if paused else []
+                rows.append([queue, *cells, *mark])
             if len(rows) > 1:
                 self.out(None, rows)
             for warning in warnings:
@@ -303,6 +368,104 @@ class Ctl:
             return 1
         self.out({"cancelled": task_id}, [["CANCELLED"], [task_id]])
         return 0
+
+    async def set_paused(self, queue: str, paused: bool) -> int:
+        config = await update_queue(
+            self.etcd, self.ks, queue, lambda c: attrs.evolve(c, paused=paused), now=time.time()
+        )
+        self.out({queue: config.to_obj()}, [["QUEUE", "PAUSED"], [queue, _yes(config.paused)]])
+        return 0
+
+    async def limit(self, queue: str, args: argparse.Namespace) -> int:
+        try:
+            changes = _limit_changes(args)
+            with_limits(QueueConfig(), changes)
+        except ValueError as exc:
+            print(f"tmctl: {exc}", file=sys.stderr)
+            return 2
+        config = await update_queue(
+            self.etcd, self.ks, queue, lambda c: with_limits(c, changes), now=time.time()
+        )
+        self.out({queue: config.to_obj()}, _queue_table({queue: config}))
+        return 0
+
+    async def schedules(self) -> None:
+        kvs, _ = await self.etcd.list_prefix(self.ks.schedules())
+        found = [Schedule.from_json(kv.value) for kv in kvs]
+        table = [["SCHEDULE", "WHEN", "TZ", "NEXT", "FIRED", "MISSED", "PAUSED", "QUEUE"]]
+        for s in found:
+            when = s.cron if s.cron is not None else f"every {s.every_s:g} s"
+            table.append(
+                [
+                    s.name,
+                    when,
+                    s.timezone,
+                    _when(s.next_at),
+                    str(s.fired),
+                    s.missed,
+                    _yes(s.paused),
+                    s.options.queue,
+                ]
+            )
+        self.out([s.to_obj() for s in found], table)
+
+    async def set_schedule(self, args: argparse.Namespace) -> int:
+        try:
+            fields = {
+                "name": args.name,
+                "cron": args.cron,
+                "every_s": args.every,
+                "timezone": args.tz,
+                "payload": json.loads(args.payload),
+                "options": TaskOptions(queue=args.queue),
+                "missed": args.missed,
+            }
+            new = schedule_from_request(fields, now=time.time())
+        except (ValueError, TypeError) as exc:
+            print(f"tmctl: bad schedule: {exc}", file=sys.stderr)
+            return 2
+
+        def replace(old: Schedule | None) -> Schedule:
+            if old is None:
+                return new
+            return attrs.evolve(new, fired=old.fired, last_slot_at=old.last_slot_at)
+
+        schedule = await update_schedule(self.etcd, self.ks, new.name, replace)
+        assert schedule is not None
+        self.out(
+            schedule.to_obj(), [["SCHEDULE", "NEXT"], [schedule.name, _when(schedule.next_at)]]
+        )
+        return 0
+
+    async def pause_schedule(self, name: str, paused: bool) -> int:
+        try:
+            schedule = await update_schedule(
+                self.etcd, self.ks, name, pausing(name, paused, now=time.time())
+            )
+        except TaskManagerError as exc:
+            print(f"tmctl: {exc}", file=sys.stderr)
+            return 1
+        assert schedule is not None
+        rows = [["SCHEDULE", "PAUSED", "NEXT"], [name, _yes(paused), _when(schedule.next_at)]]
+        self.out(schedule.to_obj(), rows)
+        return 0
+
+    async def unschedule(self, name: str) -> int:
+        deleted = bool(await self.etcd.delete(self.ks.schedule(name)))
+        if not deleted:
+            print(f"tmctl: no schedule {name!r}", file=sys.stderr)
+            return 1
+        self.out({"deleted": name}, [["DELETED"], [name]])
+        return 0
+
+    async def queues(self) -> None:
+        kvs, _ = await self.etcd.list_prefix(self.ks.queues())
+        configs = {}
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.name is not None:
+                configs[parsed.name] = QueueConfig.from_json(kv.value)
+        self.out({name: c.to_obj() for name, c in configs.items()}, _queue_table(configs))
 
     async def purge(self, state: State) -> None:
         purged = await self._purge(state)
@@ -425,6 +588,13 @@ def _show_table(
         rows.append(["priority", str(options.priority)])
         timeout = "-" if options.timeout_s is None else f"{options.timeout_s:g} s"
         rows.append(["timeout", timeout])
+        if options.unique_key is not None:
+            window = (
+                "" if options.unique_for_s is None else f" (and {options.unique_for_s:g} s after)"
+            )
+            rows.append(["unique key", options.unique_key + window])
+        if options.concurrency_key is not None:
+            rows.append(["concurrency key", options.concurrency_key])
     if rec is not None:
         limit = f" of {options.max_attempts}" if options is not None else ""
         rows.append(["attempts", f"{rec.attempts}{limit}"])
@@ -452,6 +622,68 @@ def _show_table(
     return [[label, value.replace("\n", " ")] for label, value in rows]
 
 
+def _queue_table(configs: dict[str, QueueConfig]) -> list[list[str]]:
+    table = [["QUEUE", "PAUSED", "MAX RUNNING", "PER KEY", "RATE", "PER KEY RATE"]]
+    for name, c in configs.items():
+        table.append(
+            [
+                name,
+                _yes(c.paused),
+                _opt(c.max_running),
+                _opt(c.key_max_running),
+                _rate(c.rate),
+                _rate(c.key_rate),
+            ]
+        )
+    return table
+
+
+def _limit_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The limits given on tmctl's command line, as the protocol's JSON."""
+    changes: dict[str, Any] = {}
+    for flag, name in (("max_running", "max_running"), ("per_key", "key_max_running")):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[name] = None if value == "none" else _whole(value, flag)
+    for flag, name in (("rate", "rate"), ("key_rate", "key_rate")):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[name] = None if value == "none" else _parse_rate(value)
+    if not changes:
+        raise ValueError("give at least one of --max-running, --per-key, --rate, --key-rate")
+    return changes
+
+
+def _whole(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--{flag.replace('_', '-')} takes a whole number or none") from None
+
+
+def _parse_rate(text: str) -> dict[str, Any]:
+    """``100/60s``, ``5/1m``, ``10/1h``, ``3/2.5`` (seconds) as {limit, period_s}."""
+    try:
+        count, period = text.split("/", 1)
+        scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(period[-1:])
+        seconds = float(period[:-1]) * scale if scale else float(period)
+        return {"limit": int(count), "period_s": seconds}
+    except ValueError:
+        raise ValueError(f"a rate is COUNT/PERIOD, e.g. 100/60s or 5/1m, not {text!r}") from None
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
+
+
+def _opt(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _rate(rate: RateLimit | None) -> str:
+    return "-" if rate is None else f"{rate.limit}/{rate.period_s:g}s"
+
+
 def _short_json(value: Any, limit: int = 300) -> str:
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     if len(text) <= limit:
@@ -462,9 +694,31 @@ def _short_json(value: Any, limit: int = 300) -> str:
 # The repairs, as functions of their own: the web dashboard makes them too.
 
 
+async def retake_guard(
+    etcd: Etcd, ks: Keyspace, task_id: TaskId, rec: Record
+) -> tuple[tuple[Compare, ...], tuple[Put, ...]] | None:
+    """A retried task with a unique key is live again: it takes its guard back in the
+    same transaction, if no other task holds it (None: then it is not retried)."""
+    key = rec.options.unique_key
+    if key is None:
+        return (), ()
+    kv = await etcd.get(ks.unique(key))
+    if kv is not None and Guard.from_kv(kv).task_id != task_id:
+        holder = Guard.from_kv(kv).task_id
+        print(
+            f"tmctl: task {task_id} not retried: its unique key {key!r} is held by task "
+            f"{holder} now",
+            file=sys.stderr,
+        )
+        return None
+    seen = Compare.modified_at(ks.unique(key), kv.mod_revision if kv else 0)
+    return (seen,), (Put(ks.unique(key), guard_value(task_id)),)
+
+
 async def retry_failed(etcd: Etcd, ks: Keyspace, kvs: Iterable[KeyValue]) -> int:
     """Send these failed records back to pending with fresh attempts; answers how many
-    moved (a record that changed meanwhile, or whose task is gone, is left alone)."""
+    moved (a record that changed meanwhile, whose task is gone, or whose unique key
+    another task holds now, is left alone)."""
     moved = 0
     for kv in kvs:
         parsed = ks.parse(kv.key)
@@ -478,15 +732,20 @@ async def retry_failed(etcd: Etcd, ks: Keyspace, kvs: Iterable[KeyValue]) -> int
             since_at=time.time(),
             reason="created",
         )
+        guard = await retake_guard(etcd, ks, parsed.task_id, rec)
+        if guard is None:
+            continue
         txn = Txn(
             compare=(
                 Compare.modified_at(kv.key, kv.mod_revision),
                 Compare(ks.task(parsed.task_id), Target.VERSION, Op.GREATER, 0),
+                *guard[0],
             ),
             success=(
                 Delete(kv.key),
                 Put(ks.state(State.PENDING, parsed.task_id), pending.to_json()),
-                Touch(ks.task(parsed.task_id), 0),  # no longer expires
+                Touch(ks.task(parsed.task_id), 0),  # no longer expires (records of old)
+                *guard[1],
             ),
         )
         if (await etcd.txn(txn)).succeeded:
@@ -497,29 +756,17 @@ async def retry_failed(etcd: Etcd, ks: Keyspace, kvs: Iterable[KeyValue]) -> int
 async def cancel_record(
     etcd: Etcd, ks: Keyspace, kv: KeyValue, state: State, *, by: str = "tmctl"
 ) -> bool:
-    """Move a pending, delayed or processing record to failed as ``Cancelled``; False if
-    it moved meanwhile."""
+    """Cancel a pending, delayed or processing task: the same move a sidecar makes for a
+    client's cancel (failed as ``Cancelled``; a running handler is cancelled on its
+    node). No retention lease here (tmctl does not know the sidecars' setting): the
+    record stays until purged. False if it moved meanwhile."""
     parsed = ks.parse(kv.key)
     if parsed is None or parsed.task_id is None:
         return False
     rec = Record.from_json(state, kv.value)
-    failed = Record(
-        state=State.FAILED,
-        attempts=rec.attempts,
-        options=rec.options,
-        since_at=time.time(),
-        error=TaskError(
-            type="Cancelled", message=f"cancelled by an operator ({by})", retryable=False
-        ),
-    )
-    txn = Txn(
-        compare=(Compare.modified_at(kv.key, kv.mod_revision),),
-        success=(
-            Delete(kv.key),
-            Put(ks.state(State.FAILED, parsed.task_id), failed.to_json()),
-        ),
-    )
-    return (await etcd.txn(txn)).succeeded
+    slot = Slot(parsed.task_id, kv.key, kv.create_revision, kv.mod_revision, rec)
+    record = cancelled(rec, now=time.time(), message=f"cancelled by an operator ({by})")
+    return (await etcd.txn(plan_cancel(ks, slot, record))).succeeded
 
 
 async def purge_records(etcd: Etcd, ks: Keyspace, kvs: Iterable[KeyValue]) -> int:
@@ -659,6 +906,20 @@ async def run(args: argparse.Namespace) -> int:
                 await ctl.recover(cfg, args.include_failed)
             case "events":
                 await ctl.events()
+            case "pause" | "resume":
+                return await ctl.set_paused(args.queue, args.command == "pause")
+            case "queues":
+                await ctl.queues()
+            case "limit":
+                return await ctl.limit(args.queue, args)
+            case "schedules":
+                await ctl.schedules()
+            case "schedule":
+                return await ctl.set_schedule(args)
+            case "pause-schedule" | "resume-schedule":
+                return await ctl.pause_schedule(args.name, args.command == "pause-schedule")
+            case "unschedule":
+                return await ctl.unschedule(args.name)
         return 0
     except EtcdUnavailable as exc:
         hint = f" (the embedded etcd of {args.data_dir}: is its sidecar running?)"

@@ -21,7 +21,7 @@ import signal
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -34,6 +34,7 @@ from ._errors import (
     PayloadTooLarge,
     Permanent,
     ProtocolViolation,
+    Snooze,
     TaskFailed,
     TaskManagerError,
     Unavailable,
@@ -98,6 +99,9 @@ class Task:
         self.options: dict[str, Any] = {}
         self.run_at: float | None = None
         self.committed = False
+        #: After commit: True if a live task held this task's unique key, and this Task
+        #: now follows that one (its ``id`` is the existing task's).
+        self.existing = False
         self.state: str | None = None
         self.result_value: Any = None
         self.error: dict[str, Any] | None = None
@@ -111,6 +115,8 @@ class Task:
         self._calling = False
         # Set when the manager's connection ended for good: result() raises it.
         self._aborted: TaskManagerError | None = None
+        #: Tasks of this manager that follow this one (they met its unique key).
+        self._followers: list[Task] = []
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state or 'uncommitted'}>"
@@ -168,6 +174,25 @@ class Task:
         self.options["priority"] = whole_number(priority, "the priority")
         return self
 
+    def with_unique(self, key: str, *, for_s: float | timedelta | None = None) -> Task:
+        """At most one live task per ``key`` (namespace-wide): if one is pending, delayed
+        or running when this commits, no new task is made and this Task follows that one
+        (``existing`` is then True). With ``for_s``, a key stays taken that long after its
+        task finished too."""
+        self._editable()
+        self.options["unique_key"] = key
+        if for_s is not None:
+            seconds = for_s.total_seconds() if isinstance(for_s, timedelta) else float(for_s)
+            self.options["unique_for_s"] = seconds
+        return self
+
+    def with_concurrency_key(self, key: str) -> Task:
+        """Count this task against its queue's per-key limits (``key_max_running``,
+        ``key_rate``) under ``key``: e.g. one task at a time per customer."""
+        self._editable()
+        self.options["concurrency_key"] = key
+        return self
+
     def with_queue(self, queue: str) -> Task:
         """Send the task to the workers of ``queue`` (default: ``default``)."""
         self._editable()
@@ -217,6 +242,14 @@ class Task:
             self.manager._untrack(self, ended=False)
             raise
         self.committed = True
+        if answer.get("existing") and answer["task_id"] != self.id:
+            # The unique key is held by a live task: follow that one.
+            self.manager._tasks.pop(self.id, None)
+            self.id, self.existing = answer["task_id"], True
+            followed = self.manager._tasks.setdefault(self.id, self)
+            if followed is not self:  # this manager follows it already: hear it from there
+                followed._followers.append(self)
+            self.manager._spawn(self.manager._recheck, self)
         if answer.get("subscription") is None:  # a sidecar from before subscribe-on-create
             sub = await self.manager._request("subscribe", {"task_id": self.id}, idempotent=True)
             answer["subscription"] = sub["subscription"]
@@ -227,6 +260,15 @@ class Task:
             # reconnect) and finished before this subscription: read where it stands.
             self.manager._spawn(self.manager._recheck, self)
         return self
+
+    async def cancel(self, reason: str = "cancelled by its creator") -> bool:
+        """Cancel the task: pending or delayed, it fails at once with ``Cancelled``;
+        running, its handler is cancelled (on whichever node runs it) and it fails the
+        same way, never retried. ``result()`` then raises :class:`TaskFailed` and the
+        ``failure`` callbacks run. False if it had finished already (nothing changes)."""
+        if not self.committed:
+            raise InvalidRequest("commit() the task first")
+        return await self.manager.cancel(self.id, reason=reason)
 
     async def result(self, timeout: float | None = None) -> Any:
         """The task's result once it completes; raises :class:`TaskFailed` if it fails."""
@@ -284,6 +326,8 @@ class Task:
             )
 
     async def _on_event(self, event: dict[str, Any], *, streamed: bool = True) -> None:
+        for follower in self._followers:
+            await follower._on_event(event, streamed=streamed)
         kind = event.get("event", "")
         if self._final.is_set():
             return
@@ -1018,6 +1062,8 @@ class TaskManager:
                         if inspect.isawaitable(value):
                             value = await value
                     outcome = ("complete", {"delivery": delivery, "result": value})
+                except Snooze as snooze:
+                    outcome = ("snooze", {"delivery": delivery, "delay_s": snooze.delay_s})
                 except Exception as exc:
                     permanent = isinstance(exc, Permanent) or isinstance(exc.__cause__, Permanent)
                     error = {
@@ -1072,13 +1118,23 @@ class TaskManager:
 
     # -- the API -----------------------------------------------------------------------------
 
-    async def create(self, data: Any, *, task_id: str | None = None) -> Task:
+    async def create(
+        self,
+        data: Any,
+        *,
+        task_id: str | None = None,
+        unique_key: str | None = None,
+        unique_for: float | timedelta | None = None,
+    ) -> Task:
         """A new task for ``data`` (any JSON); set its options, then ``await task.commit()``.
 
         Raises :class:`InvalidRequest` (naming the field) for data that is not JSON.
+        ``unique_key`` (and ``unique_for``): see :meth:`Task.with_unique`.
         """
         task = Task(self, data, task_id)  # checked before connecting
         await self._ensure_started()
+        if unique_key is not None:
+            task.with_unique(unique_key, for_s=unique_for)
         return task
 
     async def submit(self, data: Any, **options: Any) -> Task:
@@ -1223,6 +1279,92 @@ class TaskManager:
             with contextlib.suppress(TaskFailed):
                 await task.result()
             return await self.get(task_id)
+
+    async def cancel(self, task_id: str, *, reason: str = "cancelled by a client") -> bool:
+        """Cancel a task by id (see :meth:`Task.cancel`); False if it had finished."""
+        answer = await self._request(
+            "cancel", {"task_id": task_id, "reason": reason}, idempotent=True
+        )
+        return bool(answer["cancelled"])
+
+    async def pause_queue(self, queue: str = "default") -> dict[str, Any]:
+        """Pause a queue, cluster-wide: the leader assigns nothing more from it (creates
+        still land, running tasks finish). Answers the queue's settings."""
+        return dict(await self._request("pause", {"queue": queue}, idempotent=True))
+
+    async def resume_queue(self, queue: str = "default") -> dict[str, Any]:
+        """Resume a paused queue. Answers the queue's settings."""
+        return dict(await self._request("resume", {"queue": queue}, idempotent=True))
+
+    async def set_limits(self, queue: str = "default", **limits: Any) -> dict[str, Any]:
+        """Set a queue's cluster-wide limits; None lifts one. ``max_running`` (tasks of the
+        queue running at once), ``key_max_running`` (per ``concurrency_key``), ``rate``
+        and ``key_rate`` (starts: ``(limit, period_s)`` or ``{"limit", "period_s"}``).
+        Answers the queue's settings."""
+        fields: dict[str, Any] = {"queue": queue}
+        for name, value in limits.items():
+            if name in ("rate", "key_rate") and isinstance(value, tuple | list):
+                limit, period = value
+                period_s = period.total_seconds() if isinstance(period, timedelta) else period
+                value = {"limit": limit, "period_s": period_s}
+            fields[name] = value
+        return dict(await self._request("set_limits", fields, idempotent=True))
+
+    async def schedule(
+        self,
+        name: str,
+        payload: Any = None,
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        timezone: str = "UTC",
+        options: dict[str, Any] | None = None,
+        missed: str = "one",
+        max_catch_up: int | None = None,
+        grace: float | timedelta | None = None,
+    ) -> dict[str, Any]:
+        """Create or replace the schedule ``name``: a task with ``payload`` (and task
+        ``options``: queue, timeout_s, ...) at each slot of ``cron`` (in ``timezone``) or
+        ``every`` interval. The leader fires each slot exactly once, across failovers.
+        Slots later than ``grace`` (60 s) are missed: ``missed`` says what then fires,
+        ``"skip"`` (none), ``"one"`` (the latest) or ``"all"`` (each, at most
+        ``max_catch_up``). Answers the schedule, with its ``next_at``."""
+        fields: dict[str, Any] = {
+            "name": name,
+            "payload": payload,
+            "timezone": timezone,
+            "missed": missed,
+            "options": options or {},
+        }
+        if cron is not None:
+            fields["cron"] = cron
+        if every is not None:
+            fields["every_s"] = every.total_seconds() if isinstance(every, timedelta) else every
+        if max_catch_up is not None:
+            fields["max_catch_up"] = max_catch_up
+        if grace is not None:
+            fields["grace_s"] = grace.total_seconds() if isinstance(grace, timedelta) else grace
+        return dict(await self._request("schedule", fields, idempotent=True))
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """Every schedule of the namespace."""
+        return list(await self._request("schedules", {}, idempotent=True))
+
+    async def pause_schedule(self, name: str) -> dict[str, Any]:
+        """Fire nothing more from schedule ``name`` until resumed."""
+        return dict(await self._request("pause_schedule", {"name": name}, idempotent=True))
+
+    async def resume_schedule(self, name: str) -> dict[str, Any]:
+        """Fire again, from the first slot after now."""
+        return dict(await self._request("resume_schedule", {"name": name}, idempotent=True))
+
+    async def delete_schedule(self, name: str) -> bool:
+        """Delete schedule ``name`` (its tasks stay); False if there was none."""
+        return bool(await self._request("unschedule", {"name": name}, idempotent=True))
+
+    async def queues(self) -> dict[str, dict[str, Any]]:
+        """The settings of every queue that has some (paused, limits), by name."""
+        return dict(await self._request("queues", {}, idempotent=True))
 
     async def status(self) -> dict[str, Any]:
         """The local sidecar's status."""

@@ -126,6 +126,21 @@ class BlockingTask:
         self._task.with_priority(priority)
         return self
 
+    def with_unique(self, key: str, *, for_s: float | None = None) -> BlockingTask:
+        """See :meth:`Task.with_unique`."""
+        self._task.with_unique(key, for_s=for_s)
+        return self
+
+    def with_concurrency_key(self, key: str) -> BlockingTask:
+        """See :meth:`Task.with_concurrency_key`."""
+        self._task.with_concurrency_key(key)
+        return self
+
+    @property
+    def existing(self) -> bool:
+        """See :attr:`Task.existing`."""
+        return self._task.existing
+
     def with_queue(self, queue: str) -> BlockingTask:
         """See :meth:`Task.with_queue`."""
         self._task.with_queue(queue)
@@ -140,6 +155,10 @@ class BlockingTask:
         """Queue the task; durable once this returns."""
         self._call(self._task.commit)
         return self
+
+    def cancel(self) -> bool:
+        """See :meth:`Task.cancel`."""
+        return bool(self._call(self._task.cancel))
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until the result; raises TaskFailed if the task fails."""
@@ -251,6 +270,56 @@ class BlockingTaskManager:
     def is_master(self) -> bool:
         """Whether the local sidecar is the cluster's leader (as last told)."""
         return self._ready()[1].is_master()
+
+    def cancel(self, task_id: str) -> bool:
+        """See :meth:`TaskManager.cancel`."""
+        portal, manager = self._ready()
+        return bool(portal.call(manager.cancel, task_id))
+
+    def pause_queue(self, queue: str = "default") -> dict[str, Any]:
+        """See :meth:`TaskManager.pause_queue`."""
+        portal, manager = self._ready()
+        return portal.call(manager.pause_queue, queue)
+
+    def resume_queue(self, queue: str = "default") -> dict[str, Any]:
+        """See :meth:`TaskManager.resume_queue`."""
+        portal, manager = self._ready()
+        return portal.call(manager.resume_queue, queue)
+
+    def set_limits(self, queue: str = "default", **limits: Any) -> dict[str, Any]:
+        """See :meth:`TaskManager.set_limits`."""
+        portal, manager = self._ready()
+        return portal.call(lambda: manager.set_limits(queue, **limits))
+
+    def schedule(self, name: str, payload: Any = None, **kw: Any) -> dict[str, Any]:
+        """See :meth:`TaskManager.schedule`."""
+        portal, manager = self._ready()
+        return portal.call(lambda: manager.schedule(name, payload, **kw))
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """See :meth:`TaskManager.schedules`."""
+        portal, manager = self._ready()
+        return portal.call(manager.schedules)
+
+    def pause_schedule(self, name: str) -> dict[str, Any]:
+        """See :meth:`TaskManager.pause_schedule`."""
+        portal, manager = self._ready()
+        return portal.call(manager.pause_schedule, name)
+
+    def resume_schedule(self, name: str) -> dict[str, Any]:
+        """See :meth:`TaskManager.resume_schedule`."""
+        portal, manager = self._ready()
+        return portal.call(manager.resume_schedule, name)
+
+    def queues(self) -> dict[str, dict[str, Any]]:
+        """See :meth:`TaskManager.queues`."""
+        portal, manager = self._ready()
+        return portal.call(manager.queues)
+
+    def delete_schedule(self, name: str) -> bool:
+        """See :meth:`TaskManager.delete_schedule`."""
+        portal, manager = self._ready()
+        return portal.call(manager.delete_schedule, name)
 
     def close(self) -> None:
         """Disconnect and stop the background event loop (once; also at exit)."""

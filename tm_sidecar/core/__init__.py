@@ -1,10 +1,21 @@
 """The functional core: no I/O, no clock, no randomness. Time and random draws are arguments."""
 
 from ._attempts import AttemptLedger
+from ._batch import Batch, Decision, LeaderPolicy
 from ._events import EVENT_KINDS, EventDeriver, TaskEvent, event_from_change
+from ._flow import (
+    LIMIT_FIELDS,
+    QueueConfig,
+    RateLimit,
+    RateWindow,
+    plan_queue_config,
+    queue_guard,
+    with_limits,
+)
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
-from ._leader import Batch, Decision, LeaderPolicy, LeaderView
+from ._leader import LeaderView
 from ._model import (
+    DEFAULT_MAX_SNOOZES,
     JSON,
     Backoff,
     NodeInfo,
@@ -22,19 +33,34 @@ from ._plan import (
     Slot,
     orphan_payloads,
     plan_batch,
+    plan_cancel,
     plan_create,
     plan_move,
     plan_update,
 )
 from ._policy import (
+    CANCELLED,
     HANDED_BACK,
+    SNOOZE_LIMIT,
+    SNOOZED,
     after_failure,
     assigned,
     backoff_delay_s,
+    cancelled,
     handed_back,
     initial_record,
     promoted,
+    snoozed,
     succeeded,
+)
+from ._schedule import (
+    MISSED_POLICIES,
+    Firing,
+    Schedule,
+    due,
+    first_slot,
+    schedule_from_request,
+    slot_task_id,
 )
 from ._txn import (
     MAX_TXN_OPS,
@@ -54,14 +80,21 @@ from ._txn import (
     TxnResult,
     WatchEvent,
 )
+from ._unique import Guard, Takeover, guard_value, takeover
 
 __all__ = [
     "ASSIGN_BATCH",
+    "CANCELLED",
+    "DEFAULT_MAX_SNOOZES",
     "EVENT_KINDS",
     "HANDED_BACK",
     "JSON",
+    "LIMIT_FIELDS",
     "MAX_TXN_OPS",
+    "MISSED_POLICIES",
     "REAP_BATCH",
+    "SNOOZED",
+    "SNOOZE_LIMIT",
     "AttemptLedger",
     "Backoff",
     "Batch",
@@ -70,6 +103,8 @@ __all__ = [
     "Delete",
     "EventDeriver",
     "Fence",
+    "Firing",
+    "Guard",
     "KeyValue",
     "Keyspace",
     "LeaderPolicy",
@@ -80,13 +115,18 @@ __all__ = [
     "Op",
     "ParsedKey",
     "Put",
+    "QueueConfig",
     "Range",
     "RangeResult",
+    "RateLimit",
+    "RateWindow",
     "Record",
     "Request",
     "Revision",
+    "Schedule",
     "Slot",
     "State",
+    "Takeover",
     "Target",
     "TaskError",
     "TaskEvent",
@@ -100,18 +140,30 @@ __all__ = [
     "after_failure",
     "assigned",
     "backoff_delay_s",
+    "cancelled",
     "check_name",
+    "due",
     "dumps",
     "event_from_change",
+    "first_slot",
+    "guard_value",
     "handed_back",
     "initial_record",
     "make_task_id",
     "orphan_payloads",
     "parse_record",
     "plan_batch",
+    "plan_cancel",
     "plan_create",
     "plan_move",
+    "plan_queue_config",
     "plan_update",
     "promoted",
+    "queue_guard",
+    "schedule_from_request",
+    "slot_task_id",
+    "snoozed",
     "succeeded",
+    "takeover",
+    "with_limits",
 ]

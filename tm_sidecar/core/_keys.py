@@ -10,6 +10,12 @@ Under ``<root><namespace>/``::
     failed/<id>               the last error (expires with the retention lease)
     nodes/<node>              a live sidecar, attached to its session lease
     election/<lease-hex>      a leadership candidate; the lowest create revision leads
+    queues/<queue>            a queue's flow control: paused, concurrency and rate limits
+    unique/<key>              the task that holds a unique key (see _unique.py)
+    rates/<queue>[/<key>]     the leader's rate window of a queue (or of one of its keys)
+    schedules/<name>          a cron or interval schedule and its next slot
+
+Every key the leader needs sorts between ``delayed/`` and ``task/`` (its watch's range).
 
 A task is in exactly one of pending, delayed, processing, completed, failed.
 """
@@ -98,6 +104,38 @@ class Keyspace:
         """Prefix of every node registration."""
         return f"{self.prefix}nodes/"
 
+    def queue(self, queue: str) -> str:
+        """A queue's flow-control settings."""
+        return f"{self.prefix}queues/{queue}"
+
+    def queues(self) -> str:
+        """Prefix of every queue's settings."""
+        return f"{self.prefix}queues/"
+
+    def rate(self, queue: str, key: str | None = None) -> str:
+        """A queue's rate window, or one concurrency key's."""
+        return f"{self.prefix}rates/{queue}" + ("" if key is None else f"/{key}")
+
+    def rates(self) -> str:
+        """Prefix of every rate window."""
+        return f"{self.prefix}rates/"
+
+    def schedule(self, name: str) -> str:
+        """A cron or interval schedule."""
+        return f"{self.prefix}schedules/{name}"
+
+    def schedules(self) -> str:
+        """Prefix of every schedule."""
+        return f"{self.prefix}schedules/"
+
+    def unique(self, key: str) -> str:
+        """The guard of a unique key: which task holds it."""
+        return f"{self.prefix}unique/{key}"
+
+    def uniques(self) -> str:
+        """Prefix of every unique key's guard."""
+        return f"{self.prefix}unique/"
+
     def election(self) -> str:
         """Prefix of the leadership candidates."""
         return f"{self.prefix}election/"
@@ -122,6 +160,20 @@ class Keyspace:
             return ParsedKey("node", node=NodeId(parts[1]))
         if kind == "election" and len(parts) == 2:
             return ParsedKey("election", name=parts[1])
+        if kind == "queues" and len(parts) == 2:
+            return ParsedKey("queue", name=parts[1])
+        if kind == "rates" and len(parts) in (2, 3):
+            return ParsedKey(
+                "rate",
+                name=parts[1],
+                node=None,
+                task_id=None,
+                key=parts[2] if len(parts) == 3 else None,
+            )
+        if kind == "schedules" and len(parts) == 2:
+            return ParsedKey("schedule", name=parts[1])
+        if kind == "unique" and len(parts) == 2:
+            return ParsedKey("unique", name=parts[1])
         return None
 
 
@@ -129,11 +181,12 @@ class Keyspace:
 class ParsedKey:
     """A key of the namespace, taken apart."""
 
-    kind: str  # "task", "state", "node" or "election"
+    kind: str  # "task", "state", "node", "election" or "queue"
     task_id: TaskId | None = None
     state: State | None = None
     node: NodeId | None = None
     name: str | None = None
+    key: str | None = None  # a rate window's concurrency key
 
 
 def make_task_id(now_ms: int, counter: int, entropy: int) -> TaskId:

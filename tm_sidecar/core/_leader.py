@@ -15,41 +15,14 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
+from ._batch import Batch, Decision, LeaderPolicy, assign_batches, chunk_moves
+from ._flow import KeyCounts, QueueConfig, RateWindow, queue_guard
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import NodeInfo, Record, TaskError, parse_record
 from ._plan import ASSIGN_BATCH, REAP_BATCH, Slot
 from ._policy import after_failure, assigned, promoted
+from ._schedule import Schedule, firing_batch
 from ._txn import KeyValue, WatchEvent
-
-
-@attrs.frozen
-class Batch:
-    """Moves to commit together in one fenced transaction."""
-
-    kind: str  # "assign", "promote" or "reap"
-    moves: tuple[tuple[Slot, Record], ...]
-
-    @property
-    def task_ids(self) -> tuple[TaskId, ...]:
-        """The tasks this batch moves."""
-        return tuple(slot.task_id for slot, _ in self.moves)
-
-
-@attrs.frozen
-class Decision:
-    """What to do now, and when to decide again at the latest (None: on the next change)."""
-
-    batches: tuple[Batch, ...]
-    wake_at: float | None
-
-
-@attrs.frozen(kw_only=True)
-class LeaderPolicy:
-    """The leader's settings."""
-
-    grace_s: float = 5.0
-    requeue_stalled: bool = True
-    max_batches: int = 16
 
 
 @attrs.define(eq=False)
@@ -63,6 +36,21 @@ class LeaderView:
     delayed: dict[TaskId, Slot] = attrs.Factory(dict)
     processing: dict[TaskId, Slot] = attrs.Factory(dict)
     inflight: Counter[tuple[NodeId, str]] = attrs.Factory(Counter)
+    #: Each queue's flow-control settings (queues/<name>), and its key's mod revision.
+    queue_settings: dict[str, QueueConfig] = attrs.Factory(dict)
+    queue_revisions: dict[str, int] = attrs.Factory(dict)
+    #: Tasks running or being assigned per (queue, concurrency key), and parked tasks.
+    keys: KeyCounts = attrs.Factory(KeyCounts)
+    _key_claims: dict[TaskId, tuple[str, str]] = attrs.Factory(dict)
+    #: Rate windows by (queue, concurrency key or None for the whole queue).
+    rate_windows: dict[tuple[str, str | None], RateWindow] = attrs.Factory(dict)
+    # When a rate window has room again: (time, queue, key) for parked keys, and per queue.
+    _rate_wakes: list[tuple[float, str, str]] = attrs.Factory(list)
+    _queue_rate_wakes: dict[str, float] = attrs.Factory(dict)
+    #: Schedules (schedules/<name>) as seen, with their keys; and firings in flight.
+    schedules: dict[str, tuple[KeyValue, Schedule]] = attrs.Factory(dict)
+    _firing: set[str] = attrs.Factory(set)
+    _settling_firings: list[tuple[int, str]] = attrs.Factory(list)
     _queues: dict[str, list[tuple[int, int, TaskId]]] = attrs.Factory(dict)
     _due: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _deadlines: list[tuple[float, int, TaskId]] = attrs.Factory(list)
@@ -130,6 +118,19 @@ class LeaderView:
             if old is None or old.session != info.session:
                 self._suspects.update(self._tasks_of(parsed.node))
             return
+        if parsed.kind == "queue" and parsed.name is not None:
+            self.queue_settings[parsed.name] = QueueConfig.from_json(kv.value)
+            self.queue_revisions[parsed.name] = kv.mod_revision
+            self._unpark(self.keys.unpark_queue(parsed.name))
+            return
+        if parsed.kind == "schedule" and parsed.name is not None:
+            self.schedules[parsed.name] = (kv, Schedule.from_json(kv.value))
+            return
+        if parsed.kind == "rate" and parsed.name is not None:
+            window = (parsed.name, parsed.key)
+            if window not in self.rate_windows:  # a listing: where the last leader left it
+                self.rate_windows[window] = RateWindow.from_json(kv.value)
+            return
         if parsed.kind != "state" or parsed.task_id is None or parsed.state is None:
             return
         tid, record = parsed.task_id, parse(parsed.state, kv.value)
@@ -151,6 +152,8 @@ class LeaderView:
                 if old_slot is not None:
                     self._count_out(old_slot)
                 self.inflight[(record.node or NodeId(""), record.options.queue)] += 1
+                if record.options.concurrency_key is not None:
+                    self.keys.add(record.options.queue, record.options.concurrency_key)
             new_attempt = old_slot is None or old_slot.create_revision != kv.create_revision
             self.processing[tid] = slot
             if new_attempt and record.deadline_at is not None:
@@ -166,6 +169,14 @@ class LeaderView:
         if parsed.kind == "node" and parsed.node is not None:
             if self.nodes.pop(parsed.node, None) is not None:
                 self._suspects.update(self._tasks_of(parsed.node))
+            return
+        if parsed.kind == "schedule" and parsed.name is not None:
+            self.schedules.pop(parsed.name, None)
+            return
+        if parsed.kind == "queue" and parsed.name is not None:
+            self.queue_settings.pop(parsed.name, None)
+            self.queue_revisions.pop(parsed.name, None)
+            self._unpark(self.keys.unpark_queue(parsed.name))
             return
         if parsed.kind != "state" or parsed.task_id is None:
             return
@@ -185,6 +196,15 @@ class LeaderView:
         self.inflight[k] -= 1
         if self.inflight[k] <= 0:
             del self.inflight[k]
+        key = slot.record.options.concurrency_key
+        if key is not None:
+            self._unpark(self.keys.remove(slot.record.options.queue, key))
+
+    def _unpark(self, entries: Iterable[tuple[int, int, TaskId]]) -> None:
+        for entry in entries:
+            slot = self.pending.get(entry[2])
+            if slot is not None and slot.create_revision == entry[1]:
+                heapq.heappush(self._queues.setdefault(slot.record.options.queue, []), entry)
 
     def _tasks_of(self, node: NodeId) -> list[TaskId]:
         return [tid for tid, slot in self.processing.items() if slot.record.node == node]
@@ -195,10 +215,18 @@ class LeaderView:
         """Report a batch's outcome: committed at a revision, or not committed (None)."""
         if committed_at is None or committed_at <= self.revision:
             self._release(batch.task_ids)
+            if batch.schedule is not None:
+                self._firing.discard(batch.schedule)
         else:
             self._settling.append((committed_at, batch.task_ids))
+            if batch.schedule is not None:
+                self._settling_firings.append((committed_at, batch.schedule))
 
     def _release_settled(self) -> None:
+        if self._settling_firings:
+            done = [name for rev, name in self._settling_firings if rev <= self.revision]
+            self._firing.difference_update(done)
+            self._settling_firings = [f for f in self._settling_firings if f[0] > self.revision]
         if not self._settling:
             return
         keep = []
@@ -216,6 +244,9 @@ class LeaderView:
                 self.inflight[claim] -= 1
                 if self.inflight[claim] <= 0:
                     del self.inflight[claim]
+            keyed = self._key_claims.pop(tid, None)
+            if keyed is not None:
+                self._unpark(self.keys.remove(*keyed))
             # A released task that is still where it was is a candidate again.
             slot = self.pending.get(tid)
             if slot is not None:
@@ -241,21 +272,72 @@ class LeaderView:
     def decide(self, now: float, policy: LeaderPolicy, fractions: Iterable[float] = ()) -> Decision:
         """The moves to make at ``now``; ``fractions`` are random draws for backoff jitter."""
         draws = iter(fractions)
-        batches: list[Batch] = []
+        batches: list[Batch] = self._decide_firings(now)
         reaps = self._decide_reaps(now, policy, draws)
-        batches += [Batch("reap", tuple(c)) for c in _chunk(reaps, REAP_BATCH)]
+        batches += [Batch("reap", tuple(c)) for c in chunk_moves(reaps, REAP_BATCH)]
         promotes = self._decide_promotions(now)
-        batches += [Batch("promote", tuple(c)) for c in _chunk(promotes, ASSIGN_BATCH)]
+        batches += [Batch("promote", tuple(c)) for c in chunk_moves(promotes, ASSIGN_BATCH)]
         budget = max(policy.max_batches - len(batches), 1) * ASSIGN_BATCH
-        assigns = self._decide_assignments(now, policy, budget)
-        batches += [Batch("assign", tuple(c)) for c in _chunk(assigns, ASSIGN_BATCH)]
+        self._wake_rates(now)
+        for queue, assigns in self._decide_assignments(now, policy, budget):
+            batches += self._assign_batches(queue, assigns)
         return Decision(tuple(batches), self._wake_at())
 
-    def _claim(self, tid: TaskId, node: NodeId | None = None, queue: str = "") -> None:
+    def _assign_batches(self, queue: str, assigns: list[tuple[Slot, Record]]) -> list[Batch]:
+        """One queue's assignments in batches: each guarded by the queue's settings key
+        and carrying the rate windows its moves count in."""
+        config = self.queue_config(queue)
+        windows: dict[tuple[str, str | None], tuple[RateWindow, float]] = {}
+        if config.rate is not None:
+            windows[(queue, None)] = (self._window(queue, None), config.rate.period_s)
+        if config.key_rate is not None:
+            for _, record in assigns:
+                key = record.options.concurrency_key
+                if key is not None:
+                    windows[(queue, key)] = (self._window(queue, key), config.key_rate.period_s)
+        guard = queue_guard(self.ks, queue, self.queue_revisions.get(queue, 0))
+        return assign_batches(self.ks, assigns, guard, windows)
+
+    def _decide_firings(self, now: float) -> list[Batch]:
+        """A batch per schedule with slots due (see _schedule.py); claimed until the
+        watch shows it, so that a slot is not planned twice."""
+        out: list[Batch] = []
+        for name, (kv, schedule) in self.schedules.items():
+            if name in self._firing:
+                continue
+            batch = firing_batch(self.ks, kv, schedule, now)
+            if batch is not None:
+                self._firing.add(name)
+                out.append(batch)
+        return out
+
+    def _wake_rates(self, now: float) -> None:
+        """Keys parked on a full rate window whose window has room again go back."""
+        while self._rate_wakes and self._rate_wakes[0][0] <= now:
+            _, queue, key = heapq.heappop(self._rate_wakes)
+            self._unpark(self.keys.unpark(queue, key))
+        for queue, at in list(self._queue_rate_wakes.items()):
+            if at <= now:
+                del self._queue_rate_wakes[queue]
+
+    def _window(self, queue: str, key: str | None) -> RateWindow:
+        return self.rate_windows.setdefault((queue, key), RateWindow())
+
+    def queue_config(self, queue: str) -> QueueConfig:
+        """A queue's settings (the defaults when it has no key)."""
+        return self.queue_settings.get(queue) or _NO_CONFIG
+
+    def _claim(
+        self, tid: TaskId, node: NodeId | None = None, queue: str = "", key: str | None = None
+    ) -> None:
         claim = None
         if node is not None:
             claim = (node, queue)
             self.inflight[claim] += 1
+        if key is not None:
+            # An assignment in flight counts against its key's limit until it settles.
+            self._key_claims[tid] = (queue, key)
+            self.keys.add(queue, key)
         self._claims[tid] = claim
 
     def _decide_reaps(
@@ -334,37 +416,80 @@ class LeaderView:
 
     def _decide_assignments(
         self, now: float, policy: LeaderPolicy, budget: int
-    ) -> list[tuple[Slot, Record]]:
-        out: list[tuple[Slot, Record]] = []
+    ) -> list[tuple[str, list[tuple[Slot, Record]]]]:
+        """The assignments to make now, queue by queue."""
+        out: list[tuple[str, list[tuple[Slot, Record]]]] = []
         for queue, rooms in self.free_slots().items():
             heap = self._queues.get(queue)
-            if not heap:
+            if budget <= 0:
+                break
+            if not heap or self.queue_config(queue).paused:
+                continue  # a paused queue keeps its tasks pending, in order
+            moves = self._assign_queue(queue, heap, rooms, now, policy, budget)
+            if moves:
+                out.append((queue, moves))
+                budget -= len(moves)
+        return out
+
+    def _assign_queue(
+        self,
+        queue: str,
+        heap: list[tuple[int, int, TaskId]],
+        rooms: list[tuple[NodeId, int]],
+        now: float,
+        policy: LeaderPolicy,
+        budget: int,
+    ) -> list[tuple[Slot, Record]]:
+        out: list[tuple[Slot, Record]] = []
+        config = self.queue_config(queue)
+        if config.max_running is not None:
+            # Cluster-wide: every node's tasks of the queue, and assignments in flight.
+            running = sum(n for (_, q), n in self.inflight.items() if q == queue)
+            budget = min(budget, config.max_running - running)
+        key_limit = config.key_max_running
+        qwin = None if config.rate is None else self._window(queue, None)
+        if qwin is not None and config.rate is not None:
+            budget = min(budget, qwin.room(now, config.rate))
+        # Spread work: the node with the most room takes the next task.
+        nodes = [(-room, node) for node, room in rooms]
+        heapq.heapify(nodes)
+        while heap and nodes and len(out) < budget:
+            entry = heapq.heappop(heap)
+            _, create_rev, tid = entry
+            slot = self.pending.get(tid)
+            if slot is None or slot.create_revision != create_rev or tid in self._claims:
                 continue
-            # Spread work: the node with the most room takes the next task.
-            nodes = [(-room, node) for node, room in rooms]
-            heapq.heapify(nodes)
-            while heap and nodes and len(out) < budget:
-                _, create_rev, tid = heapq.heappop(heap)
-                slot = self.pending.get(tid)
-                if slot is None or slot.create_revision != create_rev or tid in self._claims:
+            key = slot.record.options.concurrency_key
+            if key is not None and key_limit is not None and self.keys.full(queue, key, key_limit):
+                self.keys.park(queue, key, entry)  # back when a task of its key ends
+                continue
+            kwin = None
+            if key is not None and config.key_rate is not None:
+                kwin = self._window(queue, key)
+                if not kwin.room(now, config.key_rate):
+                    self.keys.park(queue, key, entry)  # back when its window has room
+                    at = kwin.free_at(config.key_rate)
+                    heapq.heappush(self._rate_wakes, (at, queue, key))
                     continue
-                neg_room, node = heapq.heappop(nodes)
-                info = self.nodes[node]
-                self._claim(tid, node, queue)
-                out.append(
-                    (
-                        slot,
-                        assigned(
-                            slot.record,
-                            node=node,
-                            session=info.session,
-                            now=now,
-                            grace_s=policy.grace_s,
-                        ),
-                    )
-                )
-                if neg_room + 1 < 0:
-                    heapq.heappush(nodes, (neg_room + 1, node))
+            neg_room, node = heapq.heappop(nodes)
+            info = self.nodes[node]
+            self._claim(tid, node, queue, key)
+            for window in (qwin, kwin):
+                if window is not None:
+                    window.record(now)
+            record = assigned(
+                slot.record, node=node, session=info.session, now=now, grace_s=policy.grace_s
+            )
+            out.append((slot, record))
+            if neg_room + 1 < 0:
+                heapq.heappush(nodes, (neg_room + 1, node))
+        if (
+            qwin is not None
+            and config.rate is not None
+            and heap
+            and not qwin.room(now, config.rate)
+        ):
+            self._queue_rate_wakes[queue] = qwin.free_at(config.rate)
         return out
 
     def _wake_at(self) -> float | None:
@@ -381,6 +506,14 @@ class LeaderView:
                 break
             heapq.heappop(self._deadlines)
         times = [h[0][0] for h in (self._due, self._deadlines) if h]
+        if self._rate_wakes:
+            times.append(self._rate_wakes[0][0])
+        times += [
+            schedule.next_at
+            for name, (_, schedule) in self.schedules.items()
+            if not schedule.paused and name not in self._firing
+        ]
+        times += self._queue_rate_wakes.values()
         return min(times) if times else None
 
     def depth(self) -> dict[str, int]:
@@ -392,22 +525,4 @@ class LeaderView:
         }
 
 
-#: etcd refuses requests over 1.5 MiB; batches stay well under, JSON and base64 included.
-MAX_BATCH_BYTES = 512 * 1024
-
-
-def _chunk(items: list[tuple[Slot, Record]], size: int) -> list[list[tuple[Slot, Record]]]:
-    """Consecutive batches of at most ``size`` moves and about MAX_BATCH_BYTES."""
-    out: list[list[tuple[Slot, Record]]] = []
-    current: list[tuple[Slot, Record]] = []
-    weight = 0
-    for slot, record in items:
-        cost = len(record.to_json().encode()) + 2 * len(slot.key) + 200
-        if current and (len(current) >= size or weight + cost > MAX_BATCH_BYTES):
-            out.append(current)
-            current, weight = [], 0
-        current.append((slot, record))
-        weight += cost
-    if current:
-        out.append(current)
-    return out
+_NO_CONFIG = QueueConfig()

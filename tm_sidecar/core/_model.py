@@ -59,6 +59,16 @@ class Backoff:
 
 
 MAX_PRIORITY = 1_000_000
+#: Snoozes a task may take unless its options say otherwise.
+DEFAULT_MAX_SNOOZES = 100
+
+
+def _name_or_none(kind: str) -> Any:
+    def check(_inst: object, _attr: attrs.Attribute[Any], value: str | None) -> None:
+        if value is not None:
+            check_name(kind, value)
+
+    return check
 
 
 @attrs.frozen(kw_only=True)
@@ -79,6 +89,23 @@ class TaskOptions:
     )
     timeout_s: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
     backoff: Backoff = Backoff()
+    #: While a task with this key is live (and ``unique_for_s`` after it finished), a
+    #: create with the same key answers that task instead of making a new one.
+    unique_key: str | None = attrs.field(default=None, validator=_name_or_none("unique_key"))
+    unique_for_s: float | None = attrs.field(default=None, validator=_finite_positive_or_none)
+    #: Tasks with one key share the queue's per-key limits (``key_max_running``, ...).
+    concurrency_key: str | None = attrs.field(
+        default=None, validator=_name_or_none("concurrency_key")
+    )
+    #: How often a handler may snooze the task before it fails (``SnoozeLimit``).
+    max_snoozes: int = attrs.field(
+        default=DEFAULT_MAX_SNOOZES,
+        validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)],
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.unique_for_s is not None and self.unique_key is None:
+            raise ValueError("unique_for_s needs a unique_key")
 
     def to_json(self) -> dict[str, JSON]:
         """The JSON object stored in etcd."""
@@ -90,6 +117,11 @@ class TaskOptions:
         }
         if self.timeout_s is not None:
             obj["timeout_s"] = self.timeout_s
+        for name in ("unique_key", "unique_for_s", "concurrency_key"):
+            if getattr(self, name) is not None:
+                obj[name] = getattr(self, name)
+        if self.max_snoozes != DEFAULT_MAX_SNOOZES:
+            obj["max_snoozes"] = self.max_snoozes
         return obj
 
     @classmethod
@@ -101,6 +133,10 @@ class TaskOptions:
             max_attempts=int(obj.get("max_attempts", 3)),
             timeout_s=None if obj.get("timeout_s") is None else float(obj["timeout_s"]),
             backoff=Backoff.from_json(obj.get("backoff", {})),
+            unique_key=obj.get("unique_key"),
+            unique_for_s=None if obj.get("unique_for_s") is None else float(obj["unique_for_s"]),
+            concurrency_key=obj.get("concurrency_key"),
+            max_snoozes=int(obj.get("max_snoozes", DEFAULT_MAX_SNOOZES)),
         )
 
 
@@ -192,10 +228,11 @@ class Record:
     progress: JSON = None  # processing
     result: JSON = None  # completed
     error: TaskError | None = None  # failed; the last error in pending/delayed after a retry
-    # pending/delayed: "created", "promoted", "retry", "stalled" or "handed back"
+    # pending/delayed: "created", "promoted", "retry", "stalled", "handed back", "snoozed"
     reason: str | None = None
     # Hand-backs in a row that spent no attempt (pending and processing records).
     handbacks: int = 0
+    snoozes: int = 0  # how often a handler snoozed the task so far
 
     def to_json(self) -> str:
         """The value stored in etcd (the state itself is the key's prefix)."""
@@ -216,6 +253,8 @@ class Record:
             obj["error"] = self.error.to_json()
         if self.handbacks:
             obj["handbacks"] = self.handbacks
+        if self.snoozes:
+            obj["snoozes"] = self.snoozes
         return dumps(obj)
 
     @classmethod
@@ -239,6 +278,7 @@ class Record:
             error=None if error is None else TaskError.from_json(error),
             reason=get("reason"),
             handbacks=int(get("handbacks", 0)),
+            snoozes=int(get("snoozes", 0)),
         )
 
 
@@ -293,6 +333,10 @@ def _options(obj: dict[str, JSON]) -> TaskOptions:
             obj.get("max_attempts"),
             obj.get("timeout_s"),
             tuple(sorted(backoff.items())) if isinstance(backoff, dict) else backoff,
+            obj.get("unique_key"),
+            obj.get("unique_for_s"),
+            obj.get("concurrency_key"),
+            obj.get("max_snoozes"),
         )
         hash(key)
     except TypeError:  # something unhashable: parse it the long way (and fail there)

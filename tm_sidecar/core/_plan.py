@@ -10,6 +10,7 @@ import attrs
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import Record, TaskSpec
 from ._txn import MAX_TXN_OPS, Compare, Delete, Put, Range, Request, Txn
+from ._unique import FREE, Takeover, guard_ops, guard_value
 
 
 @attrs.frozen
@@ -38,15 +39,29 @@ class Slot:
     record: Record
 
 
-def plan_create(ks: Keyspace, spec: TaskSpec, record: Record) -> Txn:
-    """Write the task once and put it in its first queue; fails if the id is taken."""
-    return Txn(
-        compare=(Compare.absent(ks.task(spec.id)),),
-        success=(
-            Put(ks.task(spec.id), spec.to_json()),
-            Put(ks.state(record.state, spec.id), record.to_json()),
-        ),
-    )
+def plan_create(
+    ks: Keyspace, spec: TaskSpec, record: Record, *, takeover: Takeover | None = None
+) -> Txn:
+    """Write the task once and put it in its first queue; fails if the id is taken.
+
+    A task with a ``unique_key`` also takes that key's guard, which must be free (absent,
+    or as ``takeover`` says: see _unique.py); its failure branch reads the task and the
+    guard, to tell a repeated create from a key held by another task.
+    """
+    compare = [Compare.absent(ks.task(spec.id))]
+    success: list[Request] = [
+        Put(ks.task(spec.id), spec.to_json()),
+        Put(ks.state(record.state, spec.id), record.to_json()),
+    ]
+    failure: tuple[Request, ...] = ()
+    key = spec.options.unique_key
+    if key is not None:
+        guard = ks.unique(key)
+        guards = (takeover or FREE).compares or (Compare.absent(guard),)
+        compare.extend(guards)
+        success.append(Put(guard, guard_value(spec.id)))
+        failure = (Range(ks.task(spec.id)), Range(guard))
+    return Txn(compare=tuple(compare), success=tuple(success), failure=failure)
 
 
 def _terminal_ops(ks: Keyspace, task_id: TaskId, record: Record, lease: int) -> list[Request]:
@@ -55,7 +70,13 @@ def _terminal_ops(ks: Keyspace, task_id: TaskId, record: Record, lease: int) -> 
     # space as it drains): the leader deletes payloads left without a state key.
     final = record.state in (State.COMPLETED, State.FAILED)
     key = ks.state(record.state, task_id, record.node)
-    return [Put(key, record.to_json(), lease if final else 0)]
+    return [Put(key, record.to_json(), lease if final else 0), *guard_ops(ks, task_id, record)]
+
+
+def move_ops(record: Record) -> int:
+    """The writes a move to ``record`` takes in a transaction (for batch sizes)."""
+    final = record.state in (State.COMPLETED, State.FAILED)
+    return 2 + (1 if final and record.options.unique_key is not None else 0)
 
 
 def plan_move(
@@ -81,6 +102,19 @@ def plan_move(
     )
 
 
+def plan_cancel(ks: Keyspace, slot: Slot, record: Record, *, lease: int = 0) -> Txn:
+    """Cancel a live task seen at ``slot`` (pending, delayed or processing): move it to
+    the failed record ``record`` (see ``cancelled``) if that key is still the same
+    incarnation. Anyone may cancel (a sidecar for a client, tmctl for an operator): the
+    guard alone makes it safe. A running attempt's report then fails on its own guard,
+    and its node cancels the handler when it sees the assignment key go."""
+    guard = Compare.created_at(slot.key, slot.create_revision)
+    return Txn(
+        compare=(guard,),
+        success=(Delete(slot.key), *_terminal_ops(ks, slot.task_id, record, lease)),
+    )
+
+
 def plan_update(slot: Slot, record: Record) -> Txn:
     """Rewrite a processing record in place (started, progress), if the attempt is live."""
     return Txn(
@@ -102,12 +136,16 @@ def plan_batch(
     moves: Sequence[tuple[Slot, Record]],
     *,
     lease: int = 0,
+    guards: Sequence[Compare] = (),
+    extra: Sequence[Request] = (),
 ) -> Txn:
     """Several leader moves in one transaction, all or none.
 
     Each move compares its source key's mod revision, so that one changed behind the
     leader's back fails the batch; the failure branch reads the fence key so that the
-    caller can tell a lost leadership from a stale view.
+    caller can tell a lost leadership from a stale view. ``guards`` are further compares
+    (the settings of an assignment's queue), ``extra`` further writes (the leader's own
+    bookkeeping, such as a rate limit's window).
     """
     compare: list[Compare] = [fence.compare()]
     success: list[Request] = []
@@ -116,6 +154,8 @@ def plan_batch(
         success.append(Delete(slot.key))
         success.extend(_terminal_ops(ks, slot.task_id, record, lease))
     compare.extend(_session_guards(ks, moves))
+    compare.extend(guards)
+    success.extend(extra)
     return Txn(compare=tuple(compare), success=tuple(success), failure=(Range(fence.key),))
 
 

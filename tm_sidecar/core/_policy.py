@@ -44,6 +44,7 @@ def assigned(record: Record, *, node: NodeId, session: int, now: float, grace_s:
         session=session,
         deadline_at=None if timeout is None else now + timeout + grace_s,
         handbacks=record.handbacks,
+        snoozes=record.snoozes,
     )
 
 
@@ -64,6 +65,7 @@ def succeeded(record: Record, *, result: object, now: float) -> Record:
         since_at=now,
         started_at=record.started_at,
         result=result,
+        snoozes=record.snoozes,
     )
 
 
@@ -91,6 +93,7 @@ def after_failure(
             since_at=now,
             started_at=record.started_at,
             error=error,
+            snoozes=record.snoozes,
         )
     delay = backoff_delay_s(record.options.backoff, record.attempts, fraction) if backoff else 0.0
     if delay <= 0:
@@ -102,6 +105,7 @@ def after_failure(
             started_at=record.started_at,
             error=error,
             reason=reason,
+            snoozes=record.snoozes,
         )
     return Record(
         state=State.DELAYED,
@@ -112,6 +116,7 @@ def after_failure(
         started_at=record.started_at,
         error=error,
         reason=reason,
+        snoozes=record.snoozes,
     )
 
 
@@ -139,6 +144,7 @@ def handed_back(record: Record, *, now: float) -> Record:
         since_at=now,
         reason=HANDED_BACK,
         handbacks=record.handbacks + 1,
+        snoozes=record.snoozes,
     )
 
 
@@ -146,3 +152,58 @@ def handed_back(record: Record, *, now: float) -> Record:
 MAX_FREE_HANDBACKS = 3
 #: The ``reason`` of a pending record that a graceful stop gave back.
 HANDED_BACK = "handed back"
+
+#: The ``reason`` of a delayed record that a handler snoozed.
+SNOOZED = "snoozed"
+#: The error type of a task that snoozed more often than its ``max_snoozes``.
+SNOOZE_LIMIT = "SnoozeLimit"
+
+
+def snoozed(record: Record, *, delay_s: float, now: float) -> Record:
+    """A handler asked to run its task again ``delay_s`` from now: back to delayed (or
+    pending at once), and this attempt does not count. Bounded: past its
+    ``max_snoozes``, the task fails for good (``SnoozeLimit``), so that a task cannot
+    snooze for ever unnoticed."""
+    if record.snoozes >= record.options.max_snoozes:
+        return Record(
+            state=State.FAILED,
+            attempts=record.attempts,
+            options=record.options,
+            since_at=now,
+            started_at=record.started_at,
+            error=TaskError(
+                type=SNOOZE_LIMIT,
+                message=f"snoozed {record.snoozes} times, the limit (max_snoozes)",
+                retryable=False,
+            ),
+            snoozes=record.snoozes,
+        )
+    spent = max(record.attempts - 1, 0)  # this attempt does not count
+    return Record(
+        state=State.DELAYED if delay_s > 0 else State.PENDING,
+        attempts=spent,
+        options=record.options,
+        since_at=now,
+        due_at=now + delay_s if delay_s > 0 else None,
+        reason=SNOOZED,
+        snoozes=record.snoozes + 1,
+    )
+
+
+#: The error type of a cancelled task.
+CANCELLED = "Cancelled"
+
+
+def cancelled(record: Record, *, now: float, message: str = "cancelled") -> Record:
+    """A live task (pending, delayed or running) that was cancelled: failed at once, for
+    good. The attempts it had are kept; a running attempt's handler is cancelled by its
+    node when the assignment key goes."""
+    return Record(
+        state=State.FAILED,
+        attempts=record.attempts,
+        options=record.options,
+        since_at=now,
+        started_at=record.started_at,
+        error=TaskError(type=CANCELLED, message=message, retryable=False),
+        snoozes=record.snoozes,
+    )

@@ -1,0 +1,115 @@
+"""The leader's output: batches of moves, each one fenced transaction, and how to cut a
+decision into batches that etcd takes (operations per transaction, request size)."""
+
+from __future__ import annotations
+
+import attrs
+
+from ._flow import RateWindow
+from ._keys import Keyspace, TaskId
+from ._model import Record
+from ._plan import ASSIGN_BATCH, Fence, Slot, move_ops, plan_batch
+from ._txn import MAX_TXN_OPS, Compare, Put, Request, Txn
+
+
+@attrs.frozen
+class Batch:
+    """Moves to commit together in one fenced transaction."""
+
+    kind: str  # "assign", "promote", "reap" or "fire"
+    moves: tuple[tuple[Slot, Record], ...]
+    #: Further compares: an assignment's queue settings are as the leader saw them.
+    guards: tuple[Compare, ...] = ()
+    #: Further writes of the leader's own (a rate limit's window, a firing's tasks).
+    extra: tuple[Request, ...] = ()
+    #: A firing: its schedule, and the slots it fires.
+    schedule: str | None = None
+    slots: tuple[float, ...] = ()
+
+    @property
+    def task_ids(self) -> tuple[TaskId, ...]:
+        """The tasks this batch moves."""
+        return tuple(slot.task_id for slot, _ in self.moves)
+
+    def plan(self, ks: Keyspace, fence: Fence, *, lease: int = 0) -> Txn:
+        """The fenced transaction that commits this batch."""
+        return plan_batch(ks, fence, self.moves, lease=lease, guards=self.guards, extra=self.extra)
+
+
+@attrs.frozen
+class Decision:
+    """What to do now, and when to decide again at the latest (None: on the next change)."""
+
+    batches: tuple[Batch, ...]
+    wake_at: float | None
+
+
+@attrs.frozen(kw_only=True)
+class LeaderPolicy:
+    """The leader's settings."""
+
+    grace_s: float = 5.0
+    requeue_stalled: bool = True
+    max_batches: int = 16
+
+
+def assign_batches(
+    ks: Keyspace,
+    assigns: list[tuple[Slot, Record]],
+    guard: Compare,
+    windows: dict[tuple[str, str | None], tuple[RateWindow, float]],
+) -> list[Batch]:
+    """One queue's assignments in batches, each compared with the queue's ``guard`` and
+    writing the rate ``windows`` ((queue, key) -> (window, period)) its moves count in."""
+    out: list[Batch] = []
+    for chunk in chunk_moves(assigns, ASSIGN_BATCH, rated=bool(windows)):
+        keys = {record.options.concurrency_key for _, record in chunk}
+        extra = tuple(
+            Put(ks.rate(queue, key), window.to_json(period))
+            for (queue, key), (window, period) in windows.items()
+            if key is None or key in keys
+        )
+        out.append(Batch("assign", tuple(chunk), guards=(guard,), extra=extra))
+    return out
+
+
+#: etcd refuses requests over 1.5 MiB; batches stay well under, JSON and base64 included.
+MAX_BATCH_BYTES = 512 * 1024
+
+
+def chunk_moves(
+    items: list[tuple[Slot, Record]], size: int, *, rated: bool = False
+) -> list[list[tuple[Slot, Record]]]:
+    """Consecutive batches of at most ``size`` moves, MAX_TXN_OPS writes and about
+    MAX_BATCH_BYTES; ``rated`` keeps room for the rate windows' writes (the queue's, and
+    one per move for its concurrency key's)."""
+    out: list[list[tuple[Slot, Record]]] = []
+    current: list[tuple[Slot, Record]] = []
+    base = 1 if rated else 0
+    weight, ops = 0, base
+    # Compares: the fence, one per move, one per target node's session, one per queue's
+    # settings: a batch over many nodes must stay within etcd's limit too.
+    nodes: set[str] = set()
+    queues: set[str] = set()
+    for slot, record in items:
+        cost = len(record.to_json().encode()) + 2 * len(slot.key) + 200
+        n = move_ops(record) + base
+        node = {record.node} if record.node is not None else set()
+        compares = 1 + len(current) + 1 + len(nodes | node) + len(queues | {record.options.queue})
+        if current and (
+            len(current) >= size
+            or weight + cost > MAX_BATCH_BYTES
+            or ops + n > MAX_TXN_OPS
+            or compares > MAX_TXN_OPS
+        ):
+            out.append(current)
+            current, weight, ops = [], 0, base
+            nodes, queues = set(), set()
+        current.append((slot, record))
+        weight += cost
+        ops += n
+        nodes |= node
+        queues.add(record.options.queue)
+    if current:
+        out.append(current)
+    return out

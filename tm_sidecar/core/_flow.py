@@ -1,0 +1,246 @@
+"""Flow control of a queue: its settings in ``queues/<name>`` (paused, concurrency and rate
+limits), and the planner that changes them.
+
+Anyone may change a queue's settings (a sidecar for a client, tmctl for an operator):
+each change is a read-modify-write guarded by the key's mod revision, so two changes
+never lose one another. The leader reads the settings through its view and guards every
+assignment batch with the mod revision of its queue's key, so that no assignment it
+decided before a change (a pause, a lower limit) can commit after it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from typing import Any
+
+import attrs
+
+from ._keys import Keyspace, TaskId
+from ._model import JSON, dumps
+from ._txn import Compare, KeyValue, Put, Txn
+
+
+def _positive_int_or_none(_inst: object, attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{attr.name} must be a whole number >= 1 (or none), got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class RateLimit:
+    """At most ``limit`` starts in any window of ``period_s`` seconds."""
+
+    limit: int = attrs.field()
+    period_s: float = attrs.field()
+
+    @limit.validator
+    def _check_limit(self, _attr: attrs.Attribute[Any], value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"a rate's limit must be a whole number >= 1, got {value!r}")
+
+    @period_s.validator
+    def _check_period(self, _attr: attrs.Attribute[Any], value: float) -> None:
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"period_s must be a positive number of seconds, got {value!r}")
+
+    def to_json(self) -> dict[str, JSON]:
+        """The JSON object stored in etcd."""
+        return {"limit": self.limit, "period_s": self.period_s}
+
+    @classmethod
+    def from_json(cls, obj: JSON) -> RateLimit:
+        """Read the JSON object (refuses anything else with ValueError)."""
+        if not isinstance(obj, dict) or set(obj) - {"limit", "period_s"}:
+            raise ValueError("a rate limit is {limit, period_s}")
+        return cls(limit=obj.get("limit"), period_s=obj.get("period_s"))  # type: ignore[arg-type]
+
+
+@attrs.frozen(kw_only=True)
+class QueueConfig:
+    """A queue's flow-control settings. The default is a queue with no key at all."""
+
+    paused: bool = False
+    #: Tasks of the queue running at once, across every node.
+    max_running: int | None = attrs.field(default=None, validator=_positive_int_or_none)
+    #: Tasks running at once per concurrency key (a task's ``concurrency_key`` option).
+    key_max_running: int | None = attrs.field(default=None, validator=_positive_int_or_none)
+    #: Starts of the queue's tasks, across every node.
+    rate: RateLimit | None = None
+    #: Starts per concurrency key.
+    key_rate: RateLimit | None = None
+    updated_at: float = 0.0
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit applies."""
+        return any(
+            x is not None
+            for x in (self.max_running, self.key_max_running, self.rate, self.key_rate)
+        )
+
+    def to_json(self) -> str:
+        """The value stored in etcd."""
+        obj: dict[str, JSON] = {"paused": self.paused, "updated_at": self.updated_at}
+        for name in ("max_running", "key_max_running"):
+            if getattr(self, name) is not None:
+                obj[name] = getattr(self, name)
+        for name in ("rate", "key_rate"):
+            limit = getattr(self, name)
+            if limit is not None:
+                obj[name] = limit.to_json()
+        return dumps(obj)
+
+    def to_obj(self) -> dict[str, JSON]:
+        """The settings as a JSON object (as the protocol shows them)."""
+        return dict(json.loads(self.to_json()))
+
+    @classmethod
+    def from_json(cls, text: str) -> QueueConfig:
+        """Read the value stored in etcd."""
+        obj = json.loads(text)
+        if not isinstance(obj, dict):
+            raise ValueError("a queue's settings are a JSON object")
+        rate, key_rate = obj.get("rate"), obj.get("key_rate")
+        return cls(
+            paused=bool(obj.get("paused", False)),
+            max_running=obj.get("max_running"),
+            key_max_running=obj.get("key_max_running"),
+            rate=None if rate is None else RateLimit.from_json(rate),
+            key_rate=None if key_rate is None else RateLimit.from_json(key_rate),
+            updated_at=float(obj.get("updated_at", 0.0)),
+        )
+
+
+#: The limit settings a client may change, and the JSON each takes.
+LIMIT_FIELDS = ("max_running", "key_max_running", "rate", "key_rate")
+
+
+def with_limits(config: QueueConfig, changes: dict[str, JSON]) -> QueueConfig:
+    """``config`` with the limits in ``changes`` set (a JSON null lifts one); raises
+    ValueError for an unknown name or a bad value."""
+    unknown = set(changes) - set(LIMIT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown limits: {sorted(unknown)} (known: {', '.join(LIMIT_FIELDS)})")
+    values: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name in ("rate", "key_rate"):
+            values[name] = None if value is None else RateLimit.from_json(value)
+        else:
+            values[name] = value
+    return attrs.evolve(config, **values)
+
+
+def plan_queue_config(ks: Keyspace, queue: str, config: QueueConfig, seen: KeyValue | None) -> Txn:
+    """Write a queue's settings if its key is as ``seen`` (None: absent)."""
+    key = ks.queue(queue)
+    return Txn(
+        compare=(Compare.modified_at(key, seen.mod_revision if seen is not None else 0),),
+        success=(Put(key, config.to_json()),),
+    )
+
+
+def queue_guard(ks: Keyspace, queue: str, mod_revision: int) -> Compare:
+    """The guard of an assignment from ``queue``: its settings are as the leader saw them
+    (mod revision 0: the queue has no settings key)."""
+    return Compare.modified_at(ks.queue(queue), mod_revision)
+
+
+#: A pending task in the leader's queue heap: (-priority, create revision, task id).
+Entry = tuple[int, int, TaskId]
+
+
+@attrs.define(eq=False)
+class KeyCounts:
+    """What the leader counts per (queue, concurrency key): tasks processing plus
+    assignments in flight, and the pending tasks set aside because their key was at its
+    limit (parked, in heap order, until a task of the key ends or the limit changes)."""
+
+    running: Counter[tuple[str, str]] = attrs.Factory(Counter)
+    _parked: dict[tuple[str, str], list[Entry]] = attrs.Factory(dict)
+
+    def add(self, queue: str, key: str) -> None:
+        """One more task of ``key`` runs (or is being assigned)."""
+        self.running[(queue, key)] += 1
+
+    def remove(self, queue: str, key: str) -> list[Entry]:
+        """One task of ``key`` less; answers the tasks parked on it, to consider again."""
+        k = (queue, key)
+        self.running[k] -= 1
+        if self.running[k] <= 0:
+            del self.running[k]
+        return self._parked.pop(k, [])
+
+    def full(self, queue: str, key: str, limit: int) -> bool:
+        """Whether ``key`` has ``limit`` tasks running or being assigned."""
+        return self.running[(queue, key)] >= limit
+
+    def park(self, queue: str, key: str, entry: Entry) -> None:
+        """Set a pending task aside until its key has room."""
+        self._parked.setdefault((queue, key), []).append(entry)
+
+    def unpark(self, queue: str, key: str) -> list[Entry]:
+        """The tasks parked on ``key`` (its rate window has room again)."""
+        return self._parked.pop((queue, key), [])
+
+    def unpark_queue(self, queue: str) -> list[Entry]:
+        """Every task parked in ``queue`` (its limits changed)."""
+        out: list[Entry] = []
+        for k in [k for k in self._parked if k[0] == queue]:
+            out += self._parked.pop(k)
+        return out
+
+
+@attrs.define(eq=False)
+class RateWindow:
+    """The starts of one queue (or one concurrency key of it) in the last ``period_s``:
+    a sliding window, so that no window of ``period_s`` ever holds more than ``limit``.
+
+    The leader keeps the exact times; it persists them rounded up to a grid of
+    ``period_s / GRID`` (later times leave the window later: a new leader that reads them
+    back can only be stricter than the old one was), in the same fenced transaction as
+    the assignments they count.
+    """
+
+    starts: list[float] = attrs.Factory(list)  # ascending
+
+    def prune(self, now: float, period_s: float) -> None:
+        """Forget the starts that have left the window."""
+        cut = 0
+        while cut < len(self.starts) and self.starts[cut] <= now - period_s:
+            cut += 1
+        if cut:
+            del self.starts[:cut]
+
+    def room(self, now: float, rate: RateLimit) -> int:
+        """How many more starts the window allows at ``now``."""
+        self.prune(now, rate.period_s)
+        return max(rate.limit - len(self.starts), 0)
+
+    def free_at(self, rate: RateLimit) -> float:
+        """When the next start is allowed (once the oldest leaves the window)."""
+        index = len(self.starts) - rate.limit
+        return self.starts[max(index, 0)] + rate.period_s if self.starts else 0.0
+
+    def record(self, now: float) -> None:
+        """A start at ``now``."""
+        self.starts.append(now)
+
+    def to_json(self, period_s: float) -> str:
+        """The persisted form: [time, count] pairs on the grid, times rounded up."""
+        step = period_s / GRID
+        cells: Counter[float] = Counter(math.ceil(t / step) * step for t in self.starts)
+        return dumps({"period_s": period_s, "starts": sorted([t, n] for t, n in cells.items())})
+
+    @classmethod
+    def from_json(cls, text: str) -> RateWindow:
+        """Read the persisted form."""
+        obj = json.loads(text)
+        starts: list[float] = []
+        for at, count in obj.get("starts", []):
+            starts += [float(at)] * int(count)
+        return cls(sorted(starts))
+
+
+#: Cells per period in a persisted rate window.
+GRID = 32
