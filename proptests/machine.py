@@ -327,11 +327,19 @@ class QueueMachine(RuleBasedStateMachine):
     def elect(self) -> None:
         self._new_fence()
 
-    @initialize(max_running=st.sampled_from([None, 2, 3]), per_key=st.sampled_from([None, 1]))
-    def first_limits(self, max_running: int | None, per_key: int | None) -> None:
-        """Runs start with limits or without (set_limits changes them later)."""
+    @initialize(
+        max_running=st.sampled_from([None, 1, 2, 3]),
+        per_key=st.sampled_from([None, 1]),
+        rate=st.sampled_from([None, (1, 5.0), (2, 20.0)]),
+    )
+    def first_limits(
+        self, max_running: int | None, per_key: int | None, rate: tuple[int, float] | None
+    ) -> None:
+        """Runs start with limits or without (set_limits, set_rates change them later)."""
         if max_running is not None or per_key is not None:
             self.set_limits(max_running, per_key)
+        if rate is not None:
+            self.set_rates(rate, None)
 
     @initialize(
         every=st.sampled_from([None, 5.0, 7.0]), missed=st.sampled_from(["skip", "one", "all"])
@@ -368,6 +376,18 @@ class QueueMachine(RuleBasedStateMachine):
         """``count`` tasks alike, as a producer makes them."""
         for _ in range(count):
             self._create_one(priority, delay, max_attempts, timeout, max_snoozes, key)
+
+    @rule(key=st.sampled_from([None, "k0"]), later=st.sampled_from([None, 0.6, 1.0]))
+    def burst(self, key: str | None, later: float | None) -> None:
+        """A producer sends three tasks at once and the leader gets to them: the common
+        case where limits (concurrency, rates) hold back part of a decision. With
+        ``later``, the leader looks again that fraction of the rate's period on."""
+        self.create(0, None, 2, None, 0, key, count=3)
+        self.leader_rounds(interfere=False)
+        rate = self.config.rate or self.config.key_rate
+        if later is not None and rate is not None:
+            self.now += later * rate.period_s
+            self.leader_rounds(interfere=False)
 
     def _create_one(
         self,
@@ -538,6 +558,13 @@ class QueueMachine(RuleBasedStateMachine):
                     self.view.settle(batch, committed_at=None)
                 continue
             for batch in decision.batches:
+                result = self.db.txn(batch.plan(self.ks, self.fence))
+                assert result.succeeded, f"the live leader's {batch.kind} batch failed"
+                self._committed(batch, result.revision)
+            # As the real leader does after a commit: decide again at once, before the
+            # watch has shown what it committed (its claims stand in meanwhile).
+            again = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+            for batch in again.batches:
                 result = self.db.txn(batch.plan(self.ks, self.fence))
                 assert result.succeeded, f"the live leader's {batch.kind} batch failed"
                 self._committed(batch, result.revision)
