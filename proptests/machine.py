@@ -183,40 +183,38 @@ class QueueMachine(RuleBasedStateMachine):
     def _sync_view(self) -> None:
         """Feed the leader the changes since its last look, as a watch would."""
         assert self.view is not None
-        kvs, revision = self.db.list(self.ks.prefix)
-        now = {kv.key: kv for kv in kvs}
-        events = [
-            WatchEvent("DELETE", KeyValue(k, "", 0, revision, 0), old)
-            for k, old in self.listing.items()
-            if k not in now
-        ]
-        events += [
-            WatchEvent("PUT", kv, self.listing.get(k))
-            for k, kv in now.items()
-            if k not in self.listing or self.listing[k].mod_revision != kv.mod_revision
-        ]
-        events.sort(key=lambda e: (e.kv.mod_revision, e.kind != "DELETE"))
+        now, events, revision = self._changes_since(self.listing, self.ks.prefix)
         for event in events:
             self.view.apply(event)
         self.view.advance(revision)
         self.listing = now
 
-    def _record_assignments(self) -> None:
-        """Append the changes to processing keys since the last look to each node's feed,
-        as etcd's watch would deliver them (called after every write that may touch one)."""
-        kvs, revision = self.db.list(self.ks.state_prefix(State.PROCESSING))
+    def _changes_since(
+        self, seen: dict[str, KeyValue], prefix: str
+    ) -> tuple[dict[str, KeyValue], list[WatchEvent], int]:
+        """The keys under ``prefix`` now, and the changes since ``seen`` as a watch would
+        tell them: in revision order, a transaction's deletes first."""
+        kvs, revision = self.db.list(prefix)
         now = {kv.key: kv for kv in kvs}
         events = [
             WatchEvent("DELETE", KeyValue(k, "", 0, revision, 0), old)
-            for k, old in self.assignments.items()
+            for k, old in seen.items()
             if k not in now
         ]
         events += [
-            WatchEvent("PUT", kv, self.assignments.get(k))
+            WatchEvent("PUT", kv, seen.get(k))
             for k, kv in now.items()
-            if k not in self.assignments or self.assignments[k].mod_revision != kv.mod_revision
+            if k not in seen or seen[k].mod_revision != kv.mod_revision
         ]
-        events.sort(key=lambda e: e.kv.mod_revision)
+        events.sort(key=lambda e: (e.kv.mod_revision, e.kind != "DELETE"))
+        return now, events, revision
+
+    def _record_assignments(self) -> None:
+        """Append the changes to processing keys since the last look to each node's feed,
+        as etcd's watch would deliver them (called after every write that may touch one)."""
+        now, events, _ = self._changes_since(
+            self.assignments, self.ks.state_prefix(State.PROCESSING)
+        )
         for event in events:
             parsed = self.ks.parse(event.kv.key)
             assert parsed is not None
