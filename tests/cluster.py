@@ -285,11 +285,11 @@ class StartLog:
         self.path.touch()
 
     def read(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.path.read_text().splitlines():
-            if line.strip():
-                out.append(json.loads(line))
-        return out
+        """The starts logged so far. A reader can see a line another process is still
+        writing (a write is atomic against other writers, not against readers), so only
+        lines ended by a newline count: the fragment is read whole next time."""
+        *complete, _partial = self.path.read_bytes().split(b"\n")
+        return [json.loads(line) for line in complete if line.strip()]
 
     @property
     def env(self) -> dict[str, str]:
