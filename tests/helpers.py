@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -77,3 +80,21 @@ async def poll_until(
     with trio.fail_after(timeout_s):
         while not await condition():  # noqa: ASYNC110 - bounded poll of a remote state
             await trio.sleep(poll_s)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
+async def stop_process(pid: int, timeout_s: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and return once every one of its threads is stopped: ``kill``
+    returns when the signal is queued, and on a loaded machine a thread can still answer
+    a request in between."""
+    os.kill(pid, signal.SIGSTOP)
+    await wait_for(lambda: _all_threads_stopped(pid), timeout_s, poll_s=0.001)

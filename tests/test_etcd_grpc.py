@@ -18,6 +18,7 @@ import pytest
 import trio
 from taskmanager import TaskManager, WorkerTask
 
+from tests.helpers import stop_process
 from tests.procs import SidecarProcess
 from tm_sidecar import Compacted, Etcd, EtcdConfig, EtcdFull, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess, free_port
@@ -212,7 +213,7 @@ async def test_a_keepalive_cancelled_by_its_caller_leaves_no_answer_behind(
     assert stream is not None
     pid = own_etcd.pid
     assert pid is not None
-    os.kill(pid, signal.SIGSTOP)  # etcd hangs: the keep-alive gets no answer in time
+    await stop_process(pid)  # etcd hangs: the keep-alive gets no answer in time
     try:
         with trio.fail_after(5), trio.move_on_after(0.3) as scope:
             await etcd.lease_keepalive(lease)
