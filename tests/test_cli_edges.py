@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import ROOT
-from tm_sidecar._cli import build_parser
+from tm_sidecar._cli import build_parser, parse_args
 from tm_sidecar._embedded import EmbeddedEtcdError, EtcdProcess
 
 
@@ -83,8 +83,8 @@ def test_help_prints_the_socket_mode_in_octal(monkeypatch: pytest.MonkeyPatch) -
     text = " ".join(build_parser().format_help().split())
     assert "octal [TM_SOCKET_MODE] (default: 0660)" in text
     assert "432" not in text
-    assert build_parser().parse_args([]).socket_mode == 0o660
-    assert build_parser().parse_args(["--socket-mode", "600"]).socket_mode == 0o600
+    assert parse_args([], {})[1].socket_mode == 0o660
+    assert parse_args(["--socket-mode", "600"], {})[1].socket_mode == 0o600
 
 
 def _etcd_pid(log: Path) -> int:
