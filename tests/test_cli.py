@@ -93,7 +93,7 @@ def test_demo_with_embedded_etcd_shows_tasks_flowing(tmp_path: Path) -> None:
     assert "became leader" in log
     for kind in ("queued", "started", "completed"):
         assert f"event={kind}" in log
-    assert "demo finished: 6 tasks" in log
+    assert 'msg="demo finished" tasks=6' in log
     # The data directory survives for the next start; the socket of etcd is gone.
     assert (tmp_path / "data" / "etcd").is_dir()
 
@@ -120,8 +120,8 @@ async def test_sidecar_against_an_external_etcd_exits_0_on_sigterm(
             proc.kill()
         await etcd.aclose()
     assert proc.returncode == 0, err[-3000:]
-    assert "received SIGTERM" in err
-    assert "stopped" in err
+    assert "signal=SIGTERM" in err
+    assert "msg=stopped" in err
     # Its session was revoked on the way out: no trace of it stays registered.
     assert "revoked" in err
 

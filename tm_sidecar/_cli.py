@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tm_sidecar.cli")
 
+_NOT_READY = "signal received before the sidecar was ready: stopping"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: the settings table's flags (see :mod:`tm_sidecar._settings`)
@@ -80,18 +82,19 @@ async def _demo_handler(task: TaskContext) -> Any:
     return {"sum": sum(payload.get("numbers", []))}
 
 
-def _describe(event: TaskEvent) -> str:
-    """One logfmt-style line for a task event."""
-    parts = [f"event={event.kind}", f"task={event.task_id}", f"attempt={event.attempt}"]
+def _describe(event: TaskEvent) -> dict[str, Any]:
+    """The fields of a task event's log line."""
+    fields: dict[str, Any] = {"event": event.kind, "task": event.task_id}
+    fields["attempt"] = event.attempt
     if event.node:
-        parts.append(f"node={event.node}")
+        fields["node"] = event.node
     if event.kind in ("completed", "updated"):
-        parts.append(f"data={json.dumps(event.data, separators=(',', ':'))}")
+        fields["data"] = event.data
     if event.error is not None:
-        parts.append(f"error={json.dumps(event.error.type + ': ' + event.error.message)}")
+        fields["error"] = f"{event.error.type}: {event.error.message}"
     if event.kind == "failed":
-        parts.append(f"will_retry={str(event.will_retry).lower()}")
-    return " ".join(parts)
+        fields["will_retry"] = event.will_retry
+    return fields
 
 
 async def _run_demo(sidecar: Sidecar, count: int) -> None:
@@ -101,7 +104,7 @@ async def _run_demo(sidecar: Sidecar, count: int) -> None:
 
         async def show() -> None:
             async for event in events:
-                log.info("%s", _describe(event))
+                log.info("task event", extra=_describe(event))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(show)
@@ -119,14 +122,14 @@ async def _run_demo(sidecar: Sidecar, count: int) -> None:
             for task_id in ids:
                 await sidecar.wait(task_id, timeout_s=30)
             nursery.cancel_scope.cancel()
-    log.info("demo finished: %d tasks", created)
+    log.info("demo finished", extra={"tasks": created})
 
 
 async def amain(settings: Settings, signals: Any) -> int:
     """Run the sidecar until SIGTERM or SIGINT; answers the exit code."""
     web = _web_settings(settings) if settings.web else None
     if isinstance(web, str):
-        log.error("%s", web)
+        log.error("dashboard settings refused", extra={"error": web})
         return 1
     embedded: EtcdProcess | None = None
     endpoints = settings.endpoints
@@ -140,13 +143,15 @@ async def amain(settings: Settings, signals: Any) -> int:
             if not await _start_embedded(embedded, signals):
                 return 0
         except EmbeddedEtcdError as exc:
-            log.error("embedded etcd failed: %s", exc)
+            log.error("embedded etcd failed", extra={"error": str(exc)})
             return 1
         log.info(
-            "embedded etcd %s at %s data_dir=%s",
-            embedded.version,
-            embedded.endpoint,
-            settings.data_dir,
+            "embedded etcd ready",
+            extra={
+                "version": embedded.version,
+                "endpoint": embedded.endpoint,
+                "data_dir": settings.data_dir,
+            },
         )
         endpoints = (embedded.endpoint,)
     cfg = settings.etcd_config(endpoints)
@@ -162,11 +167,13 @@ async def amain(settings: Settings, signals: Any) -> int:
     )
     etcd = connect(cfg)
     log.info(
-        "starting tm-sidecar %s node=%s etcd=%s client=%s",
-        __version__,
-        sidecar_settings.node_id,
-        ",".join(endpoints),
-        type(etcd).__name__,
+        "starting tm-sidecar",
+        extra={
+            "version": __version__,
+            "node": sidecar_settings.node_id,
+            "etcd": ",".join(endpoints),
+            "client": type(etcd).__name__,
+        },
     )
     sidecar = Sidecar(etcd, sidecar_settings)
     notifier = Notifier()
@@ -175,8 +182,8 @@ async def amain(settings: Settings, signals: Any) -> int:
         Path(settings.socket).parent.mkdir(parents=True, exist_ok=True)
         if _socket_served(settings.socket):
             log.error(
-                "%s is served by another process: give each sidecar its own --socket",
-                settings.socket,
+                "the socket is served by another process: give each sidecar its own --socket",
+                extra={"socket": settings.socket},
             )
             return 1
         async with trio.open_nursery() as nursery:
@@ -188,16 +195,20 @@ async def amain(settings: Settings, signals: Any) -> int:
                     serving = server
                     if serving is None:
                         # Not ready (etcd cannot be reached, say): nothing to drain.
-                        log.warning("received %s before the sidecar was ready: stopping", name)
+                        log.warning(_NOT_READY, extra={"signal": name})
                         nursery.cancel_scope.cancel()
                         return
-                    log.info("received %s: draining for up to %.1f s", name, settings.drain_timeout)
+                    log.info(
+                        "signal received: draining",
+                        extra={"signal": name, "drain_timeout_s": settings.drain_timeout},
+                    )
                     notifier.send("STOPPING=1", "STATUS=draining")
                     serving.stop_accepting()
                     idle = await sidecar.drain(settings.drain_timeout)
                     if not idle:
                         log.warning(
-                            "%d tasks still running: handing them back", len(sidecar.agent.running)
+                            "tasks still running: handing them back",
+                            extra={"running": len(sidecar.agent.running)},
                         )
                     nursery.cancel_scope.cancel()
                     return
@@ -230,10 +241,8 @@ async def amain(settings: Settings, signals: Any) -> int:
                 queue, func = load_handler(spec)
                 sidecar.register(func, queue=queue, concurrency=settings.concurrency)
                 log.info(
-                    "handler %s registered for queue=%s concurrency=%d",
-                    spec,
-                    queue,
-                    settings.concurrency,
+                    "handler registered",
+                    extra={"handler": spec, "queue": queue, "concurrency": settings.concurrency},
                 )
 
             if settings.demo:
@@ -263,7 +272,7 @@ async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
     async def on_signal() -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
-            log.warning("received %s before the sidecar was ready: stopping", name)
+            log.warning(_NOT_READY, extra={"signal": name})
             abort.set()
             return
 
@@ -304,8 +313,10 @@ def _web_settings(settings: Settings) -> WebSettings | str:
             "(--web-token-file, or TM_WEB_TOKEN)"
         )
     if not web.loopback and token is None:
-        log.warning("the dashboard on %s has no token: anyone who reaches it can read it", host)
-    log.info("dashboard token: %s", source)
+        log.warning(
+            "the dashboard has no token: anyone who reaches it can read it", extra={"host": host}
+        )
+    log.info("dashboard token", extra={"token_from": source})
     return web
 
 
