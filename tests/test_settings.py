@@ -22,6 +22,7 @@ from tm_sidecar._settings import (
     Setting,
     Settings,
     SettingsError,
+    markdown_table,
     resolve,
     settings_of,
 )
@@ -253,3 +254,13 @@ def test_the_environment_wins_over_the_file_for_the_socket(tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr
     shown = json.loads(run.stdout)
     assert (shown["socket_mode"], shown["socket_group"]) == (0o640, "env-group")
+
+
+def test_the_operations_guide_shows_the_table_as_it_is() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    begin, end = "<!-- settings table: begin -->\n", "<!-- settings table: end -->"
+    shown = text[text.index(begin) + len(begin) : text.index(end)]
+    assert shown == markdown_table(), (
+        "docs/operations.md's settings table is stale: paste in the output of "
+        "python -m tm_sidecar._settings"
+    )

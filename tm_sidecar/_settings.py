@@ -626,11 +626,13 @@ def markdown_table(rows: Iterable[Setting] = SETTINGS) -> str:
     ]
     for s in rows:
         default = s.shown_default()
+        meaning = s.help + (f" (one of {', '.join(s.choices)})" if s.choices else "")
+        # A value in code; a description of one (the host name, say) as prose.
+        shown = "" if default is None else default if s.default_text else f"`{default}`"
         commands = ", ".join(c for c in ("tm-sidecar", "tmctl") if c in s.clis)
         secret = " Secret: never logged or shown." if s.secret else ""
         lines.append(
-            f"| `{s.name}` | `{s.flag}` | `{s.env}` | {f'`{default}`' if default else ''} "
-            f"| {commands} | {s.help}{secret} |"
+            f"| `{s.name}` | `{s.flag}` | `{s.env}` | {shown} | {commands} | {meaning}.{secret} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -647,3 +649,7 @@ __all__ = [
     "resolve",
     "settings_of",
 ]
+
+
+if __name__ == "__main__":  # python -m tm_sidecar._settings: the table for the docs
+    print(markdown_table(), end="")
