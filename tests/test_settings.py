@@ -192,8 +192,10 @@ def test_toml_takes_native_values_and_strings(tmp_path: Path) -> None:
     assert (loaded.socket_mode, loaded.retention, loaded.allow_uid) == (0o600, 60.0, [7])
     assert loaded.web_actions is True
     assert isinstance(loaded.retention, float)
-    loaded = _load("tm-sidecar", [], {"TM_ALLOW_UID": "1000, 1001", "TM_SOCKET_MODE": "640"})
+    environ = {"TM_ALLOW_UID": "1000, 1001", "TM_SOCKET_MODE": "640", "TM_LOG_LEVEL": "INFO"}
+    loaded = _load("tm-sidecar", [], environ)
     assert (loaded.allow_uid, loaded.socket_mode) == ([1000, 1001], 0o640)
+    assert loaded.log_level == "info"  # names in any case, as logging took them
 
 
 SECRETS = {"etcd_password": "pw-s3cret-1", "web_token": "tok-s3cret-2"}

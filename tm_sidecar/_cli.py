@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from . import __version__
@@ -30,7 +31,6 @@ from ._settings import (
     default_data_dir,
     default_socket,
     load_settings,
-    node_id_or_host,
 )
 from ._sidecar import Sidecar, SidecarSettings
 from .core import NodeId, TaskEvent, TaskOptions, check_name
@@ -155,16 +155,7 @@ async def amain(settings: Settings, signals: Any) -> int:
         )
         endpoints = (embedded.endpoint,)
     cfg = settings.etcd_config(endpoints)
-    sidecar_settings = SidecarSettings(
-        node_id=NodeId(node_id_or_host(settings.node_id)),
-        namespace=settings.namespace,
-        lease_ttl_s=settings.lease_ttl,
-        retention_s=settings.retention,
-        max_payload_bytes=settings.max_payload,
-        max_live_tasks=settings.max_live_tasks,
-        quota_bytes=settings.etcd_quota,
-        quota_fraction=settings.quota_fraction,
-    )
+    sidecar_settings = _sidecar_settings(settings)
     etcd = connect(cfg)
     log.info(
         "starting tm-sidecar",
@@ -262,6 +253,21 @@ async def amain(settings: Settings, signals: Any) -> int:
                 await trio.to_thread.run_sync(embedded.stop)
     log.info("stopped")
     return exit_code
+
+
+def _sidecar_settings(settings: Settings) -> SidecarSettings:
+    """What the sidecar itself needs of the settings (its own default node id: the host
+    name)."""
+    built = SidecarSettings(
+        namespace=settings.namespace,
+        lease_ttl_s=settings.lease_ttl,
+        retention_s=settings.retention,
+        max_payload_bytes=settings.max_payload,
+        max_live_tasks=settings.max_live_tasks,
+        quota_bytes=settings.etcd_quota,
+        quota_fraction=settings.quota_fraction,
+    )
+    return attrs.evolve(built, node_id=NodeId(settings.node_id)) if settings.node_id else built
 
 
 async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tomllib
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -104,6 +103,8 @@ class Kind:
 
 
 TEXT = Kind("a string", str, (str,))
+#: A name from a short list, in any case (``TM_LOG_LEVEL=INFO``).
+WORD = Kind("a string", lambda text: text.strip().lower(), (str,))
 INT = Kind("an integer", int, (int,))
 FLOAT = Kind("a number", float, (int, float), text=lambda v: f"{v:.0f}" if v == int(v) else repr(v))
 BOOL = Kind("true or false", _parse_bool, (bool,), text=lambda v: "true" if v else "false")
@@ -353,6 +354,7 @@ class Settings:
         "grpc",
         "how to reach etcd: its native gRPC API (grpc, the default), or its JSON gateway, "
         "for when only the gateway can be reached",
+        kind=WORD,
         clis=BOTH,
         choices=_transports() or None,
     )
@@ -383,10 +385,10 @@ class Settings:
         0, "with --demo: stop after this many tasks (0: run on)", kind=INT, metavar="N"
     )
     log_level: str = _setting(
-        "info", "the least level logged", choices=("debug", "info", "warning", "error")
+        "info", "the least level logged", kind=WORD, choices=("debug", "info", "warning", "error")
     )
     log_format: str = _setting(
-        "logfmt", "one line per event, as logfmt or JSON", choices=("logfmt", "json")
+        "logfmt", "one line per event, as logfmt or JSON", kind=WORD, choices=("logfmt", "json")
     )
     metrics: str = _setting(
         "",
@@ -611,11 +613,6 @@ def load_settings(
     except SettingsError as exc:
         parser.error(str(exc))
     return args, settings
-
-
-def node_id_or_host(value: str) -> str:
-    """The node id given, or this host's short name."""
-    return value or socket.gethostname().split(".")[0] or "node"
 
 
 def markdown_table(rows: Iterable[Setting] = SETTINGS) -> str:
