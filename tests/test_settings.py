@@ -255,7 +255,7 @@ def test_the_environment_wins_over_the_file_for_the_socket(tmp_path: Path) -> No
     )
     assert run.returncode == 0, run.stderr
     shown = json.loads(run.stdout)
-    assert (shown["socket_mode"], shown["socket_group"]) == (0o640, "env-group")
+    assert (shown["socket_mode"], shown["socket_group"]) == ("0640", "env-group")
 
 
 def test_the_operations_guide_shows_the_table_as_it_is() -> None:

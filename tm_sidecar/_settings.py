@@ -452,6 +452,8 @@ class Settings:
         out: dict[str, Any] = {}
         for s in SETTINGS:
             value = getattr(self, s.name)
+            if s.kind is OCTAL:
+                value = s.kind.show(value)  # a mode reads in octal: "0660", not 432
             out[s.name] = "***" if s.secret and value else value
         return out
 
