@@ -290,7 +290,7 @@ class DashboardViewer:
 async def dashboard_url(proc: SidecarProcess) -> str:
     """The URL the sidecar logs once its dashboard listens (which may follow its socket)."""
     with trio.fail_after(20):
-        while not (found := re.search(r"dashboard on (http://\S+/)", proc.log())):
+        while not (found := re.search(r'msg="dashboard listening" url=(http://\S+/)', proc.log())):
             await trio.sleep(0.05)
     return found.group(1)
 

@@ -14,7 +14,7 @@ import trio
 
 from tests.helpers import poll_until
 from tm_sidecar import EtcdConfig
-from tm_sidecar._cli import build_parser, load_handler
+from tm_sidecar._cli import build_parser, load_handler, parse_args
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace
 from tm_sidecar.etcd import connect
@@ -33,21 +33,23 @@ def test_help_names_every_option_and_its_variable() -> None:
         assert env in text
 
 
-def test_options_fall_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TM_ETCD", "http://10.0.0.1:2379")
-    monkeypatch.setenv("TM_NODE_ID", "web-7")
-    monkeypatch.setenv("TM_NAMESPACE", "billing")
-    monkeypatch.setenv("TM_SOCKET", "/run/tm/s.sock")
-    monkeypatch.setenv("TM_DATA_DIR", "/var/lib/tm")
-    args = build_parser().parse_args([])
-    assert (args.etcd, args.node_id, args.namespace, args.socket, args.data_dir) == (
+def test_options_fall_back_to_the_environment() -> None:
+    environ = {
+        "TM_ETCD": "http://10.0.0.1:2379",
+        "TM_NODE_ID": "web-7",
+        "TM_NAMESPACE": "billing",
+        "TM_SOCKET": "/run/tm/s.sock",
+        "TM_DATA_DIR": "/var/lib/tm",
+    }
+    _, s = parse_args([], environ)
+    assert (s.etcd, s.node_id, s.namespace, s.socket, s.data_dir) == (
         "http://10.0.0.1:2379",
         "web-7",
         "billing",
         "/run/tm/s.sock",
         "/var/lib/tm",
     )
-    assert build_parser().parse_args(["--namespace", "x"]).namespace == "x"  # flags win
+    assert parse_args(["--namespace", "x"], environ)[1].namespace == "x"  # flags win
 
 
 def test_handler_specs() -> None:
@@ -91,7 +93,7 @@ def test_demo_with_embedded_etcd_shows_tasks_flowing(tmp_path: Path) -> None:
     assert "became leader" in log
     for kind in ("queued", "started", "completed"):
         assert f"event={kind}" in log
-    assert "demo finished: 6 tasks" in log
+    assert 'msg="demo finished" tasks=6' in log
     # The data directory survives for the next start; the socket of etcd is gone.
     assert (tmp_path / "data" / "etcd").is_dir()
 
@@ -118,27 +120,22 @@ async def test_sidecar_against_an_external_etcd_exits_0_on_sigterm(
             proc.kill()
         await etcd.aclose()
     assert proc.returncode == 0, err[-3000:]
-    assert "received SIGTERM" in err
-    assert "stopped" in err
+    assert "signal=SIGTERM" in err
+    assert "msg=stopped" in err
     # Its session was revoked on the way out: no trace of it stays registered.
     assert "revoked" in err
 
 
-def test_config_file_environment_and_flags_in_that_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tm_sidecar._cli import effective_config, parse_args
-
+def test_config_file_environment_and_flags_in_that_order(tmp_path: Path) -> None:
     config = tmp_path / "tm.toml"
     config.write_text(
         'namespace = "from-file"\nnode_id = "file-node"\nlease_ttl = 7\netcd_password = "hunter2"\n'
     )
-    monkeypatch.setenv("TM_NODE_ID", "env-node")
-    args = parse_args(["--config", str(config), "--lease-ttl", "9"])
-    assert args.namespace == "from-file"  # only the file sets it
-    assert args.node_id == "env-node"  # the environment wins over the file
-    assert args.lease_ttl == 9  # the flag wins over both
-    shown = effective_config(args)
+    _, s = parse_args(["--config", str(config), "--lease-ttl", "9"], {"TM_NODE_ID": "env-node"})
+    assert s.namespace == "from-file"  # only the file sets it
+    assert s.node_id == "env-node"  # the environment wins over the file
+    assert s.lease_ttl == 9  # the flag wins over both
+    shown = s.shown()
     assert shown["etcd_password"] == "***"
     assert "hunter2" not in json.dumps(shown)
 

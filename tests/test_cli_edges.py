@@ -15,8 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.procs import ROOT
-from tm_sidecar._cli import build_parser
+from tm_sidecar._cli import build_parser, parse_args
 from tm_sidecar._embedded import EmbeddedEtcdError, EtcdProcess
+
+NOT_READY = "signal received before the sidecar was ready: stopping"
+#: The embedded etcd's pid, from the sidecar's log line.
+ETCD_STARTING = r'msg="embedded etcd starting" .*?\bpid=(\d+)'
 
 
 def _start(
@@ -73,7 +77,7 @@ def test_a_sidecar_that_cannot_reach_etcd_stops_on_a_signal(tmp_path: Path, name
     text = log.read_text(errors="replace")
     assert code == 0, f"did not stop within 5 s of {signum.name}:\n{text[-3000:]}"
     assert took < 5
-    assert f"received {signum.name} before the sidecar was ready: stopping" in text
+    assert f'msg="{NOT_READY}" signal={signum.name}' in text
     assert "Traceback" not in text
     assert not (tmp_path / "sidecar.sock").exists()
 
@@ -83,12 +87,12 @@ def test_help_prints_the_socket_mode_in_octal(monkeypatch: pytest.MonkeyPatch) -
     text = " ".join(build_parser().format_help().split())
     assert "octal [TM_SOCKET_MODE] (default: 0660)" in text
     assert "432" not in text
-    assert build_parser().parse_args([]).socket_mode == 0o660
-    assert build_parser().parse_args(["--socket-mode", "600"]).socket_mode == 0o600
+    assert parse_args([], {})[1].socket_mode == 0o660
+    assert parse_args(["--socket-mode", "600"], {})[1].socket_mode == 0o600
 
 
 def _etcd_pid(log: Path) -> int:
-    found = re.search(r"embedded etcd \S+ starting at \S+ \(pid (\d+)\)", log.read_text())
+    found = re.search(ETCD_STARTING, log.read_text())
     assert found, log.read_text()[-3000:]
     return int(found.group(1))
 
@@ -106,7 +110,7 @@ def _kill_etcds(*logs: Path) -> None:
     """Kill any etcd these sidecars launched that is still alive (a failed test's)."""
     for log in logs:
         text = log.read_text() if log.exists() else ""
-        for pid in re.findall(r"embedded etcd \S+ starting at \S+ \(pid (\d+)\)", text):
+        for pid in re.findall(ETCD_STARTING, text):
             if _alive(int(pid)):
                 os.kill(int(pid), signal.SIGKILL)
 
@@ -159,7 +163,7 @@ def test_a_data_directory_held_by_a_live_etcd_is_refused_fast(tmp_path: Path) ->
         assert took < 10, text[-3000:]
         assert f"is in use by a running etcd (pid {holder})" in text
         assert str(tmp_path / "data") in text
-        assert "starting at" not in text  # no second etcd was launched
+        assert "embedded etcd starting" not in text  # no second etcd was launched
         assert first.poll() is None  # the first one is untouched
     finally:
         code = _stop(first)
@@ -184,7 +188,7 @@ def test_an_interrupted_embedded_start_stops_its_etcd(tmp_path: Path) -> None:
 def test_a_signal_while_the_embedded_etcd_starts_stops_both(tmp_path: Path) -> None:
     proc, log = _start(["--node-id", "a"], tmp_path)
     try:
-        _wait_for_line(proc, log, "starting at", timeout_s=30)
+        _wait_for_line(proc, log, "embedded etcd starting", timeout_s=30)
         etcd_pid = _etcd_pid(log)
         proc.send_signal(signal.SIGTERM)
         code = _wait_exit(proc, timeout_s=15)
@@ -196,5 +200,5 @@ def test_a_signal_while_the_embedded_etcd_starts_stops_both(tmp_path: Path) -> N
         _kill_etcds(log)
     text = log.read_text()
     assert code == 0, text[-3000:]
-    assert "received SIGTERM before the sidecar was ready: stopping" in text
+    assert f'msg="{NOT_READY}" signal=SIGTERM' in text
     assert not etcd_left

@@ -362,7 +362,7 @@ async def test_sigterm_drains_the_task_in_flight(
             assert sc.proc is not None
             code = await trio.to_thread.run_sync(sc.proc.wait)
         assert code == 0
-        assert "received SIGTERM: draining" in sc.log()
+        assert 'msg="signal received: draining" signal=SIGTERM' in sc.log()
         # The task finished before the sidecar left; read it through a new sidecar.
         sc.start()
         await sc.wait_serving()

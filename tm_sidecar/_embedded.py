@@ -174,7 +174,8 @@ class EtcdProcess:
             preexec_fn=_die_with_parent() if on_main else None,
         )
         log.info(
-            "embedded etcd %s starting at %s (pid %d)", self.version, self.endpoint, self._proc.pid
+            "embedded etcd starting",
+            extra={"version": self.version, "endpoint": self.endpoint, "pid": self._proc.pid},
         )
 
     def wait_healthy(

@@ -151,7 +151,7 @@ class Metrics:
         """Serve GET /metrics until cancelled; started with the bound port."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
-        log.info("metrics on http://%s:%d/metrics", host, bound)
+        log.info("serving metrics", extra={"url": f"http://{host}:{bound}/metrics"})
         task_status.started(bound)
         await trio.serve_listeners(self._handle, listeners)
 

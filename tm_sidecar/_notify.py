@@ -40,7 +40,7 @@ class Notifier:
                 self._sock.setblocking(False)
             self._sock.sendto("\n".join(lines).encode(), self.address)
         except OSError as exc:
-            log.warning("sd_notify failed: %s", exc)
+            log.warning("sd_notify failed", extra={"error": str(exc)})
 
     async def keep_watchdog(self) -> None:
         """Send WATCHDOG=1 at half the interval systemd asked for, until cancelled."""

@@ -18,11 +18,11 @@ from typing import Any
 import attrs
 import trio
 
-from ._cli import default_data_dir
 from ._embedded import PORTS_FILE
 from ._errors import EtcdUnavailable, TaskManagerError
 from ._etcd import Etcd, EtcdConfig
 from ._leading import sweep_payloads
+from ._settings import Settings, add_flags, load_settings
 from ._sidecar import pausing, update_queue, update_schedule
 from .core import (
     Compare,
@@ -59,35 +59,10 @@ STATES = [s.value for s in State]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """tmctl's arguments; connection settings also come from the sidecar's TM_* variables."""
-    env = os.environ.get
+    """tmctl's arguments: its connection settings are the sidecar's (the same table, the
+    same TM_* variables, the same --config file), then the command."""
     p = argparse.ArgumentParser(prog="tmctl", description=__doc__)
-    p.add_argument(
-        "--etcd",
-        default=env("TM_ETCD", ""),
-        help="etcd endpoints, comma-separated [TM_ETCD]; default: the embedded etcd of the "
-        "sidecar whose --data-dir is given",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=env("TM_DATA_DIR", default_data_dir()),
-        help="with no --etcd: the sidecar's data directory, whose tm-ports.json names its "
-        "embedded etcd [TM_DATA_DIR] (default: %(default)s)",
-    )
-    p.add_argument("--namespace", default=env("TM_NAMESPACE", "default"), help="[TM_NAMESPACE]")
-    p.add_argument("--etcd-ca", default=env("TM_ETCD_CA"))
-    p.add_argument("--etcd-cert", default=env("TM_ETCD_CERT"))
-    p.add_argument("--etcd-key", default=env("TM_ETCD_KEY"))
-    p.add_argument("--etcd-user", default=env("TM_ETCD_USER"))
-    p.add_argument(
-        "--etcd-transport",
-        choices=("grpc", "native", "etcd3"),
-        default=env("TM_ETCD_TRANSPORT", "grpc"),
-        help="as tm-sidecar's [TM_ETCD_TRANSPORT]",
-    )
-    p.add_argument(
-        "--etcd-password", default=env("TM_ETCD_PASSWORD"), help="prefer TM_ETCD_PASSWORD"
-    )
+    add_flags(p, "tmctl")
     p.add_argument("--json", action="store_true", help="JSON output for scripts")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="leader, nodes with capacity and in-flight counts, queue depths")
@@ -857,30 +832,22 @@ async def _ask(question: str, declined: str) -> bool:
     return False
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run one command; answers the exit code."""
-    endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+    endpoints = settings.endpoints
     embedded = not endpoints
     if embedded:
         try:
-            endpoints = (embedded_endpoint(args.data_dir),)
+            endpoints = (embedded_endpoint(settings.data_dir),)
         except NoEndpoint as exc:
             print(f"tmctl: {exc}", file=sys.stderr)
             return 2
     if args.command == "endpoint":
         print(",".join(endpoints))
         return 0
-    cfg = EtcdConfig(
-        endpoints=endpoints,
-        ca_file=args.etcd_ca,
-        cert_file=args.etcd_cert,
-        key_file=args.etcd_key,
-        username=args.etcd_user,
-        password=args.etcd_password,
-        transport=args.etcd_transport,
-    )
+    cfg = settings.etcd_config(endpoints)
     etcd = connect(cfg)
-    ctl = Ctl(etcd, Keyspace(namespace=args.namespace), args.json)
+    ctl = Ctl(etcd, Keyspace(namespace=settings.namespace), args.json)
     try:
         match args.command:
             case "status":
@@ -922,7 +889,7 @@ async def run(args: argparse.Namespace) -> int:
                 return await ctl.unschedule(args.name)
         return 0
     except EtcdUnavailable as exc:
-        hint = f" (the embedded etcd of {args.data_dir}: is its sidecar running?)"
+        hint = f" (the embedded etcd of {settings.data_dir}: is its sidecar running?)"
         print(f"tmctl: {exc}{hint if embedded else ''}", file=sys.stderr)
         return 1
     except TaskManagerError as exc:
@@ -934,8 +901,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script."""
-    args = build_parser().parse_args(argv)
+    args, settings = load_settings("tmctl", build_parser(), argv)
     try:
-        sys.exit(trio.run(run, args))
+        sys.exit(trio.run(run, args, settings))
     except KeyboardInterrupt:
         sys.exit(130)

@@ -11,7 +11,6 @@ import hmac
 import ipaddress
 import secrets
 from collections import OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
@@ -29,8 +28,11 @@ class TokenError(ValueError):
     """The configured token cannot be used (an unreadable or empty file)."""
 
 
-def load_token(path: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
-    """The dashboard's token and where it came from: the file wins over ``TM_WEB_TOKEN``.
+def load_token(
+    path: str | None, token: str | None, token_source: str = "setting"
+) -> tuple[str | None, str]:
+    """The dashboard's token and where it came from: the file (``web_token_file``) wins
+    over the token itself (``web_token``, from ``token_source``: ``TM_WEB_TOKEN``, say).
 
     Answers ``(None, "none")`` when neither is set. Raises :class:`TokenError` for a
     file that cannot be read or holds nothing (a typo must not open the dashboard).
@@ -43,9 +45,9 @@ def load_token(path: str | None, environ: Mapping[str, str]) -> tuple[str | None
         if not text:
             raise TokenError(f"--web-token-file {path} is empty")
         return text, "file"
-    value = environ.get("TM_WEB_TOKEN", "").strip()
+    value = (token or "").strip()
     if value:
-        return value, "environment"
+        return value, token_source
     return None, "none"
 
 

@@ -175,10 +175,12 @@ class Dashboard:
                 binds = await nursery.start(serve, self, config)
                 url = binds[0] + "/"
                 log.info(
-                    "dashboard on %s actions=%s token=%s",
-                    url,
-                    "on" if self.settings.actions else "off",
-                    "required" if self.settings.token else "none",
+                    "dashboard listening",
+                    extra={
+                        "url": url,
+                        "actions": self.settings.actions,
+                        "token": "required" if self.settings.token else "none",
+                    },
                 )
                 task_status.started(url)
 
@@ -473,7 +475,10 @@ class Dashboard:
             if form.get("confirm") != "yes":
                 raise HTTPError(400, "actions run only once confirmed: nothing was done")
             message, back = await perform(self.sidecar, action, fields)
-            log.info("dashboard action %s %s: %s", action, fields, message)
+            log.info(
+                "dashboard action",
+                extra={"action": action, "fields": fields, "result": message},
+            )
             session.flash = message
             return RedirectResponse(back, status_code=303)
 
@@ -506,7 +511,7 @@ class Dashboard:
         if refusal is not None or not session.csrf_matches(form.get("csrf", "")):
             return self.error(request, 403, "this login form is not from this session")
         if not token_matches(self.settings.token, form.get("token", "")):
-            log.warning("dashboard: a wrong token was given")
+            log.warning("dashboard login refused: a wrong token was given")
             await trio.sleep(0.5)  # guessing costs time
             return self.render(request, "login.html", {"wrong": True}, status=401)
         fresh = self.sessions.rotate(session, self.clock(), authenticated=True)
