@@ -13,9 +13,7 @@ import trustme
 
 from tm_sidecar import EtcdConfig, EtcdError, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar.etcd import connect
-
-TRANSPORTS = ["native", "etcd3", "grpc"]
+from tm_sidecar.etcd import TRANSPORTS, connect
 
 
 @pytest.fixture(scope="module")

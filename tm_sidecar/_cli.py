@@ -22,14 +22,13 @@ import trio
 from . import __version__
 from ._agent import Handler, Permanent, TaskContext
 from ._embedded import EmbeddedEtcdError, EtcdProcess
-from ._etcd import EtcdConfig
 from ._log import setup_logging
 from ._metrics import Metrics
 from ._notify import Notifier
 from ._server import ServerSettings, SocketServer
 from ._sidecar import Sidecar, SidecarSettings
 from .core import NodeId, TaskEvent, TaskOptions, check_name
-from .etcd import connect
+from .etcd import EtcdConfig, connect, transport_arg
 
 if TYPE_CHECKING:
     from .web import WebSettings
@@ -186,11 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--etcd-transport",
-        choices=("native", "etcd3", "grpc"),
+        type=transport_arg,
+        metavar="{grpc,gateway}",
         default=env("TM_ETCD_TRANSPORT", "grpc"),
-        help="etcd's native gRPC API (the default), or its JSON gateway through our own "
-        "HTTP client (native) or etcd3-py (etcd3), for when only the gateway can be "
-        "reached [TM_ETCD_TRANSPORT]",
+        help="etcd's native gRPC API (the default), or its JSON gateway through etcd3-py "
+        "(gateway), for when only the gateway can be reached [TM_ETCD_TRANSPORT]",
     )
     p.add_argument("--etcd-binary", default=None, help="etcd binary for the embedded etcd")
     p.add_argument(

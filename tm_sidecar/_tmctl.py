@@ -21,7 +21,6 @@ import trio
 from ._cli import default_data_dir
 from ._embedded import PORTS_FILE
 from ._errors import EtcdUnavailable, TaskManagerError
-from ._etcd import Etcd, EtcdConfig
 from ._leading import sweep_payloads
 from ._sidecar import pausing, update_queue, update_schedule
 from .core import (
@@ -53,7 +52,7 @@ from .core import (
     schedule_from_request,
     with_limits,
 )
-from .etcd import connect
+from .etcd import Etcd, EtcdConfig, connect, transport_arg
 
 STATES = [s.value for s in State]
 
@@ -81,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-user", default=env("TM_ETCD_USER"))
     p.add_argument(
         "--etcd-transport",
-        choices=("grpc", "native", "etcd3"),
+        type=transport_arg,
+        metavar="{grpc,gateway}",
         default=env("TM_ETCD_TRANSPORT", "grpc"),
         help="as tm-sidecar's [TM_ETCD_TRANSPORT]",
     )
