@@ -67,6 +67,13 @@ def code_needs_auth(code: int | None, details: str) -> bool:
     )
 
 
+def watch_refused(cancel_reason: str) -> bool:
+    """Whether etcd cancelled a watch for its permissions, which is also how it answers
+    a watch whose token it no longer knows (no status code: a watch is cancelled inside
+    its stream with a reason in words, so only the words tell)."""
+    return "permission denied" in cancel_reason.lower()
+
+
 def translate_code(code: int | None, details: str, what: str = "") -> Exception:
     """The tm-sidecar exception for a failure with gRPC status ``code``."""
     message = f"{what}: {details}" if what else details

@@ -33,7 +33,7 @@ import trio
 from .._errors import Compacted, EtcdError, EtcdUnavailable, LeaseNotFound
 from ..core import KeyValue, Range, RangeResult, Txn, TxnResult
 from ._config import EtcdConfig
-from ._errors import code_needs_auth, gateway_status, translate_gateway
+from ._errors import code_needs_auth, gateway_status, translate_gateway, watch_refused
 from ._gateway_codec import (
     Body,
     b64,
@@ -109,24 +109,35 @@ class GatewayEtcd(Etcd):
 
         cfg = self.cfg
         url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-        cert: tuple[str, ...] = ()
+        cert: tuple[str, str] | None = None
         if cfg.cert_file:
             cert = (cfg.cert_file, cfg.key_file or cfg.cert_file)
+        verify: str | bool = cfg.ca_file or (url.scheme == "https")
         try:
+            # etcd3-py's constructor probes the server with a fixed 0.3 s timeout and
+            # then fails with an AttributeError; probe first with our own deadline, so
+            # that a slow etcd is waited for and a refusing one passed over at once.
+            with requests.Session() as probe:
+                probe.trust_env = not cfg.ca_file
+                probe.get(
+                    f"{url.scheme or 'http'}://{url.netloc}/version",
+                    timeout=max(timeout_s, 0.001),
+                    verify=verify,
+                    cert=cert,
+                ).raise_for_status()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 client = etcd3.Client(
                     host=url.hostname or "127.0.0.1",
                     port=url.port or 2379,
                     protocol=url.scheme or "http",
-                    cert=cert,
+                    cert=cert or (),
                     # etcd3-py verifies nothing unless told to: a CA file, or the system's.
-                    verify=cfg.ca_file or (url.scheme == "https"),
+                    verify=verify,
                     timeout=cfg.timeout_s,
                 )
         except (AttributeError, requests.RequestException) as exc:
-            # etcd3-py's constructor probes the server and fails this way when it is down.
-            raise EtcdUnavailable(f"cannot reach etcd at {endpoint}") from exc
+            raise EtcdUnavailable(f"cannot reach etcd at {endpoint}: {exc}") from None
         if url.scheme == "https":
             client.protocol = "https"
         if cfg.ca_file:
@@ -168,6 +179,8 @@ class GatewayEtcd(Etcd):
 
         for attempt in range(2):
             headers = {}
+            if authenticated and self.cfg.username and conn.token is None:
+                self._authenticate(conn, timeout_s)  # a token was dropped
             if authenticated and conn.token:
                 headers["authorization"] = conn.token
             try:
@@ -429,6 +442,11 @@ class GatewayEtcd(Etcd):
                         raise EtcdUnavailable(
                             f"etcd did not confirm the watch within {self.cfg.timeout_s} s"
                         )
+                result = message.get("result") or {}
+                refused = result.get("canceled") and watch_refused(str(result.get("cancel_reason")))
+                if refused and conn.token == watch.token:
+                    # Maybe a token etcd dropped: the next stream authenticates again.
+                    conn.token = None
                 changes = _watch_message(message)
                 if changes is not None:
                     yield changes
@@ -486,6 +504,8 @@ class _WatchStream:
         self._lock = threading.Lock()
         self._resp: Any = None
         self._closed = False
+        #: The token the stream was opened with (set by the reader thread).
+        self.token: str | None = None
         self._error: Exception | None = None
         self._thread = threading.Thread(target=self._read, name="tm-etcd-watch", daemon=True)
         self._thread.start()
@@ -522,6 +542,9 @@ class _WatchStream:
         owner, conn = self._owner, self._conn
         timeout = owner.cfg.timeout_s
         for attempt in range(2):
+            if owner.cfg.username and conn.token is None:
+                owner._authenticate(conn, timeout)  # a token was dropped
+            self.token = conn.token
             headers = {"authorization": conn.token} if conn.token else {}
             try:
                 # A deadline to connect and to get the answer's head; none on reading

@@ -16,6 +16,7 @@ import trio
 
 from .._errors import Compacted, EtcdUnavailable
 from ._codec import decode_event, range_end
+from ._errors import watch_refused
 from ._interface import Changes
 from ._proto import rpc_pb2 as pb
 from ._transport import WATCH, Transport
@@ -69,6 +70,9 @@ async def watch_once(
                     raise Compacted(
                         "watch start revision was compacted", int(response.compact_revision)
                     )
+                if watch_refused(response.cancel_reason):
+                    # Maybe a token etcd dropped: the next stream authenticates again.
+                    transport.invalidate_token(opened.token)
                 raise EtcdUnavailable(f"etcd cancelled the watch: {response.cancel_reason}")
             if not response.events:
                 continue  # the creation, or a progress notification
