@@ -151,7 +151,10 @@ class GatewayEtcd(Etcd):
     def _authenticate(self, conn: _Conn, timeout_s: float) -> None:
         """Get a fresh token for ``conn`` (in a worker thread), within ``timeout_s``."""
         answer = self._post(conn, "/auth/authenticate", _auth_body(self.cfg), timeout_s, False)
-        conn.token = str(answer["token"])
+        token = answer.get("token")
+        if not token:
+            raise EtcdError("etcd's authentication answered no token (is auth enabled?)")
+        conn.token = str(token)
 
     async def _in_thread(self, fn: Callable[[], Any], deadline: float) -> Any:
         remaining = deadline - trio.current_time()
