@@ -10,8 +10,8 @@ generated messages; this package imports only :mod:`tm_sidecar.core` and
 Modules, one job each:
 
 - ``_config``: :class:`EtcdConfig` and the transports' names;
-- ``_interface``: :class:`Etcd` (the adapter's interface), :class:`Reset`,
-  :class:`Changes`, :class:`Loader`;
+- ``_interface``: :class:`Etcd` (the adapter's interface), and what it deals in:
+  :class:`Reset`, :class:`Changes`, :class:`Loader`, :class:`KeyValue` (the core's);
 - ``_retry``: the one backoff, and :func:`retrying`;
 - ``_informer``: list, then watch from the listing's revision, on any transport;
 - ``_errors``: failures as our exceptions by gRPC status code (the gateway's JSON
@@ -37,7 +37,7 @@ from __future__ import annotations
 from ._client import GrpcEtcd
 from ._config import TRANSPORTS, EtcdConfig, transport_arg
 from ._gateway import GatewayEtcd
-from ._interface import Changes, Etcd, Loader, Reset
+from ._interface import Changes, Etcd, KeyValue, Loader, Reset
 from ._retry import backoff, retrying
 from ._sync import SyncEtcd
 
@@ -59,6 +59,7 @@ __all__ = [
     "EtcdConfig",
     "GatewayEtcd",
     "GrpcEtcd",
+    "KeyValue",
     "Loader",
     "Reset",
     "SyncEtcd",

@@ -217,3 +217,6 @@ class Etcd(abc.ABC):
         async with aclosing(stream) as items:
             async for item in items:
                 yield item
+
+
+__all__ = ["Changes", "Etcd", "KeyValue", "Loader", "Reset"]
