@@ -1,18 +1,15 @@
 """Two synchronous etcd backends for the state machines: an in-memory one, fast, and the
-real etcd through its JSON gateway. ``test_fake_vs_etcd.py`` replays the same operations
-on both and checks that they agree, so the fast one may stand in for the real one.
+real etcd through the etcd package's blocking face (:class:`tm_sidecar.etcd.SyncEtcd`,
+over gRPC). ``test_fake_vs_etcd.py`` replays the same operations on both and checks that
+they agree, so the fast one may stand in for the real one.
 """
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 
-from tm_sidecar._etcd import _range_end_b64, decode_range, decode_txn, encode_range, encode_txn
 from tm_sidecar.core import (
     Compare,
     Delete,
@@ -169,60 +166,3 @@ class MemoryEtcd:
             self.revision += 1
             for key in keys:
                 self.kvs.pop(key, None)
-
-
-@attrs.define
-class GatewayEtcd:
-    """The real etcd, called synchronously through its JSON gateway."""
-
-    endpoint: str
-
-    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One gateway call."""
-        req = urllib.request.Request(f"{self.endpoint}/v3{path}", data=json.dumps(body).encode())
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return dict(json.loads(resp.read()))
-        except urllib.error.HTTPError as exc:
-            with exc:  # close its connection now, not whenever it is collected
-                answer = json.loads(exc.read() or b"{}")
-            raise ValueError(str(answer.get("message") or answer.get("error"))) from None
-
-    def txn(self, txn: Txn) -> TxnResult:
-        """Run a transaction."""
-        return decode_txn(self.call("/kv/txn", encode_txn(txn)))
-
-    def range(self, r: Range) -> RangeResult:
-        """Read a key or a prefix."""
-        return decode_range(self.call("/kv/range", encode_range(r)))
-
-    def list(self, prefix: str) -> tuple[tuple[KeyValue, ...], int]:
-        """Every key under a prefix, and the revision."""
-        r = decode_range(
-            self.call(
-                "/kv/range", {**encode_range(Range(prefix)), "range_end": _range_end_b64(prefix)}
-            )
-        )
-        return r.kvs, r.revision
-
-    def lease_grant(self, ttl_s: int) -> int:
-        """A new lease."""
-        return int(self.call("/lease/grant", {"TTL": ttl_s})["ID"])
-
-    def lease_revoke(self, lease: int) -> None:
-        """Revoke a lease."""
-        self.call("/lease/revoke", {"ID": lease})
-
-    def compact(self, revision: int) -> None:
-        """Drop history before ``revision`` (already compacted is fine)."""
-        try:
-            self.call("/kv/compaction", {"revision": revision})
-        except ValueError as exc:
-            if "compacted" not in str(exc):
-                raise
-
-    def revision(self) -> int:
-        """The current revision."""
-        return int(
-            self.call("/kv/range", {"key": "AA==", "count_only": True})["header"]["revision"]
-        )

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import rule
 
-from proptests.backends import Backend, GatewayEtcd
+from proptests.backends import Backend
 from proptests.machine import QueueMachine
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar._errors import Compacted
@@ -22,30 +22,23 @@ class EtcdQueue(QueueMachine):
     endpoint = ""
 
     def make_backend(self) -> Backend:
-        return GatewayEtcd(self.endpoint)
+        return SyncEtcd(self.endpoint)
 
     @rule()
     def compact_and_relist(self) -> None:
         """History is compacted under the leader; a watch from before it is refused, and
         the leader rebuilds its view from a fresh listing (claims and all)."""
         db = self.db
-        assert isinstance(db, GatewayEtcd | SyncEtcd)
+        assert isinstance(db, SyncEtcd)
         old = self.view.revision if self.view is not None else 1
         current = db.revision()
         db.compact(current)
         if old < current:
-            with pytest.raises((ValueError, Compacted), match="compacted"):
+            with pytest.raises(Compacted, match="compacted"):
                 db.range(Range(self.ks.prefix, prefix=True, revision=old))
         kvs, revision = db.list(self.ks.prefix)
         self.view = LeaderView.from_listing(self.ks, kvs, revision)
         self.listing = {kv.key: kv for kv in kvs}
-
-
-class GrpcEtcdQueue(EtcdQueue):
-    """The same machine through the gRPC client's blocking face."""
-
-    def make_backend(self) -> Backend:
-        return SyncEtcd(self.endpoint)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,5 +50,3 @@ _profile = settings.default
 assert _profile is not None
 TestEtcdQueue = EtcdQueue.TestCase
 TestEtcdQueue.settings = settings(_profile, max_examples=max(10, _profile.max_examples // 8))
-TestGrpcEtcdQueue = GrpcEtcdQueue.TestCase
-TestGrpcEtcdQueue.settings = TestEtcdQueue.settings

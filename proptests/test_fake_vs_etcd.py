@@ -14,9 +14,11 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proptests.backends import GatewayEtcd, MemoryEtcd
+from proptests.backends import MemoryEtcd
 from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar._errors import EtcdError
 from tm_sidecar.core import Compare, Delete, KeyValue, Op, Put, Range, Target, Touch, Txn
+from tm_sidecar.etcd import SyncEtcd
 
 KEYS = ["a", "b", "c/1", "c/2"]
 _runs = itertools.count()
@@ -53,7 +55,7 @@ program = st.lists(
 class Pair:
     """Runs each operation on both backends and compares the answers."""
 
-    def __init__(self, real: GatewayEtcd) -> None:
+    def __init__(self, real: SyncEtcd) -> None:
         self.fake = MemoryEtcd()
         self.real = real
         self.prefix = f"/fv{next(_runs)}/"
@@ -137,13 +139,13 @@ class Pair:
                 self.leases.remove((fake_id, real_id))
             return
         outcomes: list[tuple[Any, ...]] = []
-        backends: tuple[MemoryEtcd | GatewayEtcd, ...] = (self.fake, self.real)
+        backends: tuple[MemoryEtcd | SyncEtcd, ...] = (self.fake, self.real)
         # Both transactions are built before either runs: compares read the current state.
         txns = [self.txn(op[1], op[2], op[3], side) for side in (0, 1)]
         for side, backend in enumerate(backends):
             try:
                 result = backend.txn(txns[side])
-            except ValueError as exc:
+            except (ValueError, EtcdError) as exc:
                 outcomes.append(("error", str(exc).split(":")[-1].strip()))
             else:
                 off = self.offset if side == 1 else 0
@@ -163,7 +165,7 @@ class Pair:
 def test_the_memory_etcd_agrees_with_etcd(
     prop_etcd: EtcdProcess, ops: list[tuple[Any, ...]]
 ) -> None:
-    pair = Pair(GatewayEtcd(prop_etcd.endpoint))
+    pair = Pair(SyncEtcd(prop_etcd.endpoint))
     for op in ops:
         pair.run(op)
         pair.check_contents()

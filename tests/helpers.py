@@ -9,11 +9,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import attrs
 import trio
 
+from tests.procs import TRANSPORT
 from tm_sidecar import EtcdConfig, Sidecar, SidecarSettings
 from tm_sidecar.core import NodeId
 from tm_sidecar.etcd import connect
+from tm_sidecar.etcd._config import check_transport
 
 T = TypeVar("T")
 
@@ -47,7 +50,10 @@ async def running_sidecars(
     """Sidecars on one etcd and namespace, started in order (the first one leads)."""
     settings.setdefault("lease_ttl_s", 2)
     settings.setdefault("grace_s", 1.0)
-    etcd = connect(EtcdConfig(endpoints=(endpoint,), timeout_s=3.0))
+    cfg = EtcdConfig(endpoints=(endpoint,), timeout_s=3.0)
+    if TRANSPORT is not None:
+        cfg = attrs.evolve(cfg, transport=check_transport(TRANSPORT))
+    etcd = connect(cfg)
     try:
         async with trio.open_nursery() as nursery:
             sidecars = []

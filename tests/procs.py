@@ -30,9 +30,10 @@ from tm_sidecar.core import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The etcd transport of every sidecar these tests start (``--etcd-transport``): set
-#: ``TM_TEST_ETCD_TRANSPORT`` to run the multi-process and fault tests on another one;
-#: unset, the sidecar's own default.
+#: The etcd transport of every sidecar these tests start (``--etcd-transport``), in a
+#: process of its own or in the test's (``tests.helpers.running_sidecars``): set
+#: ``TM_TEST_ETCD_TRANSPORT=gateway`` to run the sidecar, SDK, multi-process and fault
+#: tests on the gateway; unset, the sidecar's own default.
 TRANSPORT = os.environ.get("TM_TEST_ETCD_TRANSPORT") or None
 
 

@@ -17,9 +17,8 @@ import trio
 from tests.helpers import wait_for
 from tm_sidecar import EtcdConfig, Sidecar, SidecarSettings, TaskContext
 from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._etcd import Changes, Reset
 from tm_sidecar.core import AttemptLedger, NodeId, TaskId
-from tm_sidecar.etcd import GrpcEtcd
+from tm_sidecar.etcd import Changes, GrpcEtcd, Reset
 
 
 def test_the_ledger_starts_each_attempt_once_running_or_over() -> None:
@@ -79,8 +78,8 @@ class RepeatingEtcd(GrpcEtcd):
 async def test_a_repeated_or_late_delivery_never_starts_an_attempt_again(
     etcd_server: EtcdProcess, namespace: str
 ) -> None:
-    # The repetition is the test's own, whatever the transport: the gateway client here.
-    cfg = EtcdConfig(endpoints=(etcd_server.endpoint,), timeout_s=3.0, transport="native")
+    # The repetition is the test's own, whatever the transport: the gRPC client here.
+    cfg = EtcdConfig(endpoints=(etcd_server.endpoint,), timeout_s=3.0, transport="grpc")
     etcd = RepeatingEtcd(cfg)
     sidecar = Sidecar(
         etcd,

@@ -27,7 +27,6 @@ from pathlib import Path
 import attrs
 import pytest
 
-from proptests.backends import GatewayEtcd
 from tests.procs import ROOT
 from tm_sidecar._embedded import find_etcd_binary
 from tm_sidecar.core import (
@@ -43,6 +42,7 @@ from tm_sidecar.core import (
     initial_record,
     plan_create,
 )
+from tm_sidecar.etcd import SyncEtcd
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "systemd" / "README.md"]
 TOOLS = ("etcdctl", "tmctl")
@@ -179,7 +179,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         ports = json.loads((root / "share" / "tm-sidecar" / "tm-ports.json").read_text())
         ks = Keyspace(namespace="default")
         live = Live(root, env, f"http://127.0.0.1:{ports['client']}", ks)
-        db = GatewayEtcd(live.endpoint)
+        db = SyncEtcd(live.endpoint)
         _create(db, ks, EXAMPLE_ID, delay_s=86400)
         for i in range(3):
             _create(db, ks, f"done-{i}")
@@ -196,7 +196,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             proc.wait()
 
 
-def _create(db: GatewayEtcd, ks: Keyspace, tid: str, delay_s: float = 0) -> None:
+def _create(db: SyncEtcd, ks: Keyspace, tid: str, delay_s: float = 0) -> None:
     now = time.time()
     spec = TaskSpec(
         id=TaskId(tid),
@@ -211,7 +211,7 @@ def _create(db: GatewayEtcd, ks: Keyspace, tid: str, delay_s: float = 0) -> None
     assert db.txn(plan_create(ks, spec, rec)).succeeded
 
 
-def _fail(db: GatewayEtcd, ks: Keyspace, tid: str) -> None:
+def _fail(db: SyncEtcd, ks: Keyspace, tid: str) -> None:
     now = time.time()
     spec = TaskSpec(id=TaskId(tid), payload={"work_s": 0.01}, created_at=now)
     error = TaskError(type="Boom", message="seeded for the docs test")
@@ -228,7 +228,7 @@ _serial = iter(range(1_000_000))
 
 def _fill_in(command: DocCommand, live: Live) -> str:
     """The command as an operator would type it here: placeholders filled in."""
-    db = GatewayEtcd(live.endpoint)
+    db = SyncEtcd(live.endpoint)
     n = next(_serial)
     failed, delayed = f"failed-{n}", f"delayed-{n}"
     _fail(db, live.ks, failed)
@@ -291,7 +291,7 @@ def _run_tail(script: str, live: Live, cwd: Path) -> None:
             start_new_session=True,
         )
     try:
-        db = GatewayEtcd(live.endpoint)
+        db = SyncEtcd(live.endpoint)
         deadline = time.monotonic() + 20
         n = 0
         while not out.read_text().strip():

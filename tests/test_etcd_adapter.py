@@ -1,5 +1,6 @@
-"""The etcd adapter against a real etcd: the same assertions through every transport
-(the JSON gateway's native HTTP client and etcd3-py, and etcd's native gRPC API)."""
+"""The etcd adapter against a real etcd: the same assertions through both transports
+(etcd's native gRPC API, and its JSON gateway through etcd3-py). Failover, deadlines and
+a full etcd are in test_etcd_grpc.py, TLS and auth in test_security.py, also through both."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import trio
 from tests.helpers import Observed
 from tm_sidecar import Compacted, Etcd, EtcdConfig, EtcdError, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess, free_port
-from tm_sidecar._etcd import Changes, Reset
 from tm_sidecar.core import (
     Compare,
     Delete,
@@ -28,11 +28,7 @@ from tm_sidecar.core import (
     Txn,
     WatchEvent,
 )
-from tm_sidecar.etcd import connect
-
-TRANSPORTS = ["native", "etcd3", "grpc"]
-#: The transports that read watches their own way (etcd3-py's unary calls watch natively).
-WATCHING = ["native", "grpc"]
+from tm_sidecar.etcd import TRANSPORTS, Changes, Reset, connect
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -279,7 +275,7 @@ def _events(items: list[Reset | Changes]) -> list[WatchEvent]:
     return [e for item in items if isinstance(item, Changes) for e in item.events]
 
 
-@pytest.mark.parametrize("transport", WATCHING)
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_watch_resumes_after_etcd_restart(own_etcd: EtcdProcess, transport: str) -> None:
     """No gaps and no repeats across an etcd crash, and no re-list."""
     cfg = EtcdConfig(endpoints=(own_etcd.endpoint,), timeout_s=2.0, transport=transport)  # type: ignore[arg-type]
@@ -315,7 +311,7 @@ async def test_watch_resumes_after_etcd_restart(own_etcd: EtcdProcess, transport
     assert len(resets) == 1  # resumed from the last revision, not re-listed
 
 
-@pytest.mark.parametrize("transport", WATCHING)
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_compacted_watch_lists_again(own_etcd: EtcdProcess, transport: str) -> None:
     client = connect(EtcdConfig(endpoints=(own_etcd.endpoint,), transport=transport))  # type: ignore[arg-type]
     for i in range(3):

@@ -1,6 +1,8 @@
-"""What only the gRPC client has to show, against real etcds: failover, deadlines,
-cancellation, the keep-alive stream across a restart, a full etcd, and the package's
-shape. The behaviour it shares with the gateway clients is in test_etcd_adapter.py."""
+"""The transports against real etcds, part two: failover, deadlines, cancellation,
+refusals by status code and a full etcd, through both transports; then what only the gRPC
+client has (the keep-alive stream across a restart, reconnecting often), what only the
+gateway has (a watch's reader thread), and the package's shape. The rest of the shared
+behaviour is in test_etcd_adapter.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import itertools
 import os
 import signal
 import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from pathlib import Path
 
 import attrs
@@ -18,13 +22,13 @@ import pytest
 import trio
 from taskmanager import TaskManager, WorkerTask
 
-from tests.helpers import stop_process
+from tests.helpers import stop_process, wait_for
 from tests.procs import SidecarProcess
 from tm_sidecar import Compacted, Etcd, EtcdConfig, EtcdFull, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess, free_port
 from tm_sidecar._errors import LeaseNotFound, Unavailable
 from tm_sidecar.core import Range
-from tm_sidecar.etcd import GrpcEtcd, connect
+from tm_sidecar.etcd import TRANSPORTS, GatewayEtcd, GrpcEtcd, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "tm_sidecar" / "etcd"
@@ -34,12 +38,27 @@ def _grpc(*endpoints: str, timeout_s: float = 5.0) -> Etcd:
     return connect(EtcdConfig(endpoints=endpoints, timeout_s=timeout_s, transport="grpc"))
 
 
-def test_every_public_method_of_the_adapter_is_the_grpc_clients_own() -> None:
-    """GrpcEtcd subclasses Etcd for typing only: nothing of the gateway may leak in."""
-    public = {name for name in vars(Etcd) if not name.startswith("_")}
-    inherited = {name for name in public if name not in vars(GrpcEtcd)}
-    assert public
-    assert inherited == set()
+def _client(transport: str, *endpoints: str, timeout_s: float = 5.0) -> Etcd:
+    cfg = EtcdConfig(endpoints=endpoints, timeout_s=timeout_s, transport=transport)  # type: ignore[arg-type]
+    return connect(cfg)
+
+
+#: What the sidecar, tmctl and the dashboard call on the adapter, whatever the transport.
+INTERFACE = [
+    *("range", "get", "list_prefix", "page", "put", "delete", "txn", "compact", "status"),
+    *("alarms", "disarm", "member_urls", "defragment", "revision", "aclose", "endpoint"),
+    *("lease_grant", "lease_keepalive", "lease_revoke", "lease_ttl", "watch_once", "informer"),
+]
+
+
+@pytest.mark.parametrize("cls", [GrpcEtcd, GatewayEtcd])
+def test_both_transports_implement_the_whole_interface(cls: type[GrpcEtcd | GatewayEtcd]) -> None:
+    assert set(INTERFACE) <= set(dir(Etcd))
+    assert not getattr(cls, "__abstractmethods__", None)  # nothing left abstract
+    client = cls(EtcdConfig())
+    assert client.on_request is None
+    for name in INTERFACE:
+        assert hasattr(client, name), name
 
 
 def _imports(path: Path) -> set[str]:
@@ -57,23 +76,28 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_package_imports_only_what_its_docstring_allows() -> None:
-    allowed_own = ("tm_sidecar.etcd", "tm_sidecar.core", "tm_sidecar._errors", "tm_sidecar._etcd")
+    allowed_own = ("tm_sidecar.etcd", "tm_sidecar.core", "tm_sidecar._errors")
     for path in PACKAGE.rglob("*.py"):
         if path.name == "rpc_pb2.py":
             continue
         for name in _imports(path):
             if name.startswith("tm_sidecar"):
                 assert name.startswith(allowed_own), f"{path.name} imports {name}"
-    for path in (ROOT / "tm_sidecar").rglob("*.py"):
+    clients = ("grpc", "etcd3", "requests")
+    for path in [*(ROOT / "tm_sidecar").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]:
         if PACKAGE in path.parents:
             continue
-        grpc_imports = {n for n in _imports(path) if n == "grpc" or n.startswith("grpc.")}
-        assert not grpc_imports, f"{path} imports grpc outside tm_sidecar/etcd/"
+        foreign = {n for n in _imports(path) if n.split(".")[0] in clients}
+        assert not foreign, f"{path} imports {foreign} outside tm_sidecar/etcd/"
+    assert not (ROOT / "tm_sidecar" / "_etcd.py").exists()
 
 
-async def test_a_dead_endpoint_is_passed_over(etcd_server: EtcdProcess, namespace: str) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_dead_endpoint_is_passed_over(
+    etcd_server: EtcdProcess, namespace: str, transport: str
+) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    etcd = _grpc(dead, etcd_server.endpoint)
+    etcd = _client(transport, dead, etcd_server.endpoint)
     key = f"/{namespace}/k"
     # A read goes on to the next endpoint within its deadline: no error at all.
     assert await etcd.get(key) is None
@@ -81,13 +105,13 @@ async def test_a_dead_endpoint_is_passed_over(etcd_server: EtcdProcess, namespac
     await etcd.put(key, "v")
     # A write is never repeated by the client (it may have committed); one that finds
     # its endpoint dead fails as unavailable and the next goes to the other one.
-    back = _grpc(etcd_server.endpoint, dead)
+    back = _client(transport, etcd_server.endpoint, dead)
     await back.put(key, "w")
     etcd_server_index = back.endpoint
     assert etcd_server_index == etcd_server.endpoint
     await etcd.aclose()
     await back.aclose()
-    lone = _grpc(dead, etcd_server.endpoint)
+    lone = _client(transport, dead, etcd_server.endpoint)
     with pytest.raises(EtcdUnavailable):
         await lone.put(key, "x")
     assert lone.endpoint == etcd_server.endpoint
@@ -107,28 +131,33 @@ def silent_endpoint() -> Iterator[str]:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
 
 
-async def test_every_call_has_a_deadline(silent_endpoint: str) -> None:
-    etcd = _grpc(silent_endpoint, timeout_s=0.5)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_every_call_has_a_deadline(silent_endpoint: str, transport: str) -> None:
+    etcd = _client(transport, silent_endpoint, timeout_s=0.5)
     for call in (etcd.get("/x"), etcd.put("/x", "1"), etcd.lease_keepalive(1)):
         started = trio.current_time()
         with trio.fail_after(5), pytest.raises(EtcdUnavailable):
             await call
         assert 0.4 < trio.current_time() - started < 3
-    with trio.fail_after(5), pytest.raises(EtcdUnavailable, match="confirm the watch"):
+    started = trio.current_time()
+    # The gateway's client cannot even be made without an answer to its probe.
+    with trio.fail_after(5), pytest.raises(EtcdUnavailable, match=r"confirm the watch|0\.5 s"):
         async for _ in etcd.watch_once("/x", 1):
             pass
+    assert 0.4 < trio.current_time() - started < 3
     await etcd.aclose()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_cancelled_call_returns_at_once_and_the_client_goes_on(
-    silent_endpoint: str, etcd_server: EtcdProcess, namespace: str
+    silent_endpoint: str, etcd_server: EtcdProcess, namespace: str, transport: str
 ) -> None:
-    stuck = _grpc(silent_endpoint, timeout_s=30)
+    stuck = _client(transport, silent_endpoint, timeout_s=30)
     with trio.fail_after(5), trio.move_on_after(0.2) as scope:
         await stuck.get("/x")
     assert scope.cancelled_caught
     await stuck.aclose()
-    etcd = _grpc(etcd_server.endpoint)
+    etcd = _client(transport, etcd_server.endpoint)
     async with trio.open_nursery() as nursery:
         for i in range(20):  # cancel some of many calls in flight
             nursery.start_soon(etcd.put, f"/{namespace}/{i}", str(i))
@@ -139,8 +168,11 @@ async def test_a_cancelled_call_returns_at_once_and_the_client_goes_on(
     await etcd.aclose()
 
 
-async def test_refusals_by_status_code(etcd_server: EtcdProcess, namespace: str) -> None:
-    etcd = _grpc(etcd_server.endpoint)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_refusals_by_status_code(
+    etcd_server: EtcdProcess, namespace: str, transport: str
+) -> None:
+    etcd = _client(transport, etcd_server.endpoint)
     key = f"/{namespace}/k"
     old = await etcd.put(key, "1")
     await etcd.put(key, "2")
@@ -281,15 +313,16 @@ async def refusing_endpoint() -> AsyncIterator[RefusingEndpoint]:
         yield RefusingEndpoint(listener)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_full_etcd_is_etcd_full_and_the_maintenance_calls_recover_it(
-    tmp_path: Path,
+    tmp_path: Path, transport: str
 ) -> None:
     proc = EtcdProcess(
         data_dir=tmp_path / "small", quota_bytes=4 * 1024 * 1024, auto_compaction="0"
     )
     proc.start()
     try:
-        etcd = _grpc(proc.endpoint)
+        etcd = _client(transport, proc.endpoint)
         refused: EtcdFull | None = None
         with trio.fail_after(60):
             for i in range(10_000):
@@ -359,7 +392,59 @@ async def test_sidecars_on_grpc_run_tasks_end_to_end(
         assert "Traceback" not in log, log[-3000:]
 
 
-def test_grpc_is_the_default_transport() -> None:
+def test_grpc_is_the_default_transport_and_the_gateway_the_other() -> None:
     assert isinstance(connect(EtcdConfig()), GrpcEtcd)
     # The gateway stays one flag away, for a deployment that can reach only it.
-    assert type(connect(EtcdConfig(transport="native"))) is Etcd
+    assert isinstance(connect(EtcdConfig(transport="gateway")), GatewayEtcd)
+    # The gateway's two old clients are gone: naming one says what to choose instead.
+    for old in ("native", "etcd3", "grpcc"):
+        with pytest.raises(ValueError, match="choose one of grpc, gateway"):
+            EtcdConfig(transport=old)  # type: ignore[arg-type]
+
+
+def _watch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "tm-etcd-watch"]
+
+
+async def test_a_gateway_watch_ends_its_reader_thread_when_closed(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    """Each gateway watch is read by a thread blocked on its socket: closing the watch
+    (here, leaving it while nothing changes) must wake and end that thread, or every
+    re-watch would leak one."""
+    etcd = _client("gateway", etcd_server.endpoint)
+    key = f"/{namespace}/w"
+    rev = await etcd.put(key, "1")
+    before = set(_watch_threads())
+    for _ in range(3):
+        async with aclosing(etcd.watch_once(key, rev, prefix=False)) as changes:
+            async for item in changes:
+                assert [e.kv.value for e in item.events] == ["1"]
+                break  # the stream is now idle: its thread waits on the socket
+    await wait_for(lambda: not set(_watch_threads()) - before, timeout_s=5)
+    # A watch cancelled from outside before etcd confirmed anything goes the same way.
+    with trio.move_on_after(0):
+        async for _ in etcd.watch_once(key, rev + 1, prefix=False):
+            pass
+    await wait_for(lambda: not set(_watch_threads()) - before, timeout_s=5)
+    await etcd.aclose()
+
+
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_a_removed_transport_name_is_a_usage_error_that_lists_the_choices(
+    where: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tm_sidecar._cli import parse_args
+    from tm_sidecar._tmctl import main as tmctl
+
+    argv = ["--etcd-transport", "native"] if where == "flag" else []
+    if where == "env":
+        monkeypatch.setenv("TM_ETCD_TRANSPORT", "etcd3")
+    for run in (lambda: parse_args(argv), lambda: tmctl([*argv, "status"])):
+        with pytest.raises(SystemExit) as exit_:
+            run()
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "is not one of grpc, gateway" in err, err
+    monkeypatch.setenv("TM_ETCD_TRANSPORT", "gateway")
+    assert parse_args([])[1].etcd_transport == "gateway"

@@ -20,9 +20,8 @@ import trio
 from tests.helpers import poll_until, running_sidecars, wait_for
 from tm_sidecar import EtcdFull, QueueFull, State, TaskContext
 from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._etcd import Etcd, EtcdConfig
 from tm_sidecar.core import Keyspace, Put, Range, Record, TaskId, TaskOptions, TaskSpec, Txn
-from tm_sidecar.etcd import connect
+from tm_sidecar.etcd import Etcd, EtcdConfig, connect
 
 QUOTA = 16 * 1024 * 1024
 PAYLOAD = "x" * 100_000
@@ -249,9 +248,9 @@ def test_an_overloaded_etcd_is_not_a_full_one() -> None:
     """The gateway answers both with gRPC code 8 and HTTP 429: only a full etcd must
     refuse creates and send an operator to `tmctl recover`."""
     from tm_sidecar._errors import EtcdUnavailable
-    from tm_sidecar._etcd import translate_error
+    from tm_sidecar.etcd._errors import translate_gateway
 
     full = {"code": 8, "message": "etcdserver: mvcc: database space exceeded"}
     busy = {"code": 8, "message": "etcdserver: too many requests"}
-    assert isinstance(translate_error(429, full), EtcdFull)
-    assert isinstance(translate_error(429, busy), EtcdUnavailable)
+    assert isinstance(translate_gateway(429, full), EtcdFull)
+    assert isinstance(translate_gateway(429, busy), EtcdUnavailable)

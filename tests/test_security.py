@@ -6,16 +6,16 @@ import json
 import logging
 import urllib.request
 from collections.abc import Iterator
+from contextlib import aclosing
 from pathlib import Path
 
 import pytest
+import trio
 import trustme
 
 from tm_sidecar import EtcdConfig, EtcdError, EtcdUnavailable
 from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar.etcd import connect
-
-TRANSPORTS = ["native", "etcd3", "grpc"]
+from tm_sidecar.etcd import TRANSPORTS, connect
 
 
 @pytest.fixture(scope="module")
@@ -196,4 +196,39 @@ async def test_a_token_etcd_dropped_is_replaced_without_an_error(
     assert kv.value == "after"
     assert await etcd.lease_keepalive(lease) == 30
     await etcd.lease_revoke(lease)
+    await etcd.aclose()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_watch_after_the_token_was_dropped_authenticates_again(
+    auth_etcd: EtcdProcess, transport: str
+) -> None:
+    """A watch opened with a token etcd has dropped: at worst that one stream fails as
+    unavailable (which the informer retries), and the next one carries a fresh token."""
+    cfg = EtcdConfig(
+        endpoints=(auth_etcd.endpoint,),
+        username="tm",
+        password="s3cret-pw",
+        timeout_s=3.0,
+        transport=transport,  # type: ignore[arg-type]
+    )
+    etcd = connect(cfg)
+    key = f"/tm/watch-refresh/{transport}"
+    rev = await etcd.put(key, "1")
+    ep = auth_etcd.endpoint
+    root = str(_call(ep, "/auth/authenticate", {"name": "root", "password": "root-pw"})["token"])
+    _call(ep, "/auth/user/changepw", {"name": "tm", "password": "s3cret-pw"}, root)
+    seen: list[str] = []
+    failures: list[Exception] = []
+    with trio.fail_after(10):
+        while not seen:
+            try:
+                async with aclosing(etcd.watch_once(key, rev, prefix=False)) as changes:
+                    async for item in changes:
+                        seen += [e.kv.value for e in item.events]
+                        break
+            except EtcdUnavailable as exc:
+                failures.append(exc)
+    assert seen == ["1"]
+    assert len(failures) <= 1, failures
     await etcd.aclose()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from proptests.backends import GatewayEtcd
 from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar._tmctl import main
 from tm_sidecar.core import (
+    Delete,
     Keyspace,
     NodeId,
     NodeInfo,
@@ -26,6 +26,7 @@ from tm_sidecar.core import (
     initial_record,
     plan_create,
 )
+from tm_sidecar.etcd import SyncEtcd
 
 
 def tmctl(
@@ -36,7 +37,7 @@ def tmctl(
     return int(exit_.value.code or 0), capsys.readouterr().out
 
 
-def seed(db: GatewayEtcd, ks: Keyspace) -> None:
+def seed(db: SyncEtcd, ks: Keyspace) -> None:
     now = time.time()
     for i in range(3):
         spec = TaskSpec(id=TaskId(f"t{i}"), payload={"i": i}, options=TaskOptions(), created_at=now)
@@ -48,7 +49,7 @@ def seed(db: GatewayEtcd, ks: Keyspace) -> None:
     failed = Record(
         state=State.FAILED, attempts=3, since_at=now, error=TaskError(type="Boom", message="x")
     )
-    db.call("/kv/deleterange", {"key": _b64(ks.state(State.PENDING, TaskId("t2")))})
+    db.txn(Txn(success=(Delete(ks.state(State.PENDING, TaskId("t2"))),)))
     db.txn(Txn(success=(Put(ks.state(State.FAILED, TaskId("t2")), failed.to_json()),)))
     node = NodeInfo(id=NodeId("web-1"), session=1, capacity={"default": 4}, host="h", pid=42)
     db.txn(
@@ -61,17 +62,11 @@ def seed(db: GatewayEtcd, ks: Keyspace) -> None:
     )
 
 
-def _b64(text: str) -> str:
-    import base64
-
-    return base64.b64encode(text.encode()).decode()
-
-
 def test_tmctl_reads_and_repairs(
     etcd_server: EtcdProcess, namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ep, ks = etcd_server.endpoint, Keyspace(namespace=namespace)
-    seed(GatewayEtcd(ep), ks)
+    seed(SyncEtcd(ep), ks)
 
     code, out = tmctl(capsys, ep, namespace, "--json", "status")
     status = json.loads(out)
@@ -132,7 +127,7 @@ def test_tmctl_events_tails_live_changes(etcd_server: EtcdProcess, namespace: st
     import sys
 
     ks = Keyspace(namespace=namespace)
-    db = GatewayEtcd(etcd_server.endpoint)
+    db = SyncEtcd(etcd_server.endpoint)
     env = {**os.environ, "TM_ETCD": etcd_server.endpoint, "TM_NAMESPACE": namespace}
     proc = subprocess.Popen(
         [sys.executable, "-c", "from tm_sidecar._tmctl import main; main(['--json', 'events'])"],
@@ -177,7 +172,7 @@ def test_tmctl_retry_all_failed(
     etcd_server: EtcdProcess, namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ep, ks = etcd_server.endpoint, Keyspace(namespace=namespace)
-    db = GatewayEtcd(ep)
+    db = SyncEtcd(ep)
     seed(db, ks)
     assert tmctl(capsys, ep, namespace, "cancel", "t0")[0] == 0  # now two failed: t0, t2
     code, out = tmctl(capsys, ep, namespace, "--json", "retry", "--all-failed")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from proptests.backends import GatewayEtcd
 from tests.procs import ROOT
 from tm_sidecar._cli import default_data_dir
 from tm_sidecar._embedded import EtcdProcess
@@ -35,6 +34,7 @@ from tm_sidecar.core import (
     initial_record,
     plan_create,
 )
+from tm_sidecar.etcd import SyncEtcd
 
 
 def tmctl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -45,7 +45,7 @@ def tmctl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str
 
 
 def create(
-    db: GatewayEtcd, ks: Keyspace, tid: str, queue: str = "default", delay_s: float = 0
+    db: SyncEtcd, ks: Keyspace, tid: str, queue: str = "default", delay_s: float = 0
 ) -> None:
     now = time.time()
     spec = TaskSpec(
@@ -63,7 +63,7 @@ def create(
     assert db.txn(plan_create(ks, spec, rec)).succeeded
 
 
-def fail(db: GatewayEtcd, ks: Keyspace, tid: str) -> None:
+def fail(db: SyncEtcd, ks: Keyspace, tid: str) -> None:
     """A task in the failed queue, with a traceback."""
     now = time.time()
     spec = TaskSpec(id=TaskId(tid), payload={"n": tid}, created_at=now)
@@ -76,7 +76,7 @@ def fail(db: GatewayEtcd, ks: Keyspace, tid: str) -> None:
     assert db.txn(Txn(success=put)).succeeded
 
 
-def register(db: GatewayEtcd, ks: Keyspace, node: str, capacity: dict[str, int]) -> None:
+def register(db: SyncEtcd, ks: Keyspace, node: str, capacity: dict[str, int]) -> None:
     info = NodeInfo(id=NodeId(node), session=1, capacity=capacity, host="h", pid=42)
     assert db.txn(Txn(success=(Put(ks.node(node), info.to_json()),))).succeeded
 
@@ -99,7 +99,7 @@ def test_tmctl_finds_the_embedded_etcd_by_its_data_dir(
     tmp_path: Path,
 ) -> None:
     ks = Keyspace(namespace=namespace)
-    register(GatewayEtcd(etcd_server.endpoint), ks, "web-1", {"default": 2})
+    register(SyncEtcd(etcd_server.endpoint), ks, "web-1", {"default": 2})
     data_dir = str(etcd_server.data_dir)  # it holds the etcd's tm-ports.json, as a sidecar's
 
     code, out, err = tmctl(capsys, "--data-dir", data_dir, "--namespace", namespace, "endpoint")
@@ -155,7 +155,7 @@ def test_status_and_ls_show_queues_and_the_ones_no_worker_serves(
     etcd_server: EtcdProcess, namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ep, ks = etcd_server.endpoint, Keyspace(namespace=namespace)
-    db = GatewayEtcd(ep)
+    db = SyncEtcd(ep)
     register(db, ks, "web-1", {"default": 4})
     for i in range(2):
         create(db, ks, f"d{i}")
@@ -215,7 +215,7 @@ def test_show_prints_a_table_for_people_and_json_for_scripts(
     etcd_server: EtcdProcess, namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ep, ks = etcd_server.endpoint, Keyspace(namespace=namespace)
-    fail(GatewayEtcd(ep), ks, "f1")
+    fail(SyncEtcd(ep), ks, "f1")
     base = ("--etcd", ep, "--namespace", namespace)
 
     code, out, _ = tmctl(capsys, *base, "show", "f1")
@@ -245,7 +245,7 @@ def test_cancel_says_not_found_or_already_finished(
     etcd_server: EtcdProcess, namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ep, ks = etcd_server.endpoint, Keyspace(namespace=namespace)
-    fail(GatewayEtcd(ep), ks, "f1")
+    fail(SyncEtcd(ep), ks, "f1")
     base = ("--etcd", ep, "--namespace", namespace)
     code, _, err = tmctl(capsys, *base, "cancel", "nosuchtask")
     assert (code, err.strip()) == (1, "tmctl: task nosuchtask not found")
@@ -271,7 +271,7 @@ def _purge(
     )
 
 
-def _failed(db: GatewayEtcd, ks: Keyspace) -> int:
+def _failed(db: SyncEtcd, ks: Keyspace) -> int:
     return len(db.list(ks.state_prefix(State.FAILED))[0])
 
 
@@ -279,7 +279,7 @@ def test_purge_asks_first_and_refuses_without_a_terminal_or_yes(
     etcd_server: EtcdProcess, namespace: str
 ) -> None:
     ep, ks = etcd_server.endpoint, Keyspace(namespace=namespace)
-    db = GatewayEtcd(ep)
+    db = SyncEtcd(ep)
     fail(db, ks, "f1")
     fail(db, ks, "f2")
 

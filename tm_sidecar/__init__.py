@@ -18,10 +18,9 @@ from ._errors import (
     TaskNotFound,
     Unavailable,
 )
-from ._etcd import Etcd, EtcdConfig
 from ._sidecar import Sidecar, SidecarSettings, TaskInfo
 from .core import Backoff, State, TaskError, TaskEvent, TaskOptions, TaskSpec
-from .etcd import connect
+from .etcd import Etcd, EtcdConfig, connect
 
 __all__ = [
     "Backoff",

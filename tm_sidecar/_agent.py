@@ -21,7 +21,6 @@ import attrs
 import trio
 
 from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
-from ._etcd import Changes, Etcd, Reset, retrying
 from ._group import GroupCommit, GroupStats, txn_group
 from ._session import RetentionLeases, Session
 from .core import (
@@ -50,6 +49,7 @@ from .core import (
     snoozed,
     succeeded,
 )
+from .etcd import Changes, Etcd, Reset, backoff, retrying
 
 log = logging.getLogger("tm_sidecar.agent")
 
@@ -596,7 +596,7 @@ async def _report(
         except (EtcdUnavailable, EtcdFull, trio.TooSlowError) as exc:
             # A full etcd takes writes again once space is freed: the outcome waits too.
             failures += 1
-            wait = min(2.0, 0.05 * 2**failures)
+            wait = backoff(failures, jitter=False)
             log.warning(
                 "report of task=%s waits for etcd (%s); again in %.2f s", slot.task_id, exc, wait
             )

@@ -13,9 +13,9 @@ from contextlib import aclosing
 import trio
 
 from ._errors import EtcdFull, EtcdUnavailable, LeaseLost, LeaseNotFound
-from ._etcd import Etcd, retrying
 from ._session import Session
 from .core import Compare, Delete, Fence, Keyspace, Put, Range, Txn, dumps
+from .etcd import Etcd, retrying
 
 log = logging.getLogger("tm_sidecar.election")
 

@@ -18,8 +18,8 @@ import attrs
 import trio
 
 from ._errors import EtcdError, EtcdUnavailable
-from ._etcd import Etcd
 from .core import MAX_TXN_OPS, Txn, TxnResult
+from .etcd import Etcd
 
 log = logging.getLogger("tm_sidecar.group")
 

@@ -11,8 +11,8 @@ import attrs
 import trio
 
 from ._errors import Compacted, EtcdUnavailable
-from ._etcd import Etcd
 from .core import EventDeriver, Keyspace, Range, State, TaskEvent, TaskId
+from .etcd import Etcd, backoff
 
 log = logging.getLogger("tm_sidecar.events")
 
@@ -197,7 +197,7 @@ class EventHub:
                                 break
                 except EtcdUnavailable as exc:
                     failures += 1
-                    wait = min(2.0, 0.05 * 2 ** min(failures, 6))
+                    wait = backoff(failures, jitter=False)
                     log.warning("event replay interrupted (%s); retrying in %.2f s", exc, wait)
                     await trio.sleep(wait)
         except Compacted as exc:
@@ -292,6 +292,6 @@ class EventHub:
                 self._deriver.reset()
             except EtcdUnavailable as exc:
                 failures += 1
-                wait = min(2.0, 0.05 * 2 ** min(failures, 6))
+                wait = backoff(failures, jitter=False)
                 log.warning("event watch interrupted (%s); retrying in %.2f s", exc, wait)
                 await trio.sleep(wait)

@@ -13,7 +13,6 @@ import attrs
 import trio
 
 from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
-from ._etcd import Changes, Etcd, Reset, retrying
 from ._session import RetentionLeases, Session
 from .core import (
     MAX_TXN_OPS,
@@ -32,6 +31,7 @@ from .core import (
     TxnResult,
     orphan_payloads,
 )
+from .etcd import Changes, Etcd, Reset, retrying
 
 log = logging.getLogger("tm_sidecar.leader")
 

@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from ._errors import EtcdUnavailable, LeaseLost
-from ._etcd import Etcd, retrying
+from .etcd import Etcd, retrying
 
 log = logging.getLogger("tm_sidecar.session")
 

@@ -28,9 +28,8 @@ from typing import Any, Literal, cast
 
 import attrs
 
-# Until EtcdConfig moves into tm_sidecar.etcd (done in parallel): its one import here.
-from ._etcd import EtcdConfig
 from .core import check_name
+from .etcd import EtcdConfig
 
 #: The two commands that take settings.
 Cli = Literal["tm-sidecar", "tmctl"]

@@ -33,7 +33,6 @@ from ._errors import (
     TaskNotFound,
     Unavailable,
 )
-from ._etcd import Etcd, retrying
 from ._group import GroupCommit, txn_group
 from ._hub import EventHub, Subscription
 from ._leading import LeaderSettings, LeaderState, run_leader
@@ -75,6 +74,7 @@ from .core import (
     with_limits,
 )
 from .core import takeover as core_takeover
+from .etcd import Etcd, retrying
 
 log = logging.getLogger("tm_sidecar")
 

@@ -20,7 +20,6 @@ import trio
 
 from ._embedded import PORTS_FILE
 from ._errors import EtcdUnavailable, TaskManagerError
-from ._etcd import Etcd, EtcdConfig
 from ._leading import sweep_payloads
 from ._settings import Settings, add_flags, load_settings
 from ._sidecar import pausing, update_queue, update_schedule
@@ -53,7 +52,7 @@ from .core import (
     schedule_from_request,
     with_limits,
 )
-from .etcd import connect
+from .etcd import Etcd, EtcdConfig, connect
 
 STATES = [s.value for s in State]
 

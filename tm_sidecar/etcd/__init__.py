@@ -1,26 +1,44 @@
-"""etcd's native gRPC API for Trio: one client, behind the adapter's interface.
+"""Everything that talks to etcd, for Trio code: one interface, two transports.
 
-Owns everything that speaks gRPC to etcd; no other module imports ``grpc`` or the
-generated messages. It may import :mod:`tm_sidecar.core`, :mod:`tm_sidecar._errors` and,
-until the interface moves here, the adapter's shared names in :mod:`tm_sidecar._etcd`
-(``Etcd``, ``EtcdConfig``, ``Reset``, ``Changes``, ``Loader``); nothing else of the
-sidecar (``tests/test_etcd_grpc.py`` checks the arrows).
+:func:`connect` makes the client for ``cfg.transport``: ``grpc`` (the default, etcd's
+native API over grpcio) or ``gateway`` (etcd's JSON gateway through etcd3-py, for a
+deployment that can reach only the gateway). Both implement :class:`Etcd` and pass the
+same adapter tests. No other module of tm-sidecar imports ``grpc``, ``etcd3`` or the
+generated messages; this package imports only :mod:`tm_sidecar.core` and
+:mod:`tm_sidecar._errors` of the rest (``tests/test_etcd_grpc.py`` checks the arrows).
 
-Modules, one job each: ``_bridge`` (grpcio's futures and streams driven from Trio),
-``_errors`` (gRPC status to our exceptions), ``_codec`` (the core's values to and from
-protobuf), ``_transport`` (channels, TLS, auth token, deadlines, failover, metrics),
-``_leases`` (keep-alives on one stream), ``_watch`` (watches and the informer),
-``_client`` (the facade), ``_sync`` (a blocking face, for the property tests). The
-messages are generated from ``_proto/rpc.proto``, a minimal copy of etcd's definitions;
-regenerate them (grpcio-tools, the ``protos`` extra) from the repository's root with::
+Modules, one job each:
+
+- ``_config``: :class:`EtcdConfig` and the transports' names;
+- ``_interface``: :class:`Etcd` (the adapter's interface), and what it deals in:
+  :class:`Reset`, :class:`Changes`, :class:`Loader`, :class:`KeyValue` (the core's);
+- ``_retry``: the one backoff, and :func:`retrying`;
+- ``_informer``: list, then watch from the listing's revision, on any transport;
+- ``_errors``: failures as our exceptions by gRPC status code (the gateway's JSON
+  ``code`` is the same code);
+- gRPC: ``_bridge`` (grpcio's futures and streams driven from Trio), ``_codec`` (the
+  core's values to and from protobuf), ``_transport`` (channels, TLS, auth token,
+  deadlines, failover, metrics), ``_leases`` (keep-alives on one stream), ``_watch``
+  (watch streams), ``_client`` (:class:`GrpcEtcd`), ``_sync`` (a blocking face, for the
+  property tests);
+- the gateway: ``_gateway_codec`` (the core's values to and from the gateway's JSON),
+  ``_gateway`` (:class:`GatewayEtcd`: etcd3-py's ``call_rpc`` in threads, one reader
+  thread per watch stream).
+
+The messages are generated from ``_proto/rpc.proto``, a minimal copy of etcd's
+definitions; regenerate them (grpcio-tools, the ``protos`` extra) from the repository's
+root with::
 
     python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. tm_sidecar/etcd/_proto/rpc.proto
 """
 
 from __future__ import annotations
 
-from .._etcd import Etcd, EtcdConfig
 from ._client import GrpcEtcd
+from ._config import TRANSPORTS, EtcdConfig, transport_arg
+from ._gateway import GatewayEtcd
+from ._interface import Changes, Etcd, KeyValue, Loader, Reset
+from ._retry import backoff, retrying
 from ._sync import SyncEtcd
 
 
@@ -28,7 +46,25 @@ def connect(cfg: EtcdConfig) -> Etcd:
     """The etcd client for ``cfg.transport``: gRPC (the default), or the JSON gateway."""
     if cfg.transport == "grpc":
         return GrpcEtcd(cfg)
-    return Etcd(cfg)
+    if cfg.transport == "gateway":
+        return GatewayEtcd(cfg)
+    # EtcdConfig refuses any other name; this is for a config built around its checks.
+    raise ValueError(f"unknown etcd transport {cfg.transport!r}: choose one of {TRANSPORTS}")
 
 
-__all__ = ["GrpcEtcd", "SyncEtcd", "connect"]
+__all__ = [
+    "TRANSPORTS",
+    "Changes",
+    "Etcd",
+    "EtcdConfig",
+    "GatewayEtcd",
+    "GrpcEtcd",
+    "KeyValue",
+    "Loader",
+    "Reset",
+    "SyncEtcd",
+    "backoff",
+    "connect",
+    "retrying",
+    "transport_arg",
+]

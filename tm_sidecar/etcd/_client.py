@@ -1,37 +1,31 @@
-"""The gRPC etcd client behind the adapter's interface (:class:`tm_sidecar._etcd.Etcd`)."""
+"""The gRPC etcd client behind the adapter's interface (:class:`._interface.Etcd`)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import trio
 from google.protobuf.json_format import MessageToDict
 
 from .._errors import Compacted, EtcdError, LeaseNotFound
-from .._etcd import Changes, Etcd, EtcdConfig, Loader, Reset
 from ..core import KeyValue, Range, RangeResult, Txn, TxnResult
 from . import _transport as rpc
 from ._codec import decode_kvs, decode_range, decode_txn, encode_range, encode_txn, range_end
+from ._config import EtcdConfig
+from ._interface import Changes, Etcd
 from ._leases import KeepAlives
 from ._proto import rpc_pb2 as pb
-from ._watch import informer, watch_once
+from ._watch import watch_once
 
 
 class GrpcEtcd(Etcd):
-    """Async access to etcd over its native gRPC API, for Trio code. Share one per process.
+    """Async access to etcd over its native gRPC API, for Trio code. Share one per process."""
 
-    It subclasses the gateway adapter only so that code typed against :class:`Etcd`
-    takes it until the interface moves into this package (issue 12); it overrides every
-    public method (``tests/test_etcd_grpc.py`` checks) and shares none of the gateway's
-    state.
-    """
-
-    def __init__(self, cfg: EtcdConfig) -> None:  # no super().__init__(): nothing shared
+    def __init__(self, cfg: EtcdConfig) -> None:
         self.cfg = cfg
-        #: Called after each request with (path, seconds, "ok" or "error"), for metrics.
-        self.on_request: Callable[[str, float, str], None] | None = None
+        self.on_request = None
         self._rpc = rpc.Transport(
             endpoints=cfg.endpoints,
             timeout_s=cfg.timeout_s,
@@ -58,10 +52,6 @@ class GrpcEtcd(Etcd):
         self._keepalives.close()
         await self._rpc.aclose()
 
-    async def call(self, path: str, body: dict[str, Any]) -> NoReturn:
-        """Not over gRPC: raw gateway calls need the gateway transport."""
-        raise EtcdError(f"{path}: raw gateway calls need --etcd-transport native or etcd3")
-
     # -- KV --
 
     async def range(self, r: Range) -> RangeResult:
@@ -73,15 +63,6 @@ class GrpcEtcd(Etcd):
         listing for a person: ``more`` says whether a next page starts after the last key)."""
         request = pb.RangeRequest(key=start.encode(), range_end=range_end.encode(), limit=limit)
         return decode_range(await self._rpc.unary(rpc.RANGE, request, idempotent=True))
-
-    async def revision(self) -> int:
-        """The store's current revision."""
-        return (await self.range(Range("\0", limit=1, count_only=True))).revision
-
-    async def get(self, key: str) -> KeyValue | None:
-        """One key, or None."""
-        result = await self.range(Range(key))
-        return result.kvs[0] if result.kvs else None
 
     async def list_prefix(
         self,
@@ -251,41 +232,12 @@ class GrpcEtcd(Etcd):
         async with contextlib.aclosing(
             watch_once(
                 self._rpc,
-                Changes,
                 key,
                 start_revision,
                 range_end_key=range_end,
                 prefix=prefix,
                 prev_kv=prev_kv,
                 puts_only=puts_only,
-            )
-        ) as items:
-            async for item in items:
-                yield item
-
-    async def informer(
-        self,
-        prefix: str,
-        *,
-        range_end: str | None = None,
-        backoff: Callable[[int], float] | None = None,
-        prev_kv: bool = True,
-        loader: Callable[[], Loader] | None = None,
-        page: int = 2000,
-    ) -> AsyncGenerator[Reset | Changes, None]:
-        """List-then-watch ``prefix`` (or ``[prefix, range_end)``) for ever: a
-        :class:`Reset`, then :class:`Changes`; see :func:`tm_sidecar.etcd._watch.informer`."""
-        async with contextlib.aclosing(
-            informer(
-                self,
-                Reset,
-                Changes,
-                prefix,
-                range_end=range_end,
-                backoff=backoff,
-                prev_kv=prev_kv,
-                loader=loader,
-                page=page,
             )
         ) as items:
             async for item in items:

@@ -1,4 +1,5 @@
-"""Watches over gRPC, and the informer: list, then watch from the listing's revision.
+"""Watches over gRPC (the informer on top of them is ``_informer.py``, shared by both
+transports).
 
 One Watch stream per :func:`watch_once`, carrying one watch. etcd sends whole revisions
 in each response (we never ask for fragments), so a response's last event is a safe
@@ -8,31 +9,23 @@ point to resume from.
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import trio
 
 from .._errors import Compacted, EtcdUnavailable
-from ..core import KeyValue, WatchEvent
 from ._codec import decode_event, range_end
+from ._errors import watch_refused
+from ._interface import Changes
 from ._proto import rpc_pb2 as pb
 from ._transport import WATCH, Transport
 
 log = logging.getLogger("tm_sidecar.etcd")
 
 
-class ChangesType(Protocol):
-    """What :func:`watch_once` makes of a response (the adapter's ``Changes``)."""
-
-    def __call__(self, events: tuple[WatchEvent, ...], revision: int) -> Any: ...
-
-
 async def watch_once(
     transport: Transport,
-    changes: ChangesType,
     key: str,
     start_revision: int,
     *,
@@ -40,7 +33,7 @@ async def watch_once(
     prefix: bool = True,
     prev_kv: bool = True,
     puts_only: bool = False,
-) -> AsyncGenerator[Any, None]:
+) -> AsyncGenerator[Changes, None]:
     """One watch stream from ``start_revision``; ends only by raising.
 
     Raises :class:`Compacted` when the start revision is gone, :class:`EtcdUnavailable`
@@ -77,6 +70,9 @@ async def watch_once(
                     raise Compacted(
                         "watch start revision was compacted", int(response.compact_revision)
                     )
+                if watch_refused(response.cancel_reason):
+                    # Maybe a token etcd dropped: the next stream authenticates again.
+                    transport.invalidate_token(opened.token)
                 raise EtcdUnavailable(f"etcd cancelled the watch: {response.cancel_reason}")
             if not response.events:
                 continue  # the creation, or a progress notification
@@ -84,7 +80,7 @@ async def watch_once(
             # Seen up to the last event, not the header's revision: a watch catching up
             # on history comes in responses of at most 1,000 revisions, each stamped with
             # the store's current revision, ahead of what has been delivered.
-            yield changes(events, events[-1].kv.mod_revision)
+            yield Changes(events, events[-1].kv.mod_revision)
     finally:
         stream.close()
 
@@ -94,87 +90,3 @@ async def _receive(transport: Transport, opened: Any) -> Any:
         return await opened.stream.receive()
     except Exception as exc:
         raise transport.stream_error(exc, opened, "watch") from None
-
-
-class Lister(Protocol):
-    """What the informer needs of the client."""
-
-    async def list_prefix(
-        self,
-        prefix: str,
-        *,
-        range_end: str | None = None,
-        page: int = 2000,
-        consume: Callable[[tuple[KeyValue, ...]], None] | None = None,
-        keys_only: bool = False,
-    ) -> tuple[tuple[KeyValue, ...], int]: ...
-
-    def watch_once(
-        self,
-        key: str,
-        start_revision: int,
-        *,
-        range_end: str | None = None,
-        prefix: bool = True,
-        prev_kv: bool = True,
-        puts_only: bool = False,
-    ) -> AsyncGenerator[Any, None]: ...
-
-
-def default_backoff(failures: int) -> float:
-    """Seconds to wait after ``failures`` failures in a row: 50 ms doubling to 2 s, with
-    jitter so that many watchers do not come back at once."""
-    return float(min(2.0, 0.05 * 2.0 ** min(failures, 10)) * (0.5 + random.random() / 2))
-
-
-async def informer(
-    client: Lister,
-    reset: Callable[[tuple[KeyValue, ...], int, Any], Any],
-    changes: ChangesType,
-    prefix: str,
-    *,
-    range_end: str | None = None,
-    backoff: Callable[[int], float] | None = None,
-    prev_kv: bool = True,
-    loader: Callable[[], Any] | None = None,
-    page: int = 2000,
-) -> AsyncGenerator[Any, None]:
-    """List-then-watch ``prefix`` (or ``[prefix, range_end)``) for ever.
-
-    Yields ``reset(kvs, revision, loaded)``, then ``changes(events, revision)``. Resumes
-    from the last revision seen when etcd goes away (with backoff); lists again, with a
-    new reset, when that revision has been compacted. Changes are never repeated nor
-    skipped between resets.
-    """
-    delay = backoff or default_backoff
-    failures = 0
-    last: int | None = None
-    while True:
-        try:
-            if last is None:
-                loaded = loader() if loader is not None else None
-                kvs, revision = await client.list_prefix(
-                    prefix,
-                    range_end=range_end,
-                    consume=loaded.load if loaded is not None else None,
-                    page=page,
-                )
-                last = revision
-                failures = 0
-                yield reset(kvs, revision, loaded)
-            watch = client.watch_once(prefix, last + 1, range_end=range_end, prev_kv=prev_kv)
-            async with aclosing(watch) as items:
-                async for item in items:
-                    fresh = tuple(e for e in item.events if e.kv.mod_revision > last)
-                    last = max(last, item.revision)
-                    failures = 0
-                    if fresh:
-                        yield changes(fresh, last)
-        except Compacted:
-            log.warning("watch on %s fell behind compaction; listing again", prefix)
-            last = None
-        except EtcdUnavailable as exc:
-            failures += 1
-            wait = delay(failures)
-            log.warning("watch on %s interrupted (%s); retrying in %.2f s", prefix, exc, wait)
-            await trio.sleep(wait)

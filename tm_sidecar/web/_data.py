@@ -18,7 +18,6 @@ import attrs
 import trio
 
 from .._errors import TaskManagerError, Unavailable
-from .._etcd import Etcd
 from .._sidecar import FINAL_STATES, Sidecar, TaskInfo, is_final
 from .._tmctl import Ctl
 from ..core import (
@@ -32,6 +31,7 @@ from ..core import (
     TaskEvent,
     TaskId,
 )
+from ..etcd import Etcd
 
 STATES = tuple(State)
 #: Characters of a task id, a node id or a queue name (``check_name``), for searches.
