@@ -76,6 +76,9 @@ BAD_REQUESTS: list[dict[str, Any]] = [
     {"op": "create", "payload": {}, "options": {"timeout_s": 10**400}},
     {"op": "create", "payload": {}, "subscribe": True, "events": [{}]},
     {"op": "pause", "queue": 5},
+    {"op": "set_limits", "rate": {"limit": 1, "period_s": 10**400}},
+    {"op": "schedule", "name": "s", "payload": {}, "every_s": 10**400},
+    {"op": "schedule", "name": "s", "payload": {}, "every_s": 60, "grace_s": 10**400},
     {"op": "unschedule"},
     {"op": "no_such_op"},
 ]
@@ -92,6 +95,36 @@ async def test_a_bad_request_is_the_callers_fault(
             assert answer["error"]["retryable"] is False
         assert (await client.call("ping"))["result"] == "pong"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no bug logged
+
+
+#: Every field an op reads (docs/protocol.md), and values of every wrong kind for them.
+FIELDS = (
+    *("task_id", "queue", "name", "payload", "options", "run_at", "subscribe", "events"),
+    *("timeout_s", "reason", "subscription", "worker", "delivery", "data", "result", "error"),
+    *("delay_s", "concurrency", "until_final", "from_revision", "cron", "every_s", "timezone"),
+    *("missed", "max_catch_up", "grace_s", "paused", "max_running", "key_max_running"),
+    *("rate", "key_rate"),
+)
+WRONG: tuple[JSON, ...] = (10**400, -1, 0, 2.5, 1e308, True, None, "x", "bad/name", [], {})
+
+
+async def test_no_field_of_any_op_can_make_the_sidecar_blame_itself(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    blamed = []
+    async with serving(etcd_server, namespace, tmp_path) as (server, client):
+        for op in sorted(set(server.ops) - {"hello"}):
+            for field in FIELDS:
+                for value in WRONG:
+                    fields: dict[str, Any] = {field: value}
+                    if op == "wait":
+                        fields.setdefault("timeout_s", 0)
+                    if op == "schedule":
+                        fields.setdefault("name", "sweep")
+                    answer = await client.call(op, **fields)
+                    if not answer["ok"] and answer["error"]["code"] == "internal":
+                        blamed.append((op, field, value))
+    assert blamed == []
 
 
 async def test_a_sidecar_bug_is_internal_logged_and_serving_goes_on(

@@ -437,6 +437,7 @@ class SocketServer:
     async def op_set_limits(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         queue = _name("queue", frame.get("queue", "default"))
         changes = {name: frame[name] for name in LIMIT_FIELDS if name in frame}
+        _numbers_fit(changes)
         unknown = set(frame) - {"id", "op", "queue", *LIMIT_FIELDS}
         if unknown:
             raise InvalidRequest(f"unknown fields: {sorted(unknown)}")
@@ -449,6 +450,10 @@ class SocketServer:
             raise InvalidRequest(f"unknown fields: {sorted(unknown)}")
         if not isinstance(frame.get("name"), str):
             raise InvalidRequest("a schedule needs a name")
+        for name in ("cron", "timezone", "missed"):
+            if frame.get(name) is not None and not isinstance(frame[name], str):
+                raise InvalidRequest(f"{name} must be a string")
+        _numbers_fit({k: frame[k] for k in _SCHEDULE_FIELDS if k in frame})
         fields = {k: frame[k] for k in ("name", "payload", *_SCHEDULE_FIELDS) if k in frame}
         fields["options"] = _options(frame.get("options") or {})
         return (await self.sidecar.schedule(fields)).to_obj()
@@ -766,6 +771,19 @@ def _finite(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def _numbers_fit(value: JSON) -> None:
+    """Settings are numbers a float can hold: JSON allows integers of any length, and
+    the checks after this one compare them with floats."""
+    if isinstance(value, dict):
+        for item in value.values():
+            _numbers_fit(item)
+    elif isinstance(value, list):
+        for item in value:
+            _numbers_fit(item)
+    elif isinstance(value, int) and not isinstance(value, bool) and not _finite(value):
+        raise InvalidRequest("a number is too large (the most is about 1.8e308)")
 
 
 def _json(value: JSON, field: str) -> JSON:
