@@ -7,9 +7,12 @@ RUN groupadd --system --gid 10001 tm \
     && python -m venv /opt/tm-sidecar \
     && install -d -o tm -g tm -m 0750 /run/tm-sidecar /var/lib/tm-sidecar
 
-COPY pyproject.toml README.md /src/
+# The SDK's package first: the sidecar depends on it for the protocol (taskmanager.protocol).
+COPY sdk/pyproject.toml sdk/LICENSE /src/sdk/
+COPY sdk/taskmanager /src/sdk/taskmanager
+COPY pyproject.toml README.md LICENSE /src/
 COPY tm_sidecar /src/tm_sidecar
-RUN /opt/tm-sidecar/bin/pip install --no-cache-dir /src && rm -rf /src
+RUN /opt/tm-sidecar/bin/pip install --no-cache-dir /src/sdk /src && rm -rf /src
 
 ENV PATH=/opt/tm-sidecar/bin:$PATH \
     TM_SOCKET=/run/tm-sidecar/tm.sock \

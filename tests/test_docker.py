@@ -41,15 +41,26 @@ def test_the_dockerfile_install_runs(etcd_server: EtcdProcess, tmp_path: Path) -
     assert 'ENTRYPOINT ["tm-sidecar"]' in DOCKERFILE
     src = tmp_path / "src"
     src.mkdir()
-    shutil.copy(ROOT / "pyproject.toml", src)
-    shutil.copy(ROOT / "README.md", src)
-    shutil.copytree(
-        ROOT / "tm_sidecar", src / "tm_sidecar", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    # The Dockerfile's COPY lines: the SDK's package (the protocol), then the sidecar's.
+    no_cache = shutil.ignore_patterns("__pycache__")
+    (src / "sdk").mkdir()
+    for name in ("pyproject.toml", "LICENSE"):
+        shutil.copy(ROOT / "sdk" / name, src / "sdk")
+    shutil.copytree(ROOT / "sdk" / "taskmanager", src / "sdk" / "taskmanager", ignore=no_cache)
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src)
+    shutil.copytree(ROOT / "tm_sidecar", src / "tm_sidecar", ignore=no_cache)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     pip = subprocess.run(
-        [str(env_dir / "bin" / "pip"), "install", "--no-cache-dir", "-q", str(src)],
+        [
+            str(env_dir / "bin" / "pip"),
+            "install",
+            "--no-cache-dir",
+            "-q",
+            str(src / "sdk"),
+            str(src),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,8 +1,15 @@
 """The socket server: the documented protocol (docs/protocol.md) over a Unix socket.
 
-Frames are JSON objects, one per line. Each connection is independent: a client that
-sends garbage, stalls or disconnects affects only itself; tasks it was running become
-failed attempts at once and are retried per their policy.
+Frames are JSON objects, one per line, framed and coded by :mod:`taskmanager.protocol`
+(the SDK's, shared with it, as are the error classes and their wire codes). Each
+connection is independent: a client that sends garbage, stalls or disconnects affects
+only itself; tasks it was running become failed attempts at once and are retried per
+their policy.
+
+Errors go by whose fault they are: a request that fails validation is answered with
+``invalid_request`` (or a kin), raised explicitly where the request is read; anything
+else an operation raises is the sidecar's bug, logged with its traceback and answered
+with ``internal``, and the connection and the sidecar go on serving.
 """
 
 from __future__ import annotations
@@ -10,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import grp
 import itertools
-import json
 import logging
 import math
 import os
@@ -22,21 +28,27 @@ from typing import Any
 
 import attrs
 import trio
-
-from . import __version__
-from ._agent import HandedBack, HandlerFailed, Registration, Snooze, TaskContext
-from ._errors import (
-    ERRORS,
+from taskmanager.protocol import (
+    DEFAULT_MAX_FRAME,
+    EVENT_KINDS,
+    PROTOCOL_VERSION,
+    FrameError,
     InvalidRequest,
+    LineFramer,
     ProtocolViolation,
     TaskManagerError,
     Unavailable,
+    decode_frame,
+    encode_frame,
+    error_to_wire,
 )
+
+from . import __version__
+from ._agent import HandedBack, HandlerFailed, Registration, Snooze, TaskContext
 from ._hub import Subscription
 from ._sidecar import Created, Sidecar, TaskInfo, is_final
 from .core import (
     DEFAULT_MAX_SNOOZES,
-    EVENT_KINDS,
     JSON,
     LIMIT_FIELDS,
     Backoff,
@@ -51,8 +63,6 @@ from .core import (
 
 log = logging.getLogger("tm_sidecar.server")
 
-PROTOCOL_VERSION = 1
-DEFAULT_MAX_FRAME = 1024 * 1024
 #: Frames waiting to be written to one client; a client this far behind is dropped.
 OUTBOX = 1000
 
@@ -109,7 +119,7 @@ class Connection:
     def push(self, frame: dict[str, Any]) -> None:
         """Queue a frame; a client that does not read is dropped rather than waited for."""
         try:
-            self.outbox_send.send_nowait(dumps(frame).encode() + b"\n")
+            self.outbox_send.send_nowait(encode_frame(frame))
         except trio.WouldBlock:
             log.warning("client %s is not reading: dropping it", self.peer)
             self.outbox_send.close()
@@ -121,6 +131,9 @@ class Connection:
 
 _ids = itertools.count(1)
 
+#: An operation: what it answers to one request on one connection.
+_Op = Callable[[Connection, dict[str, Any]], Awaitable[JSON]]
+
 
 @attrs.define(eq=False)
 class SocketServer:
@@ -131,6 +144,40 @@ class SocketServer:
     connections: set[Connection] = attrs.Factory(set)
     accepting: bool = True
     _inode: int | None = None
+    #: The operations by name (docs/protocol.md, "Operations"); any other is refused.
+    ops: dict[str, _Op] = attrs.field(init=False)
+
+    @ops.default
+    def _op_table(self) -> dict[str, _Op]:
+        # Written out: an operation is one because it is listed here, not because of its
+        # method's name.
+        return {
+            "hello": self.op_hello,
+            "ping": self.op_ping,
+            "status": self.op_status,
+            "create": self.op_create,
+            "get": self.op_get,
+            "wait": self.op_wait,
+            "cancel": self.op_cancel,
+            "pause": self.op_pause,
+            "resume": self.op_resume,
+            "set_limits": self.op_set_limits,
+            "schedule": self.op_schedule,
+            "schedules": self.op_schedules,
+            "pause_schedule": self.op_pause_schedule,
+            "resume_schedule": self.op_resume_schedule,
+            "unschedule": self.op_unschedule,
+            "queues": self.op_queues,
+            "subscribe": self.op_subscribe,
+            "unsubscribe": self.op_unsubscribe,
+            "register": self.op_register,
+            "unregister": self.op_unregister,
+            "progress": self.op_progress,
+            "complete": self.op_complete,
+            "fail": self.op_fail,
+            "snooze": self.op_snooze,
+            "release": self.op_release,
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ready once the socket accepts connections."""
@@ -231,37 +278,19 @@ class SocketServer:
             await conn.stream.aclose()
 
     async def _read(self, conn: Connection) -> None:
-        buffer = bytearray()
-        limit = self.settings.max_frame
+        framer = LineFramer(self.settings.max_frame)
         while True:
-            newline = buffer.find(b"\n")
-            while newline < 0:
-                if len(buffer) > limit:
-                    conn.push(_error(None, ProtocolViolation(f"frame over {limit} bytes: closing")))
-                    raise _Closed
-                chunk = await conn.stream.receive_some(65536)
-                if not chunk:
-                    raise _Closed
-                start = len(buffer)
-                buffer += chunk
-                found = buffer.find(b"\n", start)
-                newline = found
-            line = bytes(buffer[:newline])
-            del buffer[: newline + 1]
-            if len(line) > limit:
-                conn.push(_error(None, ProtocolViolation(f"frame over {limit} bytes: closing")))
+            chunk = await conn.stream.receive_some(65536)
+            if not chunk:
                 raise _Closed
-            if not line.strip():
-                continue
             try:
-                frame = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                conn.push(_error(None, ProtocolViolation(f"a frame is not JSON ({exc}): closing")))
+                for line in framer.feed(chunk):
+                    frame = decode_frame(line)
+                    if frame is not None:
+                        self._dispatch(conn, frame)
+            except FrameError as exc:
+                conn.push(_error(None, ProtocolViolation(f"{exc}: closing")))
                 raise _Closed from exc
-            if not isinstance(frame, dict):
-                conn.push(_error(None, ProtocolViolation("a frame must be a JSON object: closing")))
-                raise _Closed
-            self._dispatch(conn, frame)
 
     def _dispatch(self, conn: Connection, frame: dict[str, Any]) -> None:
         rid = frame.get("id")
@@ -272,7 +301,7 @@ class SocketServer:
         if not conn.hello and op != "hello":
             conn.push(_error(rid, InvalidRequest("say hello first")))
             return
-        handler = OPS.get(op) if isinstance(op, str) else None
+        handler = self.ops.get(op) if isinstance(op, str) else None
         if handler is None:
             conn.push(_error(rid, InvalidRequest(f"unknown op {op!r}")))
             return
@@ -283,13 +312,13 @@ class SocketServer:
         self, conn: Connection, rid: Any, handler: _Op, frame: dict[str, Any]
     ) -> None:
         try:
-            result = await handler(self, conn, frame)
+            result = await handler(conn, frame)
         except TaskManagerError as exc:
             conn.push(_error(rid, exc))
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            conn.push(_error(rid, InvalidRequest(f"bad {frame.get('op')} request: {exc}")))
         except Exception as exc:
-            log.exception("op %r failed", frame.get("op"))
+            # Not the caller's fault (validation raises InvalidRequest where it reads the
+            # request): a bug here, told as one, and this connection goes on.
+            log.exception("op %r failed: a bug in the sidecar", frame.get("op"))
             conn.push(_error(rid, TaskManagerError(f"internal error: {type(exc).__name__}")))
         else:
             conn.push({"id": rid, "ok": True, "result": result})
@@ -314,7 +343,7 @@ class SocketServer:
             "namespace": self.sidecar.settings.namespace,
             "leader": self.sidecar.is_leader,
             "max_frame": self.settings.max_frame,
-            "ops": sorted(OPS),
+            "ops": sorted(self.ops),
         }
 
     async def _role_pushes(self, conn: Connection) -> None:
@@ -331,13 +360,11 @@ class SocketServer:
     async def op_create(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         options = _options(frame.get("options") or {})
         run_at = frame.get("run_at")
-        if run_at is not None and (
-            not isinstance(run_at, int | float) or not math.isfinite(run_at)
-        ):
+        if run_at is not None and not _finite(run_at):
             raise InvalidRequest("run_at must be a UTC epoch time in seconds")
         task_id = frame.get("task_id")
         if task_id is not None:
-            task_id = TaskId(check_name("task id", task_id))
+            task_id = _task_id(frame)
         if not frame.get("subscribe"):
             created = await self.sidecar.create_task(
                 frame.get("payload"), options=options, run_at=run_at, task_id=task_id
@@ -348,7 +375,7 @@ class SocketServer:
         task_id = task_id or self.sidecar.new_task_id()
         kinds = frame.get("events")
         if kinds is not None and (
-            not isinstance(kinds, list) or not set(kinds) <= set(EVENT_KINDS) or not kinds
+            not isinstance(kinds, list) or not kinds or any(k not in EVENT_KINDS for k in kinds)
         ):
             raise InvalidRequest(f"events must be a list of some of {', '.join(EVENT_KINDS)}")
         chosen = frozenset(kinds) if kinds else None
@@ -370,21 +397,22 @@ class SocketServer:
         return {**_created(created), "subscription": sid}
 
     async def op_get(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        info = await self.sidecar.get(TaskId(check_name("task id", frame["task_id"])))
+        info = await self.sidecar.get(_task_id(frame))
         return task_json(info)
 
     async def op_wait(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        task_id = _task_id(frame)
         timeout = frame.get("timeout_s")
-        if timeout is not None and not isinstance(timeout, int | float):
-            raise InvalidRequest("timeout_s must be a number")
+        if timeout is not None and not (timeout == math.inf or (_finite(timeout) and timeout >= 0)):
+            raise InvalidRequest("timeout_s must be a number of seconds, 0 or more")
         try:
-            info = await self.sidecar.wait(TaskId(check_name("task id", frame["task_id"])), timeout)
+            info = await self.sidecar.wait(task_id, timeout)
         except trio.TooSlowError as exc:
             raise Unavailable(f"the task did not finish within {timeout} s") from exc
         return task_json(info)
 
     async def op_cancel(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        task_id = TaskId(check_name("task id", frame["task_id"]))
+        task_id = _task_id(frame)
         message = frame.get("reason", "cancelled by a client")
         if not isinstance(message, str) or len(message) > 1000:
             raise InvalidRequest("reason must be a string of at most 1000 characters")
@@ -399,16 +427,17 @@ class SocketServer:
         return answer
 
     async def op_pause(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        queue = check_name("queue", frame.get("queue", "default"))
+        queue = _name("queue", frame.get("queue", "default"))
         return (await self.sidecar.pause_queue(queue)).to_obj()
 
     async def op_resume(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        queue = check_name("queue", frame.get("queue", "default"))
+        queue = _name("queue", frame.get("queue", "default"))
         return (await self.sidecar.resume_queue(queue)).to_obj()
 
     async def op_set_limits(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        queue = check_name("queue", frame.get("queue", "default"))
+        queue = _name("queue", frame.get("queue", "default"))
         changes = {name: frame[name] for name in LIMIT_FIELDS if name in frame}
+        _numbers_fit(changes)
         unknown = set(frame) - {"id", "op", "queue", *LIMIT_FIELDS}
         if unknown:
             raise InvalidRequest(f"unknown fields: {sorted(unknown)}")
@@ -421,6 +450,10 @@ class SocketServer:
             raise InvalidRequest(f"unknown fields: {sorted(unknown)}")
         if not isinstance(frame.get("name"), str):
             raise InvalidRequest("a schedule needs a name")
+        for name in ("cron", "timezone", "missed"):
+            if frame.get(name) is not None and not isinstance(frame[name], str):
+                raise InvalidRequest(f"{name} must be a string")
+        _numbers_fit({k: frame[k] for k in _SCHEDULE_FIELDS if k in frame})
         fields = {k: frame[k] for k in ("name", "payload", *_SCHEDULE_FIELDS) if k in frame}
         fields["options"] = _options(frame.get("options") or {})
         return (await self.sidecar.schedule(fields)).to_obj()
@@ -429,15 +462,15 @@ class SocketServer:
         return [s.to_obj() for s in await self.sidecar.schedules()]
 
     async def op_pause_schedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        name = check_name("schedule", frame["name"])
+        name = _name("schedule", frame.get("name"))
         return (await self.sidecar.pause_schedule(name, True)).to_obj()
 
     async def op_resume_schedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        name = check_name("schedule", frame["name"])
+        name = _name("schedule", frame.get("name"))
         return (await self.sidecar.pause_schedule(name, False)).to_obj()
 
     async def op_unschedule(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        return await self.sidecar.delete_schedule(check_name("schedule", frame["name"]))
+        return await self.sidecar.delete_schedule(_name("schedule", frame.get("name")))
 
     async def op_queues(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         return {name: config.to_obj() for name, config in (await self.sidecar.queues()).items()}
@@ -445,7 +478,7 @@ class SocketServer:
     async def op_subscribe(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         task_id = frame.get("task_id")
         if task_id is not None:
-            task_id = TaskId(check_name("task id", task_id))
+            task_id = _task_id(frame)
         until_final = bool(frame.get("until_final", False))
         if until_final and task_id is None:
             raise InvalidRequest("until_final needs a task_id")
@@ -497,13 +530,13 @@ class SocketServer:
         return sid, sub
 
     async def op_unsubscribe(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        sub = conn.subscriptions.pop(int(frame["subscription"]), None)
+        sub = conn.subscriptions.pop(_whole(frame, "subscription"), None)
         if sub is not None:
             sub.close()
         return sub is not None
 
     async def op_register(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        queue = check_name("queue", frame.get("queue", "default"))
+        queue = _name("queue", frame.get("queue", "default"))
         concurrency = frame.get("concurrency", 1)
         if not isinstance(concurrency, int) or not 1 <= concurrency <= 10_000:
             raise InvalidRequest("concurrency must be a whole number from 1 to 10000")
@@ -521,7 +554,7 @@ class SocketServer:
         return {"worker": wid, "node": self.sidecar.node_id}
 
     async def op_unregister(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        reg = conn.registrations.pop(int(frame["worker"]), None)
+        reg = conn.registrations.pop(_whole(frame, "worker"), None)
         if reg is not None:
             reg.close()
         return reg is not None
@@ -567,18 +600,18 @@ class SocketServer:
         return delivery.result
 
     def _delivery(self, conn: Connection, frame: dict[str, Any]) -> _Delivery:
-        delivery = conn.deliveries.get(int(frame["delivery"]))
+        delivery = conn.deliveries.get(_whole(frame, "delivery"))
         if delivery is None:
             raise InvalidRequest("no such delivery (finished, cancelled, or never made)")
         return delivery
 
     async def op_progress(self, conn: Connection, frame: dict[str, Any]) -> JSON:
-        return await self._delivery(conn, frame).ctx.update(frame.get("data"))
+        delivery = self._delivery(conn, frame)
+        return await delivery.ctx.update(_json(frame.get("data"), "data"))
 
     async def op_complete(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         delivery = self._delivery(conn, frame)
-        dumps(frame.get("result"))
-        delivery.result = frame.get("result")
+        delivery.result = _json(frame.get("result"), "result")
         delivery.done.set()
         return True
 
@@ -602,7 +635,10 @@ class SocketServer:
         delay = frame.get("delay_s")
         if not isinstance(delay, int | float) or isinstance(delay, bool):
             raise InvalidRequest("delay_s must be a number of seconds")
-        Snooze(delay)  # checks the range
+        try:
+            Snooze(delay)  # checks the range
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         delivery.snooze_s = float(delay)
         delivery.done.set()
         return True
@@ -613,15 +649,6 @@ class SocketServer:
         delivery.handed_back = True
         delivery.done.set()
         return True
-
-
-_Op = Callable[[SocketServer, Connection, dict[str, Any]], Awaitable[JSON]]
-
-OPS: dict[str, _Op] = {
-    name.removeprefix("op_"): getattr(SocketServer, name)
-    for name in dir(SocketServer)
-    if name.startswith("op_")
-}
 
 
 def _created(created: Created) -> dict[str, JSON]:
@@ -701,17 +728,72 @@ def _options(obj: JSON) -> TaskOptions:
             concurrency_key=obj.get("concurrency_key"),
             max_snoozes=snoozes,
         )
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidRequest(str(exc)) from exc
 
 
 def _error(rid: Any, exc: TaskManagerError) -> dict[str, Any]:
-    code = exc.code if type(exc).code in ERRORS else "internal"
-    return {
-        "id": rid,
-        "ok": False,
-        "error": {"code": code, "message": str(exc), "retryable": exc.retryable},
-    }
+    return {"id": rid, "ok": False, "error": error_to_wire(exc)}
+
+
+# -- reading a request: what is wrong with it is the caller's fault, said so explicitly ----
+
+
+def _name(kind: str, value: object) -> str:
+    """``value`` as a key-safe name (a task id, a queue, a schedule), else InvalidRequest."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{kind} must be a string, not {value!r:.100}")
+    try:
+        return check_name(kind, value)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def _task_id(frame: dict[str, Any]) -> TaskId:
+    if "task_id" not in frame:
+        raise InvalidRequest(f"{frame.get('op')} needs a task_id")
+    return TaskId(_name("task id", frame["task_id"]))
+
+
+def _whole(frame: dict[str, Any], field: str) -> int:
+    """A field that names something by number (a delivery, a worker, a subscription)."""
+    value = frame.get(field)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequest(f"{frame.get('op')} needs {field}, a whole number")
+    return value
+
+
+def _finite(value: object) -> bool:
+    """A finite number (not a bool, and not an integer too large for a float)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _numbers_fit(value: JSON) -> None:
+    """Settings are numbers a float can hold: JSON allows integers of any length, and
+    the checks after this one compare them with floats."""
+    if isinstance(value, dict):
+        for item in value.values():
+            _numbers_fit(item)
+    elif isinstance(value, list):
+        for item in value:
+            _numbers_fit(item)
+    elif isinstance(value, int) and not isinstance(value, bool) and not _finite(value):
+        raise InvalidRequest("a number is too large (the most is about 1.8e308)")
+
+
+def _json(value: JSON, field: str) -> JSON:
+    """``value`` if it is JSON as the sidecar writes it (NaN and the infinities, which
+    Python's parser takes, are not)."""
+    try:
+        dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"{field} is not JSON: {exc}") from None
+    return value
 
 
 def _clear_path(path: Path) -> None:

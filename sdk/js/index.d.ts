@@ -203,10 +203,13 @@ export declare class PayloadTooLarge extends InvalidRequest {}
 export declare class QueueFull extends TaskManagerError {}
 export declare class Unavailable extends TaskManagerError {}
 export declare class EtcdUnavailable extends Unavailable {}
+export declare class EtcdFull extends Unavailable {}
 export declare class NotLeader extends Unavailable {}
 export declare class LeaseLost extends TaskManagerError {}
 export declare class ProtocolViolation extends TaskManagerError {}
 export declare class EtcdError extends TaskManagerError {}
+export declare class LeaseNotFound extends EtcdError {}
+export declare class Compacted extends EtcdError {}
 export declare class ConnectionLost extends Unavailable {}
 export declare class WaitTimeout extends TaskManagerError {}
 export declare class TaskFailed extends TaskManagerError {

@@ -2,11 +2,14 @@
 // socket protocol of docs/protocol.md. No dependencies beyond Node's standard library.
 
 export {
+  Compacted,
   ConnectionLost,
   EtcdError,
+  EtcdFull,
   EtcdUnavailable,
   InvalidRequest,
   LeaseLost,
+  LeaseNotFound,
   NotLeader,
   PayloadTooLarge,
   Permanent,

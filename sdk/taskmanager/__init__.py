@@ -13,6 +13,9 @@ await manager.shutdown()
 A worker process in one call (until SIGTERM or Ctrl-C, then a graceful shutdown):
 
 run_worker(handler, concurrency=4)
+
+The protocol itself (framing, version, event kinds, the errors and their wire codes) is
+:mod:`taskmanager.protocol`, free of I/O: the sidecar's server uses it too.
 """
 
 from ._client import (
@@ -25,32 +28,34 @@ from ._client import (
     WorkerTask,
     default_socket,
 )
-from ._errors import (
+from ._outcomes import Permanent, Snooze
+from ._run import run_worker
+from ._sync import BlockingTask, BlockingTaskManager
+from .protocol import (
+    Compacted,
     ConnectionLost,
     EtcdError,
     EtcdFull,
     EtcdUnavailable,
     InvalidRequest,
     LeaseLost,
+    LeaseNotFound,
     NotLeader,
     PayloadTooLarge,
-    Permanent,
     ProtocolViolation,
     QueueFull,
-    Snooze,
     TaskFailed,
     TaskManagerError,
     TaskNotFound,
     Unavailable,
 )
-from ._run import run_worker
-from ._sync import BlockingTask, BlockingTaskManager
 
 __all__ = [
     "EVENTS",
     "MANAGER_EVENTS",
     "BlockingTask",
     "BlockingTaskManager",
+    "Compacted",
     "ConnectionLost",
     "DefaultTaskManager",
     "EtcdError",
@@ -58,6 +63,7 @@ __all__ = [
     "EtcdUnavailable",
     "InvalidRequest",
     "LeaseLost",
+    "LeaseNotFound",
     "NotLeader",
     "PayloadTooLarge",
     "Permanent",

@@ -13,7 +13,6 @@ import contextlib
 import contextvars
 import inspect
 import itertools
-import json
 import logging
 import os
 import random
@@ -28,29 +27,35 @@ import anyio
 import anyio.lowlevel
 import sniffio
 
-from ._errors import (
+from ._outcomes import Permanent, Snooze
+from ._validate import check_json, finite_number, positive_number, whole_number
+from .protocol import (
+    DEFAULT_MAX_FRAME,
+    EVENT_KINDS,
+    PROTOCOL_VERSION,
     ConnectionLost,
+    FrameError,
+    FrameTooLarge,
     InvalidRequest,
+    LineFramer,
     PayloadTooLarge,
-    Permanent,
     ProtocolViolation,
-    Snooze,
     TaskFailed,
     TaskManagerError,
     Unavailable,
+    decode_frame,
+    encode_frame,
     error_from_wire,
 )
-from ._validate import check_json, finite_number, positive_number, whole_number
 
 log = logging.getLogger("taskmanager")
 
-PROTOCOL_VERSION = 1
-EVENTS = ("queued", "assigned", "started", "updated", "failed", "completed", "success", "failure")
+#: What :meth:`Task.on` takes: the protocol's event kinds, and ``success`` (a
+#: ``completed`` event) and ``failure`` (a ``failed`` one that will not be retried).
+EVENTS = (*EVENT_KINDS, "success", "failure")
 #: What :meth:`TaskManager.on` takes besides :data:`EVENTS`: ``gap``, told when events
 #: were missed and cannot be replayed (docs/protocol.md, "Resuming a subscription").
 MANAGER_EVENTS = (*EVENTS, "gap")
-#: The frame size assumed until the sidecar's ``hello`` tells its own.
-DEFAULT_MAX_FRAME = 1024 * 1024
 #: Frames larger than this are sent shielded from cancellation: a frame cut short would
 #: corrupt the stream (smaller ones go out in one write, or not at all).
 _SHIELDED_SEND = 64 * 1024
@@ -448,7 +453,8 @@ class TaskManager:
         self._leader = False
         self._stream: anyio.abc.ByteStream | None = None
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[anyio.Event, list[dict[str, Any]]]] = {}
+        # A reply, or the SDK's own error when none will come.
+        self._waiting: dict[int, tuple[anyio.Event, list[dict[str, Any] | TaskManagerError]]] = {}
         self._on_reply: dict[int, Callable[[dict[str, Any]], None]] = {}
         self._tasks: dict[str, Task] = {}
         self._sub_of: dict[str, int] = {}  # task id -> its subscription
@@ -580,7 +586,7 @@ class TaskManager:
         for task in list(self._tasks.values()):
             task._abort(error)
         for event, slot in self._waiting.values():
-            slot.append({"ok": False, "error": {"code": error.code, "message": str(error)}})
+            slot.append(self._failed())
             event.set()
 
     def _failed(self) -> TaskManagerError:
@@ -627,12 +633,12 @@ class TaskManager:
                 # Requests in flight were not answered. When the sidecar closed the
                 # connection for a protocol violation, they fail with it and are not
                 # sent again: a refused frame is never repeated.
-                error = self._violation or {
-                    "code": "connection_lost",
-                    "message": "the sidecar went away",
-                }
+                violation = self._violation
                 for event, slot in self._waiting.values():
-                    slot.append({"ok": False, "error": error})
+                    if violation is not None:
+                        slot.append({"ok": False, "error": violation})
+                    else:
+                        slot.append(ConnectionLost("the sidecar went away"))
                     event.set()
                 self._waiting.clear()
                 for scope in self._deliveries.values():
@@ -784,9 +790,8 @@ class TaskManager:
     async def _read(self, stream: anyio.abc.ByteStream, connection: anyio.CancelScope) -> None:
         # The sidecar is not trusted: a frame that is not a JSON object, is over
         # max_frame, or does not make sense is logged and the connection made again.
-        # A partial line is kept as pieces, bounded by max_frame, and joined once.
-        pieces: list[bytes] = []
-        pending = 0
+        # The framer holds at most max_frame bytes of a line (the hello tells it).
+        framer = LineFramer(self._max_frame)
         while True:
             try:
                 chunk = await stream.receive(65536)
@@ -798,48 +803,26 @@ class TaskManager:
             ):
                 connection.cancel()  # the sidecar went away: reconnect
                 return
-            *lines, rest = chunk.split(b"\n")
-            if lines and pieces:
-                lines[0] = b"".join([*pieces, lines[0]])
-                pieces, pending = [], 0
-            for line in lines:
-                if not await self._take(line):
-                    connection.cancel()
-                    return
-            if rest:
-                pieces.append(rest)
-                pending += len(rest)
-                if pending > self._max_frame:
-                    log.error(
-                        "the sidecar sent over %d bytes without ending the frame (max_frame): "
-                        "reconnecting",
-                        self._max_frame,
-                    )
-                    connection.cancel()
-                    return
+            framer.max_frame = self._max_frame
+            try:
+                for line in framer.feed(chunk):
+                    if not await self._take(line):
+                        connection.cancel()
+                        return
+            except FrameTooLarge as exc:
+                log.error("the sidecar sent %s: reconnecting", exc)
+                connection.cancel()
+                return
 
     async def _take(self, line: bytes) -> bool:
         """Handle one frame from the sidecar; False if it is malformed."""
-        if len(line) > self._max_frame:
-            log.error(
-                "the sidecar sent a frame of %d bytes, over max_frame (%d): reconnecting",
-                len(line),
-                self._max_frame,
-            )
-            return False
-        if not line.strip():
-            return True
         try:
-            frame = json.loads(line)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            log.error("the sidecar sent a frame that is not JSON (%s): reconnecting", exc)
+            frame = decode_frame(line)
+        except FrameError as exc:
+            log.error("the sidecar sent %s: reconnecting", exc)
             return False
-        if not isinstance(frame, dict):
-            log.error(
-                "the sidecar sent a frame that is not a JSON object (%s): reconnecting",
-                type(frame).__name__,
-            )
-            return False
+        if frame is None:
+            return True
         try:
             await self._dispatch(frame)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -864,18 +847,16 @@ class TaskManager:
             raise ConnectionLost("not connected")
         rid = next(self._ids)
         try:
-            frame = json.dumps(
-                {"id": rid, "op": op, **fields}, separators=(",", ":"), allow_nan=False
-            ).encode()
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequest(f"the {op} request is not JSON: {exc}") from exc
-        if len(frame) > self._max_frame:
+            frame = encode_frame({"id": rid, "op": op, **fields}, self._max_frame)
+        except FrameTooLarge as exc:
             # The sidecar would refuse it and close the connection: never send it.
             raise PayloadTooLarge(
-                f"the {op} request is {len(frame)} bytes, over the sidecar's max_frame of "
-                f"{self._max_frame} bytes"
-            )
-        event, slot = anyio.Event(), list[dict[str, Any]]()
+                f"the {op} request is {exc.size} bytes, over the sidecar's max_frame of "
+                f"{exc.limit} bytes"
+            ) from exc
+        except ValueError as exc:
+            raise InvalidRequest(f"the {op} request is not JSON: {exc}") from exc
+        event, slot = anyio.Event(), list[dict[str, Any] | TaskManagerError]()
         self._waiting[rid] = (event, slot)
         if on_reply is not None:
             self._on_reply[rid] = on_reply
@@ -883,12 +864,14 @@ class TaskManager:
             async with self._send_lock:
                 if self._stream is None:
                     raise ConnectionLost("not connected")
-                await self._send(self._stream, frame + b"\n")
+                await self._send(self._stream, frame)
             await event.wait()
         finally:
             self._waiting.pop(rid, None)
             self._on_reply.pop(rid, None)
         reply = slot[0]
+        if isinstance(reply, TaskManagerError):
+            raise reply
         if not reply.get("ok"):
             raise error_from_wire(reply.get("error") or {})
         return reply.get("result")

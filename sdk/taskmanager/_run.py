@@ -8,7 +8,7 @@ import signal
 import anyio
 
 from ._client import Handler, TaskManager
-from ._errors import Unavailable
+from .protocol import Unavailable
 
 log = logging.getLogger("taskmanager")
 

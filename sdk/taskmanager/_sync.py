@@ -22,7 +22,7 @@ import anyio.to_thread
 from anyio.from_thread import BlockingPortal
 
 from ._client import Callback, Task, TaskManager
-from ._errors import InvalidRequest
+from .protocol import InvalidRequest
 
 T = TypeVar("T")
 

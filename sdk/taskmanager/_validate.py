@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._errors import InvalidRequest
+from .protocol import InvalidRequest
 
 _SCALARS = (str, int, float, bool, type(None))
 

@@ -2,7 +2,7 @@
 
 from ._attempts import AttemptLedger
 from ._batch import Batch, Decision, LeaderPolicy
-from ._events import EVENT_KINDS, EventDeriver, TaskEvent, event_from_change
+from ._events import EventDeriver, TaskEvent, event_from_change
 from ._flow import (
     LIMIT_FIELDS,
     QueueConfig,
@@ -86,7 +86,6 @@ __all__ = [
     "ASSIGN_BATCH",
     "CANCELLED",
     "DEFAULT_MAX_SNOOZES",
-    "EVENT_KINDS",
     "HANDED_BACK",
     "JSON",
     "LIMIT_FIELDS",

@@ -10,9 +10,6 @@ from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import JSON, TaskError, parse_record
 from ._txn import WatchEvent
 
-#: The events an application can subscribe to.
-EVENT_KINDS = ("queued", "assigned", "started", "updated", "failed", "completed")
-
 
 @attrs.frozen(kw_only=True)
 class TaskEvent:

@@ -1,5 +1,6 @@
 // The errors the sidecar reports, by their wire code (docs/protocol.md, "Error codes"),
-// and the SDK's own: the same names and codes as the Python SDK's.
+// and the SDK's own: the same names, bases, codes and retryability as the Python ones
+// (taskmanager.protocol); tests/test_protocol_module.py checks that they agree.
 
 /** The root of every error the SDK raises. */
 export class TaskManagerError extends Error {
@@ -46,6 +47,11 @@ export class EtcdUnavailable extends Unavailable {
   static code = "etcd_unavailable";
 }
 
+/** etcd's database is at its quota: no task can be created until an operator frees space. */
+export class EtcdFull extends Unavailable {
+  static code = "etcd_full";
+}
+
 /** The operation needs the leader. */
 export class NotLeader extends Unavailable {
   static code = "not_leader";
@@ -64,6 +70,16 @@ export class ProtocolViolation extends TaskManagerError {
 /** etcd refused a request. */
 export class EtcdError extends TaskManagerError {
   static code = "etcd_error";
+}
+
+/** The lease named in a request does not exist (it expired or was revoked). */
+export class LeaseNotFound extends EtcdError {
+  static code = "lease_not_found";
+}
+
+/** The revision asked for has been compacted away. */
+export class Compacted extends EtcdError {
+  static code = "compacted";
 }
 
 /** The connection to the sidecar closed while a request was in flight, or none could be made. */
@@ -97,7 +113,8 @@ export class Permanent extends Error {
   }
 }
 
-const BY_CODE = new Map(
+/** The errors a sidecar answers with, by wire code (the SDK's own are never sent). */
+export const WIRE_ERRORS = new Map(
   [
     TaskManagerError,
     InvalidRequest,
@@ -106,20 +123,20 @@ const BY_CODE = new Map(
     QueueFull,
     Unavailable,
     EtcdUnavailable,
+    EtcdFull,
     NotLeader,
     LeaseLost,
     ProtocolViolation,
     EtcdError,
-    ConnectionLost,
+    LeaseNotFound,
+    Compacted,
   ].map((cls) => [cls.code, cls]),
 );
-BY_CODE.set("compacted", EtcdError);
-BY_CODE.set("lease_not_found", EtcdError);
 
 /** The error for an error reply: the class the sidecar raised, looked up by its code. */
 export function errorFromWire(error) {
   const obj = error !== null && typeof error === "object" ? error : {};
-  const Cls = BY_CODE.get(String(obj.code)) ?? TaskManagerError;
+  const Cls = WIRE_ERRORS.get(String(obj.code)) ?? TaskManagerError;
   const err = new Cls(String(obj.message ?? ""));
   if (typeof obj.code === "string") err.code = obj.code;
   return err;
