@@ -840,6 +840,7 @@ class Etcd:
         prefix: bool = True,
         prev_kv: bool = True,
         puts_only: bool = False,
+        progress_notify: bool = False,
     ) -> AsyncGenerator[Changes, None]:
         """One watch stream from ``start_revision``; ends only by raising.
 
@@ -848,8 +849,12 @@ class Etcd:
         :class:`EtcdUnavailable` when the stream breaks. Each event carries the key's
         previous value only with ``prev_kv``; ``puts_only`` leaves deletions out. Both
         spare etcd and us the bytes of what a watcher does not look at.
+        ``progress_notify`` is asked of etcd, but the gateway's notifications are not
+        passed on (the gRPC client passes them on as changes with no events).
         """
         request: _Body = {"key": _b64(key), "start_revision": start_revision}
+        if progress_notify:
+            request["progress_notify"] = True
         if prev_kv:
             request["prev_kv"] = True
         if puts_only:
