@@ -55,6 +55,7 @@ _ENV = {
     "metrics": "TM_METRICS",
     "etcd_quota": "TM_ETCD_QUOTA",
     "quota_fraction": "TM_QUOTA_FRACTION",
+    "create_deadline": "TM_CREATE_DEADLINE",
     "web": "TM_WEB",
     "web_actions": "TM_WEB_ACTIONS",
     "web_token_file": "TM_WEB_TOKEN_FILE",
@@ -158,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse new tasks once etcd's database fills this fraction of the quota, so "
         "that the tasks already accepted can still be assigned and finished "
         "[TM_QUOTA_FRACTION]",
+    )
+    p.add_argument(
+        "--create-deadline",
+        type=float,
+        default=float(env("TM_CREATE_DEADLINE", "3")),
+        help="seconds a create may wait for etcd before it fails with etcd_unavailable "
+        "(the task may exist or not: repeat it with its task_id) [TM_CREATE_DEADLINE]",
     )
     p.add_argument(
         "--max-live-tasks",
@@ -375,6 +383,7 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
         max_live_tasks=args.max_live_tasks,
         quota_bytes=args.etcd_quota,
         quota_fraction=args.quota_fraction,
+        create_deadline_s=args.create_deadline,
     )
     etcd = connect(cfg)
     log.info(
@@ -607,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.log_level, args.log_format)
     if args.lease_ttl < 2:
         raise SystemExit("--lease-ttl must be at least 2 seconds (etcd's minimum)")
+    if not args.create_deadline > 0:
+        raise SystemExit("--create-deadline must be more than 0 seconds")
     sys.exit(trio.run(amain_with_signals, args))
 
 

@@ -113,6 +113,9 @@ class SidecarSettings:
     grace_s: float = 5.0
     requeue_stalled: bool = True
     compact_interval_s: float = 300.0
+    #: A create that etcd has not committed within this long fails with
+    #: ``etcd_unavailable`` (the task may exist or not: repeat it with its task id).
+    create_deadline_s: float = attrs.field(default=3.0, validator=attrs.validators.gt(0.0))
 
     @property
     def keyspace(self) -> Keyspace:
@@ -394,7 +397,7 @@ class Sidecar:
 
         Raises :class:`PayloadTooLarge`, :class:`QueueFull` or :class:`InvalidRequest`
         for what cannot be accepted, and :class:`EtcdUnavailable` when etcd cannot be
-        reached within the request timeout (the task may then exist or not: repeat the
+        reached within ``create_deadline_s`` (the task may then exist or not: repeat the
         call with the same ``task_id`` to be sure, it is idempotent). With a
         ``unique_key`` whose task is live, answers that task (see :meth:`create_task`).
         """
@@ -410,7 +413,26 @@ class Sidecar:
         task_id: TaskId | None = None,
     ) -> Created:
         """:meth:`create`, saying whether the task is new or, for a ``unique_key`` held
-        by a live task (or one inside its ``unique_for_s`` window), that existing task."""
+        by a live task (or one inside its ``unique_for_s`` window), that existing task.
+
+        Raises :class:`EtcdUnavailable` once ``create_deadline_s`` has passed without an
+        answer from etcd, however many tries that took.
+        """
+        deadline = self.settings.create_deadline_s
+        with trio.move_on_after(deadline):
+            return await self._create_task(payload, options, run_at, task_id)
+        raise EtcdUnavailable(
+            f"etcd did not commit the create within {deadline} s (create_deadline_s): "
+            "the task may exist or not, repeat the create with its task_id to be sure"
+        )
+
+    async def _create_task(
+        self,
+        payload: JSON,
+        options: TaskOptions | None,
+        run_at: float | None,
+        task_id: TaskId | None,
+    ) -> Created:
         options = options or TaskOptions()
         if run_at is not None and not (isinstance(run_at, int | float) and run_at == run_at):
             raise InvalidRequest("run_at must be a UTC epoch time in seconds")
