@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import Compacted, EtcdUnavailable
+from ._errors import Compacted, EtcdError, EtcdUnavailable
 from ._etcd import Etcd, Reset
 from ._feed import Feed
 from .core import EventDeriver, Keyspace, Range, State, TaskEvent, TaskId
@@ -295,8 +295,9 @@ class EventHub:
         ids: set[str] = set()
         try:
             ids, truncated = await self._changed_since(after)
-        except EtcdUnavailable:
-            truncated = True
+        except (EtcdUnavailable, EtcdError) as exc:
+            log.warning("could not list the tasks changed since %d: %s", after, exc)
+            truncated = True  # read the namespace again
         everything = sorted(ids)[:GAP_TASKS]
         for sub in subs:
             if sub.closed:
