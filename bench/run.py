@@ -324,6 +324,7 @@ async def throughput(
                 nursery.start_soon(viewer.stream)
                 nursery.start_soon(viewer.refresh)
             cpu0 = cpu_s(procs[0])
+            etcd0 = _etcd_cpu_s(env)
             start = trio.current_time()
 
             async def producer(m: TaskManager, count: int) -> None:
@@ -342,6 +343,7 @@ async def throughput(
                         producers.start_soon(producer, m, per)
             elapsed = trio.current_time() - start
             cpu = cpu_s(procs[0]) - cpu0
+            etcd_cpu = _etcd_cpu_s(env) - etcd0
             for m in managers:
                 await m.shutdown()
             nursery.cancel_scope.cancel()
@@ -352,6 +354,7 @@ async def throughput(
         "sidecar_rss_mb": max(rss),
         "sidecar_cpu_ms_per_task": cpu / done * 1000,
         "sidecar_cpu_share": cpu / elapsed,
+        "etcd_cpu_ms_per_task": etcd_cpu / done * 1000,
     }
     if viewer is not None:
         out["events_seen_per_s"] = viewer.events_seen / elapsed

@@ -227,6 +227,8 @@ class Proxy:
     port: int = attrs.Factory(free_port)
     _open: trio.Event = attrs.Factory(trio.Event)
     cut_at: float | None = None
+    _dropped: bool = False
+    _conns: set[trio.CancelScope] = attrs.Factory(set)
 
     def __attrs_post_init__(self) -> None:
         self._open.set()
@@ -237,8 +239,16 @@ class Proxy:
             self._open = trio.Event()
             self.cut_at = trio.current_time()
 
+    def drop(self) -> None:
+        """Close every connection, and every new one at once, until healed (a peer that
+        is gone, where :meth:`cut` is one that went silent)."""
+        self._dropped = True
+        for scope in self._conns:
+            scope.cancel()
+
     def heal(self) -> None:
         self._open.set()
+        self._dropped = False
         self.cut_at = None
 
     @property
@@ -252,6 +262,18 @@ class Proxy:
 
     async def _serve(self, client: trio.SocketStream) -> None:
         await self._open.wait()  # a cut network takes no new connection either
+        if self._dropped:
+            await client.aclose()
+            return
+        with trio.CancelScope() as scope:
+            self._conns.add(scope)
+            try:
+                await self._pump(client)
+            finally:
+                self._conns.discard(scope)
+                await trio.aclose_forcefully(client)
+
+    async def _pump(self, client: trio.SocketStream) -> None:
         try:
             upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
         except OSError:

@@ -12,13 +12,15 @@ from collections import Counter
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import attrs
 import trio
 
 from tests.helpers import wait_for
 from tm_sidecar import EtcdConfig, Sidecar, SidecarSettings, TaskContext
 from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar._feed import Feed
 from tm_sidecar.core import AttemptLedger, NodeId, TaskId
-from tm_sidecar.etcd import Changes, GrpcEtcd, Reset
+from tm_sidecar.etcd import Changes, Reset, connect
 
 
 def test_the_ledger_starts_each_attempt_once_running_or_over() -> None:
@@ -49,14 +51,17 @@ def test_the_ledger_forgets_the_oldest_behind_a_floor_between_deliveries() -> No
     assert ledger.begin(TaskId("t11"), 11)
 
 
-class RepeatingEtcd(GrpcEtcd):
-    """A real etcd client whose assignment watch delivers every item twice: the repeat
-    only once the agent is idle, i.e. after the attempt the item started has ended."""
+@attrs.define(eq=False)
+class RepeatingFeed(Feed):
+    """The sidecar's real one watch, whose assignment tap delivers every item twice: the
+    repeat only once the agent is idle, i.e. after the attempt the item started has ended."""
 
     sidecar: Sidecar | None = None
-    assignments = ""
+    assignments: str = ""
     #: Repeats waiting to be delivered or not yet taken in by the agent.
-    unsettled = 0
+    unsettled: int = 0
+    #: Items delivered twice.
+    repeats: int = 0
 
     async def informer(self, prefix: str, **kwargs: Any) -> AsyncGenerator[Reset | Changes, None]:
         inner = super().informer(prefix, **kwargs)
@@ -68,6 +73,7 @@ class RepeatingEtcd(GrpcEtcd):
                 self.unsettled += 1
                 with trio.move_on_after(5):
                     await self.sidecar.agent.idle.wait()
+                self.repeats += 1
                 yield item
                 # The agent asks for the next item only once it has taken this one in.
                 self.unsettled -= 1
@@ -80,13 +86,14 @@ async def test_a_repeated_or_late_delivery_never_starts_an_attempt_again(
 ) -> None:
     # The repetition is the test's own, whatever the transport: the gRPC client here.
     cfg = EtcdConfig(endpoints=(etcd_server.endpoint,), timeout_s=3.0, transport="grpc")
-    etcd = RepeatingEtcd(cfg)
+    etcd = connect(cfg)
     sidecar = Sidecar(
         etcd,
         SidecarSettings(node_id=NodeId("n1"), namespace=namespace, lease_ttl_s=2, grace_s=1.0),
     )
-    etcd.assignments = sidecar.ks.assignments("n1")
-    etcd.sidecar = sidecar
+    feed = RepeatingFeed(etcd, sidecar.ks, assignments=sidecar.ks.assignments("n1"))
+    feed.sidecar = sidecar
+    sidecar.feed = sidecar.hub.feed = feed
     starts: Counter[tuple[str, int]] = Counter()
 
     async def handler(task: TaskContext) -> Any:
@@ -105,9 +112,10 @@ async def test_a_repeated_or_late_delivery_never_starts_an_attempt_again(
                 assert info.record is not None
                 assert info.record.result == {"n": i}
             # Every repeat delivered and taken in, and nothing started by them.
-            await wait_for(lambda: etcd.unsettled == 0 and not sidecar.agent.running)
+            await wait_for(lambda: feed.unsettled == 0 and not sidecar.agent.running)
             nursery.cancel_scope.cancel()
     finally:
         await etcd.aclose()
+    assert feed.repeats > 0  # the agent did read the repeating tap
     assert sum(starts.values()) == len(specs)
     assert all(n == 1 for n in starts.values()), starts

@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
+from ._feed import Feed
 from ._group import GroupCommit, GroupStats, txn_group
 from ._session import RetentionLeases, Session
 from .core import (
@@ -261,8 +262,10 @@ async def run_agent(
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
     max_result_bytes: int = 256 * 1024,
+    one_watch: Feed | None = None,
 ) -> None:
-    """Run this node's assignments until cancelled."""
+    """Run this node's assignments until cancelled; they come from ``one_watch``, the
+    sidecar's one watch, when given (else from a watch of its own)."""
     rng = rng or random.Random()
     state._changed()
     # Under load many attempts read their task and report at once: each kind of request
@@ -324,7 +327,12 @@ async def run_agent(
                 log.warning("assignment of task=%s withdrawn: cancelling its handler", task_id)
                 known.scope.cancel()
 
-        async with aclosing(etcd.informer(ks.assignments(node_id))) as _items:
+        assignments = (
+            one_watch.informer(ks.assignments(node_id), track_prev=True)
+            if one_watch is not None
+            else etcd.informer(ks.assignments(node_id))
+        )
+        async with aclosing(assignments) as _items:
             async for item in _items:
                 if isinstance(item, Reset):
                     live = {kv.key: kv for kv in item.kvs}

@@ -266,6 +266,7 @@ def _sidecar_settings(settings: Settings) -> SidecarSettings:
         max_live_tasks=settings.max_live_tasks,
         quota_bytes=settings.etcd_quota,
         quota_fraction=settings.quota_fraction,
+        create_deadline_s=settings.create_deadline,
     )
     return attrs.evolve(built, node_id=NodeId(settings.node_id)) if settings.node_id else built
 

@@ -1,4 +1,4 @@
-"""Task events for subscribers: one watch per sidecar, fanned out."""
+"""Task events for subscribers: the sidecar's one watch (:mod:`._feed`), fanned out."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import Compacted, EtcdUnavailable
+from ._errors import Compacted, EtcdError, EtcdUnavailable
+from ._feed import Feed
 from .core import EventDeriver, Keyspace, Range, State, TaskEvent, TaskId
-from .etcd import Etcd, backoff
+from .etcd import Etcd, Reset, backoff
 
 log = logging.getLogger("tm_sidecar.events")
 
@@ -39,8 +40,13 @@ class Subscription:
     #: Resumed from an earlier revision: the missed events, ``(after, up_to)``, are read
     #: back from etcd first (:meth:`EventHub.catch_up`), and live ones wait in ``held``.
     replay: tuple[int, int] | None = None
-    held: list[TaskEvent] | None = None
+    held: list[TaskEvent | dict[str, Any]] | None = None
     closed: bool = False
+    #: Told when the hub itself missed events (its watch had to start again): the gap,
+    #: as the protocol's ``gap`` push has it. Without it, a stream subscription made
+    #: with ``gaps`` gets a ``gap`` event instead; any other is not told.
+    on_gap: Callable[[dict[str, Any]], None] | None = None
+    gaps: bool = False
 
     def __aiter__(self) -> Subscription:
         return self
@@ -71,6 +77,7 @@ class EventHub:
 
     etcd: Etcd
     ks: Keyspace
+    feed: Feed
     buffer: int = 10_000
     revision: int = 0
     # Subscribers to every task, and to one task by its id: publishing is O(interested).
@@ -87,14 +94,27 @@ class EventHub:
         deliver: Callable[[TaskEvent], None] | None = None,
         *,
         from_revision: int | None = None,
+        on_gap: Callable[[dict[str, Any]], None] | None = None,
+        gaps: bool = False,
     ) -> Subscription:
         """Events of one task, or of every task; they start with the next change.
 
         With ``from_revision`` (and ``deliver``) they start after that revision instead:
         run :meth:`catch_up` for the subscription to deliver what came before now.
+        ``on_gap`` (or, for a stream, ``gaps``: a ``gap`` event) is told when the hub
+        misses events itself (see :attr:`Subscription.on_gap`).
         """
         send, receive = trio.open_memory_channel[TaskEvent](0 if deliver else self.buffer)
-        sub = Subscription(self, task_id, send, receive, deliver=deliver, revision=self.revision)
+        sub = Subscription(
+            self,
+            task_id,
+            send,
+            receive,
+            deliver=deliver,
+            revision=self.revision,
+            on_gap=on_gap,
+            gaps=gaps,
+        )
         if from_revision is not None and deliver is not None and from_revision < self.revision:
             sub.replay, sub.held = (from_revision, self.revision), []
         if task_id is None:
@@ -216,14 +236,32 @@ class EventHub:
         finally:
             held, sub.held = sub.held or [], None
             if not sub.closed:
-                for event in held:
+                for item in held:
                     if sub.closed:
                         break
-                    deliver(event)
+                    if isinstance(item, dict):
+                        on_gap(item)  # the hub's own gap, in its place among the events
+                    else:
+                        deliver(item)
 
     async def _gap(self, sub: Subscription, after: int, up_to: int) -> dict[str, Any]:
         """What a subscriber missed: the revisions, and the tasks changed since (to read
         again; at most :data:`GAP_TASKS` of them, else ``truncated``)."""
+        ids, truncated = await self._changed_since(after)
+        task_ids = sorted(t for t in ids if sub.task_id is None or t == sub.task_id)
+        if len(task_ids) > GAP_TASKS:
+            task_ids, truncated = task_ids[:GAP_TASKS], True
+        return {
+            "from_revision": after,
+            "to_revision": up_to,
+            "reason": "compacted",
+            "task_ids": task_ids,
+            "truncated": truncated,
+        }
+
+    async def _changed_since(self, after: int) -> tuple[set[str], bool]:
+        """The tasks whose state changed after revision ``after`` (at most about
+        :data:`GAP_TASKS` per state), and whether there were more."""
         ids: set[str] = set()
         truncated = False
         for state in State:
@@ -239,59 +277,96 @@ class EventHub:
             truncated = truncated or answer.more or len(answer.kvs) > GAP_TASKS
             for kv in answer.kvs:
                 parsed = self.ks.parse(kv.key)
-                tid = parsed.task_id if parsed is not None else None
-                if tid is not None and (sub.task_id is None or tid == sub.task_id):
-                    ids.add(tid)
-        task_ids = sorted(ids)
-        if len(task_ids) > GAP_TASKS:
-            task_ids, truncated = task_ids[:GAP_TASKS], True
-        return {
-            "from_revision": after,
-            "to_revision": up_to,
-            "reason": "compacted",
-            "task_ids": task_ids,
-            "truncated": truncated,
-        }
+                if parsed is not None and parsed.task_id is not None:
+                    ids.add(parsed.task_id)
+        return ids, truncated
+
+    async def _missed(self, after: int, up_to: int) -> None:
+        """The hub's watch started again at ``up_to``: tell the subscribers what they
+        missed, with the tasks changed since ``after`` (to read again)."""
+        subs = [*self._all, *(sub for subs in self._by_task.values() for sub in subs)]
+        log.warning(
+            "event watch started again at %d: events %d..%d were missed; telling %d subscribers",
+            up_to,
+            after + 1,
+            up_to,
+            len(subs),
+        )
+        ids: set[str] = set()
+        try:
+            ids, truncated = await self._changed_since(after)
+        except (EtcdUnavailable, EtcdError) as exc:
+            log.warning("could not list the tasks changed since %d: %s", after, exc)
+            truncated = True  # read the namespace again
+        everything = sorted(ids)[:GAP_TASKS]
+        for sub in subs:
+            if sub.closed:
+                continue
+            if sub.task_id is None:
+                task_ids, cut = everything, truncated or len(ids) > GAP_TASKS
+            elif truncated or sub.task_id in ids:
+                task_ids, cut = [sub.task_id], False
+            else:
+                continue  # its task did not change meanwhile: nothing was missed
+            gap: dict[str, Any] = {
+                "from_revision": after,
+                "to_revision": up_to,
+                "reason": "watch_reset",
+                "task_ids": task_ids,
+                "truncated": cut,
+            }
+            self._tell_gap(sub, gap)
+
+    def _tell_gap(self, sub: Subscription, gap: dict[str, Any]) -> None:
+        if sub.held is not None:
+            sub.held.append(gap)  # told after the replay, in order
+        elif sub.on_gap is not None:
+            try:
+                sub.on_gap(gap)
+            except Exception:
+                log.exception("an event subscriber failed: dropped")
+                sub.close()
+        elif sub.gaps:
+            event = TaskEvent(
+                kind="gap",
+                task_id=TaskId(sub.task_id or ""),
+                revision=gap["to_revision"],
+                attempt=0,
+            )
+            try:
+                sub.send.send_nowait(event)
+            except trio.WouldBlock:
+                sub.overflowed = True
+                sub.close()
+            except trio.ClosedResourceError:
+                self._forget(sub)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Watch until cancelled; ready once the watch starts from the current revision."""
+        """Follow the feed until cancelled; ready once the hub knows where it starts."""
         start, end = self._range()
         started = False
-        failures = 0
-        while True:
-            try:
-                if not self.revision:
-                    self.revision = await self.etcd.revision()
-                if not started:
-                    task_status.started()
-                    started = True
-                watch = self.etcd.watch_once(
-                    start, self.revision + 1, range_end=end, prev_kv=False, puts_only=True
-                )
-                async with aclosing(watch) as _items:
-                    async for changes in _items:
-                        failures = 0
-                        for change in changes.events:
-                            if change.kv.mod_revision <= self.revision:
-                                continue
-                            try:
-                                events = self._deriver.derive(change)
-                            except (ValueError, KeyError, TypeError) as exc:
-                                # Not a record of ours (written by hand?): nothing to tell.
-                                log.warning("malformed value at %s ignored: %s", change.kv.key, exc)
-                                continue
-                            for event in events:
-                                self._publish(event)
-                        self.revision = max(self.revision, changes.revision)
-            except Compacted as exc:
-                log.warning(
-                    "event watch fell behind compaction at %d: events were missed",
-                    exc.compact_revision,
-                )
-                self.revision = 0
-                self._deriver.reset()
-            except EtcdUnavailable as exc:
-                failures += 1
-                wait = backoff(failures, jitter=False)
-                log.warning("event watch interrupted (%s); retrying in %.2f s", exc, wait)
-                await trio.sleep(wait)
+        items = self.feed.informer(start, range_end=end, listing=False, puts_only=True)
+        async with aclosing(items) as _items:
+            async for item in _items:
+                if isinstance(item, Reset):
+                    after, self.revision = self.revision, item.revision
+                    self._deriver.reset()
+                    if not started:
+                        started = True
+                        task_status.started()
+                    elif item.revision > after:
+                        # The feed fell behind compaction, or the hub behind the feed.
+                        await self._missed(after, item.revision)
+                    continue
+                for change in item.events:
+                    if change.kv.mod_revision <= self.revision:
+                        continue
+                    try:
+                        events = self._deriver.derive(change)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        # Not a record of ours (written by hand?): nothing to tell.
+                        log.warning("malformed value at %s ignored: %s", change.kv.key, exc)
+                        continue
+                    for event in events:
+                        self._publish(event)
+                self.revision = max(self.revision, item.revision)

@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
+from ._feed import Feed
 from ._session import RetentionLeases, Session
 from .core import (
     MAX_TXN_OPS,
@@ -69,8 +70,13 @@ async def run_leader(
     *,
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
+    one_watch: Feed | None = None,
 ) -> None:
-    """Lead until cancelled; raises :class:`NotLeader` when leadership is lost."""
+    """Lead until cancelled; raises :class:`NotLeader` when leadership is lost.
+
+    The view follows ``one_watch``, the sidecar's one watch, when given (else a watch of
+    its own).
+    """
     rng = rng or random.Random()
     changed = trio.Event()
     ready = trio.Event()
@@ -82,12 +88,22 @@ async def run_leader(
         # Parsing a large backlog takes seconds of CPU: the listing goes to a view in a
         # worker thread, page by page while the next page comes, so that keep-alives (and
         # everything else) go on meanwhile.
-        stream = etcd.informer(
-            ks.state_prefix(State.DELAYED),
-            range_end=ks.prefix + "task",
-            prev_kv=False,
-            loader=lambda: LeaderView(ks),
-            page=5000,
+        stream = (
+            one_watch.informer(
+                ks.state_prefix(State.DELAYED),
+                range_end=ks.prefix + "task",
+                loader=lambda: LeaderView(ks),
+                page=5000,
+                progress=True,
+            )
+            if one_watch is not None
+            else etcd.informer(
+                ks.state_prefix(State.DELAYED),
+                range_end=ks.prefix + "task",
+                prev_kv=False,
+                loader=lambda: LeaderView(ks),
+                page=5000,
+            )
         )
         async with aclosing(stream) as _items:
             async for item in _items:

@@ -522,10 +522,16 @@ class SocketServer:
                 conn.subscriptions.pop(sid, None)
                 sub.close()
 
+        # Told when the sidecar's own watch missed events (it started again).
+        def on_gap(gap: dict[str, Any]) -> None:
+            conn.push({"push": "gap", "subscription": sid, **gap})
+
         if from_revision is None:
-            sub = self.sidecar.subscribe(task_id, deliver=deliver)
+            sub = self.sidecar.subscribe(task_id, deliver=deliver, on_gap=on_gap)
         else:
-            sub = self.sidecar.hub.subscribe(task_id, deliver, from_revision=from_revision)
+            sub = self.sidecar.hub.subscribe(
+                task_id, deliver, from_revision=from_revision, on_gap=on_gap
+            )
         conn.subscriptions[sid] = sub
         return sid, sub
 

@@ -224,6 +224,14 @@ def _name_check(kind: str) -> Callable[[Any], None]:
     return check
 
 
+def _more_than(low: float) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if not value > low:
+            raise ValueError(f"must be more than {low:g}")
+
+    return check
+
+
 def _at_least(low: float) -> Callable[[Any], None]:
     def check(value: Any) -> None:
         if value < low:
@@ -331,6 +339,14 @@ class Settings:
         kind=FLOAT,
         metavar="FRACTION",
         check=_fraction,
+    )
+    create_deadline: float = _setting(
+        3.0,
+        "seconds a create may wait for etcd before it fails with etcd_unavailable (the task "
+        "may exist or not: repeat it with its task_id)",
+        kind=FLOAT,
+        metavar="SECONDS",
+        check=_more_than(0),
     )
     max_live_tasks: int = _setting(
         1_000_000,

@@ -3,6 +3,7 @@ and offers the in-process API that the socket server wraps."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -33,6 +34,7 @@ from ._errors import (
     TaskNotFound,
     Unavailable,
 )
+from ._feed import Feed
 from ._group import GroupCommit, txn_group
 from ._hub import EventHub, Subscription
 from ._leading import LeaderSettings, LeaderState, run_leader
@@ -111,6 +113,9 @@ class SidecarSettings:
     grace_s: float = 5.0
     requeue_stalled: bool = True
     compact_interval_s: float = 300.0
+    #: A create that etcd has not committed within this long fails with
+    #: ``etcd_unavailable`` (the task may exist or not: repeat it with its task id).
+    create_deadline_s: float = attrs.field(default=3.0, validator=attrs.validators.gt(0.0))
 
     @property
     def keyspace(self) -> Keyspace:
@@ -154,6 +159,7 @@ class Sidecar:
     rng: random.Random = attrs.Factory(random.Random)
     ks: Keyspace = attrs.field(init=False)
     registry: Registry = attrs.field(init=False)
+    feed: Feed = attrs.field(init=False)
     hub: EventHub = attrs.field(init=False)
     agent: AgentState = attrs.Factory(AgentState)
     leader: LeaderState = attrs.Factory(LeaderState)
@@ -182,7 +188,9 @@ class Sidecar:
     def __attrs_post_init__(self) -> None:
         self.ks = self.settings.keyspace
         self.registry = Registry(on_change=self._node_dirty.set)
-        self.hub = EventHub(self.etcd, self.ks)
+        # One watch for the whole sidecar: the hub, the agent and the leader tap it.
+        self.feed = Feed(self.etcd, self.ks)
+        self.hub = EventHub(self.etcd, self.ks, self.feed)
         self.retention = RetentionLeases(self.etcd, self.settings.retention_s)
         # Creates from every client go to etcd together: a task is two keys and a compare.
         self.creates = txn_group(self.etcd, ops_per_item=2, name="create")
@@ -203,6 +211,7 @@ class Sidecar:
         """Run until cancelled; ready once registered with a live session."""
         with trio.CancelScope() as self._stopping:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.feed.run)
                 await nursery.start(self.hub.run)
                 await nursery.start(self.creates.run)
                 nursery.start_soon(self._watch_limits)
@@ -216,14 +225,17 @@ class Sidecar:
                             await self._register(session)
                             epoch.start_soon(self._keep_registration, session)
                             epoch.start_soon(
-                                run_agent,
-                                self.etcd,
-                                self.ks,
-                                self.node_id,
-                                session,
-                                self.registry,
-                                self.retention,
-                                self.agent,
+                                functools.partial(
+                                    run_agent,
+                                    self.etcd,
+                                    self.ks,
+                                    self.node_id,
+                                    session,
+                                    self.registry,
+                                    self.retention,
+                                    self.agent,
+                                    one_watch=self.feed,
+                                )
                             )
                             epoch.start_soon(self._lead_when_elected, session)
                             if first:
@@ -314,6 +326,7 @@ class Sidecar:
                     self.leader,
                     clock=self.clock,
                     rng=self.rng,
+                    one_watch=self.feed,
                 )
             except* NotLeader as group:
                 log.warning("stepped down: %s", group.exceptions[0])
@@ -384,7 +397,7 @@ class Sidecar:
 
         Raises :class:`PayloadTooLarge`, :class:`QueueFull` or :class:`InvalidRequest`
         for what cannot be accepted, and :class:`EtcdUnavailable` when etcd cannot be
-        reached within the request timeout (the task may then exist or not: repeat the
+        reached within ``create_deadline_s`` (the task may then exist or not: repeat the
         call with the same ``task_id`` to be sure, it is idempotent). With a
         ``unique_key`` whose task is live, answers that task (see :meth:`create_task`).
         """
@@ -400,7 +413,26 @@ class Sidecar:
         task_id: TaskId | None = None,
     ) -> Created:
         """:meth:`create`, saying whether the task is new or, for a ``unique_key`` held
-        by a live task (or one inside its ``unique_for_s`` window), that existing task."""
+        by a live task (or one inside its ``unique_for_s`` window), that existing task.
+
+        Raises :class:`EtcdUnavailable` once ``create_deadline_s`` has passed without an
+        answer from etcd, however many tries that took.
+        """
+        deadline = self.settings.create_deadline_s
+        with trio.move_on_after(deadline):
+            return await self._create_task(payload, options, run_at, task_id)
+        raise EtcdUnavailable(
+            f"etcd did not commit the create within {deadline} s (create_deadline_s): "
+            "the task may exist or not, repeat the create with its task_id to be sure"
+        )
+
+    async def _create_task(
+        self,
+        payload: JSON,
+        options: TaskOptions | None,
+        run_at: float | None,
+        task_id: TaskId | None,
+    ) -> Created:
         options = options or TaskOptions()
         if run_at is not None and not (isinstance(run_at, int | float) and run_at == run_at):
             raise InvalidRequest("run_at must be a UTC epoch time in seconds")
@@ -544,11 +576,16 @@ class Sidecar:
         return self.registry.register(queue, handler, concurrency)
 
     def subscribe(
-        self, task_id: TaskId | None = None, deliver: Callable[[TaskEvent], None] | None = None
+        self,
+        task_id: TaskId | None = None,
+        deliver: Callable[[TaskEvent], None] | None = None,
+        *,
+        on_gap: Callable[[dict[str, Any]], None] | None = None,
     ) -> Subscription:
         """Events of one task, or of all; they start with the next change. With
-        ``deliver``, the hub calls it with each event (it must not block) instead."""
-        return self.hub.subscribe(task_id, deliver)
+        ``deliver``, the hub calls it with each event (it must not block) instead; with
+        ``on_gap``, the hub tells it when it missed events itself (a ``gap``)."""
+        return self.hub.subscribe(task_id, deliver, on_gap=on_gap)
 
     def _info(self, spec: TaskSpec, kvs: list[KeyValue], revision: int) -> TaskInfo:
         for kv in kvs:
@@ -614,7 +651,7 @@ class Sidecar:
 
     async def wait(self, task_id: TaskId, timeout_s: float | None = None) -> TaskInfo:
         """Wait until the task is completed or failed for good; answers how it ended."""
-        with self.subscribe(task_id) as sub:
+        with self.hub.subscribe(task_id, gaps=True) as sub:
             info = await self.get(task_id)
             if info.final:
                 return info
@@ -622,6 +659,11 @@ class Sidecar:
                 async for event in sub:
                     if is_final(event):
                         return await self.get(task_id)
+                    if event.kind == "gap":
+                        # The hub missed events: the outcome may be among them.
+                        info = await self.get(task_id)
+                        if info.final:
+                            return info
         raise Unavailable("event stream ended")  # pragma: no cover - the hub runs until stopped
 
     async def cancel(self, task_id: TaskId, *, message: str = "cancelled") -> tuple[bool, TaskInfo]:

@@ -949,6 +949,13 @@ class TaskManager:
         elif kind == "gap":
             if frame.get("subscription") == self._all_sub:
                 self._on_gap({k: v for k, v in frame.items() if k not in ("push", "subscription")})
+            else:
+                # A task's own subscription missed events (the sidecar's watch started
+                # again): its outcome may be among them, so read it from etcd now.
+                for task_id in frame.get("task_ids") or ():
+                    task = self._tasks.get(task_id)
+                    if task is not None:
+                        self._spawn(self._recheck, task)
         elif kind == "task":
             delivery = frame["delivery"]
             work = WorkerTask(self, delivery, frame["task"])  # a malformed push raises here

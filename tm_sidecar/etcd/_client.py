@@ -222,6 +222,7 @@ class GrpcEtcd(Etcd):
         prefix: bool = True,
         prev_kv: bool = True,
         puts_only: bool = False,
+        progress_notify: bool = False,
     ) -> AsyncGenerator[Changes, None]:
         """One watch stream from ``start_revision``; ends only by raising.
 
@@ -238,6 +239,7 @@ class GrpcEtcd(Etcd):
                 prefix=prefix,
                 prev_kv=prev_kv,
                 puts_only=puts_only,
+                progress_notify=progress_notify,
             )
         ) as items:
             async for item in items:

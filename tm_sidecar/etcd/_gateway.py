@@ -411,10 +411,13 @@ class GatewayEtcd(Etcd):
         prefix: bool = True,
         prev_kv: bool = True,
         puts_only: bool = False,
+        progress_notify: bool = False,
     ) -> AsyncGenerator[Changes, None]:
         """One watch stream from ``start_revision``; ends only by raising (see
         :meth:`Etcd.watch_once`)."""
         request: Body = {"key": b64(key), "start_revision": start_revision}
+        if progress_notify:
+            request["progress_notify"] = True
         if prev_kv:
             request["prev_kv"] = True
         if puts_only:
@@ -453,6 +456,11 @@ class GatewayEtcd(Etcd):
                 changes = _watch_message(message)
                 if changes is not None:
                     yield changes
+                elif progress_notify and created and not result.get("created"):
+                    # A progress notification: everything up to its revision was sent.
+                    revision = int((result.get("header") or {}).get("revision", 0) or 0)
+                    if revision:
+                        yield Changes((), revision)
         except EtcdUnavailable:
             self._rotate(index)
             raise

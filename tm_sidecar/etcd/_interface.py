@@ -180,6 +180,7 @@ class Etcd(abc.ABC):
         prefix: bool = True,
         prev_kv: bool = True,
         puts_only: bool = False,
+        progress_notify: bool = False,
     ) -> AsyncGenerator[Changes, None]:
         """One watch stream from ``start_revision``; ends only by raising.
 
@@ -188,7 +189,9 @@ class Etcd(abc.ABC):
         gone, and :class:`~tm_sidecar.EtcdUnavailable` when the stream breaks or etcd does
         not confirm the watch within the deadline. Each event carries the key's previous
         value only with ``prev_kv``; ``puts_only`` leaves deletions out. Each
-        :class:`Changes` holds whole revisions.
+        :class:`Changes` holds whole revisions. With ``progress_notify``, etcd's progress
+        notifications come as changes with no events, at the revision up to which
+        everything has been sent.
         """
 
     async def informer(

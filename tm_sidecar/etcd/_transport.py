@@ -1,9 +1,10 @@
 """Channels to etcd's endpoints: TLS, the auth token, deadlines, failover, metrics.
 
 One gRPC channel per endpoint, made on first use. Every unary call has a deadline (the
-config's ``timeout_s``, auth included); a call that finds etcd unavailable moves the
-client to the next endpoint. A read, which is safe to repeat, goes straight on to the
-next endpoint within the same deadline; a write is not repeated (it may have committed)
+config's ``timeout_s``, auth included; a key-value write's is at most
+``write_timeout_s``, see :data:`WRITE_TIMEOUT_S`); a call that finds etcd unavailable
+moves the client to the next endpoint. A read, which is safe to repeat, goes straight on
+to the next endpoint within the same deadline; a write is not repeated (it may have committed)
 and fails with :class:`EtcdUnavailable` for the caller to re-read and retry.
 """
 
@@ -64,6 +65,18 @@ DEFRAGMENT = Method(
 AUTHENTICATE = Method(
     "/etcdserverpb.Auth/Authenticate", pb.AuthenticateResponse, "/auth/authenticate"
 )
+
+#: The longest a write waits for etcd. A write that reaches a member just as etcd's raft
+#: leader dies is forwarded to the dead leader and lost: etcd answers nothing until the
+#: call's deadline, however soon a new leader is elected (about a second). Every write
+#: of ours is guarded and its callers re-read and retry on :class:`EtcdUnavailable`, so
+#: a short deadline turns that wait into a retry that meets the new leader. Reads wait
+#: on etcd's side for the new leader instead (ReadIndex), and keep ``timeout_s``.
+WRITE_TIMEOUT_S = 1.0
+
+#: The calls :data:`WRITE_TIMEOUT_S` bounds: the key-value writes (a defragmentation,
+#: say, may take longer than any write).
+WRITES = frozenset({PUT, DELETE, TXN})
 
 CHANNEL_OPTIONS = (
     # etcd answers ranges of any size (its own client lifts the limit the same way).
@@ -135,6 +148,7 @@ class Transport:
         *,
         endpoints: tuple[str, ...],
         timeout_s: float,
+        write_timeout_s: float | None = None,
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
@@ -146,6 +160,7 @@ class Transport:
             raise ValueError("no etcd endpoint")
         self.endpoints = endpoints
         self.timeout_s = timeout_s
+        self.write_timeout_s = min(timeout_s, write_timeout_s or WRITE_TIMEOUT_S)
         self._tls_files = (ca_file, cert_file, key_file)
         self._username = username
         self._password = password
@@ -243,7 +258,8 @@ class Transport:
         within the deadline, and the translated refusal otherwise.
         """
         started = trio.current_time()
-        deadline = started + self.timeout_s
+        limit = self.write_timeout_s if method in WRITES else self.timeout_s
+        deadline = started + limit
         outcome = "error"
         reauthenticated = False
         tried = 0
@@ -253,7 +269,7 @@ class Transport:
                 metadata = await self._metadata(deadline)
                 remaining = deadline - trio.current_time()
                 if remaining <= 0:
-                    raise EtcdUnavailable(f"etcd did not answer within {self.timeout_s} s")
+                    raise EtcdUnavailable(f"etcd did not answer within {limit} s")
                 conn = await self._conn(index)
                 future = conn.unary(method).future(request, timeout=remaining, metadata=metadata)
                 try:

@@ -33,11 +33,15 @@ async def watch_once(
     prefix: bool = True,
     prev_kv: bool = True,
     puts_only: bool = False,
+    progress_notify: bool = False,
 ) -> AsyncGenerator[Changes, None]:
     """One watch stream from ``start_revision``; ends only by raising.
 
-    Raises :class:`Compacted` when the start revision is gone, :class:`EtcdUnavailable`
-    when the stream breaks or etcd does not confirm the watch within the deadline.
+    With ``progress_notify``, etcd's progress notifications come as changes with no
+    events, at the revision up to which everything has been sent (etcd sends them only
+    to a watch that has caught up). Raises :class:`Compacted` when the start revision
+    is gone, :class:`EtcdUnavailable` when the stream breaks or etcd does not confirm the
+    watch within the deadline.
     """
     raw = key.encode()
     end = range_end(raw) if prefix else b""
@@ -49,6 +53,7 @@ async def watch_once(
         start_revision=start_revision,
         prev_kv=prev_kv,
         filters=[pb.WatchCreateRequest.NODELETE] if puts_only else [],
+        progress_notify=progress_notify,
     )
     opened = await transport.open_stream(WATCH, pb.WatchRequest(create_request=create))
     stream = opened.stream
@@ -75,6 +80,8 @@ async def watch_once(
                     transport.invalidate_token(opened.token)
                 raise EtcdUnavailable(f"etcd cancelled the watch: {response.cancel_reason}")
             if not response.events:
+                if progress_notify and not response.created:
+                    yield Changes((), int(response.header.revision))
                 continue  # the creation, or a progress notification
             events = tuple(decode_event(e) for e in response.events)
             # Seen up to the last event, not the header's revision: a watch catching up
