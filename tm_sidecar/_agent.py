@@ -27,28 +27,36 @@ from ._session import RetentionLeases, Session
 from .core import (
     HANDED_BACK,
     JSON,
+    MAX_ERROR_CHARS,
     SNOOZED,
     AttemptLedger,
+    GivenBack,
+    Happened,
+    Interrupted,
     Keyspace,
     KeyValue,
     NodeId,
+    NoHandler,
+    Raised,
     Range,
     Record,
+    ReportRefused,
+    Returned,
     Slot,
+    SnoozeAsked,
     State,
     TaskError,
     TaskId,
+    TaskMissing,
     TaskSpec,
+    TimedOut,
     Txn,
     TxnResult,
-    after_failure,
+    attempt_outcome,
     dumps,
-    handed_back,
     parse_record,
     plan_move,
     plan_update,
-    snoozed,
-    succeeded,
 )
 
 log = logging.getLogger("tm_sidecar.agent")
@@ -422,10 +430,15 @@ def error_from_exception(exc: BaseException) -> TaskError:
     )
 
 
-#: Error records travel in batched transactions (etcd takes 1.5 MiB a request): keep
-#: them to a few kilobytes.
-MAX_ERROR_CHARS = 1000
 MAX_TRACEBACK_CHARS = 3000
+
+
+def _no_draw() -> float:
+    return 0.0
+
+
+#: A refused report's replacement draws no backoff (it is not retryable).
+_NO_DRAW = _no_draw
 
 
 async def _run_one(
@@ -444,8 +457,12 @@ async def _run_one(
     current = slot.record
     scope = running.scope
 
-    def failed(error: TaskError) -> Record:
-        return after_failure(current, error=error, now=clock(), fraction=rng.random())
+    def outcome_of(happened: Happened) -> Record:
+        outcome = attempt_outcome(
+            current, happened, now=clock(), draw=rng.random, max_result_bytes=max_result_bytes
+        )
+        assert outcome is not None  # only a refused report may come to nothing
+        return outcome
 
     try:
         with scope:
@@ -453,21 +470,14 @@ async def _run_one(
             if spec is None:
                 spec_kv = await retrying(lambda: io.specs.submit(ks.task(tid)), what="read task")
                 if spec_kv is None:
-                    missing = TaskError(
-                        type="TaskMissing", message="the task record is gone", retryable=False
-                    )
                     running.reporting = True
-                    await _report(io, ks, slot, failed(missing), retention, state)
+                    await _report(io, ks, slot, outcome_of(TaskMissing()), retention, state)
                     return
                 spec = TaskSpec.from_json(spec_kv.value)
             reg = registry.pick(current.options.queue)
             if reg is None:
-                queue = current.options.queue
-                no_handler = TaskError(
-                    type="NoHandler", message=f"no handler for queue {queue!r} here"
-                )
                 running.reporting = True
-                await _report(io, ks, slot, failed(no_handler), retention, state)
+                await _report(io, ks, slot, outcome_of(NoHandler()), retention, state)
                 return
             async with reg.limiter:
                 current = attrs.evolve(current, started_at=clock())
@@ -487,33 +497,20 @@ async def _run_one(
 
                 ctx = TaskContext(tid, spec.payload, current.attempts, spec, progress)
                 timeout = current.options.timeout_s
-                outcome: Record
+                happened: Happened
                 try:
                     with trio.fail_after(timeout) if timeout is not None else nullcontext():
                         result = await reg.handler(ctx)
-                    size = len(dumps(result).encode())
-                    if size > max_result_bytes:
-                        outcome = failed(
-                            TaskError(
-                                type="ResultTooLarge",
-                                message=f"the result is {size} bytes, over {max_result_bytes}",
-                                retryable=False,
-                            )
-                        )
-                    else:
-                        outcome = succeeded(current, result=result, now=clock())
+                    happened = Returned(result, len(dumps(result).encode()))
                 except HandedBack:
-                    outcome = handed_back(current, now=clock())
+                    happened = GivenBack()
                 except Snooze as snooze:
-                    outcome = snoozed(current, delay_s=snooze.delay_s, now=clock())
+                    happened = SnoozeAsked(snooze.delay_s)
                 except trio.TooSlowError:
-                    outcome = failed(
-                        TaskError(
-                            type="Timeout", message=f"the handler ran longer than {timeout} s"
-                        )
-                    )
+                    happened = TimedOut()
                 except Exception as exc:
-                    outcome = failed(error_from_exception(exc))
+                    happened = Raised(error_from_exception(exc))
+                outcome = outcome_of(happened)
                 # The outcome tells the start if the announcement has not gone yet.
                 attempt.announced = True
             running.reporting = True
@@ -525,11 +522,7 @@ async def _run_one(
     except trio.Cancelled:
         # The agent is stopping: hand the attempt back at once rather than after the lease.
         # A graceful stop spends no attempt (the task did not fail); anything else does.
-        if state.handing_back:
-            nxt = handed_back(current, now=clock())
-        else:
-            error = TaskError(type="Interrupted", message="the sidecar stopped during the attempt")
-            nxt = after_failure(current, error=error, now=clock(), fraction=0.0)
+        nxt = outcome_of(Interrupted(graceful=state.handing_back))
         with trio.move_on_after(2.0, shield=True):
             await _report(io, ks, slot, nxt, retention, state, batched=False)
         raise
@@ -604,16 +597,20 @@ async def _report(
         except LeaseNotFound:
             retention.forget()
         except EtcdError as exc:
-            if outcome.error is not None and outcome.error.type == "ReportRefused":
+            instead = attempt_outcome(
+                outcome,
+                ReportRefused(str(exc)),
+                now=outcome.since_at,
+                draw=_NO_DRAW,
+                max_result_bytes=0,
+            )
+            if instead is None:
                 log.error("report of task=%s refused by etcd: %s", slot.task_id, exc)
                 return False
             log.error(
                 "report of task=%s refused (%s): recording a failure instead", slot.task_id, exc
             )
-            refused = TaskError(
-                type="ReportRefused", message=str(exc)[:MAX_ERROR_CHARS], retryable=False
-            )
-            outcome = after_failure(outcome, error=refused, now=outcome.since_at, fraction=0.0)
+            outcome = instead
     if not result.succeeded:
         state.stale += 1
         log.warning(

@@ -18,8 +18,10 @@ from ._session import RetentionLeases, Session
 from .core import (
     MAX_TXN_OPS,
     Batch,
+    Committed,
     Compare,
     Delete,
+    Deposed,
     Fence,
     Guard,
     Keyspace,
@@ -29,7 +31,7 @@ from .core import (
     RateWindow,
     State,
     Txn,
-    TxnResult,
+    interpret_batch,
     orphan_payloads,
 )
 
@@ -241,16 +243,18 @@ async def _commit(
         view.settle(batch, committed_at=None)
         await _commit_singly(etcd, ks, fence, retention, batch)
         return False, await etcd.revision()
-    if result.succeeded:
-        view.settle(batch, committed_at=result.revision)
-        log.debug("%s batch of %d committed at %d", batch.kind, len(batch.moves), result.revision)
-        return True, result.revision
+    answer = interpret_batch(fence, result)
+    if isinstance(answer, Committed):
+        view.settle(batch, committed_at=answer.revision)
+        log.debug("%s batch of %d committed at %d", batch.kind, len(batch.moves), answer.revision)
+        return True, answer.revision
     view.settle(batch, committed_at=None)
-    _check_fence(fence, result)
+    if isinstance(answer, Deposed):
+        raise NotLeader(DEPOSED)
     log.info(
         "%s batch of %d conflicted: waiting for the view to catch up", batch.kind, len(batch.moves)
     )
-    return False, result.revision
+    return False, answer.revision
 
 
 async def sweep_payloads(etcd: Etcd, ks: Keyspace) -> int:
@@ -328,12 +332,6 @@ async def sweep_unique_guards(etcd: Etcd, ks: Keyspace, now: float) -> int:
     return deleted
 
 
-def _check_fence(fence: Fence, result: TxnResult) -> None:
-    fence_kvs = result.ranges[0].kvs if result.ranges else ()
-    if not fence_kvs or fence_kvs[0].create_revision != fence.revision:
-        raise NotLeader("the fence no longer holds: another leader took over")
-
-
 async def _settle_unknown(etcd: Etcd, ks: Keyspace, view: LeaderView, batch: Batch) -> int:
     """Find out whether a batch whose answer was lost committed, and settle its claims.
 
@@ -373,8 +371,8 @@ async def _commit_singly(
         except EtcdError as exc:
             log.error("%s of task=%s refused by etcd: %s", batch.kind, move[0].task_id, exc)
             continue
-        if not result.succeeded:
-            _check_fence(fence, result)
+        if isinstance(interpret_batch(fence, result), Deposed):
+            raise NotLeader(DEPOSED)
 
 
 #: How long the leader waits for its watch to show a revision before deciding anyway.
@@ -383,6 +381,7 @@ CATCH_UP_S = 1.0
 ETCD_FULL_PAUSE_S = 1.0
 #: The revision _commit answers for "not committed, decide again at once".
 DECIDE_AGAIN = -1
+DEPOSED = "the fence no longer holds: another leader took over"
 
 
 def _fired(state: LeaderState, batch: Batch, now: float) -> None:
