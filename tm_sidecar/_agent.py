@@ -23,6 +23,7 @@ import trio
 from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
 from ._etcd import Changes, Etcd, Reset, retrying
 from ._group import GroupCommit, GroupStats, txn_group
+from ._hooks import Hooks
 from ._session import RetentionLeases, Session
 from .core import (
     HANDED_BACK,
@@ -40,6 +41,7 @@ from .core import (
     Raised,
     Range,
     Record,
+    Records,
     ReportRefused,
     Returned,
     Slot,
@@ -54,7 +56,6 @@ from .core import (
     TxnResult,
     attempt_outcome,
     dumps,
-    parse_record,
     plan_move,
     plan_update,
 )
@@ -245,10 +246,8 @@ class AgentState:
     #: Set by a graceful stop (a drain, ``Sidecar.stop``): attempts cut short by it are
     #: handed back without counting. Without it (a lost session, say), they count.
     handing_back: bool = False
-    #: Called with (state reached, seconds since assignment) for each reported outcome.
-    on_outcome: Callable[[str, float], None] | None = None
-    #: Called with the seconds from a task's due time (commit, or run_at) to its start.
-    on_start: Callable[[float], None] | None = None
+    #: Told each attempt's start and outcome (metrics); given at construction.
+    hooks: Hooks = attrs.field(factory=Hooks, kw_only=True)
 
     def _changed(self) -> None:
         if not self.running:
@@ -269,8 +268,13 @@ async def run_agent(
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
     max_result_bytes: int = 256 * 1024,
+    records: Records | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run this node's assignments until cancelled."""
+    """Run this node's assignments until cancelled; ``records`` parses what it sees
+    (the sidecar's, shared with its leader and hub). Started once it has listed the
+    assignments it holds and started their attempts."""
+    records = records or Records()
     rng = rng or random.Random()
     state._changed()
     # Under load many attempts read their task and report at once: each kind of request
@@ -299,7 +303,7 @@ async def run_agent(
             parsed = ks.parse(kv.key)
             if parsed is None or parsed.task_id is None:
                 return
-            record = parse_record(State.PROCESSING, kv.value)
+            record = records.parse(State.PROCESSING, kv.value)
             if record.session != session.lease:
                 return  # an earlier incarnation's: the leader reaps it
             if not state.attempts.begin(parsed.task_id, kv.create_revision):
@@ -332,6 +336,7 @@ async def run_agent(
                 log.warning("assignment of task=%s withdrawn: cancelling its handler", task_id)
                 known.scope.cancel()
 
+        serving = False
         async with aclosing(etcd.informer(ks.assignments(node_id))) as _items:
             async for item in _items:
                 if isinstance(item, Reset):
@@ -342,6 +347,9 @@ async def run_agent(
                             vanished(task_id, running.create_revision)
                     for kv in item.kvs:
                         consider(kv)
+                    if not serving:
+                        serving = True
+                        task_status.started()
                 elif isinstance(item, Changes):
                     for event in item.events:
                         if event.kind == "PUT":
@@ -483,9 +491,9 @@ async def _run_one(
                 current = attrs.evolve(current, started_at=clock())
                 attempt = Attempt(slot, current)
                 io.announcer.add(attempt)
-                if state.on_start is not None and current.attempts == 1:
+                if current.attempts == 1:
                     due = spec.run_at if spec.run_at is not None else spec.created_at
-                    state.on_start(max(0.0, (current.started_at or due) - due))
+                    state.hooks.on_start(max(0.0, (current.started_at or due) - due))
 
                 async def progress(value: JSON) -> bool:
                     nonlocal current
@@ -626,8 +634,8 @@ async def _report(
         state.snoozed += 1
     elif outcome.reason != HANDED_BACK:
         state.failed += 1
-    if state.on_outcome is not None and slot.record.since_at:
-        state.on_outcome(outcome.state.value, outcome.since_at - slot.record.since_at)
+    if slot.record.since_at:
+        state.hooks.on_outcome(outcome.state.value, outcome.since_at - slot.record.since_at)
     log.debug(
         "task=%s attempt=%d -> %s%s",
         slot.task_id,

@@ -23,6 +23,7 @@ from . import __version__
 from ._agent import Handler, Permanent, TaskContext
 from ._embedded import EmbeddedEtcdError, EtcdProcess
 from ._etcd import EtcdConfig
+from ._hooks import Hooks
 from ._log import setup_logging
 from ._metrics import Metrics
 from ._notify import Notifier
@@ -384,7 +385,8 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
         ",".join(endpoints),
         type(etcd).__name__,
     )
-    sidecar = Sidecar(etcd, settings)
+    metrics = Metrics() if args.metrics else None
+    sidecar = Sidecar(etcd, settings, hooks=metrics.hooks if metrics else Hooks())
     notifier = Notifier()
     exit_code = 0
     try:
@@ -430,9 +432,9 @@ async def amain(args: argparse.Namespace, signals: Any) -> int:
                 ),
             )
             await nursery.start(server.run)
-            if args.metrics:
+            if metrics is not None:
                 host, _, port = args.metrics.rpartition(":")
-                metrics = Metrics(sidecar, lambda: len(server.connections))
+                metrics.watch(sidecar, lambda: len(server.connections))
                 await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
             if web is not None:
                 from .web import Dashboard

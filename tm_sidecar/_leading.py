@@ -14,6 +14,7 @@ import trio
 
 from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
 from ._etcd import Changes, Etcd, Reset, retrying
+from ._hooks import Hooks
 from ._session import RetentionLeases, Session
 from .core import (
     MAX_TXN_OPS,
@@ -29,6 +30,7 @@ from .core import (
     LeaderView,
     Range,
     RateWindow,
+    Records,
     State,
     Txn,
     interpret_batch,
@@ -56,8 +58,8 @@ class LeaderState:
     reaped: int = 0
     conflicts: int = 0
     fired: int = 0  # schedule slots fired
-    #: Called with each fired slot's lateness (seconds from the slot to its commit).
-    on_fire: Callable[[float], None] | None = None
+    #: Told each fired slot's lateness (metrics); given at construction.
+    hooks: Hooks = attrs.field(factory=Hooks, kw_only=True)
 
 
 async def run_leader(
@@ -71,9 +73,17 @@ async def run_leader(
     *,
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
+    records: Records | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Lead until cancelled; raises :class:`NotLeader` when leadership is lost."""
+    """Lead until cancelled; raises :class:`NotLeader` when leadership is lost.
+    Started once its view of the queue is listed (it decides from then on).
+
+    ``records`` parses what the leader sees (the sidecar's, shared with its agent and
+    hub; the listing uses it from a worker thread).
+    """
     rng = rng or random.Random()
+    shared = records or Records()
     changed = trio.Event()
     ready = trio.Event()
 
@@ -88,7 +98,7 @@ async def run_leader(
             ks.state_prefix(State.DELAYED),
             range_end=ks.prefix + "task",
             prev_kv=False,
-            loader=lambda: LeaderView(ks),
+            loader=lambda: LeaderView(ks, records=shared),
             page=5000,
         )
         async with aclosing(stream) as _items:
@@ -197,6 +207,8 @@ async def run_leader(
             nursery.start_soon(step_down_on_time)
             if settings.compact_interval_s > 0:
                 nursery.start_soon(compact)
+            await ready.wait()
+            task_status.started()
             nursery.start_soon(decide_loop)
     finally:
         state.view = None
@@ -388,8 +400,7 @@ def _fired(state: LeaderState, batch: Batch, now: float) -> None:
     state.fired += len(batch.slots)
     for slot in batch.slots:
         log.info("schedule=%s fired slot=%.3f late_s=%.3f", batch.schedule, slot, now - slot)
-        if state.on_fire is not None:
-            state.on_fire(max(0.0, now - slot))
+        state.hooks.on_fire(max(0.0, now - slot))
 
 
 def _count(state: LeaderState, batch: Batch) -> None:

@@ -39,11 +39,11 @@ from ._model import (
     Backoff,
     NodeInfo,
     Record,
+    Records,
     TaskError,
     TaskOptions,
     TaskSpec,
     dumps,
-    parse_record,
 )
 from ._outcome import (
     MAX_ERROR_CHARS,
@@ -170,6 +170,7 @@ __all__ = [
     "RateLimit",
     "RateWindow",
     "Record",
+    "Records",
     "ReportRefused",
     "Request",
     "Retake",
@@ -213,7 +214,6 @@ __all__ = [
     "leading",
     "make_task_id",
     "orphan_payloads",
-    "parse_record",
     "plan_batch",
     "plan_campaign",
     "plan_cancel",
