@@ -441,14 +441,6 @@ def error_from_exception(exc: BaseException) -> TaskError:
 MAX_TRACEBACK_CHARS = 3000
 
 
-def _no_draw() -> float:
-    return 0.0
-
-
-#: A refused report's replacement draws no backoff (it is not retryable).
-_NO_DRAW = _no_draw
-
-
 async def _run_one(
     io: AgentIO,
     ks: Keyspace,
@@ -609,7 +601,7 @@ async def _report(
                 outcome,
                 ReportRefused(str(exc)),
                 now=outcome.since_at,
-                draw=_NO_DRAW,
+                draw=lambda: 0.0,  # not retryable: no backoff to draw
                 max_result_bytes=0,
             )
             if instead is None:
