@@ -349,11 +349,11 @@ class Sidecar:
                     )
                     log.info("leading: the view is listed")
             except* NotLeader as group:
-                log.warning("stepped down: %s", group.exceptions[0])
+                log.warning("stepped down: %s", _first(group))
             except* (EtcdError, Unavailable, ValueError, KeyError) as group:
                 # A refusal by etcd or a bad record: step down rather than take the node
                 # with us; another candidate (or we, later) will lead.
-                log.error("leader failed, stepping down: %r", group.exceptions[0])
+                log.error("leader failed, stepping down: %r", _first(group))
                 await trio.sleep(1.0)
             finally:
                 self._set_role(False)
@@ -849,6 +849,14 @@ async def update_schedule(
 def is_final(event: TaskEvent) -> bool:
     """Whether the event is the task's last: completed, or failed for good."""
     return event.kind == "completed" or (event.kind == "failed" and not event.will_retry)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception in a (nested) group: what a log line should tell."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 async def session_trusted(session: Session) -> None:
