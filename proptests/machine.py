@@ -37,8 +37,11 @@ from tm_sidecar.core import (
     Backoff,
     Batch,
     Compare,
+    Conflict,
+    Deposed,
     Fence,
     Guard,
+    Happened,
     Keyspace,
     KeyValue,
     LeaderPolicy,
@@ -47,10 +50,13 @@ from tm_sidecar.core import (
     NodeInfo,
     Put,
     QueueConfig,
+    Raised,
     RateLimit,
     Record,
+    Returned,
     Schedule,
     Slot,
+    SnoozeAsked,
     State,
     TaskError,
     TaskId,
@@ -58,10 +64,12 @@ from tm_sidecar.core import (
     TaskSpec,
     Txn,
     WatchEvent,
-    after_failure,
+    attempt_outcome,
     cancelled,
+    dumps,
     first_slot,
     initial_record,
+    interpret_batch,
     plan_cancel,
     plan_create,
     plan_move,
@@ -69,7 +77,6 @@ from tm_sidecar.core import (
     plan_update,
     schedule_from_request,
     slot_task_id,
-    snoozed,
     succeeded,
     takeover,
 )
@@ -552,6 +559,8 @@ class QueueMachine(RuleBasedStateMachine):
                 self.db.txn(Txn(success=(Put(first.key, current.value),)))
                 result = self.db.txn(moving[0].plan(self.ks, self.fence))
                 assert not result.succeeded, "a batch over a changed key committed"
+                answer = interpret_batch(self.fence, result)
+                assert isinstance(answer, Conflict), f"a stale view's batch read as {answer}"
                 for batch in decision.batches:
                     self.view.settle(batch, committed_at=None)
                 continue
@@ -802,14 +811,21 @@ class QueueMachine(RuleBasedStateMachine):
             assert result.succeeded
             self._record_assignments()
             return
+        # What happened, as the agent tells it; the core decides what it writes.
+        happened: Happened
         if outcome == "success":
-            nxt = succeeded(slot.record, result={"ok": task.id}, now=self.now)
+            returned = {"ok": task.id}
+            happened = Returned(returned, len(dumps(returned).encode()))
         elif outcome == "snooze":
             delay = data.draw(st.sampled_from([0.0, 3.0]), label="snooze_s")
-            nxt = snoozed(slot.record, delay_s=delay, now=self.now)
+            happened = SnoozeAsked(delay)
         else:
-            error = TaskError(type="E", message="x", retryable=outcome == "failure")
-            nxt = after_failure(slot.record, error=error, now=self.now, fraction=self.rng.random())
+            happened = Raised(TaskError(type="E", message="x", retryable=outcome == "failure"))
+        decided = attempt_outcome(
+            slot.record, happened, now=self.now, draw=self.rng.random, max_result_bytes=1024
+        )
+        assert decided is not None
+        nxt = decided
         result = self.db.txn(plan_move(self.ks, slot, nxt))
         assert result.succeeded, "a live attempt's report was rejected"
         self._record_assignments()
@@ -1057,6 +1073,8 @@ class QueueMachine(RuleBasedStateMachine):
         for batch in decision.batches:
             result = self.db.txn(batch.plan(self.ks, fence))
             assert not result.succeeded, f"a deposed leader's {batch.kind} batch committed"
+            answer = interpret_batch(fence, result)
+            assert answer == Deposed(), f"a deposed leader's batch read as {answer}"
             view.settle(batch, committed_at=None)
         assert self._state_keys() == before
 

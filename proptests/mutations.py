@@ -188,6 +188,20 @@ MUTATIONS = [
         "    guards = ()",
         "a slot fires once, whoever leads (the firing compares its schedule and tasks)",
     ),
+    Mutation(
+        "permanent-error-retried",
+        "tm_sidecar/core/_outcome.py",
+        "            return failed(error)",
+        "            return failed(attrs.evolve(error, retryable=True))",
+        "a handler's permanent failure fails the task at once, whatever attempts are left",
+    ),
+    Mutation(
+        "conflict-read-as-deposed",
+        "tm_sidecar/core/_batch.py",
+        "    if not fence_kvs or fence_kvs[0].create_revision != fence.revision:",
+        "    if not fence_kvs or fence_kvs[0].create_revision == fence.revision:",
+        "a stale view's batch is a conflict (decide again), not a lost leadership",
+    ),
 ]
 
 

@@ -60,7 +60,7 @@ async def test_a_deposed_leaders_batch_fails_whole(
 
 
 async def test_a_leader_whose_fence_is_gone_steps_down_and_campaigns_again(
-    etcd_server: EtcdProcess, namespace: str
+    etcd_server: EtcdProcess, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     ks = Keyspace(namespace=namespace)
     async with running_sidecars(etcd_server.endpoint, namespace, "n1", lease_ttl_s=30) as (sc,):
@@ -82,6 +82,8 @@ async def test_a_leader_whose_fence_is_gone_steps_down_and_campaigns_again(
         (new,) = (await sc.etcd.list_prefix(ks.election()))[0]
         assert new.key == old.key
         assert new.create_revision > old.create_revision  # a new term, a new token
+    # The log says why, not which exception group it came in.
+    assert "stepped down: the fence no longer holds" in caplog.text
 
 
 async def test_an_assignment_to_a_restarted_nodes_old_session_does_not_commit(

@@ -23,32 +23,41 @@ import trio
 from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
 from ._feed import Feed
 from ._group import GroupCommit, GroupStats, txn_group
+from ._hooks import Hooks
 from ._session import RetentionLeases, Session
 from .core import (
     HANDED_BACK,
     JSON,
+    MAX_ERROR_CHARS,
     SNOOZED,
     AttemptLedger,
+    GivenBack,
+    Happened,
+    Interrupted,
     Keyspace,
     KeyValue,
     NodeId,
+    NoHandler,
+    Raised,
     Range,
     Record,
+    Records,
+    ReportRefused,
+    Returned,
     Slot,
+    SnoozeAsked,
     State,
     TaskError,
     TaskId,
+    TaskMissing,
     TaskSpec,
+    TimedOut,
     Txn,
     TxnResult,
-    after_failure,
+    attempt_outcome,
     dumps,
-    handed_back,
-    parse_record,
     plan_move,
     plan_update,
-    snoozed,
-    succeeded,
 )
 from .etcd import Changes, Etcd, Reset, backoff, retrying
 
@@ -238,10 +247,8 @@ class AgentState:
     #: Set by a graceful stop (a drain, ``Sidecar.stop``): attempts cut short by it are
     #: handed back without counting. Without it (a lost session, say), they count.
     handing_back: bool = False
-    #: Called with (state reached, seconds since assignment) for each reported outcome.
-    on_outcome: Callable[[str, float], None] | None = None
-    #: Called with the seconds from a task's due time (commit, or run_at) to its start.
-    on_start: Callable[[float], None] | None = None
+    #: Told each attempt's start and outcome (metrics); given at construction.
+    hooks: Hooks = attrs.field(factory=Hooks, kw_only=True)
 
     def _changed(self) -> None:
         if not self.running:
@@ -263,9 +270,14 @@ async def run_agent(
     rng: random.Random | None = None,
     max_result_bytes: int = 256 * 1024,
     one_watch: Feed | None = None,
+    records: Records | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run this node's assignments until cancelled; they come from ``one_watch``, the
-    sidecar's one watch, when given (else from a watch of its own)."""
+    sidecar's one watch, when given (else from a watch of its own). ``records`` parses
+    what it sees (the sidecar's, shared with its leader and hub). Started once it has
+    listed the assignments it holds and started their attempts."""
+    records = records or Records()
     rng = rng or random.Random()
     state._changed()
     # Under load many attempts read their task and report at once: each kind of request
@@ -294,7 +306,7 @@ async def run_agent(
             parsed = ks.parse(kv.key)
             if parsed is None or parsed.task_id is None:
                 return
-            record = parse_record(State.PROCESSING, kv.value)
+            record = records.parse(State.PROCESSING, kv.value)
             if record.session != session.lease:
                 return  # an earlier incarnation's: the leader reaps it
             if not state.attempts.begin(parsed.task_id, kv.create_revision):
@@ -327,6 +339,7 @@ async def run_agent(
                 log.warning("assignment of task=%s withdrawn: cancelling its handler", task_id)
                 known.scope.cancel()
 
+        serving = False
         assignments = (
             one_watch.informer(ks.assignments(node_id), track_prev=True)
             if one_watch is not None
@@ -342,6 +355,9 @@ async def run_agent(
                             vanished(task_id, running.create_revision)
                     for kv in item.kvs:
                         consider(kv)
+                    if not serving:
+                        serving = True
+                        task_status.started()
                 elif isinstance(item, Changes):
                     for event in item.events:
                         if event.kind == "PUT":
@@ -430,9 +446,6 @@ def error_from_exception(exc: BaseException) -> TaskError:
     )
 
 
-#: Error records travel in batched transactions (etcd takes 1.5 MiB a request): keep
-#: them to a few kilobytes.
-MAX_ERROR_CHARS = 1000
 MAX_TRACEBACK_CHARS = 3000
 
 
@@ -452,8 +465,12 @@ async def _run_one(
     current = slot.record
     scope = running.scope
 
-    def failed(error: TaskError) -> Record:
-        return after_failure(current, error=error, now=clock(), fraction=rng.random())
+    def outcome_of(happened: Happened) -> Record:
+        outcome = attempt_outcome(
+            current, happened, now=clock(), draw=rng.random, max_result_bytes=max_result_bytes
+        )
+        assert outcome is not None  # only a refused report may come to nothing
+        return outcome
 
     try:
         with scope:
@@ -461,29 +478,22 @@ async def _run_one(
             if spec is None:
                 spec_kv = await retrying(lambda: io.specs.submit(ks.task(tid)), what="read task")
                 if spec_kv is None:
-                    missing = TaskError(
-                        type="TaskMissing", message="the task record is gone", retryable=False
-                    )
                     running.reporting = True
-                    await _report(io, ks, slot, failed(missing), retention, state)
+                    await _report(io, ks, slot, outcome_of(TaskMissing()), retention, state)
                     return
                 spec = TaskSpec.from_json(spec_kv.value)
             reg = registry.pick(current.options.queue)
             if reg is None:
-                queue = current.options.queue
-                no_handler = TaskError(
-                    type="NoHandler", message=f"no handler for queue {queue!r} here"
-                )
                 running.reporting = True
-                await _report(io, ks, slot, failed(no_handler), retention, state)
+                await _report(io, ks, slot, outcome_of(NoHandler()), retention, state)
                 return
             async with reg.limiter:
                 current = attrs.evolve(current, started_at=clock())
                 attempt = Attempt(slot, current)
                 io.announcer.add(attempt)
-                if state.on_start is not None and current.attempts == 1:
+                if current.attempts == 1:
                     due = spec.run_at if spec.run_at is not None else spec.created_at
-                    state.on_start(max(0.0, (current.started_at or due) - due))
+                    state.hooks.on_start(max(0.0, (current.started_at or due) - due))
 
                 async def progress(value: JSON) -> bool:
                     nonlocal current
@@ -495,33 +505,20 @@ async def _run_one(
 
                 ctx = TaskContext(tid, spec.payload, current.attempts, spec, progress)
                 timeout = current.options.timeout_s
-                outcome: Record
+                happened: Happened
                 try:
                     with trio.fail_after(timeout) if timeout is not None else nullcontext():
                         result = await reg.handler(ctx)
-                    size = len(dumps(result).encode())
-                    if size > max_result_bytes:
-                        outcome = failed(
-                            TaskError(
-                                type="ResultTooLarge",
-                                message=f"the result is {size} bytes, over {max_result_bytes}",
-                                retryable=False,
-                            )
-                        )
-                    else:
-                        outcome = succeeded(current, result=result, now=clock())
+                    happened = Returned(result, len(dumps(result).encode()))
                 except HandedBack:
-                    outcome = handed_back(current, now=clock())
+                    happened = GivenBack()
                 except Snooze as snooze:
-                    outcome = snoozed(current, delay_s=snooze.delay_s, now=clock())
+                    happened = SnoozeAsked(snooze.delay_s)
                 except trio.TooSlowError:
-                    outcome = failed(
-                        TaskError(
-                            type="Timeout", message=f"the handler ran longer than {timeout} s"
-                        )
-                    )
+                    happened = TimedOut()
                 except Exception as exc:
-                    outcome = failed(error_from_exception(exc))
+                    happened = Raised(error_from_exception(exc))
+                outcome = outcome_of(happened)
                 # The outcome tells the start if the announcement has not gone yet.
                 attempt.announced = True
             running.reporting = True
@@ -533,11 +530,7 @@ async def _run_one(
     except trio.Cancelled:
         # The agent is stopping: hand the attempt back at once rather than after the lease.
         # A graceful stop spends no attempt (the task did not fail); anything else does.
-        if state.handing_back:
-            nxt = handed_back(current, now=clock())
-        else:
-            error = TaskError(type="Interrupted", message="the sidecar stopped during the attempt")
-            nxt = after_failure(current, error=error, now=clock(), fraction=0.0)
+        nxt = outcome_of(Interrupted(graceful=state.handing_back))
         with trio.move_on_after(2.0, shield=True):
             await _report(io, ks, slot, nxt, retention, state, batched=False)
         raise
@@ -612,16 +605,20 @@ async def _report(
         except LeaseNotFound:
             retention.forget()
         except EtcdError as exc:
-            if outcome.error is not None and outcome.error.type == "ReportRefused":
+            instead = attempt_outcome(
+                outcome,
+                ReportRefused(str(exc)),
+                now=outcome.since_at,
+                draw=lambda: 0.0,  # not retryable: no backoff to draw
+                max_result_bytes=0,
+            )
+            if instead is None:
                 log.error("report of task=%s refused by etcd: %s", slot.task_id, exc)
                 return False
             log.error(
                 "report of task=%s refused (%s): recording a failure instead", slot.task_id, exc
             )
-            refused = TaskError(
-                type="ReportRefused", message=str(exc)[:MAX_ERROR_CHARS], retryable=False
-            )
-            outcome = after_failure(outcome, error=refused, now=outcome.since_at, fraction=0.0)
+            outcome = instead
     if not result.succeeded:
         state.stale += 1
         log.warning(
@@ -637,8 +634,8 @@ async def _report(
         state.snoozed += 1
     elif outcome.reason != HANDED_BACK:
         state.failed += 1
-    if state.on_outcome is not None and slot.record.since_at:
-        state.on_outcome(outcome.state.value, outcome.since_at - slot.record.since_at)
+    if slot.record.since_at:
+        state.hooks.on_outcome(outcome.state.value, outcome.since_at - slot.record.since_at)
     log.debug(
         "task=%s attempt=%d -> %s%s",
         slot.task_id,

@@ -21,6 +21,7 @@ import trio
 from . import __version__
 from ._agent import Handler, Permanent, TaskContext
 from ._embedded import EmbeddedEtcdError, EtcdProcess
+from ._hooks import Hooks
 from ._log import setup_logging
 from ._metrics import Metrics
 from ._notify import Notifier
@@ -166,7 +167,8 @@ async def amain(settings: Settings, signals: Any) -> int:
             "client": type(etcd).__name__,
         },
     )
-    sidecar = Sidecar(etcd, sidecar_settings)
+    metrics = Metrics() if settings.metrics else None
+    sidecar = Sidecar(etcd, sidecar_settings, hooks=metrics.hooks if metrics else Hooks())
     notifier = Notifier()
     exit_code = 0
     try:
@@ -217,9 +219,9 @@ async def amain(settings: Settings, signals: Any) -> int:
                 ),
             )
             await nursery.start(server.run)
-            if settings.metrics:
+            if metrics is not None and settings.metrics:
                 host, _, port = settings.metrics.rpartition(":")
-                metrics = Metrics(sidecar, lambda: len(server.connections))
+                metrics.watch(sidecar, lambda: len(server.connections))
                 await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
             if web is not None:
                 from .web import Dashboard

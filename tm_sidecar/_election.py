@@ -14,7 +14,18 @@ import trio
 
 from ._errors import EtcdFull, EtcdUnavailable, LeaseLost, LeaseNotFound
 from ._session import Session
-from .core import Compare, Delete, Fence, Keyspace, Put, Range, Txn, dumps
+from .core import (
+    Delete,
+    Fence,
+    Keyspace,
+    Lead,
+    Txn,
+    Withdrawn,
+    interpret_campaign,
+    leading,
+    plan_campaign,
+    predecessor,
+)
 from .etcd import Etcd, retrying
 
 log = logging.getLogger("tm_sidecar.election")
@@ -22,37 +33,39 @@ log = logging.getLogger("tm_sidecar.election")
 
 async def campaign(etcd: Etcd, ks: Keyspace, session: Session, node_id: str) -> Fence:
     """Wait until this session leads; answers its fence. Raises LeaseLost if the key goes."""
-    key = ks.candidate(session.lease)
-    value = dumps({"node": node_id, "lease": f"{session.lease:x}"})
-    txn = Txn(
-        compare=(Compare.absent(key),),
-        success=(Put(key, value, session.lease),),
-        failure=(Range(key),),
-    )
+    candidacy = await stand(etcd, ks, session, node_id)
+    return await wait_to_lead(etcd, ks, candidacy)
+
+
+async def stand(etcd: Etcd, ks: Keyspace, session: Session, node_id: str) -> Fence:
+    """Put this session's candidate key (or find it); answers the candidacy: the key and
+    the fence it would lead with. Raises LeaseLost if the lease or the key is gone."""
+    txn = plan_campaign(ks, session.lease, node_id)
     try:
         result = await retrying(lambda: etcd.txn(txn), what="campaign")
     except LeaseNotFound as exc:
         session.lost.set()
         raise LeaseLost(f"lease {session.lease:x} is gone") from exc
-    if result.succeeded:
-        my_revision = result.revision
-    elif result.ranges and result.ranges[0].kvs:
-        my_revision = result.ranges[0].kvs[0].create_revision
-    else:
+    candidacy = interpret_campaign(ks, session.lease, result)
+    if candidacy is None:
         raise LeaseLost("candidate key vanished while campaigning")
-    log.info("candidate key=%s revision=%d", key, my_revision)
+    log.info("candidate key=%s revision=%d", candidacy.key, candidacy.revision)
+    return candidacy
+
+
+async def wait_to_lead(etcd: Etcd, ks: Keyspace, candidacy: Fence) -> Fence:
+    """Wait until ``candidacy`` leads; answers its fence. Raises LeaseLost if the key goes."""
     while True:
         kvs, revision = await retrying(
             lambda: etcd.list_prefix(ks.election()), what="election list"
         )
-        if not any(kv.key == key and kv.create_revision == my_revision for kv in kvs):
+        turn = predecessor(kvs, candidacy)
+        if isinstance(turn, Lead):
+            return turn.fence
+        if isinstance(turn, Withdrawn):
             raise LeaseLost("candidate key is gone: the session lease expired")
-        earlier = [kv for kv in kvs if kv.create_revision < my_revision]
-        if not earlier:
-            return Fence(key, my_revision)
-        predecessor = max(earlier, key=lambda kv: kv.create_revision)
-        log.info("waiting for predecessor %s", predecessor.key)
-        await _wait_deleted(etcd, predecessor.key, revision)
+        log.info("waiting for predecessor %s", turn.key)
+        await _wait_deleted(etcd, turn.key, revision)
 
 
 async def _wait_deleted(etcd: Etcd, key: str, seen_at: int) -> None:
@@ -81,7 +94,5 @@ async def resign(etcd: Etcd, fence: Fence, timeout_s: float = 2.0) -> None:
 async def current_leader(etcd: Etcd, ks: Keyspace) -> tuple[str, int] | None:
     """The leading candidate's (value, create revision), or None."""
     kvs, _ = await etcd.list_prefix(ks.election())
-    if not kvs:
-        return None
-    first = min(kvs, key=lambda kv: kv.create_revision)
-    return first.value, first.create_revision
+    first = leading(kvs)
+    return None if first is None else (first.value, first.create_revision)

@@ -12,7 +12,7 @@ import trio
 
 from ._errors import Compacted, EtcdError, EtcdUnavailable
 from ._feed import Feed
-from .core import EventDeriver, Keyspace, Range, State, TaskEvent, TaskId
+from .core import EventDeriver, Keyspace, Range, Records, State, TaskEvent, TaskId
 from .etcd import Etcd, Reset, backoff
 
 log = logging.getLogger("tm_sidecar.events")
@@ -80,13 +80,15 @@ class EventHub:
     feed: Feed
     buffer: int = 10_000
     revision: int = 0
+    #: Parses the records it sees (the sidecar's, shared with its leader and agent).
+    records: Records = attrs.field(factory=Records, kw_only=True)
     # Subscribers to every task, and to one task by its id: publishing is O(interested).
     _all: set[Subscription] = attrs.Factory(set)
     _by_task: dict[TaskId, set[Subscription]] = attrs.Factory(dict)
     _deriver: EventDeriver = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._deriver = EventDeriver(self.ks)
+        self._deriver = EventDeriver(self.ks, records=self.records)
 
     def subscribe(
         self,
@@ -184,7 +186,7 @@ class EventHub:
         deliver = sub.deliver
         # A deriver of its own: a start whose announcement came before ``after`` may be
         # told again with its outcome.
-        deriver = EventDeriver(self.ks)
+        deriver = EventDeriver(self.ks, records=self.records)
         start, end = self._range()
         failures = 0
         try:

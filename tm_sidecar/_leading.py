@@ -14,12 +14,15 @@ import trio
 
 from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
 from ._feed import Feed
+from ._hooks import Hooks
 from ._session import RetentionLeases, Session
 from .core import (
     MAX_TXN_OPS,
     Batch,
+    Committed,
     Compare,
     Delete,
+    Deposed,
     Fence,
     Guard,
     Keyspace,
@@ -27,9 +30,10 @@ from .core import (
     LeaderView,
     Range,
     RateWindow,
+    Records,
     State,
     Txn,
-    TxnResult,
+    interpret_batch,
     orphan_payloads,
 )
 from .etcd import Changes, Etcd, Reset, retrying
@@ -55,8 +59,8 @@ class LeaderState:
     reaped: int = 0
     conflicts: int = 0
     fired: int = 0  # schedule slots fired
-    #: Called with each fired slot's lateness (seconds from the slot to its commit).
-    on_fire: Callable[[float], None] | None = None
+    #: Told each fired slot's lateness (metrics); given at construction.
+    hooks: Hooks = attrs.field(factory=Hooks, kw_only=True)
 
 
 async def run_leader(
@@ -71,13 +75,18 @@ async def run_leader(
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
     one_watch: Feed | None = None,
+    records: Records | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Lead until cancelled; raises :class:`NotLeader` when leadership is lost.
+    Started once its view of the queue is listed (it decides from then on).
 
     The view follows ``one_watch``, the sidecar's one watch, when given (else a watch of
-    its own).
+    its own). ``records`` parses what the leader sees (the sidecar's, shared with its
+    agent and hub; the listing uses it from a worker thread).
     """
     rng = rng or random.Random()
+    shared = records or Records()
     changed = trio.Event()
     ready = trio.Event()
 
@@ -92,7 +101,7 @@ async def run_leader(
             one_watch.informer(
                 ks.state_prefix(State.DELAYED),
                 range_end=ks.prefix + "task",
-                loader=lambda: LeaderView(ks),
+                loader=lambda: LeaderView(ks, records=shared),
                 page=5000,
                 progress=True,
             )
@@ -101,7 +110,7 @@ async def run_leader(
                 ks.state_prefix(State.DELAYED),
                 range_end=ks.prefix + "task",
                 prev_kv=False,
-                loader=lambda: LeaderView(ks),
+                loader=lambda: LeaderView(ks, records=shared),
                 page=5000,
             )
         )
@@ -211,6 +220,8 @@ async def run_leader(
             nursery.start_soon(step_down_on_time)
             if settings.compact_interval_s > 0:
                 nursery.start_soon(compact)
+            await ready.wait()
+            task_status.started()
             nursery.start_soon(decide_loop)
     finally:
         state.view = None
@@ -257,16 +268,18 @@ async def _commit(
         view.settle(batch, committed_at=None)
         await _commit_singly(etcd, ks, fence, retention, batch)
         return False, await etcd.revision()
-    if result.succeeded:
-        view.settle(batch, committed_at=result.revision)
-        log.debug("%s batch of %d committed at %d", batch.kind, len(batch.moves), result.revision)
-        return True, result.revision
+    answer = interpret_batch(fence, result)
+    if isinstance(answer, Committed):
+        view.settle(batch, committed_at=answer.revision)
+        log.debug("%s batch of %d committed at %d", batch.kind, len(batch.moves), answer.revision)
+        return True, answer.revision
     view.settle(batch, committed_at=None)
-    _check_fence(fence, result)
+    if isinstance(answer, Deposed):
+        raise NotLeader(DEPOSED)
     log.info(
         "%s batch of %d conflicted: waiting for the view to catch up", batch.kind, len(batch.moves)
     )
-    return False, result.revision
+    return False, answer.revision
 
 
 async def sweep_payloads(etcd: Etcd, ks: Keyspace) -> int:
@@ -344,12 +357,6 @@ async def sweep_unique_guards(etcd: Etcd, ks: Keyspace, now: float) -> int:
     return deleted
 
 
-def _check_fence(fence: Fence, result: TxnResult) -> None:
-    fence_kvs = result.ranges[0].kvs if result.ranges else ()
-    if not fence_kvs or fence_kvs[0].create_revision != fence.revision:
-        raise NotLeader("the fence no longer holds: another leader took over")
-
-
 async def _settle_unknown(etcd: Etcd, ks: Keyspace, view: LeaderView, batch: Batch) -> int:
     """Find out whether a batch whose answer was lost committed, and settle its claims.
 
@@ -389,8 +396,8 @@ async def _commit_singly(
         except EtcdError as exc:
             log.error("%s of task=%s refused by etcd: %s", batch.kind, move[0].task_id, exc)
             continue
-        if not result.succeeded:
-            _check_fence(fence, result)
+        if isinstance(interpret_batch(fence, result), Deposed):
+            raise NotLeader(DEPOSED)
 
 
 #: How long the leader waits for its watch to show a revision before deciding anyway.
@@ -399,14 +406,14 @@ CATCH_UP_S = 1.0
 ETCD_FULL_PAUSE_S = 1.0
 #: The revision _commit answers for "not committed, decide again at once".
 DECIDE_AGAIN = -1
+DEPOSED = "the fence no longer holds: another leader took over"
 
 
 def _fired(state: LeaderState, batch: Batch, now: float) -> None:
     state.fired += len(batch.slots)
     for slot in batch.slots:
         log.info("schedule=%s fired slot=%.3f late_s=%.3f", batch.schedule, slot, now - slot)
-        if state.on_fire is not None:
-            state.on_fire(max(0.0, now - slot))
+        state.hooks.on_fire(max(0.0, now - slot))
 
 
 def _count(state: LeaderState, batch: Batch) -> None:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ._hooks import Hooks
 from ._sidecar import Sidecar
 
 log = logging.getLogger("tm_sidecar.metrics")
@@ -105,9 +106,8 @@ class _Snapshot(Collector):
 class Metrics:
     """The sidecar's metrics registry."""
 
-    def __init__(self, sidecar: Sidecar, clients: Callable[[], int]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_Snapshot(sidecar, clients))
         self.etcd_seconds = Histogram(
             "tm_etcd_request_seconds",
             "etcd requests by path and result.",
@@ -134,12 +134,21 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 120),
         )
-        sidecar.leader.on_fire = self.schedule_lateness.observe
-        sidecar.agent.on_start = self.start_latency.observe
+        #: Give these to the sidecar at construction: they feed the histograms.
+        self.hooks = Hooks(
+            on_start=self.start_latency.observe,
+            on_outcome=lambda state, s: self.attempt_seconds.labels(state).observe(s),
+            on_fire=self.schedule_lateness.observe,
+        )
+
+    def watch(self, sidecar: Sidecar, clients: Callable[[], int]) -> None:
+        """Read ``sidecar``'s counters at each scrape, and time its etcd requests."""
+        self.registry.register(_Snapshot(sidecar, clients))
+        # The etcd client is built before the metrics by code of its own (etcd/): its
+        # hook is still set here.
         sidecar.etcd.on_request = lambda path, s, result: self.etcd_seconds.labels(
             path, result
         ).observe(s)
-        sidecar.agent.on_outcome = lambda state, s: self.attempt_seconds.labels(state).observe(s)
 
     def render(self) -> bytes:
         """The text exposition."""

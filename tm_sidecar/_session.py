@@ -58,10 +58,14 @@ async def open_session(etcd: Etcd, ttl_s: int) -> Session:
     return Session(lease=lease, ttl_s=granted, trusted_until=sent_at + granted - granted / 3)
 
 
-async def keep_session(etcd: Etcd, session: Session) -> None:
-    """Renew the lease every TTL/3 until it is lost; then raise :class:`LeaseLost`."""
+async def run_keepalive(
+    etcd: Etcd, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Renew the lease every TTL/3 until it is lost; then raise :class:`LeaseLost`.
+    Started at once: the lease was just granted, the first renewal is due in TTL/3."""
     interval = max(session.ttl_s / 3, 0.2)
     expires_at = session.trusted_until + session.margin_s
+    task_status.started()
     while True:
         await trio.sleep(interval)
         sent_at = trio.current_time()

@@ -19,7 +19,7 @@ import trio
 
 from . import __version__
 from ._agent import AgentState, Handler, Registration, Registry, run_agent
-from ._election import campaign, resign
+from ._election import resign, stand, wait_to_lead
 from ._errors import (
     Compacted,
     EtcdError,
@@ -36,9 +36,10 @@ from ._errors import (
 )
 from ._feed import Feed
 from ._group import GroupCommit, txn_group
+from ._hooks import Hooks
 from ._hub import EventHub, Subscription
 from ._leading import LeaderSettings, LeaderState, run_leader
-from ._session import RetentionLeases, Session, close_session, keep_session, open_session
+from ._session import RetentionLeases, Session, close_session, open_session, run_keepalive
 from .core import (
     JSON,
     Compare,
@@ -53,6 +54,7 @@ from .core import (
     Range,
     RangeResult,
     Record,
+    Records,
     Schedule,
     Slot,
     State,
@@ -157,12 +159,16 @@ class Sidecar:
     settings: SidecarSettings = SidecarSettings()
     clock: Callable[[], float] = time.time
     rng: random.Random = attrs.Factory(random.Random)
+    #: Parses the records the hub, the agent and the leader see: once for all three.
+    records: Records = attrs.Factory(Records)
     ks: Keyspace = attrs.field(init=False)
     registry: Registry = attrs.field(init=False)
     feed: Feed = attrs.field(init=False)
     hub: EventHub = attrs.field(init=False)
-    agent: AgentState = attrs.Factory(AgentState)
-    leader: LeaderState = attrs.Factory(LeaderState)
+    #: What the sidecar tells its observers (metrics).
+    hooks: Hooks = attrs.Factory(Hooks)
+    agent: AgentState = attrs.field(init=False)
+    leader: LeaderState = attrs.field(init=False)
     retention: RetentionLeases = attrs.field(init=False)
     creates: GroupCommit[Txn, TxnResult] = attrs.field(init=False)
     session: Session | None = None
@@ -187,10 +193,13 @@ class Sidecar:
 
     def __attrs_post_init__(self) -> None:
         self.ks = self.settings.keyspace
-        self.registry = Registry(on_change=self._node_dirty.set)
+        self.agent = AgentState(hooks=self.hooks)
+        self.leader = LeaderState(hooks=self.hooks)
+        # The event is replaced at each registration: look it up when capacity changes.
+        self.registry = Registry(on_change=lambda: self._node_dirty.set())
         # One watch for the whole sidecar: the hub, the agent and the leader tap it.
         self.feed = Feed(self.etcd, self.ks)
-        self.hub = EventHub(self.etcd, self.ks, self.feed)
+        self.hub = EventHub(self.etcd, self.ks, self.feed, records=self.records)
         self.retention = RetentionLeases(self.etcd, self.settings.retention_s)
         # Creates from every client go to etcd together: a task is two keys and a compare.
         self.creates = txn_group(self.etcd, ops_per_item=2, name="create")
@@ -208,23 +217,27 @@ class Sidecar:
     async def run(
         self, *, task_status: trio.TaskStatus[Sidecar] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run until cancelled; ready once registered with a live session."""
+        """Run until cancelled; ready once registered with a live session, with each
+        service started in the order they depend on each other: the event hub and the
+        create batcher, the admission counts; then per session the keep-alive, the
+        registration, the agent (once it holds its assignments) and the election (once
+        its candidate key is in place)."""
         with trio.CancelScope() as self._stopping:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.feed.run)
                 await nursery.start(self.hub.run)
                 await nursery.start(self.creates.run)
-                nursery.start_soon(self._watch_limits)
+                await nursery.start(self._run_limits)
                 first = True
                 while True:
                     session = await open_session(self.etcd, self.settings.lease_ttl_s)
                     self.session = session
                     try:
                         async with trio.open_nursery() as epoch:
-                            epoch.start_soon(keep_session, self.etcd, session)
+                            await epoch.start(run_keepalive, self.etcd, session)
                             await self._register(session)
-                            epoch.start_soon(self._keep_registration, session)
-                            epoch.start_soon(
+                            await epoch.start(self._run_registration, session)
+                            await epoch.start(
                                 functools.partial(
                                     run_agent,
                                     self.etcd,
@@ -235,9 +248,10 @@ class Sidecar:
                                     self.retention,
                                     self.agent,
                                     one_watch=self.feed,
+                                    records=self.records,
                                 )
                             )
-                            epoch.start_soon(self._lead_when_elected, session)
+                            await epoch.start(self._run_election, session)
                             if first:
                                 first = False
                                 log.info(
@@ -283,7 +297,6 @@ class Sidecar:
             started_at=self._started_at,
         )
         self._node_dirty = trio.Event()
-        self.registry.on_change = self._node_dirty.set
         try:
             await retrying(
                 lambda: self.etcd.put(
@@ -296,44 +309,61 @@ class Sidecar:
             raise LeaseLost(f"lease {session.lease:x} is gone") from exc
         self._registered.set()
 
-    async def _keep_registration(self, session: Session) -> None:
+    async def _run_registration(
+        self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Register the node again whenever its capacity changes."""
+        task_status.started()
         while True:
             await self._node_dirty.wait()
             await self._register(session)
 
-    async def _lead_when_elected(self, session: Session) -> None:
+    async def _run_election(
+        self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Stand for election, lead when elected, and stand again after each term;
+        started once the candidate key is in place."""
         settings = LeaderSettings(
             policy=LeaderPolicy(
                 grace_s=self.settings.grace_s, requeue_stalled=self.settings.requeue_stalled
             ),
             compact_interval_s=self.settings.compact_interval_s,
         )
+        candidacy = await stand(self.etcd, self.ks, session, self.node_id)
+        task_status.started()
         while True:
-            fence = await campaign(self.etcd, self.ks, session, self.node_id)
+            fence = await wait_to_lead(self.etcd, self.ks, candidacy)
             if not session.trusted():
                 await trio.sleep(0.1)
+                candidacy = await stand(self.etcd, self.ks, session, self.node_id)
                 continue
             self._set_role(True)
             log.info("became leader node=%s", self.node_id)
             try:
-                await run_leader(
-                    self.etcd,
-                    self.ks,
-                    fence,
-                    session,
-                    self.retention,
-                    settings,
-                    self.leader,
-                    clock=self.clock,
-                    rng=self.rng,
-                    one_watch=self.feed,
-                )
+                async with trio.open_nursery() as term:
+                    await term.start(
+                        functools.partial(
+                            run_leader,
+                            self.etcd,
+                            self.ks,
+                            fence,
+                            session,
+                            self.retention,
+                            settings,
+                            self.leader,
+                            clock=self.clock,
+                            rng=self.rng,
+                            one_watch=self.feed,
+                            records=self.records,
+                        )
+                    )
+                    log.info("leading: the view is listed")
             except* NotLeader as group:
-                log.warning("stepped down: %s", group.exceptions[0])
+                log.warning("stepped down: %s", _first(group))
             except* (EtcdError, Unavailable, ValueError, KeyError) as group:
                 # A refusal by etcd or a bad record: step down rather than take the node
                 # with us; another candidate (or we, later) will lead.
-                log.error("leader failed, stepping down: %r", group.exceptions[0])
+                log.error("leader failed, stepping down: %r", _first(group))
                 await trio.sleep(1.0)
             finally:
                 self._set_role(False)
@@ -341,6 +371,7 @@ class Sidecar:
             if session.lost.is_set():
                 raise LeaseLost("lease lost while leading")
             await session_trusted(session)
+            candidacy = await stand(self.etcd, self.ks, session, self.node_id)
 
     def _set_role(self, leader: bool) -> None:
         if leader != self.is_leader:
@@ -348,8 +379,12 @@ class Sidecar:
             self.role_changed.set()
             self.role_changed = trio.Event()
 
-    async def _watch_limits(self) -> None:
-        """Keep the live-task count and etcd's size fresh for the admission checks."""
+    async def _run_limits(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the live-task count and etcd's size fresh for the admission checks;
+        started once they have been read (or tried) the first time."""
+        starting = True
         while True:
             created_before = self._created
             try:
@@ -373,6 +408,9 @@ class Sidecar:
                 self._nospace = any("NOSPACE" in str(e) for e in status.get("errors") or ())
             except Unavailable as exc:
                 log.debug("limit refresh failed: %s", exc)
+            if starting:
+                starting = False
+                task_status.started()
             await trio.sleep(1.0)
 
     # -- the API ---------------------------------------------------------------------
@@ -850,6 +888,14 @@ async def update_schedule(
 def is_final(event: TaskEvent) -> bool:
     """Whether the event is the task's last: completed, or failed for good."""
     return event.kind == "completed" or (event.kind == "failed" and not event.will_retry)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception in a (nested) group: what a log line should tell."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 async def session_trusted(session: Session) -> None:

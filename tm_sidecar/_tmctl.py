@@ -24,31 +24,27 @@ from ._leading import sweep_payloads
 from ._settings import Settings, add_flags, load_settings
 from ._sidecar import pausing, update_queue, update_schedule
 from .core import (
-    Compare,
-    Delete,
     EventDeriver,
-    Guard,
+    HeldBy,
     Keyspace,
     KeyValue,
     NodeInfo,
-    Op,
-    Put,
     QueueConfig,
     Range,
     RateLimit,
     Record,
+    Retake,
     Schedule,
     Slot,
     State,
-    Target,
     TaskId,
     TaskOptions,
     TaskSpec,
-    Touch,
-    Txn,
     cancelled,
-    guard_value,
     plan_cancel,
+    plan_retry,
+    retake,
+    retried,
     schedule_from_request,
     with_limits,
 )
@@ -668,25 +664,20 @@ def _short_json(value: Any, limit: int = 300) -> str:
 # The repairs, as functions of their own: the web dashboard makes them too.
 
 
-async def retake_guard(
-    etcd: Etcd, ks: Keyspace, task_id: TaskId, rec: Record
-) -> tuple[tuple[Compare, ...], tuple[Put, ...]] | None:
+async def retake_guard(etcd: Etcd, ks: Keyspace, task_id: TaskId, rec: Record) -> Retake | None:
     """A retried task with a unique key is live again: it takes its guard back in the
     same transaction, if no other task holds it (None: then it is not retried)."""
     key = rec.options.unique_key
-    if key is None:
-        return (), ()
-    kv = await etcd.get(ks.unique(key))
-    if kv is not None and Guard.from_kv(kv).task_id != task_id:
-        holder = Guard.from_kv(kv).task_id
+    kv = await etcd.get(ks.unique(key)) if key is not None else None
+    answer = retake(ks, task_id, rec, kv)
+    if isinstance(answer, HeldBy):
         print(
-            f"tmctl: task {task_id} not retried: its unique key {key!r} is held by task "
-            f"{holder} now",
+            f"tmctl: task {task_id} not retried: its unique key {answer.key!r} is held by task "
+            f"{answer.task_id} now",
             file=sys.stderr,
         )
         return None
-    seen = Compare.modified_at(ks.unique(key), kv.mod_revision if kv else 0)
-    return (seen,), (Put(ks.unique(key), guard_value(task_id)),)
+    return answer
 
 
 async def retry_failed(etcd: Etcd, ks: Keyspace, kvs: Iterable[KeyValue]) -> int:
@@ -699,29 +690,12 @@ async def retry_failed(etcd: Etcd, ks: Keyspace, kvs: Iterable[KeyValue]) -> int
         if parsed is None or parsed.task_id is None:
             continue
         rec = Record.from_json(State.FAILED, kv.value)
-        pending = Record(
-            state=State.PENDING,
-            attempts=0,
-            options=rec.options,
-            since_at=time.time(),
-            reason="created",
-        )
+        slot = Slot(parsed.task_id, kv.key, kv.create_revision, kv.mod_revision, rec)
+        pending = retried(rec, now=time.time())
         guard = await retake_guard(etcd, ks, parsed.task_id, rec)
         if guard is None:
             continue
-        txn = Txn(
-            compare=(
-                Compare.modified_at(kv.key, kv.mod_revision),
-                Compare(ks.task(parsed.task_id), Target.VERSION, Op.GREATER, 0),
-                *guard[0],
-            ),
-            success=(
-                Delete(kv.key),
-                Put(ks.state(State.PENDING, parsed.task_id), pending.to_json()),
-                Touch(ks.task(parsed.task_id), 0),  # no longer expires (records of old)
-                *guard[1],
-            ),
-        )
+        txn = plan_retry(ks, slot, pending, guards=guard.compares, extra=guard.writes)
         if (await etcd.txn(txn)).succeeded:
             moved += 1
     return moved

@@ -9,7 +9,7 @@ from ._flow import RateWindow
 from ._keys import Keyspace, TaskId
 from ._model import Record
 from ._plan import ASSIGN_BATCH, Fence, Slot, move_ops, plan_batch
-from ._txn import MAX_TXN_OPS, Compare, Put, Request, Txn
+from ._txn import MAX_TXN_OPS, Compare, Put, Request, Txn, TxnResult
 
 
 @attrs.frozen
@@ -34,6 +34,42 @@ class Batch:
     def plan(self, ks: Keyspace, fence: Fence, *, lease: int = 0) -> Txn:
         """The fenced transaction that commits this batch."""
         return plan_batch(ks, fence, self.moves, lease=lease, guards=self.guards, extra=self.extra)
+
+
+@attrs.frozen
+class Committed:
+    """The batch committed at ``revision``."""
+
+    revision: int
+
+
+@attrs.frozen
+class Conflict:
+    """A compare failed but the fence holds: the view was stale. Nothing was written;
+    decide again once the view has reached ``revision``."""
+
+    revision: int
+
+
+@attrs.frozen
+class Deposed:
+    """The fence no longer holds: another leader took over (or the key went with its
+    lease). Nothing was written; this leader must step down."""
+
+
+BatchAnswer = Committed | Conflict | Deposed
+
+
+def interpret_batch(fence: Fence, result: TxnResult) -> BatchAnswer:
+    """What etcd's answer to a fenced transaction (``plan_batch``, ``plan_move`` with a
+    fence) means. Its failure branch reads the fence key: gone or another incarnation
+    means deposed, anything else a conflict."""
+    if result.succeeded:
+        return Committed(result.revision)
+    fence_kvs = result.ranges[0].kvs if result.ranges else ()
+    if not fence_kvs or fence_kvs[0].create_revision != fence.revision:
+        return Deposed()
+    return Conflict(result.revision)
 
 
 @attrs.frozen

@@ -7,7 +7,7 @@ import functools
 import attrs
 
 from ._keys import Keyspace, NodeId, State, TaskId
-from ._model import JSON, TaskError, parse_record
+from ._model import JSON, Records, TaskError
 from ._txn import WatchEvent
 
 
@@ -62,6 +62,8 @@ class EventDeriver:
     """
 
     ks: Keyspace
+    #: Parses the records it sees (the shell's, shared with the leader and the agent).
+    records: Records = attrs.field(factory=Records, kw_only=True, repr=False)
     _started: dict[TaskId, int] = attrs.Factory(dict)
 
     def reset(self) -> None:
@@ -78,7 +80,7 @@ class EventDeriver:
         state = parsed.state
         if state is None:
             return []
-        record = parse_record(state, change.kv.value)
+        record = self.records.parse(state, change.kv.value)
         tid = parsed.task_id
         event = functools.partial(
             TaskEvent, task_id=tid, revision=change.kv.mod_revision, attempt=record.attempts

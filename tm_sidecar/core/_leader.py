@@ -18,7 +18,7 @@ import attrs
 from ._batch import Batch, Decision, LeaderPolicy, assign_batches, chunk_moves
 from ._flow import KeyCounts, QueueConfig, RateWindow, queue_guard
 from ._keys import Keyspace, NodeId, State, TaskId
-from ._model import NodeInfo, Record, TaskError, parse_record
+from ._model import NodeInfo, Record, Records, TaskError
 from ._plan import ASSIGN_BATCH, REAP_BATCH, Slot
 from ._policy import after_failure, assigned, promoted
 from ._schedule import Schedule, firing_batch
@@ -31,6 +31,8 @@ class LeaderView:
 
     ks: Keyspace
     revision: int = 0
+    #: Parses the records it sees (the shell's, shared with the agent and the hub).
+    records: Records = attrs.field(factory=Records, kw_only=True, repr=False)
     nodes: dict[NodeId, NodeInfo] = attrs.Factory(dict)
     pending: dict[TaskId, Slot] = attrs.Factory(dict)
     delayed: dict[TaskId, Slot] = attrs.Factory(dict)
@@ -75,7 +77,7 @@ class LeaderView:
         """Take in part of a listing (then :meth:`listed`)."""
         for kv in kvs:
             # Listed values are seen once: the shared parse cache would only churn.
-            self._put(kv, Record.from_json)
+            self._put(kv, self.records.parse_once)
 
     def listed(self, revision: int) -> LeaderView:
         """The listing taken in with :meth:`load` was at ``revision``: the view is ready."""
@@ -97,9 +99,9 @@ class LeaderView:
         self.revision = max(self.revision, revision)
         self._release_settled()
 
-    def _put(self, kv: KeyValue, parse: Callable[[State, str], Record] = parse_record) -> None:
+    def _put(self, kv: KeyValue, parse: Callable[[State, str], Record] | None = None) -> None:
         try:
-            self._put_parsed(kv, parse)
+            self._put_parsed(kv, parse or self.records.parse)
         except (ValueError, KeyError, TypeError):
             # Not a record of ours (written by hand?): as good as absent, and shown.
             self._delete(kv.key)

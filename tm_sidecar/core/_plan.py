@@ -9,7 +9,7 @@ import attrs
 
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import Record, TaskSpec
-from ._txn import MAX_TXN_OPS, Compare, Delete, Put, Range, Request, Txn
+from ._txn import MAX_TXN_OPS, Compare, Delete, Op, Put, Range, Request, Target, Touch, Txn
 from ._unique import FREE, Takeover, guard_ops, guard_value
 
 
@@ -112,6 +112,34 @@ def plan_cancel(ks: Keyspace, slot: Slot, record: Record, *, lease: int = 0) -> 
     return Txn(
         compare=(guard,),
         success=(Delete(slot.key), *_terminal_ops(ks, slot.task_id, record, lease)),
+    )
+
+
+def plan_retry(
+    ks: Keyspace,
+    slot: Slot,
+    record: Record,
+    *,
+    guards: Sequence[Compare] = (),
+    extra: Sequence[Request] = (),
+) -> Txn:
+    """Send a failed task seen at ``slot`` back to the live ``record`` (see ``retried``),
+    if that record is unchanged and the task's payload still exists. The payload no
+    longer expires (a final record of old versions leased it). ``guards`` and ``extra``
+    take back its unique key's guard (see ``retake``)."""
+    task = ks.task(slot.task_id)
+    return Txn(
+        compare=(
+            Compare.modified_at(slot.key, slot.mod_revision),
+            Compare(task, Target.VERSION, Op.GREATER, 0),
+            *guards,
+        ),
+        success=(
+            Delete(slot.key),
+            Put(ks.state(record.state, slot.task_id), record.to_json()),
+            Touch(task, 0),
+            *extra,
+        ),
     )
 
 

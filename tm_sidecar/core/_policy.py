@@ -48,6 +48,18 @@ def assigned(record: Record, *, node: NodeId, session: int, now: float, grace_s:
     )
 
 
+def retried(record: Record, *, now: float) -> Record:
+    """A failed task an operator sends back (``tmctl retry``): pending with fresh
+    attempts, as if just created; its options stay, its history goes."""
+    return Record(
+        state=State.PENDING,
+        attempts=0,
+        options=record.options,
+        since_at=now,
+        reason="created",
+    )
+
+
 def promoted(record: Record, *, now: float) -> Record:
     """A delayed task that has come due."""
     # The last error was told with the retry; pending records stay small.

@@ -103,3 +103,37 @@ def takeover(
         # record, and there is none.
         compares.append(Compare.absent(ks.state(State.FAILED, guard.task_id)))
     return Takeover(tuple(compares))
+
+
+@attrs.frozen
+class Retake:
+    """How a retried task takes its unique key's guard back: the compares (the guard is
+    as read) and the writes (it names the task again). Empty for a task without a key."""
+
+    compares: tuple[Compare, ...] = ()
+    writes: tuple[Request, ...] = ()
+
+
+@attrs.frozen
+class HeldBy:
+    """Another task holds the unique key now: the retry must not happen."""
+
+    key: str
+    task_id: TaskId
+
+
+def retake(
+    ks: Keyspace, task_id: TaskId, record: Record, guard: KeyValue | None
+) -> Retake | HeldBy:
+    """Whether a failed task (``record``) may be retried as far as its unique key goes,
+    given that key's guard as read (None: absent). A retried task is live again, so it
+    holds its key again, unless another task took the key meanwhile."""
+    key = record.options.unique_key
+    if key is None:
+        return Retake()
+    if guard is not None:
+        holder = Guard.from_kv(guard).task_id
+        if holder != task_id:
+            return HeldBy(key, holder)
+    seen = Compare.modified_at(ks.unique(key), guard.mod_revision if guard else 0)
+    return Retake((seen,), (Put(ks.unique(key), guard_value(task_id)),))

@@ -1,0 +1,198 @@
+"""An attempt's end, decided directly: from what happened to the record to report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tm_sidecar.core import (
+    REPORT_REFUSED,
+    Backoff,
+    GivenBack,
+    Happened,
+    Interrupted,
+    NodeId,
+    NoHandler,
+    Raised,
+    Record,
+    ReportRefused,
+    Returned,
+    SnoozeAsked,
+    State,
+    TaskError,
+    TaskMissing,
+    TaskOptions,
+    TimedOut,
+    attempt_outcome,
+)
+
+OPTIONS = TaskOptions(
+    queue="q", max_attempts=3, timeout_s=2.0, backoff=Backoff(base_s=10.0, jitter=0.5)
+)
+NOW = 1000.0
+
+
+def running(attempts: int = 1, **extra: object) -> Record:
+    return Record(
+        state=State.PROCESSING,
+        attempts=attempts,
+        options=OPTIONS,
+        since_at=900.0,
+        node=NodeId("n1"),
+        session=7,
+        started_at=950.0,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def outcome(
+    happened: Happened, record: Record | None = None, draw: Callable[[], float] = lambda: 0.0
+) -> Record | None:
+    return attempt_outcome(record or running(), happened, now=NOW, draw=draw, max_result_bytes=100)
+
+
+def failed(error: TaskError, attempts: int = 1) -> Record:
+    return Record(
+        state=State.FAILED,
+        attempts=attempts,
+        options=OPTIONS,
+        since_at=NOW,
+        started_at=950.0,
+        error=error,
+    )
+
+
+def retry(error: TaskError, delay_s: float = 10.0, attempts: int = 1) -> Record:
+    return Record(
+        state=State.DELAYED,
+        attempts=attempts,
+        options=OPTIONS,
+        since_at=NOW,
+        due_at=NOW + delay_s,
+        started_at=950.0,
+        error=error,
+        reason="retry",
+    )
+
+
+@pytest.mark.parametrize(
+    ("happened", "expected"),
+    [
+        (
+            Returned({"ok": 1}, 8),
+            Record(
+                state=State.COMPLETED,
+                attempts=1,
+                options=OPTIONS,
+                since_at=NOW,
+                started_at=950.0,
+                result={"ok": 1},
+            ),
+        ),
+        (
+            Returned("x" * 200, 202),
+            failed(
+                TaskError(
+                    type="ResultTooLarge",
+                    message="the result is 202 bytes, over 100",
+                    retryable=False,
+                )
+            ),
+        ),
+        (Raised(TaskError(type="E", message="boom")), retry(TaskError(type="E", message="boom"))),
+        (
+            Raised(TaskError(type="E", message="boom", retryable=False)),
+            failed(TaskError(type="E", message="boom", retryable=False)),
+        ),
+        (
+            TimedOut(),
+            retry(TaskError(type="Timeout", message="the handler ran longer than 2.0 s")),
+        ),
+        (
+            TaskMissing(),
+            failed(
+                TaskError(type="TaskMissing", message="the task record is gone", retryable=False)
+            ),
+        ),
+        (NoHandler(), retry(TaskError(type="NoHandler", message="no handler for queue 'q' here"))),
+        (
+            SnoozeAsked(30.0),
+            Record(
+                state=State.DELAYED,
+                attempts=0,
+                options=OPTIONS,
+                since_at=NOW,
+                due_at=NOW + 30.0,
+                reason="snoozed",
+                snoozes=1,
+            ),
+        ),
+        (
+            GivenBack(),
+            Record(
+                state=State.PENDING,
+                attempts=0,
+                options=OPTIONS,
+                since_at=NOW,
+                reason="handed back",
+                handbacks=1,
+            ),
+        ),
+        (
+            Interrupted(graceful=True),
+            Record(
+                state=State.PENDING,
+                attempts=0,
+                options=OPTIONS,
+                since_at=NOW,
+                reason="handed back",
+                handbacks=1,
+            ),
+        ),
+        # Interrupted otherwise: the attempt counts, and the retry waits the full backoff.
+        (
+            Interrupted(graceful=False),
+            retry(TaskError(type="Interrupted", message="the sidecar stopped during the attempt")),
+        ),
+    ],
+)
+def test_what_an_attempts_end_writes(happened: Happened, expected: Record) -> None:
+    assert outcome(happened) == expected
+
+
+def test_a_failure_draws_its_backoff_and_nothing_else_draws() -> None:
+    draws: list[float] = []
+
+    def draw() -> float:
+        draws.append(0.5)
+        return 0.5
+
+    error = TaskError(type="E", message="boom")
+    assert outcome(Raised(error), draw=draw) == retry(error, delay_s=7.5)
+    assert outcome(Returned(1, 1), draw=draw) is not None
+    assert outcome(Interrupted(graceful=False), draw=draw) is not None
+    assert draws == [0.5]
+
+
+def test_the_last_attempts_failure_is_final() -> None:
+    error = TaskError(type="E", message="boom")
+    assert outcome(Raised(error), running(attempts=3)) == failed(error, attempts=3)
+
+
+def test_a_refused_report_becomes_a_small_final_failure_once() -> None:
+    big = attempt_outcome(
+        running(), Returned("x" * 50, 52), now=NOW, draw=lambda: 0.0, max_result_bytes=100
+    )
+    assert big is not None
+    instead = outcome(ReportRefused("request too large " + "!" * 2000), big)
+    assert instead is not None
+    assert instead.state is State.FAILED
+    assert instead.since_at == big.since_at  # when the attempt ended, not when refused
+    assert instead.error is not None
+    assert (instead.error.type, instead.error.retryable) == (REPORT_REFUSED, False)
+    assert instead.error.message.startswith("request too large")
+    assert len(instead.error.message) == 1000
+    assert instead.result is None
+    # That one refused too: nothing more to try.
+    assert outcome(ReportRefused("again"), instead) is None
