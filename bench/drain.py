@@ -23,8 +23,8 @@ import trio
 
 from tests.procs import ROOT, create_tasks
 from tm_sidecar import Etcd, EtcdConfig, connect
-from tm_sidecar._embedded import free_port
 from tm_sidecar.core import Keyspace, Range, State
+from tm_sidecar.ops._embedded import free_port
 
 if TYPE_CHECKING:
     from bench.run import Env, Result

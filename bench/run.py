@@ -33,9 +33,9 @@ from taskmanager import TaskManager, WorkerTask
 from bench.drain import drain, peers
 from tests.procs import SidecarProcess, create_tasks
 from tm_sidecar import Etcd, EtcdConfig
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Delete, Keyspace, Put, Range, State, Txn
 from tm_sidecar.etcd import TRANSPORTS, connect
+from tm_sidecar.ops._embedded import EtcdProcess
 
 Result = dict[str, Any]
 

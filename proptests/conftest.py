@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,10 @@ from hypothesis.stateful import rule
 
 from proptests.backends import Backend
 from proptests.machine import QueueMachine
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar._errors import Compacted
 from tm_sidecar.core import LeaderView, Range
 from tm_sidecar.etcd import SyncEtcd
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 class EtcdQueue(QueueMachine):

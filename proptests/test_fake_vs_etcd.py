@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proptests.backends import MemoryEtcd
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar._errors import EtcdError
 from tm_sidecar.core import Compare, Delete, KeyValue, Op, Put, Range, Target, Touch, Txn
 from tm_sidecar.etcd import SyncEtcd
+from tm_sidecar.ops._embedded import EtcdProcess
 
 KEYS = ["a", "b", "c/1", "c/2"]
 _runs = itertools.count()

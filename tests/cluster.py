@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import trio
 
-from tm_sidecar._embedded import find_etcd_binary, free_port
+from tm_sidecar.ops._embedded import find_etcd_binary, free_port
 
 
 @attrs.define(eq=False)

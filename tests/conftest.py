@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.ops._embedded import EtcdProcess
 
 _counter = itertools.count()
 

@@ -17,10 +17,10 @@ import trio
 
 from tests.helpers import wait_for
 from tm_sidecar import EtcdConfig, Sidecar, SidecarSettings, TaskContext
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._feed import Feed
 from tm_sidecar.core import AttemptLedger, NodeId, TaskId
 from tm_sidecar.etcd import Changes, Reset, connect
+from tm_sidecar.etcd._feed import Feed
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 def test_the_ledger_starts_each_attempt_once_running_or_over() -> None:

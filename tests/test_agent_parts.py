@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tm_sidecar._agent import RecentTasks
 from tm_sidecar.core import TaskId, TaskOptions, TaskSpec
+from tm_sidecar.node._agent import RecentTasks
 
 
 def spec(i: int) -> TaskSpec:

@@ -14,10 +14,10 @@ import trio
 
 from tests.helpers import poll_until
 from tm_sidecar import EtcdConfig
-from tm_sidecar._cli import build_parser, load_handler, parse_args
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace
 from tm_sidecar.etcd import connect
+from tm_sidecar.ops._cli import build_parser, load_handler, parse_args
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 def test_help_names_every_option_and_its_variable() -> None:

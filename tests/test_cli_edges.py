@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.procs import ROOT
-from tm_sidecar._cli import build_parser, parse_args
-from tm_sidecar._embedded import EmbeddedEtcdError, EtcdProcess
+from tm_sidecar.ops._cli import build_parser, parse_args
+from tm_sidecar.ops._embedded import EmbeddedEtcdError, EtcdProcess
 
 NOT_READY = "signal received before the sidecar was ready: stopping"
 #: The embedded etcd's pid, from the sidecar's log line.

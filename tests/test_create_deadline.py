@@ -11,7 +11,7 @@ from tests.cluster import Proxy
 from tests.helpers import poll_until
 from tests.procs import SidecarProcess
 from tests.test_cluster_faults import _raw_create
-from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.ops._embedded import EtcdProcess
 
 DEADLINE_S = 1.0
 

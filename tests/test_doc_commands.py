@@ -28,7 +28,6 @@ import attrs
 import pytest
 
 from tests.procs import ROOT
-from tm_sidecar._embedded import find_etcd_binary
 from tm_sidecar.core import (
     Keyspace,
     Put,
@@ -43,6 +42,7 @@ from tm_sidecar.core import (
     plan_create,
 )
 from tm_sidecar.etcd import SyncEtcd
+from tm_sidecar.ops._embedded import find_etcd_binary
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "systemd" / "README.md"]
 TOOLS = ("etcdctl", "tmctl")

@@ -22,7 +22,7 @@ from taskmanager import TaskManager
 
 from tests.procs import ROOT
 from tests.test_sdk import _env, sidecars
-from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.ops._embedded import EtcdProcess
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(

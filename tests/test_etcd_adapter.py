@@ -15,7 +15,6 @@ import trio
 
 from tests.helpers import Observed
 from tm_sidecar import Compacted, Etcd, EtcdConfig, EtcdError, EtcdUnavailable
-from tm_sidecar._embedded import EtcdProcess, free_port
 from tm_sidecar.core import (
     Compare,
     Delete,
@@ -29,6 +28,7 @@ from tm_sidecar.core import (
     WatchEvent,
 )
 from tm_sidecar.etcd import TRANSPORTS, Changes, Reset, connect
+from tm_sidecar.ops._embedded import EtcdProcess, free_port
 
 
 @pytest.fixture(params=TRANSPORTS)

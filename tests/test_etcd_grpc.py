@@ -25,10 +25,10 @@ from taskmanager import TaskManager, WorkerTask
 from tests.helpers import stop_process, wait_for
 from tests.procs import SidecarProcess
 from tm_sidecar import Compacted, Etcd, EtcdConfig, EtcdFull, EtcdUnavailable
-from tm_sidecar._embedded import EtcdProcess, free_port
 from tm_sidecar._errors import LeaseNotFound, Unavailable
 from tm_sidecar.core import Range
 from tm_sidecar.etcd import TRANSPORTS, GatewayEtcd, GrpcEtcd, connect
+from tm_sidecar.ops._embedded import EtcdProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "tm_sidecar" / "etcd"
@@ -434,8 +434,8 @@ async def test_a_gateway_watch_ends_its_reader_thread_when_closed(
 def test_a_removed_transport_name_is_a_usage_error_that_lists_the_choices(
     where: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tm_sidecar._cli import parse_args
-    from tm_sidecar._tmctl import main as tmctl
+    from tm_sidecar.ops._cli import parse_args
+    from tm_sidecar.ops._tmctl import main as tmctl
 
     argv = ["--etcd-transport", "native"] if where == "flag" else []
     if where == "env":

@@ -1,4 +1,4 @@
-"""The sidecar's one watch (tm_sidecar/_feed.py) on a real etcd: its taps see exactly
+"""The sidecar's one watch (tm_sidecar/etcd/_feed.py) on a real etcd: its taps see exactly
 their range, a slow one lists again without holding up the others, a compacted feed
 makes every tap list again, and a sidecar opens one watch where it opened three.
 
@@ -18,10 +18,10 @@ import trio
 from tests.cluster import Proxy
 from tests.helpers import wait_for
 from tm_sidecar import EtcdConfig, Sidecar, SidecarSettings, TaskContext
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._feed import Feed
 from tm_sidecar.core import Keyspace, NodeId
 from tm_sidecar.etcd import Changes, Etcd, Reset, connect
+from tm_sidecar.etcd._feed import Feed
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 @attrs.define(eq=False)

@@ -7,9 +7,6 @@ import trio
 
 from tests.helpers import running_sidecars, wait_for
 from tm_sidecar import EtcdConfig, NotLeader, State, TaskContext
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._leading import _commit
-from tm_sidecar._session import RetentionLeases
 from tm_sidecar.core import (
     Fence,
     Keyspace,
@@ -24,6 +21,9 @@ from tm_sidecar.core import (
     initial_record,
 )
 from tm_sidecar.etcd import connect
+from tm_sidecar.etcd._session import RetentionLeases
+from tm_sidecar.leader._leading import _commit
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 async def test_a_deposed_leaders_batch_fails_whole(

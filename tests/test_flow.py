@@ -26,8 +26,6 @@ from taskmanager import Snooze, TaskFailed, TaskManager, WorkerTask
 from tests.helpers import Observed, poll_until
 from tests.procs import ROOT, SidecarProcess
 from tm_sidecar import Etcd, EtcdConfig, connect
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._group import merge_txns
 from tm_sidecar.core import (
     Keyspace,
     Record,
@@ -38,6 +36,8 @@ from tm_sidecar.core import (
     make_task_id,
     plan_create,
 )
+from tm_sidecar.etcd._group import merge_txns
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 @asynccontextmanager
@@ -142,7 +142,7 @@ async def tmctl(etcd: EtcdProcess, namespace: str, *args: str) -> str:
         [
             sys.executable,
             "-c",
-            "from tm_sidecar._tmctl import main; main()",
+            "from tm_sidecar.ops._tmctl import main; main()",
             "--etcd",
             etcd.endpoint,
             "--namespace",

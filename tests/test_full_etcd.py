@@ -19,9 +19,9 @@ import trio
 
 from tests.helpers import poll_until, running_sidecars, wait_for
 from tm_sidecar import EtcdFull, QueueFull, State, TaskContext
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace, Put, Range, Record, TaskId, TaskOptions, TaskSpec, Txn
 from tm_sidecar.etcd import Etcd, EtcdConfig, connect
+from tm_sidecar.ops._embedded import EtcdProcess
 
 QUOTA = 16 * 1024 * 1024
 PAYLOAD = "x" * 100_000

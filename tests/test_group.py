@@ -11,10 +11,10 @@ import trio.lowlevel
 import trio.testing
 
 from tm_sidecar import Etcd, EtcdConfig, EtcdUnavailable
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._group import GroupCommit, merge_txns, txn_group
 from tm_sidecar.core import Compare, Put, Touch, Txn, TxnResult
 from tm_sidecar.etcd import connect
+from tm_sidecar.etcd._group import GroupCommit, merge_txns, txn_group
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from taskmanager import TaskManager, WorkerTask
 from tests.helpers import poll_until
 from tests.procs import SidecarProcess
 from tm_sidecar import EtcdConfig
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace, Record, State, TaskId
 from tm_sidecar.etcd import connect
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 async def test_a_worker_shutdown_hands_back_without_spending_the_attempt(

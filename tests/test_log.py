@@ -1,4 +1,4 @@
-"""Structured logs (tm_sidecar/_log.py): each field its own key, in logfmt and JSON,
+"""Structured logs (tm_sidecar/ops/_log.py): each field its own key, in logfmt and JSON,
 checked by parsing the lines of real sidecar processes."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.procs import ROOT
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._log import StructuredFormatter
+from tm_sidecar.ops._embedded import EtcdProcess
+from tm_sidecar.ops._log import StructuredFormatter
 
 _PAIR = re.compile(r'([A-Za-z0-9_.\-]+)=("(?:[^"\\]|\\.)*"|[^\s"=]*)(?: |$)')
 

@@ -16,9 +16,9 @@ import trio
 from tests.helpers import poll_until
 from tests.procs import Auditor, SidecarProcess, create_tasks, leader_node, wait_registered
 from tm_sidecar import Etcd, EtcdConfig, EtcdUnavailable
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace, Range, State
 from tm_sidecar.etcd import connect
+from tm_sidecar.ops._embedded import EtcdProcess
 
 TTL = 2
 

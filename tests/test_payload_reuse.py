@@ -9,9 +9,9 @@ import trio
 
 from tests.helpers import running_sidecars
 from tm_sidecar import InvalidRequest, State, TaskContext
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._leading import sweep_payloads
 from tm_sidecar.core import TaskId
+from tm_sidecar.leader._leading import sweep_payloads
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 async def test_a_sweep_keeps_the_payload_of_a_task_created_again_meanwhile(

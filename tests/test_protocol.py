@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.procs import SidecarProcess
-from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.ops._embedded import EtcdProcess
 
 CODES = {
     "invalid_request",

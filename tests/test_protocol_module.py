@@ -33,7 +33,7 @@ from taskmanager.protocol import (
 
 import tm_sidecar
 import tm_sidecar._errors
-from tm_sidecar._server import ServerSettings, SocketServer
+from tm_sidecar.server._server import ServerSettings, SocketServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_DOC = (ROOT / "docs" / "protocol.md").read_text()

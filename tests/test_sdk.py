@@ -19,7 +19,7 @@ from taskmanager import BlockingTaskManager, Permanent, TaskFailed, TaskManager,
 
 from tests.helpers import Observed
 from tests.procs import ROOT, SidecarProcess
-from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 @asynccontextmanager

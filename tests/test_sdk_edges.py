@@ -31,7 +31,7 @@ from taskmanager import (
 from tests.helpers import Observed
 from tests.procs import ROOT, SidecarProcess
 from tests.test_sdk import _env, sidecars
-from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.ops._embedded import EtcdProcess
 
 BIG = "x" * 1_100_000  # over the sidecar's max_frame (1 MiB)
 

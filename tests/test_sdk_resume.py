@@ -17,9 +17,9 @@ from tests.helpers import Observed, wait_for
 from tests.procs import SidecarProcess, create_tasks
 from tests.test_protocol import Raw
 from tm_sidecar import EtcdConfig
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace
 from tm_sidecar.etcd import connect
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 async def _outage(

@@ -14,8 +14,8 @@ import trio
 import trustme
 
 from tm_sidecar import EtcdConfig, EtcdError, EtcdUnavailable
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.etcd import TRANSPORTS, connect
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import trio
 from taskmanager.protocol import LineFramer, decode_frame, encode_frame
 
 from tests.helpers import running_sidecars
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._server import Connection, ServerSettings, SocketServer
 from tm_sidecar.core import JSON
+from tm_sidecar.ops._embedded import EtcdProcess
+from tm_sidecar.server._server import Connection, ServerSettings, SocketServer
 
 
 class Client:

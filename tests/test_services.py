@@ -13,12 +13,7 @@ import trio.testing
 
 from tests.helpers import wait_for
 from tm_sidecar import EtcdConfig, Sidecar, SidecarSettings, TaskContext
-from tm_sidecar._agent import AgentState, Registry, run_agent
-from tm_sidecar._election import campaign
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar._hooks import Hooks
-from tm_sidecar._leading import LeaderSettings, LeaderState, run_leader
-from tm_sidecar._session import RetentionLeases, close_session, open_session, run_keepalive
 from tm_sidecar.core import (
     Keyspace,
     NodeId,
@@ -34,6 +29,11 @@ from tm_sidecar.core import (
     plan_create,
 )
 from tm_sidecar.etcd import Etcd, connect
+from tm_sidecar.etcd._session import RetentionLeases, close_session, open_session, run_keepalive
+from tm_sidecar.leader._election import campaign
+from tm_sidecar.leader._leading import LeaderSettings, LeaderState, run_leader
+from tm_sidecar.node._agent import AgentState, Registry, run_agent
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 @pytest.fixture

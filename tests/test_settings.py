@@ -1,4 +1,4 @@
-"""The settings table (tm_sidecar/_settings.py): every setting through every layer, for
+"""The settings table (tm_sidecar/ops/_settings.py): every setting through every layer, for
 both commands, generated from the table so that a new setting cannot escape it; secrets
 kept out of --help, --print-config and reprs; both commands reach etcd alike."""
 
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests.procs import ROOT
-from tm_sidecar import _cli, _tmctl
-from tm_sidecar._settings import (
+from tm_sidecar.ops import _cli, _tmctl
+from tm_sidecar.ops._settings import (
     BOOL,
     SETTINGS,
     Cli,
@@ -220,8 +220,8 @@ def test_secrets_stay_out_of_help_reprs_and_print_config(tmp_path: Path) -> None
     # A real process, the secrets in its environment and its file: --help shows neither.
     env = {**os.environ, **environ, "TM_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
     for code in (
-        "from tm_sidecar._cli import main; main()",
-        "from tm_sidecar._tmctl import main; main()",
+        "from tm_sidecar.ops._cli import main; main()",
+        "from tm_sidecar.ops._tmctl import main; main()",
     ):
         run = subprocess.run(
             [sys.executable, "-c", code, "--help"],
@@ -264,5 +264,5 @@ def test_the_operations_guide_shows_the_table_as_it_is() -> None:
     shown = text[text.index(begin) + len(begin) : text.index(end)]
     assert shown == markdown_table(), (
         "docs/operations.md's settings table is stale: paste in the output of "
-        "python -m tm_sidecar._settings"
+        "python -m tm_sidecar.ops._settings"
     )

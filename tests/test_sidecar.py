@@ -27,10 +27,10 @@ from tm_sidecar import (
     TaskNotFound,
     TaskOptions,
 )
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace, NodeId, Range, Slot, TaskId, plan_move, succeeded
 from tm_sidecar.core import Record as CoreRecord
 from tm_sidecar.etcd import connect
+from tm_sidecar.ops._embedded import EtcdProcess
 
 
 async def _collect(sidecar: Sidecar, observed: Observed[TaskEvent]) -> None:

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._notify import Notifier
+from tm_sidecar.ops._embedded import EtcdProcess
+from tm_sidecar.ops._notify import Notifier
 
 
 def test_without_notify_socket_nothing_is_sent() -> None:
@@ -91,7 +91,7 @@ def test_the_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 def test_metrics_endpoint(etcd_server: EtcdProcess, tmp_path: Path) -> None:
     import urllib.request
 
-    from tm_sidecar._embedded import free_port
+    from tm_sidecar.ops._embedded import free_port
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "TM_ETCD_PASSWORD": "never-shown"}

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._tmctl import main
 from tm_sidecar.core import (
     Delete,
     Keyspace,
@@ -27,6 +25,8 @@ from tm_sidecar.core import (
     plan_create,
 )
 from tm_sidecar.etcd import SyncEtcd
+from tm_sidecar.ops._embedded import EtcdProcess
+from tm_sidecar.ops._tmctl import main
 
 
 def tmctl(
@@ -130,7 +130,11 @@ def test_tmctl_events_tails_live_changes(etcd_server: EtcdProcess, namespace: st
     db = SyncEtcd(etcd_server.endpoint)
     env = {**os.environ, "TM_ETCD": etcd_server.endpoint, "TM_NAMESPACE": namespace}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from tm_sidecar._tmctl import main; main(['--json', 'events'])"],
+        [
+            sys.executable,
+            "-c",
+            "from tm_sidecar.ops._tmctl import main; main(['--json', 'events'])",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         text=True,

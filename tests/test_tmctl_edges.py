@@ -15,10 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.procs import ROOT
-from tm_sidecar._cli import default_data_dir
-from tm_sidecar._embedded import EtcdProcess
-from tm_sidecar._settings import load_settings
-from tm_sidecar._tmctl import build_parser, main
 from tm_sidecar.core import (
     Keyspace,
     NodeId,
@@ -35,6 +31,10 @@ from tm_sidecar.core import (
     plan_create,
 )
 from tm_sidecar.etcd import SyncEtcd
+from tm_sidecar.ops._cli import default_data_dir
+from tm_sidecar.ops._embedded import EtcdProcess
+from tm_sidecar.ops._settings import load_settings
+from tm_sidecar.ops._tmctl import build_parser, main
 
 
 def tmctl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -254,7 +254,7 @@ def test_cancel_says_not_found_or_already_finished(
     assert "task f1 is already failed" in err
 
 
-TMCTL = [sys.executable, "-c", "from tm_sidecar._tmctl import main; main()"]
+TMCTL = [sys.executable, "-c", "from tm_sidecar.ops._tmctl import main; main()"]
 
 
 def _purge(

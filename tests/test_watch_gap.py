@@ -16,9 +16,9 @@ from tests.cluster import Proxy
 from tests.helpers import Observed
 from tests.procs import SidecarProcess
 from tm_sidecar import EtcdConfig
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Keyspace
 from tm_sidecar.etcd import connect
+from tm_sidecar.ops._embedded import EtcdProcess
 
 #: Well under the SDK's own re-read of a waited-for task (RESYNC_S, 30 s): the result
 #: must come from the gap, not from that.

@@ -21,8 +21,8 @@ import trio
 from tests.asgi import Client, Reply
 from tests.helpers import poll_until, running_sidecars, wait_for
 from tm_sidecar import Backoff, Sidecar, TaskContext, TaskOptions
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import State, TaskEvent, TaskId
+from tm_sidecar.ops._embedded import EtcdProcess
 from tm_sidecar.web import Dashboard, TokenError, WebSettings, load_token
 from tm_sidecar.web._access import cross_site_refusal, host_name, is_loopback_host
 from tm_sidecar.web._live import EventBatcher

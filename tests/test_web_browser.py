@@ -18,7 +18,7 @@ import pytest
 from taskmanager import BlockingTaskManager
 
 from tests.procs import ROOT, SidecarProcess
-from tm_sidecar._embedded import EtcdProcess
+from tm_sidecar.ops._embedded import EtcdProcess
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -11,10 +11,10 @@ import trio
 
 from tests.cluster import Proxy
 from tm_sidecar import EtcdConfig, EtcdUnavailable
-from tm_sidecar._embedded import EtcdProcess
 from tm_sidecar.core import Range
 from tm_sidecar.etcd import connect
 from tm_sidecar.etcd._transport import WRITE_TIMEOUT_S
+from tm_sidecar.ops._embedded import EtcdProcess
 
 TIMEOUT_S = 2.5
 

@@ -2,7 +2,6 @@
 
 __version__ = "0.1.0"
 
-from ._agent import Handler, Permanent, Registration, Snooze, TaskContext
 from ._errors import (
     Compacted,
     EtcdError,
@@ -18,9 +17,10 @@ from ._errors import (
     TaskNotFound,
     Unavailable,
 )
-from ._sidecar import Sidecar, SidecarSettings, TaskInfo
 from .core import Backoff, State, TaskError, TaskEvent, TaskOptions, TaskSpec
 from .etcd import Etcd, EtcdConfig, connect
+from .node._agent import Handler, Permanent, Registration, Snooze, TaskContext
+from .node._sidecar import Sidecar, SidecarSettings, TaskInfo
 
 __all__ = [
     "Backoff",

@@ -1,5 +1,5 @@
 """``python -m tm_sidecar`` runs the daemon."""
 
-from ._cli import main
+from .ops._cli import main
 
 main()

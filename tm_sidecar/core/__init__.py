@@ -1,4 +1,13 @@
-"""The functional core: no I/O, no clock, no randomness. Time and random draws are arguments."""
+"""The functional core: no I/O, no clock, no randomness. Time and random draws are arguments.
+
+It owns every decision: the key layout, records and their JSON, the retry policy, the
+planners (transactions as values), the leader's view and decisions, batches and their
+answers, flow control, unique keys, schedules, the election's turn, an attempt's outcome,
+and the events a change means. ``tests/test_core_purity.py`` checks that it does no I/O
+and keeps no module-level state.
+
+May import: nothing.
+"""
 
 from ._attempts import AttemptLedger
 from ._batch import (

@@ -25,6 +25,13 @@ Modules, one job each:
   ``_gateway`` (:class:`GatewayEtcd`: etcd3-py's ``call_rpc`` in threads, one reader
   thread per watch stream).
 
+Built on the interface, for the rest of the sidecar: ``_session`` (the session lease
+kept alive by hand, and retention leases), ``_group`` (group commit: concurrent
+transactions of one kind sent together), ``_feed`` (the sidecar's one watch on its
+namespace, fanned out to taps).
+
+May import: core.
+
 The messages are generated from ``_proto/rpc.proto``, a minimal copy of etcd's
 definitions; regenerate them (grpcio-tools, the ``protos`` extra) from the repository's
 root with::
@@ -36,9 +43,12 @@ from __future__ import annotations
 
 from ._client import GrpcEtcd
 from ._config import TRANSPORTS, EtcdConfig, transport_arg
+from ._feed import Feed
 from ._gateway import GatewayEtcd
+from ._group import GroupCommit, GroupStats, txn_group
 from ._interface import Changes, Etcd, KeyValue, Loader, Reset
 from ._retry import backoff, retrying
+from ._session import RetentionLeases, Session, close_session, open_session, run_keepalive
 from ._sync import SyncEtcd
 
 
@@ -57,14 +67,23 @@ __all__ = [
     "Changes",
     "Etcd",
     "EtcdConfig",
+    "Feed",
     "GatewayEtcd",
+    "GroupCommit",
+    "GroupStats",
     "GrpcEtcd",
     "KeyValue",
     "Loader",
     "Reset",
+    "RetentionLeases",
+    "Session",
     "SyncEtcd",
     "backoff",
+    "close_session",
     "connect",
+    "open_session",
     "retrying",
+    "run_keepalive",
     "transport_arg",
+    "txn_group",
 ]

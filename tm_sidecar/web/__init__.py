@@ -1,10 +1,12 @@
 """The web dashboard (``tm-sidecar --web [HOST:]PORT``): queues, nodes and tasks, live.
 
 Owns the dashboard's pages, its access rules and its live event streams. It reads
-through the sidecar (its etcd connection, its event hub) and repairs through tmctl's
-functions, so that a click and a ``tmctl`` command make the same moves. It may import
-the sidecar's modules, starlette, hypercorn and jinja2; only the command line imports
-it, and only when ``--web`` is given.
+through the sidecar (its etcd connection, its event hub) and repairs through
+``tm_sidecar.admin``, as ``tmctl`` does, so that a click and a ``tmctl`` command make the
+same moves. Besides the parts below it uses starlette, hypercorn and jinja2; only the
+command line imports it, and only when ``--web`` is given.
+
+May import: core, etcd, node, admin.
 """
 
 from ._access import TokenError, load_token

@@ -3,9 +3,9 @@ functions, so that a click and a ``tmctl`` command make the same moves."""
 
 from __future__ import annotations
 
-from .._sidecar import Sidecar
-from .._tmctl import Ctl, cancel_record, purge_records, retry_failed
+from ..admin import Queries, cancel_record, purge_records, retry_failed
 from ..core import State, TaskId, check_name
+from ..node._sidecar import Sidecar
 from ._data import filter_queue
 
 
@@ -57,7 +57,7 @@ async def perform(sidecar: Sidecar, action: str, fields: dict[str, str]) -> tupl
         return f"Task {task_id} sent back to pending with fresh attempts.", f"/tasks/{task_id}"
     if action == "cancel":
         task_id = TaskId(fields["task"])
-        _, state, kv = await Ctl(etcd, ks, as_json=True).find(task_id)
+        _, state, kv = await Queries(etcd, ks).find(task_id)
         if kv is None or state is None or state in (State.COMPLETED, State.FAILED):
             raise HTTPError(
                 409, f"task {task_id} is not pending, delayed or running: nothing was done"

@@ -32,8 +32,8 @@ from starlette.templating import Jinja2Templates
 from starlette.types import Message, Receive, Scope, Send
 
 from .._errors import TaskNotFound, Unavailable
-from .._sidecar import Sidecar
 from ..core import State, TaskId, check_name
+from ..node._sidecar import Sidecar
 from ._access import (
     COOKIE,
     Session,

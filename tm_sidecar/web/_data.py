@@ -18,8 +18,7 @@ import attrs
 import trio
 
 from .._errors import TaskManagerError, Unavailable
-from .._sidecar import FINAL_STATES, Sidecar, TaskInfo, is_final
-from .._tmctl import Ctl
+from ..admin import Queries
 from ..core import (
     JSON,
     Keyspace,
@@ -32,6 +31,7 @@ from ..core import (
     TaskId,
 )
 from ..etcd import Etcd
+from ..node._sidecar import FINAL_STATES, Sidecar, TaskInfo, is_final
 
 STATES = tuple(State)
 #: Characters of a task id, a node id or a queue name (``check_name``), for searches.
@@ -341,7 +341,7 @@ async def etcd_health(etcd: Etcd) -> EtcdHealth:
 async def read_overview(sidecar: Sidecar, journal: Journal, census: Census) -> Overview:
     """Read what the overview shows (a handful of small reads; the census is cached)."""
     etcd, ks = sidecar.etcd, sidecar.ks
-    ctl = Ctl(etcd, ks, as_json=True)
+    ctl = Queries(etcd, ks)
     leader = await ctl.leader()
     nodes_kv, _ = await etcd.list_prefix(ks.nodes())
     procs, _ = await etcd.list_prefix(ks.state_prefix(State.PROCESSING))

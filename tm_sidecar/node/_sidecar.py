@@ -17,10 +17,8 @@ from typing import Any
 import attrs
 import trio
 
-from . import __version__
-from ._agent import AgentState, Handler, Registration, Registry, run_agent
-from ._election import resign, stand, wait_to_lead
-from ._errors import (
+from .. import __version__
+from .._errors import (
     Compacted,
     EtcdError,
     EtcdFull,
@@ -34,13 +32,8 @@ from ._errors import (
     TaskNotFound,
     Unavailable,
 )
-from ._feed import Feed
-from ._group import GroupCommit, txn_group
-from ._hooks import Hooks
-from ._hub import EventHub, Subscription
-from ._leading import LeaderSettings, LeaderState, run_leader
-from ._session import RetentionLeases, Session, close_session, open_session, run_keepalive
-from .core import (
+from .._hooks import Hooks
+from ..core import (
     JSON,
     Compare,
     Guard,
@@ -77,8 +70,15 @@ from .core import (
     schedule_from_request,
     with_limits,
 )
-from .core import takeover as core_takeover
-from .etcd import Etcd, retrying
+from ..core import takeover as core_takeover
+from ..etcd import Etcd, retrying
+from ..etcd._feed import Feed
+from ..etcd._group import GroupCommit, txn_group
+from ..etcd._session import RetentionLeases, Session, close_session, open_session, run_keepalive
+from ..leader._election import resign, stand, wait_to_lead
+from ..leader._leading import LeaderSettings, LeaderState, run_leader
+from ._agent import AgentState, Handler, Registration, Registry, run_agent
+from ._hub import EventHub, Subscription
 
 log = logging.getLogger("tm_sidecar")
 

@@ -10,10 +10,10 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import Compacted, EtcdError, EtcdUnavailable
-from ._feed import Feed
-from .core import EventDeriver, Keyspace, Range, Records, State, TaskEvent, TaskId
-from .etcd import Etcd, Reset, backoff
+from .._errors import Compacted, EtcdError, EtcdUnavailable
+from ..core import EventDeriver, Keyspace, Range, Records, State, TaskEvent, TaskId
+from ..etcd import Etcd, Reset, backoff
+from ..etcd._feed import Feed
 
 log = logging.getLogger("tm_sidecar.events")
 

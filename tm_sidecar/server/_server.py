@@ -43,11 +43,8 @@ from taskmanager.protocol import (
     error_to_wire,
 )
 
-from . import __version__
-from ._agent import HandedBack, HandlerFailed, Registration, Snooze, TaskContext
-from ._hub import Subscription
-from ._sidecar import Created, Sidecar, TaskInfo, is_final
-from .core import (
+from .. import __version__
+from ..core import (
     DEFAULT_MAX_SNOOZES,
     JSON,
     LIMIT_FIELDS,
@@ -60,6 +57,9 @@ from .core import (
     check_name,
     dumps,
 )
+from ..node._agent import HandedBack, HandlerFailed, Registration, Snooze, TaskContext
+from ..node._hub import Subscription
+from ..node._sidecar import Created, Sidecar, TaskInfo, is_final
 
 log = logging.getLogger("tm_sidecar.server")
 

@@ -28,8 +28,8 @@ from typing import Any, Literal, cast
 
 import attrs
 
-from .core import check_name
-from .etcd import EtcdConfig
+from ..core import check_name
+from ..etcd import EtcdConfig
 
 #: The two commands that take settings.
 Cli = Literal["tm-sidecar", "tmctl"]
@@ -668,5 +668,5 @@ __all__ = [
 ]
 
 
-if __name__ == "__main__":  # python -m tm_sidecar._settings: the table for the docs
+if __name__ == "__main__":  # python -m tm_sidecar.ops._settings: the table for the docs
     print(markdown_table(), end="")

@@ -15,8 +15,9 @@ import math
 import attrs
 import trio
 
-from ._errors import EtcdUnavailable, LeaseLost
-from .etcd import Etcd, retrying
+from .._errors import EtcdUnavailable, LeaseLost
+from ._interface import Etcd
+from ._retry import retrying
 
 log = logging.getLogger("tm_sidecar.session")
 

@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ._hooks import Hooks
-from ._sidecar import Sidecar
+from .._hooks import Hooks
+from ..node._sidecar import Sidecar
 
 log = logging.getLogger("tm_sidecar.metrics")
 

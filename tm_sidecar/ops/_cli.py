@@ -18,14 +18,17 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from . import __version__
-from ._agent import Handler, Permanent, TaskContext
+from .. import __version__
+from .._hooks import Hooks
+from ..core import NodeId, TaskEvent, TaskOptions, check_name
+from ..etcd import connect
+from ..node._agent import Handler, Permanent, TaskContext
+from ..node._sidecar import Sidecar, SidecarSettings
+from ..server._server import ServerSettings, SocketServer
 from ._embedded import EmbeddedEtcdError, EtcdProcess
-from ._hooks import Hooks
 from ._log import setup_logging
 from ._metrics import Metrics
 from ._notify import Notifier
-from ._server import ServerSettings, SocketServer
 from ._settings import (
     Settings,
     add_flags,
@@ -33,12 +36,9 @@ from ._settings import (
     default_socket,
     load_settings,
 )
-from ._sidecar import Sidecar, SidecarSettings
-from .core import NodeId, TaskEvent, TaskOptions, check_name
-from .etcd import connect
 
 if TYPE_CHECKING:
-    from .web import WebSettings
+    from ..web import WebSettings
 
 log = logging.getLogger("tm_sidecar.cli")
 
@@ -46,7 +46,7 @@ _NOT_READY = "signal received before the sidecar was ready: stopping"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: the settings table's flags (see :mod:`tm_sidecar._settings`)
+    """The argument parser: the settings table's flags (see :mod:`tm_sidecar.ops._settings`)
     and the few that are not settings."""
     p = argparse.ArgumentParser(
         prog="tm-sidecar",
@@ -224,7 +224,7 @@ async def amain(settings: Settings, signals: Any) -> int:
                 metrics.watch(sidecar, lambda: len(server.connections))
                 await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
             if web is not None:
-                from .web import Dashboard
+                from ..web import Dashboard
 
                 await nursery.start(Dashboard(sidecar, web).run)
             notifier.send("READY=1", f"STATUS={_status_line(sidecar)}")
@@ -306,7 +306,7 @@ async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
 
 def _web_settings(settings: Settings) -> WebSettings | str:
     """The dashboard's settings, or why they cannot be used (a string)."""
-    from .web import TokenError, WebSettings, load_token
+    from ..web import TokenError, WebSettings, load_token
 
     try:
         host, port = WebSettings.parse_bind(settings.web)

@@ -11,44 +11,35 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import aclosing
 from typing import Any
 
 import attrs
 import trio
 
-from ._embedded import PORTS_FILE
-from ._errors import EtcdUnavailable, TaskManagerError
-from ._leading import sweep_payloads
-from ._settings import Settings, add_flags, load_settings
-from ._sidecar import pausing, update_queue, update_schedule
-from .core import (
+from .._errors import EtcdUnavailable, TaskManagerError
+from ..admin import QUEUE_STATES, Queries, cancel_record, purge_records, retry_failed
+from ..core import (
     EventDeriver,
-    HeldBy,
     Keyspace,
-    KeyValue,
     NodeInfo,
     QueueConfig,
-    Range,
     RateLimit,
     Record,
-    Retake,
     Schedule,
-    Slot,
     State,
     TaskId,
     TaskOptions,
     TaskSpec,
-    cancelled,
-    plan_cancel,
-    plan_retry,
-    retake,
-    retried,
     schedule_from_request,
     with_limits,
 )
-from .etcd import Etcd, EtcdConfig, connect
+from ..etcd import Etcd, EtcdConfig, connect
+from ..leader._leading import sweep_payloads
+from ..node._sidecar import pausing, update_queue, update_schedule
+from ._embedded import PORTS_FILE
+from ._settings import Settings, add_flags, load_settings
 
 STATES = [s.value for s in State]
 
@@ -131,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Ctl:
+class Ctl(Queries):
     """The commands, over one etcd connection."""
 
     def __init__(self, etcd: Etcd, ks: Keyspace, as_json: bool) -> None:
-        self.etcd, self.ks, self.as_json = etcd, ks, as_json
+        super().__init__(etcd, ks)
+        self.as_json = as_json
 
     def out(self, data: Any, table: list[list[str]] | None = None) -> None:
         if self.as_json or table is None:
@@ -144,43 +136,6 @@ class Ctl:
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         for row in table:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-    async def count(self, state: State) -> int:
-        return (
-            await self.etcd.range(Range(self.ks.state_prefix(state), prefix=True, count_only=True))
-        ).count
-
-    async def leader(self) -> str | None:
-        kvs, _ = await self.etcd.list_prefix(self.ks.election())
-        if not kvs:
-            return None
-        return str(json.loads(min(kvs, key=lambda kv: kv.create_revision).value).get("node"))
-
-    async def nodes(self) -> list[NodeInfo]:
-        nodes_kv, _ = await self.etcd.list_prefix(self.ks.nodes())
-        return [NodeInfo.from_json(kv.value) for kv in nodes_kv]
-
-    async def queue_depths(self, procs: Sequence[KeyValue]) -> dict[str, dict[str, int]]:
-        """Unfinished tasks per queue and state (finished ones are only counted)."""
-        queues: dict[str, dict[str, int]] = {}
-        listed = {State.PROCESSING: procs}
-        for state in (State.PENDING, State.DELAYED):
-            listed[state], _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
-        for state, kvs in listed.items():
-            for kv in kvs:
-                queue = Record.from_json(state, kv.value).options.queue
-                row = queues.setdefault(queue, dict.fromkeys(_QUEUE_STATES, 0))
-                row[state.value] += 1
-        return dict(sorted(queues.items()))
-
-    async def paused_queues(self) -> set[str]:
-        kvs, _ = await self.etcd.list_prefix(self.ks.queues())
-        out = set()
-        for kv in kvs:
-            parsed = self.ks.parse(kv.key)
-            if parsed is not None and parsed.name and QueueConfig.from_json(kv.value).paused:
-                out.add(parsed.name)
-        return out
 
     async def status(self) -> None:
         depths = {s.value: await self.count(s) for s in State}
@@ -194,10 +149,10 @@ class Ctl:
         queues = await self.queue_depths(procs)
         capacity = _capacity(nodes)
         for queue in capacity:
-            queues.setdefault(queue, dict.fromkeys(_QUEUE_STATES, 0))
+            queues.setdefault(queue, dict.fromkeys(QUEUE_STATES, 0))
         paused = await self.paused_queues()
         for queue in paused:
-            queues.setdefault(queue, dict.fromkeys(_QUEUE_STATES, 0))
+            queues.setdefault(queue, dict.fromkeys(QUEUE_STATES, 0))
         for queue, row in queues.items():
             row["capacity"] = capacity.get(queue, 0)
             if queue in paused:
@@ -230,9 +185,9 @@ class Ctl:
             print("tasks: " + "  ".join(f"{k}={v}" for k, v in depths.items()))
             # A PAUSED column only when a queue is paused.
             flag = ["PAUSED"] if paused else []
-            rows = [["QUEUE", *(s.upper() for s in _QUEUE_STATES), "CAPACITY", *flag]]
+            rows = [["QUEUE", *(s.upper() for s in QUEUE_STATES), "CAPACITY", *flag]]
             for queue, row in queues.items():
-                cells = [str(row[k]) for k in (*_QUEUE_STATES, "capacity")]
+                cells = [str(row[k]) for k in (*QUEUE_STATES, "capacity")]
                 mark = [_yes(bool(row.get("paused")))] if paused else []
                 rows.append([queue, *cells, *mark])
             if len(rows) > 1:
@@ -253,7 +208,7 @@ class Ctl:
             rec = Record.from_json(state, kv.value)
             if queue is not None and rec.options.queue != queue:
                 continue
-            row = waiting.setdefault(rec.options.queue, dict.fromkeys(_QUEUE_STATES, 0))
+            row = waiting.setdefault(rec.options.queue, dict.fromkeys(QUEUE_STATES, 0))
             if state.value in row:
                 row[state.value] += 1
             if len(rows) < limit:
@@ -272,20 +227,6 @@ class Ctl:
             # On stderr: the listing itself stays a table (or JSON) for the next command.
             for warning in _unserved(waiting, _capacity(await self.nodes())):
                 print(f"tmctl: warning: {warning}", file=sys.stderr)
-
-    async def find(self, task_id: str) -> tuple[TaskSpec | None, State | None, KeyValue | None]:
-        tid = TaskId(task_id)
-        spec_kv = await self.etcd.get(self.ks.task(tid))
-        spec = TaskSpec.from_json(spec_kv.value) if spec_kv else None
-        for state in (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED):
-            kv = await self.etcd.get(self.ks.state(state, tid))
-            if kv is not None:
-                return spec, state, kv
-        procs, _ = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
-        for kv in procs:
-            if kv.key.endswith("/" + task_id):
-                return spec, State.PROCESSING, kv
-        return spec, None, None
 
     async def show(self, task_id: str) -> int:
         spec, state, kv = await self.find(task_id)
@@ -521,7 +462,6 @@ class Ctl:
 
 
 #: The states of unfinished tasks, shown per queue.
-_QUEUE_STATES = ("pending", "delayed", "processing")
 
 
 def _capacity(nodes: Sequence[NodeInfo]) -> dict[str, int]:
@@ -662,78 +602,6 @@ def _short_json(value: Any, limit: int = 300) -> str:
 
 
 # The repairs, as functions of their own: the web dashboard makes them too.
-
-
-async def retake_guard(etcd: Etcd, ks: Keyspace, task_id: TaskId, rec: Record) -> Retake | None:
-    """A retried task with a unique key is live again: it takes its guard back in the
-    same transaction, if no other task holds it (None: then it is not retried)."""
-    key = rec.options.unique_key
-    kv = await etcd.get(ks.unique(key)) if key is not None else None
-    answer = retake(ks, task_id, rec, kv)
-    if isinstance(answer, HeldBy):
-        print(
-            f"tmctl: task {task_id} not retried: its unique key {answer.key!r} is held by task "
-            f"{answer.task_id} now",
-            file=sys.stderr,
-        )
-        return None
-    return answer
-
-
-async def retry_failed(etcd: Etcd, ks: Keyspace, kvs: Iterable[KeyValue]) -> int:
-    """Send these failed records back to pending with fresh attempts; answers how many
-    moved (a record that changed meanwhile, whose task is gone, or whose unique key
-    another task holds now, is left alone)."""
-    moved = 0
-    for kv in kvs:
-        parsed = ks.parse(kv.key)
-        if parsed is None or parsed.task_id is None:
-            continue
-        rec = Record.from_json(State.FAILED, kv.value)
-        slot = Slot(parsed.task_id, kv.key, kv.create_revision, kv.mod_revision, rec)
-        pending = retried(rec, now=time.time())
-        guard = await retake_guard(etcd, ks, parsed.task_id, rec)
-        if guard is None:
-            continue
-        txn = plan_retry(ks, slot, pending, guards=guard.compares, extra=guard.writes)
-        if (await etcd.txn(txn)).succeeded:
-            moved += 1
-    return moved
-
-
-async def cancel_record(
-    etcd: Etcd, ks: Keyspace, kv: KeyValue, state: State, *, by: str = "tmctl"
-) -> bool:
-    """Cancel a pending, delayed or processing task: the same move a sidecar makes for a
-    client's cancel (failed as ``Cancelled``; a running handler is cancelled on its
-    node). No retention lease here (tmctl does not know the sidecars' setting): the
-    record stays until purged. False if it moved meanwhile."""
-    parsed = ks.parse(kv.key)
-    if parsed is None or parsed.task_id is None:
-        return False
-    rec = Record.from_json(state, kv.value)
-    slot = Slot(parsed.task_id, kv.key, kv.create_revision, kv.mod_revision, rec)
-    record = cancelled(rec, now=time.time(), message=f"cancelled by an operator ({by})")
-    return (await etcd.txn(plan_cancel(ks, slot, record))).succeeded
-
-
-async def purge_records(etcd: Etcd, ks: Keyspace, kvs: Iterable[KeyValue]) -> int:
-    """Delete these completed or failed records, then their payloads; answers how many.
-
-    Plain deletes, not transactions: a full etcd refuses every transaction but still
-    deletes. Safe without a compare: a final record never changes, and the payload goes
-    only when this call removed the record (a record retried meanwhile is gone from
-    here, and its task keeps its payload).
-    """
-    purged = 0
-    for kv in kvs:
-        parsed = ks.parse(kv.key)
-        if parsed is None or parsed.task_id is None:
-            continue
-        if await etcd.delete(kv.key):
-            await etcd.delete(ks.task(parsed.task_id))
-            purged += 1
-    return purged
 
 
 def _when(epoch: float) -> str:

@@ -12,11 +12,9 @@ from contextlib import aclosing
 import attrs
 import trio
 
-from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
-from ._feed import Feed
-from ._hooks import Hooks
-from ._session import RetentionLeases, Session
-from .core import (
+from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
+from .._hooks import Hooks
+from ..core import (
     MAX_TXN_OPS,
     Batch,
     Committed,
@@ -36,7 +34,9 @@ from .core import (
     interpret_batch,
     orphan_payloads,
 )
-from .etcd import Changes, Etcd, Reset, retrying
+from ..etcd import Changes, Etcd, Reset, retrying
+from ..etcd._feed import Feed
+from ..etcd._session import RetentionLeases, Session
 
 log = logging.getLogger("tm_sidecar.leader")
 

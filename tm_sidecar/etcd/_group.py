@@ -17,9 +17,9 @@ from typing import Generic, TypeVar
 import attrs
 import trio
 
-from ._errors import EtcdError, EtcdUnavailable
-from .core import MAX_TXN_OPS, Txn, TxnResult
-from .etcd import Etcd
+from .._errors import EtcdError, EtcdUnavailable
+from ..core import MAX_TXN_OPS, Txn, TxnResult
+from ._interface import Etcd
 
 log = logging.getLogger("tm_sidecar.group")
 

@@ -20,12 +20,9 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
-from ._feed import Feed
-from ._group import GroupCommit, GroupStats, txn_group
-from ._hooks import Hooks
-from ._session import RetentionLeases, Session
-from .core import (
+from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
+from .._hooks import Hooks
+from ..core import (
     HANDED_BACK,
     JSON,
     MAX_ERROR_CHARS,
@@ -59,7 +56,10 @@ from .core import (
     plan_move,
     plan_update,
 )
-from .etcd import Changes, Etcd, Reset, backoff, retrying
+from ..etcd import Changes, Etcd, Reset, backoff, retrying
+from ..etcd._feed import Feed
+from ..etcd._group import GroupCommit, GroupStats, txn_group
+from ..etcd._session import RetentionLeases, Session
 
 log = logging.getLogger("tm_sidecar.agent")
 

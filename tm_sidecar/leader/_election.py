@@ -12,9 +12,8 @@ from contextlib import aclosing
 
 import trio
 
-from ._errors import EtcdFull, EtcdUnavailable, LeaseLost, LeaseNotFound
-from ._session import Session
-from .core import (
+from .._errors import EtcdFull, EtcdUnavailable, LeaseLost, LeaseNotFound
+from ..core import (
     Delete,
     Fence,
     Keyspace,
@@ -26,7 +25,8 @@ from .core import (
     plan_campaign,
     predecessor,
 )
-from .etcd import Etcd, retrying
+from ..etcd import Etcd, retrying
+from ..etcd._session import Session
 
 log = logging.getLogger("tm_sidecar.election")
 

@@ -27,9 +27,9 @@ from contextlib import aclosing
 import attrs
 import trio
 
-from ._errors import Compacted, EtcdUnavailable
-from .core import Keyspace, KeyValue, WatchEvent
-from .etcd import Changes, Etcd, Loader, Reset
+from .._errors import Compacted, EtcdUnavailable
+from ..core import Keyspace, KeyValue, WatchEvent
+from ._interface import Changes, Etcd, Loader, Reset
 
 log = logging.getLogger("tm_sidecar.feed")
 

@@ -1,0 +1,81 @@
+"""Reads of one namespace straight from etcd (counts, the leader, nodes, queue depths,
+one task wherever it is), for ``tmctl`` and the dashboard."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from ..core import (
+    Keyspace,
+    KeyValue,
+    NodeInfo,
+    QueueConfig,
+    Range,
+    Record,
+    State,
+    TaskId,
+    TaskSpec,
+)
+from ..etcd import Etcd
+
+#: The states a queue's depth counts.
+QUEUE_STATES = ("pending", "delayed", "processing")
+
+
+class Queries:
+    """Reads of one namespace over one etcd connection."""
+
+    def __init__(self, etcd: Etcd, ks: Keyspace) -> None:
+        self.etcd, self.ks = etcd, ks
+
+    async def count(self, state: State) -> int:
+        return (
+            await self.etcd.range(Range(self.ks.state_prefix(state), prefix=True, count_only=True))
+        ).count
+
+    async def leader(self) -> str | None:
+        kvs, _ = await self.etcd.list_prefix(self.ks.election())
+        if not kvs:
+            return None
+        return str(json.loads(min(kvs, key=lambda kv: kv.create_revision).value).get("node"))
+
+    async def nodes(self) -> list[NodeInfo]:
+        nodes_kv, _ = await self.etcd.list_prefix(self.ks.nodes())
+        return [NodeInfo.from_json(kv.value) for kv in nodes_kv]
+
+    async def queue_depths(self, procs: Sequence[KeyValue]) -> dict[str, dict[str, int]]:
+        """Unfinished tasks per queue and state (finished ones are only counted)."""
+        queues: dict[str, dict[str, int]] = {}
+        listed = {State.PROCESSING: procs}
+        for state in (State.PENDING, State.DELAYED):
+            listed[state], _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
+        for state, kvs in listed.items():
+            for kv in kvs:
+                queue = Record.from_json(state, kv.value).options.queue
+                row = queues.setdefault(queue, dict.fromkeys(QUEUE_STATES, 0))
+                row[state.value] += 1
+        return dict(sorted(queues.items()))
+
+    async def paused_queues(self) -> set[str]:
+        kvs, _ = await self.etcd.list_prefix(self.ks.queues())
+        out = set()
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.name and QueueConfig.from_json(kv.value).paused:
+                out.add(parsed.name)
+        return out
+
+    async def find(self, task_id: str) -> tuple[TaskSpec | None, State | None, KeyValue | None]:
+        tid = TaskId(task_id)
+        spec_kv = await self.etcd.get(self.ks.task(tid))
+        spec = TaskSpec.from_json(spec_kv.value) if spec_kv else None
+        for state in (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED):
+            kv = await self.etcd.get(self.ks.state(state, tid))
+            if kv is not None:
+                return spec, state, kv
+        procs, _ = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
+        for kv in procs:
+            if kv.key.endswith("/" + task_id):
+                return spec, State.PROCESSING, kv
+        return spec, None, None

@@ -1,0 +1,25 @@
+"""Leading the queue: the election and the leader's duties.
+
+``_election`` is etcd's election recipe (stand, wait for the predecessor, resign); the
+turn itself is the core's (``core.predecessor``). ``_leading`` runs what a leader does
+while its fence holds: it keeps a view of the queue from the sidecar's feed, asks the
+core what to do, commits fenced batches and reads their answers with
+``core.interpret_batch``, and sweeps what has expired.
+
+May import: core, etcd.
+"""
+
+from ._election import campaign, current_leader, resign, stand, wait_to_lead
+from ._leading import LeaderSettings, LeaderState, run_leader, sweep_payloads
+
+__all__ = [
+    "LeaderSettings",
+    "LeaderState",
+    "campaign",
+    "current_leader",
+    "resign",
+    "run_leader",
+    "stand",
+    "sweep_payloads",
+    "wait_to_lead",
+]
