@@ -163,9 +163,16 @@ MUTATIONS = [
     Mutation(
         "rate-window-too-short",
         "tm_sidecar/core/_flow.py",
-        "        while cut < len(self.starts) and self.starts[cut] <= now - period_s:",
-        "        while cut < len(self.starts) and self.starts[cut] <= now - period_s / 2:",
+        "        since = now - rate.period_s",
+        "        since = now - rate.period_s / 2",
         "no window of a rate's period holds more starts than its limit",
+    ),
+    Mutation(
+        "rate-change-ignores-forgotten-starts",
+        "tm_sidecar/core/_flow.py",
+        "        if self.forgotten is not None and self.forgotten > since:",
+        "        if False:",
+        "a longer period counts the starts made before the change, even those forgotten",
     ),
     Mutation(
         "schedule-slot-skipped",

@@ -18,3 +18,38 @@ class CoreQueue(QueueMachine):
 
 TestCoreQueue = CoreQueue.TestCase
 TestCoreQueue.settings = settings(settings.default)
+
+
+def _checked(state: CoreQueue) -> None:
+    state.capacity_holds()
+    state.one_state_each_and_model_agrees()
+    state.unique_keys_held_once()
+
+
+def test_a_rate_change_counts_the_starts_before_it() -> None:
+    """Hypothesis's counterexample, kept as a regression: 1 per 5 s, two starts 5 s
+    apart, then 2 per 20 s; the leader had forgotten the first start and made a third
+    at once (3 starts in 20 s)."""
+    state = CoreQueue()
+    try:
+        state.elect()
+        state.first_limits(max_running=None, per_key=None, rate=None)
+        nodes_0 = state.first_node(capacity=1)
+        state.first_schedule(every=None, missed="skip")
+        _checked(state)
+        state.kill_node(name=nodes_0)
+        _checked(state)
+        state.set_rates(key_rate=None, rate=(1, 5.0))
+        _checked(state)
+        nodes_1 = state.add_node(capacity=2)
+        _checked(state)
+        state.burst(key=None, later=1.0)
+        _checked(state)
+        state.set_rates(key_rate=None, rate=(2, 20.0))
+        _checked(state)
+        state.node_restarts_behind_the_leader(name=nodes_1)
+        _checked(state)
+        state.leader_rounds(interfere=False)
+        _checked(state)
+    finally:
+        state.teardown()

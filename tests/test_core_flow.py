@@ -210,6 +210,78 @@ def test_a_persisted_window_rounds_later_never_earlier() -> None:
     assert all(b - a <= 1.0 for a, b in zip(window.starts, back.starts, strict=True))
 
 
+def _assign_and_persist(feed: Feed, now: float) -> list[str]:
+    """Like ``assigned``, writing the batches' rate windows too, as the transaction does."""
+    out: list[str] = []
+    for batch in feed.view.decide(now, POLICY).batches:
+        out += [str(t) for t in batch.task_ids]
+        feed.commit(batch)
+        for put in batch.extra:
+            assert isinstance(put, Put)
+            feed.put(put.key, put.value)
+    return out
+
+
+def _set_rate(feed: Feed, limit: int, period_s: float) -> None:
+    feed.put(
+        KS.queue("default"), QueueConfig(rate=RateLimit(limit=limit, period_s=period_s)).to_json()
+    )
+
+
+def test_starts_before_a_rate_change_count_against_the_new_window() -> None:
+    # 1 per 5 s, then 2 per 20 s: the starts at 100 and 105 are both in the new window,
+    # so the next start waits until the one at 100 has left it (the property test's
+    # counterexample had a third start at once: 3 starts in 20 s).
+    feed = Feed()
+    feed.node("n1", {"default": 10})
+    _set_rate(feed, 1, 5.0)
+    for tid in "abcd":
+        feed.task(tid)
+    assert _assign_and_persist(feed, 100.0) == ["a"]
+    assert _assign_and_persist(feed, 105.0) == ["b"]
+    _set_rate(feed, 2, 20.0)
+    decision = feed.view.decide(105.0, POLICY)
+    assert decision.batches == ()
+    assert decision.wake_at == 120.0
+    assert _assign_and_persist(feed, 119.9) == []
+    assert _assign_and_persist(feed, 120.0) == ["c"]  # only 105 and 120 in (100, 120]
+
+
+def test_a_longer_period_counts_starts_the_leader_no_longer_lists() -> None:
+    # The leader keeps the last `limit` starts; beyond them it knows only the latest it
+    # forgot, and a window that reaches back to it counts as full.
+    rate, longer = RateLimit(limit=1, period_s=5.0), RateLimit(limit=2, period_s=20.0)
+    window = RateWindow()
+    for at in (100.0, 105.0):
+        assert window.room(at, rate) == 1
+        window.record(at)
+    assert window.room(111.0, rate) == 1  # forgets 100: beyond the last start
+    assert window.starts == [105.0]
+    assert window.room(111.0, longer) == 0  # 100 and 105 are both in (91, 111]
+    assert window.free_at(longer) == 120.0
+    assert window.room(120.0, longer) == 1
+    # A limit no higher, or the same period: the exact answers.
+    assert window.room(111.0, RateLimit(limit=1, period_s=20.0)) == 0
+    assert window.room(111.0, RateLimit(limit=3, period_s=5.0)) == 3
+
+
+def test_a_new_leader_counts_the_starts_before_a_rate_change_too() -> None:
+    feed = Feed()
+    feed.node("n1", {"default": 10})
+    _set_rate(feed, 1, 5.0)
+    for tid in "abc":
+        feed.task(tid)
+    assert _assign_and_persist(feed, 100.0) == ["a"]
+    assert _assign_and_persist(feed, 105.0) == ["b"]
+    _set_rate(feed, 2, 20.0)
+    successor = Feed(revision=feed.revision, live=dict(feed.live))
+    successor.view = LeaderView.from_listing(KS, feed.live.values(), feed.revision)
+    assert successor.view.decide(106.0, POLICY).batches == ()
+    assert _assign_and_persist(successor, 120.0) == ["c"]
+    # (The window written at 105 listed the one start of its period, 100 as forgotten.)
+    assert RateWindow.from_json(feed.live[KS.rate("default")].value).forgotten == 100.0
+
+
 # -- schedules ----------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ decided before a change (a pause, a lower limit) can commit after it.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections import Counter
@@ -193,44 +194,73 @@ class KeyCounts:
 
 @attrs.define(eq=False)
 class RateWindow:
-    """The starts of one queue (or one concurrency key of it) in the last ``period_s``:
-    a sliding window, so that no window of ``period_s`` ever holds more than ``limit``.
+    """The recent starts of one queue (or one concurrency key of it): a sliding window,
+    so that no window of the rate's period ever holds more than its limit.
 
-    The leader keeps the exact times; it persists them rounded up to a grid of
-    ``period_s / GRID`` (later times leave the window later: a new leader that reads them
-    back can only be stricter than the old one was), in the same fenced transaction as
-    the assignments they count.
+    Starts made before a change of the rate count against the new one: a limit lowered
+    or a period lengthened holds back until enough of them have left the new window.
+    So the leader keeps the last ``limit`` starts whatever their age (enough to count
+    exactly under any limit up to the present one, for any period), and the time of the
+    latest start it forgot: a window that reaches back to that time is counted full,
+    since the leader no longer knows what it held (stricter, never looser).
+
+    The leader persists the window rounded up to a grid of ``period_s / GRID`` (later
+    times leave the window later: a new leader that reads them back can only be
+    stricter than the old one was), in the same fenced transaction as the assignments
+    it counts.
     """
 
     starts: list[float] = attrs.Factory(list)  # ascending
+    #: The latest start no longer in ``starts`` (None: none forgotten yet).
+    forgotten: float | None = None
 
-    def prune(self, now: float, period_s: float) -> None:
-        """Forget the starts that have left the window."""
+    def prune(self, now: float, period_s: float, keep: int = 0) -> None:
+        """Forget the starts that have left the window, all but the last ``keep``."""
         cut = 0
-        while cut < len(self.starts) and self.starts[cut] <= now - period_s:
+        can_go = len(self.starts) - keep
+        while cut < can_go and self.starts[cut] <= now - period_s:
             cut += 1
         if cut:
+            self.forgotten = max(self.starts[cut - 1], self.forgotten or -math.inf)
             del self.starts[:cut]
 
     def room(self, now: float, rate: RateLimit) -> int:
         """How many more starts the window allows at ``now``."""
-        self.prune(now, rate.period_s)
-        return max(rate.limit - len(self.starts), 0)
+        self.prune(now, rate.period_s, keep=rate.limit)
+        since = now - rate.period_s
+        if self.forgotten is not None and self.forgotten > since:
+            return 0  # the window reaches back past what the leader remembers
+        recent = len(self.starts) - bisect.bisect_right(self.starts, since)
+        return max(rate.limit - recent, 0)
 
     def free_at(self, rate: RateLimit) -> float:
-        """When the next start is allowed (once the oldest leaves the window)."""
-        index = len(self.starts) - rate.limit
-        return self.starts[max(index, 0)] + rate.period_s if self.starts else 0.0
+        """When the next start is allowed: once the start ``limit`` back (and the
+        latest forgotten one) has left the window."""
+        times = [] if self.forgotten is None else [self.forgotten]
+        if len(self.starts) >= rate.limit:
+            times.append(self.starts[-rate.limit])
+        return max(times) + rate.period_s if times else 0.0
 
     def record(self, now: float) -> None:
         """A start at ``now``."""
         self.starts.append(now)
 
     def to_json(self, period_s: float) -> str:
-        """The persisted form: [time, count] pairs on the grid, times rounded up."""
+        """The persisted form: [time, count] pairs on the grid, times rounded up, of the
+        starts in the period before the last one (no window from now on holds an older
+        one with it); ``forgotten``, the latest start left out (also rounded up)."""
         step = period_s / GRID
-        cells: Counter[float] = Counter(math.ceil(t / step) * step for t in self.starts)
-        return dumps({"period_s": period_s, "starts": sorted([t, n] for t, n in cells.items())})
+        since = self.starts[-1] - period_s if self.starts else -math.inf
+        cut = bisect.bisect_right(self.starts, since)
+        cells: Counter[float] = Counter(math.ceil(t / step) * step for t in self.starts[cut:])
+        obj: dict[str, JSON] = {
+            "period_s": period_s,
+            "starts": sorted([t, n] for t, n in cells.items()),
+        }
+        older = self.starts[cut - 1] if cut else self.forgotten
+        if older is not None:
+            obj["forgotten"] = math.ceil(older / step) * step
+        return dumps(obj)
 
     @classmethod
     def from_json(cls, text: str) -> RateWindow:
@@ -239,7 +269,8 @@ class RateWindow:
         starts: list[float] = []
         for at, count in obj.get("starts", []):
             starts += [float(at)] * int(count)
-        return cls(sorted(starts))
+        forgotten = obj.get("forgotten")
+        return cls(sorted(starts), None if forgotten is None else float(forgotten))
 
 
 #: Cells per period in a persisted rate window.
