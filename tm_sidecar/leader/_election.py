@@ -80,7 +80,15 @@ async def _wait_deleted(etcd: Etcd, key: str, seen_at: int) -> None:
         await trio.sleep(0.2)
 
 
-async def resign(etcd: Etcd, fence: Fence, timeout_s: float = 2.0) -> None:
+#: How long a resignation waits for etcd. A healthy etcd deletes the key in milliseconds;
+#: one that does not answer by then is electing a raft leader or gone, and waiting longer
+#: only holds the step-down (the fault test's stall after a raft-leader kill). An
+#: unanswered resignation costs nothing: the key goes with the session's lease, and this
+#: session stands on it again once its lease is trusted.
+RESIGN_TIMEOUT_S = 0.25
+
+
+async def resign(etcd: Etcd, fence: Fence, timeout_s: float = RESIGN_TIMEOUT_S) -> None:
     """Give up leadership at once so that the next candidate takes over (bounded, shielded)."""
     with trio.move_on_after(timeout_s, shield=True):
         try:
