@@ -18,11 +18,11 @@ T = TypeVar("T")
 
 #: The first wait and the longest one, in seconds.
 FIRST_S = 0.05
-CAP_S = 2.0
+CAP_S = 1.0
 
 
 def backoff(failures: int, *, jitter: bool = True) -> float:
-    """Seconds to wait after ``failures`` failures in a row: 50 ms doubling to 2 s.
+    """Seconds to wait after ``failures`` failures in a row: 50 ms doubling to 1 s.
 
     With ``jitter`` (the default), a random part of up to half is taken off, so that
     many clients that lost etcd together do not all come back at the same instant.
