@@ -13,7 +13,16 @@ from tests.procs import ROOT
 def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "ceiling,latency", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--only",
+            "ceiling,latency,throughput_1",
+            "--out",
+            str(out),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -28,4 +37,7 @@ def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
     assert results["ceiling"]["client_cpu_us_per_put_grpc_1"] > 0
     assert results["ceiling"]["moved_keys_per_s_raw_32"] > 0
     assert results["latency"]["start_p50_ms"] > 0
+    # Every throughput scenario tells where the CPU went: etcd, the sidecar, the client.
+    for who in ("etcd", "sidecar", "client"):
+        assert results["throughput_1"][f"{who}_cpu_ms_per_task"] > 0
     assert "| latency | start_p99_ms |" in run.stdout
