@@ -394,16 +394,24 @@ async def _run_faults(cluster: EtcdCluster, tmp_path: Path, scale: Scale) -> dic
                         await trio.sleep(0.02)
 
             await flowing(time.time())
-            stalls, restarts = [], []
+            stalls, restarts, elections, resumes = [], [], [], []
             for _ in range(scale.rounds):
                 # 1. SIGKILL etcd's raft leader; it comes back after a while.
                 leader = await trio.to_thread.run_sync(cluster.wait_leader)
                 killed_at = time.time()
                 cluster.kill(leader)
-                await trio.sleep(scale.leader_down_s)
+                # etcd itself has no leader for one to two election timeouts (1 s each
+                # by default, randomized): the stall is that plus our own part, which is
+                # the first start after etcd takes writes again.
+                await trio.to_thread.run_sync(cluster.wait_leader)
+                elected_at = time.time()
+                await trio.sleep(max(0.0, killed_at + scale.leader_down_s - time.time()))
                 end = time.time()
                 window = _starts_between(starts.read(), killed_at, end)
                 stalls.append(_longest_gap(window, killed_at, end))
+                elections.append(elected_at - killed_at)
+                resumed = [t for t in window if t >= elected_at]
+                resumes.append((resumed[0] if resumed else end) - elected_at)
                 cluster.launch(leader)
                 await trio.to_thread.run_sync(cluster.wait_leader)
                 await flowing(time.time())
@@ -455,6 +463,8 @@ async def _run_faults(cluster: EtcdCluster, tmp_path: Path, scale: Scale) -> dic
                 restarts.append(await flowing(up_at, timeout_s=60) - up_at)
             nursery.cancel_scope.cancel()
             figures["stall_after_raft_leader_kill_s"] = [round(s, 2) for s in stalls]
+            figures["raft_election_after_kill_s"] = [round(s, 2) for s in elections]
+            figures["first_start_after_new_raft_leader_s"] = [round(s, 2) for s in resumes]
             figures["first_start_after_cluster_restart_s"] = [round(r, 2) for r in restarts]
             created = dict(producer.created)
         except BaseException:
