@@ -390,7 +390,7 @@ async def test_blocking_facade_and_socket_permissions(
                     return tm.create(41).with_timeout(5).commit().result(timeout=20)
 
             assert await trio.to_thread.run_sync(blocking_producer) == 42
-        assert "client connected pid=" in sc.log()
+        assert 'msg="client connected" pid=' in sc.log()
         assert f"uid={os.getuid()}" in sc.log()
 
 

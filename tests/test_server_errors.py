@@ -4,7 +4,9 @@ traceback), and goes on serving that connection and every other."""
 
 from __future__ import annotations
 
+import ast
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,10 +16,12 @@ import pytest
 import trio
 from taskmanager.protocol import LineFramer, decode_frame, encode_frame
 
+import tm_sidecar.server as server_package
 from tests.helpers import running_sidecars
 from tm_sidecar.core import JSON
 from tm_sidecar.ops._embedded import EtcdProcess
-from tm_sidecar.server._server import Connection, ServerSettings, SocketServer
+from tm_sidecar.server._connection import Connection
+from tm_sidecar.server._server import ServerSettings, SocketServer
 
 
 class Client:
@@ -166,3 +170,47 @@ async def test_the_op_table_is_what_hello_lists(
         refused = await client.call("op_table")
         assert refused["error"]["code"] == "invalid_request"
         assert "unknown op" in refused["error"]["message"]
+
+
+def test_every_server_log_line_is_a_constant_message_with_fields() -> None:
+    """The structured-log rule for the server: a constant sentence, the values as fields
+    (no %-arguments, no f-strings, no values folded into the message)."""
+    offenders = []
+    for path in sorted(Path(server_package.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "log"
+            ):
+                continue
+            first = node.args[0] if node.args else None
+            constant = isinstance(first, ast.Constant) and isinstance(first.value, str)
+            if not constant or len(node.args) > 1 or "%" in str(getattr(first, "value", "")):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
+
+
+async def test_the_server_logs_its_clients_and_workers_as_fields(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="tm_sidecar.server"):
+        async with serving(etcd_server, namespace, tmp_path) as (_server, client):
+            answer = await client.call("register", queue="mail", concurrency=2)
+            assert answer["ok"], answer
+    # A record's fields are its attributes: what the call passed as ``extra``.
+    by_msg = {r.getMessage(): vars(r) for r in caplog.records if r.name == "tm_sidecar.server"}
+    # The peer is this process: its credentials, read from the socket, as numbers.
+    connected = by_msg["client connected"]
+    assert (connected["pid"], connected["uid"], connected["gid"]) == (
+        os.getpid(),
+        os.getuid(),
+        os.getgid(),
+    )
+    registered = by_msg["worker registered"]
+    assert registered["worker"] == answer["result"]["worker"]
+    assert (registered["queue"], registered["concurrency"]) == ("mail", 2)
+    assert registered["pid"] == os.getpid()
+    assert by_msg["serving socket"]["path"] == str(tmp_path / "tm.sock")
+    assert "client disconnected" in by_msg
