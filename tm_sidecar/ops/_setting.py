@@ -179,6 +179,8 @@ def _masked(value: Any) -> str:
 
 
 def name_check(kind: str) -> Callable[[Any], None]:
+    """A check that a value, if given, is a valid name (``check_name``) of ``kind``."""
+
     def check(value: Any) -> None:
         if value:
             check_name(kind, value)
@@ -187,6 +189,8 @@ def name_check(kind: str) -> Callable[[Any], None]:
 
 
 def more_than(low: float) -> Callable[[Any], None]:
+    """A check that a value is more than ``low``."""
+
     def check(value: Any) -> None:
         if not value > low:
             raise ValueError(f"must be more than {low:g}")
@@ -195,6 +199,8 @@ def more_than(low: float) -> Callable[[Any], None]:
 
 
 def at_least(low: float) -> Callable[[Any], None]:
+    """A check that a value is at least ``low``."""
+
     def check(value: Any) -> None:
         if value < low:
             raise ValueError(f"must be at least {low:g}")
@@ -203,11 +209,13 @@ def at_least(low: float) -> Callable[[Any], None]:
 
 
 def fraction(value: Any) -> None:
+    """Check that ``value`` is in (0, 1]."""
     if not 0 < value <= 1:
         raise ValueError("must be more than 0 and at most 1")
 
 
 def bind_address(value: Any) -> None:
+    """Check that ``value``, if given, is ``[HOST:]PORT``."""
     if value:
         port = str(value).rpartition(":")[2]
         if not port.isdigit() or not 0 <= int(port) <= 65535:

@@ -27,12 +27,19 @@ from ._settings import Settings, add_flags, load_settings
 from ._tmctl_commands import Ctl
 
 STATES = [s.value for s in State]
+#: What ``tmctl --help`` says of it (the module's docstring also says how it is built).
+DESCRIPTION = """\
+``tmctl``: look at and repair tm-sidecar's queues, straight from etcd (no sidecar needed).
+
+With no ``--etcd``, it finds the embedded etcd of a sidecar on this host by its data
+directory (the same default as the sidecar's, or ``--data-dir`` / ``TM_DATA_DIR``).
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """tmctl's arguments: its connection settings are the sidecar's (the same table, the
     same TM_* variables, the same --config file), then the command."""
-    p = argparse.ArgumentParser(prog="tmctl", description=__doc__)
+    p = argparse.ArgumentParser(prog="tmctl", description=DESCRIPTION)
     add_flags(p, "tmctl")
     p.add_argument("--json", action="store_true", help="JSON output for scripts")
     sub = p.add_subparsers(dest="command", required=True)
