@@ -6,6 +6,13 @@ through the sidecar (its etcd connection, its event hub) and repairs through
 same moves. Besides the parts below it uses starlette, hypercorn and jinja2; only the
 command line imports it, and only when ``--web`` is given.
 
+Its modules: ``_app.py`` (the service, its routes and the guard), ``_pages.py`` (the
+pages that read), ``_forms.py`` (the pages that take a form: actions, the token),
+``_actions.py`` (what each action takes and does), ``_access.py`` (tokens, sessions,
+cross-site checks), ``_data.py`` (what the pages show, read from etcd), ``_journal.py``
+(what the hub told), ``_census.py`` (tasks per queue, counted), ``_live.py`` (event
+streams), ``_templates.py`` (templates and filters), ``_http.py`` (headers, forms, cookies).
+
 May import: core, etcd, node, admin.
 """
 

@@ -1,17 +1,16 @@
-"""What the dashboard shows, read from etcd and from the sidecar's event hub.
+"""What the dashboard's pages show, read from etcd and from what the hub told: the
+overview, a page of a queue's tasks, one task with its attempts.
 
-etcd holds each task's spec and its *latest* state record only. The earlier attempts
-of a task, and the completions per minute, are what this sidecar's hub saw since it
-started: the :class:`Journal` keeps them, bounded.
+What the hub told is ``_journal.py``'s (the :class:`~._journal.Journal`); the counts per
+queue are ``_census.py``'s (the :class:`~._census.Census`). This module reads and
+assembles; the pages render.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -26,19 +25,17 @@ from ..core import (
     NodeInfo,
     Record,
     State,
-    TaskError,
     TaskEvent,
     TaskId,
 )
 from ..etcd import Etcd
 from ..node._sidecar import FINAL_STATES, Sidecar, TaskInfo, is_final
+from ._census import Census
+from ._journal import AttemptSeen, Journal
 
 STATES = tuple(State)
 #: Characters of a task id, a node id or a queue name (``check_name``), for searches.
 _PARTIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-# A record's options come before anything a task wrote (Record.to_json puts them third),
-# so the first "queue" in its JSON is the task's queue: a count needs no full parse.
-_QUEUE_IN_RECORD = re.compile(r'"queue":"([A-Za-z0-9_.:-]{1,128})"')
 
 
 def valid_partial_name(text: str) -> bool:
@@ -49,217 +46,6 @@ def valid_partial_name(text: str) -> bool:
 def prefix_end(prefix: str) -> str:
     """The first key after every key that starts with ``prefix`` (names are ASCII)."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
-
-
-# -- what the hub saw ----------------------------------------------------------------------
-
-
-@attrs.define
-class AttemptSeen:
-    """One attempt of a task as the events told it (times are when this sidecar saw them)."""
-
-    number: int
-    node: str | None = None
-    assigned_at: float | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
-    outcome: str | None = None  # "completed", "failed", "retried"
-    progress: JSON = None
-    result: JSON = None
-    error: TaskError | None = None
-
-
-#: Tracebacks kept per attempt in the journal, at most (the record in etcd has the whole).
-MAX_TRACEBACK = 16_000
-#: Events kept per task, for its page.
-EVENTS_PER_TASK = 40
-
-#: An event as the journal keeps it: (sequence number, when seen, the event).
-Seen = tuple[int, float, TaskEvent]
-
-
-@attrs.define
-class _TaskSeen:
-    attempts: list[AttemptSeen] = attrs.Factory(list)
-    events: deque[Seen] = attrs.Factory(lambda: deque(maxlen=EVENTS_PER_TASK))
-
-
-@attrs.define(eq=False)
-class Journal:
-    """Attempts per task, outcomes per minute and the latest events, as the hub told them."""
-
-    max_tasks: int = 5000
-    minutes_kept: int = 60
-    recent_kept: int = 50
-    clock: Callable[[], float] = time.time
-    events_seen: int = 0
-    _tasks: OrderedDict[TaskId, _TaskSeen] = attrs.Factory(OrderedDict)
-    # minute (epoch // 60) -> [completed, failed for good]
-    _minutes: dict[int, list[int]] = attrs.Factory(dict)
-    recent: deque[tuple[float, TaskEvent]] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.recent = deque(maxlen=self.recent_kept)
-
-    def see(self, event: TaskEvent) -> None:
-        """Take in one event (the hub's callback: quick, never blocks)."""
-        now = self.clock()
-        self.events_seen += 1
-        self.recent.append((now, event))
-        if event.kind == "completed" or (event.kind == "failed" and not event.will_retry):
-            minute = int(now // 60)
-            counts = self._minutes.get(minute)
-            if counts is None:
-                counts = self._minutes[minute] = [0, 0]
-                for old in [m for m in self._minutes if m <= minute - self.minutes_kept]:
-                    del self._minutes[old]
-            counts[0 if event.kind == "completed" else 1] += 1
-        task = self._tasks.get(event.task_id)
-        if task is None:
-            if len(self._tasks) >= self.max_tasks:
-                self._tasks.popitem(last=False)
-            task = self._tasks[event.task_id] = _TaskSeen()
-        else:
-            self._tasks.move_to_end(event.task_id)
-        task.events.append((self.events_seen, now, event))
-        if event.kind == "queued":
-            return
-        attempts = task.attempts
-        if event.kind == "assigned" or not attempts or attempts[-1].number != event.attempt:
-            attempts.append(AttemptSeen(number=event.attempt))
-        attempt = attempts[-1]
-        if event.node is not None:
-            attempt.node = event.node
-        if event.kind == "assigned":
-            attempt.assigned_at = now
-        elif event.kind == "started":
-            attempt.started_at = attempt.started_at or now
-        elif event.kind == "updated":
-            attempt.progress = event.data
-        else:
-            attempt.ended_at = now
-            if event.kind == "completed":
-                attempt.outcome, attempt.result = "completed", event.data
-            else:
-                attempt.outcome = "retried" if event.will_retry else "failed"
-                attempt.error = _trimmed(event.error)
-
-    def attempts(self, task_id: TaskId) -> list[AttemptSeen]:
-        """The attempts seen of one task, oldest first (copies)."""
-        task = self._tasks.get(task_id)
-        return [attrs.evolve(a) for a in task.attempts] if task else []
-
-    def events(self, task_id: TaskId, after: int = 0, upto: int | None = None) -> list[Seen]:
-        """The events seen of one task with a sequence number in ``(after, upto]``."""
-        task = self._tasks.get(task_id)
-        if task is None:
-            return []
-        return [e for e in task.events if after < e[0] and (upto is None or e[0] <= upto)]
-
-    def per_minute(self, minutes: int = 30) -> list[tuple[int, int, int]]:
-        """``(minute, completed, failed)`` for the last ``minutes`` minutes, oldest first."""
-        now_minute = int(self.clock() // 60)
-        return [
-            (m, *self._minutes.get(m, [0, 0]))  # type: ignore[misc]
-            for m in range(now_minute - minutes + 1, now_minute + 1)
-        ]
-
-
-def _trimmed(error: TaskError | None) -> TaskError | None:
-    if error is None or not error.traceback or len(error.traceback) <= MAX_TRACEBACK:
-        return error
-    return attrs.evolve(error, traceback="...\n" + error.traceback[-MAX_TRACEBACK:])
-
-
-# -- the queues, by counting ---------------------------------------------------------------
-
-
-@attrs.define(eq=False)
-class Census:
-    """Tasks per queue and state, counted from a listing of the state keys.
-
-    Keys do not name their queue, so counting per queue reads every state record: the
-    count is taken only while someone looks, and again no sooner than ``factor`` times
-    its own duration (at least ``min_interval_s``), which keeps its cost to a small
-    share of the sidecar whatever the backlog.
-    """
-
-    etcd: Etcd
-    ks: Keyspace
-    min_interval_s: float = 5.0
-    factor: float = 20.0
-    clock: Callable[[], float] = trio.current_time
-    counts: dict[str, dict[str, int]] = attrs.Factory(dict)
-    taken_at: float | None = None  # trio time
-    took_s: float = 0.0
-    error: str | None = None
-    _wanted: trio.Event = attrs.Factory(trio.Event)
-    _taken: trio.Event = attrs.Factory(trio.Event)
-
-    def want(self) -> None:
-        """Someone is looking: count again if the last count is old enough."""
-        self._wanted.set()
-
-    async def want_fresh(self, within_s: float) -> None:
-        """Want a count, and wait up to ``within_s`` for it if one is due now (a first
-        look at the page then shows counts, not "counting")."""
-        due = self._due_in_s() <= 0
-        self.want()
-        if due:
-            with trio.move_on_after(within_s):
-                await self._taken.wait()
-
-    def age_s(self) -> float | None:
-        """Seconds since the last count, or None before the first."""
-        return None if self.taken_at is None else self.clock() - self.taken_at
-
-    def _due_in_s(self) -> float:
-        age = self.age_s()
-        if age is None:
-            return 0.0
-        return max(self.min_interval_s, self.factor * self.took_s) - age
-
-    async def run(self) -> None:
-        """Count when wanted and due, until cancelled."""
-        while True:
-            await self._wanted.wait()
-            wait = self._due_in_s()
-            if wait > 0:
-                await trio.sleep(wait)
-            self._wanted = trio.Event()
-            await self.take()
-
-    async def take(self) -> None:
-        """Count now."""
-        started = self.clock()
-        counts: dict[str, dict[str, int]] = {}
-        parse = self.ks.parse
-
-        def consume(kvs: tuple[KeyValue, ...]) -> None:
-            for kv in kvs:
-                parsed = parse(kv.key)
-                if parsed is None or parsed.state is None:
-                    continue
-                found = _QUEUE_IN_RECORD.search(kv.value)
-                queue = found.group(1) if found else "default"
-                per_state = counts.setdefault(queue, {})
-                per_state[parsed.state.value] = per_state.get(parsed.state.value, 0) + 1
-
-        try:
-            await self.etcd.list_prefix(
-                self.ks.state_prefix(State.COMPLETED),
-                range_end=self.ks.prefix + "task",
-                consume=consume,
-            )
-        except (Unavailable, TaskManagerError) as exc:
-            self.error = str(exc)
-            return
-        self.counts = {q: counts[q] for q in sorted(counts)}
-        self.error = None
-        self.took_s = self.clock() - started
-        self.taken_at = self.clock()
-        self._taken.set()
-        self._taken = trio.Event()
 
 
 # -- the overview --------------------------------------------------------------------------

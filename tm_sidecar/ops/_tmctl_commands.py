@@ -1,0 +1,384 @@
+"""tmctl's commands: each one reads or repairs the namespace over one etcd connection and
+prints what it found or did, as a table for people or JSON for scripts (``--json``).
+
+The reads are :class:`~tm_sidecar.admin.Queries`'; the repairs are ``tm_sidecar.admin``'s
+and the sidecar's own functions, so that tmctl makes the moves the dashboard and the
+daemon make. The tables are built in ``_tmctl_format.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import aclosing
+from typing import Any
+
+import attrs
+
+from .._errors import TaskManagerError
+from ..admin import QUEUE_STATES, Queries, cancel_record, purge_records, retry_failed
+from ..core import (
+    EventDeriver,
+    Keyspace,
+    QueueConfig,
+    Record,
+    Schedule,
+    State,
+    TaskId,
+    TaskOptions,
+    schedule_from_request,
+    with_limits,
+)
+from ..etcd import Etcd, EtcdConfig, connect
+from ..leader._leading import sweep_payloads
+from ..node._sidecar import pausing, update_queue, update_schedule
+from ._tmctl_format import (
+    capacity_by_queue,
+    limit_changes,
+    queue_table,
+    show_table,
+    unserved,
+    utc_time,
+    yes,
+)
+
+
+class Ctl(Queries):
+    """The commands, over one etcd connection."""
+
+    def __init__(self, etcd: Etcd, ks: Keyspace, as_json: bool) -> None:
+        super().__init__(etcd, ks)
+        self.as_json = as_json
+
+    def out(self, data: Any, table: list[list[str]] | None = None) -> None:
+        if self.as_json or table is None:
+            print(json.dumps(data, indent=2, default=str))
+            return
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+    async def status(self) -> None:
+        depths = {s.value: await self.count(s) for s in State}
+        nodes = await self.nodes()
+        procs, _ = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
+        inflight: dict[str, int] = {}
+        for kv in procs:
+            parsed = self.ks.parse(kv.key)
+            if parsed and parsed.node:
+                inflight[parsed.node] = inflight.get(parsed.node, 0) + 1
+        queues = await self.queue_depths(procs)
+        capacity = capacity_by_queue(nodes)
+        for queue in capacity:
+            queues.setdefault(queue, dict.fromkeys(QUEUE_STATES, 0))
+        paused = await self.paused_queues()
+        for queue in paused:
+            queues.setdefault(queue, dict.fromkeys(QUEUE_STATES, 0))
+        for queue, row in queues.items():
+            row["capacity"] = capacity.get(queue, 0)
+            if queue in paused:
+                row["paused"] = 1
+        warnings = unserved(queues, capacity)
+        leader = await self.leader()
+        data = {
+            "namespace": self.ks.namespace,
+            "leader": leader,
+            "depths": depths,
+            "queues": queues,
+            "warnings": warnings,
+            "nodes": [
+                {
+                    "id": n.id,
+                    "host": n.host,
+                    "pid": n.pid,
+                    "capacity": n.capacity,
+                    "in_flight": inflight.get(n.id, 0),
+                }
+                for n in nodes
+            ],
+        }
+        table = [["NODE", "HOST", "PID", "CAPACITY", "IN FLIGHT", "ROLE"]]
+        for n in nodes:
+            cap = ",".join(f"{q}={c}" for q, c in n.capacity.items()) or "-"
+            role = "leader" if n.id == leader else ""
+            table.append([n.id, n.host, str(n.pid), cap, str(inflight.get(n.id, 0)), role])
+        if not self.as_json:
+            print("tasks: " + "  ".join(f"{k}={v}" for k, v in depths.items()))
+            # A PAUSED column only when a queue is paused.
+            flag = ["PAUSED"] if paused else []
+            rows = [["QUEUE", *(s.upper() for s in QUEUE_STATES), "CAPACITY", *flag]]
+            for queue, row in queues.items():
+                cells = [str(row[k]) for k in (*QUEUE_STATES, "capacity")]
+                mark = [yes(bool(row.get("paused")))] if paused else []
+                rows.append([queue, *cells, *mark])
+            if len(rows) > 1:
+                self.out(None, rows)
+            for warning in warnings:
+                print(f"warning: {warning}")
+            print()
+        self.out(data, table if nodes else [["NODE"], ["(no sidecar registered)"]])
+
+    async def ls(self, state: State, limit: int, queue: str | None = None) -> None:
+        kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
+        rows: list[tuple[TaskId, Record]] = []
+        waiting: dict[str, dict[str, int]] = {}
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is None or parsed.task_id is None:
+                continue
+            rec = Record.from_json(state, kv.value)
+            if queue is not None and rec.options.queue != queue:
+                continue
+            row = waiting.setdefault(rec.options.queue, dict.fromkeys(QUEUE_STATES, 0))
+            if state.value in row:
+                row[state.value] += 1
+            if len(rows) < limit:
+                rows.append((parsed.task_id, rec))
+        data = [{"task_id": tid, **json.loads(rec.to_json())} for tid, rec in rows]
+        table = [["TASK", "QUEUE", "ATTEMPTS", "SINCE", "DETAIL"]]
+        for tid, rec in rows:
+            detail = rec.node or (f"{rec.error.type}: {rec.error.message}" if rec.error else "")
+            if rec.due_at:
+                detail = f"due {utc_time(rec.due_at)}"
+            table.append(
+                [tid, rec.options.queue, str(rec.attempts), utc_time(rec.since_at), detail[:60]]
+            )
+        self.out(data, table)
+        if state in (State.PENDING, State.DELAYED) and waiting:
+            # On stderr: the listing itself stays a table (or JSON) for the next command.
+            for warning in unserved(waiting, capacity_by_queue(await self.nodes())):
+                print(f"tmctl: warning: {warning}", file=sys.stderr)
+
+    async def show(self, task_id: str) -> int:
+        spec, state, kv = await self.find(task_id)
+        if spec is None and kv is None:
+            print(f"tmctl: no task {task_id}", file=sys.stderr)
+            return 1
+        data: dict[str, Any] = {"task_id": task_id, "state": state.value if state else None}
+        if spec is not None:
+            data.update(json.loads(spec.to_json()))
+        if kv is not None and state is not None:
+            data["record"] = json.loads(kv.value)
+        if self.as_json:
+            self.out(data)
+            return 0
+        rec = Record.from_json(state, kv.value) if kv is not None and state is not None else None
+        self.out(data, show_table(task_id, state, spec, rec))
+        if rec is not None and rec.error is not None and rec.error.traceback:
+            print("\n" + rec.error.traceback.rstrip())
+        return 0
+
+    async def retry(self, task_id: str | None, all_failed: bool) -> int:
+        if all_failed:
+            kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(State.FAILED))
+        else:
+            kv = await self.etcd.get(self.ks.state(State.FAILED, TaskId(task_id or "")))
+            if kv is None:
+                print(f"tmctl: task {task_id} is not in the failed queue", file=sys.stderr)
+                return 1
+            kvs = (kv,)
+        moved = await retry_failed(self.etcd, self.ks, kvs)
+        self.out({"retried": moved}, [["RETRIED"], [str(moved)]])
+        return 0
+
+    async def cancel(self, task_id: str) -> int:
+        spec, state, kv = await self.find(task_id)
+        if kv is None or state is None:
+            what = "has no state record" if spec is not None else "not found"
+            print(f"tmctl: task {task_id} {what}", file=sys.stderr)
+            return 1
+        if state in (State.COMPLETED, State.FAILED):
+            print(
+                f"tmctl: task {task_id} is already {state.value}: only a pending, delayed or "
+                "running task can be cancelled",
+                file=sys.stderr,
+            )
+            return 1
+        ok = await cancel_record(self.etcd, self.ks, kv, state)
+        if not ok:
+            print(f"tmctl: task {task_id} moved meanwhile; look again", file=sys.stderr)
+            return 1
+        self.out({"cancelled": task_id}, [["CANCELLED"], [task_id]])
+        return 0
+
+    async def set_paused(self, queue: str, paused: bool) -> int:
+        config = await update_queue(
+            self.etcd, self.ks, queue, lambda c: attrs.evolve(c, paused=paused), now=time.time()
+        )
+        self.out({queue: config.to_obj()}, [["QUEUE", "PAUSED"], [queue, yes(config.paused)]])
+        return 0
+
+    async def limit(self, queue: str, args: argparse.Namespace) -> int:
+        try:
+            changes = limit_changes(args)
+            with_limits(QueueConfig(), changes)
+        except ValueError as exc:
+            print(f"tmctl: {exc}", file=sys.stderr)
+            return 2
+        config = await update_queue(
+            self.etcd, self.ks, queue, lambda c: with_limits(c, changes), now=time.time()
+        )
+        self.out({queue: config.to_obj()}, queue_table({queue: config}))
+        return 0
+
+    async def schedules(self) -> None:
+        kvs, _ = await self.etcd.list_prefix(self.ks.schedules())
+        found = [Schedule.from_json(kv.value) for kv in kvs]
+        table = [["SCHEDULE", "WHEN", "TZ", "NEXT", "FIRED", "MISSED", "PAUSED", "QUEUE"]]
+        for s in found:
+            when = s.cron if s.cron is not None else f"every {s.every_s:g} s"
+            table.append(
+                [
+                    s.name,
+                    when,
+                    s.timezone,
+                    utc_time(s.next_at),
+                    str(s.fired),
+                    s.missed,
+                    yes(s.paused),
+                    s.options.queue,
+                ]
+            )
+        self.out([s.to_obj() for s in found], table)
+
+    async def set_schedule(self, args: argparse.Namespace) -> int:
+        try:
+            fields = {
+                "name": args.name,
+                "cron": args.cron,
+                "every_s": args.every,
+                "timezone": args.tz,
+                "payload": json.loads(args.payload),
+                "options": TaskOptions(queue=args.queue),
+                "missed": args.missed,
+            }
+            new = schedule_from_request(fields, now=time.time())
+        except (ValueError, TypeError) as exc:
+            print(f"tmctl: bad schedule: {exc}", file=sys.stderr)
+            return 2
+
+        def replace(old: Schedule | None) -> Schedule:
+            if old is None:
+                return new
+            return attrs.evolve(new, fired=old.fired, last_slot_at=old.last_slot_at)
+
+        schedule = await update_schedule(self.etcd, self.ks, new.name, replace)
+        assert schedule is not None
+        self.out(
+            schedule.to_obj(), [["SCHEDULE", "NEXT"], [schedule.name, utc_time(schedule.next_at)]]
+        )
+        return 0
+
+    async def pause_schedule(self, name: str, paused: bool) -> int:
+        try:
+            schedule = await update_schedule(
+                self.etcd, self.ks, name, pausing(name, paused, now=time.time())
+            )
+        except TaskManagerError as exc:
+            print(f"tmctl: {exc}", file=sys.stderr)
+            return 1
+        assert schedule is not None
+        rows = [["SCHEDULE", "PAUSED", "NEXT"], [name, yes(paused), utc_time(schedule.next_at)]]
+        self.out(schedule.to_obj(), rows)
+        return 0
+
+    async def unschedule(self, name: str) -> int:
+        deleted = bool(await self.etcd.delete(self.ks.schedule(name)))
+        if not deleted:
+            print(f"tmctl: no schedule {name!r}", file=sys.stderr)
+            return 1
+        self.out({"deleted": name}, [["DELETED"], [name]])
+        return 0
+
+    async def queues(self) -> None:
+        kvs, _ = await self.etcd.list_prefix(self.ks.queues())
+        configs = {}
+        for kv in kvs:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.name is not None:
+                configs[parsed.name] = QueueConfig.from_json(kv.value)
+        self.out({name: c.to_obj() for name, c in configs.items()}, queue_table(configs))
+
+    async def purge(self, state: State) -> None:
+        purged = await self._purge(state)
+        self.out({"purged": purged}, [["PURGED"], [str(purged)]])
+
+    async def _purge(self, state: State) -> int:
+        """Delete every record in a final state, then its payload (see purge_records)."""
+        kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
+        return await purge_records(self.etcd, self.ks, kvs)
+
+    async def _space(self) -> dict[str, Any]:
+        status = await self.etcd.status()
+        return {
+            "db_size": int(status.get("dbSize") or 0),
+            "db_size_in_use": int(status.get("dbSizeInUse") or status.get("dbSize") or 0),
+            "alarms": [name for _, name in await self.etcd.alarms()],
+        }
+
+    async def recover(self, cfg: EtcdConfig, include_failed: bool) -> None:
+        """Free space in a full etcd and let it take writes again."""
+        before = await self._space()
+        purged = await self._purge(State.COMPLETED)
+        if include_failed:
+            purged += await self._purge(State.FAILED)
+        # Payloads whose record expired, which the leader would sweep in time (a full
+        # etcd grants no lease, so there may be no leader to do it).
+        purged += await sweep_payloads(self.etcd, self.ks)
+        # Compaction drops the deleted values' history; defragmenting gives the space
+        # back to the file; both work over quota. Then the alarm can go.
+        await self.etcd.compact(await self.etcd.revision())
+        for url in await self.etcd.member_urls():
+            member = connect(attrs.evolve(cfg, endpoints=(url,), timeout_s=max(cfg.timeout_s, 60)))
+            try:
+                await member.defragment()
+            finally:
+                await member.aclose()
+        for member_id, alarm in await self.etcd.alarms():
+            if alarm == "NOSPACE":
+                await self.etcd.disarm(member_id, alarm)
+        after = await self._space()
+        report = {
+            "purged": purged,
+            **{f"{k}_before": v for k, v in before.items()},
+            **{f"{k}_after": v for k, v in after.items()},
+        }
+        self.out(
+            report,
+            [
+                ["PURGED", "IN USE BEFORE", "IN USE AFTER", "FILE AFTER", "ALARMS AFTER"],
+                [
+                    str(purged),
+                    str(before["db_size_in_use"]),
+                    str(after["db_size_in_use"]),
+                    str(after["db_size"]),
+                    ",".join(after["alarms"]) or "-",
+                ],
+            ],
+        )
+
+    async def events(self) -> None:
+        start = await self.etcd.revision()
+        watch = self.etcd.watch_once(
+            self.ks.state_prefix(State.COMPLETED),
+            start + 1,
+            range_end=self.ks.prefix + "task",
+            prev_kv=False,
+            puts_only=True,
+        )
+        deriver = EventDeriver(self.ks)
+        async with aclosing(watch) as changes:
+            async for batch in changes:
+                for event in (e for change in batch.events for e in deriver.derive(change)):
+                    if self.as_json:
+                        print(json.dumps(event.to_json()), flush=True)
+                    else:
+                        extra = f" node={event.node}" if event.node else ""
+                        if event.error:
+                            extra += f" error={event.error.type}"
+                        print(
+                            f"{event.kind:<9} {event.task_id} attempt={event.attempt}{extra}",
+                            flush=True,
+                        )

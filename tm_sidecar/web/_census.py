@@ -1,0 +1,107 @@
+"""Tasks per queue and state, counted for the overview: keys do not name their queue, so
+the :class:`Census` reads every state record, and only while someone looks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from .._errors import TaskManagerError, Unavailable
+from ..core import Keyspace, KeyValue, State
+from ..etcd import Etcd
+
+# A record's options come before anything a task wrote (Record.to_json puts them third),
+# so the first "queue" in its JSON is the task's queue: a count needs no full parse.
+_QUEUE_IN_RECORD = re.compile(r'"queue":"([A-Za-z0-9_.:-]{1,128})"')
+
+
+@attrs.define(eq=False)
+class Census:
+    """Tasks per queue and state, counted from a listing of the state keys.
+
+    Keys do not name their queue, so counting per queue reads every state record: the
+    count is taken only while someone looks, and again no sooner than ``factor`` times
+    its own duration (at least ``min_interval_s``), which keeps its cost to a small
+    share of the sidecar whatever the backlog.
+    """
+
+    etcd: Etcd
+    ks: Keyspace
+    min_interval_s: float = 5.0
+    factor: float = 20.0
+    clock: Callable[[], float] = trio.current_time
+    counts: dict[str, dict[str, int]] = attrs.Factory(dict)
+    taken_at: float | None = None  # trio time
+    took_s: float = 0.0
+    error: str | None = None
+    _wanted: trio.Event = attrs.Factory(trio.Event)
+    _taken: trio.Event = attrs.Factory(trio.Event)
+
+    def want(self) -> None:
+        """Someone is looking: count again if the last count is old enough."""
+        self._wanted.set()
+
+    async def want_fresh(self, within_s: float) -> None:
+        """Want a count, and wait up to ``within_s`` for it if one is due now (a first
+        look at the page then shows counts, not "counting")."""
+        due = self._due_in_s() <= 0
+        self.want()
+        if due:
+            with trio.move_on_after(within_s):
+                await self._taken.wait()
+
+    def age_s(self) -> float | None:
+        """Seconds since the last count, or None before the first."""
+        return None if self.taken_at is None else self.clock() - self.taken_at
+
+    def _due_in_s(self) -> float:
+        age = self.age_s()
+        if age is None:
+            return 0.0
+        return max(self.min_interval_s, self.factor * self.took_s) - age
+
+    async def run(self) -> None:
+        """Count when wanted and due, until cancelled."""
+        while True:
+            await self._wanted.wait()
+            wait = self._due_in_s()
+            if wait > 0:
+                await trio.sleep(wait)
+            self._wanted = trio.Event()
+            await self.take()
+
+    async def take(self) -> None:
+        """Count now."""
+        started = self.clock()
+        counts: dict[str, dict[str, int]] = {}
+        parse = self.ks.parse
+
+        def consume(kvs: tuple[KeyValue, ...]) -> None:
+            for kv in kvs:
+                parsed = parse(kv.key)
+                if parsed is None or parsed.state is None:
+                    continue
+                found = _QUEUE_IN_RECORD.search(kv.value)
+                queue = found.group(1) if found else "default"
+                per_state = counts.setdefault(queue, {})
+                per_state[parsed.state.value] = per_state.get(parsed.state.value, 0) + 1
+
+        try:
+            await self.etcd.list_prefix(
+                self.ks.state_prefix(State.COMPLETED),
+                range_end=self.ks.prefix + "task",
+                consume=consume,
+            )
+        except (Unavailable, TaskManagerError) as exc:
+            self.error = str(exc)
+            return
+        self.counts = {q: counts[q] for q in sorted(counts)}
+        self.error = None
+        self.took_s = self.clock() - started
+        self.taken_at = self.clock()
+        self._taken.set()
+        self._taken = trio.Event()
