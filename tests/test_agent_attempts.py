@@ -93,7 +93,8 @@ async def test_a_repeated_or_late_delivery_never_starts_an_attempt_again(
     )
     feed = RepeatingFeed(etcd, sidecar.ks, assignments=sidecar.ks.assignments("n1"))
     feed.sidecar = sidecar
-    sidecar.feed = sidecar.hub.feed = feed
+    # The sidecar, its hub and its session epochs (which start the agent) share one feed.
+    sidecar.feed = sidecar.hub.feed = sidecar.membership.feed = feed
     starts: Counter[tuple[str, int]] = Counter()
 
     async def handler(task: TaskContext) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from tm_sidecar.core import TaskId, TaskOptions, TaskSpec
-from tm_sidecar.node._agent import RecentTasks
+from tm_sidecar.node._agent_state import RecentTasks
 
 
 def spec(i: int) -> TaskSpec:

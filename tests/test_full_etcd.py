@@ -76,7 +76,7 @@ async def test_creates_stop_before_the_quota_and_accepted_tasks_still_finish(
     async with running_sidecars(
         small_etcd.endpoint, namespace, "n1", quota_bytes=QUOTA, compact_interval_s=0
     ) as (sc,):
-        await wait_for(lambda: sc._db_size > 0)
+        await wait_for(lambda: sc.admission.db_size > 0)
         accepted = []
         refused: QueueFull | None = None
         for _ in range(400):
@@ -164,7 +164,7 @@ async def test_a_full_etcd_refuses_creates_retryably_keeps_reads_and_recovers(
         assert report["alarms_after"] == []
         assert report["db_size_in_use_after"] < report["db_size_in_use_before"]
         # The queue takes tasks again, and runs them.
-        await wait_for(lambda: not sc._nospace, timeout_s=10)
+        await wait_for(lambda: not sc.admission.nospace, timeout_s=10)
         again = await sc.create({"n": 3})
         info = await sc.wait(again.id, timeout_s=10)
         assert info.state is State.COMPLETED

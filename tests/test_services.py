@@ -32,7 +32,9 @@ from tm_sidecar.etcd import Etcd, connect
 from tm_sidecar.etcd._session import RetentionLeases, close_session, open_session, run_keepalive
 from tm_sidecar.leader._election import campaign
 from tm_sidecar.leader._leading import LeaderSettings, LeaderState, run_leader
-from tm_sidecar.node._agent import AgentState, Registry, run_agent
+from tm_sidecar.node._agent import run_agent
+from tm_sidecar.node._agent_state import AgentState
+from tm_sidecar.node._registry import Registry
 from tm_sidecar.ops._embedded import EtcdProcess
 
 

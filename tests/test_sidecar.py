@@ -448,7 +448,7 @@ async def test_creates_are_refused_near_the_etcd_quota(
     etcd_server: EtcdProcess, namespace: str
 ) -> None:
     async with running_sidecars(etcd_server.endpoint, namespace, "n1", quota_bytes=1000) as (sc,):
-        await wait_for(lambda: sc._db_size > 0)
+        await wait_for(lambda: sc.admission.db_size > 0)
         with pytest.raises(QueueFull, match="quota"):
             await sc.create({})
 

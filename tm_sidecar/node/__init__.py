@@ -1,10 +1,19 @@
-"""What every sidecar runs on its host.
+"""What every sidecar runs on its host, one job per module.
 
-``_agent`` runs this node's assignments on local handlers and reports their outcomes
-(the outcome itself is the core's ``attempt_outcome``); ``_hub`` turns the feed's changes
-into task events for subscribers; ``_sidecar`` holds the session, registers the node,
-starts each service in dependency order, stands for election and leads when elected, and
-offers the in-process API that the socket server and the dashboard wrap.
+The sidecar: ``_sidecar`` builds the services, starts them in dependency order and
+offers the in-process API that the socket server and the dashboard wrap, handing each
+call to the module that owns it: ``_creates`` (a new task's checks and commit, unique
+keys), ``_reads`` (one task at one revision, waits, cancels), ``_queues`` (queue and
+schedule settings, shared with tmctl), ``_admission`` (the counts refreshed each second
+and the checks a create passes), ``_membership`` (session epochs, registration, the
+election and terms as leader); ``_values`` holds the values the API speaks.
+
+The agent: ``_agent`` follows this node's assignments and starts an attempt for each;
+``_attempt`` runs one on its handler and reports its outcome (the outcome itself is the
+core's ``attempt_outcome``); ``_handlers`` is what a handler sees and may raise;
+``_registry`` keeps the local handlers; ``_agent_state`` what the agent remembers.
+
+``_hub`` turns the feed's changes into task events for subscribers.
 
 May import: core, etcd, leader.
 """

@@ -141,7 +141,9 @@ class EventHub:
                 # Resuming: live events wait until the missed ones are told.
                 sub.held.append(event)
                 if len(sub.held) > self.buffer:
-                    log.warning("resumed subscriber fell %d events behind: dropped", self.buffer)
+                    log.warning(
+                        "resumed subscriber fell behind: dropped", extra={"count": self.buffer}
+                    )
                     sub.overflowed = True
                     sub.close()
                 continue
@@ -157,7 +159,7 @@ class EventHub:
                 sub.send.send_nowait(event)
             except trio.WouldBlock:
                 # A subscriber this far behind is dropped rather than allowed to stall others.
-                log.warning("event subscriber fell %d events behind: dropped", self.buffer)
+                log.warning("event subscriber fell behind: dropped", extra={"count": self.buffer})
                 sub.overflowed = True
                 sub.close()
             except trio.ClosedResourceError:
@@ -220,14 +222,19 @@ class EventHub:
                 except EtcdUnavailable as exc:
                     failures += 1
                     wait = backoff(failures, jitter=False)
-                    log.warning("event replay interrupted (%s); retrying in %.2f s", exc, wait)
+                    log.warning(
+                        "event replay interrupted: retrying",
+                        extra={"error": str(exc), "delay_s": wait},
+                    )
                     await trio.sleep(wait)
         except Compacted as exc:
             log.warning(
-                "a resumed subscriber missed events %d..%d: compacted up to %d",
-                after + 1,
-                up_to,
-                exc.compact_revision,
+                "a resumed subscriber missed compacted events",
+                extra={
+                    "from_revision": after + 1,
+                    "to_revision": up_to,
+                    "compact_revision": exc.compact_revision,
+                },
             )
             try:
                 gap = await self._gap(sub, after, up_to)
@@ -288,17 +295,17 @@ class EventHub:
         missed, with the tasks changed since ``after`` (to read again)."""
         subs = [*self._all, *(sub for subs in self._by_task.values() for sub in subs)]
         log.warning(
-            "event watch started again at %d: events %d..%d were missed; telling %d subscribers",
-            up_to,
-            after + 1,
-            up_to,
-            len(subs),
+            "event watch started again: events were missed, telling the subscribers",
+            extra={"from_revision": after + 1, "to_revision": up_to, "count": len(subs)},
         )
         ids: set[str] = set()
         try:
             ids, truncated = await self._changed_since(after)
         except (EtcdUnavailable, EtcdError) as exc:
-            log.warning("could not list the tasks changed since %d: %s", after, exc)
+            log.warning(
+                "could not list the tasks changed",
+                extra={"revision": after, "error": str(exc)},
+            )
             truncated = True  # read the namespace again
         everything = sorted(ids)[:GAP_TASKS]
         for sub in subs:
@@ -367,7 +374,10 @@ class EventHub:
                         events = self._deriver.derive(change)
                     except (ValueError, KeyError, TypeError) as exc:
                         # Not a record of ours (written by hand?): nothing to tell.
-                        log.warning("malformed value at %s ignored: %s", change.kv.key, exc)
+                        log.warning(
+                            "malformed value ignored",
+                            extra={"key": change.kv.key, "error": str(exc)},
+                        )
                         continue
                     for event in events:
                         self._publish(event)
