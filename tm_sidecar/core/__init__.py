@@ -48,7 +48,6 @@ from ._model import (
     Backoff,
     NodeInfo,
     Record,
-    Records,
     TaskError,
     TaskOptions,
     TaskSpec,
@@ -98,6 +97,7 @@ from ._policy import (
     snoozed,
     succeeded,
 )
+from ._records import Records
 from ._schedule import (
     MISSED_POLICIES,
     Firing,

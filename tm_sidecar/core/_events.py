@@ -7,7 +7,8 @@ import functools
 import attrs
 
 from ._keys import Keyspace, NodeId, State, TaskId
-from ._model import JSON, Records, TaskError
+from ._model import JSON, TaskError
+from ._records import Records
 from ._txn import WatchEvent
 
 

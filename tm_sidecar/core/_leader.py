@@ -5,6 +5,12 @@ The view is fed every change of the namespace in revision order (``load`` then
 again. The shell turns the moves into fenced, batched transactions and reports back with
 ``settle``. Moves in flight are *claimed* so that no task is planned twice before the
 watch shows the outcome (Kubernetes controllers call these expectations).
+
+Size: one class, on purpose. The view's indexes (pending by queue and priority, delayed
+by due time, processing by node, claims, counts per concurrency key, rate windows) are
+kept consistent by ``_put``/``_delete`` and read by every ``_decide_*``; split across
+modules, one invariant would live in several places. What can stand alone already does:
+batches (``_batch``), flow control (``_flow``), schedules (``_schedule``), policy.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ import attrs
 from ._batch import Batch, Decision, LeaderPolicy, assign_batches, chunk_moves
 from ._flow import KeyCounts, QueueConfig, RateWindow, queue_guard
 from ._keys import Keyspace, NodeId, State, TaskId
-from ._model import NodeInfo, Record, Records, TaskError
+from ._model import NodeInfo, Record, TaskError
 from ._plan import ASSIGN_BATCH, REAP_BATCH, Slot
 from ._policy import after_failure, assigned, promoted
+from ._records import Records
 from ._schedule import Schedule, firing_batch
 from ._txn import KeyValue, WatchEvent
 
