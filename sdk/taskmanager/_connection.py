@@ -85,8 +85,6 @@ class Connection:
         #: Why the connection ended for good.
         self.failure: TaskManagerError | None = None
         self._wire = Wire(on_push)
-        #: Sends one request on the current connection (see :meth:`Wire.send_request`).
-        self.send_request = self._wire.send_request
         self._tg: anyio.abc.TaskGroup | None = None
         self._scope: anyio.CancelScope | None = None
         self._started = False
@@ -112,10 +110,6 @@ class Connection:
     def is_connected(self) -> bool:
         """Whether a connection is up and said hello."""
         return self._primed and self._connected.is_set()
-
-    def is_stopped(self) -> bool:
-        """Whether the connection loop ended (shut down, or failed for good)."""
-        return self._primed and self._stopped.is_set()
 
     async def wait_stopped(self) -> None:
         """Return once the connection loop ended."""
@@ -299,6 +293,14 @@ class Connection:
         if isinstance(max_frame, int) and not isinstance(max_frame, bool) and max_frame > 0:
             self._wire.max_frame = max_frame
         await self._on_connected()
+
+    async def send_request(
+        self, op: str, fields: dict[str, Any], *, on_reply: Callable[[Reply], None] | None = None
+    ) -> Any:
+        """Send one request on the current connection and wait for its answer, without
+        waiting for a connection: for ``on_connected``, which runs before calls may use it.
+        """
+        return await self._wire.send_request(op, fields, on_reply=on_reply)
 
     async def request(
         self,

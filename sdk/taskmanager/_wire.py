@@ -153,7 +153,7 @@ class Wire:
         if frame is None:
             return True
         try:
-            await self.dispatch(frame)
+            await self._dispatch(frame)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             log.error(
                 "the sidecar sent a malformed frame (%s: %s): reconnecting %.200r",
@@ -164,7 +164,7 @@ class Wire:
             return False
         return True
 
-    async def dispatch(self, frame: Reply) -> None:
+    async def _dispatch(self, frame: Reply) -> None:
         """A frame from the sidecar: an answer to its request, or a push to ``on_push``.
 
         Raises ``KeyError``, ``TypeError``... for a frame that makes no sense.
