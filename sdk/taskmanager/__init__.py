@@ -18,19 +18,14 @@ The protocol itself (framing, version, event kinds, the errors and their wire co
 :mod:`taskmanager.protocol`, free of I/O: the sidecar's server uses it too.
 """
 
-from ._client import (
-    EVENTS,
-    MANAGER_EVENTS,
-    DefaultTaskManager,
-    Task,
-    TaskManager,
-    Worker,
-    WorkerTask,
-    default_socket,
-)
+from ._callbacks import EVENTS, MANAGER_EVENTS
+from ._client import DefaultTaskManager, TaskManager
+from ._connection import default_socket
 from ._outcomes import Permanent, Snooze
 from ._run import run_worker
 from ._sync import BlockingTask, BlockingTaskManager
+from ._tasks import Task
+from ._worker import Worker, WorkerTask
 from .protocol import (
     Compacted,
     ConnectionLost,

@@ -7,7 +7,8 @@ import signal
 
 import anyio
 
-from ._client import Handler, TaskManager
+from ._client import TaskManager
+from ._worker import Handler
 from .protocol import Unavailable
 
 log = logging.getLogger("taskmanager")

@@ -21,7 +21,9 @@ import anyio
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal
 
-from ._client import Callback, Task, TaskManager
+from ._callbacks import Callback
+from ._client import TaskManager
+from ._tasks import Task
 from .protocol import InvalidRequest
 
 T = TypeVar("T")
