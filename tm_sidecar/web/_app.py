@@ -127,7 +127,7 @@ class Dashboard:
         config.graceful_timeout = 1.0
         with self.sidecar.subscribe(deliver=self.journal.see):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.census.run)
+                await nursery.start(self.census.run)
                 binds = await nursery.start(serve, self, config)
                 url = binds[0] + "/"
                 log.info(

@@ -64,8 +64,10 @@ class Census:
             return 0.0
         return max(self.min_interval_s, self.factor * self.took_s) - age
 
-    async def run(self) -> None:
-        """Count when wanted and due, until cancelled."""
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Count when wanted and due, until cancelled; started at once (the first count
+        is taken when a page first asks for one)."""
+        task_status.started()
         while True:
             await self._wanted.wait()
             wait = self._due_in_s()
