@@ -1,7 +1,7 @@
 # tm-sidecar: one container per host (or per pod), sharing its socket through a volume.
 FROM python:3.11.10-slim-bookworm
 
-# The app's files go in with the same pip steps tests/test_docker.py performs.
+# The app's files go in with the same pip steps tests/ops/test_docker.py performs.
 RUN groupadd --system --gid 10001 tm \
     && useradd --system --uid 10001 --gid tm --home-dir /var/lib/tm-sidecar --shell /usr/sbin/nologin tm \
     && python -m venv /opt/tm-sidecar \

@@ -1,6 +1,6 @@
 // The errors the sidecar reports, by their wire code (docs/protocol.md, "Error codes"),
 // and the SDK's own: the same names, bases, codes and retryability as the Python ones
-// (taskmanager.protocol); tests/test_protocol_module.py checks that they agree.
+// (taskmanager.protocol); tests/server/test_protocol_module.py checks that they agree.
 
 /** The root of every error the SDK raises. */
 export class TaskManagerError extends Error {

@@ -77,7 +77,7 @@ def test_notify_messages_over_a_real_datagram_socket(
 def test_the_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze is not None, "systemd-analyze is missing: .ci/run installs Debian's systemd"
-    unit = (Path(__file__).parent.parent / "systemd" / "tm-sidecar.service").read_text()
+    unit = (Path(__file__).resolve().parents[2] / "systemd" / "tm-sidecar.service").read_text()
     # Point ExecStart at this environment's tm-sidecar, which verify checks exists.
     binary = Path(sys.executable).parent / "tm-sidecar"
     unit = unit.replace("/opt/tm-sidecar/bin/tm-sidecar", str(binary))

@@ -21,7 +21,7 @@ import trio
 from taskmanager import TaskManager
 
 from tests.procs import ROOT
-from tests.test_sdk import _env, sidecars
+from tests.sdk.test_sdk import _env, sidecars
 from tm_sidecar.ops._embedded import EtcdProcess
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

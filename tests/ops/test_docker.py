@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tm_sidecar.ops._embedded import EtcdProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 

@@ -15,7 +15,7 @@ from taskmanager import TaskManager
 
 from tests.helpers import Observed, wait_for
 from tests.procs import SidecarProcess, create_tasks
-from tests.test_protocol import Raw
+from tests.server.test_protocol import Raw
 from tm_sidecar import EtcdConfig
 from tm_sidecar.core import Keyspace
 from tm_sidecar.etcd import connect

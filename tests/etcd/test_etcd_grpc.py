@@ -30,7 +30,7 @@ from tm_sidecar.core import Range
 from tm_sidecar.etcd import TRANSPORTS, GatewayEtcd, GrpcEtcd, connect
 from tm_sidecar.ops._embedded import EtcdProcess, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "tm_sidecar" / "etcd"
 
 

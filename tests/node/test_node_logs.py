@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import running_sidecars
-from tests.test_log import parse_logfmt
+from tests.ops.test_log import parse_logfmt
 from tm_sidecar.core import TaskId
 from tm_sidecar.ops._embedded import EtcdProcess
 from tm_sidecar.ops._log import StructuredFormatter

@@ -10,7 +10,7 @@ import trio
 from tests.cluster import Proxy
 from tests.helpers import poll_until
 from tests.procs import SidecarProcess
-from tests.test_cluster_faults import _raw_create
+from tests.system.test_cluster_faults import _raw_create
 from tm_sidecar.ops._embedded import EtcdProcess
 
 DEADLINE_S = 1.0

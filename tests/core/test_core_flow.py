@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 import pytest
 
-from tests.test_core_leader import KS, POLICY, Feed
+from tests.core.test_core_leader import KS, POLICY, Feed
 from tm_sidecar.core import (
     Compare,
     Delete,

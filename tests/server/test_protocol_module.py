@@ -35,7 +35,7 @@ import tm_sidecar
 import tm_sidecar._errors
 from tm_sidecar.server._server import ServerSettings, SocketServer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL_DOC = (ROOT / "docs" / "protocol.md").read_text()
 #: Codes only the Node.js SDK has: its ``task.result(timeoutMs)`` raises WaitTimeout
 #: where the Python SDK raises Python's own TimeoutError.

@@ -87,3 +87,12 @@ def test_the_design_doc_lists_every_part() -> None:
     design = (ROOT.parent / "docs" / "design.md").read_text()
     missing = [name for name in _parts() if f"`{name}/`" not in design]
     assert missing == []
+
+
+def test_the_tests_mirror_the_parts() -> None:
+    """tests/ has a folder per part (and for the SDK and the whole system), each holding
+    that part's tests; no test file is left at the top."""
+    tests = ROOT.parent / "tests"
+    assert sorted(tests.glob("test_*.py")) == []
+    for name in [*_parts(), "sdk", "system"]:
+        assert list((tests / name).glob("test_*.py")), f"tests/{name}/ has no tests"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: What each distribution's build reads: a copy keeps build/ and *.egg-info out of the tree.
 SOURCES = {
     "sdk": ("pyproject.toml", "LICENSE", "taskmanager"),

@@ -1,0 +1,1 @@
+"""Tests of tm_sidecar/ops/."""

@@ -1,0 +1,1 @@
+"""Tests of the SDK (sdk/taskmanager, sdk/js) against real sidecars."""

@@ -1,0 +1,1 @@
+"""Tests of the whole system: processes, a cluster, the docs, the benchmarks, lint, layout."""
