@@ -149,8 +149,8 @@ class Feed:
                             tap.take(changes.events, changes.revision)
             except Compacted as exc:
                 log.warning(
-                    "the namespace watch fell behind compaction at %d: every consumer lists again",
-                    exc.compact_revision,
+                    "the namespace watch fell behind compaction: every consumer lists again",
+                    extra={"revision": exc.compact_revision},
                 )
                 self.compactions += 1
                 self.revision = 0
@@ -158,7 +158,10 @@ class Feed:
             except EtcdUnavailable as exc:
                 failures += 1
                 wait = self.backoff(failures)
-                log.warning("namespace watch interrupted (%s); retrying in %.2f s", exc, wait)
+                log.warning(
+                    "namespace watch interrupted: retrying",
+                    extra={"error": str(exc), "retry_in_s": round(wait, 3)},
+                )
                 await trio.sleep(wait)
 
     async def informer(
@@ -207,7 +210,10 @@ class Feed:
                 except EtcdUnavailable as exc:
                     failures += 1
                     wait = self.backoff(failures)
-                    log.warning("listing %s failed (%s); retrying in %.2f s", prefix, exc, wait)
+                    log.warning(
+                        "listing failed: retrying",
+                        extra={"prefix": prefix, "error": str(exc), "retry_in_s": round(wait, 3)},
+                    )
                     await trio.sleep(wait)
                     continue
                 failures = 0
@@ -222,7 +228,9 @@ class Feed:
                         await tap.wake.wait()
                     tap.wake = trio.Event()
                     if tap.stale:
-                        log.warning("consumer of %s lists again: %s", prefix, tap.stale)
+                        log.warning(
+                            "consumer lists again", extra={"prefix": prefix, "reason": tap.stale}
+                        )
                         break
                     events, tap.events = tap.events, []
                     fresh = tuple(e for e in events if e.kv.mod_revision > last)

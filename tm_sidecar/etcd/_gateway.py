@@ -73,7 +73,7 @@ class GatewayEtcd(Etcd):
         """Move on to the next endpoint (unless another call already has, from ``failed``)."""
         if len(self.cfg.endpoints) > 1 and failed == self._index:
             self._index = (self._index + 1) % len(self.cfg.endpoints)
-            log.warning("etcd endpoint switched to %s", self.endpoint)
+            log.warning("etcd endpoint switched", extra={"endpoint": self.endpoint})
 
     async def aclose(self) -> None:
         """Close every watch stream and connection."""

@@ -66,10 +66,13 @@ async def informer(
                     if fresh:
                         yield Changes(fresh, last)
         except Compacted:
-            log.warning("watch on %s fell behind compaction; listing again", prefix)
+            log.warning("watch fell behind compaction: listing again", extra={"prefix": prefix})
             last = None
         except EtcdUnavailable as exc:
             failures += 1
             wait = delay(failures)
-            log.warning("watch on %s interrupted (%s); retrying in %.2f s", prefix, exc, wait)
+            log.warning(
+                "watch interrupted: retrying",
+                extra={"prefix": prefix, "error": str(exc), "retry_in_s": round(wait, 3)},
+            )
             await trio.sleep(wait)

@@ -52,12 +52,12 @@ async def retrying(
                 wait = backoff(failures)
                 if isinstance(exc, EtcdFull):
                     log.error(
-                        "%s refused: etcd is full (%s); free space with `tmctl recover`; "
-                        "retrying in %.2f s",
-                        what,
-                        exc,
-                        wait,
+                        "etcd is full: free space with `tmctl recover`; retrying",
+                        extra={"op": what, "error": str(exc), "retry_in_s": round(wait, 3)},
                     )
                 else:
-                    log.warning("%s failed (%s); retrying in %.2f s", what, exc, wait)
+                    log.warning(
+                        "etcd call failed: retrying",
+                        extra={"op": what, "error": str(exc), "retry_in_s": round(wait, 3)},
+                    )
                 await trio.sleep(wait)
