@@ -11,8 +11,10 @@ Modules, one job each:
 
 - ``_config``: :class:`EtcdConfig` and the transports' names;
 - ``_interface``: :class:`Etcd` (the adapter's interface), and what it deals in:
-  :class:`Reset`, :class:`Changes`, :class:`Loader`, :class:`KeyValue` (the core's);
-- ``_retry``: the one backoff, and :func:`retrying`;
+  :class:`Reset`, :class:`Changes`, :class:`Loader`, :class:`KeyValue` (the core's),
+  the end of a prefix's range (``range_end``, ``prefix_end``);
+- ``_retry``: the one backoff, ``Retries`` (count, pause and log the failures of any
+  loop against etcd) and :func:`retrying`;
 - ``_informer``: list, then watch from the listing's revision, on any transport;
 - ``_errors``: failures as our exceptions by gRPC status code (the gateway's JSON
   ``code`` is the same code);
