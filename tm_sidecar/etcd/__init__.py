@@ -30,7 +30,8 @@ Modules, one job each:
 Built on the interface, for the rest of the sidecar: ``_session`` (the session lease
 kept alive by hand, and retention leases), ``_group`` (group commit: concurrent
 transactions of one kind sent together), ``_feed`` (the sidecar's one watch on its
-namespace, fanned out to taps).
+namespace, fanned out to taps), ``_lookup`` (one task wherever it is: its keys at one
+revision).
 
 May import: core.
 
@@ -49,6 +50,7 @@ from ._feed import Feed
 from ._gateway import GatewayEtcd
 from ._group import GroupCommit, GroupStats, txn_group
 from ._interface import Changes, Etcd, KeyValue, Loader, Reset
+from ._lookup import TaskKeys, read_task_keys
 from ._retry import backoff, retrying
 from ._session import RetentionLeases, Session, close_session, open_session, run_keepalive
 from ._sync import SyncEtcd
@@ -80,10 +82,12 @@ __all__ = [
     "RetentionLeases",
     "Session",
     "SyncEtcd",
+    "TaskKeys",
     "backoff",
     "close_session",
     "connect",
     "open_session",
+    "read_task_keys",
     "retrying",
     "run_keepalive",
     "transport_arg",
