@@ -26,6 +26,18 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProces
 
 
 @pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
+    """An etcd of this test's own, to kill, restart or compact (no auto-compaction: a
+    test compacts when it means to)."""
+    proc = EtcdProcess(data_dir=tmp_path / "etcd", auto_compaction="0")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
 def namespace() -> str:
     """A namespace no other test of the module uses."""
     return f"t{next(_counter)}"

@@ -24,6 +24,7 @@ from ..core import (
     Fence,
     Guard,
     Keyspace,
+    KeyValue,
     LeaderPolicy,
     LeaderView,
     Range,
@@ -342,11 +343,7 @@ async def sweep_rate_windows(etcd: Etcd, ks: Keyspace, now: float) -> int:
         window.prune(now, period)
         if window.starts:
             continue
-        txn = Txn(
-            compare=(Compare.modified_at(kv.key, kv.mod_revision),), success=(Delete(kv.key),)
-        )
-        if (await etcd.txn(txn)).succeeded:
-            deleted += 1
+        deleted += await _delete_unchanged(etcd, kv)
     return deleted
 
 
@@ -363,12 +360,14 @@ async def sweep_unique_guards(etcd: Etcd, ks: Keyspace, now: float) -> int:
             continue
         if guard.until_at is None or guard.until_at > now:
             continue
-        txn = Txn(
-            compare=(Compare.modified_at(kv.key, kv.mod_revision),), success=(Delete(kv.key),)
-        )
-        if (await etcd.txn(txn)).succeeded:
-            deleted += 1
+        deleted += await _delete_unchanged(etcd, kv)
     return deleted
+
+
+async def _delete_unchanged(etcd: Etcd, kv: KeyValue) -> bool:
+    """Delete a key unless it changed since it was read as ``kv``; answers whether it went."""
+    txn = Txn(compare=(Compare.modified_at(kv.key, kv.mod_revision),), success=(Delete(kv.key),))
+    return (await etcd.txn(txn)).succeeded
 
 
 async def _settle_unknown(etcd: Etcd, ks: Keyspace, view: LeaderView, batch: Batch) -> int:
