@@ -57,14 +57,19 @@ class Queries:
                 row[state.value] += 1
         return dict(sorted(queues.items()))
 
-    async def paused_queues(self) -> set[str]:
+    async def queue_configs(self) -> dict[str, QueueConfig]:
+        """Every queue that has settings (paused, limits), by name."""
         kvs, _ = await self.etcd.list_prefix(self.ks.queues())
-        out = set()
+        configs = {}
         for kv in kvs:
             parsed = self.ks.parse(kv.key)
-            if parsed is not None and parsed.name and QueueConfig.from_json(kv.value).paused:
-                out.add(parsed.name)
-        return out
+            if parsed is not None and parsed.name:
+                configs[parsed.name] = QueueConfig.from_json(kv.value)
+        return configs
+
+    async def paused_queues(self) -> set[str]:
+        """The queues paused now."""
+        return {name for name, config in (await self.queue_configs()).items() if config.paused}
 
     async def find(self, task_id: str) -> tuple[TaskSpec | None, State | None, KeyValue | None]:
         """The task's spec (None once its payload is gone), its state and its state key

@@ -1,6 +1,7 @@
-"""One task wherever it is (tm_sidecar/etcd/_lookup.py), on a real etcd: its payload and
-its state key at one revision, in every state, with its payload gone, and not at all;
-tmctl's and the dashboard's ``Queries.find`` answer from it."""
+"""Reads of a namespace straight from etcd, on a real etcd: one task wherever it is
+(tm_sidecar/etcd/_lookup.py: its payload and state key at one revision, in every state,
+with its payload gone, and not at all), which tmctl's and the dashboard's
+``Queries.find`` answer from; the queues' settings, read in one place (admin/_queries.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tm_sidecar.core import (
     Keyspace,
     NodeId,
     Put,
+    QueueConfig,
     Record,
     State,
     TaskId,
@@ -93,3 +95,13 @@ async def test_a_record_without_its_payload_and_no_task_at_all(etcd: Etcd, names
     missing = await read_task_keys(etcd, ks, TaskId("t2"))
     assert (missing.payload, missing.states) == (None, ())
     assert await Queries(etcd, ks).find("t2") == (None, None, None)
+
+
+async def test_queue_settings_are_read_in_one_place(etcd: Etcd, namespace: str) -> None:
+    ks = Keyspace(namespace=namespace)
+    await etcd.put(ks.queue("mail"), QueueConfig(paused=True).to_json())
+    await etcd.put(ks.queue("video"), QueueConfig(max_running=2).to_json())
+    queries = Queries(etcd, ks)
+    configs = await queries.queue_configs()
+    assert configs == {"mail": QueueConfig(paused=True), "video": QueueConfig(max_running=2)}
+    assert await queries.paused_queues() == {"mail"}
