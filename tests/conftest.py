@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tm_sidecar.etcd import Etcd, EtcdConfig, connect
 from tm_sidecar.ops._embedded import EtcdProcess
 
 _counter = itertools.count()
@@ -23,6 +24,16 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProces
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+async def etcd(etcd_server: EtcdProcess) -> AsyncIterator[Etcd]:
+    """A client (the default transport) of the module's etcd."""
+    client = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

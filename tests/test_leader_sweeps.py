@@ -6,22 +6,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-
 from tm_sidecar.core import Keyspace, RateWindow
-from tm_sidecar.etcd import Etcd, EtcdConfig, connect
+from tm_sidecar.etcd import Etcd
 from tm_sidecar.leader._leading import sweep_rate_windows, sweep_unique_guards
-from tm_sidecar.ops._embedded import EtcdProcess
-
-
-@pytest.fixture
-async def etcd(etcd_server: EtcdProcess) -> AsyncIterator[Etcd]:
-    client = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
-    yield client
-    await client.aclose()
 
 
 def _guard(until_at: float | None) -> str:

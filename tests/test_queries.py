@@ -6,7 +6,6 @@ with its payload gone, and not at all), which tmctl's and the dashboard's
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -26,15 +25,7 @@ from tm_sidecar.core import (
     initial_record,
     plan_create,
 )
-from tm_sidecar.etcd import Etcd, EtcdConfig, connect, read_task_keys
-from tm_sidecar.ops._embedded import EtcdProcess
-
-
-@pytest.fixture
-async def etcd(etcd_server: EtcdProcess) -> AsyncIterator[Etcd]:
-    client = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
-    yield client
-    await client.aclose()
+from tm_sidecar.etcd import Etcd, read_task_keys
 
 
 async def _create(etcd: Etcd, ks: Keyspace, task_id: str) -> TaskSpec:
