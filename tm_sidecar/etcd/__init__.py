@@ -49,7 +49,7 @@ from ._config import TRANSPORTS, EtcdConfig, transport_arg
 from ._feed import Feed
 from ._gateway import GatewayEtcd
 from ._group import GroupCommit, GroupStats, txn_group
-from ._interface import Changes, Etcd, KeyValue, Loader, Reset
+from ._interface import Changes, Etcd, KeyValue, Loader, Reset, prefix_end, range_end
 from ._lookup import TaskKeys, read_task_keys
 from ._retry import backoff, retrying
 from ._session import RetentionLeases, Session, close_session, open_session, run_keepalive
@@ -87,6 +87,8 @@ __all__ = [
     "close_session",
     "connect",
     "open_session",
+    "prefix_end",
+    "range_end",
     "read_task_keys",
     "retrying",
     "run_keepalive",
