@@ -508,7 +508,7 @@ async def backlog(env: Env) -> Result:
             await p.wait_serving()
         # Measure once the leader has listed the backlog (its first listing is timed too).
         with trio.fail_after(120):
-            while "leader view listed" not in procs[0].log():
+            while LISTED not in procs[0].log():
                 await trio.sleep(0.05)
         relist = _relist_s(procs[0].log())
         async with TaskManager(str(procs[0].socket_path)) as m:
@@ -529,9 +529,9 @@ async def backlog(env: Env) -> Result:
         # Failover with the backlog: the new leader's listing time.
         procs[0].kill()
         with trio.move_on_after(60):
-            while "leader view listed" not in procs[1].log():
+            while LISTED not in procs[1].log():
                 await trio.sleep(0.05)
-        if "leader view listed" not in procs[1].log():
+        if LISTED not in procs[1].log():
             raise RuntimeError(f"no listing after failover:\n{procs[1].log()[-3000:]}")
         relist_after = _relist_s(procs[1].log())
     finally:
@@ -548,8 +548,13 @@ async def backlog(env: Env) -> Result:
     }
 
 
+#: The leader's log lines that _relist_s times (tm_sidecar/leader/_leading.py).
+LEADING, LISTED = 'msg="leading with fence"', 'msg="leader view listed"'
+
+
 def _relist_s(log: str) -> float | None:
-    """Seconds between 'leading with fence' and 'leader view listed' in a sidecar's log."""
+    """Seconds between the last 'leading with fence' and 'leader view listed' in a sidecar's
+    log."""
 
     def ts(line: str) -> float:
         stamp = line.split(" ", 1)[0].removeprefix("ts=")
@@ -558,8 +563,8 @@ def _relist_s(log: str) -> float | None:
         )
 
     lines = log.splitlines()
-    starts = [ts(ln) for ln in lines if "leading with fence" in ln]
-    listed = [ts(ln) for ln in lines if "leader view listed" in ln]
+    starts = [ts(ln) for ln in lines if LEADING in ln]
+    listed = [ts(ln) for ln in lines if LISTED in ln]
     return listed[-1] - starts[-1] if starts and listed else None
 
 

@@ -8,8 +8,10 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from contextlib import aclosing
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -28,6 +30,7 @@ from tm_sidecar.core import (
     make_task_id,
     plan_create,
 )
+from tm_sidecar.ops._embedded import EtcdProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The etcd transport of every sidecar these tests start (``--etcd-transport``), in a
@@ -227,3 +230,22 @@ async def leader_node(etcd: Etcd, ks: Keyspace) -> str | None:
         return None
     first = min(kvs, key=lambda kv: kv.create_revision)
     return str(json.loads(first.value)["node"])
+
+
+@asynccontextmanager
+async def sidecars(
+    etcd: EtcdProcess, namespace: str, tmp_path: Path, *names: str, **kw: Any
+) -> AsyncIterator[list[SidecarProcess]]:
+    """Sidecar processes with no handler of their own, started in order (the first leads)."""
+    kw.setdefault("handler", None)
+    procs = [
+        SidecarProcess(n, etcd.endpoint, namespace, tmp_path / f"{n}.log", **kw) for n in names
+    ]
+    try:
+        for p in procs:
+            p.start()
+            await p.wait_serving()
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()

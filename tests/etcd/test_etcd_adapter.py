@@ -5,9 +5,8 @@ a full etcd are in test_etcd_grpc.py, TLS and auth in test_security.py, also thr
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from pathlib import Path
 
 import attrs
 import pytest
@@ -261,14 +260,6 @@ async def test_unreachable_etcd_is_unavailable_quickly(transport: str) -> None:
 
 
 # -- etcd going away: a private etcd per test ------------------------------------------
-
-
-@pytest.fixture
-def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
-    proc = EtcdProcess(data_dir=tmp_path / "etcd", auto_compaction="0")
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 def _events(items: list[Reset | Changes]) -> list[WatchEvent]:

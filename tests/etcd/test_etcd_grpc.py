@@ -194,14 +194,6 @@ async def test_refusals_by_status_code(
     await etcd.aclose()
 
 
-@pytest.fixture
-def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
-    proc = EtcdProcess(data_dir=tmp_path / "etcd", auto_compaction="0")
-    proc.start()
-    yield proc
-    proc.stop()
-
-
 async def _until_up(etcd: Etcd) -> None:
     with trio.fail_after(15):
         while True:

@@ -3,9 +3,8 @@ its own answer when a batch cannot go through whole."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
-import pytest
 import trio
 import trio.lowlevel
 import trio.testing
@@ -15,13 +14,6 @@ from tm_sidecar.core import Compare, Put, Touch, Txn, TxnResult
 from tm_sidecar.etcd import connect
 from tm_sidecar.etcd._group import GroupCommit, merge_txns, txn_group
 from tm_sidecar.ops._embedded import EtcdProcess
-
-
-@pytest.fixture
-async def etcd(etcd_server: EtcdProcess) -> AsyncIterator[Etcd]:
-    client = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
-    yield client
-    await client.aclose()
 
 
 def create(key: str, value: str = "v") -> Txn:

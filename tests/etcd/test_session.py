@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -15,14 +13,6 @@ from tests.helpers import stop_process, wait_for
 from tm_sidecar import EtcdConfig, LeaseLost
 from tm_sidecar.etcd import close_session, connect, open_session, run_keepalive
 from tm_sidecar.ops._embedded import EtcdProcess
-
-
-@pytest.fixture
-def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
-    proc = EtcdProcess(data_dir=tmp_path / "etcd")
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 async def test_the_keepalive_keeps_the_lease_past_its_ttl(etcd_server: EtcdProcess) -> None:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import trio
 
 from tests.helpers import stop_process
@@ -18,14 +15,6 @@ from tm_sidecar.etcd import close_session, connect, open_session
 from tm_sidecar.leader import current_leader, resign, stand, wait_to_lead
 from tm_sidecar.leader._election import RESIGN_TIMEOUT_S
 from tm_sidecar.ops._embedded import EtcdProcess
-
-
-@pytest.fixture
-def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
-    proc = EtcdProcess(data_dir=tmp_path / "etcd")
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 async def test_the_first_candidate_leads_and_a_resignation_hands_over(

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+import tm_sidecar
 from tests.helpers import running_sidecars
 from tests.ops.test_log import parse_logfmt
 from tm_sidecar.core import TaskId
 from tm_sidecar.ops._embedded import EtcdProcess
 from tm_sidecar.ops._log import StructuredFormatter
 
-NODE = Path(__file__).resolve().parent.parent / "tm_sidecar" / "node"
+NODE = Path(tm_sidecar.__file__).parent / "node"
 LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
 #: What logging refuses as a field, or would shadow.
 RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {

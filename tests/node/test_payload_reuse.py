@@ -10,7 +10,7 @@ import trio
 from tests.helpers import running_sidecars
 from tm_sidecar import InvalidRequest, State, TaskContext
 from tm_sidecar.core import TaskId
-from tm_sidecar.leader._leading import sweep_payloads
+from tm_sidecar.leader._sweeps import sweep_payloads
 from tm_sidecar.ops._embedded import EtcdProcess
 
 

@@ -3,6 +3,7 @@ checked by parsing the lines of real sidecar processes."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
@@ -10,11 +11,14 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import tm_sidecar
 from tests.procs import ROOT
+from tm_sidecar.core import Keyspace
 from tm_sidecar.ops._embedded import EtcdProcess
 from tm_sidecar.ops._log import StructuredFormatter
 
@@ -112,7 +116,19 @@ def test_fields_are_keys_in_both_formats() -> None:
 
 
 #: The loggers of the modules whose calls carry their values as fields.
-CONVERTED = ("tm_sidecar.cli", "tm_sidecar.web", "tm_sidecar.metrics", "tm_sidecar.embedded")
+CONVERTED = (
+    "tm_sidecar.cli",
+    "tm_sidecar.web",
+    "tm_sidecar.metrics",
+    "tm_sidecar.embedded",
+    "tm_sidecar.notify",
+    "tm_sidecar.etcd",
+    "tm_sidecar.session",
+    "tm_sidecar.group",
+    "tm_sidecar.feed",
+    "tm_sidecar.election",
+    "tm_sidecar.leader",
+)
 SECRETS = {"TM_ETCD_PASSWORD": "pw-s3cret-9", "TM_WEB_TOKEN": "tok-s3cret-8"}
 
 
@@ -171,3 +187,130 @@ def test_a_real_sidecar_logs_each_field_as_a_key(
     assert {d["sum"] for d in data} <= {0, 1}
     assert str(the("demo finished")[0]["tasks"]) == "3"
     assert the("stopped")
+    # The session, the election and the leader's view, each value a field of its own.
+    (session,) = the("session opened")
+    assert int(session["lease"]) > 0
+    assert int(session["ttl_s"]) > 0
+    assert [r["lease"] for r in the("session revoked")] == [session["lease"]]
+    (candidate,) = the("candidate")
+    (leading,) = the("leading with fence")
+    assert (leading["key"], leading["revision"]) == (candidate["key"], candidate["revision"])
+    assert leading["key"] == Keyspace(namespace=namespace).candidate(int(session["lease"]))
+    listed = the("leader view listed")[0]
+    assert int(listed["revision"]) >= int(leading["revision"])
+    for count in ("pending", "delayed", "processing", "nodes"):
+        assert int(listed[count]) >= 0
+
+
+# -- the rule, held in the source: a constant message, the values in ``extra`` --------------
+
+PACKAGE = Path(tm_sidecar.__file__).parent
+_LEVELS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "fatal", "log"}
+_LOGGERS = {"log", "logger", "logging", "_log", "_logger"}
+#: A %-conversion (``%s``, ``%(name)s``, ``%.2f``...); ``%%`` is a literal percent sign.
+_PERCENT = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[diouxXeEfFgGcrsa]")
+_SNAKE = re.compile(r"[a-z][a-z0-9_]*")
+#: What logging refuses in ``extra`` (it raises KeyError on them).
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def _is_log_call(node: ast.Call) -> bool:
+    func = node.func
+    if not (isinstance(func, ast.Attribute) and func.attr in _LEVELS):
+        return False
+    owner = func.value
+    name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+    return name in _LOGGERS
+
+
+def log_rule_breaches(source: str, where: str = "<source>") -> list[str]:
+    """Every log call in ``source`` that breaks the structured-log rule, as ``where:line:
+    why``: a message that is not one constant string (an f-string, ``%`` or ``.format``,
+    a concatenation), %-arguments or a %-conversion in the message, and ``extra`` keys
+    that are not snake_case or are a LogRecord's own attribute (logging raises on those)."""
+    tree = ast.parse(source)
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    breaches: list[str] = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and _is_log_call(node)):
+            continue
+        assert isinstance(node.func, ast.Attribute)
+        args = node.args[1:] if node.func.attr == "log" else node.args
+        at = f"{where}:{node.lineno}"
+        if not args:
+            breaches.append(f"{at}: no message")
+            continue
+        msg, rest = args[0], args[1:]
+        if isinstance(msg, ast.Name) and msg.id in constants:
+            text: str | None = constants[msg.id]
+        elif isinstance(msg, ast.Constant) and isinstance(msg.value, str):
+            text = msg.value
+        else:
+            kind = "an f-string" if isinstance(msg, ast.JoinedStr) else "not a constant string"
+            breaches.append(f"{at}: the message is {kind}")
+            text = None
+        if rest:
+            breaches.append(f"{at}: %-arguments after the message")
+        if text is not None and _PERCENT.search(text.replace("%%", "")):
+            breaches.append(f"{at}: a %-conversion in the message {text!r}")
+        for keyword in node.keywords:
+            if keyword.arg == "extra" and isinstance(keyword.value, ast.Dict):
+                for key in keyword.value.keys:
+                    if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                        continue
+                    if key.value in _RECORD_ATTRS:
+                        breaches.append(f"{at}: {key.value!r} is a LogRecord attribute")
+                    elif not _SNAKE.fullmatch(key.value):
+                        breaches.append(f"{at}: {key.value!r} is not a snake_case key")
+    return breaches
+
+
+def test_the_rule_check_sees_each_kind_of_breach() -> None:
+    source = """
+import logging
+log = logging.getLogger(__name__)
+NOTE = "a constant sentence"
+OLD = "took %.1f s"
+log.info("task started", extra={"task": t, "took_s": 1.5})
+log.warning(NOTE, extra={"signal": "SIGTERM"})
+log.info("100%% done")
+self.log.error("handler crashed", exc_info=True)
+log.info(f"task {t} started")
+log.info("took %.1f s", took)
+log.info("took %(s)s" % {"s": took})
+log.info("took {} s".format(took))
+log.info("took " + str(took))
+log.warning(OLD)
+logging.log(logging.INFO, "lease=%x", lease)
+log.info("sidecar ready", extra={"name": n, "TaskId": t})
+"""
+    found = log_rule_breaches(source)
+    lines = sorted({int(b.split(":")[1]) for b in found})
+    assert lines == list(range(10, 18)), found
+    assert any("an f-string" in b for b in found)
+    assert any("'name' is a LogRecord attribute" in b for b in found)
+    assert any("'TaskId' is not a snake_case key" in b for b in found)
+
+
+def test_every_log_call_in_tm_sidecar_keeps_the_rule() -> None:
+    files = sorted(PACKAGE.rglob("*.py"))
+    checked = list(files)
+    assert len(checked) > 40  # the walk found the package
+    breaches = [
+        b
+        for f in checked
+        for b in log_rule_breaches(f.read_text(), str(f.relative_to(PACKAGE.parent)))
+    ]
+    assert not breaches, "\n".join(breaches)

@@ -8,8 +8,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +17,8 @@ import trio
 from taskmanager import BlockingTaskManager, Permanent, TaskFailed, TaskManager, WorkerTask
 
 from tests.helpers import Observed
-from tests.procs import ROOT, SidecarProcess
+from tests.procs import ROOT, sidecars
 from tm_sidecar.ops._embedded import EtcdProcess
-
-
-@asynccontextmanager
-async def sidecars(
-    etcd: EtcdProcess, namespace: str, tmp_path: Path, *names: str, lease_ttl_s: int = 2
-) -> AsyncIterator[list[SidecarProcess]]:
-    procs = [
-        SidecarProcess(
-            n,
-            etcd.endpoint,
-            namespace,
-            tmp_path / f"{n}.log",
-            lease_ttl_s=lease_ttl_s,
-            handler=None,
-        )
-        for n in names
-    ]
-    try:
-        for p in procs:
-            p.start()
-            await p.wait_serving()
-        yield procs
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def _env(sock: Path) -> dict[str, str]:

@@ -29,8 +29,8 @@ from taskmanager import (
 )
 
 from tests.helpers import Observed
-from tests.procs import ROOT, SidecarProcess
-from tests.sdk.test_sdk import _env, sidecars
+from tests.procs import ROOT, SidecarProcess, sidecars
+from tests.sdk.test_sdk import _env
 from tm_sidecar.ops._embedded import EtcdProcess
 
 BIG = "x" * 1_100_000  # over the sidecar's max_frame (1 MiB)

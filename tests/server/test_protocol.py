@@ -15,16 +15,22 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from taskmanager.protocol import (
+    InvalidRequest,
+    PayloadTooLarge,
+    ProtocolViolation,
+    TaskNotFound,
+    Unavailable,
+)
 
 from tests.procs import SidecarProcess
 from tm_sidecar.ops._embedded import EtcdProcess
 
+#: What garbage may be answered with: the caller's fault, or the sidecar's unavailability
+#: (codes from the one table, taskmanager.protocol).
 CODES = {
-    "invalid_request",
-    "protocol_violation",
-    "task_not_found",
-    "payload_too_large",
-    "unavailable",
+    cls.code
+    for cls in (InvalidRequest, ProtocolViolation, TaskNotFound, PayloadTooLarge, Unavailable)
 }
 
 

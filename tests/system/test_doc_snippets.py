@@ -20,8 +20,8 @@ import pytest
 import trio
 from taskmanager import TaskManager
 
-from tests.procs import ROOT
-from tests.sdk.test_sdk import _env, sidecars
+from tests.procs import ROOT, sidecars
+from tests.sdk.test_sdk import _env
 from tm_sidecar.ops._embedded import EtcdProcess
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

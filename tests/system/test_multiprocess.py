@@ -7,10 +7,8 @@ while it is in another (one state, one assignment), and each result is written o
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 
 from tests.helpers import poll_until
@@ -21,14 +19,6 @@ from tm_sidecar.etcd import connect
 from tm_sidecar.ops._embedded import EtcdProcess
 
 TTL = 2
-
-
-@pytest.fixture
-def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
-    proc = EtcdProcess(data_dir=tmp_path / "etcd")
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 def _procs(endpoint: str, namespace: str, tmp_path: Path, names: list[str]) -> list[SidecarProcess]:

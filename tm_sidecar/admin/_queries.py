@@ -17,7 +17,7 @@ from ..core import (
     TaskId,
     TaskSpec,
 )
-from ..etcd import Etcd
+from ..etcd import Etcd, read_task_keys
 
 #: The states a queue's depth counts.
 QUEUE_STATES = ("pending", "delayed", "processing")
@@ -57,25 +57,28 @@ class Queries:
                 row[state.value] += 1
         return dict(sorted(queues.items()))
 
-    async def paused_queues(self) -> set[str]:
+    async def queue_configs(self) -> dict[str, QueueConfig]:
+        """Every queue that has settings (paused, limits), by name."""
         kvs, _ = await self.etcd.list_prefix(self.ks.queues())
-        out = set()
+        configs = {}
         for kv in kvs:
             parsed = self.ks.parse(kv.key)
-            if parsed is not None and parsed.name and QueueConfig.from_json(kv.value).paused:
-                out.add(parsed.name)
-        return out
+            if parsed is not None and parsed.name:
+                configs[parsed.name] = QueueConfig.from_json(kv.value)
+        return configs
+
+    async def paused_queues(self) -> set[str]:
+        """The queues paused now."""
+        return {name for name, config in (await self.queue_configs()).items() if config.paused}
 
     async def find(self, task_id: str) -> tuple[TaskSpec | None, State | None, KeyValue | None]:
-        tid = TaskId(task_id)
-        spec_kv = await self.etcd.get(self.ks.task(tid))
-        spec = TaskSpec.from_json(spec_kv.value) if spec_kv else None
-        for state in (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED):
-            kv = await self.etcd.get(self.ks.state(state, tid))
-            if kv is not None:
-                return spec, state, kv
-        procs, _ = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
-        for kv in procs:
-            if kv.key.endswith("/" + task_id):
-                return spec, State.PROCESSING, kv
+        """The task's spec (None once its payload is gone), its state and its state key
+        (None, None for none), as of one revision: ``etcd.read_task_keys``, as the sidecar
+        reads a task."""
+        keys = await read_task_keys(self.etcd, self.ks, TaskId(task_id))
+        spec = TaskSpec.from_json(keys.payload.value) if keys.payload else None
+        for kv in keys.states:
+            parsed = self.ks.parse(kv.key)
+            if parsed is not None and parsed.state is not None:
+                return spec, parsed.state, kv
         return spec, None, None

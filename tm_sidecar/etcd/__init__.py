@@ -11,8 +11,10 @@ Modules, one job each:
 
 - ``_config``: :class:`EtcdConfig` and the transports' names;
 - ``_interface``: :class:`Etcd` (the adapter's interface), and what it deals in:
-  :class:`Reset`, :class:`Changes`, :class:`Loader`, :class:`KeyValue` (the core's);
-- ``_retry``: the one backoff, and :func:`retrying`;
+  :class:`Reset`, :class:`Changes`, :class:`Loader`, :class:`KeyValue` (the core's),
+  the end of a prefix's range (``range_end``, ``prefix_end``);
+- ``_retry``: the one backoff, ``Retries`` (count, pause and log the failures of any
+  loop against etcd) and :func:`retrying`;
 - ``_informer``: list, then watch from the listing's revision, on any transport;
 - ``_errors``: failures as our exceptions by gRPC status code (the gateway's JSON
   ``code`` is the same code);
@@ -28,7 +30,8 @@ Modules, one job each:
 Built on the interface, for the rest of the sidecar: ``_session`` (the session lease
 kept alive by hand, and retention leases), ``_group`` (group commit: concurrent
 transactions of one kind sent together), ``_feed`` (the sidecar's one watch on its
-namespace, fanned out to taps).
+namespace, fanned out to taps), ``_lookup`` (one task wherever it is: its keys at one
+revision).
 
 May import: core.
 
@@ -46,7 +49,8 @@ from ._config import TRANSPORTS, EtcdConfig, transport_arg
 from ._feed import Feed
 from ._gateway import GatewayEtcd
 from ._group import GroupCommit, GroupStats, txn_group
-from ._interface import Changes, Etcd, KeyValue, Loader, Reset
+from ._interface import Changes, Etcd, KeyValue, Loader, Reset, prefix_end, range_end
+from ._lookup import TaskKeys, read_task_keys
 from ._retry import backoff, retrying
 from ._session import RetentionLeases, Session, close_session, open_session, run_keepalive
 from ._sync import SyncEtcd
@@ -78,10 +82,14 @@ __all__ = [
     "RetentionLeases",
     "Session",
     "SyncEtcd",
+    "TaskKeys",
     "backoff",
     "close_session",
     "connect",
     "open_session",
+    "prefix_end",
+    "range_end",
+    "read_task_keys",
     "retrying",
     "run_keepalive",
     "transport_arg",

@@ -12,9 +12,9 @@ from google.protobuf.json_format import MessageToDict
 from .._errors import Compacted, EtcdError, LeaseNotFound
 from ..core import KeyValue, Range, RangeResult, Txn, TxnResult
 from . import _transport as rpc
-from ._codec import decode_kvs, decode_range, decode_txn, encode_range, encode_txn, range_end
+from ._codec import decode_kvs, decode_range, decode_txn, encode_range, encode_txn
 from ._config import EtcdConfig
-from ._interface import Changes, Etcd
+from ._interface import Changes, Etcd, range_end
 from ._leases import KeepAlives
 from ._proto import rpc_pb2 as pb
 from ._watch import watch_once

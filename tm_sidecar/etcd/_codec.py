@@ -19,18 +19,8 @@ from ..core import (
     TxnResult,
     WatchEvent,
 )
+from ._interface import range_end
 from ._proto import rpc_pb2 as pb
-
-
-def range_end(prefix: bytes) -> bytes:
-    """The end of the range of keys under ``prefix`` (every key, for an empty one)."""
-    raw = bytearray(prefix)
-    while raw and raw[-1] == 0xFF:
-        raw.pop()
-    if not raw:
-        return b"\0"
-    raw[-1] += 1
-    return bytes(raw)
 
 
 def encode_range(r: Range) -> pb.RangeRequest:

@@ -20,7 +20,6 @@ own watch falls behind etcd's compaction, every tap lists again the same way.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 
@@ -29,20 +28,11 @@ import trio
 
 from .._errors import Compacted, EtcdUnavailable
 from ..core import Keyspace, KeyValue, WatchEvent
-from ._interface import Changes, Etcd, Loader, Reset
+from ._interface import Changes, Etcd, Loader, Reset, prefix_end
+from ._retry import Retries
+from ._retry import backoff as default_backoff
 
 log = logging.getLogger("tm_sidecar.feed")
-
-
-def default_backoff(failures: int) -> float:
-    """Seconds to wait after ``failures`` failures in a row: 50 ms doubling to 2 s, with
-    jitter so that many sidecars do not come back at once."""
-    return float(min(2.0, 0.05 * 2.0 ** min(failures, 10)) * (0.5 + random.random() / 2))
-
-
-def _prefix_end(prefix: str) -> str:
-    # Keys are ASCII paths (docs/keys.md): the next string after every key under prefix.
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 #: Events a tap holds for a busy consumer before it drops them and lists again.
@@ -123,7 +113,7 @@ class Feed:
         """Watch until cancelled; ready once the watch's start revision is known."""
         start, end = self.range
         started = False
-        failures = 0
+        retries = Retries("namespace watch", self.backoff)
         while True:
             try:
                 if not self.revision:
@@ -141,7 +131,7 @@ class Feed:
                 )
                 async with aclosing(watch) as items:
                     async for changes in items:
-                        failures = 0
+                        retries.reset()
                         if changes.revision <= self.revision:
                             continue
                         self.revision = changes.revision
@@ -149,17 +139,14 @@ class Feed:
                             tap.take(changes.events, changes.revision)
             except Compacted as exc:
                 log.warning(
-                    "the namespace watch fell behind compaction at %d: every consumer lists again",
-                    exc.compact_revision,
+                    "the namespace watch fell behind compaction: every consumer lists again",
+                    extra={"revision": exc.compact_revision},
                 )
                 self.compactions += 1
                 self.revision = 0
                 self._lost = True
             except EtcdUnavailable as exc:
-                failures += 1
-                wait = self.backoff(failures)
-                log.warning("namespace watch interrupted (%s); retrying in %.2f s", exc, wait)
-                await trio.sleep(wait)
+                await retries.pause(exc)
 
     async def informer(
         self,
@@ -182,13 +169,13 @@ class Feed:
         deletions are left out. With ``track_prev`` (not with a ``loader``), a deletion
         carries the key's value as last seen, as a watch's ``prev_kv`` would.
         """
-        end = range_end if range_end is not None else _prefix_end(prefix)
+        end = range_end if range_end is not None else prefix_end(prefix)
         first, last_key = self.range
         if not (first <= prefix and end <= last_key):
             raise ValueError(f"[{prefix}, {end}) is not within the feed's [{first}, {last_key})")
         tap = Tap(prefix, end, self.limit, puts_only=puts_only)
         self._taps.add(tap)
-        failures = 0
+        retries = Retries("listing", self.backoff)
         known: dict[str, KeyValue] = {}
         try:
             while True:
@@ -205,12 +192,9 @@ class Feed:
                     else:
                         kvs, revision = (), await self.etcd.revision()
                 except EtcdUnavailable as exc:
-                    failures += 1
-                    wait = self.backoff(failures)
-                    log.warning("listing %s failed (%s); retrying in %.2f s", prefix, exc, wait)
-                    await trio.sleep(wait)
+                    await retries.pause(exc, prefix=prefix)
                     continue
-                failures = 0
+                retries.reset()
                 if tap.stale:
                     continue  # it overflowed while listing: the listing may be incomplete
                 last = revision
@@ -222,7 +206,9 @@ class Feed:
                         await tap.wake.wait()
                     tap.wake = trio.Event()
                     if tap.stale:
-                        log.warning("consumer of %s lists again: %s", prefix, tap.stale)
+                        log.warning(
+                            "consumer lists again", extra={"prefix": prefix, "reason": tap.stale}
+                        )
                         break
                     events, tap.events = tap.events, []
                     fresh = tuple(e for e in events if e.kv.mod_revision > last)

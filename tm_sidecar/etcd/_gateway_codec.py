@@ -20,6 +20,7 @@ from ..core import (
     TxnResult,
     WatchEvent,
 )
+from ._interface import range_end
 
 Body = dict[str, Any]
 
@@ -31,13 +32,7 @@ def b64(text: str) -> str:
 
 def range_end_b64(prefix: str) -> str:
     """The end of the range of keys under ``prefix`` (every key, for an empty one)."""
-    raw = bytearray(prefix.encode())
-    while raw and raw[-1] == 0xFF:
-        raw.pop()
-    if not raw:
-        return base64.b64encode(b"\0").decode()
-    raw[-1] += 1
-    return base64.b64encode(bytes(raw)).decode()
+    return base64.b64encode(range_end(prefix.encode())).decode()
 
 
 def encode_range(r: Range) -> Body:

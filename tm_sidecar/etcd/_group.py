@@ -209,7 +209,10 @@ def txn_group(
         except EtcdUnavailable:
             raise
         except EtcdError as exc:
-            log.debug("%s of %d refused (%s): committing each alone", name, len(txns), exc)
+            log.debug(
+                "group commit refused: committing each alone",
+                extra={"group": name, "count": len(txns), "error": str(exc)},
+            )
         answers: list[TxnResult | BaseException] = []
         for txn in txns:
             try:

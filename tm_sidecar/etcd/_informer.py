@@ -11,10 +11,9 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
-import trio
-
 from .._errors import Compacted, EtcdUnavailable
 from ._interface import Changes, Loader, Reset
+from ._retry import Retries
 from ._retry import backoff as default_backoff
 
 if TYPE_CHECKING:
@@ -40,8 +39,7 @@ async def informer(
     a new :class:`Reset`, when that revision has been compacted. Changes are never
     repeated nor skipped between resets.
     """
-    delay = backoff or default_backoff
-    failures = 0
+    retries = Retries("watch", backoff or default_backoff)
     last: int | None = None
     while True:
         try:
@@ -54,7 +52,7 @@ async def informer(
                     page=page,
                 )
                 last = revision
-                failures = 0
+                retries.reset()
                 yield Reset(kvs, revision, loaded)
             watch = client.watch_once(prefix, last + 1, range_end=range_end, prev_kv=prev_kv)
             async with aclosing(watch) as items:
@@ -62,14 +60,11 @@ async def informer(
                     # A resumed stream may repeat what was delivered before it broke.
                     fresh = tuple(e for e in item.events if e.kv.mod_revision > last)
                     last = max(last, item.revision)
-                    failures = 0
+                    retries.reset()
                     if fresh:
                         yield Changes(fresh, last)
         except Compacted:
-            log.warning("watch on %s fell behind compaction; listing again", prefix)
+            log.warning("watch fell behind compaction: listing again", extra={"prefix": prefix})
             last = None
         except EtcdUnavailable as exc:
-            failures += 1
-            wait = delay(failures)
-            log.warning("watch on %s interrupted (%s); retrying in %.2f s", prefix, exc, wait)
-            await trio.sleep(wait)
+            await retries.pause(exc, prefix=prefix)

@@ -25,6 +25,23 @@ from ..core import KeyValue, Range, RangeResult, Txn, TxnResult, WatchEvent
 from ._config import EtcdConfig
 
 
+def range_end(prefix: bytes) -> bytes:
+    """The end of the range of keys under ``prefix`` (every key, for an empty one)."""
+    raw = bytearray(prefix)
+    while raw and raw[-1] == 0xFF:
+        raw.pop()
+    if not raw:
+        return b"\0"
+    raw[-1] += 1
+    return bytes(raw)
+
+
+def prefix_end(prefix: str) -> str:
+    """The first key after every key under ``prefix``, as text (keys are ASCII paths,
+    docs/keys.md)."""
+    return range_end(prefix.encode()).decode()
+
+
 @attrs.frozen
 class Reset:
     """The watched prefix as a whole, at ``revision``: start over from this.

@@ -1,4 +1,5 @@
-"""One backoff, and :func:`retrying`: what every caller of etcd waits between failures."""
+"""One backoff, :class:`Retries` and :func:`retrying`: what every caller of etcd waits
+between failures, and the one line it logs for each."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import logging
 import math
 import random
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import attrs
 import trio
 
 from .._errors import EtcdFull, EtcdUnavailable
@@ -31,6 +33,35 @@ def backoff(failures: int, *, jitter: bool = True) -> float:
     return float(full * (0.5 + random.random() / 2) if jitter else full)
 
 
+@attrs.define(eq=False)
+class Retries:
+    """Failures in a row of one loop against etcd, and the pause after each.
+
+    Every loop that waits out an unavailable etcd (:func:`retrying`, the informer, the
+    feed's watch and its taps' listings) counts and pauses here: the one backoff, and
+    one log line per failure, ``op`` saying what failed.
+    """
+
+    op: str
+    backoff: Callable[[int], float] = backoff
+    failures: int = 0
+
+    def reset(self) -> None:
+        """A call worked: the next failure is a first one again."""
+        self.failures = 0
+
+    async def pause(self, exc: Exception, **fields: Any) -> None:
+        """Count ``exc``, log it (with ``fields``), and sleep the backoff."""
+        self.failures += 1
+        wait = self.backoff(self.failures)
+        extra = {"op": self.op, "error": str(exc), "retry_in_s": round(wait, 3), **fields}
+        if isinstance(exc, EtcdFull):
+            log.error("etcd is full: free space with `tmctl recover`; retrying", extra=extra)
+        else:
+            log.warning("etcd call failed: retrying", extra=extra)
+        await trio.sleep(wait)
+
+
 async def retrying(
     op: Callable[[], Awaitable[T]],
     *,
@@ -40,24 +71,12 @@ async def retrying(
 ) -> T:
     """Run a safe-to-repeat operation until it stops failing with EtcdUnavailable (or
     EtcdFull: a full etcd takes writes again once an operator has freed space)."""
-    failures = 0
+    retries = Retries(what)
     with trio.fail_after(deadline_s) if math.isfinite(deadline_s) else trio.CancelScope():
         while True:
             try:
                 return await op()
             except (EtcdUnavailable, EtcdFull) as exc:
-                failures += 1
                 if on_retry is not None:
                     on_retry(exc)
-                wait = backoff(failures)
-                if isinstance(exc, EtcdFull):
-                    log.error(
-                        "%s refused: etcd is full (%s); free space with `tmctl recover`; "
-                        "retrying in %.2f s",
-                        what,
-                        exc,
-                        wait,
-                    )
-                else:
-                    log.warning("%s failed (%s); retrying in %.2f s", what, exc, wait)
-                await trio.sleep(wait)
+                await retries.pause(exc)

@@ -55,7 +55,7 @@ async def open_session(etcd: Etcd, ttl_s: int) -> Session:
     """Grant a lease, retrying while etcd is unavailable."""
     sent_at = trio.current_time()
     lease, granted = await retrying(lambda: etcd.lease_grant(ttl_s), what="lease grant")
-    log.info("session lease=%x ttl_s=%d", lease, granted)
+    log.info("session opened", extra={"lease": lease, "ttl_s": granted})
     return Session(lease=lease, ttl_s=granted, trusted_until=sent_at + granted - granted / 3)
 
 
@@ -77,7 +77,10 @@ async def run_keepalive(
             if sent_at >= expires_at:
                 session.lost.set()
                 raise LeaseLost(f"lease {session.lease:x} not renewed within its TTL") from exc
-            log.warning("keep-alive of lease %x failed: %s", session.lease, str(exc) or "timed out")
+            log.warning(
+                "keep-alive failed",
+                extra={"lease": session.lease, "error": str(exc) or "timed out"},
+            )
             continue
         if ttl <= 0:
             session.lost.set()
@@ -91,9 +94,11 @@ async def close_session(etcd: Etcd, session: Session, timeout_s: float = 2.0) ->
     with trio.move_on_after(timeout_s, shield=True):
         try:
             await etcd.lease_revoke(session.lease)
-            log.info("session lease=%x revoked", session.lease)
+            log.info("session revoked", extra={"lease": session.lease})
         except EtcdUnavailable as exc:
-            log.warning("could not revoke lease %x: %s", session.lease, exc)
+            log.warning(
+                "could not revoke the session", extra={"lease": session.lease, "error": str(exc)}
+            )
     session.lost.set()
 
 

@@ -14,8 +14,9 @@ import grpc
 from .._errors import Compacted
 from ..core import KeyValue, Range, RangeResult, Txn, TxnResult
 from . import _transport as rpc
-from ._codec import decode_range, decode_txn, encode_range, encode_txn, range_end
+from ._codec import decode_range, decode_txn, encode_range, encode_txn
 from ._errors import translate
+from ._interface import range_end
 from ._proto import rpc_pb2 as pb
 
 

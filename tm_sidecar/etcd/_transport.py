@@ -181,7 +181,7 @@ class Transport:
         """Move on to the next endpoint (unless another call already has, from ``failed``)."""
         if len(self.endpoints) > 1 and (failed is None or failed == self._index):
             self._index = (self._index + 1) % len(self.endpoints)
-            log.warning("etcd endpoint switched to %s", self.endpoint)
+            log.warning("etcd endpoint switched", extra={"endpoint": self.endpoint})
 
     async def _conn(self, index: int) -> _Conn:
         conn = self._conns.get(index)

@@ -8,20 +8,17 @@ point to resume from.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import trio
 
 from .._errors import Compacted, EtcdUnavailable
-from ._codec import decode_event, range_end
+from ._codec import decode_event
 from ._errors import watch_refused
-from ._interface import Changes
+from ._interface import Changes, range_end
 from ._proto import rpc_pb2 as pb
 from ._transport import WATCH, Transport
-
-log = logging.getLogger("tm_sidecar.etcd")
 
 
 async def watch_once(

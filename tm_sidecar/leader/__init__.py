@@ -10,7 +10,8 @@ May import: core, etcd.
 """
 
 from ._election import campaign, current_leader, resign, stand, wait_to_lead
-from ._leading import LeaderSettings, LeaderState, run_leader, sweep_payloads
+from ._leading import LeaderSettings, LeaderState, run_leader
+from ._sweeps import sweep_payloads
 
 __all__ = [
     "LeaderSettings",

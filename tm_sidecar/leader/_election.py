@@ -49,7 +49,7 @@ async def stand(etcd: Etcd, ks: Keyspace, session: Session, node_id: str) -> Fen
     candidacy = interpret_campaign(ks, session.lease, result)
     if candidacy is None:
         raise LeaseLost("candidate key vanished while campaigning")
-    log.info("candidate key=%s revision=%d", candidacy.key, candidacy.revision)
+    log.info("candidate", extra={"key": candidacy.key, "revision": candidacy.revision})
     return candidacy
 
 
@@ -64,7 +64,7 @@ async def wait_to_lead(etcd: Etcd, ks: Keyspace, candidacy: Fence) -> Fence:
             return turn.fence
         if isinstance(turn, Withdrawn):
             raise LeaseLost("candidate key is gone: the session lease expired")
-        log.info("waiting for predecessor %s", turn.key)
+        log.info("waiting for the predecessor", extra={"key": turn.key})
         await _wait_deleted(etcd, turn.key, revision)
 
 
@@ -76,7 +76,7 @@ async def _wait_deleted(etcd: Etcd, key: str, seen_at: int) -> None:
                     return
     except EtcdUnavailable as exc:
         # Look again from the top: the predecessor may be gone by now.
-        log.warning("watch on predecessor failed: %s", exc)
+        log.warning("watch on the predecessor failed", extra={"error": str(exc)})
         await trio.sleep(0.2)
 
 
@@ -96,7 +96,7 @@ async def resign(etcd: Etcd, fence: Fence, timeout_s: float = RESIGN_TIMEOUT_S) 
             log.info("resigned leadership")
         except (EtcdUnavailable, EtcdFull) as exc:
             # The key goes with the session's lease (a revoke works even on a full etcd).
-            log.warning("could not resign: %s", exc)
+            log.warning("could not resign", extra={"error": str(exc)})
 
 
 async def current_leader(etcd: Etcd, ks: Keyspace) -> tuple[str, int] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -15,28 +14,23 @@ import trio
 from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
 from .._hooks import Hooks
 from ..core import (
-    MAX_TXN_OPS,
     Batch,
     Committed,
-    Compare,
-    Delete,
     Deposed,
     Fence,
-    Guard,
     Keyspace,
     LeaderPolicy,
     LeaderView,
     Range,
-    RateWindow,
     Records,
     State,
     Txn,
     interpret_batch,
-    orphan_payloads,
 )
 from ..etcd import Changes, Etcd, Reset, retrying
 from ..etcd._feed import Feed
 from ..etcd._session import RetentionLeases, Session
+from ._sweeps import sweep_payloads, sweep_rate_windows, sweep_unique_guards
 
 log = logging.getLogger("tm_sidecar.leader")
 
@@ -119,13 +113,14 @@ async def run_leader(
                 if isinstance(item, Reset):
                     state.view = item.loaded.listed(item.revision)
                     log.info(
-                        "leader view listed revision=%d pending=%d delayed=%d processing=%d "
-                        "nodes=%d",
-                        item.revision,
-                        len(state.view.pending),
-                        len(state.view.delayed),
-                        len(state.view.processing),
-                        len(state.view.nodes),
+                        "leader view listed",
+                        extra={
+                            "revision": item.revision,
+                            "pending": len(state.view.pending),
+                            "delayed": len(state.view.delayed),
+                            "processing": len(state.view.processing),
+                            "nodes": len(state.view.nodes),
+                        },
                     )
                     ready.set()
                 elif isinstance(item, Changes) and state.view is not None:
@@ -200,20 +195,22 @@ async def run_leader(
             try:
                 swept = await sweep_payloads(etcd, ks)
                 if swept:
-                    log.info("deleted %d payloads of expired tasks", swept)
+                    log.info("deleted the payloads of expired tasks", extra={"count": swept})
                 await sweep_rate_windows(etcd, ks, clock())
                 released = await sweep_unique_guards(etcd, ks, clock())
                 if released:
-                    log.info("deleted %d unique keys whose window has passed", released)
+                    log.info(
+                        "deleted unique keys whose window has passed", extra={"count": released}
+                    )
                 current = await etcd.revision()
                 if previous:
                     await etcd.compact(previous)
-                    log.info("compacted etcd history up to revision %d", previous)
+                    log.info("compacted etcd history", extra={"revision": previous})
                 previous = current
             except (EtcdUnavailable, EtcdFull, EtcdError) as exc:
-                log.warning("compaction failed: %s", exc)
+                log.warning("compaction failed", extra={"error": str(exc)})
 
-    log.info("leading with fence=%s@%d", fence.key, fence.revision)
+    log.info("leading with fence", extra={"key": fence.key, "revision": fence.revision})
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feed)
@@ -246,7 +243,10 @@ async def _commit(
             lease = await retention.current()
         result = await etcd.txn(batch.plan(ks, fence, lease=lease))
     except EtcdUnavailable as exc:
-        log.warning("%s batch of %d: outcome unknown (%s)", batch.kind, len(batch.moves), exc)
+        log.warning(
+            "batch outcome unknown",
+            extra={"batch": batch.kind, "count": len(batch.moves), "error": str(exc)},
+        )
         return False, await _settle_unknown(etcd, ks, view, batch)
     except LeaseNotFound:
         view.settle(batch, committed_at=None)
@@ -255,7 +255,10 @@ async def _commit(
     except EtcdFull as exc:
         # Refused whole, nothing written: wait for an operator to free space rather than
         # asking again at once (the session's keep-alives still work meanwhile).
-        log.error("%s batch of %d refused: etcd is full (%s)", batch.kind, len(batch.moves), exc)
+        log.error(
+            "batch refused: etcd is full",
+            extra={"batch": batch.kind, "count": len(batch.moves), "error": str(exc)},
+        )
         view.settle(batch, committed_at=None)
         await trio.sleep(ETCD_FULL_PAUSE_S)
         # Decide again now: freeing space (tmctl recover) may change nothing we watch.
@@ -263,7 +266,8 @@ async def _commit(
     except EtcdError as exc:
         # Refused whole (too large, a payload deleted by hand): commit the moves one by one.
         log.warning(
-            "%s batch of %d refused (%s): committing one by one", batch.kind, len(batch.moves), exc
+            "batch refused: committing one by one",
+            extra={"batch": batch.kind, "count": len(batch.moves), "error": str(exc)},
         )
         view.settle(batch, committed_at=None)
         await _commit_singly(etcd, ks, fence, retention, batch)
@@ -271,90 +275,19 @@ async def _commit(
     answer = interpret_batch(fence, result)
     if isinstance(answer, Committed):
         view.settle(batch, committed_at=answer.revision)
-        log.debug("%s batch of %d committed at %d", batch.kind, len(batch.moves), answer.revision)
+        log.debug(
+            "batch committed",
+            extra={"batch": batch.kind, "count": len(batch.moves), "revision": answer.revision},
+        )
         return True, answer.revision
     view.settle(batch, committed_at=None)
     if isinstance(answer, Deposed):
         raise NotLeader(DEPOSED)
     log.info(
-        "%s batch of %d conflicted: waiting for the view to catch up", batch.kind, len(batch.moves)
+        "batch conflicted: waiting for the view to catch up",
+        extra={"batch": batch.kind, "count": len(batch.moves)},
     )
     return False, answer.revision
-
-
-async def sweep_payloads(etcd: Etcd, ks: Keyspace) -> int:
-    """Delete the payloads of finished tasks whose records have expired; answers how many.
-
-    A final record expires with its retention lease and its payload is left behind (see
-    ``core.orphan_payloads``). Each delete compares the payload's mod revision as listed,
-    so a payload taken again by a create of the same id (which rewrites it) is kept.
-    When etcd is full it takes no transaction, and no create either: plain deletes then
-    (freeing space is what a full etcd needs).
-    """
-    kvs, _ = await etcd.list_prefix(ks.prefix, keys_only=True, page=10_000)
-    listed = {kv.key: kv.mod_revision for kv in kvs}
-    keys = [ks.task(t) for t in orphan_payloads(ks, listed)]
-    deleted = 0
-    for start in range(0, len(keys), MAX_TXN_OPS):
-        chunk = keys[start : start + MAX_TXN_OPS]
-        try:
-            batch = Txn(
-                compare=tuple(Compare.modified_at(k, listed[k]) for k in chunk),
-                success=tuple(Delete(k) for k in chunk),
-            )
-            if (await etcd.txn(batch)).succeeded:
-                deleted += len(chunk)
-                continue
-            for k in chunk:  # one was taken again meanwhile: each alone
-                one = Txn(compare=(Compare.modified_at(k, listed[k]),), success=(Delete(k),))
-                deleted += (await etcd.txn(one)).succeeded
-        except EtcdFull:
-            for k in chunk:
-                deleted += await etcd.delete(k)
-    return deleted
-
-
-async def sweep_rate_windows(etcd: Etcd, ks: Keyspace, now: float) -> int:
-    """Delete the persisted rate windows that hold no start any more (a concurrency key
-    not seen for a period); answers how many. Guarded by the mod revision as read."""
-    kvs, _ = await etcd.list_prefix(ks.rates())
-    deleted = 0
-    for kv in kvs:
-        try:
-            period = float(json.loads(kv.value).get("period_s", 0.0))
-            window = RateWindow.from_json(kv.value)
-        except (ValueError, TypeError, AttributeError):
-            continue
-        window.prune(now, period)
-        if window.starts:
-            continue
-        txn = Txn(
-            compare=(Compare.modified_at(kv.key, kv.mod_revision),), success=(Delete(kv.key),)
-        )
-        if (await etcd.txn(txn)).succeeded:
-            deleted += 1
-    return deleted
-
-
-async def sweep_unique_guards(etcd: Etcd, ks: Keyspace, now: float) -> int:
-    """Delete the guards of unique keys whose task finished longer than its
-    ``unique_for_s`` ago (creates would take them over anyway); answers how many. Each
-    delete compares the guard as read, so one taken over meanwhile stays."""
-    kvs, _ = await etcd.list_prefix(ks.uniques())
-    deleted = 0
-    for kv in kvs:
-        try:
-            guard = Guard.from_kv(kv)
-        except (ValueError, TypeError):
-            continue
-        if guard.until_at is None or guard.until_at > now:
-            continue
-        txn = Txn(
-            compare=(Compare.modified_at(kv.key, kv.mod_revision),), success=(Delete(kv.key),)
-        )
-        if (await etcd.txn(txn)).succeeded:
-            deleted += 1
-    return deleted
 
 
 async def _settle_unknown(etcd: Etcd, ks: Keyspace, view: LeaderView, batch: Batch) -> int:
@@ -394,7 +327,10 @@ async def _commit_singly(
             single = attrs.evolve(batch, moves=(move,))
             result = await etcd.txn(single.plan(ks, fence, lease=lease))
         except EtcdError as exc:
-            log.error("%s of task=%s refused by etcd: %s", batch.kind, move[0].task_id, exc)
+            log.error(
+                "move refused by etcd",
+                extra={"batch": batch.kind, "task": move[0].task_id, "error": str(exc)},
+            )
             continue
         if isinstance(interpret_batch(fence, result), Deposed):
             raise NotLeader(DEPOSED)
@@ -412,7 +348,15 @@ DEPOSED = "the fence no longer holds: another leader took over"
 def _fired(state: LeaderState, batch: Batch, now: float) -> None:
     state.fired += len(batch.slots)
     for slot in batch.slots:
-        log.info("schedule=%s fired slot=%.3f late_s=%.3f", batch.schedule, slot, now - slot)
+        # To the millisecond, as a clock comparison can tell (and never in e-notation).
+        log.info(
+            "schedule fired",
+            extra={
+                "schedule": batch.schedule,
+                "slot_at": round(slot, 3),
+                "late_s": round(now - slot, 3),
+            },
+        )
         state.hooks.on_fire(max(0.0, now - slot))
 
 
@@ -428,10 +372,12 @@ def _count(state: LeaderState, batch: Batch) -> None:
         state.reaped += n
         for slot, record in batch.moves:
             log.warning(
-                "reaped task=%s node=%s attempt=%d to=%s reason=%s",
-                slot.task_id,
-                slot.record.node,
-                slot.record.attempts,
-                record.state.value,
-                record.error.type if record.error else "",
+                "reaped",
+                extra={
+                    "task": slot.task_id,
+                    "node": slot.record.node,
+                    "attempt": slot.record.attempts,
+                    "to": record.state.value,
+                    "reason": record.error.type if record.error else None,
+                },
             )

@@ -9,7 +9,8 @@ A line has ``ts``, ``level``, ``logger`` and ``msg``, then the event's fields, t
 gives ``ts=... level=info logger=tm_sidecar.agent msg="task started" task=01J... attempt=2
 queue=mail`` (or the same keys in a JSON object). The message is a constant sentence,
 so that lines of one kind group together; the values go in fields. %-style messages
-(``log.info("took %.1f s", t)``) still work: they are formatted into ``msg``.
+(``log.info("took %.1f s", t)``) still work: they are formatted into ``msg``; tm_sidecar's
+own calls do not use them (``tests/test_log.py`` walks every call and holds it to the rule).
 
 ``extra`` may not use the names of ``logging.LogRecord``'s own attributes (``name``,
 ``msg``, ``args``, ``module``, ``process``, ``thread``, ``filename``, ...): logging

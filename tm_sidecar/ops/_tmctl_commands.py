@@ -32,7 +32,7 @@ from ..core import (
     with_limits,
 )
 from ..etcd import Etcd, EtcdConfig, connect
-from ..leader._leading import sweep_payloads
+from ..leader import sweep_payloads
 from ..node._sidecar import pausing, update_queue, update_schedule
 from ._tmctl_format import (
     capacity_by_queue,
