@@ -11,21 +11,18 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .._errors import Compacted, EtcdUnavailable, LeaseNotFound, TaskNotFound, Unavailable
+from .._errors import LeaseNotFound, TaskNotFound, Unavailable
 from ..core import (
     Keyspace,
     KeyValue,
-    Range,
-    RangeResult,
     Record,
     Slot,
-    State,
     TaskId,
     TaskSpec,
     cancelled,
     plan_cancel,
 )
-from ..etcd import Etcd
+from ..etcd import Etcd, read_task_keys
 from ..etcd._session import RetentionLeases
 from ._hub import EventHub
 from ._values import TaskInfo, is_final
@@ -73,42 +70,13 @@ class TaskReads:
         return TaskInfo(spec=spec, state=None, record=None, revision=revision)
 
     async def read(self, task_id: TaskId) -> tuple[KeyValue | None, list[KeyValue], int]:
-        """The task's payload key and its state keys, all as of one revision (the third).
-
-        Plain ranges, not a transaction: a full etcd refuses every transaction, reads too.
-        The first read fixes the revision the others read at.
-        """
-        for _ in range(3):
-            first = await self.etcd.range(Range(self.ks.task(task_id)))
-            if not first.kvs:
-                return None, [], first.revision
-            at = first.revision
-            states = (State.PENDING, State.DELAYED, State.COMPLETED, State.FAILED)
-            reads = [Range(self.ks.state(state, task_id), revision=at) for state in states]
-            # Assignments are under their node: read them all, keep this task's.
-            reads.append(Range(self.ks.state_prefix(State.PROCESSING), prefix=True, revision=at))
-            answers = await self._ranges(reads)
-            if answers is None:
-                continue  # compacted between the reads: read again at a newer revision
-            found = [kv for a in answers for kv in a.kvs if kv.key.rsplit("/", 1)[-1] == task_id]
-            return first.kvs[0], found, at
-        raise EtcdUnavailable(f"could not read task {task_id} at one revision")
-
-    async def _ranges(self, reads: list[Range]) -> list[RangeResult] | None:
-        """Several ranges at once; None if their revision was compacted meanwhile."""
-        answers: list[RangeResult] = []
-
-        async def read(r: Range) -> None:
-            answers.append(await self.etcd.range(r))
-
-        compacted = False
-        try:
-            async with trio.open_nursery() as nursery:
-                for r in reads:
-                    nursery.start_soon(read, r)
-        except* Compacted:
-            compacted = True
-        return None if compacted else answers
+        """The task's payload key and its state keys, all as of one revision (the third);
+        no state keys when the payload is gone (the task is not found). The one task
+        lookup, ``etcd.read_task_keys``, does the reading."""
+        keys = await read_task_keys(self.etcd, self.ks, task_id)
+        if keys.payload is None:
+            return None, [], keys.revision
+        return keys.payload, list(keys.states), keys.revision
 
     async def wait(self, task_id: TaskId, timeout_s: float | None = None) -> TaskInfo:
         """Wait until the task is completed or failed for good; answers how it ended."""

@@ -28,7 +28,7 @@ from ..core import (
     TaskEvent,
     TaskId,
 )
-from ..etcd import Etcd
+from ..etcd import Etcd, prefix_end
 from ..node._sidecar import FINAL_STATES, Sidecar, TaskInfo, is_final
 from ._census import Census
 from ._journal import AttemptSeen, Journal
@@ -41,11 +41,6 @@ _PARTIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 def valid_partial_name(text: str) -> bool:
     """Whether ``text`` could be (part of) a task id, a node id or a queue name."""
     return bool(_PARTIAL_NAME.match(text))
-
-
-def prefix_end(prefix: str) -> str:
-    """The first key after every key that starts with ``prefix`` (names are ASCII)."""
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 # -- the overview --------------------------------------------------------------------------
