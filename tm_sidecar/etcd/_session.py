@@ -89,17 +89,22 @@ async def run_keepalive(
         expires_at = sent_at + ttl
 
 
-async def close_session(etcd: Etcd, session: Session, timeout_s: float = 2.0) -> None:
-    """Revoke the lease at once (its keys go with it); bounded and shielded."""
+async def close_session(etcd: Etcd, session: Session, timeout_s: float = 2.0) -> bool:
+    """Revoke the lease at once (its keys go with it); bounded and shielded. Answers
+    whether etcd revoked it (or no longer knew it): False when etcd could not be reached,
+    and the lease's keys then stay until it expires."""
+    revoked = False
     with trio.move_on_after(timeout_s, shield=True):
         try:
             await etcd.lease_revoke(session.lease)
             log.info("session revoked", extra={"lease": session.lease})
+            revoked = True
         except EtcdUnavailable as exc:
             log.warning(
                 "could not revoke the session", extra={"lease": session.lease, "error": str(exc)}
             )
     session.lost.set()
+    return revoked
 
 
 @attrs.define(eq=False)

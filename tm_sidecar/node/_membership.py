@@ -74,9 +74,17 @@ class Membership:
         keep-alive, the registration, the agent (once it holds its assignments) and the
         election (once its candidate key is in place)."""
         first = True
+        unrevoked: Session | None = None
         while True:
             session = await open_session(self.etcd, self.settings.lease_ttl_s)
             self.session = session
+            if unrevoked is not None:
+                # The last session ended while etcd was away, so its revoke failed. etcd
+                # renews every lease when it elects a leader, so that lease (and with it
+                # this node's old candidate key, which every campaign waits behind) would
+                # outlive the outage by a whole TTL: revoke it now that etcd answers.
+                await close_session(self.etcd, unrevoked)
+                unrevoked = None
             try:
                 async with trio.open_nursery() as epoch:
                     await epoch.start(run_keepalive, self.etcd, session)
@@ -106,7 +114,8 @@ class Membership:
                     extra={"lease": session.lease, "error": str(group.exceptions[0])},
                 )
             finally:
-                await close_session(self.etcd, session)
+                if not await close_session(self.etcd, session):
+                    unrevoked = session
 
     async def _register(self, session: Session) -> None:
         info = NodeInfo(
