@@ -30,6 +30,7 @@ from .protocol import (
     TaskFailed,
     TaskManagerError,
     Unavailable,
+    backoff_s,
 )
 
 log = logging.getLogger("taskmanager")
@@ -47,8 +48,9 @@ def default_socket() -> str:
 
 
 def reconnect_delay_s(failures: int) -> float:
-    """How long to wait before connecting again after ``failures`` failures in a row."""
-    return min(2.0, 0.05 * 2**failures) if failures else 0.0
+    """How long to wait before connecting again after ``failures`` failures in a row
+    (the protocol's one backoff, 50 ms doubling to 2 s; none before the first try)."""
+    return backoff_s(failures, first_s=0.05, cap_s=2.0) if failures else 0.0
 
 
 class Connection:

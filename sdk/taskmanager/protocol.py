@@ -9,7 +9,9 @@ size limits, the version, the event kinds and the error codes are written once:
 - :data:`PROTOCOL_VERSION`, :data:`DEFAULT_MAX_FRAME`, :data:`EVENT_KINDS`;
 - the one error hierarchy (:class:`TaskManagerError` and its kin), split by whose
   fault it is, with its wire codes: :data:`WIRE_ERRORS` is what the sidecar answers
-  with, :func:`error_to_wire` and :func:`error_from_wire` cross the wire.
+  with, :func:`error_to_wire` and :func:`error_from_wire` cross the wire;
+- :func:`backoff_s`: the one backoff both ends wait between failures (the SDK before
+  connecting again, the sidecar before calling etcd again), each with its own bounds.
 
 Nothing here reads or writes a socket, starts a task or keeps state between calls
 beyond a framer's own buffer: it is plain Python, the same under Trio, asyncio or none.
@@ -47,6 +49,7 @@ __all__ = [
     "TaskManagerError",
     "TaskNotFound",
     "Unavailable",
+    "backoff_s",
     "decode_frame",
     "encode_frame",
     "error_from_wire",
@@ -347,3 +350,12 @@ class LineFramer:
         return FrameTooLarge(
             f"a frame of {what}, over max_frame ({self.max_frame} bytes)", size, self.max_frame
         )
+
+
+def backoff_s(failures: int, *, first_s: float, cap_s: float, draw: float = 1.0) -> float:
+    """Seconds to wait after ``failures`` failures in a row: ``first_s`` doubling to
+    ``cap_s``. ``draw`` (from 0 to 1; a caller's random number, so that this stays
+    pure) takes up to half off, so that clients that failed together do not all come
+    back at the same instant; 1, the default, takes nothing off."""
+    full = min(cap_s, first_s * 2.0 ** min(max(failures, 0), 30))
+    return float(full * (0.5 + min(max(draw, 0.0), 1.0) / 2))

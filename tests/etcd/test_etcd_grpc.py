@@ -185,7 +185,7 @@ async def test_refusals_by_status_code(
     assert await etcd.lease_ttl(0x7EADBEEF) == -1
     assert await etcd.lease_keepalive(0x7EADBEEF) == 0
     seen: list[tuple[str, str]] = []
-    etcd.on_request = lambda path, s, outcome: seen.append((path, outcome))
+    etcd.on_request = lambda path, s, outcome: seen.append((path, outcome))  # as connect() sets it
     await etcd.get(key)
     with pytest.raises(LeaseNotFound):
         await etcd.put(key, "3", lease=0x7EADBEEF)

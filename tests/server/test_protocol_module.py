@@ -260,3 +260,24 @@ def test_the_node_sdk_has_the_same_error_table() -> None:
         assert described["name"] == theirs[code].__name__
         assert described["retryable"] == theirs[code].retryable
     assert set(theirs) - set(codes) == set(), "the Node SDK lacks these"
+
+
+def test_one_backoff_serves_both_ends() -> None:
+    from taskmanager._connection import reconnect_delay_s
+    from taskmanager.protocol import backoff_s
+
+    from tm_sidecar.etcd._retry import CAP_S, FIRST_S, backoff
+
+    assert [backoff_s(n, first_s=0.05, cap_s=1.0) for n in (0, 1, 2, 5, 99)] == [
+        0.05,
+        0.1,
+        0.2,
+        1.0,
+        1.0,
+    ]
+    assert backoff_s(3, first_s=0.05, cap_s=1.0, draw=0.0) == 0.2  # half of 0.4 at most off
+    for n in range(12):
+        assert backoff(n, jitter=False) == backoff_s(n, first_s=FIRST_S, cap_s=CAP_S)
+        assert 0 < backoff(n) <= backoff(n, jitter=False)
+    assert reconnect_delay_s(0) == 0.0
+    assert reconnect_delay_s(99) == backoff_s(99, first_s=0.05, cap_s=2.0) == 2.0

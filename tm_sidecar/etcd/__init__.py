@@ -44,6 +44,8 @@ root with::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ._client import GrpcEtcd
 from ._config import TRANSPORTS, EtcdConfig, transport_arg
 from ._feed import Feed
@@ -56,12 +58,21 @@ from ._session import RetentionLeases, Session, close_session, open_session, run
 from ._sync import SyncEtcd
 
 
-def connect(cfg: EtcdConfig) -> Etcd:
-    """The etcd client for ``cfg.transport``: gRPC (the default), or the JSON gateway."""
+def connect(
+    cfg: EtcdConfig, *, on_request: Callable[[str, float, str], None] | None = None
+) -> Etcd:
+    """The etcd client for ``cfg.transport``: gRPC (the default), or the JSON gateway.
+    ``on_request`` hears each call's (path, seconds, "ok" or "error"), for metrics."""
+    client: Etcd
     if cfg.transport == "grpc":
-        return GrpcEtcd(cfg)
-    if cfg.transport == "gateway":
-        return GatewayEtcd(cfg)
+        client = GrpcEtcd(cfg)
+    elif cfg.transport == "gateway":
+        client = GatewayEtcd(cfg)
+    else:
+        # EtcdConfig refuses any other name; this is for a config built around its checks.
+        raise ValueError(f"unknown etcd transport {cfg.transport!r}: choose one of {TRANSPORTS}")
+    client.on_request = on_request
+    return client
     # EtcdConfig refuses any other name; this is for a config built around its checks.
     raise ValueError(f"unknown etcd transport {cfg.transport!r}: choose one of {TRANSPORTS}")
 

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import attrs
 import trio
+from taskmanager.protocol import backoff_s
 
 from .._errors import EtcdFull, EtcdUnavailable
 
@@ -29,8 +30,9 @@ def backoff(failures: int, *, jitter: bool = True) -> float:
     With ``jitter`` (the default), a random part of up to half is taken off, so that
     many clients that lost etcd together do not all come back at the same instant.
     """
-    full = min(CAP_S, FIRST_S * 2.0 ** min(max(failures, 0), 10))
-    return float(full * (0.5 + random.random() / 2) if jitter else full)
+    return backoff_s(
+        failures, first_s=FIRST_S, cap_s=CAP_S, draw=random.random() if jitter else 1.0
+    )
 
 
 @attrs.define(eq=False)

@@ -157,7 +157,8 @@ async def amain(settings: Settings, signals: Any) -> int:
         endpoints = (embedded.endpoint,)
     cfg = settings.etcd_config(endpoints)
     sidecar_settings = _sidecar_settings(settings)
-    etcd = connect(cfg)
+    metrics = Metrics() if settings.metrics else None
+    etcd = connect(cfg, on_request=metrics.etcd_request if metrics else None)
     log.info(
         "starting tm-sidecar",
         extra={
@@ -167,7 +168,6 @@ async def amain(settings: Settings, signals: Any) -> int:
             "client": type(etcd).__name__,
         },
     )
-    metrics = Metrics() if settings.metrics else None
     sidecar = Sidecar(etcd, sidecar_settings, hooks=metrics.hooks if metrics else Hooks())
     notifier = Notifier()
     exit_code = 0

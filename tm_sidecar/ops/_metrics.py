@@ -142,13 +142,13 @@ class Metrics:
         )
 
     def watch(self, sidecar: Sidecar, clients: Callable[[], int]) -> None:
-        """Read ``sidecar``'s counters at each scrape, and time its etcd requests."""
+        """Read ``sidecar``'s counters at each scrape."""
         self.registry.register(_Snapshot(sidecar, clients))
-        # The etcd client is built before the metrics by code of its own (etcd/): its
-        # hook is still set here.
-        sidecar.etcd.on_request = lambda path, s, result: self.etcd_seconds.labels(
-            path, result
-        ).observe(s)
+
+    def etcd_request(self, path: str, seconds: float, result: str) -> None:
+        """Time one etcd call: the etcd client's ``on_request``, given at its
+        construction (``tm_sidecar.etcd.connect``)."""
+        self.etcd_seconds.labels(path, result).observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition."""
