@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import subprocess
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -519,10 +520,27 @@ def _assert_properties(cluster: EtcdCluster, figures: dict[str, Any]) -> None:
     per_task = Counter(s["task"] for s in figures["_starts"])
     for tid, n in per_task.items():
         assert n <= checked.assignments[TaskId(tid)], f"{tid} started {n} times, assigned fewer"
-    # Every member holds the same store.
+    # Every member holds the same store, once each has applied up to the revision (a
+    # member restarted by the faults may still be catching up: etcd then refuses a hash
+    # at a revision it does not have yet).
     revision = cluster.revision()
-    hashes = {cluster.hashkv(i, revision) for i in range(len(cluster.members))}
+    hashes = {_hashkv_when_caught_up(cluster, i, revision) for i in range(len(cluster.members))}
     assert len(hashes) == 1, f"members disagree at revision {revision}: {hashes}"
+
+
+def _hashkv_when_caught_up(
+    cluster: EtcdCluster, i: int, revision: int, timeout_s: float = 30.0
+) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return cluster.hashkv(i, revision)
+        except subprocess.CalledProcessError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"member {i} gave no hash at {revision}: {exc.stderr}"
+                ) from exc
+            time.sleep(0.2)  # a thread of the checker, polling a member with a deadline
 
 
 def _print_figures(figures: dict[str, Any]) -> None:
