@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -38,6 +39,7 @@ from tm_sidecar.core import (
     Batch,
     Compare,
     Conflict,
+    Decision,
     Deposed,
     Fence,
     Guard,
@@ -697,17 +699,32 @@ class QueueMachine(RuleBasedStateMachine):
         self._sync_view()
         decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
         self.restart_node(name)
+        refused = self._commit_until_refused(decision)
+        if refused is not None:
+            assert refused.kind == "assign", f"a {refused.kind} batch failed"
+            assert any(record.node == name for _, record in refused.moves), (
+                "an assignment to live sessions failed"
+            )
+
+    def _commit_until_refused(
+        self, decision: Decision, on_commit: Callable[[Batch], None] | None = None
+    ) -> Batch | None:
+        """Commit a decision's batches in order, as the leader does after something
+        changed behind it; answers the first batch etcd refused (it and the rest are
+        settled as not committed), or None. ``on_commit`` checks each committed batch."""
+        assert self.view is not None
+        assert self.fence is not None
         for n, batch in enumerate(decision.batches):
             result = self.db.txn(batch.plan(self.ks, self.fence))
             if result.succeeded:
+                if on_commit is not None:
+                    on_commit(batch)
                 self._committed(batch, result.revision)
                 continue
-            to_old_session = any(record.node == name for _, record in batch.moves)
-            assert batch.kind == "assign", f"a {batch.kind} batch failed"
-            assert to_old_session, "an assignment to live sessions failed"
             for rest in decision.batches[n:]:
                 self.view.settle(rest, committed_at=None)
-            break
+            return batch
+        return None
 
     def _check_order(self, batches: tuple[Batch, ...]) -> None:
         """Within one queue, the leader takes the best pending tasks first."""
@@ -1015,15 +1032,9 @@ class QueueMachine(RuleBasedStateMachine):
         self._sync_view()
         decision = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
         self._set_paused(True)
-        for n, batch in enumerate(decision.batches):
-            result = self.db.txn(batch.plan(self.ks, self.fence))
-            if result.succeeded:
-                self._committed(batch, result.revision)
-                continue
-            assert batch.kind == "assign", f"a {batch.kind} batch failed"
-            for rest in decision.batches[n:]:
-                self.view.settle(rest, committed_at=None)
-            break
+        refused = self._commit_until_refused(decision)
+        if refused is not None:
+            assert refused.kind == "assign", f"a {refused.kind} batch failed"
         self._set_paused(False)  # and resumed (pause_queue leaves it paused for a while)
 
     @rule()
@@ -1041,16 +1052,13 @@ class QueueMachine(RuleBasedStateMachine):
             return
         victim = moving[0].moves[0][0].task_id
         self._cancel(victim)
-        for n, batch in enumerate(decision.batches):
-            result = self.db.txn(batch.plan(self.ks, self.fence))
-            if result.succeeded:
-                assert victim not in batch.task_ids, f"a move of cancelled {victim} committed"
-                self._committed(batch, result.revision)
-                continue
-            assert victim in batch.task_ids, "a batch without the cancelled task failed"
-            for rest in decision.batches[n:]:
-                self.view.settle(rest, committed_at=None)
-            break
+
+        def not_the_victim(batch: Batch) -> None:
+            assert victim not in batch.task_ids, f"a move of cancelled {victim} committed"
+
+        refused = self._commit_until_refused(decision, on_commit=not_the_victim)
+        if refused is not None:
+            assert victim in refused.task_ids, "a batch without the cancelled task failed"
 
     @rule()
     def change_leader(self) -> None:
