@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
 
+# Every process a test starts dies with the run, even a run that is killed.
+pytest_plugins = ["tests.reaper"]
+
 settings.register_profile(
     "default",
     max_examples=150,

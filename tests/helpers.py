@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -104,3 +105,31 @@ async def stop_process(pid: int, timeout_s: float = 5.0) -> None:
     a request in between."""
     os.kill(pid, signal.SIGSTOP)
     await wait_for(lambda: _all_threads_stopped(pid), timeout_s, poll_s=0.001)
+
+
+class StepMeter(trio.abc.Instrument):
+    """A Trio instrument: the CPU time of the loop's thread in each task step.
+
+    Thread CPU time, not wall time: a loaded machine stretches the wall time of a step,
+    never the work done in it without yielding, which is what blocks the loop."""
+
+    def __init__(self, ignore: trio.lowlevel.Task | None = None) -> None:
+        #: A task left out (the test's own, whose asserts may do heavy reads).
+        self.ignore = ignore
+        self.longest_s = 0.0
+        self.steps = 0
+        self.longest = ""
+        self._started = 0.0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        """Start timing a step."""
+        self._started = time.thread_time()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        """Keep the longest step."""
+        if task is self.ignore:
+            return
+        self.steps += 1
+        took = time.thread_time() - self._started
+        if took > self.longest_s:
+            self.longest_s, self.longest = took, task.name

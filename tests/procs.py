@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from tm_sidecar import Etcd
-from tm_sidecar._errors import Compacted
+from tm_sidecar._errors import Compacted, EtcdUnavailable
 from tm_sidecar.core import (
     Keyspace,
     Record,
@@ -189,19 +189,30 @@ class Auditor:
             self.live[tid].discard(event.kv.key)
 
     async def run(self, etcd: Etcd, start_revision: int) -> None:
-        watch = etcd.watch_once(self.ks.prefix, start_revision, range_end=self.ks.prefix + "task")
-        try:
-            async with aclosing(watch) as changes:
-                async for batch in changes:
-                    # Events of one revision are one transaction: apply deletes first.
-                    for event in sorted(
-                        batch.events, key=lambda e: (e.kv.mod_revision, e.kind != "DELETE")
-                    ):
-                        self.see(event)
-                    self.changed.set()
-                    self.changed = trio.Event()
-        except Compacted:
-            self.violations.append("audit watch fell behind compaction")
+        """Audit from ``start_revision`` on. A watch stream that breaks (a loaded machine,
+        an etcd member restarting) resumes after the last revision it delivered: etcd's
+        history has every change, so nothing goes unaudited."""
+        next_revision = start_revision
+        while True:
+            watch = etcd.watch_once(
+                self.ks.prefix, next_revision, range_end=self.ks.prefix + "task"
+            )
+            try:
+                async with aclosing(watch) as changes:
+                    async for batch in changes:
+                        # Events of one revision are one transaction: apply deletes first.
+                        for event in sorted(
+                            batch.events, key=lambda e: (e.kv.mod_revision, e.kind != "DELETE")
+                        ):
+                            self.see(event)
+                        next_revision = max(next_revision, batch.revision + 1)
+                        self.changed.set()
+                        self.changed = trio.Event()
+            except Compacted:
+                self.violations.append("audit watch fell behind compaction")
+                return
+            except EtcdUnavailable:
+                await trio.sleep(0.1)  # a backoff before watching again, not a wait
 
     async def wait_completed(self, ids: list[str], timeout_s: float) -> None:
         with trio.fail_after(timeout_s):

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trustme
@@ -79,6 +80,15 @@ async def test_tls_without_a_client_certificate_is_refused(
         timeout_s=2.0,
         transport=transport,  # type: ignore[arg-type]
     )
+    # The control: the same etcd, with the client's certificate, answers. Without it, a
+    # dead or unreachable etcd would pass for a refusal.
+    trusted = connect(
+        attrs.evolve(cfg, cert_file=files["client_cert"], key_file=files["client_key"])
+    )
+    try:
+        await trusted.put(f"/tls/control-{transport}", "up")
+    finally:
+        await trusted.aclose()
     etcd = connect(cfg)
     with pytest.raises((EtcdUnavailable, EtcdError)):
         await etcd.get("/tls/x")

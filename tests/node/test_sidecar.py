@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.helpers import Observed, poll_until, running_sidecars, wait_for
+from tests.helpers import Observed, StepMeter, poll_until, running_sidecars, wait_for
 from tm_sidecar import (
     Backoff,
     Compacted,
@@ -151,8 +151,10 @@ async def test_delayed_task_never_starts_early(etcd_server: EtcdProcess, namespa
         spec = await sc.create({"x": 1}, run_at=run_at)
         assert (await sc.get(spec.id)).state is State.DELAYED
         await sc.wait(spec.id, timeout_s=10)
+        # Never early. How soon after it starts is a figure (python -m bench --only delays);
+        # that the leader wakes at the earliest due time, a timer and not a poll, is the
+        # core's test_delayed_task_is_promoted_at_its_due_time_not_before.
         assert started_at[0] >= run_at
-        assert started_at[0] - run_at < 0.5  # a timer, not a polling loop
 
 
 async def test_timeout_cancels_the_handler_and_fails_the_attempt(
@@ -509,24 +511,20 @@ async def test_listing_a_large_backlog_does_not_block_the_event_loop(
     etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     await create_tasks(etcd, ks, 30_000, work_s=0.0)
     await etcd.aclose()
-    longest_gap = 0.0
-
-    async def heartbeat() -> None:
-        nonlocal longest_gap
-        last = trio.current_time()
-        while True:
-            await trio.sleep(0.02)
-            now = trio.current_time()
-            longest_gap = max(longest_gap, now - last)
-            last = now
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(heartbeat)
+    steps = StepMeter(ignore=trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
         async with running_sidecars(etcd_server.endpoint, namespace, "n1", lease_ttl_s=2) as (sc,):
             await wait_for(lambda: sc.leader.view is not None, timeout_s=60)
             assert sc.leader.view is not None
             assert len(sc.leader.view.pending) == 30_000
             assert sc.is_leader
-        nursery.cancel_scope.cancel()
-    assert longest_gap < 0.5, f"the event loop was blocked for {longest_gap:.2f} s"
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    # The loop's own CPU time in its longest step, which the machine's load does not
+    # stretch: parsing the whole backlog in one step would take seconds of it.
+    assert steps.longest_s < 0.25, (
+        f"{steps.longest} used {steps.longest_s:.2f} s of CPU in one step"
+    )
+    assert steps.steps > 100
     assert "session lost" not in caplog.text

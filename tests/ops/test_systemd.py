@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.tools import require
 from tm_sidecar.ops._embedded import EtcdProcess
 from tm_sidecar.ops._notify import Notifier
 
@@ -75,8 +75,7 @@ def test_notify_messages_over_a_real_datagram_socket(
 
 
 def test_the_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    assert analyze is not None, "systemd-analyze is missing: .ci/run installs Debian's systemd"
+    [analyze] = require("systemd-analyze", package="systemd")
     unit = (Path(__file__).resolve().parents[2] / "systemd" / "tm-sidecar.service").read_text()
     # Point ExecStart at this environment's tm-sidecar, which verify checks exists.
     binary = Path(sys.executable).parent / "tm-sidecar"

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.tools import require
 
 ROOT = Path(__file__).resolve().parents[2]
 JS = ROOT / "sdk" / "js"
@@ -18,14 +17,7 @@ BIN = Path(sys.executable).parent
 
 
 def _tools() -> tuple[str, str]:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        missing = "node" if node is None else "npm"
-        if os.environ.get("CI"):
-            pytest.fail(
-                f"{missing} is not installed, and CI is set: .ci/run installs nodejs and npm"
-            )
-        pytest.skip(f"{missing} is not installed (apt-get install nodejs npm): Node SDK not tested")
+    node, npm = require("node", "npm", package="nodejs npm")
     return node, npm
 
 

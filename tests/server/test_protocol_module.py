@@ -5,9 +5,7 @@ Node.js SDK, so that a wire code cannot be added on one end only."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from taskmanager.protocol import (
 
 import tm_sidecar
 import tm_sidecar._errors
+from tests.tools import require
 from tm_sidecar.server._server import ServerSettings, SocketServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,12 +206,7 @@ def test_the_docs_list_every_wire_code_op_and_event_kind() -> None:
 
 
 def _node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is not installed, and CI is set: .ci/run installs nodejs")
-        pytest.skip("node is not installed (apt-get install nodejs): Node table not checked")
-    return node
+    return require("node", package="nodejs")[0]
 
 
 def test_the_node_sdk_has_the_same_error_table() -> None:

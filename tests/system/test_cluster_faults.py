@@ -321,6 +321,12 @@ def cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
 async def _raw_create(socket_path: Path, payload: Any) -> tuple[float, str]:
     """One create through a sidecar's socket, by the documented protocol: answers the
     seconds it took and the outcome (``ok`` or the error code)."""
+    took, answer = await raw_create_answer(socket_path, payload)
+    return took, "ok" if answer.get("ok") else str(answer["error"]["code"])
+
+
+async def raw_create_answer(socket_path: Path, payload: Any) -> tuple[float, dict[str, Any]]:
+    """One create through a sidecar's socket: the seconds it took and the whole answer."""
     stream = await trio.open_unix_socket(str(socket_path))
     async with stream:
         buffer = b""
@@ -339,8 +345,7 @@ async def _raw_create(socket_path: Path, payload: Any) -> tuple[float, str]:
         await ask({"id": 1, "op": "hello", "version": 1, "client": "fault-test"})
         started = trio.current_time()
         answer = await ask({"id": 2, "op": "create", "payload": payload})
-        took = trio.current_time() - started
-        return took, "ok" if answer.get("ok") else str(answer["error"]["code"])
+        return trio.current_time() - started, answer
 
 
 def _starts_between(starts: list[dict[str, Any]], t0: float, t1: float) -> list[float]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +27,7 @@ import attrs
 import pytest
 
 from tests.procs import ROOT
+from tests.tools import require
 from tm_sidecar.core import (
     Keyspace,
     Put,
@@ -258,8 +258,8 @@ def _is_tail(words: list[str]) -> bool:
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"{c.source} {c.line}" for c in COMMANDS])
 def test_a_doc_command_runs_as_written(command: DocCommand, live: Live, tmp_path: Path) -> None:
     words = command.line.split()
-    if "jq" in command.line.split("|", 1)[-1].split() and shutil.which("jq") is None:
-        pytest.skip("jq is not installed (apt-get install jq)")
+    if "jq" in command.line.split("|", 1)[-1].split():
+        require("jq", package="jq")
     text = _fill_in(command, live)
     script = _script(command, text)
     if _is_tail(words):

@@ -18,20 +18,17 @@ import pytest
 from taskmanager import BlockingTaskManager
 
 from tests.procs import ROOT, SidecarProcess
+from tests.tools import require
 from tm_sidecar.ops._embedded import EtcdProcess
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-HAVE_BROWSER = os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
 
-if not HAVE_BROWSER and os.environ.get("CI") == "true":
-    raise RuntimeError(
-        "CI must run the browser test: install Debian's chromium and chromium-driver (.ci/run does)"
-    )
 
-pytestmark = pytest.mark.skipif(
-    not HAVE_BROWSER, reason="Debian's chromium and chromium-driver are not installed"
-)
+@pytest.fixture(autouse=True)
+def _browser() -> None:
+    """Debian's chromium and its chromedriver: skipped without them, failed in CI."""
+    require("chromium", "chromedriver", package="chromium chromium-driver")
 
 
 def _screenshot(driver: Any, name: str, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import aclosing
+from typing import Literal
 
 import trio
 
@@ -88,15 +89,23 @@ async def _wait_deleted(etcd: Etcd, key: str, seen_at: int) -> None:
 RESIGN_TIMEOUT_S = 0.25
 
 
-async def resign(etcd: Etcd, fence: Fence, timeout_s: float = RESIGN_TIMEOUT_S) -> None:
+#: How a resignation ended: the key deleted (or already not ours), etcd refused or
+#: could not be reached within its own deadline, or ``resign``'s bound passed first.
+Resigned = Literal["resigned", "refused", "gave_up"]
+
+
+async def resign(etcd: Etcd, fence: Fence, timeout_s: float = RESIGN_TIMEOUT_S) -> Resigned:
     """Give up leadership at once so that the next candidate takes over (bounded, shielded)."""
     with trio.move_on_after(timeout_s, shield=True):
         try:
             await etcd.txn(Txn(compare=(fence.compare(),), success=(Delete(fence.key),)))
             log.info("resigned leadership")
+            return "resigned"
         except (EtcdUnavailable, EtcdFull) as exc:
             # The key goes with the session's lease (a revoke works even on a full etcd).
             log.warning("could not resign", extra={"error": str(exc)})
+            return "refused"
+    return "gave_up"
 
 
 async def current_leader(etcd: Etcd, ks: Keyspace) -> tuple[str, int] | None:
