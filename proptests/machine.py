@@ -290,8 +290,11 @@ class QueueMachine(RuleBasedStateMachine):
             )
             node = self.nodes[record.node or ""]
             assert node.alive, f"{task.id} assigned to dead node {node.name}"
-            assert record.session == node.session
-            assert task.completions == 0
+            assert record.session == node.session, (
+                f"{task.id} assigned to session {record.session} of {node.name}, "
+                f"whose current session is {node.session}"
+            )
+            assert task.completions == 0, f"{task.id} assigned again after it completed"
             task.state, task.node, task.session = State.PROCESSING, node.name, node.session
             task.attempts += 1
             task.deadline_at = (
@@ -838,6 +841,24 @@ class QueueMachine(RuleBasedStateMachine):
             happened = SnoozeAsked(delay)
         else:
             happened = Raised(TaskError(type="E", message="x", retryable=outcome == "failure"))
+        self._report(slot, happened, outcome)
+
+    @rule()
+    def every_started_attempt_fails(self) -> None:
+        """The leader's rounds, the agents take their assignments, and every started
+        attempt fails (retryable): the short way to a task's last attempt, where
+        ``max_attempts`` decides between a retry and the failed queue."""
+        self.leader_rounds(interfere=False)
+        for node in self.nodes.values():
+            if node.agent is not None:
+                self._agent_takes(node, len(node.feed))
+        for slot in self._started_attempts():
+            assert slot.record.attempts == self.tasks[slot.task_id].attempts
+            self._report(slot, Raised(TaskError(type="E", message="x")), "failure")
+
+    def _report(self, slot: Slot, happened: Happened, outcome: str) -> None:
+        """The agent reports what happened; the core decides what it writes."""
+        task = self.tasks[slot.task_id]
         decided = attempt_outcome(
             slot.record, happened, now=self.now, draw=self.rng.random, max_result_bytes=1024
         )
@@ -855,8 +876,8 @@ class QueueMachine(RuleBasedStateMachine):
             task.completions += 1
             task.state = State.COMPLETED
             task.node = task.session = task.deadline_at = None
-        elif outcome == "snooze":
-            self._after_snooze(task, nxt, delay)
+        elif isinstance(happened, SnoozeAsked):
+            self._after_snooze(task, nxt, happened.delay_s)
         else:
             self._after_attempt(task, nxt, retryable=outcome == "failure")
 
@@ -1176,9 +1197,13 @@ class QueueMachine(RuleBasedStateMachine):
             task = self.tasks[tid]
             assert state is task.state, f"{tid} is {state.value}, the model says {task.state.value}"
             record = Record.from_json(state, kv.value)
-            assert record.attempts == task.attempts
-            assert record.attempts <= task.max_attempts
-            assert record.snoozes == task.snoozes <= task.max_snoozes
+            assert record.attempts == task.attempts, (
+                f"{tid} counts {record.attempts} attempts, the model {task.attempts}"
+            )
+            assert record.attempts <= task.max_attempts, f"{tid} over its max_attempts"
+            assert record.snoozes == task.snoozes <= task.max_snoozes, (
+                f"{tid} counts {record.snoozes} snoozes, the model {task.snoozes}"
+            )
             if state is State.COMPLETED:
                 assert kv.version == 1, f"{tid}'s result was written {kv.version} times"
                 assert task.completions == 1

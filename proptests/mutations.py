@@ -1,21 +1,38 @@
 """Evidence that the property tests bite: plant known bugs, one at a time, in a copy of
-the repository, and check that the core state machine fails on each.
+the repository, and check that the core state machine fails on each, by the property
+the bug breaks.
 
-    python -m proptests.mutations            # every mutation
-    python -m proptests.mutations no-fence   # one of them
+    python -m proptests.mutations                 # every mutation, after the control
+    python -m proptests.mutations no-fence        # one of them (names, or --list)
+    python -m proptests.mutations --share 3       # this run's share: 3 of them, rotating
 
-Each run prints, per mutation, CAUGHT with the shrunk counterexample Hypothesis printed,
-or MISSED; it exits 1 if any mutation was missed.
+First the unmutated tree runs as a control: it must pass, or nothing else is judged.
+Then each mutant: CAUGHT when the tests fail with an ``AssertionError`` whose message
+matches the mutation's ``caught_by`` (the invariant it targets); WRONG when they fail
+otherwise (another assertion, an exception of another kind: the bug was found, but not
+by the property meant to find it); MISSED when they pass. Hypothesis runs derandomized
+(the ``mutation`` profile), so a verdict is the same in every run of the same tree;
+boundaries the random programs reach only now and then have explicit programs in
+``proptests/test_core_machine.py``. Exits 1 unless every chosen mutation is CAUGHT, 2 if
+the control fails.
+
+The suite runs a share of them in every run (``test_mutations.py``), chosen by the day,
+so that every mutation is checked within a few days of CI; the whole set is
+``pytest -m slow proptests`` or this command.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import attrs
 
@@ -24,13 +41,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @attrs.frozen
 class Mutation:
-    """A one-line bug: replace ``old`` by ``new`` in ``path``."""
+    """A one-line bug: replace ``old`` by ``new`` in ``path``; ``caught_by`` is a regular
+    expression the failing assertion's message matches (the property the bug breaks)."""
 
     name: str
     path: str
     old: str
     new: str
     breaks: str
+    caught_by: str
 
 
 MUTATIONS = [
@@ -40,6 +59,7 @@ MUTATIONS = [
         "compare: list[Compare] = [fence.compare()]",
         "compare: list[Compare] = []",
         "a deposed leader's writes must fail (fencing)",
+        r"a deposed leader's \w+ batch committed",
     ),
     Mutation(
         "stale-outcome-accepted",
@@ -47,6 +67,7 @@ MUTATIONS = [
         "compare = [Compare.created_at(slot.key, slot.create_revision)]",
         "compare = []",
         "a report for an attempt that has ended must be rejected",
+        r"a stale report was accepted",
     ),
     Mutation(
         "early-promotion",
@@ -54,6 +75,7 @@ MUTATIONS = [
         "while self._due and self._due[0][0] <= now:",
         "while self._due and self._due[0][0] <= now + 1.0:",
         "a delayed task is never assigned before its due time",
+        r"promoted at .* before due",
     ),
     Mutation(
         "capacity-off-by-one",
@@ -61,6 +83,7 @@ MUTATIONS = [
         "room = cap - self.inflight.get((node_id, queue), 0)",
         "room = cap + 1 - self.inflight.get((node_id, queue), 0)",
         "a node never holds more tasks than its capacity",
+        r"holds \d+ > \d+",
     ),
     Mutation(
         "priority-ignored",
@@ -68,6 +91,7 @@ MUTATIONS = [
         "heapq.heappush(heap, (-record.options.priority, kv.create_revision, tid))",
         "heapq.heappush(heap, (0, kv.create_revision, tid))",
         "higher priority first, then commit order",
+        r"skipped for worse tasks",
     ),
     Mutation(
         "one-attempt-too-many",
@@ -75,6 +99,7 @@ MUTATIONS = [
         "if not error.retryable or record.attempts >= record.options.max_attempts:",
         "if not error.retryable or record.attempts > record.options.max_attempts:",
         "attempts never exceed max_attempts",
+        r"expected failed, got State\.(DELAYED|PENDING)",
     ),
     Mutation(
         "claims-never-released",
@@ -82,6 +107,7 @@ MUTATIONS = [
         "committed_at <= self.revision:\n            self._release(batch.task_ids)",
         "committed_at <= self.revision:\n            pass",
         "a task whose move failed is tried again (no task is forgotten)",
+        r"wait while \d+ slots are free",
     ),
     Mutation(
         "restarted-node-keeps-work",
@@ -89,6 +115,7 @@ MUTATIONS = [
         "if node is None or node.session != slot.record.session:",
         "if node is None:",
         "a restarted node's old assignments are reaped",
+        r"kept by a restarted node",
     ),
     Mutation(
         "attempt-forgotten-when-it-ends",
@@ -96,6 +123,7 @@ MUTATIONS = [
         "            self._attempts[key] = False",
         "            del self._attempts[key]",
         "an attempt starts at most once on a node, even delivered again after it ended",
+        r"started twice on",
     ),
     Mutation(
         "assign-to-any-session",
@@ -103,6 +131,7 @@ MUTATIONS = [
         "compare.extend(_session_guards(ks, moves))",
         "compare.extend([])",
         "an assignment goes only to a node's current session",
+        r"whose current session is",
     ),
     Mutation(
         "cancel-unguarded",
@@ -110,6 +139,7 @@ MUTATIONS = [
         "        compare=(guard,),",
         "        compare=(),",
         "a cancel moves the task only from the state it was seen in",
+        r"a cancel of a stale state was accepted",
     ),
     Mutation(
         "pause-unguarded",
@@ -117,6 +147,7 @@ MUTATIONS = [
         'out.append(Batch("assign", tuple(chunk), guards=(guard,), extra=extra))',
         'out.append(Batch("assign", tuple(chunk), guards=(), extra=extra))',
         "nothing is assigned from a paused queue, even decided just before the pause",
+        r"assigned from a paused queue",
     ),
     Mutation(
         "unique-unguarded",
@@ -124,6 +155,7 @@ MUTATIONS = [
         "        compare.extend(guards)",
         "        compare.extend(())",
         "never two live tasks with one unique key",
+        r"share unique key",
     ),
     Mutation(
         "snooze-unbounded",
@@ -131,6 +163,7 @@ MUTATIONS = [
         "    if record.snoozes >= record.options.max_snoozes:",
         "    if False:",
         "a task snoozes at most max_snoozes times, then fails",
+        r"snoozed past its limit",
     ),
     Mutation(
         "snooze-counts-the-attempt",
@@ -138,6 +171,7 @@ MUTATIONS = [
         "    spent = max(record.attempts - 1, 0)",
         "    spent = record.attempts",
         "a snooze does not count an attempt",
+        r"counts \d+ attempts, the model \d+",
     ),
     Mutation(
         "key-limit-ignores-claims",
@@ -145,6 +179,7 @@ MUTATIONS = [
         "            self.keys.add(queue, key)",
         "            pass",
         "never more tasks of one concurrency key running than its limit, claims included",
+        r"of key \w+ running over",
     ),
     Mutation(
         "queue-limit-ignores-claims",
@@ -152,6 +187,7 @@ MUTATIONS = [
         "running = sum(n for (_, q), n in self.inflight.items() if q == queue)",
         "running = sum(s.record.options.queue == queue for s in self.processing.values())",
         "never more tasks of a queue running than max_running, assignments in flight included",
+        r"running over max_running",
     ),
     Mutation(
         "rate-forgotten-on-failover",
@@ -159,6 +195,7 @@ MUTATIONS = [
         "            if window not in self.rate_windows:  # a listing",
         "            if False:  # a listing",
         "a new leader starts no more than the rate allows in any window",
+        r"\d+ starts in [\d.]+ s",
     ),
     Mutation(
         "rate-window-too-short",
@@ -166,6 +203,7 @@ MUTATIONS = [
         "        since = now - rate.period_s",
         "        since = now - rate.period_s / 2",
         "no window of a rate's period holds more starts than its limit",
+        r"\d+ starts in [\d.]+ s",
     ),
     Mutation(
         "rate-change-ignores-forgotten-starts",
@@ -173,6 +211,7 @@ MUTATIONS = [
         "        if self.forgotten is not None and self.forgotten > since:",
         "        if False:",
         "a longer period counts the starts made before the change, even those forgotten",
+        r"\d+ starts in [\d.]+ s",
     ),
     Mutation(
         "schedule-slot-skipped",
@@ -180,6 +219,7 @@ MUTATIONS = [
         "        k = max(math.floor((after - anchor) / every) + 1, 1)",
         "        k = max(math.floor((after - anchor) / every) + 2, 1)",
         "no schedule slot is lost while a leader exists",
+        r"lost slots",
     ),
     Mutation(
         "firing-not-claimed",
@@ -187,6 +227,7 @@ MUTATIONS = [
         "            self._firing.add(name)",
         "            pass",
         "a slot fires once: a firing in flight is not planned again",
+        r"the live leader's fire batch failed",
     ),
     Mutation(
         "firing-unguarded",
@@ -194,6 +235,7 @@ MUTATIONS = [
         "    guards = (Compare.modified_at(kv.key, kv.mod_revision), *compares)",
         "    guards = ()",
         "a slot fires once, whoever leads (the firing compares its schedule and tasks)",
+        r"a firing committed over a pause",
     ),
     Mutation(
         "permanent-error-retried",
@@ -201,6 +243,7 @@ MUTATIONS = [
         "            return failed(error)",
         "            return failed(attrs.evolve(error, retryable=True))",
         "a handler's permanent failure fails the task at once, whatever attempts are left",
+        r"expected failed, got State\.(DELAYED|PENDING)",
     ),
     Mutation(
         "conflict-read-as-deposed",
@@ -208,6 +251,7 @@ MUTATIONS = [
         "    if not fence_kvs or fence_kvs[0].create_revision != fence.revision:",
         "    if not fence_kvs or fence_kvs[0].create_revision == fence.revision:",
         "a stale view's batch is a conflict (decide again), not a lost leadership",
+        r"a stale view's batch read as Deposed",
     ),
 ]
 
@@ -228,16 +272,47 @@ def _copy_repo(dest: Path) -> None:
             shutil.copy2(src, target)
 
 
-def run_mutation(m: Mutation) -> tuple[bool, str]:
-    """Apply one mutation in a temporary copy; answers (caught, what the tests printed)."""
-    with tempfile.TemporaryDirectory(prefix=f"tm-mutant-{m.name}-") as tmp:
+@attrs.frozen
+class Verdict:
+    """What a run of the state machine said of a tree."""
+
+    kind: Literal["caught", "wrong", "missed", "passed", "failed"]
+    #: The messages of the assertions that failed (the property that caught the bug).
+    assertions: tuple[str, ...]
+    output: str
+
+
+#: A failure pytest reports: ``E   AssertionError: message`` (also inside exception
+#: groups, where Hypothesis found several distinct failures).
+_FAILURE = re.compile(r"^E?\s*[|+-]*\s*(\w+(?:Error|Exception|Group)): ?(.*)$")
+
+
+def failures(output: str) -> list[tuple[str, str]]:
+    """Every (exception type, message) the failing run reported."""
+    found = []
+    for line in output.splitlines():
+        match = _FAILURE.match(line.strip())
+        if match and not match.group(1).endswith("Group"):
+            found.append((match.group(1), match.group(2).strip()))
+    return found
+
+
+def run_tree(m: Mutation | None, *, shrink: bool = True) -> Verdict:
+    """Run the state machine on a copy of the tree, with ``m`` planted (None: the
+    control), and judge the outcome. Without ``shrink`` the verdict is the same, sooner,
+    with a longer counterexample."""
+    prefix = f"tm-mutant-{m.name}-" if m else "tm-control-"
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         copy = Path(tmp)
         _copy_repo(copy)
-        target = copy / m.path
-        text = target.read_text()
-        if text.count(m.old) != 1:
-            raise SystemExit(f"mutation {m.name}: the line to change is not found once in {m.path}")
-        target.write_text(text.replace(m.old, m.new))
+        if m is not None:
+            target = copy / m.path
+            text = target.read_text()
+            if text.count(m.old) != 1:
+                raise SystemExit(
+                    f"mutation {m.name}: the line to change is not found once in {m.path}"
+                )
+            target.write_text(text.replace(m.old, m.new))
         env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
         check = subprocess.run(
             [sys.executable, "-c", "import tm_sidecar; print(tm_sidecar.__file__)"],
@@ -260,7 +335,7 @@ def run_mutation(m: Mutation) -> tuple[bool, str]:
                 "-q",
                 "-p",
                 "no:cacheprovider",
-                "--hypothesis-profile=mutation",
+                "--hypothesis-profile=" + ("mutation" if shrink else "mutation-quick"),
                 "-W",
                 "ignore::pytest.PytestAssertRewriteWarning",
             ],
@@ -268,9 +343,24 @@ def run_mutation(m: Mutation) -> tuple[bool, str]:
             env=env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=900,
         )
-        return run.returncode != 0, run.stdout + run.stderr
+    output = run.stdout + run.stderr
+    found = failures(output)
+    asserted = tuple(msg for kind, msg in found if kind == "AssertionError")
+    if m is None:
+        return Verdict("passed" if run.returncode == 0 else "failed", asserted, output)
+    if run.returncode == 0:
+        return Verdict("missed", asserted, output)
+    if any(re.search(m.caught_by, msg) for msg in asserted):
+        return Verdict("caught", asserted, output)
+    return Verdict("wrong", asserted, output)
+
+
+def run_mutation(m: Mutation) -> tuple[bool, str]:
+    """Apply one mutation in a temporary copy; answers (caught by its property, output)."""
+    verdict = run_tree(m)
+    return verdict.kind == "caught", verdict.output
 
 
 def counterexample(output: str) -> str:
@@ -288,16 +378,51 @@ def counterexample(output: str) -> str:
     return "\n".join(block)
 
 
+def share(count: int, day: datetime.date | None = None) -> list[Mutation]:
+    """``count`` mutations, a different run of them each day, so that successive days
+    cover the whole list."""
+    day = day or datetime.datetime.now(datetime.UTC).date()
+    start = (day.toordinal() * count) % len(MUTATIONS)
+    return [MUTATIONS[(start + i) % len(MUTATIONS)] for i in range(min(count, len(MUTATIONS)))]
+
+
 def main(argv: list[str]) -> int:
-    chosen = [m for m in MUTATIONS if not argv or m.name in argv]
+    parser = argparse.ArgumentParser(prog="python -m proptests.mutations")
+    parser.add_argument("names", nargs="*", help="mutations to run (default: every one)")
+    parser.add_argument("--share", type=int, help="this day's share of N mutations")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument(
+        "--no-shrink", action="store_true", help="judge without shrinking (faster, longer examples)"
+    )
+    args = parser.parse_args(argv)
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name}: {m.breaks}")
+        return 0
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        parser.error(f"no such mutation: {', '.join(sorted(unknown))} (see --list)")
+    if args.share:
+        chosen = share(args.share)
+    else:
+        chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    control = run_tree(None)
+    print(f"== control (no mutation): {control.kind.upper()}", flush=True)
+    if control.kind != "passed":
+        print(control.output[-5000:])
+        return 2
     missed = []
     for m in chosen:
-        caught, output = run_mutation(m)
-        print(f"== {m.name}: {'CAUGHT' if caught else 'MISSED'}  ({m.breaks})")
-        if caught:
-            print(counterexample(output))
+        verdict = run_tree(m, shrink=not args.no_shrink)
+        print(f"== {m.name}: {verdict.kind.upper()}  ({m.breaks})")
+        if verdict.kind == "caught":
+            print(counterexample(verdict.output))
         else:
             missed.append(m.name)
+            expected = f"expected an assertion matching {m.caught_by!r}"
+            print(f"{expected}; failed with: {list(verdict.assertions) or 'no assertion'}")
+            if verdict.kind == "wrong":
+                print(verdict.output[-3000:])
         print(flush=True)
     print(f"{len(chosen) - len(missed)} of {len(chosen)} mutations caught")
     return 1 if missed else 0

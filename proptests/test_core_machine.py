@@ -9,6 +9,7 @@ from hypothesis import settings
 
 from proptests.backends import Backend, MemoryEtcd
 from proptests.machine import QueueMachine
+from tm_sidecar.core import State
 
 
 class CoreQueue(QueueMachine):
@@ -51,5 +52,33 @@ def test_a_rate_change_counts_the_starts_before_it() -> None:
         _checked(state)
         state.leader_rounds(interfere=False)
         _checked(state)
+    finally:
+        state.teardown()
+
+
+def test_the_last_attempt_sends_the_task_to_the_failed_queue() -> None:
+    """``max_attempts`` is a boundary the random programs reach only now and then: a
+    task of two attempts fails twice, and the second failure is final (the mutation
+    ``one-attempt-too-many`` is caught here in every run)."""
+    state = CoreQueue()
+    try:
+        state.elect()
+        state.first_limits(max_running=None, per_key=None, rate=None)
+        state.first_node(capacity=1)
+        state.first_schedule(every=None, missed="skip")
+        state.create(
+            priority=0, delay=None, max_attempts=2, timeout=None, max_snoozes=0, key=None, count=1
+        )
+        state.every_started_attempt_fails()  # the first attempt: retried after its backoff
+        _checked(state)
+        [task] = state.tasks.values()
+        assert task.state is State.DELAYED
+        state.tick(dt=12.0)  # past the longest backoff (8 s)
+        state.every_started_attempt_fails()  # the leader promotes the task
+        state.every_started_attempt_fails()  # and assigns it: the last attempt fails
+        _checked(state)
+        final = state.tasks[task.id]  # read again: the rules changed it
+        assert final.attempts == 2
+        assert final.state is State.FAILED
     finally:
         state.teardown()
