@@ -53,6 +53,28 @@ def test_retries_pause_the_backoff_of_the_failures_in_a_row(
     assert (full["op"], full["error"], full["retry_in_s"]) == ("watch", "NOSPACE", 2.0)
 
 
+def test_a_stall_is_one_line_then_a_count_not_a_line_per_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tm_sidecar.etcd")
+
+    async def main() -> None:
+        watch, lease = Retries("watch", lambda _: 0.02), Retries("lease", lambda _: 0.02)
+        for _ in range(50):  # 50 failures of each loop in one second
+            await watch.pause(EtcdUnavailable("gone"))
+            await lease.pause(EtcdUnavailable("gone"))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    lines = [(vars(r)["op"], vars(r).get("repeats")) for r in caplog.records]
+    # Each loop its line at once, then its count (here at the end of the run).
+    assert sorted(lines, key=str) == [
+        ("lease", 49),
+        ("lease", None),
+        ("watch", 49),
+        ("watch", None),
+    ]
+
+
 def test_retrying_tells_each_failure_then_answers(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="tm_sidecar.etcd")
     failures: list[Exception] = []
