@@ -557,16 +557,20 @@ def test_a_client_over_its_share_of_sessions_loses_its_own_oldest() -> None:
     assert full.get(login.id, 9.0) is login
 
 
-def test_wrong_tokens_cost_their_client_time_one_after_another() -> None:
+def test_after_a_wrong_token_a_client_is_checked_one_token_at_a_time() -> None:
     guesses = Guesses(delay_s=0.5)
-    assert [guesses.penalty("a", 10.0) for _ in range(3)] == [0.5, 1.0, 1.5]
-    assert guesses.penalty("b", 10.0) == 0.5  # another client's guesses are its own
-    assert guesses.penalty("a", 11.0) == 1.0  # a's queue ends at 11.5
-    assert guesses.penalty("a", 100.0) == 0.5  # once answered, forgotten
-    assert guesses.wrong == 6
+    assert guesses.turn("a", 10.0) == 0.0  # never wrong: no wait
+    guesses.wrong_token("a", 10.0)
+    # Ten guesses sent at once: checked 0.5 s apart, the wait before each check.
+    assert [guesses.turn("a", 10.0) for _ in range(3)] == [0.5, 1.0, 1.5]
+    assert guesses.turn("b", 10.0) == 0.0  # another client's guesses are its own
+    guesses.wrong_token("a", 10.5)  # the first of them was wrong too: the queue stands
+    assert guesses.turn("a", 10.5) == 1.5
+    assert guesses.turn("a", 100.0) == 0.0  # once the queue is through, forgotten
+    assert guesses.wrong == 2
     small = Guesses(delay_s=1.0, max_clients=2)
     for n in range(10):
-        small.penalty(f"c{n}", float(n) / 10)
+        small.wrong_token(f"c{n}", float(n) / 10)
     assert len(small) <= 2
 
 

@@ -202,32 +202,40 @@ def _first_anonymous(sessions: OrderedDict[str, Session]) -> Session:
 
 @attrs.define(eq=False)
 class Guesses:
-    """Wrong tokens, by client: each costs its client ``delay_s`` more, one after another.
+    """Token checks, by client: after a wrong token, that client's tokens are checked
+    one at a time, ``delay_s`` apart, however many it sends at once.
 
-    A client's wrong guesses are answered no faster than one per ``delay_s`` however
-    many it sends at once (each waits for the ones before it), whether it guessed on the
-    login form or in an ``Authorization`` header; a right token never waits. Time is
-    the caller's (Trio's clock), so a test can drive it.
+    The wait comes before the check, so that a guess sent in parallel with others learns
+    nothing sooner; a client that never gave a wrong token never waits. The login form
+    and the ``Authorization`` header share this. Time is the caller's (Trio's clock),
+    so a test can drive it.
     """
 
     delay_s: float = GUESS_DELAY_S
     max_clients: int = MAX_SESSIONS
     #: Wrong tokens counted so far.
     wrong: int = 0
+    #: When each client that guessed wrong may have its next token checked.
     _free_at: dict[str, float] = attrs.Factory(dict)
 
-    def penalty(self, client: str, now: float) -> float:
-        """Count one wrong guess of ``client`` at ``now``: how long to wait before
-        answering it."""
-        if len(self._free_at) >= self.max_clients:
-            # Forget clients whose guesses have all been answered; if none, the oldest.
+    def turn(self, client: str, now: float) -> float:
+        """How long ``client``'s token waits before it is checked (0 unless the client
+        gave a wrong one lately); the slot is taken, so the next one waits longer."""
+        free_at = self._free_at.get(client)
+        if free_at is None or free_at <= now:
+            return 0.0
+        self._free_at[client] = free_at + self.delay_s
+        return free_at - now
+
+    def wrong_token(self, client: str, now: float) -> None:
+        """``client``'s token was wrong: its next check waits ``delay_s`` at least."""
+        if client not in self._free_at and len(self._free_at) >= self.max_clients:
+            # Forget the clients that wait no more; if none, the oldest.
             self._free_at = {c: t for c, t in self._free_at.items() if t > now}
             while len(self._free_at) >= self.max_clients:
                 del self._free_at[next(iter(self._free_at))]
-        free_at = max(now, self._free_at.get(client, now)) + self.delay_s
-        self._free_at[client] = free_at
+        self._free_at[client] = max(now + self.delay_s, self._free_at.get(client, now))
         self.wrong += 1
-        return free_at - now
 
     def __len__(self) -> int:
         return len(self._free_at)

@@ -181,11 +181,13 @@ class Dashboard:
         if self.settings.token and not session.authenticated:
             bearer = headers.get("authorization", "")
             given = bearer[7:] if bearer[:7].lower() == "bearer " else None
+            if given is not None:
+                await self.wait_turn(scope)
             if given is not None and token_matches(self.settings.token, given):
                 scope["tm_bearer"] = True
             elif not (path.startswith("/static/") or path == "/login"):
                 if given is not None:
-                    await self.wrong_token(scope, via="bearer")
+                    self.wrong_token(scope, via="bearer")
                     response: Response = plain(401, "wrong token\n")
                 elif scope["method"] == "GET" and path != "/api/events":
                     response = self.render(
@@ -199,12 +201,18 @@ class Dashboard:
 
     # -- helpers ---------------------------------------------------------------------
 
-    async def wrong_token(self, scope: Scope, *, via: str) -> None:
+    async def wait_turn(self, scope: Scope) -> None:
+        """Before checking a token: wait this client's turn, if it guessed wrong lately
+        (see :class:`Guesses`)."""
+        wait = self.guesses.turn(client_address(scope), trio.current_time())
+        if wait > 0:
+            await trio.sleep(wait)
+
+    def wrong_token(self, scope: Scope, *, via: str) -> None:
         """A wrong token, on the login form or as a bearer token: logged with where it
-        came from, and answered only after this client's penalty (see :class:`Guesses`)."""
-        address = client_address(scope)
+        came from, and this client's next token waits (see :class:`Guesses`)."""
         log.warning("dashboard token refused", extra={"via": via, **who(scope)})
-        await trio.sleep(self.guesses.penalty(address, trio.current_time()))
+        self.guesses.wrong_token(client_address(scope), trio.current_time())
 
     def render(
         self, request: Request, name: str, context: dict[str, Any], status: int = 200

@@ -115,8 +115,9 @@ async def login(board: Dashboard, request: Request) -> Response:
         return board.error(request, exc.status, exc.message)
     if refusal is not None or not session.csrf_matches(form.get("csrf", "")):
         return board.error(request, 403, "this login form is not from this session")
+    await board.wait_turn(request.scope)
     if not token_matches(board.settings.token, form.get("token", "")):
-        await board.wrong_token(request.scope, via="login")
+        board.wrong_token(request.scope, via="login")
         return board.render(request, "login.html", {"wrong": True}, status=401)
     fresh = board.sessions.rotate(session, board.clock(), authenticated=True)
     response = RedirectResponse("/", status_code=303)
