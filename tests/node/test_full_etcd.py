@@ -153,6 +153,11 @@ async def test_room_is_kept_for_large_results_so_accepted_tasks_finish(
         assert set(states.values()) == {State.COMPLETED}
         assert sc.admission.db_size < QUOTA
         assert 10 < len(accepted) < 80  # 16 MiB * 0.8 / 200 KB is about 67
+    # A sidecar started later keeps the same room before it sees a result of its own.
+    async with running_sidecars(
+        small_etcd.endpoint, namespace, "n2", quota_bytes=QUOTA, compact_interval_s=0
+    ) as (later,):
+        await wait_for(lambda: later.admission.result_room > len(RESULT))
 
 
 async def test_a_full_etcd_refuses_creates_retryably_keeps_reads_and_recovers(

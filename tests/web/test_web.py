@@ -25,6 +25,7 @@ from tm_sidecar.core import State, TaskEvent, TaskId
 from tm_sidecar.ops._embedded import EtcdProcess
 from tm_sidecar.web import Dashboard, TokenError, WebSettings, load_token
 from tm_sidecar.web._access import (
+    MAX_SESSIONS,
     Guesses,
     Sessions,
     cross_site_refusal,
@@ -555,6 +556,15 @@ def test_a_client_over_its_share_of_sessions_loses_its_own_oldest() -> None:
     for n in range(5):
         full.new(float(n), client=f"flood-{n}")
     assert full.get(login.id, 9.0) is login
+    # The figures, at the default sizes: 4,200 requests without a cookie, from
+    # elsewhere and from the logged-in browser's own address (a proxy's, say).
+    table = Sessions()
+    login = table.new(0.0, client="10.0.0.1", authenticated=True)
+    for client in ("10.0.0.2", "10.0.0.1"):
+        for n in range(4200):
+            table.new(1.0 + n, client=client)
+        assert table.get(login.id, 5000.0) is login
+    assert len(table) <= MAX_SESSIONS
 
 
 def test_after_a_wrong_token_a_client_is_checked_one_token_at_a_time() -> None:

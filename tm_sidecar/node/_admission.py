@@ -12,7 +12,7 @@ from contextlib import aclosing
 import attrs
 import trio
 
-from .._errors import EtcdFull, PayloadTooLarge, QueueFull, Unavailable
+from .._errors import EtcdError, EtcdFull, PayloadTooLarge, QueueFull, Unavailable
 from ..core import Keyspace, QueueConfig, Range, State, Txn
 from ..etcd import Etcd, Feed, Reset
 from ._queues import list_queues
@@ -32,6 +32,8 @@ _FULL = (
 MIN_RESULT_ROOM = 1024
 #: The typical result is the largest of this many latest results.
 RESULT_WINDOW = 1024
+#: Completed records read at start, before any new result is seen.
+RESULT_SAMPLE = 8
 
 
 @attrs.define(eq=False)
@@ -107,11 +109,25 @@ class Admission:
         items = feed.informer(self.ks.state_prefix(State.COMPLETED), listing=False, puts_only=True)
         async with aclosing(items) as changes:
             task_status.started()
+            await self._sample_results()
             async for item in changes:
                 if isinstance(item, Reset):
                     continue  # what was missed is missed: the next results count
                 for change in item.events:
                     self.results.see(len(change.kv.key) + len(change.kv.value))
+
+    async def _sample_results(self) -> None:
+        """Seed the sizes with a few completed records already in etcd (the oldest: a
+        read with a limit and no filter costs etcd only those), so that a restarted
+        sidecar keeps room for results like them before it sees new ones."""
+        sample = Range(self.ks.state_prefix(State.COMPLETED), prefix=True, limit=RESULT_SAMPLE)
+        try:
+            kvs = (await self.etcd.range(sample)).kvs
+        except (Unavailable, EtcdError) as exc:  # only a seed: the watch sizes the rest
+            log.debug("result sample failed", extra={"error": str(exc)})
+            return
+        for kv in kvs:
+            self.results.see(len(kv.key) + len(kv.value))
 
     @property
     def result_room(self) -> int:
