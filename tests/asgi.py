@@ -36,6 +36,8 @@ class Client:
     app: App
     host: str = "127.0.0.1:8080"
     cookies: dict[str, str] = attrs.Factory(dict)
+    #: The address the requests come from (the ASGI scope's client).
+    address: str = "127.0.0.1"
 
     async def request(
         self,
@@ -67,7 +69,7 @@ class Client:
             "query_string": query.encode(),
             "root_path": "",
             "headers": [(k.lower().encode(), v.encode()) for k, v in head.items()],
-            "client": ("127.0.0.1", 50000),
+            "client": (self.address, 50000),
             "server": ("127.0.0.1", 8080),
         }
         sent = False

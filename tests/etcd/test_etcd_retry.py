@@ -39,9 +39,12 @@ def test_retries_pause_the_backoff_of_the_failures_in_a_row(
     assert asked == [1, 2, 3, 1]  # counted in a row, and again from one after reset()
     assert clock.current_time() - start == 2 + 4 + 8 + 2
     lines = [(r.levelname, r.getMessage(), vars(r)) for r in caplog.records]
-    assert [(level, msg) for level, msg, _ in lines] == [
-        *[("WARNING", "etcd call failed: retrying")] * 3,
-        ("ERROR", "etcd is full: free space with `tmctl recover`; retrying"),
+    # The first failure at once; the next ones (at 2 s, at 6 s) counted, a line every 5 s.
+    assert [(level, msg, fields.get("repeats")) for level, msg, fields in lines] == [
+        ("WARNING", "etcd call failed: retrying", None),
+        ("WARNING", "etcd call failed: retrying", 1),
+        ("WARNING", "etcd call failed: retrying", 1),
+        ("ERROR", "etcd is full: free space with `tmctl recover`; retrying", None),
     ]
     first, full = lines[0][2], lines[-1][2]
     assert (first["op"], first["error"], first["retry_in_s"], first["prefix"]) == (
@@ -51,6 +54,28 @@ def test_retries_pause_the_backoff_of_the_failures_in_a_row(
         "/ns/",
     )
     assert (full["op"], full["error"], full["retry_in_s"]) == ("watch", "NOSPACE", 2.0)
+
+
+def test_a_stall_is_one_line_then_a_count_not_a_line_per_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tm_sidecar.etcd")
+
+    async def main() -> None:
+        watch, lease = Retries("watch", lambda _: 0.02), Retries("lease", lambda _: 0.02)
+        for _ in range(50):  # 50 failures of each loop in one second
+            await watch.pause(EtcdUnavailable("gone"))
+            await lease.pause(EtcdUnavailable("gone"))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    lines = [(vars(r)["op"], vars(r).get("repeats")) for r in caplog.records]
+    # Each loop its line at once, then its count (here at the end of the run).
+    assert sorted(lines, key=str) == [
+        ("lease", 49),
+        ("lease", None),
+        ("watch", 49),
+        ("watch", None),
+    ]
 
 
 def test_retrying_tells_each_failure_then_answers(caplog: pytest.LogCaptureFixture) -> None:

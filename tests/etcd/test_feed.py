@@ -166,8 +166,9 @@ async def test_a_leading_sidecar_opens_one_watch(own_etcd: EtcdProcess, namespac
             sidecar.register(handler)
             info = await sidecar.wait(task.id, timeout_s=20)
             assert info.final
-            # The hub, the agent and the leader's view: one watch among them.
-            assert sidecar.feed.taps == 3
+            # The hub, the agent, the leader's view and admission's result sizes: one
+            # watch among them.
+            assert sidecar.feed.taps == 4
             assert await trio.to_thread.run_sync(_watchers, own_etcd) == 1
             nursery.cancel_scope.cancel()
     finally:

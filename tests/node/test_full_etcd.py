@@ -107,6 +107,59 @@ async def test_creates_stop_before_the_quota_and_accepted_tasks_still_finish(
         assert await _alarms(sc.etcd) == []  # the headroom held: etcd never filled up
 
 
+RESULT = "r" * 200_000
+
+
+async def test_room_is_kept_for_large_results_so_accepted_tasks_finish(
+    small_etcd: EtcdProcess, namespace: str
+) -> None:
+    """Tiny payloads, 200 KB results (issue 21.8): the payloads alone never near the
+    quota, so only the room kept for the results stops the creates in time."""
+    async with running_sidecars(
+        small_etcd.endpoint, namespace, "n1", quota_bytes=QUOTA, compact_interval_s=0
+    ) as (sc,):
+        await wait_for(lambda: sc.admission.db_size > 0)
+
+        async def handler(task: TaskContext) -> str:
+            return RESULT
+
+        sc.register(handler, concurrency=4)
+        # The room kept is the largest recent result: one result teaches it.
+        first = await sc.create({"n": 0})
+        assert (await sc.wait(first.id, timeout_s=30)).state is State.COMPLETED
+        await wait_for(lambda: sc.admission.result_room > len(RESULT))
+        accepted = [first.id]
+        refused: QueueFull | None = None
+        for n in range(1, 400):
+            try:
+                accepted.append((await sc.create({"n": n})).id)
+            except QueueFull as exc:
+                refused = exc
+                break
+        assert refused is not None, "creates went on past the room the results need"
+        assert "for the outcome of each" in str(refused)
+        states: dict[TaskId, State | None] = {}
+
+        async def settled() -> bool:
+            if await _alarms(sc.etcd):
+                return True  # etcd filled up: the assertion below says so
+            for task_id in accepted:
+                if states.get(task_id) is not State.COMPLETED:
+                    states[task_id] = (await sc.get(task_id)).state
+            return all(s is State.COMPLETED for s in states.values())
+
+        await poll_until(settled, timeout_s=60)
+        assert await _alarms(sc.etcd) == []  # the room held: etcd never filled up
+        assert set(states.values()) == {State.COMPLETED}
+        assert sc.admission.db_size < QUOTA
+        assert 10 < len(accepted) < 80  # 16 MiB * 0.8 / 200 KB is about 67
+    # A sidecar started later keeps the same room before it sees a result of its own.
+    async with running_sidecars(
+        small_etcd.endpoint, namespace, "n2", quota_bytes=QUOTA, compact_interval_s=0
+    ) as (later,):
+        await wait_for(lambda: later.admission.result_room > len(RESULT))
+
+
 async def test_a_full_etcd_refuses_creates_retryably_keeps_reads_and_recovers(
     small_etcd: EtcdProcess, namespace: str
 ) -> None:
@@ -254,3 +307,15 @@ def test_an_overloaded_etcd_is_not_a_full_one() -> None:
     busy = {"code": 8, "message": "etcdserver: too many requests"}
     assert isinstance(translate_gateway(429, full), EtcdFull)
     assert isinstance(translate_gateway(429, busy), EtcdUnavailable)
+
+
+def test_the_typical_result_is_the_largest_of_the_latest() -> None:
+    from tm_sidecar.node._admission import LargestRecent
+
+    sizes = LargestRecent(window=3)
+    assert sizes.largest == 0
+    seen = []
+    for size in (5, 1, 9, 2, 2, 3, 1, 1, 1, 7):
+        sizes.see(size)
+        seen.append(sizes.largest)
+    assert seen == [5, 5, 9, 9, 9, 3, 3, 3, 1, 7]

@@ -244,6 +244,8 @@ def log_rule_breaches(source: str, where: str = "<source>") -> list[str]:
     }
     breaches: list[str] = []
     for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            breaches += _repeats_breaches(node, f"{where}:{node.lineno}")
         if not (isinstance(node, ast.Call) and _is_log_call(node)):
             continue
         assert isinstance(node.func, ast.Attribute)
@@ -277,6 +279,24 @@ def log_rule_breaches(source: str, where: str = "<source>") -> list[str]:
     return breaches
 
 
+def _repeats_breaches(node: ast.Call, at: str) -> list[str]:
+    """The same rule for a warning that repeats (tm_sidecar/_repeats.py): a constant
+    message given to ``Repeats(logger, message)``, snake_case fields given to ``note``."""
+    func = node.func
+    name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+    if name == "Repeats":
+        msg = node.args[1] if len(node.args) > 1 else None
+        if not (isinstance(msg, ast.Constant) and isinstance(msg.value, str)):
+            return [f"{at}: a Repeats' message is not a constant string"]
+    if name == "note":
+        return [
+            f"{at}: {k.arg!r} is not a snake_case key or is a LogRecord attribute"
+            for k in node.keywords
+            if k.arg is not None and (k.arg in _RECORD_ATTRS or not _SNAKE.fullmatch(k.arg))
+        ]
+    return []
+
+
 def test_the_rule_check_sees_each_kind_of_breach() -> None:
     source = """
 import logging
@@ -295,10 +315,14 @@ log.info("took " + str(took))
 log.warning(OLD)
 logging.log(logging.INFO, "lease=%x", lease)
 log.info("sidecar ready", extra={"name": n, "TaskId": t})
+WAITS = Repeats(log, f"waits for {what}")
+WAITS.note(task=t, name=n)
+OK = Repeats(log, "waits for etcd")
+OK.note(task=t, delay_s=1.0)
 """
     found = log_rule_breaches(source)
     lines = sorted({int(b.split(":")[1]) for b in found})
-    assert lines == list(range(10, 18)), found
+    assert lines == list(range(10, 20)), found
     assert any("an f-string" in b for b in found)
     assert any("'name' is a LogRecord attribute" in b for b in found)
     assert any("'TaskId' is not a snake_case key" in b for b in found)
@@ -314,3 +338,51 @@ def test_every_log_call_in_tm_sidecar_keeps_the_rule() -> None:
         for b in log_rule_breaches(f.read_text(), str(f.relative_to(PACKAGE.parent)))
     ]
     assert not breaches, "\n".join(breaches)
+
+
+# -- warnings that repeat (tm_sidecar/_repeats.py) ------------------------------------------
+
+
+def test_a_repeated_warning_is_one_line_then_one_count_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import trio
+    import trio.testing
+
+    from tm_sidecar._repeats import Repeats
+
+    caplog.set_level(logging.WARNING, logger="tm_sidecar.test")
+    waits = Repeats(logging.getLogger("tm_sidecar.test"), "report waits for etcd", interval_s=1.0)
+    seen: list[tuple[float, str | None, int | None]] = []
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    def lines() -> None:
+        for r in caplog.records:
+            seen.append((clock.current_time(), vars(r).get("task"), vars(r).get("repeats")))
+        caplog.clear()
+
+    async def main() -> None:
+        for n in range(50):  # one stall: 50 in a second
+            waits.note(task=f"t{n}", delay_s=0.019)
+            await trio.sleep(0.019)
+        lines()
+        waits.note("other", task="x")  # another key is a line of its own
+        lines()
+        await trio.sleep(0.1)  # the first window's line comes at 1.0
+        lines()
+        await trio.sleep(5)  # quiet: no line, and the windows close
+        lines()
+        waits.note(task="again")
+        lines()
+        waits.note(task="last")  # counted; told when the run ends
+
+    trio.run(main, clock=clock)
+    lines()
+    assert [(task, repeats) for _, task, repeats in seen] == [
+        ("t0", None),
+        ("x", None),
+        ("t49", 49),
+        ("again", None),
+        ("last", 1),
+    ]
+    assert [round(at, 2) for at, _, _ in seen[:3]] == [0.95, 0.95, 1.05]

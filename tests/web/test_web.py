@@ -24,7 +24,15 @@ from tm_sidecar import Backoff, Sidecar, TaskContext, TaskOptions
 from tm_sidecar.core import State, TaskEvent, TaskId
 from tm_sidecar.ops._embedded import EtcdProcess
 from tm_sidecar.web import Dashboard, TokenError, WebSettings, load_token
-from tm_sidecar.web._access import cross_site_refusal, host_name, is_loopback_host
+from tm_sidecar.web._access import (
+    MAX_SESSIONS,
+    Guesses,
+    Sessions,
+    cross_site_refusal,
+    host_name,
+    is_loopback_host,
+    session_tag,
+)
 from tm_sidecar.web._live import EventBatcher
 
 QUICK_RETRY = Backoff(base_s=0.0)
@@ -450,6 +458,8 @@ def test_binds_hosts_and_cross_site_rules() -> None:
     ("flags", "words"),
     [
         (["--web", "0.0.0.0:0", "--web-actions"], "needs a token"),
+        (["--web", "0.0.0.0:0"], "--web-public-without-token"),
+        (["--web", "[::]:0"], "needs a token"),
         (["--web", "127.0.0.1:0", "--web-token-file", "/nonexistent/token"], "--web-token-file"),
         (["--web", "localhost:http"], "expected [HOST:]PORT"),
     ],
@@ -489,3 +499,129 @@ async def test_a_task_stream_replays_what_happened_since_its_page(
         )
         assert b"Cancelled" in stream.body
         assert b'"queued"' not in stream.body  # drawn on the page already: not again
+
+
+def test_a_public_read_only_dashboard_without_a_token_needs_the_flag_that_says_so() -> None:
+    from tm_sidecar.ops._cli import _web_settings, parse_args
+
+    def web(*flags: str) -> object:
+        _, settings = parse_args(["--web", "0.0.0.0:8080", *flags], environ={})
+        return _web_settings(settings)
+
+    refused = web()
+    assert isinstance(refused, str)
+    assert "needs a token" in refused
+    assert "--web-public-without-token" in refused
+    allowed = web("--web-public-without-token")
+    assert isinstance(allowed, WebSettings)
+    assert allowed.token is None
+    assert not allowed.loopback
+    assert isinstance(web("--web-public-without-token", "--web-actions"), str)  # never actions
+    _, settings = parse_args(["--web", "0.0.0.0:8080"], environ={"TM_WEB_TOKEN": "t0k"})
+    assert isinstance(_web_settings(settings), WebSettings)
+
+
+async def test_sessions_are_bounded_per_client_and_never_push_out_a_login(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    token = "the-token-of-the-session-test"
+    async with dashboard(etcd_server, namespace, token=token) as (_, board, _h):
+        board.sessions = Sessions(max_sessions=40)  # a small table: the flood overflows it
+        user = Client(board, address="10.0.0.1")
+        login = await user.get("/login")
+        good = await user.post("/login", {"csrf": csrf_of(login), "token": token})
+        assert good.status == 303
+        # 100 requests without a cookie from elsewhere, then as many from the user's own
+        # address (all of a reverse proxy's clients share one).
+        for address in ("10.0.0.2", "10.0.0.1"):
+            for _ in range(100):
+                assert (await Client(board, address=address).get("/login")).status == 200
+            assert len(board.sessions) <= 40
+            assert (await user.get("/")).status == 200, f"logged out by {address}"
+
+
+def test_a_client_over_its_share_of_sessions_loses_its_own_oldest() -> None:
+    sessions = Sessions(max_sessions=100, per_client=3)
+    mine = [sessions.new(float(t), client="a") for t in range(3)]
+    mine[0].authenticated = True
+    others = [sessions.new(0.0, client="b") for _ in range(3)]
+    fourth = sessions.new(5.0, client="a")
+    # a's oldest session without the token went; a's login and b's sessions stayed
+    assert sessions.get(mine[1].id, 6.0) is None
+    for kept in (mine[0], mine[2], fourth, *others):
+        assert sessions.get(kept.id, 6.0) is kept
+    assert len(sessions) == 6
+    full = Sessions(max_sessions=2, per_client=2)
+    login = full.new(0.0, client="a", authenticated=True)
+    for n in range(5):
+        full.new(float(n), client=f"flood-{n}")
+    assert full.get(login.id, 9.0) is login
+    # The figures, at the default sizes: 4,200 requests without a cookie, from
+    # elsewhere and from the logged-in browser's own address (a proxy's, say).
+    table = Sessions()
+    login = table.new(0.0, client="10.0.0.1", authenticated=True)
+    for client in ("10.0.0.2", "10.0.0.1"):
+        for n in range(4200):
+            table.new(1.0 + n, client=client)
+        assert table.get(login.id, 5000.0) is login
+    assert len(table) <= MAX_SESSIONS
+
+
+def test_after_a_wrong_token_a_client_is_checked_one_token_at_a_time() -> None:
+    guesses = Guesses(delay_s=0.5)
+    assert guesses.turn("a", 10.0) == 0.0  # never wrong: no wait
+    guesses.wrong_token("a", 10.0)
+    # Ten guesses sent at once: checked 0.5 s apart, the wait before each check.
+    assert [guesses.turn("a", 10.0) for _ in range(3)] == [0.5, 1.0, 1.5]
+    assert guesses.turn("b", 10.0) == 0.0  # another client's guesses are its own
+    guesses.wrong_token("a", 10.5)  # the first of them was wrong too: the queue stands
+    assert guesses.turn("a", 10.5) == 1.5
+    assert guesses.turn("a", 100.0) == 0.0  # once the queue is through, forgotten
+    assert guesses.wrong == 2
+    small = Guesses(delay_s=1.0, max_clients=2)
+    for n in range(10):
+        small.wrong_token(f"c{n}", float(n) / 10)
+    assert len(small) <= 2
+
+
+async def test_bad_tokens_are_slowed_and_logged_and_actions_say_who_and_whence(
+    etcd_server: EtcdProcess, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tm_sidecar.web")
+    token = "the-token-of-the-log-test"
+    async with dashboard(etcd_server, namespace, actions=True, token=token) as (_, board, _h):
+        board.guesses = Guesses(delay_s=0.01)
+        guesser = Client(board, address="10.0.0.7")
+        wrong = await guesser.get("/", headers={"authorization": "Bearer guess"})
+        assert wrong.status == 401
+        login = await guesser.get("/login")
+        bad = await guesser.post("/login", {"csrf": csrf_of(login), "token": "guess-2"})
+        assert bad.status == 401
+        assert board.guesses.wrong == 2  # both cost the guesser time
+        refused = [r for r in caplog.records if r.getMessage() == "dashboard token refused"]
+        assert [(r.via, r.address) for r in refused] == [  # type: ignore[attr-defined]
+            ("bearer", "10.0.0.7"),
+            ("login", "10.0.0.7"),
+        ]
+
+        user = Client(board, address="10.0.0.8")
+        login = await user.get("/login")
+        assert (await user.post("/login", {"csrf": csrf_of(login), "token": token})).status == 303
+        await user.get("/")
+        form = {"csrf": session_csrf(board, user), "state": "completed", "confirm": "yes"}
+        assert (await user.post("/actions/purge", form)).status == 303
+        script = Client(board, address="10.0.0.9")
+        bearer = {"authorization": f"Bearer {token}", "x-forwarded-for": "192.0.2.5"}
+        form = {"state": "completed", "confirm": "yes"}
+        assert (await script.post("/actions/purge", form, headers=bearer)).status == 303
+        acted = [r for r in caplog.records if r.getMessage() == "dashboard action"]
+        whence = [
+            (r.actor, r.address, getattr(r, "forwarded_for", None))  # type: ignore[attr-defined]
+            for r in acted
+        ]
+        assert whence == [("login", "10.0.0.8", None), ("bearer", "10.0.0.9", "192.0.2.5")]
+        session = board.sessions.get(user.cookies["tm_session"], time.time())
+        assert session is not None
+        assert acted[0].session == session_tag(session)  # type: ignore[attr-defined]
+        assert session.id not in caplog.text
+    assert token not in caplog.text

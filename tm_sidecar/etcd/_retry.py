@@ -14,8 +14,12 @@ import trio
 from taskmanager.protocol import backoff_s
 
 from .._errors import EtcdFull, EtcdUnavailable
+from .._repeats import Repeats
 
 log = logging.getLogger("tm_sidecar.etcd")
+#: Under an etcd stall every loop retries at once: one line per loop a few seconds.
+_RETRYING = Repeats(log, "etcd call failed: retrying")
+_FULL = Repeats(log, "etcd is full: free space with `tmctl recover`; retrying", logging.ERROR)
 
 T = TypeVar("T")
 
@@ -41,7 +45,8 @@ class Retries:
 
     Every loop that waits out an unavailable etcd (:func:`retrying`, the informer, the
     feed's watch and its taps' listings) counts and pauses here: the one backoff, and
-    one log line per failure, ``op`` saying what failed.
+    one log line for the first failure, then one with a count every few seconds while
+    they go on (:class:`~tm_sidecar._repeats.Repeats`), ``op`` saying what failed.
     """
 
     op: str
@@ -57,10 +62,7 @@ class Retries:
         self.failures += 1
         wait = self.backoff(self.failures)
         extra = {"op": self.op, "error": str(exc), "retry_in_s": round(wait, 3), **fields}
-        if isinstance(exc, EtcdFull):
-            log.error("etcd is full: free space with `tmctl recover`; retrying", extra=extra)
-        else:
-            log.warning("etcd call failed: retrying", extra=extra)
+        (_FULL if isinstance(exc, EtcdFull) else _RETRYING).note(self.op, **extra)
         await trio.sleep(wait)
 
 

@@ -13,6 +13,7 @@ import trio
 
 from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
 from .._hooks import Hooks
+from .._repeats import Repeats
 from ..core import (
     Batch,
     Committed,
@@ -33,6 +34,8 @@ from ..etcd._session import RetentionLeases, Session
 from ._sweeps import sweep_payloads, sweep_rate_windows, sweep_unique_guards
 
 log = logging.getLogger("tm_sidecar.leader")
+#: A dead node's tasks are reaped one by one: one line per node a few seconds, counted.
+_REAPED = Repeats(log, "reaped")
 
 
 @attrs.frozen(kw_only=True)
@@ -371,13 +374,11 @@ def _count(state: LeaderState, batch: Batch) -> None:
     else:
         state.reaped += n
         for slot, record in batch.moves:
-            log.warning(
-                "reaped",
-                extra={
-                    "task": slot.task_id,
-                    "node": slot.record.node,
-                    "attempt": slot.record.attempts,
-                    "to": record.state.value,
-                    "reason": record.error.type if record.error else None,
-                },
+            _REAPED.note(
+                slot.record.node,
+                task=slot.task_id,
+                node=slot.record.node,
+                attempt=slot.record.attempts,
+                to=record.state.value,
+                reason=record.error.type if record.error else None,
             )

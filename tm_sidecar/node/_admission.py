@@ -1,17 +1,20 @@
 """Admission: the namespace's counts, refreshed each second (tasks by state, live
-nodes, queue settings, etcd's size and alarms), and the checks a new task must pass
-(payload size, live tasks, etcd's quota)."""
+nodes, queue settings, etcd's size and alarms), the size of the results tasks end
+with, and the checks a new task must pass (payload size, live tasks, etcd's quota less
+the room the accepted tasks' results need)."""
 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from contextlib import aclosing
 
 import attrs
 import trio
 
-from .._errors import EtcdFull, PayloadTooLarge, QueueFull, Unavailable
+from .._errors import EtcdError, EtcdFull, PayloadTooLarge, QueueFull, Unavailable
 from ..core import Keyspace, QueueConfig, Range, State, Txn
-from ..etcd import Etcd
+from ..etcd import Etcd, Feed, Reset
 from ._queues import list_queues
 from ._values import SidecarSettings
 
@@ -23,6 +26,40 @@ _FULL = (
 )
 
 
+#: The least room kept for each accepted task's outcome, and all that is kept before
+#: any result has been seen: a task's moves rewrite its record a few times, and etcd
+#: keeps each revision until the next compaction.
+MIN_RESULT_ROOM = 1024
+#: The typical result is the largest of this many latest results.
+RESULT_WINDOW = 1024
+#: Completed records read at start, before any new result is seen.
+RESULT_SAMPLE = 8
+
+
+@attrs.define(eq=False)
+class LargestRecent:
+    """The largest of the last ``window`` sizes seen (a sliding maximum, O(1) a size)."""
+
+    window: int = RESULT_WINDOW
+    _seen: int = 0
+    #: (index, size), sizes strictly decreasing: the candidates for the maximum.
+    _candidates: deque[tuple[int, int]] = attrs.Factory(deque)
+
+    def see(self, size: int) -> None:
+        """Count one more size."""
+        while self._candidates and self._candidates[-1][1] <= size:
+            self._candidates.pop()
+        self._candidates.append((self._seen, size))
+        self._seen += 1
+        if self._candidates[0][0] <= self._seen - 1 - self.window:
+            self._candidates.popleft()
+
+    @property
+    def largest(self) -> int:
+        """The largest size in the window (0 before any)."""
+        return self._candidates[0][1] if self._candidates else 0
+
+
 @attrs.define(eq=False)
 class Admission:
     """What a create is checked against, and the counts the metrics and status show."""
@@ -30,6 +67,11 @@ class Admission:
     etcd: Etcd
     ks: Keyspace
     settings: SidecarSettings
+    #: The sidecar's one watch, to size the results tasks end with (None: not sized,
+    #: every task gets MIN_RESULT_ROOM).
+    feed: Feed | None = None
+    #: The completed records' sizes, namespace-wide (a record holds its result).
+    results: LargestRecent = attrs.Factory(LargestRecent)
     #: Tasks by state (``State.value``), as last counted.
     depths: dict[str, int] = attrs.Factory(dict)
     #: Live sidecars registered in the namespace, as last counted.
@@ -40,20 +82,66 @@ class Admission:
     db_size: int = 0
     #: Whether etcd's NOSPACE alarm is raised.
     nospace: bool = False
+    #: The version of the etcd server, as last read ("" until read).
+    etcd_version: str = ""
     _live_tasks: int = 0
     _created: int = 0
     _written: int = 0  # bytes created since db_size was read
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the counts fresh; started once they have been read (or tried) the first
-        time."""
-        starting = True
-        while True:
-            await self.refresh()
-            if starting:
-                starting = False
-                task_status.started()
-            await trio.sleep(1.0)
+        """Keep the counts fresh and size the results; started once the counts have been
+        read (or tried) the first time."""
+        async with trio.open_nursery() as nursery:
+            if self.feed is not None:
+                await nursery.start(self._size_results, self.feed)
+            starting = True
+            while True:
+                await self.refresh()
+                if starting:
+                    starting = False
+                    task_status.started()
+                await trio.sleep(1.0)
+
+    async def _size_results(
+        self, feed: Feed, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Count every completed record's size as it is written (any node's)."""
+        items = feed.informer(self.ks.state_prefix(State.COMPLETED), listing=False, puts_only=True)
+        async with aclosing(items) as changes:
+            task_status.started()
+            await self._sample_results()
+            async for item in changes:
+                if isinstance(item, Reset):
+                    continue  # what was missed is missed: the next results count
+                for change in item.events:
+                    self.results.see(len(change.kv.key) + len(change.kv.value))
+
+    async def _sample_results(self) -> None:
+        """Seed the sizes with a few completed records already in etcd (the oldest: a
+        read with a limit and no filter costs etcd only those), so that a restarted
+        sidecar keeps room for results like them before it sees new ones."""
+        sample = Range(self.ks.state_prefix(State.COMPLETED), prefix=True, limit=RESULT_SAMPLE)
+        try:
+            kvs = (await self.etcd.range(sample)).kvs
+        except (Unavailable, EtcdError) as exc:  # only a seed: the watch sizes the rest
+            log.debug("result sample failed", extra={"error": str(exc)})
+            return
+        for kv in kvs:
+            self.results.see(len(kv.key) + len(kv.value))
+
+    @property
+    def result_room(self) -> int:
+        """The room kept in etcd for each accepted task's outcome: the largest of the
+        latest results seen (RESULT_WINDOW of them), at least MIN_RESULT_ROOM."""
+        return max(MIN_RESULT_ROOM, self.results.largest)
+
+    @property
+    def limit_bytes(self) -> int:
+        """The database size past which creates are refused: ``quota_fraction`` of the
+        quota, less the room the outcomes of the live tasks (waiting and running) need."""
+        settings = self.settings
+        allowed = settings.quota_bytes * settings.quota_fraction
+        return int(allowed - self._live_tasks * self.result_room)
 
     async def refresh(self) -> None:
         """Read the counts once (a failure to read leaves the last ones)."""
@@ -77,6 +165,7 @@ class Admission:
             self.db_size = int(status.get("dbSizeInUse") or status.get("dbSize") or 0)
             self._written -= written_before
             self.nospace = any("NOSPACE" in str(e) for e in status.get("errors") or ())
+            self.etcd_version = str(status.get("version") or "")
         except Unavailable as exc:
             log.debug("limit refresh failed", extra={"error": str(exc)})
 
@@ -98,13 +187,15 @@ class Admission:
         if self.nospace:
             raise EtcdFull(_FULL)
         used = self.db_size + self._written
-        allowed = settings.quota_bytes * settings.quota_fraction
-        if used >= allowed:
+        # This task's own outcome needs room too, once accepted.
+        if used + self.result_room >= self.limit_bytes:
             raise QueueFull(
                 f"etcd's database holds about {used} bytes of its {settings.quota_bytes}-"
                 f"byte quota; new tasks may fill {settings.quota_fraction:.0%} of it "
-                "(quota_fraction), the rest is kept for the tasks already accepted: "
-                "free space with `tmctl recover`, or raise etcd's quota (etcd_quota)"
+                f"(quota_fraction) less {self.result_room} bytes for the outcome of each "
+                f"of the {self._live_tasks} tasks already accepted (the largest recent "
+                "result): free space with `tmctl recover`, or raise etcd's quota "
+                "(etcd_quota)"
             )
 
     def full(self) -> EtcdFull:

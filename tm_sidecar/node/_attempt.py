@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
+from .._repeats import Repeats
 from ..core import (
     HANDED_BACK,
     JSON,
@@ -53,6 +54,8 @@ from ._handlers import HandedBack, Snooze, TaskContext, error_from_exception
 from ._registry import Registry
 
 log = logging.getLogger("tm_sidecar.agent")
+#: Under an etcd stall every running attempt waits: one line a few seconds, counted.
+_REPORT_WAITS = Repeats(log, "report waits for etcd")
 
 #: An attempt still running after this long announces its start (``started_at`` in its
 #: record, and a ``started`` event); a quicker one tells its start with its outcome.
@@ -269,10 +272,7 @@ async def _report(env: AttemptEnv, slot: Slot, outcome: Record, *, batched: bool
             # A full etcd takes writes again once space is freed: the outcome waits too.
             failures += 1
             wait = backoff(failures, jitter=False)
-            log.warning(
-                "report waits for etcd",
-                extra={"task": slot.task_id, "error": str(exc), "delay_s": wait},
-            )
+            _REPORT_WAITS.note(task=slot.task_id, error=str(exc), delay_s=wait)
             await trio.sleep(wait)
         except LeaseNotFound:
             env.retention.forget()

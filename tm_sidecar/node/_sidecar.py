@@ -105,7 +105,7 @@ class Sidecar:
         self.retention = RetentionLeases(self.etcd, self.settings.retention_s)
         # Creates from every client go to etcd together: a task is two keys and a compare.
         self.creates = txn_group(self.etcd, ops_per_item=2, name="create")
-        self.admission = Admission(self.etcd, ks, self.settings)
+        self.admission = Admission(self.etcd, ks, self.settings, feed=self.feed)
         self.membership = Membership(
             etcd=self.etcd,
             settings=self.settings,

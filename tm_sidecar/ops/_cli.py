@@ -157,7 +157,7 @@ async def amain(settings: Settings, signals: Any) -> int:
         endpoints = (embedded.endpoint,)
     cfg = settings.etcd_config(endpoints)
     sidecar_settings = _sidecar_settings(settings)
-    metrics = Metrics() if settings.metrics else None
+    metrics = Metrics(transport=settings.etcd_transport) if settings.metrics else None
     etcd = connect(cfg, on_request=metrics.etcd_request if metrics else None)
     log.info(
         "starting tm-sidecar",
@@ -208,6 +208,10 @@ async def amain(settings: Settings, signals: Any) -> int:
 
             # Signals are heard from the start: a sidecar still waiting for etcd stops too.
             nursery.start_soon(on_signals)
+            if metrics is not None:
+                # From the start too, so that probes hear "live, not ready" while etcd waits.
+                host, _, port = settings.metrics.rpartition(":")
+                await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
             await nursery.start(sidecar.run)
             server = SocketServer(
                 sidecar,
@@ -219,10 +223,8 @@ async def amain(settings: Settings, signals: Any) -> int:
                 ),
             )
             await nursery.start(server.run)
-            if metrics is not None and settings.metrics:
-                host, _, port = settings.metrics.rpartition(":")
-                metrics.watch(sidecar, lambda: len(server.connections))
-                await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
+            if metrics is not None:
+                metrics.watch(sidecar, lambda: len(server.connections) if server else 0)
             if web is not None:
                 from ..web import Dashboard
 
@@ -322,8 +324,16 @@ def _web_settings(settings: Settings) -> WebSettings | str:
             "(--web-token-file, or TM_WEB_TOKEN)"
         )
     if not web.loopback and token is None:
+        if not settings.web_public_without_token:
+            # Payloads and results are the tasks' data: nobody gets them by reaching a port.
+            return (
+                f"--web on {host}, which is not loopback, needs a token (--web-token-file, "
+                "or TM_WEB_TOKEN), or --web-public-without-token to let anyone who reaches "
+                "it read every task"
+            )
         log.warning(
-            "the dashboard has no token: anyone who reaches it can read it", extra={"host": host}
+            "the dashboard has no token: anyone who reaches it can read every task",
+            extra={"host": host, "by": "--web-public-without-token"},
         )
     log.info("dashboard token", extra={"token_from": source})
     return web

@@ -1,7 +1,9 @@
-"""Prometheus metrics over HTTP (``--metrics 127.0.0.1:9464``), in the text format.
+"""Prometheus metrics and health over HTTP (``--metrics 127.0.0.1:9464``).
 
-prometheus-client renders the format and keeps the histograms; the endpoint itself is a
-few lines of Trio, so that scraping never touches a thread.
+prometheus-client renders the format and keeps the histograms; Starlette under
+Hypercorn's Trio worker (the stack the dashboard runs on) serves ``/metrics`` and the
+health endpoints, ``/livez`` and ``/readyz``, so that scraping or probing never touches
+a thread and no HTTP is written by hand here.
 """
 
 from __future__ import annotations
@@ -10,10 +12,17 @@ import logging
 from collections.abc import Callable, Iterator
 
 import trio
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
+from .. import __version__
 from .._hooks import Hooks
 from ..node._sidecar import Sidecar
 
@@ -23,12 +32,49 @@ log = logging.getLogger("tm_sidecar.metrics")
 class _Snapshot(Collector):
     """Values read from the sidecar at scrape time."""
 
-    def __init__(self, sidecar: Sidecar, clients: Callable[[], int]) -> None:
+    def __init__(self, sidecar: Sidecar, clients: Callable[[], int], transport: str) -> None:
         self.sidecar = sidecar
         self.clients = clients
+        self.transport = transport
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         sc = self.sidecar
+        admission = sc.admission
+        info = InfoMetricFamily(
+            "tm_build",
+            "This sidecar's version, how it reaches etcd, and etcd's server version (as "
+            "last read; empty until read).",
+        )
+        info.add_metric(
+            [],
+            {
+                "version": __version__,
+                "transport": self.transport,
+                "etcd_version": admission.etcd_version,
+            },
+        )
+        yield info
+        yield GaugeMetricFamily(
+            "tm_etcd_db_size_bytes",
+            "etcd's database space in use, as last read (every second).",
+            value=admission.db_size,
+        )
+        yield GaugeMetricFamily(
+            "tm_etcd_quota_bytes",
+            "etcd's quota as this sidecar knows it (etcd_quota).",
+            value=sc.settings.quota_bytes,
+        )
+        yield GaugeMetricFamily(
+            "tm_etcd_admission_limit_bytes",
+            "The database size past which creates are refused: quota_fraction of the "
+            "quota, less the room the results of accepted tasks need.",
+            value=admission.limit_bytes,
+        )
+        yield GaugeMetricFamily(
+            "tm_etcd_nospace",
+            "1 while etcd's NOSPACE alarm is raised.",
+            value=int(admission.nospace),
+        )
         depth = GaugeMetricFamily(
             "tm_queue_depth", "Tasks in each state (namespace-wide).", labels=["state"]
         )
@@ -104,10 +150,15 @@ class _Snapshot(Collector):
 
 
 class Metrics:
-    """The sidecar's metrics registry."""
+    """The sidecar's metrics registry, and the HTTP service of it and of health.
 
-    def __init__(self) -> None:
+    ``transport`` (``grpc`` or ``gateway``) is reported in ``tm_build_info``.
+    """
+
+    def __init__(self, transport: str = "grpc") -> None:
         self.registry = CollectorRegistry()
+        self.transport = transport
+        self._sidecar: Sidecar | None = None
         self.etcd_seconds = Histogram(
             "tm_etcd_request_seconds",
             "etcd requests by path and result.",
@@ -142,53 +193,80 @@ class Metrics:
         )
 
     def watch(self, sidecar: Sidecar, clients: Callable[[], int]) -> None:
-        """Read ``sidecar``'s counters at each scrape."""
-        self.registry.register(_Snapshot(sidecar, clients))
+        """Read ``sidecar``'s counters at each scrape; from now on ``/readyz`` asks it."""
+        self.registry.register(_Snapshot(sidecar, clients, self.transport))
+        self._sidecar = sidecar
 
     def etcd_request(self, path: str, seconds: float, result: str) -> None:
         """Time one etcd call: the etcd client's ``on_request``, given at its
         construction (``tm_sidecar.etcd.connect``)."""
         self.etcd_seconds.labels(path, result).observe(seconds)
 
-    def render(self) -> bytes:
-        """The text exposition."""
-        return bytes(generate_latest(self.registry))
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition in the format ``accept`` (a request's Accept header) asks for
+        (Prometheus' text format by default, OpenMetrics if asked), and its media type."""
+        encoder, media_type = choose_encoder(accept or "")
+        return bytes(encoder(self.registry)), media_type
+
+    def not_ready(self) -> list[str]:
+        """Why this sidecar should get no traffic now (none: ready).
+
+        Ready means serving its SDK clients (started, so etcd was reached), holding a
+        session etcd has renewed in time (so etcd answers), and not draining.
+        """
+        sidecar = self._sidecar
+        if sidecar is None:
+            return ["starting: not serving clients yet (waiting for etcd?)"]
+        reasons = []
+        if not sidecar.registry.accepting:
+            reasons.append("draining: taking no new tasks")
+        session = sidecar.session
+        if session is None or not session.trusted():
+            reasons.append("no live etcd session: etcd has not renewed this node's lease in time")
+        return reasons
+
+    def app(self) -> Starlette:
+        """The ASGI application: ``/metrics`` (and ``/``), ``/livez``, ``/readyz``."""
+
+        async def metrics(request: Request) -> Response:
+            body, media_type = self.render(request.headers.get("accept"))
+            return Response(body, media_type=media_type)
+
+        async def live(request: Request) -> Response:
+            # Answering at all is the proof: a stalled event loop would not.
+            return PlainTextResponse("live\n")
+
+        async def ready(request: Request) -> Response:
+            reasons = self.not_ready()
+            if reasons:
+                return PlainTextResponse("not ready: " + "; ".join(reasons) + "\n", 503)
+            return PlainTextResponse("ready\n")
+
+        return Starlette(
+            routes=[
+                Route("/metrics", metrics),
+                Route("/", metrics),
+                Route("/livez", live),
+                Route("/readyz", ready),
+            ]
+        )
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serve GET /metrics until cancelled; started with the bound port."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound = listeners[0].socket.getsockname()[1]
-        log.info("serving metrics", extra={"url": f"http://{host}:{bound}/metrics"})
-        task_status.started(bound)
-        await trio.serve_listeners(self._handle, listeners)
+        """Serve the metrics and health endpoints until cancelled; started with the bound
+        port."""
+        from hypercorn.config import Config
+        from hypercorn.trio import serve
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        try:
-            request = b""
-            with trio.move_on_after(5):
-                while b"\r\n\r\n" not in request and len(request) < 8192:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        break
-                    request += chunk
-            line = request.split(b"\r\n", 1)[0].split()
-            if (
-                len(line) >= 2
-                and line[0] == b"GET"
-                and line[1].split(b"?")[0] in (b"/metrics", b"/")
-            ):
-                body, status = self.render(), b"200 OK"
-                kind = b"text/plain; version=0.0.4; charset=utf-8"
-            else:
-                body, status, kind = b"not found\n", b"404 Not Found", b"text/plain"
-            head = b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind
-            head += (
-                b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
-            )
-            await stream.send_all(head + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await stream.aclose()
+        config = Config()
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        config.accesslog = None  # scrapes and probes every few seconds are not news
+        config.errorlog = logging.getLogger("tm_sidecar.metrics.server")
+        config.include_server_header = False
+        config.graceful_timeout = 1.0
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(serve, self.app(), config)
+            bound = int(binds[0].rsplit(":", 1)[1])
+            log.info("serving metrics", extra={"url": f"{binds[0]}/metrics"})
+            task_status.started(bound)

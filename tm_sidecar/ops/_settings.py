@@ -250,6 +250,13 @@ class Settings:
         "let the dashboard retry, cancel and purge (each confirmed); default: read-only",
         kind=BOOL,
     )
+    web_public_without_token: bool = setting(
+        False,
+        "let a read-only dashboard on an address that is not loopback run without a token, "
+        "so that anyone who reaches it reads every task's payload and result; default: "
+        "such a dashboard refuses to start",
+        kind=BOOL,
+    )
     web_token_file: str | None = setting(
         None,
         "a file holding the token the dashboard asks for (it wins over --web-token); "

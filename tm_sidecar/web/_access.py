@@ -11,7 +11,9 @@ import hmac
 import ipaddress
 import secrets
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -20,6 +22,10 @@ COOKIE = "tm_session"
 #: Sessions kept at most (the least recently used goes first), and for how long idle.
 MAX_SESSIONS = 4096
 SESSION_IDLE_S = 12 * 3600.0
+#: Sessions kept at most for one client address (see :class:`Sessions`).
+MAX_SESSIONS_PER_CLIENT = 64
+#: What a wrong token costs its client, on the login form or as a bearer token.
+GUESS_DELAY_S = 0.5
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
@@ -103,6 +109,8 @@ class Session:
     authenticated: bool = False
     flash: str | None = None
     seen_at: float = 0.0
+    #: The address it was made for (the client of the request that had no session).
+    client: str = ""
 
     def take_flash(self) -> str | None:
         """The message to show once (after an action), then forgotten."""
@@ -116,11 +124,21 @@ class Session:
 
 @attrs.define(eq=False)
 class Sessions:
-    """Server-side sessions, bounded in number and idle time."""
+    """Server-side sessions, bounded per client and in all, and in idle time.
+
+    A client (an address) that asks for more than ``per_client`` sessions pushes out its
+    own least recently used ones, never another client's; and a session without the
+    token goes before any session that gave it, both within a client and when the
+    table as a whole is full. So requests without a cookie, however many and from
+    wherever, never log anyone out (behind a reverse proxy, where every request comes
+    from the proxy's address, the second rule is the one that holds).
+    """
 
     max_sessions: int = MAX_SESSIONS
+    per_client: int = MAX_SESSIONS_PER_CLIENT
     idle_s: float = SESSION_IDLE_S
     _by_id: OrderedDict[str, Session] = attrs.Factory(OrderedDict)
+    _by_client: dict[str, OrderedDict[str, Session]] = attrs.Factory(dict)
 
     def get(self, session_id: str | None, now: float) -> Session | None:
         """The live session of this id, if any (and mark it used)."""
@@ -130,30 +148,127 @@ class Sessions:
         if session is None:
             return None
         if now - session.seen_at > self.idle_s:
-            del self._by_id[session_id]
+            self._drop(session)
             return None
         session.seen_at = now
         self._by_id.move_to_end(session_id)
+        self._by_client[session.client].move_to_end(session_id)
         return session
 
-    def new(self, now: float, *, authenticated: bool = False) -> Session:
-        """A fresh session with its own random id and CSRF token."""
+    def new(self, now: float, *, client: str = "", authenticated: bool = False) -> Session:
+        """A fresh session for ``client`` (its address) with its own random id and CSRF
+        token."""
+        own = self._by_client.get(client)
+        while own and len(own) >= self.per_client:
+            self._drop(_first_anonymous(own))
         while len(self._by_id) >= self.max_sessions:
-            self._by_id.popitem(last=False)
+            self._drop(_first_anonymous(self._by_id))
         session = Session(
             id=secrets.token_urlsafe(32),
             csrf=secrets.token_urlsafe(32),
             authenticated=authenticated,
             seen_at=now,
+            client=client,
         )
         self._by_id[session.id] = session
+        self._by_client.setdefault(client, OrderedDict())[session.id] = session
         return session
 
     def rotate(self, old: Session, now: float, *, authenticated: bool) -> Session:
         """A new session in place of ``old`` (at login: a session id set before the
         login, by whoever, is worth nothing after it)."""
-        self._by_id.pop(old.id, None)
-        return self.new(now, authenticated=authenticated)
+        if self._by_id.get(old.id) is old:
+            self._drop(old)
+        return self.new(now, client=old.client, authenticated=authenticated)
+
+    def _drop(self, session: Session) -> None:
+        del self._by_id[session.id]
+        own = self._by_client[session.client]
+        del own[session.id]
+        if not own:
+            del self._by_client[session.client]
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+
+def _first_anonymous(sessions: OrderedDict[str, Session]) -> Session:
+    """The least recently used session without the token, else the least recently used."""
+    for session in sessions.values():
+        if not session.authenticated:
+            return session
+    return next(iter(sessions.values()))
+
+
+@attrs.define(eq=False)
+class Guesses:
+    """Token checks, by client: after a wrong token, that client's tokens are checked
+    one at a time, ``delay_s`` apart, however many it sends at once.
+
+    The wait comes before the check, so that a guess sent in parallel with others learns
+    nothing sooner; a client that never gave a wrong token never waits. The login form
+    and the ``Authorization`` header share this. Time is the caller's (Trio's clock),
+    so a test can drive it.
+    """
+
+    delay_s: float = GUESS_DELAY_S
+    max_clients: int = MAX_SESSIONS
+    #: Wrong tokens counted so far.
+    wrong: int = 0
+    #: When each client that guessed wrong may have its next token checked.
+    _free_at: dict[str, float] = attrs.Factory(dict)
+
+    def turn(self, client: str, now: float) -> float:
+        """How long ``client``'s token waits before it is checked (0 unless the client
+        gave a wrong one lately); the slot is taken, so the next one waits longer."""
+        free_at = self._free_at.get(client)
+        if free_at is None or free_at <= now:
+            return 0.0
+        self._free_at[client] = free_at + self.delay_s
+        return free_at - now
+
+    def wrong_token(self, client: str, now: float) -> None:
+        """``client``'s token was wrong: its next check waits ``delay_s`` at least."""
+        if client not in self._free_at and len(self._free_at) >= self.max_clients:
+            # Forget the clients that wait no more; if none, the oldest.
+            self._free_at = {c: t for c, t in self._free_at.items() if t > now}
+            while len(self._free_at) >= self.max_clients:
+                del self._free_at[next(iter(self._free_at))]
+        self._free_at[client] = max(now + self.delay_s, self._free_at.get(client, now))
+        self.wrong += 1
+
+    def __len__(self) -> int:
+        return len(self._free_at)
+
+
+def session_tag(session: Session) -> str:
+    """A short name of a session for logs: follows one browser's actions without
+    writing its cookie (which would let a log reader act as it)."""
+    return hashlib.sha256(session.id.encode()).hexdigest()[:12]
+
+
+def client_address(scope: Mapping[str, Any]) -> str:
+    """The address a request came from (a reverse proxy's, behind one)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def who(scope: Mapping[str, Any]) -> dict[str, str]:
+    """Who sent a request, for a log line: how it was let in (``bearer``: the token in
+    the request; ``login``: a session that gave the token; ``anonymous``: a dashboard
+    without a token, or not yet given), the session's tag (never its cookie), the
+    address, and the ``X-Forwarded-For`` a proxy may have added (as told, unchecked)."""
+    session: Session | None = scope.get("tm_session")
+    if scope.get("tm_bearer"):
+        actor = "bearer"
+    elif session is not None and session.authenticated:
+        actor = "login"
+    else:
+        actor = "anonymous"
+    fields = {"actor": actor, "address": client_address(scope)}
+    if session is not None:
+        fields["session"] = session_tag(session)
+    for name, value in scope.get("headers") or ():
+        if name == b"x-forwarded-for":
+            fields["forwarded_for"] = value.decode("latin-1")[:200]
+    return fields

@@ -31,7 +31,17 @@ from starlette.types import Receive, Scope, Send
 from .._errors import TaskNotFound, Unavailable
 from ..node._sidecar import Sidecar
 from . import _forms, _pages
-from ._access import COOKIE, Session, Sessions, host_name, is_loopback_host, token_matches
+from ._access import (
+    COOKIE,
+    Guesses,
+    Session,
+    Sessions,
+    client_address,
+    host_name,
+    is_loopback_host,
+    token_matches,
+    who,
+)
 from ._actions import HTTPError
 from ._census import Census
 from ._data import STATES, Overview, read_overview
@@ -81,6 +91,7 @@ class Dashboard:
     settings: WebSettings
     clock: Callable[[], float] = time.time
     sessions: Sessions = attrs.Factory(Sessions)
+    guesses: Guesses = attrs.Factory(Guesses)
     journal: Journal = attrs.Factory(Journal)
     census: Census = attrs.field(init=False)
     templates: Jinja2Templates = attrs.field(init=False)
@@ -163,17 +174,20 @@ class Dashboard:
         morsel = cookie.get(COOKIE)
         session = self.sessions.get(morsel.value if morsel else None, now)
         if session is None:
-            session = self.sessions.new(now)
+            session = self.sessions.new(now, client=client_address(scope))
             extra.append((b"set-cookie", session_cookie(session.id)))
         scope["tm_session"] = session
         path = scope["path"]
         if self.settings.token and not session.authenticated:
             bearer = headers.get("authorization", "")
             given = bearer[7:] if bearer[:7].lower() == "bearer " else None
+            if given is not None:
+                await self.wait_turn(scope)
             if given is not None and token_matches(self.settings.token, given):
                 scope["tm_bearer"] = True
             elif not (path.startswith("/static/") or path == "/login"):
                 if given is not None:
+                    self.wrong_token(scope, via="bearer")
                     response: Response = plain(401, "wrong token\n")
                 elif scope["method"] == "GET" and path != "/api/events":
                     response = self.render(
@@ -186,6 +200,19 @@ class Dashboard:
         await self.app(scope, receive, with_headers(send, extra))
 
     # -- helpers ---------------------------------------------------------------------
+
+    async def wait_turn(self, scope: Scope) -> None:
+        """Before checking a token: wait this client's turn, if it guessed wrong lately
+        (see :class:`Guesses`)."""
+        wait = self.guesses.turn(client_address(scope), trio.current_time())
+        if wait > 0:
+            await trio.sleep(wait)
+
+    def wrong_token(self, scope: Scope, *, via: str) -> None:
+        """A wrong token, on the login form or as a bearer token: logged with where it
+        came from, and this client's next token waits (see :class:`Guesses`)."""
+        log.warning("dashboard token refused", extra={"via": via, **who(scope)})
+        self.guesses.wrong_token(client_address(scope), trio.current_time())
 
     def render(
         self, request: Request, name: str, context: dict[str, Any], status: int = 200

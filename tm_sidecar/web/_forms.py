@@ -8,11 +8,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import trio
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from ._access import Session, cross_site_refusal, token_matches
+from ._access import Session, cross_site_refusal, token_matches, who
 from ._actions import ACTIONS, HTTPError, action_fields, back_to, perform
 from ._http import read_form, session_cookie
 
@@ -83,7 +82,7 @@ async def action(board: Dashboard, request: Request) -> Response:
         message, back = await perform(board.sidecar, action, fields)
         log.info(
             "dashboard action",
-            extra={"action": action, "fields": fields, "result": message},
+            extra={"action": action, "fields": fields, "result": message, **who(request.scope)},
         )
         session.flash = message
         return RedirectResponse(back, status_code=303)
@@ -116,9 +115,9 @@ async def login(board: Dashboard, request: Request) -> Response:
         return board.error(request, exc.status, exc.message)
     if refusal is not None or not session.csrf_matches(form.get("csrf", "")):
         return board.error(request, 403, "this login form is not from this session")
+    await board.wait_turn(request.scope)
     if not token_matches(board.settings.token, form.get("token", "")):
-        log.warning("dashboard login refused", extra={"reason": "wrong token"})
-        await trio.sleep(0.5)  # guessing costs time
+        board.wrong_token(request.scope, via="login")
         return board.render(request, "login.html", {"wrong": True}, status=401)
     fresh = board.sessions.rotate(session, board.clock(), authenticated=True)
     response = RedirectResponse("/", status_code=303)
