@@ -207,11 +207,14 @@ export declare class EtcdFull extends Unavailable {}
 export declare class NotLeader extends Unavailable {}
 export declare class LeaseLost extends TaskManagerError {}
 export declare class ProtocolViolation extends TaskManagerError {}
+/** This client may not use the sidecar (`--allow-uid`, or the socket's mode and group). */
+export declare class PermissionDenied extends TaskManagerError {}
 export declare class EtcdError extends TaskManagerError {}
 export declare class LeaseNotFound extends EtcdError {}
 export declare class Compacted extends EtcdError {}
 export declare class ConnectionLost extends Unavailable {}
-export declare class WaitTimeout extends TaskManagerError {}
+/** A wait for an outcome ran out of time (the task goes on). */
+export declare class WaitTimeout extends Unavailable {}
 export declare class TaskFailed extends TaskManagerError {
   constructor(taskId: string, error: TaskError | null);
   readonly taskId: string;

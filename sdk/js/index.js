@@ -13,6 +13,7 @@ export {
   NotLeader,
   PayloadTooLarge,
   Permanent,
+  PermissionDenied,
   ProtocolViolation,
   QueueFull,
   TaskFailed,

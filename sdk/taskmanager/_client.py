@@ -25,7 +25,7 @@ import anyio
 from ._callbacks import Callback
 from ._connection import Connection, default_socket
 from ._events import NamespaceEvents, TaskRegistry
-from ._tasks import Task
+from ._tasks import Task, waiting
 from ._validate import check_json, positive_number
 from ._worker import Handler, Worker, WorkerRuntime, current_delivery
 from .protocol import TaskFailed, TaskManagerError
@@ -268,21 +268,25 @@ class TaskManager:
         """The result of the task ``task_id`` once it completes, wherever it was committed.
 
         Raises :class:`TaskFailed` if it fails, :class:`TaskNotFound` if there is no
-        such task, ``TimeoutError`` after ``timeout`` seconds.
+        such task, :class:`WaitTimeout` (an :class:`Unavailable`, and a ``TimeoutError``)
+        after ``timeout`` seconds.
         """
-        with anyio.fail_after(timeout):
+        with waiting(timeout, f"task {task_id}"):
             return await (await self.task(task_id)).result()
+        raise AssertionError("unreachable: waiting() raises when it runs out")
 
     async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """The task ``task_id`` (as :meth:`get` shows it) once it completed or failed for good.
 
-        Raises ``TimeoutError`` after ``timeout`` seconds.
+        Raises :class:`WaitTimeout` after ``timeout`` seconds: an :class:`Unavailable`,
+        as the protocol's ``wait`` answers, and Python's ``TimeoutError`` too.
         """
-        with anyio.fail_after(timeout):
+        with waiting(timeout, f"task {task_id}"):
             task = await self.task(task_id)
             with contextlib.suppress(TaskFailed):
                 await task.result()
             return await self.get(task_id)
+        raise AssertionError("unreachable: waiting() raises when it runs out")
 
     async def cancel(self, task_id: str, *, reason: str = "cancelled by a client") -> bool:
         """Cancel a task by id (see :meth:`Task.cancel`); False if it had finished."""

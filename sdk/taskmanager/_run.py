@@ -29,7 +29,9 @@ def run_worker(
     On the signal, no new task is taken; running ones get ``shutdown_timeout`` seconds
     to finish, and what cannot finish is handed back to be retried. There is no
     ``KeyboardInterrupt`` traceback: the process can simply exit 0. It waits for a
-    sidecar that is not up yet. Raises if the sidecar refuses this worker for good.
+    sidecar that is not up yet. Raises if the sidecar refuses this worker for good:
+    :class:`PermissionDenied` at once when this user may not open its socket (or is not
+    in its ``--allow-uid``), rather than waiting.
 
     ``handler`` as for :meth:`TaskManager.process`; ``backend`` is anyio's
     (``asyncio`` or ``trio``).
@@ -62,4 +64,14 @@ def run_worker(
                 log.info("worker for queue %r running (concurrency %d)", queue, concurrency)
                 await manager._serve_until(signals, shutdown_timeout)
 
-    anyio.run(main, backend=backend)
+    try:
+        anyio.run(main, backend=backend)
+    except BaseExceptionGroup as group:
+        # One error out of the task groups (a PermissionDenied, say) is raised as itself,
+        # so that ``except PermissionDenied`` works around run_worker().
+        sole: BaseException = group
+        while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
+            sole = sole.exceptions[0]
+        if sole is group:
+            raise
+        raise sole from None
