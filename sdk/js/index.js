@@ -16,6 +16,7 @@ export {
   PermissionDenied,
   ProtocolViolation,
   QueueFull,
+  Snooze,
   TaskFailed,
   TaskManagerError,
   TaskNotFound,
@@ -25,5 +26,5 @@ export {
 export { MalformedFrame } from "./lib/framing.js";
 export { PROTOCOL_VERSION } from "./lib/connection.js";
 export { DefaultTaskManager, TaskManager, defaultSocket } from "./lib/manager.js";
-export { EVENTS, Task } from "./lib/task.js";
+export { EVENTS, MANAGER_EVENTS, Task } from "./lib/task.js";
 export { TaskCancelled, Worker, WorkerTask } from "./lib/worker.js";

@@ -378,6 +378,10 @@ class TaskManager:
         """The local sidecar's status."""
         return dict(await self._request("status", {}, idempotent=True))
 
+    async def ping(self) -> str:
+        """``"pong"`` once the local sidecar answers (a liveness check)."""
+        return str(await self._request("ping", {}, idempotent=True))
+
     def is_master(self) -> bool:
         """Whether the local sidecar is the cluster's leader (as last told)."""
         return self._connection.leader

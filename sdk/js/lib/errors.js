@@ -125,6 +125,22 @@ export class Permanent extends Error {
   }
 }
 
+/**
+ * Throw this in a handler to run the task again later: `throw new Snooze(30000)` puts it
+ * back to delayed for 30 s, and this attempt does not count. A task may snooze
+ * `max_snoozes` times (100 unless `withMaxSnoozes` says), then it fails (`SnoozeLimit`).
+ */
+export class Snooze extends Error {
+  constructor(delayMs) {
+    if (typeof delayMs !== "number" || !Number.isFinite(delayMs) || delayMs < 0) {
+      throw new InvalidRequest("Snooze takes a number of milliseconds, at least 0");
+    }
+    super(`snooze for ${delayMs} ms`);
+    this.name = "Snooze";
+    this.delayMs = delayMs;
+  }
+}
+
 /** The errors a sidecar answers with, by wire code (the SDK's own are never sent). */
 export const WIRE_ERRORS = new Map(
   [

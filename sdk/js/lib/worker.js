@@ -2,7 +2,7 @@
 // (docs/protocol.md, "Running tasks (workers)").
 
 import { AsyncLocalStorage } from "node:async_hooks";
-import { ConnectionLost, InvalidRequest, PayloadTooLarge, errorToWire } from "./errors.js";
+import { ConnectionLost, InvalidRequest, PayloadTooLarge, Snooze, errorToWire } from "./errors.js";
 
 /** The delivery a handler is running in (so that shutdown() from a handler knows its own). */
 export const currentDelivery = new AsyncLocalStorage();
@@ -74,16 +74,18 @@ export class Worker {
 
 /** Run one delivery on `session` and report its outcome there. */
 export async function runDelivery(worker, wt, report) {
-  let op;
-  let fields;
+  let outcome;
   try {
     const value = await currentDelivery.run(wt, () => worker.handler(wt));
-    op = "complete";
-    fields = { delivery: wt.delivery, result: value === undefined ? null : value };
+    outcome = ["complete", { delivery: wt.delivery, result: value === undefined ? null : value }];
   } catch (err) {
-    op = "fail";
-    fields = { delivery: wt.delivery, error: errorToWire(err) };
+    outcome =
+      err instanceof Snooze
+        ? // Back to delayed for that long, the attempt not counted (protocol: snooze).
+          ["snooze", { delivery: wt.delivery, delay_s: err.delayMs / 1000 }]
+        : ["fail", { delivery: wt.delivery, error: errorToWire(err) }];
   }
+  const [op, fields] = outcome;
   if (wt.cancelled || !wt._session.open) return; // the sidecar has ended this attempt itself
   try {
     await wt._session.request(op, fields);
