@@ -243,6 +243,11 @@ export declare class Worker {
   readonly id: number | string | null;
   readonly node: string | null;
   readonly closed: boolean;
+  /**
+   * Deliveries waiting for a slot: a handler whose attempt ended (a timeout) keeps its
+   * slot until its promise settles, so its retry never runs beside it.
+   */
+  readonly waiting: number;
   /** Take no new tasks (running ones finish). */
   close(): Promise<void>;
 }

@@ -10,6 +10,9 @@ module of its own: the connection (:mod:`._connection`, its frames in :mod:`._wi
 task handles (:mod:`._tasks`), the namespace's events (:mod:`._events`) and the worker
 runtime (:mod:`._worker`). It routes the sidecar's pushes to them, restores them on a new
 connection, and shuts them down in order.
+
+Size: the whole public API in one class, each method a short delegation with its
+docstring (the user's reference); the work is in the parts named above.
 """
 
 from __future__ import annotations
@@ -218,16 +221,28 @@ class TaskManager:
         return await task.commit()
 
     async def process(
-        self, handler: Handler, *, concurrency: int = 1, queue: str = "default"
+        self,
+        handler: Handler,
+        *,
+        concurrency: int = 1,
+        queue: str = "default",
+        pool: str = "thread",
     ) -> Worker:
         """Run ``handler(task)`` for tasks of ``queue``, up to ``concurrency`` at once.
 
         The handler may be a plain or an async function; what it returns (any JSON) is
         the result; what it raises fails the attempt (retried per the task's policy, or
         not at all for :class:`Permanent`).
+
+        A timeout cancels an async handler at its next ``await``. A plain function runs
+        in a thread (``pool="thread"``), which cannot be stopped: at a timeout its attempt
+        ends, its result is dropped, and it keeps its slot until it returns (a retry
+        waits for it). ``pool="process"`` runs a plain, module-level function in child
+        processes instead (``concurrency`` of them at most), killed at a timeout: a hard
+        limit. Raises :class:`InvalidRequest` for a handler the pool cannot run.
         """
+        worker = Worker(self, handler, queue, concurrency, pool)  # checked before connecting
         await self._connection.ensure_started()
-        worker = Worker(self, handler, queue, concurrency)
         await self._workers.add(worker)
         return worker
 

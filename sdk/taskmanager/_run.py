@@ -23,6 +23,7 @@ def run_worker(
     shutdown_timeout: float = 30.0,
     connect_timeout_s: float = 5.0,
     backend: str = "asyncio",
+    pool: str = "thread",
 ) -> None:
     """Run ``handler`` for the tasks of ``queue`` until SIGTERM or Ctrl-C, then return.
 
@@ -33,8 +34,9 @@ def run_worker(
     :class:`PermissionDenied` at once when this user may not open its socket (or is not
     in its ``--allow-uid``), rather than waiting.
 
-    ``handler`` as for :meth:`TaskManager.process`; ``backend`` is anyio's
-    (``asyncio`` or ``trio``).
+    ``handler`` and ``pool`` as for :meth:`TaskManager.process` (``pool="process"``: a
+    plain handler in child processes, killed at a task's timeout); ``backend`` is
+    anyio's (``asyncio`` or ``trio``).
     """
 
     async def main() -> None:
@@ -54,7 +56,9 @@ def run_worker(
                     tg.start_soon(stop_waiting)
                     while True:
                         try:
-                            await manager.process(handler, concurrency=concurrency, queue=queue)
+                            await manager.process(
+                                handler, concurrency=concurrency, queue=queue, pool=pool
+                            )
                             break
                         except Unavailable as exc:
                             log.warning("%s; still trying", exc)

@@ -62,6 +62,29 @@ export class Worker {
     this.closed = false;
     this._session = null;
     this._registering = null;
+    // Slots: a handler holds one until its promise settles, even after its attempt ended
+    // (JavaScript cannot stop it), so that a retry never runs beside it.
+    this._busy = 0;
+    this._queue = [];
+  }
+
+  /** Deliveries waiting for a slot that a handler whose attempt ended still holds. */
+  get waiting() {
+    return this._queue.length;
+  }
+
+  _acquire() {
+    if (this._busy < this.concurrency) {
+      this._busy += 1;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this._queue.push(resolve));
+  }
+
+  _release() {
+    const next = this._queue.shift();
+    if (next !== undefined) next();
+    else this._busy -= 1;
   }
 
   /** Take no new tasks (running ones finish). */
@@ -74,9 +97,21 @@ export class Worker {
 
 /** Run one delivery on `session` and report its outcome there. */
 export async function runDelivery(worker, wt, report) {
+  await worker._acquire();
+  if (wt.cancelled) {
+    worker._release();
+    return; // ended while it waited for a slot: nothing ran, nothing to report
+  }
   let outcome;
   try {
-    const value = await currentDelivery.run(wt, () => worker.handler(wt));
+    // A promise whatever the handler does (returns a value, throws at once): its slot
+    // is given back when it settles, however late.
+    const running = (async () => currentDelivery.run(wt, () => worker.handler(wt)))();
+    running.then(
+      () => worker._release(),
+      () => worker._release(),
+    );
+    const value = await running;
     outcome = ["complete", { delivery: wt.delivery, result: value === undefined ? null : value }];
   } catch (err) {
     outcome =

@@ -187,3 +187,31 @@ describe("parity with the Python SDK", () => {
     await pollUntil(() => elsewhere.isLeader(), { what: "the only sidecar to lead" });
   });
 });
+
+describe("a handler past its timeout", () => {
+  test("keeps its slot until it settles: its retry waits for it", T, async () => {
+    const m = manager();
+    const q = queue();
+    const events = [];
+    const release = deferred();
+    const worker = await m.process(
+      async (task) => {
+        events.push(["start", task.attempt]);
+        if (task.attempt === 1) await release.promise; // ignores task.signal
+        events.push(["end", task.attempt]);
+        return task.attempt;
+      },
+      { queue: q, concurrency: 1 },
+    );
+    const task = await (await m.create(null)).withQueue(q).withTimeout(1000).withRetries(6, { baseMs: 0 }).commit();
+    const startedTwo = () => events.some(([what, attempt]) => what === "start" && attempt === 2);
+    await pollUntil(() => startedTwo() || worker.waiting === 1, { timeoutMs: 20000, what: "the retry" });
+    assert.ok(!startedTwo(), `a retry ran beside its timed-out handler: ${JSON.stringify(events)}`);
+    release.resolve();
+    const last = await task.result(20000);
+    assert.ok(last >= 2);
+    assert.deepEqual(events.slice(0, 2), [["start", 1], ["end", 1]]);
+    assert.deepEqual(events.slice(-2), [["start", last], ["end", last]]);
+    assert.equal(worker.waiting, 0);
+  });
+});
