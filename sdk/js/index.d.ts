@@ -297,9 +297,31 @@ export declare class TaskManager {
   isLeader(): boolean;
   get(taskId: string): Promise<TaskInfo>;
   status(): Promise<Record<string, JSONValue>>;
+  /** Run the workers until SIGTERM or SIGINT, then shut down gracefully. */
+  serve(options?: { shutdownTimeoutMs?: number }): Promise<void>;
   /** Stop taking tasks, let running ones finish within `timeoutMs` (30000), disconnect. */
   shutdown(timeoutMs?: number): Promise<void>;
 }
+
+export interface RunWorkerOptions {
+  concurrency?: number;
+  queue?: string;
+  socket?: string;
+  /** What running tasks get to finish after the signal (30000). */
+  shutdownTimeoutMs?: number;
+  /** How long each try waits for the sidecar (5000); it tries again until a signal. */
+  connectTimeoutMs?: number;
+  logger?: { warn(message: string): void };
+}
+
+/**
+ * Run `handler` until SIGTERM or SIGINT, then shut down gracefully; waits for a sidecar
+ * not up yet, rejects at once with PermissionDenied if refused.
+ */
+export declare function runWorker<T extends JSONValue = JSONValue>(
+  handler: Handler<T>,
+  options?: RunWorkerOptions,
+): Promise<void>;
 
 /** The seed's name for the task manager. */
 export declare const DefaultTaskManager: typeof TaskManager;

@@ -350,6 +350,31 @@ export class TaskManager {
   }
 
   /**
+   * Run this manager's workers until SIGTERM or SIGINT (Ctrl-C), then shut down
+   * gracefully (see `shutdown`) and resolve. `runWorker()` is the same in one call.
+   */
+  async serve({ shutdownTimeoutMs = 30000, signals } = {}) {
+    this._ensureStarted();
+    let off = () => {};
+    const received =
+      signals ??
+      new Promise((resolve) => {
+        process.once("SIGTERM", resolve);
+        process.once("SIGINT", resolve);
+        off = () => {
+          process.off("SIGTERM", resolve);
+          process.off("SIGINT", resolve);
+        };
+      });
+    try {
+      await received;
+    } finally {
+      off();
+    }
+    await this.shutdown(shutdownTimeoutMs);
+  }
+
+  /**
    * Stop taking tasks, let running handlers finish within `timeoutMs`, hand back what
    * could not finish (it is retried at once), then disconnect. A handler may call it:
    * its own task is not waited for.

@@ -215,3 +215,36 @@ describe("a handler past its timeout", () => {
     assert.equal(worker.waiting, 0);
   });
 });
+
+describe("runWorker", () => {
+  test("runs a queue until SIGTERM, then exits 0 after a graceful shutdown", T, async () => {
+    const { spawn } = await import("node:child_process");
+    const { fileURLToPath } = await import("node:url");
+    const index = fileURLToPath(new URL("../index.js", import.meta.url));
+    const q = queue();
+    const script = `
+      import { runWorker } from ${JSON.stringify(index)};
+      await runWorker(async (task) => task.data * 2, { queue: process.argv[1], socket: process.argv[2], shutdownTimeoutMs: 5000 });
+      console.log("stopped");
+    `;
+    const child = spawn(process.execPath, ["--input-type=module", "-e", script, q, sidecar.socket], { stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    child.stdout.on("data", (chunk) => {
+      out += chunk;
+    });
+    child.stderr.on("data", (chunk) => {
+      out += chunk;
+    });
+    const exited = new Promise((resolve) => child.once("exit", (code, signal) => resolve({ code, signal })));
+    try {
+      const m = manager();
+      const task = await (await m.create(21)).withQueue(q).commit();
+      assert.equal(await task.result(20000), 42);
+      child.kill("SIGTERM");
+      assert.deepEqual(await exited, { code: 0, signal: null }, out);
+      assert.match(out, /stopped/);
+    } finally {
+      child.kill("SIGKILL");
+    }
+  });
+});

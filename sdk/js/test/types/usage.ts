@@ -7,6 +7,7 @@ import {
   Snooze,
   TaskFailed,
   WaitTimeout,
+  runWorker,
   type TaskEvent,
   type WorkerTask,
 } from "tm-sidecar-sdk";
@@ -104,4 +105,9 @@ export async function parity(): Promise<void> {
   }
   // @ts-expect-error: limits are named in camelCase
   await manager.setLimits("q", { max_running: 2 });
+}
+
+export async function worker(): Promise<void> {
+  await runWorker(async (task) => ({ seen: task.id }), { concurrency: 2, queue: "q", shutdownTimeoutMs: 1000 });
+  await new DefaultTaskManager().serve({ shutdownTimeoutMs: 1000 });
 }
