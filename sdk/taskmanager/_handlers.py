@@ -45,6 +45,8 @@ _MAX_MESSAGE = 8 * 1024
 _MAX_TRACEBACK = 32 * 1024
 #: The pools a plain function may run in.
 POOLS = ("thread", "process")
+#: The name of a process-pool child (``multiprocessing.current_process().name``).
+CHILD_NAME = "taskmanager-handler"
 
 #: What ends an attempt: an op (``complete``, ``fail``, ``snooze``) and its fields but the
 #: delivery.
@@ -265,7 +267,7 @@ class _Child:
         ctx = multiprocessing.get_context("spawn")
         self.conn, theirs = ctx.Pipe()
         self.proc = ctx.Process(
-            target=_child_main, args=(theirs, handler), daemon=True, name="taskmanager-handler"
+            target=_child_main, args=(theirs, handler), daemon=True, name=CHILD_NAME
         )
         self.proc.start()
         theirs.close()  # its only copy is the child's: a kill ends our recv with EOF

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 
 import anyio
 
 from ._client import TaskManager
+from ._handlers import CHILD_NAME
 from ._worker import Handler
 from .protocol import Unavailable
 
@@ -35,9 +37,18 @@ def run_worker(
     in its ``--allow-uid``), rather than waiting.
 
     ``handler`` and ``pool`` as for :meth:`TaskManager.process` (``pool="process"``: a
-    plain handler in child processes, killed at a task's timeout); ``backend`` is
-    anyio's (``asyncio`` or ``trio``).
+    plain handler in child processes, killed at a task's timeout: a script that uses it
+    calls ``run_worker`` under ``if __name__ == "__main__":``, since each child imports
+    it); ``backend`` is anyio's (``asyncio`` or ``trio``).
     """
+
+    if multiprocessing.current_process().name == CHILD_NAME:
+        # A process-pool child imports the script its handler lives in: unguarded, the
+        # script would start a worker in every child.
+        raise RuntimeError(
+            "run_worker() was called in one of its own pool='process' children: put it "
+            'under `if __name__ == "__main__":` in your script'
+        )
 
     async def main() -> None:
         # Signals are taken from the start: a Ctrl-C while connecting is graceful too.

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from taskmanager import InvalidRequest, TaskFailed, TaskManager, WorkerTask
 
 from tests.helpers import wait_for
-from tests.procs import sidecars
+from tests.procs import ROOT, sidecars
 from tests.sdk_pool_handlers import hangs_first, steers
 from tm_sidecar.ops._embedded import EtcdProcess
 
@@ -125,3 +128,29 @@ async def test_a_pool_that_cannot_run_the_handler_is_refused_before_connecting()
         await manager.process(lambda task: None, pool="process")
     with pytest.raises(InvalidRequest, match="'thread' or 'process'"):
         await manager.process(hangs_first, pool="fork")
+
+
+async def test_run_worker_with_a_process_pool_from_a_script(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    async with (
+        sidecars(etcd_server, namespace, tmp_path, "n1") as (sc,),
+        TaskManager(str(sc.socket_path)) as manager,
+    ):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, str(ROOT / "tests" / "sdk_pool_worker.py")],
+            env={**os.environ, "TM_SOCKET": str(sc.socket_path), "PYTHONPATH": str(ROOT)},
+        )
+        try:
+            task = await (await manager.create(21)).commit()
+            result = await task.result(timeout=60)
+            assert result["double"] == 42
+            assert result["pid"] not in (os.getpid(), proc.pid)  # a child of the worker
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                assert await proc.wait() == 0
+            await wait_for(lambda: _gone(result["pid"]), 30)  # its child went with it
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
