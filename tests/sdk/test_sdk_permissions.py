@@ -207,6 +207,18 @@ async def test_an_allow_uid_refusal_is_permission_denied_and_logged(
         assert f"uid {os.getuid()} is not allowed" in str(refused.value)
         assert "--allow-uid" in str(refused.value)
         assert not isinstance(refused.value, Unavailable)  # not to be retried
+        # The Node.js SDK: the same refusal, at once, not retried.
+        js = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [_node(), "--input-type=module", "-e", JS_WORKER, "--", str(sc.socket_path)],
+                cwd=ROOT / "sdk" / "js",
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        )
+        assert js.returncode == 3, js.stdout + js.stderr
+        assert f"uid {os.getuid()} is not allowed" in js.stdout
         line = next(x for x in sc.log().splitlines() if "client refused" in x)
         assert f"uid={os.getuid()}" in line
         assert "54321" in line
