@@ -5,7 +5,8 @@ land in the sidecar and one SDK only. The failure says which op is missing where
 
 An SDK sends an op where its source names it as a request's first argument
 (``request("get", ...)``, ``_request("pause", ...)``, ``send_request("register", ...)``),
-or as an outcome for a delivery (``("complete", {"delivery": ...})``).
+or as the op of an (op, fields) pair it sends later (``("complete", {"result": ...})``,
+a delivery's outcome).
 """
 
 from __future__ import annotations
@@ -36,15 +37,16 @@ NOT_SENT = {
 }
 
 _REQUEST = re.compile(r"""request\(\s*["']([a-z_]+)["']""")
-_OUTCOME = re.compile(r"""["']([a-z_]+)["']\s*,\s*\{\s*["']?delivery["']?\s*:""")
+_PAIR = re.compile(r"""(?<!\.get)(?<!\.pop)(?<!setdefault)[(\[]\s*["']([a-z_]+)["']\s*,\s*\{""")
 
 
-def sent_ops(folder: Path, pattern: str) -> dict[str, list[str]]:
-    """The ops the SDK's source sends, each with where (file:line)."""
+def sent_ops(folder: Path, pattern: str, *, pairs: bool = True) -> dict[str, list[str]]:
+    """The ops the SDK's source sends, each with where (file:line); with ``pairs``, the
+    (op, fields) pairs too (which may name other things: only ops served count)."""
     found: dict[str, list[str]] = {}
     for path in sorted(folder.glob(pattern)):
         text = path.read_text()
-        for regex in (_REQUEST, _OUTCOME):
+        for regex in (_REQUEST, _PAIR) if pairs else (_REQUEST,):
             for match in regex.finditer(text):
                 line = text.count("\n", 0, match.start()) + 1
                 found.setdefault(match.group(1), []).append(f"{path.name}:{line}")
@@ -78,7 +80,7 @@ def missing_where(ops: list[str]) -> list[str]:
                     f"op {op!r} (in the ops hello answers) is sent nowhere in {sdk}: add a "
                     "method for it there, and in the other SDK too"
                 )
-        for op, where in sorted(sent.items()):
+        for op, where in sorted(sent_ops(folder, pattern, pairs=False).items()):
             if op not in ops:
                 problems.append(
                     f"{sdk} sends op {op!r} ({', '.join(where)}), which no sidecar serves"
@@ -104,7 +106,7 @@ async def test_both_sdks_send_every_op_the_sidecar_serves(
 def test_the_check_names_the_op_missing_and_where() -> None:
     # The check itself: an op only the sidecar has is named for each SDK, and one an SDK
     # sends that the sidecar lacks is named with the lines that send it.
-    ops = ["create_many_for_this_test", *sent_ops(*SDKS[next(iter(SDKS))])]
+    ops = ["create_many_for_this_test", *sent_ops(*SDKS[next(iter(SDKS))], pairs=False)]
     problems = missing_where([op for op in ops if op != "ping"])
     assert any("'create_many_for_this_test'" in p and "Node.js SDK" in p for p in problems), (
         problems
