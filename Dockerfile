@@ -5,7 +5,8 @@ FROM python:3.11.10-slim-bookworm
 RUN groupadd --system --gid 10001 tm \
     && useradd --system --uid 10001 --gid tm --home-dir /var/lib/tm-sidecar --shell /usr/sbin/nologin tm \
     && python -m venv /opt/tm-sidecar \
-    && install -d -o tm -g tm -m 0750 /run/tm-sidecar /var/lib/tm-sidecar
+    && install -d -o tm -g tm -m 0750 /var/lib/tm-sidecar \
+    && install -d -o tm -g tm -m 0755 /run/tm-sidecar
 
 # The SDK's package first: the sidecar depends on it for the protocol (taskmanager.protocol).
 COPY sdk/pyproject.toml sdk/LICENSE /src/sdk/

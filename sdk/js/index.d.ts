@@ -9,6 +9,8 @@ export type LifecycleEvent = "queued" | "assigned" | "started" | "updated" | "fa
 /** What `on()` takes: the pushed kinds, and the outcome as "success" or "failure". */
 export type EventName = LifecycleEvent | "success" | "failure";
 export declare const EVENTS: readonly EventName[];
+/** What a manager's `on()` takes: `EVENTS` and "gap" (and "error"). */
+export declare const MANAGER_EVENTS: readonly (EventName | "gap")[];
 export declare const PROTOCOL_VERSION: 1;
 
 /** What an attempt reported when it failed (`fail`'s `error`). */
@@ -53,6 +55,78 @@ export interface TaskOptions {
   max_attempts?: number;
   timeout_s?: number;
   backoff?: { base_s?: number; factor?: number; max_s?: number; jitter?: number };
+  unique_key?: string;
+  unique_for_s?: number;
+  concurrency_key?: string;
+  max_snoozes?: number;
+}
+
+/** Events missed and not replayed (docs/protocol.md, "Resuming a subscription"). */
+export interface Gap {
+  from_revision: number;
+  to_revision: number;
+  reason: "compacted" | "watch_reset" | string;
+  /** The tasks changed in the gap, to read again; null when the sidecar could not list them. */
+  task_ids: string[] | null;
+  truncated: boolean;
+}
+
+/** A queue's settings, cluster-wide (`queues/<queue>` in etcd). */
+export interface QueueSettings {
+  paused: boolean;
+  max_running?: number;
+  key_max_running?: number;
+  rate?: { limit: number; period_s: number };
+  key_rate?: { limit: number; period_s: number };
+  updated_at?: number;
+}
+
+/** A start-rate limit: at most `limit` starts in any window of `periodMs`. */
+export interface RateLimit {
+  limit: number;
+  periodMs: number;
+}
+
+/** What `setLimits` takes; null lifts a limit. */
+export interface Limits {
+  maxRunning?: number | null;
+  keyMaxRunning?: number | null;
+  rate?: RateLimit | null;
+  keyRate?: RateLimit | null;
+}
+
+export interface ScheduleOptions {
+  /** 5 fields, or 6 with seconds; or `everyMs`. */
+  cron?: string;
+  everyMs?: number;
+  /** IANA time zone of the cron slots (default UTC). */
+  timezone?: string;
+  /** Task options of each slot's task. */
+  options?: TaskOptions;
+  missed?: "skip" | "one" | "all";
+  maxCatchUp?: number;
+  graceMs?: number;
+  paused?: boolean;
+}
+
+/** A schedule, as the sidecar answers it. */
+export interface ScheduleInfo {
+  name: string;
+  payload: JSONValue;
+  options: TaskOptions;
+  cron?: string;
+  every_s?: number;
+  timezone: string;
+  missed: "skip" | "one" | "all";
+  max_catch_up: number;
+  grace_s: number;
+  paused: boolean;
+  anchor_at: number;
+  next_at: number | null;
+  created_at: number;
+  fired: number;
+  last_slot_at: number | null;
+  last_task_id: string | null;
 }
 
 export interface Backoff {
@@ -97,6 +171,8 @@ interface ManagerCallbacks {
   completed: (event: TaskEvent) => Awaitable<unknown>;
   success: (result: JSONValue, event: TaskEvent) => Awaitable<unknown>;
   failure: (error: TaskError | null, event: TaskEvent) => Awaitable<unknown>;
+  /** Events were missed and not replayed: read again the tasks named (the SDK does for its own). */
+  gap: (gap: Gap) => Awaitable<unknown>;
   /** The SDK's own errors (a malformed frame, a lost connection, a callback that threw). */
   error: (error: Error) => unknown;
 }
@@ -110,6 +186,8 @@ export declare class Task<T extends JSONValue = JSONValue> {
   /** UTC epoch seconds before which it does not start, or null. */
   readonly runAt: number | null;
   readonly committed: boolean;
+  /** True when a unique key's live task answered the commit: this follows that task. */
+  readonly existing: boolean;
   readonly state: LifecycleEvent | null;
   readonly resultValue: JSONValue | undefined;
   readonly error: TaskError | null;
@@ -122,6 +200,14 @@ export declare class Task<T extends JSONValue = JSONValue> {
   withRetries(maxAttempts: number, backoff?: Backoff): this;
   withPriority(priority: number): this;
   withQueue(queue: string): this;
+  /** At most one live task per `key`; `forMs` keeps the key taken after it finished. */
+  withUnique(key: string, options?: { forMs?: number }): this;
+  /** Count it against the queue's per-key limits under `key`. */
+  withConcurrencyKey(key: string): this;
+  /** At most `count` snoozes (default 100). */
+  withMaxSnoozes(count: number): this;
+  /** Cancel it (pending, delayed or running); false if it had finished. */
+  cancel(reason?: string): Promise<boolean>;
   on<E extends EventName>(event: E, callback: TaskCallbacks[E]): this;
   /** Queue it; durable in etcd once this resolves. */
   commit(): Promise<this>;
@@ -157,6 +243,11 @@ export declare class Worker {
   readonly id: number | string | null;
   readonly node: string | null;
   readonly closed: boolean;
+  /**
+   * Deliveries waiting for a slot: a handler whose attempt ended (a timeout) keeps its
+   * slot until its promise settles, so its retry never runs beside it.
+   */
+  readonly waiting: number;
   /** Take no new tasks (running ones finish). */
   close(): Promise<void>;
 }
@@ -168,7 +259,32 @@ export declare class TaskManager {
   /** The sidecar's node id and namespace, once connected. */
   readonly node: string | null;
   readonly namespace: string | null;
-  create<T extends JSONValue>(data: T, options?: { taskId?: string }): Promise<Task<T>>;
+  create<T extends JSONValue>(
+    data: T,
+    options?: { taskId?: string; uniqueKey?: string; uniqueForMs?: number },
+  ): Promise<Task<T>>;
+  /** Create and commit in one call, with the protocol's options. */
+  submit<T extends JSONValue>(data: T, options?: TaskOptions): Promise<Task<T>>;
+  /** A Task for a task committed elsewhere; rejects with TaskNotFound. */
+  task(taskId: string): Promise<Task>;
+  /** Its result once it completes; TaskFailed, TaskNotFound, WaitTimeout after `timeoutMs`. */
+  result(taskId: string, timeoutMs?: number): Promise<JSONValue>;
+  /** The task once completed or failed for good; WaitTimeout after `timeoutMs`. */
+  wait(taskId: string, timeoutMs?: number): Promise<TaskInfo>;
+  /** Cancel a task by id; false if it had finished. */
+  cancel(taskId: string, options?: { reason?: string }): Promise<boolean>;
+  pauseQueue(queue?: string): Promise<QueueSettings>;
+  resumeQueue(queue?: string): Promise<QueueSettings>;
+  setLimits(queue: string, limits: Limits): Promise<QueueSettings>;
+  queues(): Promise<Record<string, QueueSettings>>;
+  schedule(name: string, payload: JSONValue, options: ScheduleOptions): Promise<ScheduleInfo>;
+  schedules(): Promise<ScheduleInfo[]>;
+  pauseSchedule(name: string): Promise<ScheduleInfo>;
+  resumeSchedule(name: string): Promise<ScheduleInfo>;
+  /** Delete a schedule (its tasks stay); false if there was none. */
+  deleteSchedule(name: string): Promise<boolean>;
+  /** "pong" once the sidecar answers. */
+  ping(): Promise<"pong">;
   process<T extends JSONValue = JSONValue>(
     handler: Handler<T>,
     options?: { concurrency?: number; queue?: string },
@@ -178,11 +294,34 @@ export declare class TaskManager {
   waitSubscribed(): Promise<void>;
   /** Whether the local sidecar is the cluster's leader (as last told). */
   isMaster(): boolean;
+  isLeader(): boolean;
   get(taskId: string): Promise<TaskInfo>;
   status(): Promise<Record<string, JSONValue>>;
+  /** Run the workers until SIGTERM or SIGINT, then shut down gracefully. */
+  serve(options?: { shutdownTimeoutMs?: number }): Promise<void>;
   /** Stop taking tasks, let running ones finish within `timeoutMs` (30000), disconnect. */
   shutdown(timeoutMs?: number): Promise<void>;
 }
+
+export interface RunWorkerOptions {
+  concurrency?: number;
+  queue?: string;
+  socket?: string;
+  /** What running tasks get to finish after the signal (30000). */
+  shutdownTimeoutMs?: number;
+  /** How long each try waits for the sidecar (5000); it tries again until a signal. */
+  connectTimeoutMs?: number;
+  logger?: { warn(message: string): void };
+}
+
+/**
+ * Run `handler` until SIGTERM or SIGINT, then shut down gracefully; waits for a sidecar
+ * not up yet, rejects at once with PermissionDenied if refused.
+ */
+export declare function runWorker<T extends JSONValue = JSONValue>(
+  handler: Handler<T>,
+  options?: RunWorkerOptions,
+): Promise<void>;
 
 /** The seed's name for the task manager. */
 export declare const DefaultTaskManager: typeof TaskManager;
@@ -207,15 +346,23 @@ export declare class EtcdFull extends Unavailable {}
 export declare class NotLeader extends Unavailable {}
 export declare class LeaseLost extends TaskManagerError {}
 export declare class ProtocolViolation extends TaskManagerError {}
+/** This client may not use the sidecar (`--allow-uid`, or the socket's mode and group). */
+export declare class PermissionDenied extends TaskManagerError {}
 export declare class EtcdError extends TaskManagerError {}
 export declare class LeaseNotFound extends EtcdError {}
 export declare class Compacted extends EtcdError {}
 export declare class ConnectionLost extends Unavailable {}
-export declare class WaitTimeout extends TaskManagerError {}
+/** A wait for an outcome ran out of time (the task goes on). */
+export declare class WaitTimeout extends Unavailable {}
 export declare class TaskFailed extends TaskManagerError {
   constructor(taskId: string, error: TaskError | null);
   readonly taskId: string;
   readonly error: TaskError;
+}
+/** Throw this in a handler to run the task again `delayMs` from now (the attempt not counted). */
+export declare class Snooze extends Error {
+  constructor(delayMs: number);
+  readonly delayMs: number;
 }
 /** Throw this (or an error whose `cause` is one) in a handler: no more retries. */
 export declare class Permanent extends Error {}

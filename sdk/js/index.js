@@ -13,8 +13,10 @@ export {
   NotLeader,
   PayloadTooLarge,
   Permanent,
+  PermissionDenied,
   ProtocolViolation,
   QueueFull,
+  Snooze,
   TaskFailed,
   TaskManagerError,
   TaskNotFound,
@@ -24,5 +26,6 @@ export {
 export { MalformedFrame } from "./lib/framing.js";
 export { PROTOCOL_VERSION } from "./lib/connection.js";
 export { DefaultTaskManager, TaskManager, defaultSocket } from "./lib/manager.js";
-export { EVENTS, Task } from "./lib/task.js";
+export { runWorker } from "./lib/run.js";
+export { EVENTS, MANAGER_EVENTS, Task } from "./lib/task.js";
 export { TaskCancelled, Worker, WorkerTask } from "./lib/worker.js";

@@ -37,12 +37,14 @@ from .protocol import (
     LeaseNotFound,
     NotLeader,
     PayloadTooLarge,
+    PermissionDenied,
     ProtocolViolation,
     QueueFull,
     TaskFailed,
     TaskManagerError,
     TaskNotFound,
     Unavailable,
+    WaitTimeout,
 )
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "NotLeader",
     "PayloadTooLarge",
     "Permanent",
+    "PermissionDenied",
     "ProtocolViolation",
     "QueueFull",
     "Snooze",
@@ -71,6 +74,7 @@ __all__ = [
     "TaskManagerError",
     "TaskNotFound",
     "Unavailable",
+    "WaitTimeout",
     "Worker",
     "WorkerTask",
     "default_socket",

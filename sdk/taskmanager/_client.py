@@ -10,6 +10,9 @@ module of its own: the connection (:mod:`._connection`, its frames in :mod:`._wi
 task handles (:mod:`._tasks`), the namespace's events (:mod:`._events`) and the worker
 runtime (:mod:`._worker`). It routes the sidecar's pushes to them, restores them on a new
 connection, and shuts them down in order.
+
+Size: the whole public API in one class, each method a short delegation with its
+docstring (the user's reference); the work is in the parts named above.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import anyio
 from ._callbacks import Callback
 from ._connection import Connection, default_socket
 from ._events import NamespaceEvents, TaskRegistry
-from ._tasks import Task
+from ._tasks import Task, waiting
 from ._validate import check_json, positive_number
 from ._worker import Handler, Worker, WorkerRuntime, current_delivery
 from .protocol import TaskFailed, TaskManagerError
@@ -218,16 +221,28 @@ class TaskManager:
         return await task.commit()
 
     async def process(
-        self, handler: Handler, *, concurrency: int = 1, queue: str = "default"
+        self,
+        handler: Handler,
+        *,
+        concurrency: int = 1,
+        queue: str = "default",
+        pool: str = "thread",
     ) -> Worker:
         """Run ``handler(task)`` for tasks of ``queue``, up to ``concurrency`` at once.
 
         The handler may be a plain or an async function; what it returns (any JSON) is
         the result; what it raises fails the attempt (retried per the task's policy, or
         not at all for :class:`Permanent`).
+
+        A timeout cancels an async handler at its next ``await``. A plain function runs
+        in a thread (``pool="thread"``), which cannot be stopped: at a timeout its attempt
+        ends, its result is dropped, and it keeps its slot until it returns (a retry
+        waits for it). ``pool="process"`` runs a plain, module-level function in child
+        processes instead (``concurrency`` of them at most), killed at a timeout: a hard
+        limit. Raises :class:`InvalidRequest` for a handler the pool cannot run.
         """
+        worker = Worker(self, handler, queue, concurrency, pool)  # checked before connecting
         await self._connection.ensure_started()
-        worker = Worker(self, handler, queue, concurrency)
         await self._workers.add(worker)
         return worker
 
@@ -268,21 +283,25 @@ class TaskManager:
         """The result of the task ``task_id`` once it completes, wherever it was committed.
 
         Raises :class:`TaskFailed` if it fails, :class:`TaskNotFound` if there is no
-        such task, ``TimeoutError`` after ``timeout`` seconds.
+        such task, :class:`WaitTimeout` (an :class:`Unavailable`, and a ``TimeoutError``)
+        after ``timeout`` seconds.
         """
-        with anyio.fail_after(timeout):
+        with waiting(timeout, f"task {task_id}"):
             return await (await self.task(task_id)).result()
+        raise AssertionError("unreachable: waiting() raises when it runs out")
 
     async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """The task ``task_id`` (as :meth:`get` shows it) once it completed or failed for good.
 
-        Raises ``TimeoutError`` after ``timeout`` seconds.
+        Raises :class:`WaitTimeout` after ``timeout`` seconds: an :class:`Unavailable`,
+        as the protocol's ``wait`` answers, and Python's ``TimeoutError`` too.
         """
-        with anyio.fail_after(timeout):
+        with waiting(timeout, f"task {task_id}"):
             task = await self.task(task_id)
             with contextlib.suppress(TaskFailed):
                 await task.result()
             return await self.get(task_id)
+        raise AssertionError("unreachable: waiting() raises when it runs out")
 
     async def cancel(self, task_id: str, *, reason: str = "cancelled by a client") -> bool:
         """Cancel a task by id (see :meth:`Task.cancel`); False if it had finished."""
@@ -373,6 +392,10 @@ class TaskManager:
     async def status(self) -> dict[str, Any]:
         """The local sidecar's status."""
         return dict(await self._request("status", {}, idempotent=True))
+
+    async def ping(self) -> str:
+        """``"pong"`` once the local sidecar answers (a liveness check)."""
+        return str(await self._request("ping", {}, idempotent=True))
 
     def is_master(self) -> bool:
         """Whether the local sidecar is the cluster's leader (as last told)."""

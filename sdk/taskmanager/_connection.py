@@ -26,11 +26,12 @@ from .protocol import (
     PROTOCOL_VERSION,
     ConnectionLost,
     InvalidRequest,
-    ProtocolViolation,
+    PermissionDenied,
     TaskFailed,
     TaskManagerError,
     Unavailable,
     backoff_s,
+    error_from_wire,
 )
 
 log = logging.getLogger("taskmanager")
@@ -239,6 +240,16 @@ class Connection:
                 await anyio.sleep(reconnect_delay_s(failures))
             try:
                 stream = await anyio.connect_unix(self.socket_path)
+            except PermissionError as exc:
+                # EACCES: the socket's mode or group (or a directory on its path) does
+                # not let this user in. Waiting will not change that: say so at once.
+                raise PermissionDenied(
+                    f"this user (uid {os.getuid()}) may not open the sidecar's socket at "
+                    f"{self.socket_path} ({exc.strerror or exc}): the socket's group "
+                    "(--socket-group) and mode (--socket-mode), and every directory above "
+                    'it, must let this user in; see docs/operations.md, "Sockets for other '
+                    'users"'
+                ) from exc
             except OSError as exc:
                 failures += 1
                 self._last_error = f"{type(exc).__name__}: {exc.strerror or exc}"
@@ -269,10 +280,10 @@ class Connection:
                     await stream.aclose()
             if self._wire.violation is not None and self.connections == connected:
                 # Refused before the handshake was done (a uid not allowed, say): trying
-                # again would be refused again.
-                raise ProtocolViolation(
-                    f"the sidecar refused this client: {self._wire.violation.get('message')}"
-                )
+                # again would be refused again. The refusal's own class (PermissionDenied
+                # for --allow-uid), ProtocolViolation from an older sidecar.
+                refusal = error_from_wire(self._wire.violation)
+                raise type(refusal)(f"the sidecar refused this client: {refusal}")
             self._last_error = "the connection was lost"
             # A connection that ends at once (refused, or closed over a bad frame) is
             # made again with backoff, not in a tight loop.

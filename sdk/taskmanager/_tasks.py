@@ -9,8 +9,10 @@ tasks it follows, and their subscriptions, is :class:`~taskmanager._events.TaskR
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +21,7 @@ import anyio.lowlevel
 
 from ._callbacks import EVENTS, Callback, CallQueue
 from ._validate import check_json, finite_number, positive_number, whole_number
-from .protocol import InvalidRequest, TaskFailed, TaskManagerError
+from .protocol import InvalidRequest, TaskFailed, TaskManagerError, WaitTimeout
 
 if TYPE_CHECKING:
     from ._client import TaskManager
@@ -29,6 +31,17 @@ _RANK = {"queued": 0, "assigned": 1, "started": 2, "updated": 3, "failed": 4, "c
 
 #: How long result() trusts the event stream alone before it reads the task once.
 RESYNC_S = 30.0
+
+
+@contextlib.contextmanager
+def waiting(timeout: float | None, what: str) -> Iterator[None]:
+    """Wait at most ``timeout`` seconds (None: for ever) for the body; past it, raise
+    :class:`WaitTimeout`: an ``Unavailable``, as the protocol's ``wait`` answers, and
+    Python's ``TimeoutError`` too."""
+    with anyio.move_on_after(timeout) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise WaitTimeout(f"{what} did not finish within {timeout:g} s (it goes on)")
 
 
 def _new_task_id() -> str:
@@ -225,7 +238,8 @@ class Task:
         return await self.manager.cancel(self.id, reason=reason)
 
     async def result(self, timeout: float | None = None) -> Any:
-        """The task's result once it completes; raises :class:`TaskFailed` if it fails."""
+        """The task's result once it completes; raises :class:`TaskFailed` if it fails,
+        :class:`WaitTimeout` (a ``TimeoutError``) after ``timeout`` seconds."""
         if not self.committed:
             raise InvalidRequest("commit() the task first")
         if self._final.is_set():
@@ -245,7 +259,7 @@ class Task:
             self._final.set()
 
     async def _await_final(self, timeout: float | None) -> None:
-        with anyio.fail_after(timeout):
+        with waiting(timeout, f"task {self.id}"):
             while not self._final.is_set():
                 # The events tell the outcome. Should the sidecar have missed them (its
                 # watch fell behind etcd's compaction), a read now and then settles it.

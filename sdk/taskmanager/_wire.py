@@ -39,6 +39,9 @@ _SHIELDED_SEND = 64 * 1024
 
 Reply = dict[str, Any]
 
+#: The codes of an error about no request that the sidecar closes the connection after.
+_CLOSING_CODES = ("protocol_violation", "permission_denied")
+
 
 class _Answers:
     """Requests waiting for their answer, by request id: the reply, or the SDK's own
@@ -173,8 +176,9 @@ class Wire:
             await self._on_push(frame)
         elif not self.answers.answer(frame) and not frame.get("ok", True):
             error = frame.get("error")
-            if isinstance(error, dict) and error.get("code") == "protocol_violation":
-                # The sidecar is about to close the connection over a frame of ours.
+            if isinstance(error, dict) and error.get("code") in _CLOSING_CODES:
+                # The sidecar is about to close the connection: over a frame of ours, or
+                # because this client may not use it.
                 self.violation = error
                 log.error("the sidecar refused a frame: %s", error.get("message"))
             else:

@@ -1,25 +1,23 @@
 """The worker runtime: handlers registered with :meth:`TaskManager.process`, and their tasks.
 
 :class:`WorkerRuntime` registers workers (again on each new connection), runs each task
-the sidecar pushes on its worker's handler (a plain function in a thread), cancels a
-delivery the sidecar cancels, reports the outcome (a result, a failure with its
-traceback, a snooze; one the sidecar could not take becomes a failure of its own), and
-at shutdown lets running handlers finish, then hands back the rest.
+the sidecar pushes on its worker's handler (through :mod:`._handlers`: an async
+function, a plain one in a thread or in a child process), cancels a delivery the
+sidecar cancels, reports the outcome (a result, a failure with its traceback, a snooze;
+one the sidecar could not take becomes a failure of its own), and at shutdown lets
+running handlers finish, then hands back the rest.
 """
 
 from __future__ import annotations
 
 import contextvars
-import inspect
 import logging
-import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.to_thread
 
-from ._outcomes import Permanent, Snooze
+from ._handlers import HandlerRunner
 from ._validate import check_json
 from .protocol import ConnectionLost, InvalidRequest, PayloadTooLarge, TaskManagerError
 
@@ -28,9 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskmanager")
 
-#: How much of an error's message and traceback a report carries.
-_MAX_MESSAGE = 8 * 1024
-_MAX_TRACEBACK = 32 * 1024
 Handler = Callable[["WorkerTask"], Any]
 
 #: The delivery a handler task is running (so that shutdown() from a handler knows).
@@ -42,13 +37,6 @@ _DELIVERY: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 def current_delivery() -> int | None:
     """The delivery whose handler is running in this task, if any."""
     return _DELIVERY.get()
-
-
-def _clip(text: str, limit: int, *, tail: bool = False) -> str:
-    """At most ``limit`` characters of ``text`` (its end with ``tail``), marked if cut."""
-    if len(text) <= limit:
-        return text
-    return "[...] " + text[-limit:] if tail else text[:limit] + " [...]"
 
 
 class WorkerTask:
@@ -80,13 +68,20 @@ class Worker:
     """Handlers registered with :meth:`TaskManager.process`."""
 
     def __init__(
-        self, manager: TaskManager, handler: Handler, queue: str, concurrency: int
+        self,
+        manager: TaskManager,
+        handler: Handler,
+        queue: str,
+        concurrency: int,
+        pool: str = "thread",
     ) -> None:
         self.manager = manager
         self._connection = manager._connection
         self.handler = handler
         self.queue = queue
         self.concurrency = concurrency
+        #: Runs the handler, one delivery at a time each, within ``concurrency`` slots.
+        self.runner = HandlerRunner(handler, concurrency, pool, self._connection.spawn)
         self.id: int | None = None
         self.node: str | None = None
         self.running: set[int] = set()
@@ -191,6 +186,9 @@ class WorkerRuntime:
                     await self._connection.request("release", {"delivery": delivery})
                 except TaskManagerError as exc:
                     log.warning("could not hand back delivery %d: %s", delivery, exc)
+        for worker in self._worker_list:
+            with anyio.move_on_after(5):
+                await worker.runner.close()  # idle child processes, if any
 
     async def _run(self, worker: Worker, task: WorkerTask, scope: anyio.CancelScope) -> None:
         delivery = task._delivery
@@ -198,30 +196,10 @@ class WorkerRuntime:
         outcome: tuple[str, Any] | None = None
         try:
             with scope:
-                try:
-                    if inspect.iscoroutinefunction(worker.handler):
-                        value = await worker.handler(task)
-                    else:
-                        # A plain function would block the event loop: run it in a thread.
-                        value = await anyio.to_thread.run_sync(
-                            worker.handler, task, abandon_on_cancel=True
-                        )
-                        if inspect.isawaitable(value):
-                            value = await value
-                    outcome = ("complete", {"delivery": delivery, "result": value})
-                except Snooze as snooze:
-                    outcome = ("snooze", {"delivery": delivery, "delay_s": snooze.delay_s})
-                except Exception as exc:
-                    permanent = isinstance(exc, Permanent) or isinstance(exc.__cause__, Permanent)
-                    error = {
-                        "type": type(exc).__name__,
-                        "message": _clip(str(exc), _MAX_MESSAGE),
-                        "traceback": _clip(
-                            "".join(traceback.format_exception(exc)), _MAX_TRACEBACK, tail=True
-                        ),
-                        "retryable": not permanent,
-                    }
-                    outcome = ("fail", {"delivery": delivery, "error": error})
+                # Running the handler is _handlers' business: its pool, its slot, what a
+                # timeout does to it. Here: which delivery, and the report.
+                op, fields = await worker.runner.run(task)
+                outcome = (op, {"delivery": delivery, **fields})
             if outcome is not None and not scope.cancel_called:
                 await self._report(task, outcome)
         finally:

@@ -43,12 +43,14 @@ __all__ = [
     "MalformedFrame",
     "NotLeader",
     "PayloadTooLarge",
+    "PermissionDenied",
     "ProtocolViolation",
     "QueueFull",
     "TaskFailed",
     "TaskManagerError",
     "TaskNotFound",
     "Unavailable",
+    "WaitTimeout",
     "backoff_s",
     "decode_frame",
     "encode_frame",
@@ -146,6 +148,14 @@ class ProtocolViolation(TaskManagerError):
     code = "protocol_violation"
 
 
+class PermissionDenied(TaskManagerError):
+    """This client may not use the sidecar: its uid is not in ``--allow-uid``, or the
+    operating system refused it the socket (EACCES: the socket's mode and group, or a
+    directory on its path). Trying again is refused again until an operator changes that."""
+
+    code = "permission_denied"
+
+
 class EtcdError(TaskManagerError):
     """etcd refused a request (not a connectivity problem): a bug or a misconfiguration."""
 
@@ -173,6 +183,14 @@ class ConnectionLost(Unavailable):
     own: never on the wire)."""
 
     code = "connection_lost"
+
+
+class WaitTimeout(Unavailable, TimeoutError):
+    """A wait for a task's outcome ran out of its timeout; the task goes on (the SDK's
+    own: never on the wire, where a ``wait`` that times out answers ``unavailable``).
+    It is also Python's ``TimeoutError``."""
+
+    code = "wait_timeout"
 
 
 class TaskFailed(TaskManagerError):
@@ -210,13 +228,16 @@ WIRE_ERRORS: Mapping[str, type[TaskManagerError]] = _table(
     NotLeader,
     LeaseLost,
     ProtocolViolation,
+    PermissionDenied,
     EtcdError,
     LeaseNotFound,
     Compacted,
 )
 """The errors a sidecar answers with, by wire code (docs/protocol.md, "Error codes")."""
 
-CLIENT_ERRORS: Mapping[str, type[TaskManagerError]] = _table(ConnectionLost, TaskFailed)
+CLIENT_ERRORS: Mapping[str, type[TaskManagerError]] = _table(
+    ConnectionLost, TaskFailed, WaitTimeout
+)
 """The errors an SDK raises of its own, by code: never sent on the wire."""
 
 

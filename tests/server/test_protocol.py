@@ -327,7 +327,7 @@ async def test_the_uid_allow_list(etcd_server: EtcdProcess, tmp_path: Path) -> N
         refused = Raw(others.socket_path)
         frame = refused.frame()
         assert frame is not None
-        assert frame["error"]["code"] == "protocol_violation"
+        assert frame["error"]["code"] == "permission_denied"
         assert "not allowed" in frame["error"]["message"]
         assert refused.frame() is None  # closed
         refused.close()

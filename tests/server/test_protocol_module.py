@@ -36,9 +36,8 @@ from tm_sidecar.server._server import ServerSettings, SocketServer
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL_DOC = (ROOT / "docs" / "protocol.md").read_text()
-#: Codes only the Node.js SDK has: its ``task.result(timeoutMs)`` raises WaitTimeout
-#: where the Python SDK raises Python's own TimeoutError.
-NODE_ONLY = {"wait_timeout"}
+#: Codes only the Node.js SDK has (none now: both SDKs' waits raise WaitTimeout).
+NODE_ONLY: set[str] = set()
 
 
 # -- the framer ---------------------------------------------------------------------------

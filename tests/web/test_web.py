@@ -204,6 +204,38 @@ async def test_live_events_stream_in_batches(etcd_server: EtcdProcess, namespace
         await wait_for(lambda: board.streams == 0)  # the hang-up closed the stream
 
 
+async def test_a_gap_of_the_hub_reaches_the_live_stream(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    # Issue 20 item 16: the hub missed events (its watch started again); the page's
+    # stream says so in a message of its own, naming the tasks to read again.
+    async with dashboard(etcd_server, namespace) as (sidecar, board, _):
+        client = Client(board)
+        reply: list[Reply] = []
+        after = await sidecar.etcd.revision()
+        spec = await sidecar.create({"n": 1})
+        assert (await sidecar.wait(spec.id, timeout_s=20)).state is State.COMPLETED
+
+        async def listen() -> None:
+            reply.append(await client.get("/api/events", until=lambda body: b"event: gap" in body))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listen)
+            await wait_for(lambda: board.streams == 1)
+            # What the hub does when its watch had to start again, from `after`.
+            await sidecar.hub._missed(after, await sidecar.etcd.revision())
+        gaps = [
+            json.loads(data[len("data: ") :])
+            for message in reply[0].text.split("\n\n")
+            if message.startswith("event: gap")
+            for data in message.splitlines()[1:2]
+        ]
+        assert len(gaps) == 1
+        assert gaps[0]["reason"] == "watch_reset"
+        assert spec.id in gaps[0]["task_ids"]
+        assert gaps[0]["from_revision"] == after
+
+
 def test_a_busy_stream_is_sampled_not_queued() -> None:
     batcher = EventBatcher(keep=5)
     for i in range(20):

@@ -3,12 +3,21 @@ node's capacity) and picks one for each task; a ``Registration`` is one of them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import attrs
 import trio
 
 from ._handlers import Handler
+
+
+def _is_async(handler: Callable[..., object]) -> bool:
+    """Whether calling ``handler`` makes a coroutine (an async function, method or
+    callable object, or a partial of one)."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - an object with async __call__
+    )
 
 
 @attrs.define(eq=False)
@@ -41,6 +50,14 @@ class Registry:
         """Add a handler; the leader sees the new capacity at once."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if not _is_async(handler):
+            # Awaited on the sidecar's one event loop: a plain function would block every
+            # task and the node's lease with it, and a timeout could not stop it.
+            raise TypeError(
+                f"in-process handler {getattr(handler, '__qualname__', handler)!r} must be an "
+                "async function (async def); run blocking code through the SDK "
+                "(run_worker, pool='process' for a hard timeout)"
+            )
         reg = Registration(queue, handler, concurrency, trio.CapacityLimiter(concurrency), self)
         self._by_queue.setdefault(queue, []).append(reg)
         self.on_change()

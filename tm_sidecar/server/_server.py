@@ -35,7 +35,7 @@ from taskmanager.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
     InvalidRequest,
-    ProtocolViolation,
+    PermissionDenied,
     TaskManagerError,
 )
 
@@ -189,7 +189,17 @@ class SocketServer:
             nursery.start_soon(conn.write_frames)
             uid = conn.peer.uid if conn.peer is not None else -1
             if allowed is not None and uid not in allowed:
-                conn.push(error_frame(None, ProtocolViolation(f"uid {uid} is not allowed")))
+                # Said to the client (a PermissionDenied it does not retry) and logged
+                # here: the operator is the one who can change --allow-uid.
+                log.warning(
+                    "client refused: its uid is not in --allow-uid",
+                    extra=conn.log_fields | {"allowed": ",".join(map(str, sorted(allowed)))},
+                )
+                refusal = PermissionDenied(
+                    f"uid {uid} is not allowed to use this sidecar (its --allow-uid is "
+                    f"{','.join(map(str, sorted(allowed)))})"
+                )
+                conn.push(error_frame(None, refusal))
                 conn.outbox_send.close()
                 return
             with contextlib.suppress(Closed, trio.BrokenResourceError, trio.ClosedResourceError):

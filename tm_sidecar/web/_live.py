@@ -4,6 +4,10 @@ A busy queue makes thousands of events a second; a page can draw a few hundred. 
 stream keeps the latest ``keep`` events in a ring and sends them at most every
 ``interval_s`` as one message, with how many it saw and how many it left out, so
 that neither the sidecar nor the browser falls behind whatever the rate.
+
+When the hub itself missed events (its watch had to start again), the stream says so in
+a ``gap`` message of its own (the protocol's gap: the revisions missed and the tasks to
+read again), never sampled away, so that the page can show it and reload what it shows.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import attrs
 import trio
@@ -30,6 +35,8 @@ class EventBatcher:
     seen: int = 0
     _taken: int = 0
     _ring: deque[tuple[float, TaskEvent]] = attrs.field(init=False)
+    #: Gaps not yet sent (the latest few: each says to read everything named again).
+    _gaps: deque[dict[str, Any]] = attrs.Factory(lambda: deque(maxlen=10))
     _wake: trio.Event = attrs.Factory(trio.Event)
 
     def __attrs_post_init__(self) -> None:
@@ -40,6 +47,17 @@ class EventBatcher:
         self.seen += 1
         self._ring.append((self.clock(), event))
         self._wake.set()
+
+    def gap(self, gap: dict[str, Any]) -> None:
+        """The hub's ``on_gap``: events were missed; tell the page (never blocks)."""
+        self._gaps.append(gap)
+        self._wake.set()
+
+    def take_gaps(self) -> list[dict[str, Any]]:
+        """The gaps since the last take."""
+        gaps = list(self._gaps)
+        self._gaps.clear()
+        return gaps
 
     def replay(self, events: list[tuple[float, TaskEvent]]) -> None:
         """Events that came before the stream did, to send first."""
@@ -58,8 +76,8 @@ class EventBatcher:
         return {"events": events, "seen": self.seen, "dropped": new - len(events)}
 
     async def wait(self) -> None:
-        """Return once an event is waiting."""
-        if not self._ring:
+        """Return once an event (or a gap) is waiting."""
+        if not self._ring and not self._gaps:
             await self._wake.wait()
         self._wake = trio.Event()
 
@@ -77,5 +95,8 @@ class EventBatcher:
                 continue
             # Let a burst gather into one message rather than one message per event.
             await trio.sleep(interval_s)
-            batch = json.dumps(self.take(), separators=(",", ":"), default=str)
-            yield f"event: batch\ndata: {batch}\n\n"
+            for gap in self.take_gaps():
+                yield f"event: gap\ndata: {json.dumps(gap, separators=(',', ':'))}\n\n"
+            if self._ring:
+                batch = json.dumps(self.take(), separators=(",", ":"), default=str)
+                yield f"event: batch\ndata: {batch}\n\n"

@@ -138,7 +138,7 @@ async def events_stream(board: Dashboard, request: Request) -> Response:
         # Subscribed here, not before: a client gone before the body starts must
         # leave no subscription behind (an unstarted generator runs no finally).
         subscription = board.sidecar.subscribe(
-            TaskId(task) if task else None, deliver=batcher.deliver
+            TaskId(task) if task else None, deliver=batcher.deliver, on_gap=batcher.gap
         )
         board.streams += 1
         try:

@@ -2,7 +2,7 @@
 // (docs/protocol.md: "Handshake", "Requests, replies, pushes", "Disconnects").
 
 import net from "node:net";
-import { ConnectionLost, PayloadTooLarge, errorFromWire } from "./errors.js";
+import { ConnectionLost, PayloadTooLarge, PermissionDenied, ProtocolViolation, errorFromWire } from "./errors.js";
 import { FrameReader, MalformedFrame, encodeFrame } from "./framing.js";
 
 export const PROTOCOL_VERSION = 1;
@@ -23,6 +23,8 @@ export class Session {
     this.open = true;
     /** Why it ended: null for a close, else the error (a malformed frame, say). */
     this.endReason = null;
+    /** The sidecar's refusal of this client (before the handshake), if it refused it. */
+    this.refusal = null;
     this._onPush = onPush;
     this._report = report;
     this._reader = new FrameReader(DEFAULT_MAX_FRAME);
@@ -114,9 +116,14 @@ export class Session {
     }
     const waiter = frame.id === null || frame.id === undefined ? undefined : this._pending.get(frame.id);
     if (waiter === undefined) {
-      // An error about no request of ours (about a frame the sidecar could not read).
+      // An error about no request of ours (about a frame the sidecar could not read), or
+      // a refusal of this client before it closes the connection.
       if (!frame.ok) {
         const err = errorFromWire(frame.error);
+        if (this.hello === null && (err instanceof PermissionDenied || err instanceof ProtocolViolation)) {
+          this.refusal = err;
+          return;
+        }
         err.message = `the sidecar reports: ${err.message}`;
         this._report(err);
       }
@@ -162,6 +169,8 @@ export class Connector {
     this.client = client;
     this.session = null;
     this.closed = false;
+    /** Why the connector stopped for good (a PermissionDenied), or null. */
+    this.failure = null;
     this._onPush = onPush;
     this._onUp = onUp;
     this._onDown = onDown;
@@ -179,6 +188,7 @@ export class Connector {
   /** The live session, once there is one; rejects after `timeoutMs` or when closed. */
   ready(timeoutMs) {
     if (this.session !== null) return Promise.resolve(this.session);
+    if (this.failure !== null) return Promise.reject(this.failure);
     if (this.closed) return Promise.reject(new ConnectionLost("the task manager is shut down"));
     return new Promise((resolve, reject) => {
       const waiter = { resolve, reject, timer: null };
@@ -194,16 +204,28 @@ export class Connector {
 
   /** Stop: close the session, stop reconnecting, fail whoever waits for a connection. */
   async close() {
+    this._stop(new ConnectionLost("the task manager is shut down"));
+    await this._loop;
+  }
+
+  /** Stop for good: whoever waits for a connection, now or later, is told `err`. */
+  _stop(err) {
     this.closed = true;
     this._sleep?.wake();
     this.session?.close();
-    const shut = new ConnectionLost("the task manager is shut down");
+    const shut = err;
     for (const waiter of this._waiters) {
       clearTimeout(waiter.timer);
       waiter.reject(shut);
     }
     this._waiters.clear();
-    await this._loop;
+  }
+
+  /** Refused for good (the socket's permissions, or --allow-uid): trying again is futile. */
+  _refused(err) {
+    this.failure = err;
+    this._report(err);
+    this._stop(err);
   }
 
   async _run() {
@@ -217,6 +239,18 @@ export class Connector {
       try {
         socket = await connectUnix(this.path);
       } catch (err) {
+        if (err.code === "EACCES" || err.code === "EPERM") {
+          const uid = process.getuid?.() ?? "?";
+          this._refused(
+            new PermissionDenied(
+              `this user (uid ${uid}) may not open the sidecar's socket at ${this.path} (${err.code}): ` +
+                "the socket's group (--socket-group) and mode (--socket-mode), and every directory " +
+                'above it, must let this user in; see docs/operations.md, "Sockets for other users"',
+              { cause: err },
+            ),
+          );
+          break;
+        }
         strikes += 1;
         if (strikes === 1 || strikes === 10 || strikes % 50 === 0) {
           this._report(new ConnectionLost(`cannot reach the sidecar at ${this.path} (${err.code ?? err.message}); retrying`));
@@ -249,6 +283,11 @@ export class Connector {
       }
       const reason = await session.ended;
       if (this.session === session) this.session = null;
+      if (session.hello === null && session.refusal !== null && !this.closed) {
+        // Refused before the handshake (a uid not in --allow-uid): refused again if retried.
+        this._refused(new session.refusal.constructor(`the sidecar refused this client: ${session.refusal.message}`));
+        break;
+      }
       try {
         this._onDown(session);
       } catch (err) {

@@ -67,6 +67,15 @@ export class ProtocolViolation extends TaskManagerError {
   static code = "protocol_violation";
 }
 
+/**
+ * This client may not use the sidecar: its uid is not in `--allow-uid`, or the system
+ * refused it the socket (EACCES: the socket's mode and group, or a directory on its
+ * path). Trying again is refused again until an operator changes that.
+ */
+export class PermissionDenied extends TaskManagerError {
+  static code = "permission_denied";
+}
+
 /** etcd refused a request. */
 export class EtcdError extends TaskManagerError {
   static code = "etcd_error";
@@ -87,10 +96,13 @@ export class ConnectionLost extends Unavailable {
   static code = "connection_lost";
 }
 
-/** `task.result(timeoutMs)` ran out of time (the task goes on). */
-export class WaitTimeout extends TaskManagerError {
+/**
+ * A wait for a task's outcome (`task.result(timeoutMs)`, `manager.wait()`,
+ * `manager.result()`) ran out of time; the task goes on. An `Unavailable`, as the
+ * protocol's `wait` answers when it times out.
+ */
+export class WaitTimeout extends Unavailable {
   static code = "wait_timeout";
-  static retryable = true;
 }
 
 /** The task ended in the failed queue; `error` is what its last attempt reported. */
@@ -113,6 +125,22 @@ export class Permanent extends Error {
   }
 }
 
+/**
+ * Throw this in a handler to run the task again later: `throw new Snooze(30000)` puts it
+ * back to delayed for 30 s, and this attempt does not count. A task may snooze
+ * `max_snoozes` times (100 unless `withMaxSnoozes` says), then it fails (`SnoozeLimit`).
+ */
+export class Snooze extends Error {
+  constructor(delayMs) {
+    if (typeof delayMs !== "number" || !Number.isFinite(delayMs) || delayMs < 0) {
+      throw new InvalidRequest("Snooze takes a number of milliseconds, at least 0");
+    }
+    super(`snooze for ${delayMs} ms`);
+    this.name = "Snooze";
+    this.delayMs = delayMs;
+  }
+}
+
 /** The errors a sidecar answers with, by wire code (the SDK's own are never sent). */
 export const WIRE_ERRORS = new Map(
   [
@@ -127,6 +155,7 @@ export const WIRE_ERRORS = new Map(
     NotLeader,
     LeaseLost,
     ProtocolViolation,
+    PermissionDenied,
     EtcdError,
     LeaseNotFound,
     Compacted,

@@ -1,9 +1,9 @@
 // The task manager: one connection to the local sidecar, the seed's API on top of it.
 
 import { Connector } from "./connection.js";
-import { ConnectionLost, InvalidRequest } from "./errors.js";
+import { ConnectionLost, InvalidRequest, TaskFailed, WaitTimeout } from "./errors.js";
 import { MalformedFrame } from "./framing.js";
-import { CallQueue, EVENTS, LIFECYCLE, Task, checkEvent } from "./task.js";
+import { CallQueue, LIFECYCLE, MANAGER_EVENTS, Task, checkEvent } from "./task.js";
 import { Worker, WorkerTask, currentDelivery, releaseDelivery, runDelivery } from "./worker.js";
 
 const CLIENT = "tm-sidecar-sdk-js/0.1.0";
@@ -74,10 +74,192 @@ export class TaskManager {
 
   // -- the seed's API -----------------------------------------------------------------
 
-  /** A new task for `data` (any JSON); set its options, then `await task.commit()`. */
-  async create(data, { taskId } = {}) {
+  /**
+   * A new task for `data` (any JSON); set its options, then `await task.commit()`.
+   * `uniqueKey` (and `uniqueForMs`): see `Task.withUnique`.
+   */
+  async create(data, { taskId, uniqueKey, uniqueForMs } = {}) {
     this._ensureStarted();
-    return new Task(this, data, taskId);
+    const task = new Task(this, data, taskId);
+    if (uniqueKey !== undefined) task.withUnique(uniqueKey, { forMs: uniqueForMs });
+    return task;
+  }
+
+  /** Create and commit in one call; `options` are the protocol's (`timeout_s`, `queue`, ...). */
+  async submit(data, options = {}) {
+    if (options === null || typeof options !== "object") throw new InvalidRequest("submit() takes an options object");
+    const task = await this.create(data);
+    Object.assign(task.options, options);
+    return task.commit();
+  }
+
+  /**
+   * A Task for a task committed elsewhere (another process, say): its `result()` and
+   * `on()` work as on a task committed here. Rejects with TaskNotFound for an unknown
+   * (or expired) task.
+   */
+  async task(taskId) {
+    if (typeof taskId !== "string") throw new InvalidRequest("task() takes a task id");
+    this._ensureStarted();
+    const known = this._tasks.get(taskId);
+    if (known !== undefined && known.committed) return known;
+    const task = new Task(this, null, taskId);
+    task._followsAll = true; // its subscription pushes every kind
+    task.committed = true;
+    task._committing = Promise.resolve(task);
+    this._tasks.set(taskId, task);
+    try {
+      for (;;) {
+        const session = await this._ready();
+        try {
+          task._session = session;
+          // Subscribed first, read second: nothing between the two can be missed.
+          const sub = await session.request("subscribe", { task_id: taskId, until_final: true });
+          if (!task._final) task._sid = sub.subscription;
+          const info = await session.request("get", { task_id: taskId });
+          task.data = info.payload ?? null;
+          task.options = info.options ?? {};
+          task._heardAt = Date.now();
+          task._take(info);
+          break;
+        } catch (err) {
+          if (!(err instanceof ConnectionLost) || this._closed) throw err;
+        }
+      }
+    } catch (err) {
+      this._untrack(task, false);
+      throw err;
+    }
+    this._ensureResync();
+    return task;
+  }
+
+  /**
+   * The result of the task `taskId` once it completes, wherever it was committed. Rejects
+   * with TaskFailed if it fails, TaskNotFound if there is no such task, WaitTimeout (an
+   * Unavailable) after `timeoutMs`.
+   */
+  async result(taskId, timeoutMs) {
+    return this._within(timeoutMs, taskId, async () => (await this.task(taskId)).result());
+  }
+
+  /**
+   * The task `taskId` (as `get()` shows it) once it completed or failed for good.
+   * Rejects with WaitTimeout (an Unavailable) after `timeoutMs`.
+   */
+  async wait(taskId, timeoutMs) {
+    return this._within(timeoutMs, taskId, async () => {
+      const task = await this.task(taskId);
+      try {
+        await task.result();
+      } catch (err) {
+        if (!(err instanceof TaskFailed)) throw err;
+      }
+      return this.get(taskId);
+    });
+  }
+
+  async _within(timeoutMs, taskId, fn) {
+    if (timeoutMs === undefined || timeoutMs === null) return fn();
+    let timer;
+    const expired = new Promise((_, reject) => {
+      timer = setTimeout(
+        () => reject(new WaitTimeout(`task ${taskId} did not finish within ${timeoutMs} ms (it goes on)`)),
+        timeoutMs,
+      );
+    });
+    try {
+      return await Promise.race([fn(), expired]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Cancel a task by id (see `Task.cancel`); false if it had finished. */
+  async cancel(taskId, { reason = "cancelled by a client" } = {}) {
+    const answer = await this._request("cancel", { task_id: taskId, reason });
+    return Boolean(answer.cancelled);
+  }
+
+  /**
+   * Pause a queue, cluster-wide: the leader assigns nothing more from it (creates still
+   * land, running tasks finish). Resolves to the queue's settings.
+   */
+  async pauseQueue(queue = "default") {
+    return this._request("pause", { queue });
+  }
+
+  /** Resume a paused queue. Resolves to the queue's settings. */
+  async resumeQueue(queue = "default") {
+    return this._request("resume", { queue });
+  }
+
+  /**
+   * Set a queue's cluster-wide limits; null lifts one. `maxRunning` (tasks of the queue
+   * running at once), `keyMaxRunning` (per concurrency key), `rate` and `keyRate` (starts:
+   * `{limit, periodMs}`). Resolves to the queue's settings.
+   */
+  async setLimits(queue = "default", limits = {}) {
+    const fields = { queue };
+    const names = { maxRunning: "max_running", keyMaxRunning: "key_max_running", rate: "rate", keyRate: "key_rate" };
+    for (const [name, value] of Object.entries(limits)) {
+      const wire = names[name];
+      if (wire === undefined) throw new InvalidRequest(`unknown limit ${JSON.stringify(name)}; one of ${Object.keys(names).join(", ")}`);
+      if ((name === "rate" || name === "keyRate") && value !== null) {
+        if (value === undefined || typeof value !== "object") throw new InvalidRequest(`${name} is {limit, periodMs} or null`);
+        fields[wire] = { limit: value.limit, period_s: value.periodMs / 1000 };
+      } else {
+        fields[wire] = value;
+      }
+    }
+    return this._request("set_limits", fields);
+  }
+
+  /** The settings of every queue that has some (paused, limits), by name. */
+  async queues() {
+    return this._request("queues", {});
+  }
+
+  /**
+   * Create or replace the schedule `name`: a task with `payload` (and task `options`) at
+   * each slot of `cron` (in `timezone`) or every `everyMs`. The leader fires each slot
+   * exactly once, across failovers. Slots later than `graceMs` (60 s) are missed:
+   * `missed` says what then fires, "skip", "one" (the latest) or "all" (at most
+   * `maxCatchUp`). Resolves to the schedule, with its `next_at`.
+   */
+  async schedule(name, payload = null, { cron, everyMs, timezone = "UTC", options = {}, missed = "one", maxCatchUp, graceMs, paused } = {}) {
+    const fields = { name, payload, timezone, missed, options };
+    if (cron !== undefined) fields.cron = cron;
+    if (everyMs !== undefined) fields.every_s = everyMs / 1000;
+    if (maxCatchUp !== undefined) fields.max_catch_up = maxCatchUp;
+    if (graceMs !== undefined) fields.grace_s = graceMs / 1000;
+    if (paused !== undefined) fields.paused = paused;
+    return this._request("schedule", fields);
+  }
+
+  /** Every schedule of the namespace. */
+  async schedules() {
+    return this._request("schedules", {});
+  }
+
+  /** Fire nothing more from schedule `name` until resumed. */
+  async pauseSchedule(name) {
+    return this._request("pause_schedule", { name });
+  }
+
+  /** Fire again, from the first slot after now. */
+  async resumeSchedule(name) {
+    return this._request("resume_schedule", { name });
+  }
+
+  /** Delete schedule `name` (its tasks stay); false if there was none. */
+  async deleteSchedule(name) {
+    return Boolean(await this._request("unschedule", { name }));
+  }
+
+  /** "pong" from the local sidecar: it is up and answering. */
+  async ping() {
+    return this._request("ping", {});
   }
 
   /**
@@ -109,14 +291,19 @@ export class TaskManager {
     }
   }
 
-  /** Call `callback(event)` on every task event of the namespace (or "error" for the SDK's). */
+  /**
+   * Call `callback(event)` on every task event of the namespace; "gap" hears that events
+   * were missed and could not be replayed (`callback(gap)`: `from_revision`,
+   * `to_revision`, `reason`, `task_ids`, the tasks to read again; the SDK reads the ones
+   * it follows itself); "error" hears the SDK's own errors.
+   */
   on(event, callback) {
     if (typeof callback !== "function") throw new InvalidRequest("on() takes a function");
     if (event === "error") {
       this._errorListeners.push(callback);
       return this;
     }
-    checkEvent(event, EVENTS);
+    checkEvent(event, MANAGER_EVENTS);
     if (!this._listeners.has(event)) this._listeners.set(event, []);
     this._listeners.get(event).push(callback);
     if (!this._wantAll) {
@@ -147,6 +334,11 @@ export class TaskManager {
     return this._leader;
   }
 
+  /** The same as `isMaster()`. */
+  isLeader() {
+    return this._leader;
+  }
+
   /** A task as it stands: state, attempts, result or error, payload, options. */
   async get(taskId) {
     return this._request("get", { task_id: taskId });
@@ -155,6 +347,31 @@ export class TaskManager {
   /** The local sidecar's status. */
   async status() {
     return this._request("status", {});
+  }
+
+  /**
+   * Run this manager's workers until SIGTERM or SIGINT (Ctrl-C), then shut down
+   * gracefully (see `shutdown`) and resolve. `runWorker()` is the same in one call.
+   */
+  async serve({ shutdownTimeoutMs = 30000, signals } = {}) {
+    this._ensureStarted();
+    let off = () => {};
+    const received =
+      signals ??
+      new Promise((resolve) => {
+        process.once("SIGTERM", resolve);
+        process.once("SIGINT", resolve);
+        off = () => {
+          process.off("SIGTERM", resolve);
+          process.off("SIGINT", resolve);
+        };
+      });
+    try {
+      await received;
+    } finally {
+      off();
+    }
+    await this.shutdown(shutdownTimeoutMs);
   }
 
   /**
@@ -265,6 +482,19 @@ export class TaskManager {
         } else {
           this._start(worker, session, frame);
         }
+        return;
+      }
+      case "gap": {
+        // Events were missed and could not be replayed (docs/protocol.md, "Events"): read
+        // again the tasks named, and tell the manager's "gap" listeners.
+        const ids = frame.task_ids;
+        check(ids === null || ids === undefined || Array.isArray(ids), "a gap push whose task_ids is not a list");
+        const all = this._all;
+        if (all !== null && all.session === session) {
+          if (all.sid === null) all.early.push(frame);
+          else if (frame.subscription === all.sid) this._emitGap(frame);
+        }
+        this._rereadAfterGap(frame, session);
         return;
       }
       case "cancel":
@@ -398,6 +628,17 @@ export class TaskManager {
     task._heardAt = Date.now();
     task._session = session;
     task._sid = answer?.subscription ?? null;
+    if (answer?.existing && answer.task_id !== task.id) {
+      // The unique key is held by a live task: follow that one (its past events are not
+      // told again, so read where it stands).
+      if (this._tasks.get(task.id) === task) this._tasks.delete(task.id);
+      task.id = answer.task_id;
+      task.existing = true;
+      const followed = this._tasks.get(task.id);
+      if (followed !== undefined && followed !== task) followed._followers.push(task);
+      else this._tasks.set(task.id, task);
+      repeated = true;
+    }
     if (task._final) {
       this._untrack(task, true);
     } else if (repeated) {
@@ -468,7 +709,11 @@ export class TaskManager {
       this._all = all;
       all.promise = session.request("subscribe", {}).then((answer) => {
         all.sid = answer.subscription;
-        for (const frame of all.early) if (frame.subscription === all.sid) this._emit(frame.event);
+        for (const frame of all.early) {
+          if (frame.subscription !== all.sid) continue;
+          if (frame.push === "gap") this._emitGap(frame);
+          else this._emit(frame.event);
+        }
         all.early = [];
       });
       all.promise.catch(() => {
@@ -476,6 +721,32 @@ export class TaskManager {
       });
     }
     return this._all.promise;
+  }
+
+  /** A gap of the namespace's subscription: the "gap" listeners hear it (without the push's own keys). */
+  _emitGap(frame) {
+    const { push: _push, subscription: _sid, ...gap } = frame;
+    const listeners = this._listeners.get("gap") ?? [];
+    if (listeners.length === 0) {
+      this._logger.warn(`tm-sidecar-sdk: events of the namespace were missed (${gap.reason}) after revision ${gap.from_revision}`);
+      return;
+    }
+    this._calls.add(listeners.map((cb) => [cb, [gap], 'a manager "gap" callback']));
+  }
+
+  /**
+   * After a gap, read again the followed tasks it names (all of them when the sidecar
+   * could not list them): their outcome may be among the events missed.
+   */
+  _rereadAfterGap(frame, session) {
+    const ids = Array.isArray(frame.task_ids) && !frame.truncated ? new Set(frame.task_ids) : null;
+    for (const task of [...this._tasks.values()]) {
+      // A task named is read even before its create's answer (the gap may come first).
+      if (!task._final && (ids === null ? task.committed : ids.has(task.id))) {
+        task._heardAt = Date.now();
+        this._settleFromGet(task, session);
+      }
+    }
   }
 
   _emit(event) {

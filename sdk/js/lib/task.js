@@ -7,6 +7,8 @@ import { InvalidRequest, TaskFailed, WaitTimeout } from "./errors.js";
 export const LIFECYCLE = Object.freeze(["queued", "assigned", "started", "updated", "failed", "completed"]);
 /** What `on()` takes: the pushed kinds, and the outcome as `success` or `failure`. */
 export const EVENTS = Object.freeze([...LIFECYCLE, "success", "failure"]);
+/** What a manager's `on()` takes besides `EVENTS` (and "error"): "gap", events missed. */
+export const MANAGER_EVENTS = Object.freeze([...EVENTS, "gap"]);
 
 // The order of the events one change can tell (a start, then progress or an outcome):
 // with it, the same event through two subscriptions is taken once.
@@ -57,6 +59,8 @@ export class Task {
     /** UTC epoch seconds before which the task does not start, or null. */
     this.runAt = null;
     this.committed = false;
+    /** True when a unique key's live task answered the commit: this follows that task. */
+    this.existing = false;
     /** The last state told: queued, assigned, started, updated, completed, failed. */
     this.state = null;
     this.resultValue = undefined;
@@ -74,6 +78,7 @@ export class Task {
     this._followsAll = false;
     this._heardAt = 0;
     this._endError = null;
+    this._followers = [];
   }
 
   _editable() {
@@ -131,6 +136,54 @@ export class Task {
     if (!Number.isInteger(priority)) throw new InvalidRequest("withPriority takes a whole number");
     this.options.priority = priority;
     return this;
+  }
+
+  /**
+   * At most one live task per `key` (namespace-wide): if one is pending, delayed or
+   * running when this commits, no new task is made and this Task follows that one (its
+   * `id` becomes that task's and `existing` is true). With `forMs`, the key stays taken
+   * that long after its task finished too.
+   */
+  withUnique(key, { forMs } = {}) {
+    this._editable();
+    if (typeof key !== "string" || key === "") throw new InvalidRequest("withUnique takes a non-empty string key");
+    this.options.unique_key = key;
+    if (forMs !== undefined) {
+      if (typeof forMs !== "number" || !Number.isFinite(forMs) || forMs < 0) {
+        throw new InvalidRequest("withUnique's forMs is a number of milliseconds, at least 0");
+      }
+      this.options.unique_for_s = forMs / 1000;
+    }
+    return this;
+  }
+
+  /**
+   * Count this task against its queue's per-key limits (`keyMaxRunning`, `keyRate`)
+   * under `key`: one task at a time per customer, say.
+   */
+  withConcurrencyKey(key) {
+    this._editable();
+    if (typeof key !== "string" || key === "") throw new InvalidRequest("withConcurrencyKey takes a non-empty string key");
+    this.options.concurrency_key = key;
+    return this;
+  }
+
+  /** At most `count` snoozes (default 100); one more fails the task (`SnoozeLimit`). */
+  withMaxSnoozes(count) {
+    this._editable();
+    if (!Number.isInteger(count) || count < 0) throw new InvalidRequest("withMaxSnoozes takes a whole number, at least 0");
+    this.options.max_snoozes = count;
+    return this;
+  }
+
+  /**
+   * Cancel the task: pending or delayed, it fails at once with `Cancelled`; running, its
+   * handler is told to stop (on whichever node runs it) and it fails the same way, never
+   * retried. `result()` then rejects with TaskFailed. False if it had finished already.
+   */
+  async cancel(reason = "cancelled by its creator") {
+    if (!this.committed) throw new InvalidRequest("commit() the task first");
+    return this.manager.cancel(this.id, { reason });
   }
 
   /** Send the task to the workers of `queue` (default: "default"). */
@@ -194,7 +247,7 @@ export class Task {
         if (timeoutMs !== undefined && timeoutMs !== null) {
           waiter.timer = setTimeout(() => {
             this._waiters.delete(waiter);
-            reject(new WaitTimeout(`task ${this.id} did not finish within ${timeoutMs} ms`));
+            reject(new WaitTimeout(`task ${this.id} did not finish within ${timeoutMs} ms (it goes on)`));
           }, timeoutMs);
         }
         this._waiters.add(waiter);
@@ -206,6 +259,8 @@ export class Task {
 
   /** An event pushed by the sidecar (`streamed`), or an outcome read with `get`. */
   _onEvent(event, streamed = true) {
+    // Tasks of this manager that a unique key sent to this one hear what it hears.
+    for (const follower of this._followers) follower._onEvent(event, streamed);
     if (this._final) return;
     this._heardAt = Date.now();
     const kind = event.event;
@@ -278,6 +333,7 @@ export class Task {
 
   /** The manager shut down before the outcome came: whoever waits is told. */
   _end(err) {
+    for (const follower of this._followers) follower._end(err);
     if (this._settled) return;
     this._endError = err;
     for (const waiter of this._waiters) {

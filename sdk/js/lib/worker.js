@@ -2,7 +2,7 @@
 // (docs/protocol.md, "Running tasks (workers)").
 
 import { AsyncLocalStorage } from "node:async_hooks";
-import { ConnectionLost, InvalidRequest, PayloadTooLarge, errorToWire } from "./errors.js";
+import { ConnectionLost, InvalidRequest, PayloadTooLarge, Snooze, errorToWire } from "./errors.js";
 
 /** The delivery a handler is running in (so that shutdown() from a handler knows its own). */
 export const currentDelivery = new AsyncLocalStorage();
@@ -62,6 +62,29 @@ export class Worker {
     this.closed = false;
     this._session = null;
     this._registering = null;
+    // Slots: a handler holds one until its promise settles, even after its attempt ended
+    // (JavaScript cannot stop it), so that a retry never runs beside it.
+    this._busy = 0;
+    this._queue = [];
+  }
+
+  /** Deliveries waiting for a slot that a handler whose attempt ended still holds. */
+  get waiting() {
+    return this._queue.length;
+  }
+
+  _acquire() {
+    if (this._busy < this.concurrency) {
+      this._busy += 1;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this._queue.push(resolve));
+  }
+
+  _release() {
+    const next = this._queue.shift();
+    if (next !== undefined) next();
+    else this._busy -= 1;
   }
 
   /** Take no new tasks (running ones finish). */
@@ -74,16 +97,30 @@ export class Worker {
 
 /** Run one delivery on `session` and report its outcome there. */
 export async function runDelivery(worker, wt, report) {
-  let op;
-  let fields;
-  try {
-    const value = await currentDelivery.run(wt, () => worker.handler(wt));
-    op = "complete";
-    fields = { delivery: wt.delivery, result: value === undefined ? null : value };
-  } catch (err) {
-    op = "fail";
-    fields = { delivery: wt.delivery, error: errorToWire(err) };
+  await worker._acquire();
+  if (wt.cancelled) {
+    worker._release();
+    return; // ended while it waited for a slot: nothing ran, nothing to report
   }
+  let outcome;
+  try {
+    // A promise whatever the handler does (returns a value, throws at once): its slot
+    // is given back when it settles, however late.
+    const running = (async () => currentDelivery.run(wt, () => worker.handler(wt)))();
+    running.then(
+      () => worker._release(),
+      () => worker._release(),
+    );
+    const value = await running;
+    outcome = ["complete", { delivery: wt.delivery, result: value === undefined ? null : value }];
+  } catch (err) {
+    outcome =
+      err instanceof Snooze
+        ? // Back to delayed for that long, the attempt not counted (protocol: snooze).
+          ["snooze", { delivery: wt.delivery, delay_s: err.delayMs / 1000 }]
+        : ["fail", { delivery: wt.delivery, error: errorToWire(err) }];
+  }
+  const [op, fields] = outcome;
   if (wt.cancelled || !wt._session.open) return; // the sidecar has ended this attempt itself
   try {
     await wt._session.request(op, fields);

@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 import { afterEach, describe, test } from "node:test";
-import { ConnectionLost, DefaultTaskManager, MalformedFrame } from "../index.js";
+import { ConnectionLost, DefaultTaskManager, MalformedFrame, PermissionDenied } from "../index.js";
 import { backoffMs } from "../lib/connection.js";
 import { FakeSidecar } from "../test-support/fake_sidecar.mjs";
 import { deferred, pollUntil } from "../test-support/sidecar.mjs";
@@ -194,5 +194,52 @@ describe("against a fake sidecar: garbage, lost answers, missed events", () => {
     await assert.rejects(manager.get("t"), ConnectionLost);
     assert.ok(fake.connections.length >= 2, "it tried again");
     assert.match(errors[0].message, /use 2/);
+  });
+  test("a gap: the tasks it names are read again at once, and on('gap') hears it", T, async () => {
+    const gets = [];
+    const gapped = deferred();
+    fake = await new FakeSidecar(async (conn) => {
+      await conn.hello();
+      let taskId = null;
+      for (;;) {
+        const request = await conn.next();
+        if (request.op === "subscribe") {
+          conn.reply(request, { subscription: 5, revision: 10 });
+        } else if (request.op === "create") {
+          taskId = request.task_id;
+          conn.reply(request, { task_id: taskId, subscription: 6 });
+          // Its events are lost (the sidecar's watch started again): one gap to each
+          // subscription that may have missed them, the task's own and the namespace's.
+          const gap = { push: "gap", from_revision: 10, to_revision: 42, reason: "watch_reset", task_ids: [taskId], truncated: false };
+          conn.send({ ...gap, subscription: 6 });
+          conn.send({ ...gap, subscription: 5 });
+        } else if (request.op === "get") {
+          gets.push(request.task_id);
+          conn.reply(request, { task_id: request.task_id, state: "completed", attempts: 1, result: "read again" });
+        }
+      }
+    }).start();
+    // resyncMs far away: the read must come from the gap, not from the periodic one.
+    manager = new DefaultTaskManager({ socket: fake.socket, resyncMs: 600000, logger: { warn: () => {} } });
+    manager.on("gap", (gap) => gapped.resolve(gap));
+    await manager.waitSubscribed();
+    const task = await (await manager.create({})).commit();
+    assert.equal(await task.result(5000), "read again");
+    assert.deepEqual(gets, [task.id, task.id], "read once per gap that named it");
+    const gap = await gapped.promise;
+    assert.deepEqual(gap, { from_revision: 10, to_revision: 42, reason: "watch_reset", task_ids: [task.id], truncated: false });
+  });
+
+  test("a refusal (--allow-uid) is a PermissionDenied at once, never retried", T, async () => {
+    fake = await new FakeSidecar(async (conn) => {
+      conn.send({ id: null, ok: false, error: { code: "permission_denied", message: "uid 0 is not allowed to use this sidecar", retryable: false } });
+      conn.socket.end();
+    }).start();
+    manager = new DefaultTaskManager({ socket: fake.socket, connectTimeoutMs: 600000, logger: { warn: () => {} } });
+    const err = await manager.get("t").catch((e) => e);
+    assert.ok(err instanceof PermissionDenied, String(err));
+    assert.match(err.message, /refused this client: uid 0 is not allowed/);
+    await assert.rejects(manager.status(), PermissionDenied);
+    assert.equal(fake.connections.length, 1, "not tried again");
   });
 });

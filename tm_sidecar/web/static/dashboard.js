@@ -4,6 +4,9 @@
 //  - table[data-events=URL]: a server-sent event stream of batches of task events; rows
 //    are drawn once per animation frame, the table keeps its newest data-rows rows, and
 //    data-refresh-target names a [data-refresh] element to refresh on a task's last event.
+//    A "gap" message (the sidecar missed events and could not replay them) is drawn as a
+//    row of its own, and what the page shows is read again: the refresh target (or the
+//    page, when the target stopped refreshing) and the overview's counts.
 "use strict";
 (function () {
   const refreshers = new Map();
@@ -115,6 +118,28 @@
       if (target && batch.events.some((e) => e.final) && refreshers.has(target)) {
         refreshers.get(target)();
       }
+    });
+
+    source.addEventListener("gap", (message) => {
+      const gap = JSON.parse(message.data);
+      const row = document.createElement("tr");
+      row.className = "ev-gap";
+      td(row, when(Date.now() / 1000));
+      td(row, "gap");
+      const named = gap.task_ids ? gap.task_ids.length + " task(s) changed" : "tasks unknown";
+      const cell = td(row, "events missed (" + gap.reason + "): revisions " + (gap.from_revision + 1) +
+        " to " + gap.to_revision + " · " + named + (gap.truncated ? ", more not listed" : "") +
+        " · read again");
+      cell.colSpan = 4;
+      body.insertBefore(row, body.firstChild);
+      while (body.rows.length > maxRows) body.deleteRow(-1);
+      say("live · events missed, reloaded");
+      // What the page shows may have changed unseen: read it again.
+      if (target) {
+        if (refreshers.has(target)) refreshers.get(target)();
+        else location.reload(); // drawn final, without a refresher: read the whole page again
+      }
+      if (refreshers.has("overview")) refreshers.get("overview")();
     });
 
     const pause = document.querySelector('[data-pause="' + table.id + '"]');

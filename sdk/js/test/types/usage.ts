@@ -3,7 +3,11 @@
 import {
   DefaultTaskManager,
   Permanent,
+  PermissionDenied,
+  Snooze,
   TaskFailed,
+  WaitTimeout,
+  runWorker,
   type TaskEvent,
   type WorkerTask,
 } from "tm-sidecar-sdk";
@@ -66,4 +70,44 @@ export async function more(): Promise<void> {
   // @ts-expect-error: timeouts are numbers of milliseconds
   task.withTimeout("10s");
   await manager.shutdown(1000);
+}
+
+export async function parity(): Promise<void> {
+  const manager = new DefaultTaskManager();
+  await manager.process(async (task) => {
+    if (task.attempt === 1) throw new Snooze(1000);
+    return null;
+  });
+  const unique = (await manager.create({ n: 1 }, { uniqueKey: "k", uniqueForMs: 1000 }))
+    .withConcurrencyKey("customer-1")
+    .withMaxSnoozes(3);
+  await unique.commit();
+  console.log(unique.existing, await unique.cancel("no longer needed"));
+  await manager.submit({ n: 2 }, { queue: "q", timeout_s: 5, unique_key: "u" });
+  const elsewhere = await manager.task("some-id");
+  console.log(await elsewhere.result(1000), await manager.result("some-id", 1000));
+  const info = await manager.wait("some-id", 1000);
+  console.log(info.state, await manager.cancel("some-id", { reason: "why" }));
+  const settings = await manager.pauseQueue("q");
+  console.log(settings.paused, (await manager.resumeQueue()).paused);
+  await manager.setLimits("q", { maxRunning: 2, keyMaxRunning: 1, rate: { limit: 5, periodMs: 2000 }, keyRate: null });
+  console.log(Object.keys(await manager.queues()));
+  const schedule = await manager.schedule("nightly", { n: 3 }, { cron: "0 3 * * *", timezone: "Europe/Paris", missed: "skip" });
+  console.log(schedule.next_at, (await manager.schedules()).length);
+  await manager.pauseSchedule("nightly");
+  await manager.resumeSchedule("nightly");
+  console.log(await manager.deleteSchedule("nightly"), await manager.ping(), manager.isLeader());
+  manager.on("gap", (gap) => console.log(gap.reason, gap.task_ids?.length, gap.to_revision));
+  try {
+    await manager.status();
+  } catch (err) {
+    if (err instanceof PermissionDenied || err instanceof WaitTimeout) console.log(err.code);
+  }
+  // @ts-expect-error: limits are named in camelCase
+  await manager.setLimits("q", { max_running: 2 });
+}
+
+export async function worker(): Promise<void> {
+  await runWorker(async (task) => ({ seen: task.id }), { concurrency: 2, queue: "q", shutdownTimeoutMs: 1000 });
+  await new DefaultTaskManager().serve({ shutdownTimeoutMs: 1000 });
 }
