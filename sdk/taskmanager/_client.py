@@ -8,8 +8,7 @@ etcd, so a result being waited for still arrives after a reconnect.
 :class:`TaskManager` is a facade: the work is done by the parts it composes, each in a
 module of its own: the connection (:mod:`._connection`, its frames in :mod:`._wire`),
 task handles (:mod:`._tasks`), the namespace's events (:mod:`._events`) and the worker
-runtime (:mod:`._worker`). It routes the sidecar's pushes to them, restores them on a new
-connection, and shuts them down in order.
+runtime (:mod:`._worker`). It routes pushes to them, restores them, shuts them down.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +25,7 @@ import anyio
 from ._callbacks import Callback
 from ._connection import Connection, default_socket
 from ._events import NamespaceEvents, TaskRegistry
-from ._tasks import Task
+from ._tasks import Task, bulk_tasks
 from ._validate import check_json, positive_number
 from ._worker import Handler, Worker, WorkerRuntime, current_delivery
 from .protocol import TaskFailed, TaskManagerError
@@ -216,6 +216,22 @@ class TaskManager:
         task = Task(self, data)
         task.options.update(options)
         return await task.commit()
+
+    async def create_many(
+        self,
+        items: Sequence[Any],
+        *,
+        task_ids: Sequence[str] | None = None,
+        delay: float | None = None,
+        **options: Any,
+    ) -> list[str]:
+        """A task for each of ``items`` (any JSON), with ``options`` (as :meth:`submit`'s),
+        in one request; their ids in order, once all are durable. On a failure midway the
+        error's ``details`` say which exist (docs/protocol.md, ``create_many``): call again
+        with its ``task_ids`` to finish. ``delay`` (seconds) delays them all."""
+        fields = {"tasks": bulk_tasks(items, task_ids, delay, options), "options": options}
+        answer = await self._request("create_many", fields, idempotent=True)
+        return [str(task_id) for task_id in answer["task_ids"]]
 
     async def process(
         self, handler: Handler, *, concurrency: int = 1, queue: str = "default"

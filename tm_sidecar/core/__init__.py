@@ -20,6 +20,7 @@ from ._batch import (
     LeaderPolicy,
     interpret_batch,
 )
+from ._bulk import MAX_CREATE_MANY, CreateChunk, plan_create_many
 from ._election import (
     Lead,
     Turn,
@@ -134,6 +135,7 @@ __all__ = [
     "HANDED_BACK",
     "JSON",
     "LIMIT_FIELDS",
+    "MAX_CREATE_MANY",
     "MAX_ERROR_CHARS",
     "MAX_TXN_OPS",
     "MISSED_POLICIES",
@@ -148,6 +150,7 @@ __all__ = [
     "Committed",
     "Compare",
     "Conflict",
+    "CreateChunk",
     "Decision",
     "Delete",
     "Deposed",
@@ -226,6 +229,7 @@ __all__ = [
     "plan_campaign",
     "plan_cancel",
     "plan_create",
+    "plan_create_many",
     "plan_move",
     "plan_queue_config",
     "plan_retry",

@@ -1,6 +1,8 @@
 """Creates: a new task's checks (through ``Admission``), its id, and its commit, batched
 with other clients' creates; a repeat of a create, an id taken again after its task
-expired, and a create under a unique key that a live task holds."""
+expired, and a create under a unique key that a live task holds. A bulk create
+(``create_many``) commits its tasks in as few transactions as etcd takes, in order, each
+all or nothing."""
 
 from __future__ import annotations
 
@@ -13,10 +15,19 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .._errors import EtcdFull, EtcdUnavailable, InvalidRequest, TaskNotFound, Unavailable
+from .._errors import (
+    EtcdFull,
+    EtcdUnavailable,
+    InvalidRequest,
+    TaskManagerError,
+    TaskNotFound,
+    Unavailable,
+)
 from ..core import (
     JSON,
+    MAX_CREATE_MANY,
     Compare,
+    CreateChunk,
     Guard,
     Keyspace,
     Record,
@@ -31,6 +42,7 @@ from ..core import (
     initial_record,
     make_task_id,
     plan_create,
+    plan_create_many,
 )
 from ..core import takeover as core_takeover
 from ..etcd import Etcd, retrying
@@ -38,10 +50,13 @@ from ..etcd._group import GroupCommit
 from ._admission import Admission
 from ._agent_state import RecentTasks
 from ._reads import TaskReads
-from ._values import Created
+from ._values import Created, NewTask
 
 #: How often a unique create reads the key's holder and tries again.
 UNIQUE_TRIES = 10
+#: How often one transaction of a bulk create is tried again without the tasks found
+#: created already (repeats of the same create) before the call gives up.
+BULK_TRIES = 3
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -204,3 +219,124 @@ class Creates:
                     return Created(holder_spec, existing=True)
                 return Created(holder.spec, existing=True)
         raise Unavailable(f"unique key {spec.options.unique_key} is contended: try again")
+
+    # -- bulk creates -------------------------------------------------------------------
+
+    async def create_many(self, items: list[NewTask]) -> list[TaskSpec]:
+        """Create ``items`` and answer their specs, in order; once this returns, every
+        one is durable in etcd.
+
+        Every item is checked first (one bad item refuses the call: nothing is created).
+        The tasks then go to etcd in as few transactions as it takes, in order, each all
+        or nothing. A task whose id exists with the same payload is a repeat of this
+        create, and answered as created. If a transaction fails (an id taken by another
+        task, etcd full, or unavailable past ``create_deadline_s``), the error raised
+        carries ``details``: every task's id (``task_ids``) and how many of the first
+        are created (``committed``); none after them are, except that when etcd was
+        unavailable the failed transaction's own tasks may exist: repeat the call with
+        the ``task_ids`` to be sure (it is idempotent).
+        """
+        if not items:
+            raise InvalidRequest("create_many needs at least one task")
+        if len(items) > MAX_CREATE_MANY:
+            raise InvalidRequest(
+                f"create_many takes at most {MAX_CREATE_MANY} tasks in one call, not {len(items)}"
+            )
+        specs, records, encoded = self._check_many(items)
+        ids = [spec.id for spec in specs]
+        chunks = plan_create_many(self.ks, list(zip(specs, records, strict=True)))
+        positions = {task_id: index for index, task_id in enumerate(ids)}
+        for chunk in chunks:
+            try:
+                await self._commit_chunk(chunk, encoded, positions)
+            except TaskManagerError as exc:
+                exc.details = {"task_ids": list(ids), "committed": chunk.start}
+                raise
+        return specs
+
+    def _check_many(
+        self, items: list[NewTask]
+    ) -> tuple[list[TaskSpec], list[Record], dict[TaskId, str]]:
+        now = self.clock()
+        specs: list[TaskSpec] = []
+        records: list[Record] = []
+        encoded: dict[TaskId, str] = {}
+        sizes: list[int] = []
+        for index, item in enumerate(items):
+            run_at = item.run_at
+            if run_at is not None and not (isinstance(run_at, int | float) and run_at == run_at):
+                raise InvalidRequest(f"tasks[{index}]: run_at must be a UTC epoch time in seconds")
+            if item.options.unique_key is not None:
+                raise InvalidRequest(
+                    f"tasks[{index}]: a bulk create takes no unique_key (a unique task is "
+                    "created alone, with create)"
+                )
+            try:
+                text = dumps(item.payload)
+            except (TypeError, ValueError) as exc:
+                raise InvalidRequest(f"tasks[{index}]: the payload is not JSON: {exc}") from exc
+            spec = TaskSpec(
+                id=item.task_id or self.new_task_id(),
+                payload=item.payload,
+                options=item.options,
+                created_at=now,
+                run_at=run_at,
+            )
+            if spec.id in encoded:
+                raise InvalidRequest(f"tasks[{index}]: task id {spec.id} is given twice")
+            encoded[spec.id] = text
+            sizes.append(len(text.encode()))
+            specs.append(spec)
+            records.append(
+                initial_record(
+                    Record(state=State.PENDING, options=item.options, since_at=now),
+                    now=now,
+                    run_at=run_at,
+                )
+            )
+        self.admission.admit_many(sizes)
+        return specs, records, encoded
+
+    async def _commit_chunk(
+        self, chunk: CreateChunk, encoded: dict[TaskId, str], positions: dict[TaskId, int]
+    ) -> None:
+        """Commit one transaction of a bulk create; a repeat of tasks already created is
+        told apart from an id taken by another task by the failure branch's reads."""
+        for _ in range(BULK_TRIES):
+            result: TxnResult | None = None
+            with trio.move_on_after(self.deadline_s):
+                try:
+                    result = await retrying(
+                        lambda: self.etcd.txn(chunk.txn),  # noqa: B023
+                        what="bulk create",
+                    )
+                except EtcdFull as exc:
+                    raise self.admission.full() from exc
+            if result is None:
+                raise EtcdUnavailable(
+                    f"etcd did not commit tasks {chunk.start} to "
+                    f"{chunk.start + len(chunk.specs) - 1} of the bulk create within "
+                    f"{self.deadline_s} s (create_deadline_s): they may exist or not, repeat "
+                    "the create_many with its task_ids to be sure"
+                )
+            if result.succeeded:
+                self.admission.wrote(chunk.txn)
+                for spec in chunk.specs:
+                    self._created_one(spec, encoded[spec.id])
+                return
+            rest: list[tuple[TaskSpec, Record]] = []
+            for spec, record, answer in zip(chunk.specs, chunk.records, result.ranges, strict=True):
+                if not answer.kvs:
+                    rest.append((spec, record))
+                    continue
+                if TaskSpec.from_json(answer.kvs[0].value).payload != spec.payload:
+                    raise InvalidRequest(
+                        f"tasks[{positions[spec.id]}]: task id {spec.id} is taken by another task"
+                    )
+                # The same create, repeated (its first answer was lost): created.
+            if not rest:
+                return
+            chunk = plan_create_many(self.ks, rest, start=chunk.start)[0]
+        raise Unavailable(
+            f"tasks {chunk.start} on of the bulk create: their ids kept being taken meanwhile"
+        )

@@ -48,11 +48,12 @@ from ._membership import Membership
 from ._queues import QueueOps, pausing, update_queue, update_schedule
 from ._reads import TaskReads
 from ._registry import Registration, Registry
-from ._values import FINAL_STATES, Created, SidecarSettings, TaskInfo, is_final
+from ._values import FINAL_STATES, Created, NewTask, SidecarSettings, TaskInfo, is_final
 
 __all__ = [
     "FINAL_STATES",
     "Created",
+    "NewTask",
     "Sidecar",
     "SidecarSettings",
     "TaskInfo",
@@ -261,6 +262,11 @@ class Sidecar:
         return await self.creator.create_task(
             payload, options=options, run_at=run_at, task_id=task_id
         )
+
+    async def create_many(self, items: list[NewTask]) -> list[TaskSpec]:
+        """Create many tasks in as few etcd transactions as it takes, each all or nothing,
+        and answer their specs in order (see :meth:`Creates.create_many`)."""
+        return await self.creator.create_many(items)
 
     def register(
         self, handler: Handler, *, queue: str = "default", concurrency: int = 1
