@@ -14,7 +14,8 @@ import {
 import { Sidecar } from "../test-support/sidecar.mjs";
 
 const T = { timeout: 30000 };
-/** Tasks in one etcd transaction of a bulk create today (128 operations, two per task). */
+/** Tasks in one etcd transaction of a bulk create today (128 operations, two per task):
+ * a call of more takes several. */
 const PER_TXN = 64;
 
 let sidecar;
@@ -66,20 +67,27 @@ describe("createMany", () => {
 
   test("an id taken by another task: the transactions before land, its own not at all", T, async () => {
     const other = await (await manager.create("someone else's", { taskId: "js-taken-1" })).withQueue("idle-js").commit();
-    const count = 2 * PER_TXN;
-    const takenAt = PER_TXN + 5;
+    const count = 1500; // several transactions, whatever etcd's --max-txn-ops (up to 1,000 tasks)
+    const takenAt = count - 10; // not in the first transaction
     const ids = Array.from({ length: count }, (_, i) => `js-bulk-${i}`);
     ids[takenAt] = other.id;
     const items = Array.from({ length: count }, (_, i) => i);
+    let committed;
     await assert.rejects(manager.createMany(items, { taskIds: ids, queue: "idle-js" }), (err) => {
       assert.ok(err instanceof InvalidRequest);
       assert.match(err.message, new RegExp(`tasks\\[${takenAt}\\].*taken`));
-      assert.deepEqual(err.details, { task_ids: ids, committed: PER_TXN });
+      assert.deepEqual(err.details.task_ids, ids);
+      committed = err.details.committed;
       return true;
     });
+    // A transaction boundary before the taken id: those before landed whole, the taken
+    // id's transaction (and any after it) not at all.
+    assert.ok(committed > 0 && committed <= takenAt, `committed ${committed}`);
     assert.ok(await exists(ids[0]));
-    assert.ok(await exists(ids[PER_TXN - 1]));
-    for (const i of [PER_TXN, takenAt + 1, count - 1]) assert.ok(!(await exists(ids[i])), `item ${i}`);
+    assert.ok(await exists(ids[committed - 1]));
+    for (const i of [committed, takenAt - 1, takenAt + 1, count - 1]) {
+      if (i >= committed && i !== takenAt) assert.ok(!(await exists(ids[i])), `item ${i}`);
+    }
     assert.equal((await manager.get(other.id)).payload, "someone else's");
   });
 

@@ -1,0 +1,51 @@
+"""The bulk create's rate: ``create_many`` of 10,000 small tasks in one call, through the
+SDK and one sidecar, with the CPU each process spent on it and etcd's transactions."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import trio
+from taskmanager import TaskManager
+
+from tm_sidecar import EtcdConfig, connect
+
+if TYPE_CHECKING:
+    from bench.run import Env, Result
+
+#: Tasks in the one call; --quick takes 500.
+BULK_TASKS = 10_000
+
+
+async def create_many_rate(env: Env) -> Result:
+    """One ``create_many`` of ``BULK_TASKS`` small tasks (no worker: they stay pending),
+    timed from the call to its answer (every task durable in etcd)."""
+    from bench.run import _etcd_cpu_s, cpu_s
+
+    n = env.scale(BULK_TASKS, quick=500)
+    items = [{"i": i} for i in range(n)]
+    etcd = connect(EtcdConfig(endpoints=(env.etcd.endpoint,)))
+    try:
+        async with env.sidecars(1) as (proc,), TaskManager(str(proc.socket_path)) as m:
+            await m.create_many([{"warm": True}])  # connected, and the path warm
+            revision = await etcd.revision()
+            sidecar0, etcd0, client0 = cpu_s(proc), _etcd_cpu_s(env), time.process_time()
+            start = trio.current_time()
+            ids = await m.create_many(items)
+            elapsed = trio.current_time() - start
+            sidecar_cpu, etcd_cpu = cpu_s(proc) - sidecar0, _etcd_cpu_s(env) - etcd0
+            client_cpu = time.process_time() - client0
+            # Each transaction is one revision (nothing else writes: no worker, no leader move).
+            txns = await etcd.revision() - revision
+    finally:
+        await etcd.aclose()
+    assert len(ids) == n
+    return {
+        "tasks": n,
+        "tasks_per_s": round(n / elapsed, 1),
+        "etcd_txns": txns,
+        "sidecar_cpu_ms_per_task": round(sidecar_cpu * 1000 / n, 4),
+        "etcd_cpu_ms_per_task": round(etcd_cpu * 1000 / n, 4),
+        "client_cpu_ms_per_task": round(client_cpu * 1000 / n, 4),
+    }
