@@ -14,7 +14,7 @@ import attrs
 import trio
 from taskmanager.protocol import EVENT_KINDS, InvalidRequest, Unavailable
 
-from ..core import JSON, MAX_CREATE_MANY, State
+from ..core import JSON, MAX_CREATE_MANY, State, TaskOptions
 from ..node._sidecar import Created, NewTask, Sidecar, TaskInfo
 from ._connection import Connection
 from ._requests import is_finite, read_options, read_task_id
@@ -111,7 +111,8 @@ class Tasks:
         defaults = frame.get("options") or {}
         if not isinstance(defaults, dict):
             raise InvalidRequest("options must be an object")
-        items = [_new_task(index, item, defaults) for index, item in enumerate(tasks)]
+        shared = read_options(defaults)  # read once: most tasks have no options of their own
+        items = [_new_task(index, item, defaults, shared) for index, item in enumerate(tasks)]
         specs = await self.sidecar.create_many(items)
         return {"task_ids": [spec.id for spec in specs]}
 
@@ -151,8 +152,9 @@ class Tasks:
         return answer
 
 
-def _new_task(index: int, item: object, defaults: dict[str, Any]) -> NewTask:
-    """Item ``index`` of a ``create_many``: its own options over the shared ones."""
+def _new_task(index: int, item: object, defaults: dict[str, Any], shared: TaskOptions) -> NewTask:
+    """Item ``index`` of a ``create_many``: its own options over the shared ones
+    (``defaults``, read as ``shared``)."""
     if not isinstance(item, dict) or "payload" not in item:
         raise InvalidRequest(f"tasks[{index}] must be an object with a payload")
     unknown = set(item) - {"payload", "options", "run_at", "task_id"}
@@ -162,7 +164,7 @@ def _new_task(index: int, item: object, defaults: dict[str, Any]) -> NewTask:
     if not isinstance(own, dict):
         raise InvalidRequest(f"tasks[{index}]: options must be an object")
     try:
-        options = read_options({**defaults, **own})
+        options = read_options({**defaults, **own}) if own else shared
         task_id = read_task_id(item) if item.get("task_id") is not None else None
     except InvalidRequest as exc:
         raise type(exc)(f"tasks[{index}]: {exc}") from None
