@@ -20,7 +20,7 @@ from ._batch import (
     LeaderPolicy,
     interpret_batch,
 )
-from ._bulk import MAX_CREATE_MANY, CreateChunk, plan_create_many
+from ._bulk import MAX_CREATE_MANY, CreateChunk, iter_create_chunks, plan_create_many
 from ._election import (
     Lead,
     Turn,
@@ -222,6 +222,7 @@ __all__ = [
     "initial_record",
     "interpret_batch",
     "interpret_campaign",
+    "iter_create_chunks",
     "leading",
     "make_task_id",
     "orphan_payloads",

@@ -8,7 +8,7 @@ which ids were taken (a repeat of the same create, or another task's).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import attrs
 
@@ -57,7 +57,19 @@ def plan_create_many(
     Tasks with a unique key are not taken here (their create reads the key's holder:
     see ``plan_create``); a caller refuses them first.
     """
-    chunks: list[CreateChunk] = []
+    return list(iter_create_chunks(ks, items, start=start, max_ops=max_ops, max_bytes=max_bytes))
+
+
+def iter_create_chunks(
+    ks: Keyspace,
+    items: Sequence[tuple[TaskSpec, Record]],
+    *,
+    start: int = 0,
+    max_ops: int = MAX_TXN_OPS,
+    max_bytes: int = MAX_BATCH_BYTES,
+) -> Iterator[CreateChunk]:
+    """:func:`plan_create_many`, one transaction at a time (so that a caller may plan
+    the next while etcd commits the last)."""
     current: list[tuple[TaskSpec, Record, Txn]] = []
     ops = weight = 0
     first = start
@@ -67,17 +79,17 @@ def plan_create_many(
         one = plan_create(ks, spec, record)
         n = max(len(one.success), len(one.compare))
         size = _txn_size(one)
-        if current and (
-            ops + n > max_ops or len(current) + 1 > max_ops or weight + size > max_bytes
-        ):
-            chunks.append(_chunk(ks, first, current))
+        # Every branch within max_ops (the compares and the failure's reads are one a
+        # task, the writes two today), and the request within max_bytes.
+        full = ops + n > max_ops or len(current) + 1 > max_ops or weight + size > max_bytes
+        if current and full:
+            yield _chunk(ks, first, current)
             current, ops, weight, first = [], 0, 0, index
         current.append((spec, record, one))
         ops += n
         weight += size
     if current:
-        chunks.append(_chunk(ks, first, current))
-    return chunks
+        yield _chunk(ks, first, current)
 
 
 def _chunk(ks: Keyspace, start: int, parts: list[tuple[TaskSpec, Record, Txn]]) -> CreateChunk:

@@ -40,6 +40,7 @@ from ..core import (
     TxnResult,
     dumps,
     initial_record,
+    iter_create_chunks,
     make_task_id,
     plan_create,
     plan_create_many,
@@ -244,14 +245,31 @@ class Creates:
             )
         specs, records, encoded = self._check_many(items)
         ids = [spec.id for spec in specs]
-        chunks = plan_create_many(self.ks, list(zip(specs, records, strict=True)))
         positions = {task_id: index for index, task_id in enumerate(ids)}
-        for chunk in chunks:
-            try:
-                await self._commit_chunk(chunk, encoded, positions)
-            except TaskManagerError as exc:
-                exc.details = {"task_ids": list(ids), "committed": chunk.start}
-                raise
+        chunks = iter_create_chunks(self.ks, list(zip(specs, records, strict=True)))
+        # One transaction in flight at a time (so that the tasks that exist are always a
+        # prefix of the call's), the next one planned meanwhile.
+        send, receive = trio.open_memory_channel[CreateChunk](1)
+        failure: TaskManagerError | None = None
+
+        async def plan() -> None:
+            async with send:
+                for chunk in chunks:
+                    await send.send(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(plan)
+            async with receive:
+                async for chunk in receive:
+                    try:
+                        await self._commit_chunk(chunk, encoded, positions)
+                    except TaskManagerError as exc:
+                        exc.details = {"task_ids": list(ids), "committed": chunk.start}
+                        failure = exc
+                        nursery.cancel_scope.cancel()
+                        break
+        if failure is not None:
+            raise failure
         return specs
 
     def _check_many(
