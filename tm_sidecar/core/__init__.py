@@ -20,7 +20,13 @@ from ._batch import (
     LeaderPolicy,
     interpret_batch,
 )
-from ._bulk import MAX_CREATE_MANY, CreateChunk, iter_create_chunks, plan_create_many
+from ._bulk import (
+    MAX_CREATE_MANY,
+    CreateChunk,
+    chained_create,
+    iter_create_chunks,
+    plan_create_many,
+)
 from ._election import (
     Lead,
     Turn,
@@ -212,6 +218,7 @@ __all__ = [
     "attempt_outcome",
     "backoff_delay_s",
     "cancelled",
+    "chained_create",
     "check_name",
     "due",
     "dumps",

@@ -1,8 +1,7 @@
 """Creates: a new task's checks (through ``Admission``), its id, and its commit, batched
 with other clients' creates; a repeat of a create, an id taken again after its task
-expired, and a create under a unique key that a live task holds. A bulk create
-(``create_many``) commits its tasks in as few transactions as etcd takes, in order, each
-all or nothing."""
+expired, and a create under a unique key that a live task holds. Bulk creates are
+``_bulk.py``'s."""
 
 from __future__ import annotations
 
@@ -15,19 +14,10 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .._errors import (
-    EtcdFull,
-    EtcdUnavailable,
-    InvalidRequest,
-    TaskManagerError,
-    TaskNotFound,
-    Unavailable,
-)
+from .._errors import EtcdFull, EtcdUnavailable, InvalidRequest, TaskNotFound, Unavailable
 from ..core import (
     JSON,
-    MAX_CREATE_MANY,
     Compare,
-    CreateChunk,
     Guard,
     Keyspace,
     Record,
@@ -40,10 +30,8 @@ from ..core import (
     TxnResult,
     dumps,
     initial_record,
-    iter_create_chunks,
     make_task_id,
     plan_create,
-    plan_create_many,
 )
 from ..core import takeover as core_takeover
 from ..etcd import Etcd, retrying
@@ -51,13 +39,10 @@ from ..etcd._group import GroupCommit
 from ._admission import Admission
 from ._agent_state import RecentTasks
 from ._reads import TaskReads
-from ._values import Created, NewTask
+from ._values import Created
 
 #: How often a unique create reads the key's holder and tries again.
 UNIQUE_TRIES = 10
-#: How often one transaction of a bulk create is tried again without the tasks found
-#: created already (repeats of the same create) before the call gives up.
-BULK_TRIES = 3
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -148,10 +133,11 @@ class Creates:
         self.admission.wrote(txn)
         if not result.succeeded:
             return Created(await self._taken(spec, payload, txn, encoded), existing=False)
-        self._created_one(spec, encoded)
+        self.created_one(spec, encoded)
         return Created(spec, existing=False)
 
-    def _created_one(self, spec: TaskSpec, encoded: str) -> None:
+    def created_one(self, spec: TaskSpec, encoded: str) -> None:
+        """Count a task created here, and remember it (its payload ``encoded``)."""
         self.admission.created()
         self.recent.add(spec, encoded)
 
@@ -172,7 +158,7 @@ class Creates:
                 success=create.success,
             )
             if (await self.group.submit(retake)).succeeded:
-                self._created_one(spec, encoded)
+                self.created_one(spec, encoded)
                 return spec
             existing, found, _ = await self.reads.read(spec.id)
         if existing is None or TaskSpec.from_json(existing.value).payload != payload:
@@ -193,7 +179,7 @@ class Creates:
                 raise self.admission.full() from exc
             if result.succeeded:
                 self.admission.wrote(txn)
-                self._created_one(spec, encoded)
+                self.created_one(spec, encoded)
                 return Created(spec, existing=False)
             mine, guard_kvs = result.ranges[0].kvs, result.ranges[1].kvs
             if mine:
@@ -220,141 +206,3 @@ class Creates:
                     return Created(holder_spec, existing=True)
                 return Created(holder.spec, existing=True)
         raise Unavailable(f"unique key {spec.options.unique_key} is contended: try again")
-
-    # -- bulk creates -------------------------------------------------------------------
-
-    async def create_many(self, items: list[NewTask]) -> list[TaskSpec]:
-        """Create ``items`` and answer their specs, in order; once this returns, every
-        one is durable in etcd.
-
-        Every item is checked first (one bad item refuses the call: nothing is created).
-        The tasks then go to etcd in as few transactions as it takes, in order, each all
-        or nothing. A task whose id exists with the same payload is a repeat of this
-        create, and answered as created. If a transaction fails (an id taken by another
-        task, etcd full, or unavailable past ``create_deadline_s``), the error raised
-        carries ``details``: every task's id (``task_ids``) and how many of the first
-        are created (``committed``); none after them are, except that when etcd was
-        unavailable the failed transaction's own tasks may exist: repeat the call with
-        the ``task_ids`` to be sure (it is idempotent).
-        """
-        if not items:
-            raise InvalidRequest("create_many needs at least one task")
-        if len(items) > MAX_CREATE_MANY:
-            raise InvalidRequest(
-                f"create_many takes at most {MAX_CREATE_MANY} tasks in one call, not {len(items)}"
-            )
-        specs, records, encoded = self._check_many(items)
-        ids = [spec.id for spec in specs]
-        positions = {task_id: index for index, task_id in enumerate(ids)}
-        chunks = iter_create_chunks(self.ks, list(zip(specs, records, strict=True)))
-        # One transaction in flight at a time (so that the tasks that exist are always a
-        # prefix of the call's), the next one planned meanwhile.
-        send, receive = trio.open_memory_channel[CreateChunk](1)
-        failure: TaskManagerError | None = None
-
-        async def plan() -> None:
-            async with send:
-                for chunk in chunks:
-                    await send.send(chunk)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(plan)
-            async with receive:
-                async for chunk in receive:
-                    try:
-                        await self._commit_chunk(chunk, encoded, positions)
-                    except TaskManagerError as exc:
-                        exc.details = {"task_ids": list(ids), "committed": chunk.start}
-                        failure = exc
-                        nursery.cancel_scope.cancel()
-                        break
-        if failure is not None:
-            raise failure
-        return specs
-
-    def _check_many(
-        self, items: list[NewTask]
-    ) -> tuple[list[TaskSpec], list[Record], dict[TaskId, str]]:
-        now = self.clock()
-        specs: list[TaskSpec] = []
-        records: list[Record] = []
-        encoded: dict[TaskId, str] = {}
-        sizes: list[int] = []
-        for index, item in enumerate(items):
-            run_at = item.run_at
-            if run_at is not None and not (isinstance(run_at, int | float) and run_at == run_at):
-                raise InvalidRequest(f"tasks[{index}]: run_at must be a UTC epoch time in seconds")
-            if item.options.unique_key is not None:
-                raise InvalidRequest(
-                    f"tasks[{index}]: a bulk create takes no unique_key (a unique task is "
-                    "created alone, with create)"
-                )
-            try:
-                text = dumps(item.payload)
-            except (TypeError, ValueError) as exc:
-                raise InvalidRequest(f"tasks[{index}]: the payload is not JSON: {exc}") from exc
-            spec = TaskSpec(
-                id=item.task_id or self.new_task_id(),
-                payload=item.payload,
-                options=item.options,
-                created_at=now,
-                run_at=run_at,
-            )
-            if spec.id in encoded:
-                raise InvalidRequest(f"tasks[{index}]: task id {spec.id} is given twice")
-            encoded[spec.id] = text
-            sizes.append(len(text.encode()))
-            specs.append(spec)
-            records.append(
-                initial_record(
-                    Record(state=State.PENDING, options=item.options, since_at=now),
-                    now=now,
-                    run_at=run_at,
-                )
-            )
-        self.admission.admit_many(sizes)
-        return specs, records, encoded
-
-    async def _commit_chunk(
-        self, chunk: CreateChunk, encoded: dict[TaskId, str], positions: dict[TaskId, int]
-    ) -> None:
-        """Commit one transaction of a bulk create; a repeat of tasks already created is
-        told apart from an id taken by another task by the failure branch's reads."""
-        for _ in range(BULK_TRIES):
-            result: TxnResult | None = None
-            with trio.move_on_after(self.deadline_s):
-                try:
-                    result = await retrying(
-                        lambda: self.etcd.txn(chunk.txn),  # noqa: B023
-                        what="bulk create",
-                    )
-                except EtcdFull as exc:
-                    raise self.admission.full() from exc
-            if result is None:
-                raise EtcdUnavailable(
-                    f"etcd did not commit tasks {chunk.start} to "
-                    f"{chunk.start + len(chunk.specs) - 1} of the bulk create within "
-                    f"{self.deadline_s} s (create_deadline_s): they may exist or not, repeat "
-                    "the create_many with its task_ids to be sure"
-                )
-            if result.succeeded:
-                self.admission.wrote(chunk.txn)
-                for spec in chunk.specs:
-                    self._created_one(spec, encoded[spec.id])
-                return
-            rest: list[tuple[TaskSpec, Record]] = []
-            for spec, record, answer in zip(chunk.specs, chunk.records, result.ranges, strict=True):
-                if not answer.kvs:
-                    rest.append((spec, record))
-                    continue
-                if TaskSpec.from_json(answer.kvs[0].value).payload != spec.payload:
-                    raise InvalidRequest(
-                        f"tasks[{positions[spec.id]}]: task id {spec.id} is taken by another task"
-                    )
-                # The same create, repeated (its first answer was lost): created.
-            if not rest:
-                return
-            chunk = plan_create_many(self.ks, rest, start=chunk.start)[0]
-        raise Unavailable(
-            f"tasks {chunk.start} on of the bulk create: their ids kept being taken meanwhile"
-        )
