@@ -210,14 +210,6 @@ MUTATIONS = [
         "a bulk create's transaction lands whole or not at all: one taken id refuses it all",
     ),
     Mutation(
-        "bulk-chain-unguarded",
-        "tm_sidecar/core/_bulk.py",
-        "    return Txn(compare=(guard, *chunk.txn.compare), success=chunk.txn.success)",
-        "    return Txn(compare=chunk.txn.compare, success=chunk.txn.success)",
-        "a bulk create's tasks that exist are a prefix of it, whatever order etcd applies "
-        "its transactions in",
-    ),
-    Mutation(
         "conflict-read-as-deposed",
         "tm_sidecar/core/_batch.py",
         "    if not fence_kvs or fence_kvs[0].create_revision != fence.revision:",

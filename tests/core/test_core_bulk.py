@@ -7,14 +7,11 @@ import pytest
 from tm_sidecar.core import (
     MAX_TXN_OPS,
     Keyspace,
-    Put,
     Record,
     State,
-    Target,
     TaskId,
     TaskOptions,
     TaskSpec,
-    chained_create,
     initial_record,
     plan_create_many,
 )
@@ -58,17 +55,3 @@ def test_a_unique_task_is_not_planned_in_bulk() -> None:
     unique = TaskSpec(id=spec.id, payload=0, options=TaskOptions(unique_key="k"), created_at=1.0)
     with pytest.raises(ValueError, match="unique key"):
         plan_create_many(KS, [(unique, record)])
-
-
-def test_a_chained_transaction_waits_for_the_one_before_as_this_call_wrote_it() -> None:
-    first, second = plan_create_many(KS, items(2 * (MAX_TXN_OPS // 2)))
-    txn = chained_create(KS, second, first)
-    guard = txn.compare[0]
-    # The smallest task record of the one before, with the value this call writes.
-    written = {op.key: op.value for op in first.txn.success if isinstance(op, Put)}
-    assert guard.key in {KS.task(t) for t in first.task_ids}
-    assert guard.target is Target.VALUE
-    assert guard.value == written[guard.key]
-    assert txn.compare[1:] == second.txn.compare
-    assert txn.success == second.txn.success
-    assert len(txn.compare) <= MAX_TXN_OPS

@@ -23,7 +23,6 @@ from ._batch import (
 from ._bulk import (
     MAX_CREATE_MANY,
     CreateChunk,
-    chained_create,
     iter_create_chunks,
     plan_create_many,
 )
@@ -218,7 +217,6 @@ __all__ = [
     "attempt_outcome",
     "backoff_delay_s",
     "cancelled",
-    "chained_create",
     "check_name",
     "due",
     "dumps",

@@ -4,11 +4,6 @@ Each transaction is the creates of consecutive tasks merged: every id's absence 
 compared, so that one taken id refuses the whole transaction (none of its tasks land),
 and its failure branch reads every id, so that the caller learns in the same round trip
 which ids were taken (a repeat of the same create, or another task's).
-
-Several transactions may be in flight at once, and etcd may apply them in any order:
-:func:`chained_create` makes each one also compare a task record of the one before as this very
-call writes it, so that a transaction lands only after the one before it has. The tasks
-that exist are then always a prefix of the call's, whatever etcd did.
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ from ._batch import MAX_BATCH_BYTES
 from ._keys import Keyspace, TaskId
 from ._model import Record, TaskSpec
 from ._plan import plan_create
-from ._txn import MAX_TXN_OPS, Compare, Op, Put, Range, Target, Txn
+from ._txn import MAX_TXN_OPS, Range, Txn
 
 #: The most tasks one bulk create takes (the protocol's ``create_many``).
 MAX_CREATE_MANY = 10_000
@@ -85,9 +80,8 @@ def iter_create_chunks(
         n = max(len(one.success), len(one.compare))
         size = _txn_size(one)
         # Every branch within max_ops (the compares and the failure's reads are one a
-        # task, the writes two today, and one more compare for chained_create()), and the request
-        # within max_bytes.
-        full = ops + n > max_ops or len(current) + 2 > max_ops or weight + size > max_bytes
+        # task, the writes two today), and the request within max_bytes.
+        full = ops + n > max_ops or len(current) + 1 > max_ops or weight + size > max_bytes
         if current and full:
             yield _chunk(ks, first, current)
             current, ops, weight, first = [], 0, 0, index
@@ -107,16 +101,3 @@ def _chunk(ks: Keyspace, start: int, parts: list[tuple[TaskSpec, Record, Txn]]) 
     )
     specs = tuple(spec for spec, _, _ in parts)
     return CreateChunk(start, specs, tuple(record for _, record, _ in parts), merged)
-
-
-def chained_create(ks: Keyspace, chunk: CreateChunk, after: CreateChunk) -> Txn:
-    """``chunk``'s transaction, landing only once ``after``'s has: it also compares one
-    task record of ``after`` (its smallest) with the value this call writes there, which
-    no earlier create of that id wrote (its ``created_at`` is this call's). If etcd
-    applies it first, or ``after`` fails, it writes nothing (and reads nothing: the
-    caller commits it again alone, as ``chunk.txn``)."""
-    keys = {ks.task(task_id) for task_id in after.task_ids}
-    puts = [op for op in after.txn.success if isinstance(op, Put) and op.key in keys]
-    smallest = min(puts, key=lambda op: len(op.value))
-    guard = Compare(smallest.key, Target.VALUE, Op.EQUAL, smallest.value)
-    return Txn(compare=(guard, *chunk.txn.compare), success=chunk.txn.success)

@@ -1,11 +1,10 @@
 """Bulk creates (``create_many``): many tasks checked at once, then committed in order
 in as few etcd transactions as etcd takes (``core/_bulk.py`` plans them), each all or
-nothing, several in flight, each chained to the one before so that the tasks that exist
-are always a prefix of the call's."""
+nothing, one at a time so that the tasks that exist are always a prefix of the call's
+(the next one is planned while etcd commits the last)."""
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 
 import attrs
@@ -21,7 +20,6 @@ from ..core import (
     TaskSpec,
     Txn,
     TxnResult,
-    chained_create,
     dumps,
     initial_record,
     iter_create_chunks,
@@ -34,8 +32,6 @@ from ._values import NewTask
 #: How often one transaction of a bulk create is tried again without the tasks found
 #: created already (repeats of the same create) before the call gives up.
 BULK_TRIES = 3
-#: A bulk create's transactions in flight at once (each chained to the one before).
-BULK_IN_FLIGHT = 4
 
 
 @attrs.define(eq=False)
@@ -72,9 +68,8 @@ class BulkCreates:
         task, etcd full, or unavailable past ``create_deadline_s``), the error raised
         carries ``details``: every task's id (``task_ids``) and how many of the first
         are created (``committed``); none after them are, except that when etcd was
-        unavailable those from ``committed`` on may exist too (that transaction's, and
-        the ones in flight behind it): repeat the call with the ``task_ids`` to be sure
-        (it is idempotent).
+        unavailable that transaction's own tasks may exist: repeat the call with the
+        ``task_ids`` to be sure (it is idempotent).
         """
         if not items:
             raise InvalidRequest("create_many needs at least one task")
@@ -92,7 +87,7 @@ class BulkCreates:
                 await self._commit_chunks(chunks, nursery, encoded, positions)
             except _ChunkFailed as exc:
                 failed = exc.chunk, exc.error
-                nursery.cancel_scope.cancel()  # what is in flight is chained to it: lands not
+                nursery.cancel_scope.cancel()
         if failed is not None:
             chunk, error = failed
             error.details = {"task_ids": list(ids), "committed": chunk.start}
@@ -106,23 +101,19 @@ class BulkCreates:
         encoded: dict[TaskId, str],
         positions: dict[TaskId, int],
     ) -> None:
-        """Send the transactions, up to ``BULK_IN_FLIGHT`` at once, each chained to the
-        one before (it lands only after it: the tasks that exist stay a prefix of the
-        call's), the next planned while they are in flight; settle them in order."""
-        window: deque[tuple[CreateChunk, _Sent]] = deque()
-        previous: CreateChunk | None = None
+        """Commit the transactions in order, one in flight (several, which etcd may apply
+        in any order, would not keep the tasks that exist a prefix of the call's), each
+        next one planned (the iterator) while the one before is in flight."""
+        in_flight: tuple[CreateChunk, _Sent] | None = None
         for chunk in chunks:
-            txn = (
-                chunk.txn if previous is None else chained_create(self.creates.ks, chunk, previous)
-            )
+            if in_flight is not None:
+                await self._settle(*in_flight, encoded, positions)
             sent = _Sent()
-            nursery.start_soon(self._send, txn, sent)
-            window.append((chunk, sent))
-            previous = chunk
-            while len(window) >= BULK_IN_FLIGHT:
-                await self._settle(*window.popleft(), encoded, positions)
-        while window:
-            await self._settle(*window.popleft(), encoded, positions)
+            nursery.start_soon(self._send, chunk.txn, sent)
+            await trio.lowlevel.checkpoint()  # the send is under way before the next is planned
+            in_flight = chunk, sent
+        if in_flight is not None:
+            await self._settle(*in_flight, encoded, positions)
 
     async def _send(self, txn: Txn, sent: _Sent) -> None:
         try:
@@ -143,8 +134,8 @@ class BulkCreates:
         if sent.result is not None and sent.result.succeeded:
             self._landed(chunk, encoded)
             return
-        # Refused (an id taken or repeated; applied before the one it follows) or no
-        # answer: alone now, where the failure branch tells which.
+        # Refused (an id taken, or repeated) or no answer: again, where the failure
+        # branch tells which.
         try:
             await self._commit_chunk(chunk, encoded, positions)
         except TaskManagerError as exc:
@@ -217,8 +208,8 @@ class BulkCreates:
                 raise EtcdUnavailable(
                     f"etcd did not commit tasks {chunk.start} to "
                     f"{chunk.start + len(chunk.specs) - 1} of the bulk create within "
-                    f"{self.creates.deadline_s} s (create_deadline_s): they (and those after "
-                    "them) may exist or not, repeat the create_many with its task_ids to be sure"
+                    f"{self.creates.deadline_s} s (create_deadline_s): they may exist or not, "
+                    "repeat the create_many with its task_ids to be sure"
                 )
             if result.succeeded:
                 self._landed(chunk, encoded)
