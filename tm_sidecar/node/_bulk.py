@@ -13,6 +13,7 @@ import trio
 from .._errors import EtcdFull, EtcdUnavailable, InvalidRequest, TaskManagerError, Unavailable
 from ..core import (
     MAX_CREATE_MANY,
+    MAX_TXN_OPS,
     CreateChunk,
     Record,
     State,
@@ -56,6 +57,8 @@ class BulkCreates:
     """Makes many tasks in one call, with what single creates use (their ``Creates``)."""
 
     creates: Creates
+    #: Operations per transaction branch etcd takes (``--max-txn-ops``; its default).
+    max_ops: int = MAX_TXN_OPS
 
     async def create_many(self, items: list[NewTask]) -> list[TaskSpec]:
         """Create ``items`` and answer their specs, in order; once this returns, every
@@ -80,7 +83,9 @@ class BulkCreates:
         specs, records, encoded = self._check_many(items)
         ids = [spec.id for spec in specs]
         positions = {task_id: index for index, task_id in enumerate(ids)}
-        chunks = iter_create_chunks(self.creates.ks, list(zip(specs, records, strict=True)))
+        chunks = iter_create_chunks(
+            self.creates.ks, list(zip(specs, records, strict=True)), max_ops=self.max_ops
+        )
         failed: tuple[CreateChunk, TaskManagerError] | None = None
         async with trio.open_nursery() as nursery:
             try:
@@ -226,7 +231,9 @@ class BulkCreates:
                 # The same create, repeated (its first answer was lost): created.
             if not rest:
                 return
-            chunk = plan_create_many(self.creates.ks, rest, start=chunk.start)[0]
+            chunk = plan_create_many(
+                self.creates.ks, rest, start=chunk.start, max_ops=self.max_ops
+            )[0]
         raise Unavailable(
             f"tasks {chunk.start} on of the bulk create: their ids kept being taken meanwhile"
         )
