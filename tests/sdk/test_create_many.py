@@ -115,36 +115,33 @@ async def test_an_id_taken_by_another_task_stops_at_its_transaction(
         assert await manager.create_many(list(range(count)), task_ids=ids) == ids
 
 
-@pytest.mark.parametrize(
-    ("bad", "error", "message"),
-    [
-        ({"payload": 1, "options": {"priority": "high"}}, InvalidRequest, r"tasks\[3\]"),
-        ({"payload": 1, "task_id": ""}, InvalidRequest, r"tasks\[3\]"),
-        ({"options": {}}, InvalidRequest, r"tasks\[3\] must be an object with a payload"),
-        ({"payload": 1, "run_at": "soon"}, InvalidRequest, r"tasks\[3\]: run_at"),
-        ({"payload": 1, "options": {"unique_key": "k"}}, InvalidRequest, "unique_key"),
-        ({"payload": "x" * 300_000}, PayloadTooLarge, r"tasks\[3\]"),
-        ("not a task", InvalidRequest, r"tasks\[3\]"),
-    ],
-)
+#: One malformed item (the fourth), what it is refused with, and how the refusal names it.
+MALFORMED: list[tuple[Any, type[Exception], str]] = [
+    ({"payload": 1, "options": {"priority": "high"}}, InvalidRequest, r"tasks\[3\]"),
+    ({"payload": 1, "task_id": ""}, InvalidRequest, r"tasks\[3\]"),
+    ({"options": {}}, InvalidRequest, r"tasks\[3\] must be an object with a payload"),
+    ({"payload": 1, "run_at": "soon"}, InvalidRequest, r"tasks\[3\]: run_at"),
+    ({"payload": 1, "options": {"unique_key": "k"}}, InvalidRequest, "unique_key"),
+    ({"payload": "x" * 300_000}, PayloadTooLarge, r"tasks\[3\]"),
+    ({"payload": 1, "task_id": "ok-0"}, InvalidRequest, r"tasks\[3\]: task id ok-0 is given twice"),
+    ("not a task", InvalidRequest, r"tasks\[3\]"),
+]
+
+
 async def test_one_malformed_item_refuses_the_call_and_creates_nothing(
-    etcd_server: EtcdProcess,
-    namespace: str,
-    tmp_path: Path,
-    bad: Any,
-    error: type[Exception],
-    message: str,
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
 ) -> None:
     async with (
         sidecars(etcd_server, namespace, tmp_path, "n1") as (sc,),
         TaskManager(str(sc.socket_path)) as manager,
     ):
-        tasks: list[Any] = [{"payload": i, "task_id": f"ok-{i}"} for i in range(6)]
-        tasks[3] = bad
-        with pytest.raises(error, match=message):
-            await manager._request("create_many", {"tasks": tasks})
-        for i in (0, 1, 2, 4, 5):
-            assert not await _exists(manager, f"ok-{i}")
+        for bad, error, message in MALFORMED:
+            tasks: list[Any] = [{"payload": i, "task_id": f"ok-{i}"} for i in range(6)]
+            tasks[3] = bad
+            with pytest.raises(error, match=message):
+                await manager._request("create_many", {"tasks": tasks})
+            for i in (0, 1, 2, 4, 5):
+                assert not await _exists(manager, f"ok-{i}"), (bad, i)
 
 
 async def test_too_many_or_too_large_is_refused_clearly(
