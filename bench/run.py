@@ -526,8 +526,16 @@ async def backlog(env: Env) -> Result:
 
             await m.process(noop, concurrency=64)
             window = 5.0 if not env.quick else 1.0
+            cpu0, etcd0, client0 = cpu_s(procs[0]), _etcd_cpu_s(env), time.process_time()
+            start_done = done
             await trio.sleep(window)
             measured = done / window
+            ran = max(done - start_done, 1)
+            cpu_per_task = {
+                "sidecar_cpu_ms_per_task": (cpu_s(procs[0]) - cpu0) / ran * 1000,
+                "etcd_cpu_ms_per_task": (_etcd_cpu_s(env) - etcd0) / ran * 1000,
+                "client_cpu_ms_per_task": (time.process_time() - client0) / ran * 1000,
+            }
         pending = (
             await etcd.range(Range(ks.state_prefix(State.PENDING), prefix=True, count_only=True))
         ).count
@@ -551,6 +559,7 @@ async def backlog(env: Env) -> Result:
         "leader_rss_mb": rss,
         "first_list_s": relist,
         "relist_after_failover_s": relist_after,
+        **cpu_per_task,
     }
 
 
