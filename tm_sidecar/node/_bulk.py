@@ -18,6 +18,7 @@ from ..core import (
     Record,
     State,
     TaskId,
+    TaskOptions,
     TaskSpec,
     Txn,
     TxnResult,
@@ -159,6 +160,7 @@ class BulkCreates:
         records: list[Record] = []
         encoded: dict[TaskId, str] = {}
         sizes: list[int] = []
+        alike: dict[tuple[TaskOptions, float | None], Record] = {}
         for index, item in enumerate(items):
             run_at = item.run_at
             if run_at is not None and not (isinstance(run_at, int | float) and run_at == run_at):
@@ -184,13 +186,16 @@ class BulkCreates:
             encoded[spec.id] = text
             sizes.append(len(text.encode()))
             specs.append(spec)
-            records.append(
-                initial_record(
+            # Records are values: tasks alike (most, in a bulk create) share one.
+            record = alike.get((item.options, run_at))
+            if record is None:
+                record = initial_record(
                     Record(state=State.PENDING, options=item.options, since_at=now),
                     now=now,
                     run_at=run_at,
                 )
-            )
+                alike[item.options, run_at] = record
+            records.append(record)
         self.creates.admission.admit_many(sizes)
         return specs, records, encoded
 
