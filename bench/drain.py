@@ -1,6 +1,10 @@
 """Draining a backlog, the way Huey, Celery and Dramatiq are usually measured: N no-op
-tasks created first with no worker, then drained by two worker processes; and the same
-work on the peers (Huey and Celery on Redis) in the same run, when they are installed.
+tasks created first with no worker, then drained by two worker processes (``drain``; four
+in ``drain_4``); and the same work on the peers (Huey and Celery on Redis) in the same
+run, when they are installed. Huey runs three times: on a Redis that persists nothing
+(the bench's own peer config), then with Redis's append-only file at ``appendfsync
+everysec`` and ``appendfsync always`` (durability comparable to etcd's, which syncs
+every commit to disk).
 
 The peers' task increments a Redis counter (that is how the run knows they are done);
 ours records its outcome in etcd, as every task does. CPU per task is read from /proc
@@ -48,8 +52,8 @@ async def _count(etcd: Etcd, ks: Keyspace, state: State) -> int:
     return (await etcd.range(Range(ks.state_prefix(state), prefix=True, count_only=True))).count
 
 
-async def drain(env: Env) -> Result:
-    """Our drain: one sidecar, N tasks pending, two SDK worker processes."""
+async def drain(env: Env, workers_count: int = WORKERS) -> Result:
+    """Our drain: one sidecar, N tasks pending, ``workers_count`` SDK worker processes."""
     from bench.run import _etcd_cpu_s, cpu_s
 
     n = env.scale(DRAIN_TASKS)
@@ -70,7 +74,7 @@ async def drain(env: Env) -> Result:
             "PYTHONPATH": str(ROOT),
             "TM_SOCKET": str(sidecar.socket_path),
         }
-        for _ in range(WORKERS):
+        for _ in range(workers_count):
             workers.append(
                 await trio.lowlevel.open_process(
                     [sys.executable, "-m", "bench.noop_worker"],
@@ -85,6 +89,7 @@ async def drain(env: Env) -> Result:
         worker_cpu = sum(proc_cpu_s(w.pid) for w in workers)
         return {
             "tasks": n,
+            "workers": workers_count,
             "tasks_per_s": round(n / took, 1),
             "etcd_cpu_ms_per_task": round((_etcd_cpu_s(env) - etcd_before) * 1000 / n, 3),
             "sidecar_cpu_ms_per_task": round((cpu_s(sidecar) - sidecar_before) * 1000 / n, 3),
@@ -101,9 +106,14 @@ async def drain(env: Env) -> Result:
 
 
 @contextmanager
-def redis_server(tmp: Path) -> Iterator[int]:
-    """A private redis-server on a free loopback port, no persistence."""
+def redis_server(tmp: Path, appendfsync: str | None = None) -> Iterator[int]:
+    """A private redis-server on a free loopback port: no persistence, or with
+    ``appendfsync`` (``everysec``, ``always``) its append-only file in ``tmp``."""
     port = free_port()
+    aof = ["--appendonly", "no"]
+    if appendfsync is not None:
+        aof = ["--appendonly", "yes", "--appendfsync", appendfsync]
+        aof += ["--appendfilename", f"bench-{appendfsync}-{port}.aof"]
     proc = subprocess.Popen(
         [
             "redis-server",
@@ -113,8 +123,7 @@ def redis_server(tmp: Path) -> Iterator[int]:
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
+            *aof,
             "--dir",
             str(tmp),
         ],
@@ -151,8 +160,12 @@ def _peer_missing() -> str | None:
     return None
 
 
-def _drain_peer(name: str, n: int, port: int, consumer: list[str]) -> dict[str, Any]:
-    """Enqueue ``n`` no-op tasks with the peer, then time two consumer processes."""
+def _drain_peer(
+    name: str, n: int, port: int, consumer: list[str], label: str | None = None
+) -> dict[str, Any]:
+    """Enqueue ``n`` no-op tasks with the peer, then time two consumer processes; the
+    figures are named after ``label`` (default: the peer's name)."""
+    label = label or name
     import redis
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_REDIS_PORT": str(port)}
@@ -185,10 +198,10 @@ def _drain_peer(name: str, n: int, port: int, consumer: list[str]) -> dict[str, 
         took = time.monotonic() - started
         cpu = sum(proc_cpu_s(c.pid) for c in consumers)
         return {
-            f"{name}_tasks_per_s": round(n / took, 1),
-            f"{name}_enqueue_per_s": round(n / enqueue_s, 1),
-            f"{name}_workers_cpu_ms_per_task": round(cpu * 1000 / n, 3),
-            f"{name}_redis_cpu_ms_per_task": round(
+            f"{label}_tasks_per_s": round(n / took, 1),
+            f"{label}_enqueue_per_s": round(n / enqueue_s, 1),
+            f"{label}_workers_cpu_ms_per_task": round(cpu * 1000 / n, 3),
+            f"{label}_redis_cpu_ms_per_task": round(
                 (proc_cpu_s(redis_pid) - redis_before) * 1000 / n, 3
             ),
         }
@@ -211,27 +224,26 @@ async def peers(env: Env) -> Result:
         return {"skipped": missing}
     n = env.scale(DRAIN_TASKS)
 
+    huey_consumer = [
+        sys.executable,
+        "-m",
+        "huey.bin.huey_consumer",
+        "bench.peer_huey.huey",
+        "-w",
+        "1",
+        "-k",
+        "thread",
+        "-q",
+    ]
+
     def run_all() -> dict[str, Any]:
         out: dict[str, Any] = {"tasks": n}
+        # Huey on a Redis that syncs its append-only file each second, then each write.
+        for fsync in ("everysec", "always"):
+            with redis_server(env.tmp, appendfsync=fsync) as port:
+                out.update(_drain_peer("huey", n, port, huey_consumer, f"huey_{fsync}"))
         with redis_server(env.tmp) as port:
-            out.update(
-                _drain_peer(
-                    "huey",
-                    n,
-                    port,
-                    [
-                        sys.executable,
-                        "-m",
-                        "huey.bin.huey_consumer",
-                        "bench.peer_huey.huey",
-                        "-w",
-                        "1",
-                        "-k",
-                        "thread",
-                        "-q",
-                    ],
-                )
-            )
+            out.update(_drain_peer("huey", n, port, huey_consumer))
             out.update(
                 _drain_peer(
                     "celery",

@@ -30,7 +30,9 @@ from typing import Any, Literal
 import trio
 from taskmanager import TaskManager, WorkerTask
 
+from bench.bulk import create_many_rate
 from bench.drain import drain, peers
+from bench.leader_ceiling import leader_ceiling
 from tests.procs import SidecarProcess, create_tasks
 from tm_sidecar import Etcd, EtcdConfig
 from tm_sidecar.core import Delete, Keyspace, Put, Range, State, Txn
@@ -324,6 +326,7 @@ async def throughput(
                 nursery.start_soon(viewer.stream)
                 nursery.start_soon(viewer.refresh)
             cpu0 = cpu_s(procs[0])
+            all0 = sum(cpu_s(p) for p in procs)
             etcd0 = _etcd_cpu_s(env)
             # The client: this process, where the SDK's producers and workers run.
             client0 = time.process_time()
@@ -345,6 +348,7 @@ async def throughput(
                         producers.start_soon(producer, m, per)
             elapsed = trio.current_time() - start
             cpu = cpu_s(procs[0]) - cpu0
+            all_cpu = sum(cpu_s(p) for p in procs) - all0
             etcd_cpu = _etcd_cpu_s(env) - etcd0
             client_cpu = time.process_time() - client0
             for m in managers:
@@ -357,6 +361,8 @@ async def throughput(
         "sidecar_rss_mb": max(rss),
         "sidecar_cpu_ms_per_task": cpu / done * 1000,
         "sidecar_cpu_share": cpu / elapsed,
+        # Every sidecar's CPU (the first one's alone is sidecar_cpu_ms_per_task).
+        "sidecars_cpu_ms_per_task": all_cpu / done * 1000,
         "etcd_cpu_ms_per_task": etcd_cpu / done * 1000,
         "client_cpu_ms_per_task": client_cpu / done * 1000,
     }
@@ -520,8 +526,16 @@ async def backlog(env: Env) -> Result:
 
             await m.process(noop, concurrency=64)
             window = 5.0 if not env.quick else 1.0
+            cpu0, etcd0, client0 = cpu_s(procs[0]), _etcd_cpu_s(env), time.process_time()
+            start_done = done
             await trio.sleep(window)
             measured = done / window
+            ran = max(done - start_done, 1)
+            cpu_per_task = {
+                "sidecar_cpu_ms_per_task": (cpu_s(procs[0]) - cpu0) / ran * 1000,
+                "etcd_cpu_ms_per_task": (_etcd_cpu_s(env) - etcd0) / ran * 1000,
+                "client_cpu_ms_per_task": (time.process_time() - client0) / ran * 1000,
+            }
         pending = (
             await etcd.range(Range(ks.state_prefix(State.PENDING), prefix=True, count_only=True))
         ).count
@@ -545,6 +559,7 @@ async def backlog(env: Env) -> Result:
         "leader_rss_mb": rss,
         "first_list_s": relist,
         "relist_after_failover_s": relist_after,
+        **cpu_per_task,
     }
 
 
@@ -664,7 +679,10 @@ SCENARIOS: dict[str, Callable[[Env], Awaitable[Result]]] = {
     "stall": stall,
     "backlog": backlog,
     "drain": drain,
+    "drain_4": lambda env: drain(env, 4),
     "peers": peers,
+    "create_many": create_many_rate,
+    "leader_ceiling": leader_ceiling,
 }
 
 

@@ -74,6 +74,7 @@ from tm_sidecar.core import (
     interpret_batch,
     plan_cancel,
     plan_create,
+    plan_create_many,
     plan_move,
     plan_queue_config,
     plan_update,
@@ -440,6 +441,63 @@ class QueueMachine(RuleBasedStateMachine):
             max_snoozes=max_snoozes,
             concurrency_key=key,
         )
+
+    @rule(
+        count=st.integers(1, 7),
+        taken=st.none() | st.integers(0, 6),
+        delay=st.none() | st.floats(0, 30),
+    )
+    def create_many(self, count: int, taken: int | None, delay: float | None) -> None:
+        """A bulk create as a sidecar commits it: its transactions in order (three tasks
+        each here, to have several), each all or nothing, stopping at the first refused.
+        With ``taken``, that item's id is an existing task's: its transaction must land
+        not at all (no task of it without the others), and those before it whole."""
+        existing = sorted(self.tasks)
+        run_at = None if delay is None else self.now + delay
+        items: list[tuple[TaskSpec, Record]] = []
+        for index in range(count):
+            self.created += 1
+            tid = TaskId(f"t{self.created:04d}")
+            if index == taken and existing:
+                tid = existing[self.created % len(existing)]
+            opts = TaskOptions(backoff=BACKOFF, max_snoozes=MAX_SNOOZES)
+            spec = TaskSpec(
+                id=tid,
+                payload={"n": self.created},
+                options=opts,
+                created_at=self.now,
+                run_at=run_at,
+            )
+            record = initial_record(
+                Record(state=State.PENDING, options=opts, since_at=self.now),
+                now=self.now,
+                run_at=run_at,
+            )
+            items.append((spec, record))
+        for chunk in plan_create_many(self.ks, items, max_ops=6):
+            result = self.db.txn(chunk.txn)
+            taken_ids = [spec.id for spec in chunk.specs if spec.id in self.tasks]
+            if not result.succeeded:
+                assert taken_ids, "a bulk create's transaction of free ids was refused"
+                told = [
+                    spec.id for spec, r in zip(chunk.specs, result.ranges, strict=True) if r.kvs
+                ]
+                assert told == taken_ids, "the refusal did not tell which ids are taken"
+                break  # the sidecar stops here and tells which tasks exist
+            assert not taken_ids, (
+                f"a bulk create's transaction committed over the taken id(s) {taken_ids}: "
+                "its other tasks landed without the create being refused"
+            )
+            for spec, record in zip(chunk.specs, chunk.records, strict=True):
+                self.tasks[spec.id] = ModelTask(
+                    id=spec.id,
+                    priority=0,
+                    max_attempts=spec.options.max_attempts,
+                    timeout_s=None,
+                    state=record.state,
+                    due_at=run_at if record.state is State.DELAYED and run_at is not None else 0.0,
+                    max_snoozes=MAX_SNOOZES,
+                )
 
     def _unique_spec(self, key: str, window: float | None) -> tuple[TaskSpec, Record]:
         self.created += 1

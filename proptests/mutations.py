@@ -246,6 +246,14 @@ MUTATIONS = [
         r"expected failed, got State\.(DELAYED|PENDING)",
     ),
     Mutation(
+        "partial-bulk-create",
+        "tm_sidecar/core/_bulk.py",
+        "        compare=tuple(c for txn in txns for c in txn.compare),",
+        "        compare=tuple(c for txn in txns[:1] for c in txn.compare),",
+        "a bulk create's transaction lands whole or not at all: one taken id refuses it all",
+        r"a bulk create's transaction committed over the taken id",
+    ),
+    Mutation(
         "conflict-read-as-deposed",
         "tm_sidecar/core/_batch.py",
         "    if not fence_kvs or fence_kvs[0].create_revision != fence.revision:",

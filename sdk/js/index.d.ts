@@ -12,6 +12,8 @@ export declare const EVENTS: readonly EventName[];
 /** What a manager's `on()` takes: `EVENTS` and "gap" (and "error"). */
 export declare const MANAGER_EVENTS: readonly (EventName | "gap")[];
 export declare const PROTOCOL_VERSION: 1;
+/** The most tasks one `createMany` carries. */
+export declare const MAX_CREATE_MANY: number;
 
 /** What an attempt reported when it failed (`fail`'s `error`). */
 export interface TaskError {
@@ -252,6 +254,26 @@ export declare class Worker {
   close(): Promise<void>;
 }
 
+/** `createMany`'s options: the ids, a delay, and the protocol's task options for all. */
+export interface CreateManyOptions {
+  taskIds?: string[];
+  delayMs?: number;
+  queue?: string;
+  priority?: number;
+  timeout_s?: number;
+  max_attempts?: number;
+  max_snoozes?: number;
+  backoff?: { base_s?: number; factor?: number; max_s?: number; jitter?: number };
+  concurrency_key?: string;
+}
+
+/** What a request that did part of its work left behind (`createMany`). */
+export interface ErrorDetails {
+  task_ids?: string[];
+  committed?: number;
+  [key: string]: JSONValue | undefined;
+}
+
 /** A connection to the local sidecar, made on first use and again after it is lost. */
 export declare class TaskManager {
   constructor(options?: TaskManagerOptions);
@@ -285,6 +307,11 @@ export declare class TaskManager {
   deleteSchedule(name: string): Promise<boolean>;
   /** "pong" once the sidecar answers. */
   ping(): Promise<"pong">;
+  /**
+   * A task for each of `items` in one request; their ids in order, once all are durable.
+   * On a failure midway the error's `details` say which exist (docs/protocol.md).
+   */
+  createMany(items: JSONValue[], options?: CreateManyOptions): Promise<string[]>;
   process<T extends JSONValue = JSONValue>(
     handler: Handler<T>,
     options?: { concurrency?: number; queue?: string },
@@ -335,6 +362,8 @@ export declare class TaskManagerError extends Error {
   static readonly retryable: boolean;
   code: string;
   retryable: boolean;
+  /** Set when a request did part of its work (`createMany`). */
+  details?: ErrorDetails;
 }
 export declare class InvalidRequest extends TaskManagerError {}
 export declare class TaskNotFound extends InvalidRequest {}

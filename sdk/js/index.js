@@ -25,7 +25,7 @@ export {
 } from "./lib/errors.js";
 export { MalformedFrame } from "./lib/framing.js";
 export { PROTOCOL_VERSION } from "./lib/connection.js";
-export { DefaultTaskManager, TaskManager, defaultSocket } from "./lib/manager.js";
+export { DefaultTaskManager, MAX_CREATE_MANY, TaskManager, defaultSocket } from "./lib/manager.js";
 export { runWorker } from "./lib/run.js";
 export { EVENTS, MANAGER_EVENTS, Task } from "./lib/task.js";
 export { TaskCancelled, Worker, WorkerTask } from "./lib/worker.js";

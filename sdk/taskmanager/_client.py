@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -28,7 +29,7 @@ import anyio
 from ._callbacks import Callback
 from ._connection import Connection, default_socket
 from ._events import NamespaceEvents, TaskRegistry
-from ._tasks import Task, waiting
+from ._tasks import Task, bulk_tasks, waiting
 from ._validate import check_json, positive_number
 from ._worker import Handler, Worker, WorkerRuntime, current_delivery
 from .protocol import TaskFailed, TaskManagerError
@@ -219,6 +220,22 @@ class TaskManager:
         task = Task(self, data)
         task.options.update(options)
         return await task.commit()
+
+    async def create_many(
+        self,
+        items: Sequence[Any],
+        *,
+        task_ids: Sequence[str] | None = None,
+        delay: float | None = None,
+        **options: Any,
+    ) -> list[str]:
+        """A task for each of ``items`` (any JSON), with ``options`` (as :meth:`submit`'s),
+        in one request; their ids in order, once all are durable. On a failure midway the
+        error's ``details`` say which exist (docs/protocol.md, ``create_many``): call again
+        with its ``task_ids`` to finish. ``delay`` (seconds) delays them all."""
+        fields = {"tasks": bulk_tasks(items, task_ids, delay, options), "options": options}
+        answer = await self._request("create_many", fields, idempotent=True)
+        return [str(task_id) for task_id in answer["task_ids"]]
 
     async def process(
         self,

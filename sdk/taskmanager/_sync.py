@@ -13,7 +13,7 @@ import concurrent.futures
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -237,6 +237,12 @@ class BlockingTaskManager:
         portal, manager = self._ready()
         task = portal.call(lambda: manager.submit(data, **options))
         return BlockingTask(self, task, os.getpid())
+
+    def create_many(self, items: Sequence[Any], **options: Any) -> list[str]:
+        """Create a task for each of ``items`` in one request; their ids in order (see
+        :meth:`TaskManager.create_many`, whose keywords it takes)."""
+        portal, manager = self._ready()
+        return portal.call(lambda: manager.create_many(items, **options))
 
     def get(self, task_id: str) -> dict[str, Any]:
         """A task as it stands."""

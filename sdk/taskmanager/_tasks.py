@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ import anyio.lowlevel
 
 from ._callbacks import EVENTS, Callback, CallQueue
 from ._validate import check_json, finite_number, positive_number, whole_number
-from .protocol import InvalidRequest, TaskFailed, TaskManagerError, WaitTimeout
+from .protocol import MAX_CREATE_MANY, InvalidRequest, TaskFailed, TaskManagerError, WaitTimeout
 
 if TYPE_CHECKING:
     from ._client import TaskManager
@@ -44,8 +44,42 @@ def waiting(timeout: float | None, what: str) -> Iterator[None]:
         raise WaitTimeout(f"{what} did not finish within {timeout:g} s (it goes on)")
 
 
-def _new_task_id() -> str:
+def new_task_id() -> str:
+    """A fresh task id, made by the SDK (so that a repeated create is the same one)."""
     return f"{int(time.time() * 1000):012x}-{random.getrandbits(48):012x}"
+
+
+def bulk_tasks(
+    items: Sequence[Any],
+    task_ids: Sequence[str] | None,
+    delay: float | None,
+    options: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """A ``create_many`` request's ``tasks``, checked (see ``TaskManager.create_many``)."""
+    tasks: list[dict[str, Any]] = [{"payload": data} for data in items]
+    if not tasks:
+        raise InvalidRequest("create_many needs at least one item")
+    if len(tasks) > MAX_CREATE_MANY:
+        raise InvalidRequest(
+            f"create_many takes at most {MAX_CREATE_MANY} items at once, not {len(tasks)}"
+        )
+    check_json(options, "the options")
+    if "unique_key" in options:
+        raise InvalidRequest("create_many takes no unique_key: create unique tasks alone")
+    for index, task in enumerate(tasks):
+        check_json(task["payload"], f"items[{index}]")
+    ids = [str(t) for t in task_ids] if task_ids is not None else None
+    if ids is not None and len(ids) != len(tasks):
+        raise InvalidRequest(f"{len(ids)} task_ids for {len(tasks)} items")
+    run_at = None
+    if delay is not None:
+        run_at = time.time() + max(finite_number(delay, "the delay"), 0.0)
+    for index, task in enumerate(tasks):
+        # Ids chosen here: a request repeated after a reconnect creates nothing twice.
+        task["task_id"] = ids[index] if ids is not None else new_task_id()
+        if run_at is not None:
+            task["run_at"] = run_at
+    return tasks
 
 
 class Task:
@@ -61,7 +95,7 @@ class Task:
         self.manager = manager
         self._registry = manager._tasks
         self._own_id = task_id is not None
-        self.id = task_id or _new_task_id()
+        self.id = task_id or new_task_id()
         self.data = data
         self.options: dict[str, Any] = {}
         self.run_at: float | None = None

@@ -27,6 +27,7 @@ __all__ = [
     "CLIENT_ERRORS",
     "DEFAULT_MAX_FRAME",
     "EVENT_KINDS",
+    "MAX_CREATE_MANY",
     "PROTOCOL_VERSION",
     "WIRE_ERRORS",
     "Compacted",
@@ -66,6 +67,8 @@ DEFAULT_MAX_FRAME = 1024 * 1024
 #: The kinds of task event the sidecar pushes, in the order a task goes through them
 #: (docs/protocol.md, "Events").
 EVENT_KINDS = ("queued", "assigned", "started", "updated", "failed", "completed")
+#: The most tasks one ``create_many`` request carries (the sidecar refuses more).
+MAX_CREATE_MANY = 10_000
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -82,6 +85,10 @@ class TaskManagerError(Exception):
 
     code: ClassVar[str] = "internal"
     retryable: ClassVar[bool] = False
+    #: What the error leaves behind, when a request did part of its work: for a
+    #: ``create_many``, ``task_ids`` (every item's, in order) and ``committed`` (how many
+    #: of the first exist). On the wire as the error object's ``details``.
+    details: dict[str, Any] | None = None
 
 
 class InvalidRequest(TaskManagerError):
@@ -245,7 +252,10 @@ def error_to_wire(exc: TaskManagerError) -> dict[str, Any]:
     """An error reply's ``error`` object. A class outside :data:`WIRE_ERRORS` (an SDK's
     own, or a subclass without a code of its own) goes as its nearest base in it."""
     code = next(_CODE_OF[cls] for cls in type(exc).__mro__ if cls in _CODE_OF)
-    return {"code": code, "message": str(exc), "retryable": WIRE_ERRORS[code].retryable}
+    wire = {"code": code, "message": str(exc), "retryable": WIRE_ERRORS[code].retryable}
+    if exc.details is not None:
+        wire["details"] = exc.details
+    return wire
 
 
 #: The reverse of WIRE_ERRORS, for error_to_wire's walk up a class's bases.
@@ -256,7 +266,11 @@ def error_from_wire(error: Mapping[str, Any]) -> TaskManagerError:
     """The exception for an error reply's ``error`` object: the class the sidecar raised
     (the root, :class:`TaskManagerError`, for a code this SDK does not know)."""
     cls = WIRE_ERRORS.get(str(error.get("code")), TaskManagerError)
-    return cls(str(error.get("message", "")))
+    exc = cls(str(error.get("message", "")))
+    details = error.get("details")
+    if isinstance(details, dict):
+        exc.details = details
+    return exc
 
 
 # -- frames -------------------------------------------------------------------------------

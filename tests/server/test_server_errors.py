@@ -107,7 +107,7 @@ FIELDS = (
     *("timeout_s", "reason", "subscription", "worker", "delivery", "data", "result", "error"),
     *("delay_s", "concurrency", "until_final", "from_revision", "cron", "every_s", "timezone"),
     *("missed", "max_catch_up", "grace_s", "paused", "max_running", "key_max_running"),
-    *("rate", "key_rate"),
+    *("rate", "key_rate", "tasks"),
 )
 WRONG: tuple[JSON, ...] = (10**400, -1, 0, 2.5, 1e308, True, None, "x", "bad/name", [], {})
 

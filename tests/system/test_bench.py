@@ -19,7 +19,7 @@ def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
             "bench",
             "--quick",
             "--only",
-            "ceiling,latency,throughput_1",
+            "ceiling,latency,throughput_1,create_many,leader_ceiling,drain_4",
             "--out",
             str(out),
         ],
@@ -40,4 +40,18 @@ def test_the_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
     # Every throughput scenario tells where the CPU went: etcd, the sidecar, the client.
     for who in ("etcd", "sidecar", "client"):
         assert results["throughput_1"][f"{who}_cpu_ms_per_task"] > 0
+    assert results["throughput_1"]["sidecars_cpu_ms_per_task"] > 0
+    # Issue 19's scenarios: the bulk create in as few transactions as etcd takes (two
+    # writes a task, 128 operations a transaction), the leader's own ceiling over 100
+    # simulated nodes, and the drain by four worker processes.
+    bulk = results["create_many"]
+    assert bulk["tasks"] == 500
+    assert 1 <= bulk["etcd_txns"] <= -(-500 // 64)  # at most as many as at 128 ops
+    for who in ("etcd", "sidecar", "client"):
+        assert bulk[f"{who}_cpu_ms_per_task"] > 0
+    assert results["leader_ceiling"]["nodes"] == 100
+    assert results["leader_ceiling"]["assignments_per_s"] > 0
+    assert results["drain_4"]["workers"] == 4
+    for who in ("etcd", "sidecar", "workers"):
+        assert results["drain_4"][f"{who}_cpu_ms_per_task"] > 0
     assert "| latency | start_p99_ms |" in run.stdout

@@ -20,6 +20,12 @@ from ._batch import (
     LeaderPolicy,
     interpret_batch,
 )
+from ._bulk import (
+    MAX_CREATE_MANY,
+    CreateChunk,
+    iter_create_chunks,
+    plan_create_many,
+)
 from ._election import (
     Lead,
     Turn,
@@ -134,6 +140,7 @@ __all__ = [
     "HANDED_BACK",
     "JSON",
     "LIMIT_FIELDS",
+    "MAX_CREATE_MANY",
     "MAX_ERROR_CHARS",
     "MAX_TXN_OPS",
     "MISSED_POLICIES",
@@ -148,6 +155,7 @@ __all__ = [
     "Committed",
     "Compare",
     "Conflict",
+    "CreateChunk",
     "Decision",
     "Delete",
     "Deposed",
@@ -219,6 +227,7 @@ __all__ = [
     "initial_record",
     "interpret_batch",
     "interpret_campaign",
+    "iter_create_chunks",
     "leading",
     "make_task_id",
     "orphan_payloads",
@@ -226,6 +235,7 @@ __all__ = [
     "plan_campaign",
     "plan_cancel",
     "plan_create",
+    "plan_create_many",
     "plan_move",
     "plan_queue_config",
     "plan_retry",

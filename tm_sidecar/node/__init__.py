@@ -34,6 +34,7 @@ from ._hub import EventHub, Subscription
 from ._sidecar import (
     FINAL_STATES,
     Created,
+    NewTask,
     Sidecar,
     SidecarSettings,
     TaskInfo,
@@ -51,6 +52,7 @@ __all__ = [
     "HandedBack",
     "Handler",
     "HandlerFailed",
+    "NewTask",
     "Permanent",
     "Registration",
     "Registry",

@@ -198,6 +198,25 @@ class Admission:
                 "(etcd_quota)"
             )
 
+    def admit_many(self, payload_bytes: list[int]) -> None:
+        """Raise as :meth:`admit` if the tasks of a bulk create (their payloads' sizes) may
+        not all be created: each payload is checked, and the live-task limit for them all
+        (a bulk create is refused whole rather than cut at the limit)."""
+        limit = self.settings.max_payload_bytes
+        for index, size in enumerate(payload_bytes):
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"tasks[{index}]: payload of {size} bytes is over the limit of "
+                    f"{limit} bytes (max_payload_bytes)"
+                )
+        self.admit(0)
+        room = self.settings.max_live_tasks - self._live_tasks
+        if len(payload_bytes) > room:
+            raise QueueFull(
+                f"namespace {self.settings.namespace!r} has room for {room} more live tasks "
+                f"(max_live_tasks {self.settings.max_live_tasks}), not {len(payload_bytes)}"
+            )
+
     def full(self) -> EtcdFull:
         """etcd refused a create for want of space: refuse the next ones at once, and
         the error to raise for this one."""

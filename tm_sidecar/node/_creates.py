@@ -1,6 +1,7 @@
 """Creates: a new task's checks (through ``Admission``), its id, and its commit, batched
 with other clients' creates; a repeat of a create, an id taken again after its task
-expired, and a create under a unique key that a live task holds."""
+expired, and a create under a unique key that a live task holds. Bulk creates are
+``_bulk.py``'s."""
 
 from __future__ import annotations
 
@@ -132,10 +133,11 @@ class Creates:
         self.admission.wrote(txn)
         if not result.succeeded:
             return Created(await self._taken(spec, payload, txn, encoded), existing=False)
-        self._created_one(spec, encoded)
+        self.created_one(spec, encoded)
         return Created(spec, existing=False)
 
-    def _created_one(self, spec: TaskSpec, encoded: str) -> None:
+    def created_one(self, spec: TaskSpec, encoded: str) -> None:
+        """Count a task created here, and remember it (its payload ``encoded``)."""
         self.admission.created()
         self.recent.add(spec, encoded)
 
@@ -156,7 +158,7 @@ class Creates:
                 success=create.success,
             )
             if (await self.group.submit(retake)).succeeded:
-                self._created_one(spec, encoded)
+                self.created_one(spec, encoded)
                 return spec
             existing, found, _ = await self.reads.read(spec.id)
         if existing is None or TaskSpec.from_json(existing.value).payload != payload:
@@ -177,7 +179,7 @@ class Creates:
                 raise self.admission.full() from exc
             if result.succeeded:
                 self.admission.wrote(txn)
-                self._created_one(spec, encoded)
+                self.created_one(spec, encoded)
                 return Created(spec, existing=False)
             mine, guard_kvs = result.ranges[0].kvs, result.ranges[1].kvs
             if mine:

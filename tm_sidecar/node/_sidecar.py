@@ -41,6 +41,7 @@ from ..etcd._session import RetentionLeases, Session
 from ..leader._leading import LeaderState
 from ._admission import Admission
 from ._agent_state import AgentState
+from ._bulk import BulkCreates
 from ._creates import Creates
 from ._handlers import Handler
 from ._hub import EventHub, Subscription
@@ -48,11 +49,12 @@ from ._membership import Membership
 from ._queues import QueueOps, pausing, update_queue, update_schedule
 from ._reads import TaskReads
 from ._registry import Registration, Registry
-from ._values import FINAL_STATES, Created, SidecarSettings, TaskInfo, is_final
+from ._values import FINAL_STATES, Created, NewTask, SidecarSettings, TaskInfo, is_final
 
 __all__ = [
     "FINAL_STATES",
     "Created",
+    "NewTask",
     "Sidecar",
     "SidecarSettings",
     "TaskInfo",
@@ -91,6 +93,8 @@ class Sidecar:
     membership: Membership = attrs.field(init=False)
     reads: TaskReads = attrs.field(init=False)
     creator: Creates = attrs.field(init=False)
+    #: Bulk creates (``create_many``), with the creator's checks and counts.
+    bulk: BulkCreates = attrs.field(init=False)
     queue_ops: QueueOps = attrs.field(init=False)
     _stopping: trio.CancelScope | None = None
 
@@ -133,6 +137,7 @@ class Sidecar:
             clock=self.clock,
             rng=self.rng,
         )
+        self.bulk = BulkCreates(self.creator)
         self.queue_ops = QueueOps(self.etcd, ks, clock=self.clock)
         # Copies of tasks created here are dropped when they finish (ids can come back).
         self.hub.subscribe(None, deliver=self._finished)
@@ -261,6 +266,11 @@ class Sidecar:
         return await self.creator.create_task(
             payload, options=options, run_at=run_at, task_id=task_id
         )
+
+    async def create_many(self, items: list[NewTask]) -> list[TaskSpec]:
+        """Create many tasks in as few etcd transactions as it takes, each all or nothing,
+        and answer their specs in order (see :meth:`BulkCreates.create_many`)."""
+        return await self.bulk.create_many(items)
 
     def register(
         self, handler: Handler, *, queue: str = "default", concurrency: int = 1

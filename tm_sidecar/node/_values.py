@@ -1,6 +1,6 @@
 """The values the sidecar's API speaks: its settings (``SidecarSettings``), a task as it
-stands (``TaskInfo``), what a create made (``Created``), and which events and states
-are a task's last."""
+stands (``TaskInfo``), what a create made (``Created``), a bulk create's task
+(``NewTask``), and which events and states are a task's last."""
 
 from __future__ import annotations
 
@@ -8,7 +8,18 @@ import socket
 
 import attrs
 
-from ..core import Keyspace, KeyValue, NodeId, Record, State, TaskEvent, TaskSpec
+from ..core import (
+    JSON,
+    Keyspace,
+    KeyValue,
+    NodeId,
+    Record,
+    State,
+    TaskEvent,
+    TaskId,
+    TaskOptions,
+    TaskSpec,
+)
 
 FINAL_STATES = (State.COMPLETED, State.FAILED)
 
@@ -69,6 +80,16 @@ class Created:
 
     spec: TaskSpec
     existing: bool
+
+
+@attrs.frozen
+class NewTask:
+    """One task of a bulk create, as asked: its payload, options, due time and id."""
+
+    payload: JSON
+    options: TaskOptions = attrs.Factory(TaskOptions)
+    run_at: float | None = None
+    task_id: TaskId | None = None
 
 
 def is_final(event: TaskEvent) -> bool:

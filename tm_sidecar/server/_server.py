@@ -111,6 +111,7 @@ class SocketServer:
             "ping": self.op_ping,
             "status": self.op_status,
             "create": tasks.op_create,
+            "create_many": tasks.op_create_many,
             "get": tasks.op_get,
             "wait": tasks.op_wait,
             "cancel": tasks.op_cancel,

@@ -1,4 +1,5 @@
-"""The task ops: ``create``, ``get``, ``wait`` and ``cancel``, and a task as the protocol shows it.
+"""The task ops: ``create``, ``create_many``, ``get``, ``wait`` and ``cancel``, and a task
+as the protocol shows it.
 
 A ``create`` that asks to ``subscribe`` opens its subscription (``_subscriptions.py``)
 before the task exists, so that none of its events can be missed.
@@ -13,8 +14,8 @@ import attrs
 import trio
 from taskmanager.protocol import EVENT_KINDS, InvalidRequest, Unavailable
 
-from ..core import JSON, State
-from ..node._sidecar import Created, Sidecar, TaskInfo
+from ..core import JSON, MAX_CREATE_MANY, State, TaskOptions
+from ..node._sidecar import Created, NewTask, Sidecar, TaskInfo
 from ._connection import Connection
 from ._requests import is_finite, read_options, read_task_id
 from ._subscriptions import Subscriptions
@@ -97,6 +98,24 @@ class Tasks:
             sid, _ = self.subscriptions.open(conn, created.spec.id, until_final=True, kinds=chosen)
         return {**_created(created), "subscription": sid}
 
+    async def op_create_many(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        """``create_many``: many tasks in one request, committed in order in as few etcd
+        transactions as it takes; answers their ids in order."""
+        tasks = frame.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise InvalidRequest("tasks must be a non-empty list of tasks")
+        if len(tasks) > MAX_CREATE_MANY:
+            raise InvalidRequest(
+                f"create_many takes at most {MAX_CREATE_MANY} tasks in one call, not {len(tasks)}"
+            )
+        defaults = frame.get("options") or {}
+        if not isinstance(defaults, dict):
+            raise InvalidRequest("options must be an object")
+        shared = read_options(defaults)  # read once: most tasks have no options of their own
+        items = [_new_task(index, item, defaults, shared) for index, item in enumerate(tasks)]
+        specs = await self.sidecar.create_many(items)
+        return {"task_ids": [spec.id for spec in specs]}
+
     async def op_get(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         """``get``: a task as it is now."""
         info = await self.sidecar.get(read_task_id(frame))
@@ -131,3 +150,25 @@ class Tasks:
         if not done:
             answer["message"] = f"task {task_id} is already {answer['state']}: nothing to cancel"
         return answer
+
+
+def _new_task(index: int, item: object, defaults: dict[str, Any], shared: TaskOptions) -> NewTask:
+    """Item ``index`` of a ``create_many``: its own options over the shared ones
+    (``defaults``, read as ``shared``)."""
+    if not isinstance(item, dict) or "payload" not in item:
+        raise InvalidRequest(f"tasks[{index}] must be an object with a payload")
+    unknown = set(item) - {"payload", "options", "run_at", "task_id"}
+    if unknown:
+        raise InvalidRequest(f"tasks[{index}]: unknown fields {sorted(unknown)}")
+    own = item.get("options") or {}
+    if not isinstance(own, dict):
+        raise InvalidRequest(f"tasks[{index}]: options must be an object")
+    try:
+        options = read_options({**defaults, **own}) if own else shared
+        task_id = read_task_id(item) if item.get("task_id") is not None else None
+    except InvalidRequest as exc:
+        raise type(exc)(f"tasks[{index}]: {exc}") from None
+    run_at = item.get("run_at")
+    if run_at is not None and not is_finite(run_at):
+        raise InvalidRequest(f"tasks[{index}]: run_at must be a UTC epoch time in seconds")
+    return NewTask(payload=item["payload"], options=options, run_at=run_at, task_id=task_id)

@@ -168,6 +168,8 @@ export function errorFromWire(error) {
   const Cls = WIRE_ERRORS.get(String(obj.code)) ?? TaskManagerError;
   const err = new Cls(String(obj.message ?? ""));
   if (typeof obj.code === "string") err.code = obj.code;
+  // What a request that did part of its work left behind (create_many: task_ids, committed).
+  if (obj.details !== null && typeof obj.details === "object") err.details = obj.details;
   return err;
 }
 

@@ -3,10 +3,12 @@
 import { Connector } from "./connection.js";
 import { ConnectionLost, InvalidRequest, TaskFailed, WaitTimeout } from "./errors.js";
 import { MalformedFrame } from "./framing.js";
-import { CallQueue, LIFECYCLE, MANAGER_EVENTS, Task, checkEvent } from "./task.js";
+import { CallQueue, EVENTS, LIFECYCLE, MANAGER_EVENTS, Task, checkEvent, newTaskId } from "./task.js";
 import { Worker, WorkerTask, currentDelivery, releaseDelivery, runDelivery } from "./worker.js";
 
 const CLIENT = "tm-sidecar-sdk-js/0.1.0";
+/** The most tasks one `createMany` carries (the sidecar refuses more). */
+export const MAX_CREATE_MANY = 10000;
 /** How long result() trusts the event stream alone before it reads the task once. */
 const RESYNC_MS = 30000;
 
@@ -260,6 +262,47 @@ export class TaskManager {
   /** "pong" from the local sidecar: it is up and answering. */
   async ping() {
     return this._request("ping", {});
+  }
+
+  /**
+   * A task for each of `items` (any JSON) in one request, all with `options` (the
+   * protocol's task options: `queue`, `priority`, `timeout_s`, `max_attempts`, ...);
+   * resolves to their ids in order once every one is durable in etcd. `taskIds` gives
+   * the ids (else the SDK makes them, so that a request repeated after a reconnect
+   * creates nothing twice); `delayMs` delays them all. The sidecar commits them in
+   * order in as few etcd transactions as it takes, each all or nothing; if one fails,
+   * the error's `details` has `task_ids` (every item's) and `committed` (how many of the
+   * first exist): call again with `taskIds: details.task_ids` to finish.
+   */
+  async createMany(items, { taskIds, delayMs, ...options } = {}) {
+    if (!Array.isArray(items) || items.length === 0) {
+      throw new InvalidRequest("createMany takes a non-empty array of items");
+    }
+    if (items.length > MAX_CREATE_MANY) {
+      throw new InvalidRequest(
+        `createMany takes at most ${MAX_CREATE_MANY} items at once, not ${items.length}`,
+      );
+    }
+    if ("unique_key" in options) {
+      throw new InvalidRequest("createMany takes no unique_key: create unique tasks alone");
+    }
+    if (taskIds !== undefined && (!Array.isArray(taskIds) || taskIds.length !== items.length)) {
+      throw new InvalidRequest("taskIds must be an array of one id per item");
+    }
+    let runAt;
+    if (delayMs !== undefined) {
+      if (typeof delayMs !== "number" || !Number.isFinite(delayMs)) {
+        throw new InvalidRequest("delayMs must be a number of milliseconds");
+      }
+      runAt = (Date.now() + Math.max(delayMs, 0)) / 1000;
+    }
+    const tasks = items.map((payload, i) => {
+      const task = { payload, task_id: taskIds ? taskIds[i] : newTaskId() };
+      if (runAt !== undefined) task.run_at = runAt;
+      return task;
+    });
+    const answer = await this._request("create_many", { tasks, options });
+    return answer.task_ids;
   }
 
   /**

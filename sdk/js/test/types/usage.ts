@@ -65,6 +65,20 @@ export async function more(): Promise<void> {
   }
   const info = await manager.get(task.id);
   console.log(info.state, info.attempts);
+  try {
+    const ids: string[] = await manager.createMany([{ n: 1 }, { n: 2 }], {
+      queue: "math",
+      priority: 1,
+      delayMs: 500,
+    });
+    console.log(ids.length);
+  } catch (err) {
+    if (err instanceof TaskFailed && err.details?.committed !== undefined) {
+      console.log(err.details.task_ids);
+    }
+  }
+  // @ts-expect-error: createMany takes an array of items
+  await manager.createMany({ n: 1 });
   // @ts-expect-error: an event name that does not exist
   task.on("finished", () => {});
   // @ts-expect-error: timeouts are numbers of milliseconds
