@@ -329,7 +329,7 @@ class Ctl(Queries):
         purged += await sweep_payloads(self.etcd, self.ks)
         # Compaction drops the deleted values' history; defragmenting gives the space
         # back to the file; both work over quota. Then the alarm can go.
-        await self.etcd.compact(await self.etcd.revision())
+        await self.etcd.compact(await self.etcd.revision(self.ks.prefix))
         for url in await self.etcd.member_urls():
             member = connect(attrs.evolve(cfg, endpoints=(url,), timeout_s=max(cfg.timeout_s, 60)))
             try:
@@ -360,7 +360,7 @@ class Ctl(Queries):
         )
 
     async def events(self) -> None:
-        start = await self.etcd.revision()
+        start = await self.etcd.revision(self.ks.prefix)
         watch = self.etcd.watch_once(
             self.ks.state_prefix(State.COMPLETED),
             start + 1,
