@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tm_sidecar.etcd import TRANSPORTS, SyncEtcd, connect
 from tm_sidecar.ops._cli import _sidecar_settings, parse_args
 from tm_sidecar.ops._embedded import EtcdProcess
 from tm_sidecar.ops._settings import SETTINGS, UNIT_VALUES, SettingsError, env_file, resolve
+from tm_sidecar.ops._startup import Prechecks, precheck
 
 BIN = Path(sys.executable).parent
 DOC = ROOT / "docs" / "operations.md"
@@ -180,6 +182,69 @@ def test_a_wrong_password_is_one_line(rbac_etcd: EtcdProcess, tmp_path: Path) ->
     assert "wrong-pw" not in run.stderr
 
 
+def test_tmctl_recover_says_it_needs_the_root_role(rbac_etcd: EtcdProcess) -> None:
+    env = _clean_env(TM_ETCD_PASSWORD="tm-pw")
+    tmctl = [str(BIN / "tmctl"), "--etcd", rbac_etcd.endpoint]
+    recover = ["recover", "--yes"]
+    run = subprocess.run(
+        [*tmctl, "--etcd-user", "tm", *recover], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert run.returncode != 0
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    assert "needs etcd's root role" in run.stderr
+    assert "tmctl --etcd-user root recover" in run.stderr
+    env["TM_ETCD_PASSWORD"] = "root-pw"
+    run = subprocess.run(
+        [*tmctl, "--etcd-user", "root", *recover],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def test_a_permission_removed_while_running_is_one_line(
+    rbac_etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    ep = rbac_etcd.endpoint
+    sock = tmp_path / "tm.sock"
+    args = ["--etcd", ep, "--etcd-user", "tm", "--socket", str(sock), "--lease-ttl", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tm_sidecar", "--log-format", "json", *args],
+        env=_clean_env(TM_ETCD_PASSWORD="tm-pw"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    root = "root:root-pw"
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():  # serving: past start-up
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        grant = ("tm-default", "--prefix=true", "/tm/default/")
+        etcdctl(ep, "role", "revoke-permission", *grant, user=root)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        etcdctl(
+            ep,
+            "role",
+            "grant-permission",
+            "tm-default",
+            "--prefix=true",
+            "readwrite",
+            "/tm/default/",
+            user=root,
+        )
+    line = fatal_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr))
+    assert "permission denied" in line["error"]
+    assert "needs read-write on the namespace's prefix" in line["error"]
+
+
 def test_compaction_is_on_by_default_only_for_the_embedded_etcd() -> None:
     def compact(*argv: str) -> bool:
         return _sidecar_settings(parse_args(list(argv), {})[1]).compact
@@ -239,6 +304,8 @@ def test_a_password_file_the_sidecar_cannot_read_is_one_line(tmp_path: Path) -> 
     [
         (("--etcd-ca", "/nonexistent/ca.pem"), "--etcd-ca /nonexistent/ca.pem: cannot read"),
         (("--etcd-key", "/nonexistent/client.key"), "cannot read"),
+        # A file this user cannot read (the tests run as root, who reads any file).
+        (("--etcd-cert", "/"), "--etcd-cert /: cannot read it as uid"),
         (("--socket-group", "tm-no-such-group"), "no such group"),
         (("--handler", "nosuch_module_tm:fn"), "cannot import nosuch_module_tm"),
         (("--handler", "tests.proc_handlers:nosuch"), "has no function nosuch"),
@@ -249,6 +316,21 @@ def test_a_bad_setting_found_before_etcd_is_one_line(
 ) -> None:
     run = run_sidecar("--etcd", "http://127.0.0.1:9", "--socket", str(tmp_path / "s"), *args)
     assert words in fatal_line(run)["error"]
+
+
+def test_a_socket_group_the_user_is_not_in_is_refused_before_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: it crashed after becoming leader, when the socket was bound. (The tests
+    run as root, who may give a file to any group: this user is made someone else.)"""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getegid", lambda: 1000)
+    monkeypatch.setattr(os, "getgroups", lambda: [1000])
+    problem = precheck(Prechecks(socket_group="root"))
+    assert problem is not None
+    assert "--socket-group root: this user (uid 1000) is not in that group" in problem
+    monkeypatch.setattr(os, "getgroups", lambda: [1000, 0])
+    assert precheck(Prechecks(socket_group="root")) is None
 
 
 def test_a_bad_flag_value_is_one_clear_line() -> None:

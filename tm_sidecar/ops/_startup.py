@@ -89,6 +89,12 @@ def one_line(exc: BaseException) -> str:
     message = " ".join(str(leaf).split())
     if isinstance(leaf, FatalStartup):
         return message
+    if isinstance(leaf, EtcdError) and "permission denied" in message:
+        # A permission removed while running (issue 21): say which one is needed.
+        return (
+            f"etcd refused a request ({message}): the etcd user needs read-write on the "
+            "namespace's prefix, /tm/<namespace>/"
+        )
     return f"{type(leaf).__name__}: {message}" if message else type(leaf).__name__
 
 

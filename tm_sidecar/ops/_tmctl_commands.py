@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from .._errors import TaskManagerError
+from .._errors import EtcdError, TaskManagerError
 from ..admin import QUEUE_STATES, Queries, cancel_record, purge_records, retry_failed
 from ..core import (
     EventDeriver,
@@ -334,6 +334,14 @@ class Ctl(Queries):
             member = connect(attrs.evolve(cfg, endpoints=(url,), timeout_s=max(cfg.timeout_s, 60)))
             try:
                 await member.defragment()
+            except EtcdError as exc:
+                if "permission denied" not in str(exc):
+                    raise
+                # Deletes and compaction are allowed to the queue's own role; this is not.
+                raise EtcdError(
+                    f"{exc}: defragmenting needs etcd's root role: run it again as "
+                    "tmctl --etcd-user root recover (the records are already deleted)"
+                ) from None
             finally:
                 await member.aclose()
         for member_id, alarm in await self.etcd.alarms():
