@@ -6,6 +6,7 @@ unavailability waited out, said, and bounded by ``--etcd-wait``; the docs' resto
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -19,9 +20,10 @@ from typing import Any
 import pytest
 import trustme
 
+from tests.helpers import running_sidecars, wait_for
 from tests.procs import ROOT
-from tm_sidecar import EtcdConfig, EtcdError
-from tm_sidecar.core import Put, Txn
+from tm_sidecar import Compacted, EtcdConfig, EtcdError
+from tm_sidecar.core import Put, Range, Txn
 from tm_sidecar.etcd import TRANSPORTS, SyncEtcd, connect
 from tm_sidecar.ops._cli import _sidecar_settings, parse_args
 from tm_sidecar.ops._embedded import EtcdProcess
@@ -254,6 +256,35 @@ def test_compaction_is_on_by_default_only_for_the_embedded_etcd() -> None:
     assert compact("--etcd", "http://a:2379", "--compact") is True
     assert compact("--no-compact") is False
     assert _sidecar_settings(parse_args([], {"TM_COMPACT": "on", "TM_ETCD": "x"})[1]).compact
+
+
+@pytest.mark.parametrize("compact", [True, False])
+async def test_the_leader_compacts_only_when_told(
+    own_etcd: EtcdProcess, caplog: pytest.LogCaptureFixture, compact: bool
+) -> None:
+    """Before: the leader compacted every etcd it led on, shared or not."""
+    caplog.set_level(logging.DEBUG, logger="tm_sidecar.leader")
+    etcd = connect(EtcdConfig(endpoints=(own_etcd.endpoint,)))
+    first = await etcd.put("/other-software/key", "v1")
+    await etcd.put("/other-software/key", "v2")
+
+    def sweeps() -> int:
+        return sum(r.getMessage() == "leader sweep done" for r in caplog.records)
+
+    try:
+        async with running_sidecars(
+            own_etcd.endpoint, "compact", "n1", compact_interval_s=0.05, compact=compact
+        ):
+            # Two sweeps: the first notes the revision, the second compacts up to it.
+            await wait_for(lambda: sweeps() >= 3)
+        if compact:
+            with pytest.raises(Compacted):
+                await etcd.range(Range("/other-software/key", revision=first))
+        else:
+            old = await etcd.range(Range("/other-software/key", revision=first))
+            assert [kv.value for kv in old.kvs] == ["v1"]  # other software's history kept
+    finally:
+        await etcd.aclose()
 
 
 # -- secrets (21.4) ------------------------------------------------------------------------

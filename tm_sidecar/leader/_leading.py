@@ -207,13 +207,13 @@ async def run_leader(
                     log.info(
                         "deleted unique keys whose window has passed", extra={"count": released}
                     )
-                if not settings.compact:
-                    continue
-                current = await etcd.revision(ks.prefix)
-                if previous:
-                    await etcd.compact(previous)
-                    log.info("compacted etcd history", extra={"revision": previous})
-                previous = current
+                if settings.compact:
+                    current = await etcd.revision(ks.prefix)
+                    if previous:
+                        await etcd.compact(previous)
+                        log.info("compacted etcd history", extra={"revision": previous})
+                    previous = current
+                log.debug("leader sweep done", extra={"compact": settings.compact})
             except (EtcdUnavailable, EtcdFull, EtcdError) as exc:
                 log.warning("compaction failed", extra={"error": str(exc)})
 
