@@ -70,6 +70,10 @@ def test_notify_messages_over_a_real_datagram_socket(
         proc.stderr.close()
         listener.close()
     assert watchdogs >= 1
+    # The drain asks systemd for its time (issue 21): --drain-timeout 10 s and a margin, so
+    # a drain longer than the unit's TimeoutStopSec is not cut short without a word.
+    extend = [m for m in received if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extend == ["EXTEND_TIMEOUT_USEC=20000000"], received
     statuses = [m for m in received if m.startswith("STATUS=")]
     # The first says it connects to etcd (issue 21); once ready, the role.
     assert statuses[0].startswith("STATUS=connecting to etcd at ")
