@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tm_sidecar.cli")
 
-
 _CANNOT_START = "cannot start"
 
 
