@@ -342,11 +342,25 @@ def test_a_password_file_the_sidecar_cannot_read_is_one_line(tmp_path: Path) -> 
         (("--handler", "tests.proc_handlers:nosuch"), "has no function nosuch"),
     ],
 )
-def test_a_bad_setting_found_before_etcd_is_one_line(
-    args: tuple[str, ...], words: str, tmp_path: Path
-) -> None:
-    run = run_sidecar("--etcd", "http://127.0.0.1:9", "--socket", str(tmp_path / "s"), *args)
-    assert words in fatal_line(run)["error"]
+def test_a_bad_setting_found_before_etcd_is_one_sentence(args: tuple[str, ...], words: str) -> None:
+    _, settings = parse_args(["--etcd", "http://127.0.0.1:9", *args], {})
+    problem = precheck(Prechecks.of(settings))
+    assert problem is not None
+    assert words in problem
+    assert "\n" not in problem
+
+
+def test_a_bad_handler_stops_the_sidecar_with_one_line(tmp_path: Path) -> None:
+    """Before: a traceback, after the sidecar had become ready."""
+    run = run_sidecar(
+        "--etcd",
+        "http://127.0.0.1:9",
+        "--socket",
+        str(tmp_path / "s"),
+        "--handler",
+        "nosuch_module_tm:fn",
+    )
+    assert "cannot import nosuch_module_tm" in fatal_line(run)["error"]
 
 
 def test_a_socket_group_the_user_is_not_in_is_refused_before_start_up(
