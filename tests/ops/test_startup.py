@@ -315,16 +315,24 @@ def test_the_password_file(tmp_path: Path) -> None:
         missing.etcd_config(("http://a:1",))
 
 
-def test_a_password_file_the_sidecar_cannot_read_is_one_line(tmp_path: Path) -> None:
-    run = run_sidecar(
-        "--etcd",
-        "http://127.0.0.1:9",
-        "--socket",
-        str(tmp_path / "s"),
-        "--etcd-password-file",
-        str(tmp_path / "none"),
+@pytest.mark.parametrize("command", ["tm-sidecar", "tmctl"])
+def test_a_password_file_that_cannot_be_read_is_one_line(command: str, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    run = subprocess.run(
+        [str(BIN / command), "--etcd", "http://127.0.0.1:9", "--etcd-password-file", str(empty)]
+        + (["status"] if command == "tmctl" else []),
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=60,
     )
-    assert "--etcd-password-file" in fatal_line(run)["error"]
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines()[-1].endswith(
+        f"error: --etcd-password-file {empty}: the file is empty"
+        + (" (see tm-sidecar --help)" if command == "tm-sidecar" else "")
+    ), run.stderr
+    assert "Traceback" not in run.stderr
 
 
 # -- one line for every fatal error (21.5, 20.8) -------------------------------------------

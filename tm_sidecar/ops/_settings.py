@@ -384,6 +384,7 @@ def load_settings(
     args = parser.parse_args(argv)
     try:
         settings = resolve(cli, args, os.environ if environ is None else environ)
+        settings.password()  # a password file that cannot be read is a bad setting: say so now
     except SettingsError as exc:
         parser.error(str(exc))
     return args, settings

@@ -172,7 +172,6 @@ class Prechecks:
                 ("--etcd-ca", settings.etcd_ca),
                 ("--etcd-cert", settings.etcd_cert),
                 ("--etcd-key", settings.etcd_key),
-                ("--etcd-password-file", settings.etcd_password_file),
             ),
             socket_group=settings.socket_group,
             handlers=settings.handler,
