@@ -170,7 +170,7 @@ def test_both_commands_reach_etcd_the_same_way(tmp_path: Path) -> None:
         ([], {"TM_NAMESPACE": "a/b"}, "", "TM_NAMESPACE: invalid namespace 'a/b'"),
         ([], {"TM_ETCD_TRANSPORT": "carrier-pigeon"}, "", "TM_ETCD_TRANSPORT: 'carrier-pigeon'"),
         ([], {"TM_WEB_ACTIONS": "maybe"}, "", "TM_WEB_ACTIONS: expected true or false"),
-        ([], {}, 'socket_mode = "9"', "socket_mode: invalid literal"),
+        ([], {}, 'socket_mode = "9"', "socket_mode: expected an octal file mode"),
         ([], {}, "[etcd]\nendpoints = 1", "tm.toml: etcd: expected a string, not dict"),
     ],
 )

@@ -70,8 +70,14 @@ def test_notify_messages_over_a_real_datagram_socket(
         proc.stderr.close()
         listener.close()
     assert watchdogs >= 1
-    status = next(m for m in received if m.startswith("STATUS="))
-    assert "leader" in status or "follower" in status
+    # The drain asks systemd for its time (issue 21): --drain-timeout 10 s and a margin, so
+    # a drain longer than the unit's TimeoutStopSec is not cut short without a word.
+    extend = [m for m in received if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extend == ["EXTEND_TIMEOUT_USEC=20000000"], received
+    statuses = [m for m in received if m.startswith("STATUS=")]
+    # The first says it connects to etcd (issue 21); once ready, the role.
+    assert statuses[0].startswith("STATUS=connecting to etcd at ")
+    assert any("leader" in m or "follower" in m for m in statuses), statuses
 
 
 def test_the_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:

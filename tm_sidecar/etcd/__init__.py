@@ -44,6 +44,13 @@ root with::
 
 from __future__ import annotations
 
+import os
+
+# grpc's C core writes its own unstructured lines to stderr (a failed TLS handshake gave
+# one per retry, issue 21): silenced unless the operator sets GRPC_VERBOSITY; our own
+# log line carries grpc's error. grpc reads the variable when it is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 from collections.abc import Callable
 
 from ._client import GrpcEtcd

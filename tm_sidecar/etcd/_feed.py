@@ -117,7 +117,7 @@ class Feed:
         while True:
             try:
                 if not self.revision:
-                    self.revision = await self.etcd.revision()
+                    self.revision = await self.etcd.revision(start)
                 if self._lost:
                     # Only now that the new start is known: a tap's listing comes after it.
                     self._lost = False
@@ -190,7 +190,7 @@ class Feed:
                             page=page,
                         )
                     else:
-                        kvs, revision = (), await self.etcd.revision()
+                        kvs, revision = (), await self.etcd.revision(prefix)
                 except EtcdUnavailable as exc:
                     await retries.pause(exc, prefix=prefix)
                     continue

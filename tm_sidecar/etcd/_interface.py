@@ -140,9 +140,13 @@ class Etcd(abc.ABC):
     async def status(self) -> dict[str, Any]:
         """The endpoint's status (db size, revision, leader), keyed as the gateway's JSON."""
 
-    async def revision(self) -> int:
-        """The store's current revision."""
-        return (await self.range(Range("\0", limit=1, count_only=True))).revision
+    async def revision(self, key: str = "\0") -> int:
+        """The store's current revision, from the header of a one-key read of ``key``.
+
+        Any answer's header carries the revision, so the key read is only what etcd checks
+        permissions on: give one the caller may read (a sidecar whose etcd role covers
+        its namespace's prefix alone passes a key under that prefix, issue 21)."""
+        return (await self.range(Range(key, limit=1, count_only=True))).revision
 
     async def get(self, key: str) -> KeyValue | None:
         """One key, or None."""

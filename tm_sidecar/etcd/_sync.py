@@ -69,9 +69,10 @@ class SyncEtcd:
         with contextlib.suppress(Compacted):
             self._call(rpc.COMPACT, pb.CompactionRequest(revision=revision))
 
-    def revision(self) -> int:
-        """The current revision."""
-        return self.range(Range("\0", limit=1, count_only=True)).revision
+    def revision(self, key: str = "\0") -> int:
+        """The current revision, from the header of a one-key read of ``key`` (one the
+        caller may read)."""
+        return self.range(Range(key, limit=1, count_only=True)).revision
 
     def close(self) -> None:
         """Close the channel."""

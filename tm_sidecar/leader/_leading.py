@@ -43,7 +43,12 @@ class LeaderSettings:
     """How the leader works."""
 
     policy: LeaderPolicy = attrs.Factory(LeaderPolicy)
+    #: How often the leader sweeps (expired payloads, rate windows, unique guards) and,
+    #: with ``compact``, compacts etcd's history; 0: never.
     compact_interval_s: float = 300.0
+    #: Whether the sweep also compacts etcd's history (the whole cluster's: on for the
+    #: embedded etcd, off by default on a shared one, whose role may not allow it).
+    compact: bool = True
 
 
 @attrs.define(eq=False)
@@ -205,11 +210,13 @@ async def run_leader(
                     log.info(
                         "deleted unique keys whose window has passed", extra={"count": released}
                     )
-                current = await etcd.revision()
-                if previous:
-                    await etcd.compact(previous)
-                    log.info("compacted etcd history", extra={"revision": previous})
-                previous = current
+                if settings.compact:
+                    current = await etcd.revision(ks.prefix)
+                    if previous:
+                        await etcd.compact(previous)
+                        log.info("compacted etcd history", extra={"revision": previous})
+                    previous = current
+                log.debug("leader sweep done", extra={"compact": settings.compact})
             except (EtcdUnavailable, EtcdFull, EtcdError) as exc:
                 log.warning("compaction failed", extra={"error": str(exc)})
 
@@ -274,7 +281,7 @@ async def _commit(
         )
         view.settle(batch, committed_at=None)
         await _commit_singly(etcd, ks, fence, retention, batch)
-        return False, await etcd.revision()
+        return False, await etcd.revision(ks.prefix)
     answer = interpret_batch(fence, result)
     if isinstance(answer, Committed):
         view.settle(batch, committed_at=answer.revision)

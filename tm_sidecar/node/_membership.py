@@ -159,6 +159,7 @@ class Membership:
                 grace_s=self.settings.grace_s, requeue_stalled=self.settings.requeue_stalled
             ),
             compact_interval_s=self.settings.compact_interval_s,
+            compact=self.settings.compact,
         )
         candidacy = await stand(self.etcd, self.ks, session, node_id)
         task_status.started()

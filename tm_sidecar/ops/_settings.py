@@ -11,6 +11,9 @@ environment variable counts as unset (``TM_ETCD=`` in an environment file).
 This module is the table and the face of the settings; what one setting is (its kind,
 its row, its checks) is ``_setting.py``, and the layering is ``_layers.py``.
 
+Size: the table itself, one field per setting with its help, is most of it; the docs'
+table and the systemd unit's environment file are generated from it here.
+
 A small table and argparse rather than a library (pydantic-settings, say): the layering
 is twenty lines, argparse already gives both commands their flags and help, and the
 table stays a plain attrs class that mypy types field by field.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -191,6 +195,29 @@ class Settings:
         secret=True,
         metavar="PASSWORD",
     )
+    etcd_password_file: str | None = setting(
+        None,
+        "a file holding the etcd password (it wins over --etcd-password; under systemd, "
+        "LoadCredential= and $CREDENTIALS_DIRECTORY/NAME)",
+        clis=BOTH,
+        metavar="FILE",
+    )
+    etcd_wait: float = setting(
+        0.0,
+        "at start-up, give up (one line, exit 1) if etcd has not answered within this many "
+        "seconds; 0: wait for ever, logging each retry",
+        kind=FLOAT,
+        metavar="SECONDS",
+        check=at_least(0),
+    )
+    compact: bool | None = setting(
+        None,
+        "let the leader compact etcd's history every 5 minutes: the whole cluster's history, "
+        "not only the queue's, so on an etcd shared with other software leave it off and "
+        "use etcd's --auto-compaction-*",
+        kind=BOOL,
+        default_text="on for the embedded etcd, off for an external one",
+    )
     etcd_transport: str = setting(
         "grpc",
         "how to reach etcd: its native gRPC API (grpc, the default), or its JSON gateway, "
@@ -287,10 +314,17 @@ class Settings:
             cert_file=self.etcd_cert,
             key_file=self.etcd_key,
             username=self.etcd_user,
-            password=self.etcd_password,
+            password=self.password(),
             # A string checked against EtcdConfig's own names when loaded.
             transport=cast(Any, self.etcd_transport),
         )
+
+    def password(self) -> str | None:
+        """The etcd password: the file's (``etcd_password_file``) if one is named, else
+        ``etcd_password``. Raises :class:`SettingsError` for a file that cannot be read."""
+        if self.etcd_password_file:
+            return _read_secret(self.sources.get("etcd_password_file", ""), self.etcd_password_file)
+        return self.etcd_password
 
     def shown(self) -> dict[str, Any]:
         """The settings in force, secrets masked (``--print-config``)."""
@@ -332,6 +366,20 @@ def resolve(
     return Settings(**values, sources=sources)
 
 
+def _read_secret(source: str, path: str) -> str:
+    """The secret a file holds (its last newline dropped); SettingsError naming the
+    file, never its content, if it cannot be read or is empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SettingsError(f"{source} {path}: cannot read it: {why}") from None
+    if not text:
+        raise SettingsError(f"{source} {path}: the file is empty")
+    return text
+
+
 def load_settings(
     cli: Cli,
     parser: argparse.ArgumentParser,
@@ -343,6 +391,7 @@ def load_settings(
     args = parser.parse_args(argv)
     try:
         settings = resolve(cli, args, os.environ if environ is None else environ)
+        settings.password()  # a password file that cannot be read is a bad setting: say so now
     except SettingsError as exc:
         parser.error(str(exc))
     return args, settings
@@ -379,6 +428,7 @@ __all__ = [
     "add_flags",
     "default_data_dir",
     "default_socket",
+    "env_file",
     "load_settings",
     "markdown_table",
     "resolve",
@@ -386,5 +436,48 @@ __all__ = [
 ]
 
 
+#: What the systemd unit sets in its ``Environment=`` lines (the environment file, read
+#: after them, overrides them): its socket and its state directory.
+UNIT_VALUES = {"socket": "/run/tm-sidecar/tm.sock", "data_dir": "/var/lib/tm-sidecar"}
+
+_ENV_HEADER = """\
+# /etc/tm-sidecar/tm-sidecar.env: the settings of the tm-sidecar service, as environment
+# variables. Every setting tm-sidecar takes is here, commented out at its default:
+# uncomment and set the ones you change. An empty value counts as unset.
+#
+# Generated from the settings table (python -m tm_sidecar.ops._settings --env-file;
+# tests/ops/test_startup.py holds them equal): `tm-sidecar --help` and the table in
+# docs/operations.md say the same. Keep this file readable by root only (0600) when it
+# holds a password; better, give the password as a credential (see the unit).
+"""
+
+
+def env_file(rows: Iterable[Setting] = SETTINGS) -> str:
+    """The systemd unit's environment file: every setting of tm-sidecar, each with its
+    help and its default (``systemd/tm-sidecar.env`` is this text)."""
+    out = [_ENV_HEADER]
+    for s in rows:
+        if "tm-sidecar" not in s.clis:
+            continue
+        meaning = s.help + (f" (one of {', '.join(s.choices)})" if s.choices else "")
+        if s.name in UNIT_VALUES:
+            value = UNIT_VALUES[s.name]
+            default = f"the unit sets {value}"
+        else:
+            shown = s.shown_default()
+            value = "" if s.secret or shown is None or s.default_text else shown
+            default = f"default: {shown}" if shown is not None else ""
+        note = "; ".join(x for x in (default, "a secret" if s.secret else "") if x)
+        text = f"{meaning}" + (f" ({note})" if note else "")
+        out.append("\n" + "".join(f"# {line}\n" for line in _wrap(text)) + f"#{s.env}={value}\n")
+    return "".join(out)
+
+
+def _wrap(text: str, width: int = 88) -> list[str]:
+    return textwrap.wrap(text, width - 2, break_long_words=False, break_on_hyphens=False)
+
+
 if __name__ == "__main__":  # python -m tm_sidecar.ops._settings: the table for the docs
-    print(markdown_table(), end="")
+    import sys
+
+    print(env_file() if "--env-file" in sys.argv else markdown_table(), end="")

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     recover = sub.add_parser(
         "recover",
         help="recover a full etcd (NOSPACE alarm): delete completed records and their "
-        "payloads with plain deletes, compact, defragment every member, disarm the alarm",
+        "payloads with plain deletes, compact, defragment every member, disarm the alarm; "
+        "with etcd auth on it needs read-write on the namespace's prefix and, to "
+        "defragment, etcd's root role (tmctl --etcd-user root recover)",
     )
     recover.add_argument("--include-failed", action="store_true", help="delete failed records too")
     recover.add_argument("--yes", action="store_true", help="do not ask for confirmation")

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from .._errors import TaskManagerError
+from .._errors import EtcdError, TaskManagerError
 from ..admin import QUEUE_STATES, Queries, cancel_record, purge_records, retry_failed
 from ..core import (
     EventDeriver,
@@ -329,11 +329,19 @@ class Ctl(Queries):
         purged += await sweep_payloads(self.etcd, self.ks)
         # Compaction drops the deleted values' history; defragmenting gives the space
         # back to the file; both work over quota. Then the alarm can go.
-        await self.etcd.compact(await self.etcd.revision())
+        await self.etcd.compact(await self.etcd.revision(self.ks.prefix))
         for url in await self.etcd.member_urls():
             member = connect(attrs.evolve(cfg, endpoints=(url,), timeout_s=max(cfg.timeout_s, 60)))
             try:
                 await member.defragment()
+            except EtcdError as exc:
+                if "permission denied" not in str(exc):
+                    raise
+                # Deletes and compaction are allowed to the queue's own role; this is not.
+                raise EtcdError(
+                    f"{exc}: defragmenting needs etcd's root role: run it again as "
+                    "tmctl --etcd-user root recover (the records are already deleted)"
+                ) from None
             finally:
                 await member.aclose()
         for member_id, alarm in await self.etcd.alarms():
@@ -360,7 +368,7 @@ class Ctl(Queries):
         )
 
     async def events(self) -> None:
-        start = await self.etcd.revision()
+        start = await self.etcd.revision(self.ks.prefix)
         watch = self.etcd.watch_once(
             self.ks.state_prefix(State.COMPLETED),
             start + 1,
