@@ -95,6 +95,10 @@ class Connection:
     subscriptions: dict[int, Subscription] = attrs.Factory(dict)
     written: trio.Event = attrs.Factory(trio.Event)
     closed: bool = False
+    #: Batched workers' deliveries waiting for the next ``tasks`` push, by worker, each
+    #: with its item encoded; None until a worker registers with ``batch``.
+    task_batches: dict[int, list[tuple[Delivery, bytes]]] | None = None
+    tasks_wake: trio.Event = attrs.Factory(trio.Event)
 
     @classmethod
     def open(cls, stream: trio.SocketStream) -> Connection:
@@ -109,8 +113,12 @@ class Connection:
 
     def push(self, frame: dict[str, Any]) -> None:
         """Queue a frame; a client that does not read is dropped rather than waited for."""
+        self.push_line(encode_frame(frame))
+
+    def push_line(self, line: bytes) -> None:
+        """Queue a frame encoded already (its newline included), as :meth:`push` does."""
         try:
-            self.outbox_send.send_nowait(encode_frame(frame))
+            self.outbox_send.send_nowait(line)
         except trio.WouldBlock:
             log.warning("client is not reading: dropping it", extra=self.log_fields)
             self.outbox_send.close()

@@ -39,7 +39,7 @@ export class WorkerTask {
   /** Publish progress (any JSON, at most 64 KiB); false if the attempt is over. */
   async update(progress) {
     if (this.cancelled || !this._session.open) return false;
-    return Boolean(await this._session.request("progress", { delivery: this.delivery, data: progress }));
+    return Boolean(await this._session.report("progress", this.delivery, progress));
   }
 
   _cancel(reason) {
@@ -74,19 +74,20 @@ export class Worker {
 
 /** Run one delivery on `session` and report its outcome there. */
 export async function runDelivery(worker, wt, report) {
-  let op;
-  let fields;
+  let kind;
+  let outcome;
   try {
     const value = await currentDelivery.run(wt, () => worker.handler(wt));
-    op = "complete";
-    fields = { delivery: wt.delivery, result: value === undefined ? null : value };
+    kind = "complete";
+    outcome = value === undefined ? null : value;
   } catch (err) {
-    op = "fail";
-    fields = { delivery: wt.delivery, error: errorToWire(err) };
+    kind = "fail";
+    outcome = errorToWire(err);
   }
   if (wt.cancelled || !wt._session.open) return; // the sidecar has ended this attempt itself
   try {
-    await wt._session.request(op, fields);
+    // Many outcomes to a `report` frame where the sidecar serves it (connection.js).
+    await wt._session.report(kind, wt.delivery, outcome);
   } catch (err) {
     if (err instanceof TypeError || err instanceof PayloadTooLarge) {
       // Not JSON, or no frame can carry it: the attempt fails for good, with why.
@@ -103,7 +104,7 @@ export async function runDelivery(worker, wt, report) {
 /** Tell the sidecar an attempt failed with `error`; a refusal is reported, not thrown. */
 export async function releaseDelivery(wt, report) {
   try {
-    await wt._session.request("release", { delivery: wt.delivery });
+    await wt._session.report("release", wt.delivery);
   } catch (err) {
     report(new ConnectionLost(`could not hand task ${wt.id} back: ${err.message}`));
   }
@@ -111,7 +112,7 @@ export async function releaseDelivery(wt, report) {
 
 export async function reportFailure(wt, error, report) {
   try {
-    await wt._session.request("fail", { delivery: wt.delivery, error });
+    await wt._session.report("fail", wt.delivery, error);
   } catch (err) {
     report(new ConnectionLost(`could not report the failure of task ${wt.id}: ${err.message}`));
   }
