@@ -37,17 +37,17 @@ async def test_a_burst_comes_in_few_pushes_and_goes_back_in_few_reports(
                     ops.append(op)
                     return await send_request(op, fields, **kw)
 
-                async def spy_items(op: str, key: str, parts: list[bytes]) -> Any:
+                async def spy_items(op: str, key: str, encoded: list[bytes]) -> Any:
                     ops.append(op)
-                    items.append(len(parts))
-                    return await send_items(op, key, parts)
+                    items.append(len(encoded))
+                    return await send_items(op, key, encoded)
 
                 async def spy_push(frame: dict[str, Any]) -> None:
                     pushes.append(frame["push"])
                     await on_push(frame)
 
                 wire.send_request = spy_request  # type: ignore[method-assign]
-                wire.send_items = spy_items  # type: ignore[method-assign]
+                wire.send_items = spy_items  # type: ignore[method-assign,assignment]
                 wire._on_push = spy_push
                 all_started = trio.Event()
                 started = 0

@@ -166,7 +166,8 @@ def test_an_oversized_or_malformed_report_is_refused_whole(sidecar: SidecarProce
     refused = raw.call("report", outcomes=too_many)
     assert refused["error"]["code"] == "invalid_request"
     assert "nothing was taken" in refused["error"]["message"]
-    for bad in ([], {"delivery": delivery, "complete": 1}, None):
+    malformed: list[Any] = [[], {"delivery": delivery, "complete": 1}, None]
+    for bad in malformed:
         assert raw.call("report", outcomes=bad)["error"]["code"] == "invalid_request"
     assert raw.call("register", queue=queue, batch="yes")["error"]["code"] == "invalid_request"
     # Nothing of the refused reports was taken: the delivery is still open.

@@ -124,6 +124,7 @@ from ._txn import (
     Txn,
     TxnResult,
     WatchEvent,
+    compare_holds,
 )
 from ._unique import Guard, HeldBy, Retake, Takeover, guard_value, retake, takeover
 
@@ -210,6 +211,7 @@ __all__ = [
     "backoff_delay_s",
     "cancelled",
     "check_name",
+    "compare_holds",
     "due",
     "dumps",
     "event_from_change",
