@@ -40,6 +40,7 @@ from ._flow import (
     queue_guard,
     with_limits,
 )
+from ._flush import Split, merge_txns, merge_with_reads, split_refused
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
 from ._leader import LeaderView
 from ._model import (
@@ -127,6 +128,7 @@ from ._txn import (
     compare_holds,
 )
 from ._unique import Guard, HeldBy, Retake, Takeover, guard_value, retake, takeover
+from ._window import PrefetchWindow
 
 __all__ = [
     "ASSIGN_BATCH",
@@ -171,6 +173,7 @@ __all__ = [
     "NodeInfo",
     "Op",
     "ParsedKey",
+    "PrefetchWindow",
     "Put",
     "QueueConfig",
     "Raised",
@@ -188,6 +191,7 @@ __all__ = [
     "Schedule",
     "Slot",
     "SnoozeAsked",
+    "Split",
     "State",
     "Takeover",
     "Target",
@@ -223,6 +227,8 @@ __all__ = [
     "interpret_campaign",
     "leading",
     "make_task_id",
+    "merge_txns",
+    "merge_with_reads",
     "orphan_payloads",
     "plan_batch",
     "plan_campaign",
@@ -240,6 +246,7 @@ __all__ = [
     "schedule_from_request",
     "slot_task_id",
     "snoozed",
+    "split_refused",
     "succeeded",
     "takeover",
     "with_limits",

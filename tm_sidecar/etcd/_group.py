@@ -18,8 +18,11 @@ import attrs
 import trio
 
 from .._errors import EtcdError, EtcdUnavailable
-from ..core import MAX_TXN_OPS, Range, Txn, TxnResult, compare_holds
+from ..core import MAX_TXN_OPS, Txn, TxnResult, merge_txns, merge_with_reads, split_refused
 from ._interface import Etcd
+
+#: ``merge_txns`` is the core's, named here too for the callers that merge by hand.
+__all__ = ["MAX_BATCH_BYTES", "GroupCommit", "GroupStats", "merge_txns", "txn_group"]
 
 log = logging.getLogger("tm_sidecar.group")
 
@@ -185,29 +188,6 @@ class GroupCommit(Generic[T, R]):
             self._slots.release()
 
 
-def merge_txns(txns: Sequence[Txn]) -> Txn:
-    """Several guarded transactions as one: every compare, then every success op.
-
-    It succeeds only if each part would have; failure branches are dropped (a caller that
-    needs one part's answer commits that part alone).
-    """
-    return Txn(
-        compare=tuple(c for t in txns for c in t.compare),
-        success=tuple(op for t in txns for op in t.success),
-    )
-
-
-def merge_with_reads(txns: Sequence[Txn]) -> tuple[Txn, tuple[str, ...]]:
-    """:func:`merge_txns`, whose failure branch reads every compared key (those keys, in
-    order; none when there are more than a branch may hold), so that a batch that fails
-    tells which of its parts would have held."""
-    merged = merge_txns(txns)
-    keys = tuple(dict.fromkeys(c.key for c in merged.compare))
-    if len(keys) > MAX_TXN_OPS:
-        return merged, ()
-    return attrs.evolve(merged, failure=tuple(Range(k) for k in keys)), keys
-
-
 #: A batch whose guards change between its check and its retry is tried this many times
 #: whole before its parts go alone.
 _RETRIES = 3
@@ -260,19 +240,12 @@ def txn_group(
                 break
             if not keys:
                 break
-            seen = {
-                k: (r.kvs[0] if r.kvs else None) for k, r in zip(keys, result.ranges, strict=True)
-            }
-            held = []
-            for i in together:
-                txn = txns[i]
-                if all(compare_holds(c, seen[c.key]) for c in txn.compare):
-                    held.append(i)
-                elif txn.failure:
-                    alone.append(i)
-                else:
-                    answers[i] = TxnResult(succeeded=False, revision=result.revision)
-            together = held
+            parts = [txns[i] for i in together]
+            split = split_refused(parts, keys, result)
+            for j in split.refused:
+                answers[together[j]] = TxnResult(succeeded=False, revision=result.revision)
+            alone.extend(together[j] for j in split.alone)
+            together = [together[j] for j in split.held]
         for i in sorted(together + alone):
             try:
                 answers[i] = await etcd.txn(txns[i])

@@ -29,6 +29,7 @@ from taskmanager.protocol import (
     error_to_wire,
 )
 
+from ..core import PrefetchWindow
 from ..node._agent import Registration
 from ..node._hub import Subscription
 
@@ -95,9 +96,9 @@ class Connection:
     subscriptions: dict[int, Subscription] = attrs.Factory(dict)
     written: trio.Event = attrs.Factory(trio.Event)
     closed: bool = False
-    #: Batched workers' deliveries waiting for the next ``tasks`` push, by worker, each
-    #: with its item encoded; None until a worker registers with ``batch``.
-    task_batches: dict[int, list[tuple[Delivery, bytes]]] | None = None
+    #: The prefetch windows of the workers registered with ``batch``, by worker: their
+    #: deliveries (by id) wait there for the next ``tasks`` push (woken by ``tasks_wake``).
+    windows: dict[int, PrefetchWindow] = attrs.Factory(dict)
     tasks_wake: trio.Event = attrs.Factory(trio.Event)
 
     @classmethod

@@ -21,9 +21,15 @@ from typing import Any
 
 import attrs
 import trio
-from taskmanager.protocol import DEFAULT_MAX_FRAME, InvalidRequest, TaskManagerError, error_to_wire
+from taskmanager.protocol import (
+    DEFAULT_MAX_FRAME,
+    InvalidRequest,
+    TaskManagerError,
+    encode_frame,
+    error_to_wire,
+)
 
-from ..core import JSON, TaskError, dumps
+from ..core import JSON, PrefetchWindow, TaskError
 from ..node._agent import HandedBack, HandlerFailed, Snooze, TaskContext
 from ..node._sidecar import Sidecar
 from ._connection import Connection, ids
@@ -50,9 +56,11 @@ class Delivery:
     error: TaskError | None = None
     handed_back: bool = False
     snooze_s: float | None = None
-    #: A batched worker's delivery waits in its connection's next ``tasks`` push until
-    #: this is set: a cancel before then takes it out of the push instead.
+    #: A batched worker's delivery waits in its worker's prefetch window until pushed
+    #: (``pushed``), encoded once as its ``tasks`` item; a cancel before then takes it
+    #: out of the window instead.
     pushed: bool = True
+    item: bytes = b""
 
 
 @attrs.define(eq=False)
@@ -85,10 +93,11 @@ class Workers:
         if not isinstance(batch, bool):
             raise InvalidRequest("batch must be true or false")
         wid = next(ids)
-        if batch and conn.task_batches is None:
-            conn.task_batches = {}
-            assert conn.nursery is not None
-            conn.nursery.start_soon(self._push_tasks, conn)
+        if batch:
+            if not conn.windows:
+                assert conn.nursery is not None
+                conn.nursery.start_soon(self._push_tasks, conn)
+            conn.windows[wid] = PrefetchWindow(concurrency)
 
         async def handler(ctx: TaskContext) -> JSON:
             return await self._deliver(conn, wid, ctx, batch=batch)
@@ -132,27 +141,29 @@ class Workers:
             "options": ctx.spec.options.to_json(),
             "created_at": ctx.spec.created_at,
         }
+        window = conn.windows.get(wid) if batch else None
         try:
-            if batch and conn.task_batches is not None:
+            if window is not None:
                 # Encoded once, here; the push joins the encoded items as they are.
-                item = dumps({"delivery": delivery.id, "task": task}).encode()
+                delivery.item = encode_frame({"delivery": delivery.id, "task": task})[:-1]
                 delivery.pushed = False
-                conn.task_batches.setdefault(wid, []).append((delivery, item))
+                window.offer(delivery.id)
                 conn.tasks_wake.set()
             else:
                 conn.push({"push": "task", "worker": wid, "delivery": delivery.id, "task": task})
             await delivery.done.wait()
         except trio.Cancelled:
             # A timeout, a withdrawn assignment, or shutdown: tell the worker to stop
-            # (or, not pushed yet, take the task out of the next push).
+            # (unless it was never pushed: the window forgets it below).
             if delivery.pushed:
                 conn.push({"push": "cancel", "delivery": delivery.id})
-            elif conn.task_batches is not None:
-                waiting = conn.task_batches.get(wid, [])
-                waiting[:] = [(d, b) for d, b in waiting if d is not delivery]
             raise
         finally:
             conn.deliveries.pop(delivery.id, None)
+            if window is not None:
+                window.finish(delivery.id)
+                if window.waiting:
+                    conn.tasks_wake.set()  # room for the next
         if delivery.handed_back:
             raise HandedBack
         if delivery.snooze_s is not None:
@@ -162,27 +173,31 @@ class Workers:
         return delivery.result
 
     async def _push_tasks(self, conn: Connection) -> None:
-        """The ``tasks`` pushes of one connection's batched workers: one task for all."""
+        """The ``tasks`` pushes of one connection's batched workers: one task for all.
+
+        Each push carries what each worker's prefetch window lets through (at most its
+        free concurrency), cut to ``max_frame``."""
         while True:
             await conn.tasks_wake.wait()
             # One more pass of the scheduler: the deliveries of this burst join the push.
             await trio.lowlevel.checkpoint()
             conn.tasks_wake = trio.Event()
-            batches, conn.task_batches = conn.task_batches or {}, {}
-            for wid, items in batches.items():
+            for wid, window in conn.windows.items():
+                items = [conn.deliveries[d] for d in window.take() if d in conn.deliveries]
+                if not items:
+                    continue
                 head = b'{"push":"tasks","worker":%d,"tasks":[' % wid
                 room = self.max_frame - len(head) - 2
                 frame: list[bytes] = []
                 size = 0
-                for delivery, item in items:
-                    if frame and size + len(item) + 1 > room:
+                for delivery in items:
+                    if frame and size + len(delivery.item) + 1 > room:
                         conn.push_line(head + b",".join(frame) + b"]}\n")
                         frame, size = [], 0
-                    frame.append(item)
-                    size += len(item) + 1
+                    frame.append(delivery.item)
+                    size += len(delivery.item) + 1
                     delivery.pushed = True
-                if frame:
-                    conn.push_line(head + b",".join(frame) + b"]}\n")
+                conn.push_line(head + b",".join(frame) + b"]}\n")
 
     @staticmethod
     def _delivery(conn: Connection, frame: dict[str, Any]) -> Delivery:
