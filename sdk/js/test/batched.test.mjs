@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { DefaultTaskManager } from "../index.js";
+import { DefaultTaskManager, InvalidRequest } from "../index.js";
 import { Sidecar, deferred } from "../test-support/sidecar.mjs";
 
 const T = { timeout: 30000 };
@@ -90,6 +90,37 @@ describe("batches", () => {
     assert.ok(items >= 2 * n - 1, `${items} items reported`);
     assert.ok(seen.reportItems.length < items, `${seen.reportItems.length} report frames`);
     assert.ok(Math.max(...seen.reportItems) > 1);
+  });
+
+  test("an unknown delivery among known ones gets its own error; the known one is taken", T, async () => {
+    const producer = manager();
+    const task = await producer.create({ n: 1 });
+    task.withQueue("mixed");
+    await task.commit();
+    const workers = manager();
+    const answers = deferred();
+    await workers.process(
+      async (wt) => {
+        const session = workers._conn.session;
+        // Both in one report frame (one turn of the event loop), in this order.
+        const settled = await Promise.allSettled([
+          session.report("complete", wt.delivery, "mine"),
+          session.report("complete", wt.delivery + 100000, "nobody's"),
+          session.report("release", wt.delivery),
+        ]);
+        answers.resolve(settled);
+        return "ignored: the first outcome stands";
+      },
+      { queue: "mixed" },
+    );
+    const [mine, unknown, late] = await answers.promise;
+    assert.deepEqual(mine, { status: "fulfilled", value: true });
+    assert.equal(unknown.status, "rejected");
+    assert.ok(unknown.reason instanceof InvalidRequest, String(unknown.reason));
+    assert.match(unknown.reason.message, /no such delivery/);
+    assert.equal(late.status, "rejected");
+    assert.match(late.reason.message, /reported already/);
+    assert.equal(await task.result(20000), "mine");
   });
 
   test("an outcome too large for any frame fails its task, the others are taken", T, async () => {
