@@ -262,3 +262,27 @@ def test_the_hello_announces_report(sidecar: SidecarProcess) -> None:
     raw = Raw(Path(sidecar.socket_path))
     assert "report" in raw.call("hello", version=1)["result"]["ops"]
     raw.close()
+
+
+def test_a_worker_registered_again_on_one_connection_gets_each_task_once(
+    sidecar: SidecarProcess,
+) -> None:
+    queue = next(queues)
+    raw = hello(sidecar.socket_path)
+    first = raw.call("register", queue=queue, concurrency=2, batch=True)["result"]["worker"]
+    assert raw.call("unregister", worker=first)["result"] is True
+    second = raw.call("register", queue=queue, concurrency=2, batch=True)["result"]["worker"]
+    ids = create(raw, queue, 4)
+    pushes = take_pushes(raw, "tasks", 2)
+    assert {p["worker"] for p in pushes} == {second}
+    by_task = deliveries(pushes)
+    assert len(by_task) == 2  # the window: two at a time
+    outcomes = [{"delivery": d, "complete": t} for t, d in by_task.items()]
+    assert all(r["ok"] for r in raw.call("report", outcomes=outcomes)["result"]["results"])
+    rest = deliveries(take_pushes(raw, "tasks", 2))
+    assert set(rest) | set(by_task) == set(ids)
+    outcomes = [{"delivery": d, "complete": t} for t, d in rest.items()]
+    assert all(r["ok"] for r in raw.call("report", outcomes=outcomes)["result"]["results"])
+    for task_id in ids:
+        assert state_of(raw, task_id)["result"] == task_id
+    raw.close()

@@ -100,6 +100,9 @@ class Connection:
     #: deliveries (by id) wait there for the next ``tasks`` push (woken by ``tasks_wake``).
     windows: dict[int, PrefetchWindow] = attrs.Factory(dict)
     tasks_wake: trio.Event = attrs.Factory(trio.Event)
+    #: Whether the one task that makes the ``tasks`` pushes runs (from the first batched
+    #: registration to the connection's end).
+    pushing_tasks: bool = False
 
     @classmethod
     def open(cls, stream: trio.SocketStream) -> Connection:

@@ -94,7 +94,8 @@ class Workers:
             raise InvalidRequest("batch must be true or false")
         wid = next(ids)
         if batch:
-            if not conn.windows:
+            if not conn.pushing_tasks:
+                conn.pushing_tasks = True
                 assert conn.nursery is not None
                 conn.nursery.start_soon(self._push_tasks, conn)
             conn.windows[wid] = PrefetchWindow(concurrency)
@@ -119,9 +120,13 @@ class Workers:
 
     async def op_unregister(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         """``unregister``: True if the worker was registered."""
-        reg = conn.registrations.pop(read_whole(frame, "worker"), None)
+        wid = read_whole(frame, "worker")
+        reg = conn.registrations.pop(wid, None)
         if reg is not None:
             reg.close()
+        window = conn.windows.get(wid)
+        if window is not None and not window.outstanding and not window.waiting:
+            del conn.windows[wid]  # else when its last delivery is over
         return reg is not None
 
     async def _deliver(self, conn: Connection, wid: int, ctx: TaskContext, *, batch: bool) -> JSON:
@@ -164,6 +169,8 @@ class Workers:
                 window.finish(delivery.id)
                 if window.waiting:
                     conn.tasks_wake.set()  # room for the next
+                elif not window.outstanding and wid not in conn.registrations:
+                    conn.windows.pop(wid, None)  # the worker left and its last is over
         if delivery.handed_back:
             raise HandedBack
         if delivery.snooze_s is not None:
