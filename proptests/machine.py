@@ -50,6 +50,7 @@ from tm_sidecar.core import (
     LeaderView,
     NodeId,
     NodeInfo,
+    PrefetchWindow,
     Put,
     QueueConfig,
     Raised,
@@ -72,6 +73,7 @@ from tm_sidecar.core import (
     first_slot,
     initial_record,
     interpret_batch,
+    merge_with_reads,
     plan_cancel,
     plan_create,
     plan_create_many,
@@ -80,6 +82,7 @@ from tm_sidecar.core import (
     plan_update,
     schedule_from_request,
     slot_task_id,
+    split_refused,
     succeeded,
     takeover,
 )
@@ -133,6 +136,11 @@ class ModelAgent:
     ledger: AttemptLedger = attrs.Factory(AttemptLedger)
     shown: int = 0  # how far into the node's watch feed it has read
     running: dict[TaskId, int] = attrs.Factory(dict)  # task -> attempt's create revision
+    #: The node's SDK workers, each behind its prefetch window (concurrency 1 each, so
+    #: that a delivery routed to a busy one must wait in its window).
+    windows: list[PrefetchWindow] = attrs.Factory(list)
+    #: Which window each running attempt's delivery went to.
+    routed: dict[tuple[TaskId, int], PrefetchWindow] = attrs.Factory(dict)
 
 
 @attrs.define
@@ -249,12 +257,22 @@ class QueueMachine(RuleBasedStateMachine):
         node.starts[attempt] += 1
         assert node.starts[attempt] == 1, f"attempt {attempt} started twice on {node.name}"
         agent.running[parsed.task_id] = kv.create_revision
+        if agent.windows:
+            # Routed by a rule that does not look at room (the window must hold it back).
+            window = agent.windows[self.rng.randrange(len(agent.windows))]
+            agent.routed[attempt] = window
+            window.offer(attempt)
+            window.take()  # pushed, as far as there is room
 
     def _agent_attempt_ends(self, node: ModelNode, task_id: TaskId, create_revision: int) -> None:
         agent = node.agent
         if agent is not None and agent.running.get(task_id) == create_revision:
             del agent.running[task_id]
             agent.ledger.end(task_id, create_revision)
+            window = agent.routed.pop((task_id, create_revision), None)
+            if window is not None:
+                window.finish((task_id, create_revision))
+                window.take()  # its room goes to the next waiting delivery
 
     def _state_keys(self) -> dict[TaskId, list[tuple[State, KeyValue]]]:
         kvs, _ = self.db.list(self.ks.prefix)
@@ -571,8 +589,13 @@ class QueueMachine(RuleBasedStateMachine):
         lease = self.db.lease_grant(60)
         info = NodeInfo(id=NodeId(name), session=lease, capacity={"default": capacity})
         self.db.txn(Txn(success=(Put(self.ks.node(name), info.to_json(), lease),)))
-        self.nodes[name] = ModelNode(name, lease, capacity, agent=ModelAgent(lease))
+        self.nodes[name] = ModelNode(name, lease, capacity, agent=self._new_agent(lease, capacity))
         return name
+
+    @staticmethod
+    def _new_agent(session: int, capacity: int, shown: int = 0) -> ModelAgent:
+        windows = [PrefetchWindow(1) for _ in range(capacity)]
+        return ModelAgent(session, shown=shown, windows=windows)
 
     @rule(name=consumes(nodes_b))
     def kill_node(self, name: str) -> None:
@@ -591,7 +614,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.db.txn(Txn(success=(Put(self.ks.node(name), info.to_json(), lease),)))
         node.session = lease
         # A new process: a fresh agent, which lists before it watches.
-        node.agent = ModelAgent(lease, shown=len(node.feed))
+        node.agent = self._new_agent(lease, node.capacity, shown=len(node.feed))
         self._agent_relists(node)
 
     @rule(dt=st.floats(0.1, 12))
@@ -916,7 +939,6 @@ class QueueMachine(RuleBasedStateMachine):
 
     def _report(self, slot: Slot, happened: Happened, outcome: str) -> None:
         """The agent reports what happened; the core decides what it writes."""
-        task = self.tasks[slot.task_id]
         decided = attempt_outcome(
             slot.record, happened, now=self.now, draw=self.rng.random, max_result_bytes=1024
         )
@@ -924,6 +946,12 @@ class QueueMachine(RuleBasedStateMachine):
         nxt = decided
         result = self.db.txn(plan_move(self.ks, slot, nxt))
         assert result.succeeded, "a live attempt's report was rejected"
+        delay = happened.delay_s if isinstance(happened, SnoozeAsked) else 0.0
+        self._reported(slot, nxt, outcome, delay)
+
+    def _reported(self, slot: Slot, nxt: Record, outcome: str, delay: float = 0.0) -> None:
+        """The model after ``slot``'s attempt reported ``outcome``, committed as ``nxt``."""
+        task = self.tasks[slot.task_id]
         self._record_assignments()
         # The attempt is over on its node (if the node's agent had started it).
         owner = self.nodes.get(slot.record.node or "")
@@ -934,10 +962,77 @@ class QueueMachine(RuleBasedStateMachine):
             task.completions += 1
             task.state = State.COMPLETED
             task.node = task.session = task.deadline_at = None
-        elif isinstance(happened, SnoozeAsked):
-            self._after_snooze(task, nxt, happened.delay_s)
+        elif outcome == "snooze":
+            self._after_snooze(task, nxt, delay)
         else:
             self._after_attempt(task, nxt, retryable=outcome == "failure")
+
+    def _flush(self, txns: list[Txn]) -> list[bool]:
+        """Commit ``txns`` as an agent's report flush does (etcd/_group.py): merged, and
+        when refused, split by the guards its failure branch read; whether each took."""
+        took = [False] * len(txns)
+        together = list(range(len(txns)))
+        while len(together) > 1:
+            merged, keys = merge_with_reads([txns[i] for i in together])
+            result = self.db.txn(merged)
+            if result.succeeded:
+                for i in together:
+                    took[i] = True
+                return took
+            split = split_refused([txns[i] for i in together], keys, result)
+            assert not split.alone, "reports have no failure branch of their own"
+            together = [together[j] for j in split.held]
+        for i in together:
+            took[i] = self.db.txn(txns[i]).succeeded
+        return took
+
+    @precondition(lambda self: any(n.agent and n.agent.running for n in self.nodes.values()))
+    @rule(data=st.data(), with_stale=st.booleans())
+    def workers_report_a_batch(self, data: st.DataObject, with_stale: bool) -> None:
+        """Several started attempts report in one flush (a ``report`` of many outcomes),
+        perhaps with a late report of an attempt that has ended: each live one is
+        taken, the late one changes nothing."""
+        slots = self._started_attempts()
+        if not slots:
+            return
+        chosen = data.draw(
+            st.lists(st.sampled_from(slots), min_size=1, max_size=4, unique_by=lambda s: s.task_id),
+            label="batch",
+        )
+        reports: list[tuple[Slot, Record, str]] = []
+        for slot in chosen:
+            task = self.tasks[slot.task_id]
+            assert slot.record.attempts == task.attempts
+            outcome = data.draw(st.sampled_from(["success", "failure"]), label="outcome")
+            happened: Happened
+            if outcome == "success":
+                returned = {"ok": task.id}
+                happened = Returned(returned, len(dumps(returned).encode()))
+            else:
+                happened = Raised(TaskError(type="E", message="x", retryable=True))
+            nxt = attempt_outcome(
+                slot.record, happened, now=self.now, draw=self.rng.random, max_result_bytes=1024
+            )
+            assert nxt is not None
+            reports.append((slot, nxt, outcome))
+        txns = [plan_move(self.ks, slot, nxt) for slot, nxt, _ in reports]
+        ids = {slot.task_id for slot in chosen}
+        late = [(s, r) for s, r in self.stale if s.task_id not in ids]
+        if with_stale and late:
+            # Last in the batch: a merge that kept only some guards would let it through.
+            stale_slot, _ = data.draw(st.sampled_from(late), label="late report")
+            txns.append(
+                plan_move(
+                    self.ks, stale_slot, succeeded(stale_slot.record, result="late", now=self.now)
+                )
+            )
+        took = self._flush(txns)
+        assert took[: len(reports)] == [True] * len(reports), "a live report in a batch was lost"
+        assert not any(took[len(reports) :]), (
+            "a late report in a batch was applied to another attempt"
+        )
+        for slot, nxt, outcome in reports:
+            self._reported(slot, nxt, outcome)
 
     def _after_snooze(self, task: ModelTask, record: Record, delay: float) -> None:
         """A snooze costs no attempt, and a task may take ``max_snoozes`` of them."""
@@ -1285,6 +1380,27 @@ class QueueMachine(RuleBasedStateMachine):
             assert guard is not None, f"{tids[0]} is live without its guard"
             assert guard.task_id == tids[0], f"{key}'s guard names {guard.task_id}, not {tids[0]}"
             assert guard.until_at is None
+
+    @invariant()
+    def prefetch_within_concurrency(self) -> None:
+        """No worker holds more deliveries than its concurrency; none waits while its
+        worker has room; every attempt running on a node is in one window, once."""
+        for node in self.nodes.values():
+            agent = node.agent
+            if agent is None:
+                continue
+            for window in agent.windows:
+                assert window.outstanding <= window.concurrency, (
+                    f"{node.name}: a worker holds {window.outstanding} deliveries "
+                    f"> its concurrency {window.concurrency}"
+                )
+                assert not window.waiting or window.outstanding == window.concurrency, (
+                    f"{node.name}: a delivery waits while its worker has room"
+                )
+            held = sum(w.outstanding + w.waiting for w in agent.windows)
+            assert held == len(agent.running) == len(agent.routed), (
+                f"{node.name}: {held} deliveries for {len(agent.running)} running attempts"
+            )
 
     @invariant()
     def capacity_holds(self) -> None:

@@ -261,6 +261,22 @@ MUTATIONS = [
         "a stale view's batch is a conflict (decide again), not a lost leadership",
         r"a stale view's batch read as Deposed",
     ),
+    Mutation(
+        "batch-outcome-to-wrong-attempt",
+        "tm_sidecar/core/_flush.py",
+        "compare=tuple(c for t in txns for c in t.compare),",
+        "compare=tuple(txns[0].compare),",
+        "an outcome in a batch of reports is applied only to its own, live attempt",
+        r"applied to another attempt",
+    ),
+    Mutation(
+        "prefetch-beyond-capacity",
+        "tm_sidecar/core/_window.py",
+        "free = self.concurrency - len(self._outstanding)",
+        "free = self.concurrency + 1 - len(self._outstanding)",
+        "a worker is pushed no more deliveries than its concurrency",
+        r"a worker holds \d+ deliveries > its concurrency",
+    ),
 ]
 
 

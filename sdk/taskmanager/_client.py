@@ -131,6 +131,8 @@ class TaskManager:
                 self._tasks.on_gap(frame.get("task_ids"))
         elif kind == "task":
             self._workers.on_task(frame)
+        elif kind == "tasks":
+            self._workers.on_tasks(frame)
         elif kind == "cancel":
             self._workers.on_cancel(frame)
         elif kind == "role":

@@ -81,6 +81,9 @@ class Connection:
         #: current by ``role`` pushes).
         self.node: str | None = None
         self.leader = False
+        #: The operations the sidecar serves (``hello``'s ``ops``; empty from one that
+        #: does not say): the batched ``report`` is used only where served.
+        self.ops: frozenset[str] = frozenset()
         #: How many connections were made so far.
         self.connections = 0
         #: Set by shutdown: no new connection, no new call.
@@ -302,6 +305,12 @@ class Connection:
             raise  # refused for good (a version, a uid): ends the connection loop
         self.node = hello.get("node")
         self.leader = bool(hello.get("leader"))
+        ops = hello.get("ops")
+        self.ops = (
+            frozenset(o for o in ops if isinstance(o, str))
+            if isinstance(ops, list)
+            else frozenset()
+        )
         max_frame = hello.get("max_frame")
         if isinstance(max_frame, int) and not isinstance(max_frame, bool) and max_frame > 0:
             self._wire.max_frame = max_frame
@@ -314,6 +323,17 @@ class Connection:
         waiting for a connection: for ``on_connected``, which runs before calls may use it.
         """
         return await self._wire.send_request(op, fields, on_reply=on_reply)
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame the sidecar takes (its ``hello`` says; 1 MiB until then)."""
+        return self._wire.max_frame
+
+    async def send_items(self, op: str, key: str, items: list[bytes]) -> Any:
+        """A request of one list of encoded ``items`` on the current connection (see
+        :meth:`Wire.send_items`); never sent again after a reconnect."""
+        await self.ensure_started()
+        return await self._wire.send_items(op, key, items)
 
     async def request(
         self,

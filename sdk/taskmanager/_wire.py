@@ -205,6 +205,21 @@ class Wire:
             ) from exc
         except ValueError as exc:
             raise InvalidRequest(f"the {op} request is not JSON: {exc}") from exc
+        return await self._exchange(rid, frame, on_reply)
+
+    async def send_items(self, op: str, key: str, items: list[bytes]) -> Any:
+        """Send one request whose only field ``key`` is the list of ``items``, each
+        encoded already (compact JSON, as :func:`encode_frame` makes), and wait for its
+        answer. The caller keeps the frame within :attr:`max_frame`."""
+        if self.stream is None:
+            raise ConnectionLost("not connected")
+        rid = self.answers.next_id()
+        head = b'{"id":%d,"op":"%s","%s":[' % (rid, op.encode(), key.encode())
+        return await self._exchange(rid, head + b",".join(items) + b"]}\n", None)
+
+    async def _exchange(
+        self, rid: int, frame: bytes, on_reply: Callable[[Reply], None] | None
+    ) -> Any:
         event, slot = self.answers.expect(rid, on_reply)
         try:
             if self._send_lock is None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._handlers import HandlerRunner
+from ._reports import Reports
 from ._validate import check_json
 from .protocol import ConnectionLost, InvalidRequest, PayloadTooLarge, TaskManagerError
 
@@ -44,6 +45,7 @@ class WorkerTask:
 
     def __init__(self, manager: TaskManager, delivery: int, frame: dict[str, Any]) -> None:
         self._connection = manager._connection
+        self._reports = manager._workers.reports
         self._delivery = delivery
         self.id: str = frame["id"]
         self.data: Any = frame.get("payload")
@@ -60,8 +62,7 @@ class WorkerTask:
     async def update(self, progress: Any) -> bool:
         """Publish progress (any JSON); False if the attempt is no longer live."""
         check_json(progress, "the progress")
-        fields = {"delivery": self._delivery, "data": progress}
-        return bool(await self._connection.request("progress", fields))
+        return bool(await self._reports.send(self._delivery, "progress", progress))
 
 
 class Worker:
@@ -103,6 +104,8 @@ class WorkerRuntime:
     def __init__(self, manager: TaskManager) -> None:
         self._manager = manager  # what a handler's WorkerTask belongs to
         self._connection = manager._connection
+        #: Where outcomes go: many to a ``report`` where the sidecar serves it.
+        self.reports = Reports(manager._connection)
         self._workers: dict[int, Worker] = {}  # by the id the sidecar gave
         self._worker_list: list[Worker] = []  # registered again after a reconnect
         self._deliveries: dict[int, anyio.CancelScope] = {}
@@ -116,9 +119,10 @@ class WorkerRuntime:
         self._worker_list.append(worker)
 
     async def _register(self, worker: Worker) -> None:
-        answer = await self._connection.send_request(
-            "register", {"queue": worker.queue, "concurrency": worker.concurrency}
-        )
+        fields: dict[str, Any] = {"queue": worker.queue, "concurrency": worker.concurrency}
+        if self.reports.batched:
+            fields["batch"] = True  # deliveries come in ``tasks`` pushes
+        answer = await self._connection.send_request("register", fields)
         worker.id, worker.node = answer["worker"], answer.get("node")
         self._workers[answer["worker"]] = worker
         for frame in self._early.pop(answer["worker"], []):
@@ -147,6 +151,12 @@ class WorkerRuntime:
         if self._idle is None or self._idle.is_set():
             self._idle = anyio.Event()  # busy now; set again when the last one ends
         self._connection.spawn(self._run, worker, work, new_scope)
+
+    def on_tasks(self, frame: dict[str, Any]) -> None:
+        """A ``tasks`` push: each of its deliveries as a ``task`` push of its own."""
+        worker = frame["worker"]
+        for item in frame["tasks"]:
+            self.on_task({"worker": worker, "delivery": item["delivery"], "task": item["task"]})
 
     def on_cancel(self, frame: dict[str, Any]) -> None:
         """A ``cancel`` push: cancel the delivery's handler."""
@@ -183,7 +193,7 @@ class WorkerRuntime:
             # attempt does not count.
             with anyio.move_on_after(2):
                 try:
-                    await self._connection.request("release", {"delivery": delivery})
+                    await self.reports.send(delivery, "release")
                 except TaskManagerError as exc:
                     log.warning("could not hand back delivery %d: %s", delivery, exc)
         for worker in self._worker_list:
@@ -209,6 +219,8 @@ class WorkerRuntime:
 
     async def _report(self, task: WorkerTask, outcome: tuple[str, dict[str, Any]]) -> None:
         op, fields = outcome
+        # The outcome's one field besides its delivery: the result, error or delay.
+        value = next(v for k, v in fields.items() if k != "delivery")
         if op == "complete":
             try:
                 check_json(fields["result"], "the result")
@@ -219,7 +231,7 @@ class WorkerRuntime:
                 )
                 return
         try:
-            await self._connection.request(op, fields)
+            await self.reports.send(task._delivery, op, value)
         except PayloadTooLarge as exc:
             # Sent, it would break the connection; retried, it would fail the same way.
             await self._report_failure(
@@ -237,6 +249,6 @@ class WorkerRuntime:
 
     async def _report_failure(self, delivery: int, error: dict[str, Any]) -> None:
         try:
-            await self._connection.request("fail", {"delivery": delivery, "error": error})
+            await self.reports.send(delivery, "fail", error)
         except TaskManagerError as exc:
             log.warning("could not report failure of delivery %d: %s", delivery, exc)

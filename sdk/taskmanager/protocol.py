@@ -294,6 +294,11 @@ class MalformedFrame(FrameError):
     """A line that is not UTF-8 JSON, or JSON that is not an object."""
 
 
+#: Built once: ``json.dumps`` with arguments builds an encoder per call, a third of the
+#: cost of a small frame.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def encode_frame(frame: Mapping[str, Any], max_frame: int | None = None) -> bytes:
     """One frame as the line to send, its newline included: compact UTF-8 JSON.
 
@@ -301,7 +306,7 @@ def encode_frame(frame: Mapping[str, Any], max_frame: int | None = None) -> byte
     for what JSON cannot carry (NaN and the infinities among it).
     """
     try:
-        text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _ENCODER.encode(frame)
     except TypeError as exc:
         raise ValueError(str(exc)) from exc
     line = text.encode()

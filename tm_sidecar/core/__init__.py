@@ -46,6 +46,7 @@ from ._flow import (
     queue_guard,
     with_limits,
 )
+from ._flush import Split, merge_txns, merge_with_reads, split_refused
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
 from ._leader import LeaderView
 from ._model import (
@@ -130,8 +131,10 @@ from ._txn import (
     Txn,
     TxnResult,
     WatchEvent,
+    compare_holds,
 )
 from ._unique import Guard, HeldBy, Retake, Takeover, guard_value, retake, takeover
+from ._window import PrefetchWindow
 
 __all__ = [
     "ASSIGN_BATCH",
@@ -178,6 +181,7 @@ __all__ = [
     "NodeInfo",
     "Op",
     "ParsedKey",
+    "PrefetchWindow",
     "Put",
     "QueueConfig",
     "Raised",
@@ -195,6 +199,7 @@ __all__ = [
     "Schedule",
     "Slot",
     "SnoozeAsked",
+    "Split",
     "State",
     "Takeover",
     "Target",
@@ -218,6 +223,7 @@ __all__ = [
     "backoff_delay_s",
     "cancelled",
     "check_name",
+    "compare_holds",
     "due",
     "dumps",
     "event_from_change",
@@ -230,6 +236,8 @@ __all__ = [
     "iter_create_chunks",
     "leading",
     "make_task_id",
+    "merge_txns",
+    "merge_with_reads",
     "orphan_payloads",
     "plan_batch",
     "plan_campaign",
@@ -248,6 +256,7 @@ __all__ = [
     "schedule_from_request",
     "slot_task_id",
     "snoozed",
+    "split_refused",
     "succeeded",
     "takeover",
     "with_limits",

@@ -63,6 +63,31 @@ class Compare:
         return cls(key, Target.LEASE, Op.EQUAL, lease)
 
 
+def compare_holds(compare: Compare, kv: KeyValue | None) -> bool:
+    """Whether ``compare`` holds of its key as ``kv`` (None: absent) shows it, as etcd
+    decides it: an absent key has version, revisions and lease 0 and an empty value."""
+    if compare.target is Target.VERSION:
+        actual: int | str = kv.version if kv else 0
+    elif compare.target is Target.CREATE:
+        actual = kv.create_revision if kv else 0
+    elif compare.target is Target.MOD:
+        actual = kv.mod_revision if kv else 0
+    elif compare.target is Target.LEASE:
+        actual = kv.lease if kv else 0
+    else:
+        actual = kv.value if kv else ""
+    expected = compare.value
+    if compare.op is Op.EQUAL:
+        return actual == expected
+    if compare.op is Op.NOT_EQUAL:
+        return actual != expected
+    if isinstance(actual, int) != isinstance(expected, int):
+        return False
+    if compare.op is Op.GREATER:
+        return actual > expected  # type: ignore[operator]
+    return actual < expected  # type: ignore[operator]
+
+
 @attrs.frozen
 class Put:
     """Write ``value`` at ``key``, optionally attached to a lease."""

@@ -18,8 +18,11 @@ import attrs
 import trio
 
 from .._errors import EtcdError, EtcdUnavailable
-from ..core import MAX_TXN_OPS, Txn, TxnResult
+from ..core import MAX_TXN_OPS, Txn, TxnResult, merge_txns, merge_with_reads, split_refused
 from ._interface import Etcd
+
+#: ``merge_txns`` is the core's, named here too for the callers that merge by hand.
+__all__ = ["MAX_BATCH_BYTES", "GroupCommit", "GroupStats", "merge_txns", "txn_group"]
 
 log = logging.getLogger("tm_sidecar.group")
 
@@ -55,7 +58,9 @@ class GroupCommit(Generic[T, R]):
 
     ``commit`` receives at most ``max_items`` items of at most ``max_bytes`` together
     (an item bigger than that goes alone) and never two items that share one of their
-    ``keys`` (etcd refuses a transaction that names a key twice).
+    ``keys`` (etcd refuses a transaction that names a key twice). With ``max_waiting``,
+    a submitter finds that many items waiting and waits for room (backpressure), as a
+    batch completer does, rather than queueing without bound.
     Run :meth:`run` in a nursery; without it (before start or after stop),
     :meth:`submit` commits its item alone, so that shutdown paths still work.
     """
@@ -67,6 +72,7 @@ class GroupCommit(Generic[T, R]):
         max_items: int,
         max_bytes: int = MAX_BATCH_BYTES,
         in_flight: int = 2,
+        max_waiting: int | None = None,
         size: Callable[[T], int] = lambda item: 0,
         keys: Callable[[T], Iterable[Hashable]] = lambda item: (id(item),),
         name: str = "batch",
@@ -82,6 +88,9 @@ class GroupCommit(Generic[T, R]):
         self._queue: deque[_Waiter[T, R]] = deque()
         self._wake = trio.Event()
         self._running = False
+        self._max_waiting = max_waiting
+        self._room = trio.Event()
+        self._room.set()
         #: Batches committed and items in them, for metrics and benchmarks.
         self.stats = stats or GroupStats()
 
@@ -92,8 +101,13 @@ class GroupCommit(Generic[T, R]):
             if isinstance(answer, BaseException):
                 raise answer
             return answer
+        while not self._room.is_set():
+            # Backpressure: this many are waiting already; the submitter waits its turn.
+            await self._room.wait()
         waiter: _Waiter[T, R] = _Waiter(item, self._size(item), frozenset(self._keys(item)))
         self._queue.append(waiter)
+        if self._max_waiting is not None and len(self._queue) >= self._max_waiting:
+            self._room = trio.Event()
         self._wake.set()
         try:
             await waiter.done.wait()
@@ -145,6 +159,8 @@ class GroupCommit(Generic[T, R]):
             keys |= waiter.keys
             size += waiter.size
         self._queue.extendleft(reversed(deferred))
+        if self._max_waiting is None or len(self._queue) < self._max_waiting:
+            self._room.set()
         return batch
 
     async def _send(self, batch: list[_Waiter[T, R]]) -> None:
@@ -172,16 +188,9 @@ class GroupCommit(Generic[T, R]):
             self._slots.release()
 
 
-def merge_txns(txns: Sequence[Txn]) -> Txn:
-    """Several guarded transactions as one: every compare, then every success op.
-
-    It succeeds only if each part would have; failure branches are dropped (a caller that
-    needs one part's answer commits that part alone).
-    """
-    return Txn(
-        compare=tuple(c for t in txns for c in t.compare),
-        success=tuple(op for t in txns for op in t.success),
-    )
+#: A batch whose guards change between its check and its retry is tried this many times
+#: whole before its parts go alone.
+_RETRIES = 3
 
 
 def txn_group(
@@ -190,36 +199,59 @@ def txn_group(
     ops_per_item: int,
     name: str,
     in_flight: int = 2,
+    max_waiting: int | None = None,
     stats: GroupStats | None = None,
 ) -> GroupCommit[Txn, TxnResult]:
     """Group commit of independent guarded transactions (creates, reports).
 
-    The batch is one transaction. If it fails (a compare did not hold) or etcd refuses it
-    (a missing key, say), each part is committed alone, so that every item gets its own
-    answer; unavailability is every item's answer, for the caller to retry.
+    The batch is one transaction. If a compare does not hold, its failure branch has
+    read every compared key: the parts whose compares held go again together, the
+    others are answered failed (a part with a failure branch of its own goes alone, for
+    its answer); so one stale part costs one more transaction, not one per part. If etcd
+    refuses the batch (a missing key, say), each part is committed alone, so that every
+    item gets its own answer; unavailability is every item's answer, for the caller to
+    retry.
     """
 
     async def commit(txns: Sequence[Txn]) -> Sequence[TxnResult | BaseException]:
         if len(txns) == 1:
             return [await etcd.txn(txns[0])]
-        try:
-            result = await etcd.txn(merge_txns(txns))
-            if result.succeeded:
-                return [result] * len(txns)
-        except EtcdUnavailable:
-            raise
-        except EtcdError as exc:
-            log.debug(
-                "group commit refused: committing each alone",
-                extra={"group": name, "count": len(txns), "error": str(exc)},
-            )
-        answers: list[TxnResult | BaseException] = []
-        for txn in txns:
+        answers: list[TxnResult | BaseException | None] = [None] * len(txns)
+        together = list(range(len(txns)))
+        alone: list[int] = []
+        for _ in range(_RETRIES):
+            if len(together) < 2:
+                break
+            merged, keys = merge_with_reads([txns[i] for i in together])
             try:
-                answers.append(await etcd.txn(txn))
+                result = await etcd.txn(merged)
+            except EtcdUnavailable:
+                raise
+            except EtcdError as exc:
+                log.debug(
+                    "group commit refused: committing each alone",
+                    extra={"group": name, "count": len(together), "error": str(exc)},
+                )
+                break
+            if result.succeeded:
+                for i in together:
+                    answers[i] = result
+                together = []
+                break
+            if not keys:
+                break
+            parts = [txns[i] for i in together]
+            split = split_refused(parts, keys, result)
+            for j in split.refused:
+                answers[together[j]] = TxnResult(succeeded=False, revision=result.revision)
+            alone.extend(together[j] for j in split.alone)
+            together = [together[j] for j in split.held]
+        for i in sorted(together + alone):
+            try:
+                answers[i] = await etcd.txn(txns[i])
             except Exception as exc:
-                answers.append(exc)
-        return answers
+                answers[i] = exc
+        return [a if a is not None else EtcdUnavailable(f"{name}: no answer") for a in answers]
 
     def size(txn: Txn) -> int:
         return sum(len(getattr(op, "value", "")) + len(op.key) for op in txn.success)
@@ -228,6 +260,7 @@ def txn_group(
         commit,
         max_items=MAX_TXN_OPS // ops_per_item,
         in_flight=in_flight,
+        max_waiting=max_waiting,
         size=size,
         keys=lambda txn: [op.key for op in txn.success],
         name=name,

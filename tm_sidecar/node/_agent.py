@@ -52,6 +52,10 @@ log = logging.getLogger("tm_sidecar.agent")
 
 #: Task reads per batch: payloads may be large, and so may the answer.
 SPEC_READ_BATCH = 32
+#: Outcomes waiting for a flush at most; an attempt with one more waits for room
+#: (backpressure, as a batch completer has), so that a stalled etcd holds the
+#: attempts, not an unbounded queue of their reports.
+MAX_WAITING_REPORTS = 5000
 
 
 async def run_agent(
@@ -79,7 +83,13 @@ async def run_agent(
     state._changed()
     # Under load many attempts read their task and report at once: each kind of request
     # goes to etcd in batches (see _group.py); alone, each goes at once.
-    reports = txn_group(etcd, ops_per_item=3, name="report", stats=state.report_batches)
+    reports = txn_group(
+        etcd,
+        ops_per_item=3,
+        name="report",
+        max_waiting=MAX_WAITING_REPORTS,
+        stats=state.report_batches,
+    )
 
     async def read(keys: Sequence[str]) -> list[KeyValue | None]:
         answer = await etcd.txn(Txn(success=tuple(Range(k) for k in keys)))

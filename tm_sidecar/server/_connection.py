@@ -29,6 +29,7 @@ from taskmanager.protocol import (
     error_to_wire,
 )
 
+from ..core import PrefetchWindow
 from ..node._agent import Registration
 from ..node._hub import Subscription
 
@@ -95,6 +96,13 @@ class Connection:
     subscriptions: dict[int, Subscription] = attrs.Factory(dict)
     written: trio.Event = attrs.Factory(trio.Event)
     closed: bool = False
+    #: The prefetch windows of the workers registered with ``batch``, by worker: their
+    #: deliveries (by id) wait there for the next ``tasks`` push (woken by ``tasks_wake``).
+    windows: dict[int, PrefetchWindow] = attrs.Factory(dict)
+    tasks_wake: trio.Event = attrs.Factory(trio.Event)
+    #: Whether the one task that makes the ``tasks`` pushes runs (from the first batched
+    #: registration to the connection's end).
+    pushing_tasks: bool = False
 
     @classmethod
     def open(cls, stream: trio.SocketStream) -> Connection:
@@ -109,8 +117,12 @@ class Connection:
 
     def push(self, frame: dict[str, Any]) -> None:
         """Queue a frame; a client that does not read is dropped rather than waited for."""
+        self.push_line(encode_frame(frame))
+
+    def push_line(self, line: bytes) -> None:
+        """Queue a frame encoded already (its newline included), as :meth:`push` does."""
         try:
-            self.outbox_send.send_nowait(encode_frame(frame))
+            self.outbox_send.send_nowait(line)
         except trio.WouldBlock:
             log.warning("client is not reading: dropping it", extra=self.log_fields)
             self.outbox_send.close()

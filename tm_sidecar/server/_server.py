@@ -99,7 +99,7 @@ class SocketServer:
 
     @workers.default
     def _workers(self) -> Workers:
-        return Workers(self.sidecar)
+        return Workers(self.sidecar, max_frame=self.settings.max_frame)
 
     @ops.default
     def _op_table(self) -> dict[str, Op]:
@@ -133,6 +133,7 @@ class SocketServer:
             "fail": workers.op_fail,
             "snooze": workers.op_snooze,
             "release": workers.op_release,
+            "report": workers.op_report,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

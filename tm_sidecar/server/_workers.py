@@ -2,28 +2,47 @@
 
 Owns the ``register``/``unregister`` ops (a client's worker becomes a handler of the
 local agent, with its queue and concurrency), the deliveries (an assignment pushed to
-the worker as a ``task`` push, waiting for its outcome), and the ops a worker answers a
-delivery with: ``progress``, ``complete``, ``fail``, ``snooze`` and ``release``. A
-delivery's outcome becomes what the agent's handler returns or raises; a worker that
-leaves fails its attempts at once (``WorkerDisconnected``), retried per their policy.
+the worker, waiting for its outcome), and the ops a worker answers a delivery with:
+``progress``, ``complete``, ``fail``, ``snooze`` and ``release`` one at a time, or any
+number of them in one ``report``. A delivery's outcome becomes what the agent's handler
+returns or raises; a worker that leaves fails its attempts at once
+(``WorkerDisconnected``), retried per their policy.
+
+A worker registered with ``batch`` gets its deliveries in ``tasks`` pushes: every
+delivery made in one scheduler tick goes in one frame (cut to ``max_frame``), each
+task encoded once, so that a burst of assignments costs one frame, not one per task.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 import trio
-from taskmanager.protocol import InvalidRequest
+from taskmanager.protocol import (
+    DEFAULT_MAX_FRAME,
+    InvalidRequest,
+    TaskManagerError,
+    encode_frame,
+    error_to_wire,
+)
 
-from ..core import JSON, TaskError
+from ..core import JSON, PrefetchWindow, TaskError
 from ..node._agent import HandedBack, HandlerFailed, Snooze, TaskContext
 from ..node._sidecar import Sidecar
 from ._connection import Connection, ids
 from ._requests import read_json, read_queue, read_whole
 
 log = logging.getLogger("tm_sidecar.server")
+
+#: The most items one ``report`` may carry; a longer one is refused whole.
+MAX_REPORT_ITEMS = 1000
+#: The outcome kinds a ``report`` item may carry (exactly one each).
+REPORT_KINDS = ("complete", "fail", "snooze", "release", "progress")
+#: The field of the single op that a ``report`` item's value stands for.
+_REPORT_FIELD = {"complete": "result", "fail": "error", "snooze": "delay_s"}
 
 
 @attrs.define(eq=False)
@@ -37,6 +56,11 @@ class Delivery:
     error: TaskError | None = None
     handed_back: bool = False
     snooze_s: float | None = None
+    #: A batched worker's delivery waits in its worker's prefetch window until pushed
+    #: (``pushed``), encoded once as its ``tasks`` item; a cancel before then takes it
+    #: out of the window instead.
+    pushed: bool = True
+    item: bytes = b""
 
 
 @attrs.define(eq=False)
@@ -44,6 +68,20 @@ class Workers:
     """The remote workers of one sidecar's server."""
 
     sidecar: Sidecar
+    #: The largest frame this server sends: a ``tasks`` push is cut to fit.
+    max_frame: int = DEFAULT_MAX_FRAME
+    _terminal: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[JSON]]] = attrs.field(
+        init=False
+    )
+
+    @_terminal.default
+    def _terminal_ops(self) -> dict[str, Callable[[Connection, dict[str, Any]], Awaitable[JSON]]]:
+        return {
+            "complete": self.op_complete,
+            "fail": self.op_fail,
+            "snooze": self.op_snooze,
+            "release": self.op_release,
+        }
 
     async def op_register(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         """``register``: the client's worker takes tasks of a queue."""
@@ -51,28 +89,47 @@ class Workers:
         concurrency = frame.get("concurrency", 1)
         if not isinstance(concurrency, int) or not 1 <= concurrency <= 10_000:
             raise InvalidRequest("concurrency must be a whole number from 1 to 10000")
+        batch = frame.get("batch", False)
+        if not isinstance(batch, bool):
+            raise InvalidRequest("batch must be true or false")
         wid = next(ids)
+        if batch:
+            if not conn.pushing_tasks:
+                conn.pushing_tasks = True
+                assert conn.nursery is not None
+                conn.nursery.start_soon(self._push_tasks, conn)
+            conn.windows[wid] = PrefetchWindow(concurrency)
 
         async def handler(ctx: TaskContext) -> JSON:
-            return await self._deliver(conn, wid, ctx)
+            return await self._deliver(conn, wid, ctx, batch=batch)
 
         conn.registrations[wid] = self.sidecar.register(
             handler, queue=queue, concurrency=concurrency
         )
         log.info(
             "worker registered",
-            extra={"worker": wid, "queue": queue, "concurrency": concurrency, **conn.log_fields},
+            extra={
+                "worker": wid,
+                "queue": queue,
+                "concurrency": concurrency,
+                "batch": batch,
+                **conn.log_fields,
+            },
         )
         return {"worker": wid, "node": self.sidecar.node_id}
 
     async def op_unregister(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         """``unregister``: True if the worker was registered."""
-        reg = conn.registrations.pop(read_whole(frame, "worker"), None)
+        wid = read_whole(frame, "worker")
+        reg = conn.registrations.pop(wid, None)
         if reg is not None:
             reg.close()
+        window = conn.windows.get(wid)
+        if window is not None and not window.outstanding and not window.waiting:
+            del conn.windows[wid]  # else when its last delivery is over
         return reg is not None
 
-    async def _deliver(self, conn: Connection, wid: int, ctx: TaskContext) -> JSON:
+    async def _deliver(self, conn: Connection, wid: int, ctx: TaskContext, *, batch: bool) -> JSON:
         if conn.closed or wid not in conn.registrations:
             # The worker left between the assignment and now: fail the attempt at once.
             raise HandlerFailed(
@@ -82,28 +139,38 @@ class Workers:
             )
         delivery = Delivery(next(ids), ctx)
         conn.deliveries[delivery.id] = delivery
+        task = {
+            "id": ctx.id,
+            "payload": ctx.payload,
+            "attempt": ctx.attempt,
+            "options": ctx.spec.options.to_json(),
+            "created_at": ctx.spec.created_at,
+        }
+        window = conn.windows.get(wid) if batch else None
         try:
-            conn.push(
-                {
-                    "push": "task",
-                    "worker": wid,
-                    "delivery": delivery.id,
-                    "task": {
-                        "id": ctx.id,
-                        "payload": ctx.payload,
-                        "attempt": ctx.attempt,
-                        "options": ctx.spec.options.to_json(),
-                        "created_at": ctx.spec.created_at,
-                    },
-                }
-            )
+            if window is not None:
+                # Encoded once, here; the push joins the encoded items as they are.
+                delivery.item = encode_frame({"delivery": delivery.id, "task": task})[:-1]
+                delivery.pushed = False
+                window.offer(delivery.id)
+                conn.tasks_wake.set()
+            else:
+                conn.push({"push": "task", "worker": wid, "delivery": delivery.id, "task": task})
             await delivery.done.wait()
         except trio.Cancelled:
-            # A timeout, a withdrawn assignment, or shutdown: tell the worker to stop.
-            conn.push({"push": "cancel", "delivery": delivery.id})
+            # A timeout, a withdrawn assignment, or shutdown: tell the worker to stop
+            # (unless it was never pushed: the window forgets it below).
+            if delivery.pushed:
+                conn.push({"push": "cancel", "delivery": delivery.id})
             raise
         finally:
             conn.deliveries.pop(delivery.id, None)
+            if window is not None:
+                window.finish(delivery.id)
+                if window.waiting:
+                    conn.tasks_wake.set()  # room for the next
+                elif not window.outstanding and wid not in conn.registrations:
+                    conn.windows.pop(wid, None)  # the worker left and its last is over
         if delivery.handed_back:
             raise HandedBack
         if delivery.snooze_s is not None:
@@ -112,11 +179,42 @@ class Workers:
             raise HandlerFailed(delivery.error)
         return delivery.result
 
+    async def _push_tasks(self, conn: Connection) -> None:
+        """The ``tasks`` pushes of one connection's batched workers: one task for all.
+
+        Each push carries what each worker's prefetch window lets through (at most its
+        free concurrency), cut to ``max_frame``."""
+        while True:
+            await conn.tasks_wake.wait()
+            # One more pass of the scheduler: the deliveries of this burst join the push.
+            await trio.lowlevel.checkpoint()
+            conn.tasks_wake = trio.Event()
+            for wid, window in conn.windows.items():
+                items = [conn.deliveries[d] for d in window.take() if d in conn.deliveries]
+                if not items:
+                    continue
+                head = b'{"push":"tasks","worker":%d,"tasks":[' % wid
+                room = self.max_frame - len(head) - 2
+                frame: list[bytes] = []
+                size = 0
+                for delivery in items:
+                    if frame and size + len(delivery.item) + 1 > room:
+                        conn.push_line(head + b",".join(frame) + b"]}\n")
+                        frame, size = [], 0
+                    frame.append(delivery.item)
+                    size += len(delivery.item) + 1
+                    delivery.pushed = True
+                conn.push_line(head + b",".join(frame) + b"]}\n")
+
     @staticmethod
     def _delivery(conn: Connection, frame: dict[str, Any]) -> Delivery:
         delivery = conn.deliveries.get(read_whole(frame, "delivery"))
         if delivery is None:
             raise InvalidRequest("no such delivery (finished, cancelled, or never made)")
+        if delivery.done.is_set():
+            # Its outcome is taken (the agent may not have committed it yet): a second
+            # report (a release after a complete, say) must not change it.
+            raise InvalidRequest("the delivery was reported already: its first outcome stands")
         return delivery
 
     async def op_progress(self, conn: Connection, frame: dict[str, Any]) -> JSON:
@@ -167,6 +265,53 @@ class Workers:
         delivery.done.set()
         return True
 
+    async def op_report(self, conn: Connection, frame: dict[str, Any]) -> JSON:
+        """``report``: many outcomes (and progress) in one request, answered per item in
+        order; a bad item gets its own error and the others are taken."""
+        items = frame.get("outcomes")
+        if not isinstance(items, list) or not items:
+            raise InvalidRequest("outcomes must be a non-empty list")
+        if len(items) > MAX_REPORT_ITEMS:
+            raise InvalidRequest(
+                f"a report carries at most {MAX_REPORT_ITEMS} outcomes, not {len(items)}: "
+                "nothing was taken"
+            )
+        answers: list[JSON] = [None] * len(items)
+        progress: list[tuple[int, Awaitable[JSON]]] = []
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise InvalidRequest("an outcome must be an object")
+                kinds = [k for k in REPORT_KINDS if k in item]
+                if len(kinds) != 1:
+                    raise InvalidRequest(f"an outcome has exactly one of {', '.join(REPORT_KINDS)}")
+                kind = kinds[0]
+                if kind == "progress":
+                    # Checked now, in order (a progress before its complete is taken);
+                    # written concurrently with the report's other progress below.
+                    delivery = self._delivery(conn, item)
+                    data = read_json(item["progress"], "progress")
+                    progress.append((i, delivery.ctx.update(data)))
+                    continue
+                answers[i] = {"ok": True, "result": await self._apply(conn, kind, item)}
+            except TaskManagerError as exc:
+                answers[i] = {"ok": False, "error": error_to_wire(exc)}
+        if progress:
+            async with trio.open_nursery() as nursery:
+                for i, call in progress:
+                    nursery.start_soon(_answer_into, answers, i, call)
+        return {"results": answers}
+
+    async def _apply(self, conn: Connection, kind: str, item: dict[str, Any]) -> JSON:
+        """One terminal outcome of a ``report``, as its single op would take it."""
+        fields: dict[str, Any] = {"delivery": item.get("delivery")}
+        if kind == "release":
+            if item[kind] is not True:
+                raise InvalidRequest("release must be true")
+        else:
+            fields[_REPORT_FIELD[kind]] = item[kind]
+        return await self._terminal[kind](conn, fields)
+
     @staticmethod
     def dropped(conn: Connection) -> None:
         """``conn`` closed: its workers take no more tasks, its deliveries fail."""
@@ -179,3 +324,10 @@ class Workers:
                     message="the worker's connection closed during the attempt",
                 )
                 delivery.done.set()
+
+
+async def _answer_into(answers: list[JSON], i: int, call: Awaitable[JSON]) -> None:
+    try:
+        answers[i] = {"ok": True, "result": await call}
+    except TaskManagerError as exc:
+        answers[i] = {"ok": False, "error": error_to_wire(exc)}

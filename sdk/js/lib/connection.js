@@ -9,6 +9,13 @@ export const PROTOCOL_VERSION = 1;
 /** The frame limit until the `hello` answer tells the sidecar's. */
 export const DEFAULT_MAX_FRAME = 1024 * 1024;
 
+/** The most outcomes one `report` carries (the sidecar takes up to 1,000). */
+export const MAX_REPORT_ITEMS = 500;
+/** Room kept in a `report` frame for its id, op and brackets. */
+const REPORT_OVERHEAD = 64;
+/** A report item's kind as the single op and field of a sidecar without `report`. */
+const SINGLE = { complete: "result", fail: "error", snooze: "delay_s", progress: "data", release: null };
+
 /** The wait before connect attempt `n` (1, 2, ...): as the Python SDK's, 0.1 s doubling to 2 s. */
 export function backoffMs(n) {
   return Math.min(2000, 50 * 2 ** Math.min(n, 16));
@@ -30,6 +37,9 @@ export class Session {
     this._reader = new FrameReader(DEFAULT_MAX_FRAME);
     this._pending = new Map();
     this._nextId = 1;
+    /** Outcomes waiting for the next `report`: {item, resolve, reject}. */
+    this._outcomes = [];
+    this._reporting = false;
     this.ended = new Promise((resolve) => {
       this._resolveEnded = resolve;
     });
@@ -61,6 +71,88 @@ export class Session {
       this._pending.set(id, { resolve, reject });
       this.socket.write(bytes);
     });
+  }
+
+  /** Whether the sidecar takes outcomes in batches (`report`) and pushes tasks in them. */
+  get batched() {
+    return this.hello !== null && Array.isArray(this.hello.ops) && this.hello.ops.includes("report");
+  }
+
+  /**
+   * Report `kind` (complete, fail, snooze, release, progress) of `delivery`: its answer,
+   * or the error the sidecar answered for it. Where the sidecar serves `report`, many go
+   * in one frame: the first on the next turn of the event loop (so that what ends
+   * together goes together), those that come while one is in flight in the next, as its
+   * answer arrives; a lone outcome is never held back. Else the single op.
+   */
+  report(kind, delivery, value = true) {
+    if (!this.batched) {
+      const field = SINGLE[kind];
+      return this.request(kind, field === null ? { delivery } : { delivery, [field]: value });
+    }
+    if (!this.open) return Promise.reject(new ConnectionLost("not connected to the sidecar"));
+    let item;
+    try {
+      item = encodeFrame({ delivery, [kind]: value }).subarray(0, -1); // encoded once
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    if (item.length + REPORT_OVERHEAD > this.maxFrame) {
+      return Promise.reject(
+        new PayloadTooLarge(
+          `the ${kind} of delivery ${delivery} is ${item.length} bytes, over the sidecar's ` +
+            `frame limit of ${this.maxFrame} bytes (max_frame)`,
+        ),
+      );
+    }
+    return new Promise((resolve, reject) => {
+      this._outcomes.push({ item, resolve, reject });
+      if (!this._reporting) {
+        this._reporting = true;
+        setImmediate(() => this._flushOutcomes());
+      }
+    });
+  }
+
+  _flushOutcomes() {
+    if (this._outcomes.length === 0 || !this.open) {
+      this._reporting = false;
+      return;
+    }
+    const room = this.maxFrame - REPORT_OVERHEAD;
+    const batch = [];
+    let size = 0;
+    while (this._outcomes.length > 0 && batch.length < MAX_REPORT_ITEMS) {
+      const next = this._outcomes[0].item.length + 1;
+      if (batch.length > 0 && size + next > room) break;
+      batch.push(this._outcomes.shift());
+      size += next;
+    }
+    const id = this._nextId++;
+    const parts = [Buffer.from(`{"id":${id},"op":"report","outcomes":[`)];
+    batch.forEach((p, i) => {
+      if (i > 0) parts.push(Buffer.from(","));
+      parts.push(p.item);
+    });
+    parts.push(Buffer.from("]}\n"));
+    const answered = new Promise((resolve, reject) => this._pending.set(id, { resolve, reject }));
+    this.socket.write(Buffer.concat(parts));
+    answered
+      .then((answer) => {
+        const results = answer !== null && typeof answer === "object" ? answer.results : null;
+        if (!Array.isArray(results) || results.length !== batch.length) {
+          throw new ConnectionLost("the sidecar's report answer does not match the report");
+        }
+        batch.forEach((p, i) => {
+          const r = results[i];
+          if (r !== null && typeof r === "object" && r.ok === true) p.resolve(r.result);
+          else p.reject(errorFromWire(r !== null && typeof r === "object" ? r.error : null));
+        });
+      })
+      .catch((err) => {
+        for (const p of batch) p.reject(err);
+      })
+      .finally(() => this._flushOutcomes());
   }
 
   /** Say hello; throws the sidecar's refusal (a version it does not speak, say). */
@@ -140,6 +232,8 @@ export class Session {
     const lost = new ConnectionLost("the connection to the sidecar closed");
     for (const waiter of this._pending.values()) waiter.reject(lost);
     this._pending.clear();
+    for (const waiting of this._outcomes) waiting.reject(lost);
+    this._outcomes = [];
     this._resolveEnded(this.endReason);
   }
 }

@@ -540,6 +540,15 @@ export class TaskManager {
         this._rereadAfterGap(frame, session);
         return;
       }
+      case "tasks": {
+        // A batched worker's deliveries (register with `batch`): each as a `task` push.
+        check(Array.isArray(frame.tasks), "a tasks push without tasks");
+        for (const item of frame.tasks) {
+          check(item !== null && typeof item === "object", "a tasks push with an item that is not an object");
+          this._onPush({ push: "task", worker: frame.worker, delivery: item.delivery, task: item.task }, session);
+        }
+        return;
+      }
       case "cancel":
         check(frame.delivery !== undefined, "a cancel push without a delivery");
         this._deliveries.get(frame.delivery)?._cancel("the sidecar cancelled the attempt (its timeout, or a withdrawn assignment)");
@@ -561,7 +570,12 @@ export class TaskManager {
     if (worker._session !== session) {
       worker._session = session;
       worker._registering = session
-        .request("register", { queue: worker.queue, concurrency: worker.concurrency })
+        .request("register", {
+          queue: worker.queue,
+          concurrency: worker.concurrency,
+          // Deliveries in `tasks` pushes, many to a frame, where the sidecar serves them.
+          ...(session.batched ? { batch: true } : {}),
+        })
         .then((answer) => {
           worker.id = answer.worker;
           worker.node = answer.node ?? null;

@@ -39,7 +39,7 @@ export class WorkerTask {
   /** Publish progress (any JSON, at most 64 KiB); false if the attempt is over. */
   async update(progress) {
     if (this.cancelled || !this._session.open) return false;
-    return Boolean(await this._session.request("progress", { delivery: this.delivery, data: progress }));
+    return Boolean(await this._session.report("progress", this.delivery, progress));
   }
 
   _cancel(reason) {
@@ -102,6 +102,7 @@ export async function runDelivery(worker, wt, report) {
     worker._release();
     return; // ended while it waited for a slot: nothing ran, nothing to report
   }
+  let kind;
   let outcome;
   try {
     // A promise whatever the handler does (returns a value, throws at once): its slot
@@ -112,18 +113,22 @@ export async function runDelivery(worker, wt, report) {
       () => worker._release(),
     );
     const value = await running;
-    outcome = ["complete", { delivery: wt.delivery, result: value === undefined ? null : value }];
+    kind = "complete";
+    outcome = value === undefined ? null : value;
   } catch (err) {
-    outcome =
-      err instanceof Snooze
-        ? // Back to delayed for that long, the attempt not counted (protocol: snooze).
-          ["snooze", { delivery: wt.delivery, delay_s: err.delayMs / 1000 }]
-        : ["fail", { delivery: wt.delivery, error: errorToWire(err) }];
+    if (err instanceof Snooze) {
+      // Back to delayed for that long, the attempt not counted (protocol: snooze).
+      kind = "snooze";
+      outcome = err.delayMs / 1000;
+    } else {
+      kind = "fail";
+      outcome = errorToWire(err);
+    }
   }
-  const [op, fields] = outcome;
   if (wt.cancelled || !wt._session.open) return; // the sidecar has ended this attempt itself
   try {
-    await wt._session.request(op, fields);
+    // Many outcomes to a `report` frame where the sidecar serves it (connection.js).
+    await wt._session.report(kind, wt.delivery, outcome);
   } catch (err) {
     if (err instanceof TypeError || err instanceof PayloadTooLarge) {
       // Not JSON, or no frame can carry it: the attempt fails for good, with why.
@@ -140,7 +145,7 @@ export async function runDelivery(worker, wt, report) {
 /** Tell the sidecar an attempt failed with `error`; a refusal is reported, not thrown. */
 export async function releaseDelivery(wt, report) {
   try {
-    await wt._session.request("release", { delivery: wt.delivery });
+    await wt._session.report("release", wt.delivery);
   } catch (err) {
     report(new ConnectionLost(`could not hand task ${wt.id} back: ${err.message}`));
   }
@@ -148,7 +153,7 @@ export async function releaseDelivery(wt, report) {
 
 export async function reportFailure(wt, error, report) {
   try {
-    await wt._session.request("fail", { delivery: wt.delivery, error });
+    await wt._session.report("fail", wt.delivery, error);
   } catch (err) {
     report(new ConnectionLost(`could not report the failure of task ${wt.id}: ${err.message}`));
   }
