@@ -100,3 +100,18 @@ class _Data:
         elements = getattr(strategy, "elements", None)
         assert elements, f"no fixed choice for {strategy!r} ({label})"
         return elements[0]
+
+
+def test_a_higher_priority_goes_first() -> None:
+    """Property 9 at its boundary: one free slot, a task of a higher priority committed
+    after one of a lower."""
+    state = CoreQueue()
+    try:
+        state.elect()
+        state.create(0, None, 3, None, 0, None, count=1)
+        state.create(2, None, 3, None, 0, None, count=1)
+        state.first_node(capacity=1)
+        state.leader_rounds(interfere=False)
+        _checked(state)
+    finally:
+        state.teardown()

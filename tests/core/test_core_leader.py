@@ -208,6 +208,42 @@ def test_a_task_handed_back_keeps_its_place_in_the_queue() -> None:
     assert assigned_ids(f.view.decide(1.0, POLICY).batches) == [("a", "n1")]
 
 
+def test_after_an_etcd_outage_absent_nodes_get_a_hold_before_their_tasks_are_reaped() -> None:
+    f = Feed()
+    f.task("a")
+    f.node("n1", {"default": 1}, session=1)
+    for b in f.view.decide(0.0, POLICY).batches:
+        f.commit(b)
+    f.delete(KS.node("n1"))  # its lease went with etcd's outage
+    held = attrs.evolve(POLICY, hold_lost_until=10.0)
+    d = f.view.decide(5.0, held)
+    assert d.batches == ()
+    assert d.wake_at == 10.0
+    # n1 comes back, carrying the outcome of its old session: still left alone.
+    f.put(
+        KS.node("n1"),
+        NodeInfo(id=NodeId("n1"), session=2, capacity={"default": 1}, carries=(1,)).to_json(),
+    )
+    assert f.view.decide(11.0, held).batches == ()
+    # Reported, or given up: n1 registers without it, and the task is reaped.
+    f.node("n1", {"default": 1}, session=2)
+    d = f.view.decide(12.0, held)
+    assert [(b.kind, b.task_ids) for b in d.batches] == [("reap", ("a",))]
+
+
+def test_an_absent_nodes_tasks_are_reaped_once_the_hold_ends() -> None:
+    f = Feed()
+    f.task("a")
+    f.node("n1", {"default": 1}, session=1)
+    for b in f.view.decide(0.0, POLICY).batches:
+        f.commit(b)
+    f.delete(KS.node("n1"))
+    held = attrs.evolve(POLICY, hold_lost_until=10.0)
+    assert f.view.decide(9.0, held).batches == ()
+    d = f.view.decide(10.0, held)
+    assert [(b.kind, b.task_ids) for b in d.batches] == [("reap", ("a",))]
+
+
 def test_a_restarted_node_does_not_keep_its_old_assignments() -> None:
     f = Feed()
     f.task("a")

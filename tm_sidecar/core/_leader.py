@@ -68,6 +68,8 @@ class LeaderView:
     _due: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _deadlines: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _suspects: set[TaskId] = attrs.Factory(set)
+    # When held suspects (tasks of an absent node, within the policy's hold) are due.
+    _hold_wake: float | None = None
     #: Keys whose value is not a record of ours: ignored, and shown for an operator.
     malformed: set[str] = attrs.Factory(set)
     # task id -> (node, queue) of an assignment in flight, or None for other moves
@@ -128,7 +130,7 @@ class LeaderView:
             info = NodeInfo.from_json(kv.value)
             old = self.nodes.get(parsed.node)
             self.nodes[parsed.node] = info
-            if old is None or old.session != info.session:
+            if old is None or old.session != info.session or old.carries != info.carries:
                 self._suspects.update(self._tasks_of(parsed.node))
             return
         if parsed.kind == "queue" and parsed.name is not None:
@@ -360,13 +362,20 @@ class LeaderView:
         draw = iter(draws)
         out: list[tuple[Slot, Record]] = []
         stalled: dict[TaskId, TaskError] = {}
+        self._hold_wake = None
         for tid in list(self._suspects):
             slot = self.processing.get(tid)
             if slot is None or tid in self._claims:
                 self._suspects.discard(tid)
                 continue
             node = self.nodes.get(slot.record.node or NodeId(""))
-            if node is None or node.session != slot.record.session:
+            if node is None and now < policy.hold_lost_until:
+                # etcd was away: a live node may not have registered again yet.
+                self._hold_wake = policy.hold_lost_until
+                continue
+            if node is not None and slot.record.session in node.carries:
+                pass  # its node has the outcome and reports it (watched again on change)
+            elif node is None or node.session != slot.record.session:
                 stalled[tid] = TaskError(
                     type="NodeLost",
                     message=f"node {slot.record.node} went away during attempt "
@@ -378,6 +387,11 @@ class LeaderView:
             slot = self.processing.get(tid)
             if slot is None or slot.create_revision != create_rev or tid in self._claims:
                 continue
+            owner = self.nodes.get(slot.record.node or NodeId(""))
+            if owner is None and now < policy.hold_lost_until:
+                continue  # held as a suspect until the hold ends (above)
+            if owner is not None and slot.record.session in owner.carries:
+                continue  # ended: its outcome is on its way (reaped if its node says not)
             stalled.setdefault(
                 tid,
                 TaskError(
@@ -549,6 +563,8 @@ class LeaderView:
             if not schedule.paused and name not in self._firing
         ]
         times += self._queue_rate_wakes.values()
+        if self._hold_wake is not None:
+            times.append(self._hold_wake)
         return min(times) if times else None
 
     def depth(self) -> dict[str, int]:

@@ -367,20 +367,25 @@ class NodeInfo:
     pid: int = 0
     version: str = ""
     started_at: float = 0.0
+    #: Earlier sessions of this process whose ended attempts it still has to report
+    #: (their session was lost while etcd could not be reached): the leader leaves those
+    #: assignments alone until they are reported.
+    carries: tuple[int, ...] = ()
 
     def to_json(self) -> str:
         """The value stored in etcd."""
-        return dumps(
-            {
-                "id": self.id,
-                "session": self.session,
-                "capacity": dict(sorted(self.capacity.items())),
-                "host": self.host,
-                "pid": self.pid,
-                "version": self.version,
-                "started_at": self.started_at,
-            }
-        )
+        obj: dict[str, JSON] = {
+            "id": self.id,
+            "session": self.session,
+            "capacity": dict(sorted(self.capacity.items())),
+            "host": self.host,
+            "pid": self.pid,
+            "version": self.version,
+            "started_at": self.started_at,
+        }
+        if self.carries:
+            obj["carries"] = list(self.carries)
+        return dumps(obj)
 
     @classmethod
     def from_json(cls, text: str) -> NodeInfo:
@@ -394,6 +399,7 @@ class NodeInfo:
             pid=int(obj.get("pid", 0)),
             version=str(obj.get("version", "")),
             started_at=float(obj.get("started_at", 0.0)),
+            carries=tuple(int(s) for s in obj.get("carries", ())),
         )
 
 
