@@ -14,7 +14,7 @@ import trio
 from tests.helpers import poll_until, stop_process, wait_for
 from tests.procs import Auditor, SidecarProcess, create_tasks, wait_registered
 from tm_sidecar import EtcdConfig
-from tm_sidecar.core import Keyspace, NodeInfo, Range
+from tm_sidecar.core import Keyspace, NodeInfo, Range, State
 from tm_sidecar.etcd import connect
 from tm_sidecar.ops._embedded import EtcdProcess
 
@@ -160,5 +160,59 @@ async def test_an_etcd_outage_past_the_lease_runs_no_finished_work_again(
         assert all(auditor.completed_puts[t] == 1 for t in ids)
     finally:
         for p in procs:
+            p.stop()
+        await etcd.aclose()
+
+
+async def test_a_lost_nodes_task_starts_before_the_tasks_committed_after_it(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    """Property 9 for a lost node's task (issue 20 item 4): it keeps its place."""
+    ks = Keyspace(namespace=namespace)
+    starts_file = tmp_path / "starts.jsonl"
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    lead = SidecarProcess("lead", etcd_server.endpoint, namespace, tmp_path / "l.log", TTL)
+    lead.handler = None
+    doomed = SidecarProcess(
+        "w1", etcd_server.endpoint, namespace, tmp_path / "w1.log", TTL, concurrency=1
+    )
+    doomed.handler = "tests.proc_handlers:hang"
+    after = SidecarProcess(
+        "w2",
+        etcd_server.endpoint,
+        namespace,
+        tmp_path / "w2.log",
+        TTL,
+        concurrency=1,
+        handler="tests.proc_handlers:chaos",
+        env={"TM_TEST_STARTS": str(starts_file)},
+    )
+    try:
+        lead.start()
+        await lead.wait_serving()
+        doomed.start()
+        await wait_registered(etcd, ks, ["lead", "w1"])
+        (first,) = await create_tasks(etcd, ks, 1)
+
+        async def running(tid: str, state: str) -> bool:
+            key = ks.state_prefix(State(state))
+            kvs, _ = await etcd.list_prefix(key)
+            return any(kv.key.endswith("/" + tid) for kv in kvs)
+
+        await poll_until(lambda: running(first, "processing"), timeout_s=20)
+        later = await create_tasks(etcd, ks, 2)
+        doomed.kill()
+        # Reaped back to pending once w1's lease is gone; only then does a worker come.
+        await poll_until(lambda: running(first, "pending"), timeout_s=20)
+        after.start()
+        auditor = Auditor(ks)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(auditor.run, etcd, await etcd.revision() + 1)
+            await auditor.wait_completed([first, *later], timeout_s=30)
+            nursery.cancel_scope.cancel()
+        order = [json.loads(ln)["task"] for ln in starts_file.read_text().splitlines()]
+        assert order == [first, *later]
+    finally:
+        for p in (lead, doomed, after):
             p.stop()
         await etcd.aclose()
