@@ -71,6 +71,8 @@ class Membership:
     #: then gets no new work): logged, and shown in ``Sidecar.status()``.
     taken_by: NodeInfo | None = None
     _node_dirty: trio.Event = attrs.Factory(trio.Event)
+    # The carried sessions the last registration named.
+    _carries_registered: tuple[int, ...] = ()
     _started_at: float = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -142,6 +144,7 @@ class Membership:
                     unrevoked = session
 
     def _info(self, session: Session) -> NodeInfo:
+        self._carries_registered = self.agent.carried_sessions()
         return NodeInfo(
             id=self.settings.node_id,
             session=session.lease,
@@ -150,7 +153,7 @@ class Membership:
             pid=os.getpid(),
             version=__version__,
             started_at=self._started_at,
-            carries=self.agent.carried_sessions(),
+            carries=self._carries_registered,
         )
 
     async def _txn(self, session: Session, txn: Txn) -> tuple[bool, KeyValue | None]:
@@ -308,8 +311,10 @@ class Membership:
         """Register again whenever the outcomes this node carries change (the leader
         leaves their assignments alone only while the registration names them)."""
         while True:
-            await self.agent.carried_changed.wait()
-            self._node_dirty.set()
+            changed = self.agent.carried_changed
+            if self.agent.carried_sessions() != self._carries_registered:
+                self._node_dirty.set()
+            await changed.wait()
 
     async def _run_election(
         self,
