@@ -9,6 +9,7 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.helpers import poll_until, stop_process, wait_for
@@ -106,11 +107,26 @@ async def test_a_sidecar_says_when_its_registration_is_taken_and_takes_it_back(
         await etcd.aclose()
 
 
+@pytest.mark.parametrize(
+    ("nodes", "count", "held_s"),
+    [
+        (("a", "b"), 120, 0.0),
+        # As issue 20 measured it: three sidecars, a 20 s pause, 2,000 tasks.
+        pytest.param(("a", "b", "c"), 2000, 20.0 - 2 * TTL, marks=pytest.mark.slow),
+    ],
+    ids=["short", "long"],
+)
 async def test_an_etcd_outage_past_the_lease_runs_no_finished_work_again(
-    own_etcd: EtcdProcess, namespace: str, tmp_path: Path
+    own_etcd: EtcdProcess,
+    namespace: str,
+    tmp_path: Path,
+    nodes: tuple[str, ...],
+    count: int,
+    held_s: float,
 ) -> None:
-    """etcd SIGSTOPped until every sidecar has lost its session, with attempts ending
-    just after the pause: their outcomes are recorded when etcd is back, not re-run."""
+    """etcd SIGSTOPped until every sidecar has lost its session (and ``held_s`` more),
+    with attempts ending just after the pause: their outcomes are recorded when etcd is
+    back, not run again."""
     ks = Keyspace(namespace=namespace)
     starts_file = tmp_path / "starts.jsonl"
     etcd = connect(EtcdConfig(endpoints=(own_etcd.endpoint,), timeout_s=2.0))
@@ -124,16 +140,16 @@ async def test_an_etcd_outage_past_the_lease_runs_no_finished_work_again(
             handler="tests.proc_handlers:chaos",
             env={"TM_TEST_STARTS": str(starts_file)},
         )
-        for n in ("a", "b")
+        for n in nodes
     ]
     try:
         for p in procs:
             p.start()
-        await wait_registered(etcd, ks, ["a", "b"])
+        await wait_registered(etcd, ks, list(nodes))
         auditor = Auditor(ks)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(auditor.run, etcd, await etcd.revision() + 1)
-            ids = await create_tasks(etcd, ks, 120, work_s=0.5)
+            ids = await create_tasks(etcd, ks, count, work_s=0.5)
             with trio.fail_after(60):
                 while sum(auditor.completed_puts.values()) < 16:
                     await auditor.changed.wait()
@@ -146,9 +162,10 @@ async def test_an_etcd_outage_past_the_lease_runs_no_finished_work_again(
                     timeout_s=30,
                     poll_s=0.05,
                 )
+                await trio.sleep(held_s)  # the outage's length is the subject here
             finally:
                 os.kill(own_etcd.pid, signal.SIGCONT)
-            await auditor.wait_completed(ids, timeout_s=120)
+            await auditor.wait_completed(ids, timeout_s=120 + count / 10)
             nursery.cancel_scope.cancel()
         starts = Counter(json.loads(line)["task"] for line in starts_file.read_text().splitlines())
         again = sorted(t for t, n in starts.items() if n > 1)

@@ -102,6 +102,7 @@ class Membership:
             # gone with etcd's leases: as leader, give live nodes a while to register again
             # (with the outcomes they carry) before reaping their tasks.
             hold_until = self.clock() + self.settings.lease_ttl_s + 1.0 if lost else 0.0
+            lost = False
             if unrevoked is not None:
                 # The last session ended while etcd was away, so its revoke failed. etcd
                 # renews every lease when it elects a leader, so that lease (and with it
