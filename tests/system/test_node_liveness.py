@@ -233,3 +233,31 @@ async def test_a_lost_nodes_task_starts_before_the_tasks_committed_after_it(
         for p in (lead, doomed, after):
             p.stop()
         await etcd.aclose()
+
+
+async def test_a_sidecar_restarted_after_a_crash_takes_its_node_id_over_at_once(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    """The old process is gone from this host: no wait for its lease to lapse."""
+    ks = Keyspace(namespace=namespace)
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    crashed = SidecarProcess("y", etcd_server.endpoint, namespace, tmp_path / "y1.log", 30)
+    again = SidecarProcess("y", etcd_server.endpoint, namespace, tmp_path / "y2.log", 30)
+    try:
+        crashed.start()
+        await crashed.wait_serving()
+        crashed.kill()  # its registration stays until its 30 s lease lapses
+        old = await _registration(etcd, ks, "y")
+        assert old is not None
+        again.start()
+        await again.wait_serving()
+        new = await _registration(etcd, ks, "y")
+        assert new is not None
+        assert again.proc is not None
+        assert (new.pid, new.session != old.session) == (again.proc.pid, True)
+        assert "taken over from a sidecar that is no longer running" in again.log()
+        assert "waiting for its lease to lapse" not in again.log()
+    finally:
+        crashed.stop()
+        again.stop()
+        await etcd.aclose()
