@@ -42,6 +42,7 @@ from tm_sidecar.core import (
     Decision,
     Deposed,
     Fence,
+    GivenBack,
     Guard,
     Happened,
     Keyspace,
@@ -115,6 +116,11 @@ class ModelTask:
     concurrency_key: str | None = None
     snoozes: int = 0
     max_snoozes: int = 1
+    #: The place it keeps in its queue through a requeue that is not its fault (its
+    #: node was lost, it was handed back): where it stood when last assigned. None: its
+    #: pending key's create revision.
+    order: int | None = None
+    handbacks: int = 0  # hand-backs in a row
 
 
 @attrs.define
@@ -316,6 +322,8 @@ class QueueMachine(RuleBasedStateMachine):
             assert task.completions == 0, f"{task.id} assigned again after it completed"
             task.state, task.node, task.session = State.PROCESSING, node.name, node.session
             task.attempts += 1
+            if task.order is None:
+                task.order = slot.create_revision
             task.deadline_at = (
                 None if task.timeout_s is None else self.now + task.timeout_s + GRACE_S
             )
@@ -328,13 +336,24 @@ class QueueMachine(RuleBasedStateMachine):
             task.state = State.PENDING
         else:
             assert task.state is State.PROCESSING
-            owner = self.nodes.get(task.node or "")
-            lost = owner is None or not owner.alive or owner.session != task.session
+            lost = self._lost(task)
             late = task.deadline_at is not None and self.now >= task.deadline_at
             assert lost or late, f"{task.id} reaped while its attempt was live"
-            self._after_attempt(task, record, retryable=True)
+            self._after_attempt(task, record, retryable=True, keep_order=lost)
 
-    def _after_attempt(self, task: ModelTask, record: Record, *, retryable: bool) -> None:
+    def _lost(self, task: ModelTask) -> bool:
+        """Whether the node running ``task`` is gone (dead, or restarted)."""
+        owner = self.nodes.get(task.node or "")
+        return owner is None or not owner.alive or owner.session != task.session
+
+    def _after_attempt(
+        self, task: ModelTask, record: Record, *, retryable: bool, keep_order: bool = False
+    ) -> None:
+        if not keep_order:
+            task.order = None
+        elif record.state is not State.FAILED:
+            assert record.order == task.order, f"{task.id} lost its place: {record.order}"
+        task.handbacks = 0
         exhausted = task.attempts >= task.max_attempts
         if not retryable or exhausted:
             assert record.state is State.FAILED, f"{task.id}: expected failed, got {record.state}"
@@ -657,6 +676,7 @@ class QueueMachine(RuleBasedStateMachine):
             # As the real leader does after a commit: decide again at once, before the
             # watch has shown what it committed (its claims stand in meanwhile).
             again = self.view.decide(self.now, self.policy, iter(self.rng.random, -1.0))
+            self._check_order(again.batches)
             for batch in again.batches:
                 result = self.db.txn(batch.plan(self.ks, self.fence))
                 assert result.succeeded, f"the live leader's {batch.kind} batch failed"
@@ -811,19 +831,30 @@ class QueueMachine(RuleBasedStateMachine):
         return None
 
     def _check_order(self, batches: tuple[Batch, ...]) -> None:
-        """Within one queue, the leader takes the best pending tasks first."""
+        """Within one queue, the leader takes the best pending tasks first: by priority,
+        then by commit order, where a task requeued through no fault of its own (its
+        node lost, handed back) keeps the place it had, even while the leader's view has
+        not yet seen it back (property 9)."""
         assert self.view is not None
         chosen = [slot for b in batches if b.kind == "assign" for slot, _ in b.moves]
         if not chosen:
             return
-        rank = {
-            tid: (-self.tasks[tid].priority, slot.create_revision)
-            for tid, slot in self.view.pending.items()
-        }
+        rank: dict[TaskId, tuple[int, int]] = {}
+        for tid, entries in self._state_keys().items():
+            task = self.tasks[tid]
+            for state, kv in entries:
+                if state is State.PENDING:
+                    place = task.order if task.order is not None else kv.create_revision
+                    rank[tid] = (-task.priority, place)
+        # What this decision puts back in pending at a kept place counts as pending.
+        for batch in batches:
+            for slot, record in batch.moves:
+                task = self.tasks[slot.task_id]
+                keeps = (batch.kind == "reap" and self._lost(task)) or batch.kind == "promote"
+                if record.state is State.PENDING and keeps and task.order is not None:
+                    rank[slot.task_id] = (-task.priority, task.order)
         worst_chosen = max(rank[s.task_id] for s in chosen)
-        left = [
-            t for t in rank if t not in {s.task_id for s in chosen} and not self.view.claimed(t)
-        ]
+        left = [t for t in rank if t not in {s.task_id for s in chosen}]
         better_left = [t for t in left if rank[t] < worst_chosen and not self._held_back(t, chosen)]
         assert not better_left, f"{better_left} skipped for worse tasks"
 
@@ -882,7 +913,9 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(
         data=st.data(),
-        outcome=st.sampled_from(["success", "failure", "permanent", "progress", "snooze"]),
+        outcome=st.sampled_from(
+            ["success", "failure", "permanent", "progress", "snooze", "handback"]
+        ),
     )
     def leader_assigns_and_a_worker_reports(self, data: st.DataObject, outcome: str) -> None:
         """The common path in one step: the leader does its rounds, every agent sees its
@@ -897,7 +930,9 @@ class QueueMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(n.agent and n.agent.running for n in self.nodes.values()))
     @rule(
         data=st.data(),
-        outcome=st.sampled_from(["success", "failure", "permanent", "progress", "snooze"]),
+        outcome=st.sampled_from(
+            ["success", "failure", "permanent", "progress", "snooze", "handback"]
+        ),
     )
     def worker_reports(self, data: st.DataObject, outcome: str) -> None:
         """An attempt its node's agent started reports progress or its outcome."""
@@ -920,6 +955,8 @@ class QueueMachine(RuleBasedStateMachine):
         elif outcome == "snooze":
             delay = data.draw(st.sampled_from([0.0, 3.0]), label="snooze_s")
             happened = SnoozeAsked(delay)
+        elif outcome == "handback":
+            happened = GivenBack()
         else:
             happened = Raised(TaskError(type="E", message="x", retryable=outcome == "failure"))
         self._report(slot, happened, outcome)
@@ -964,6 +1001,8 @@ class QueueMachine(RuleBasedStateMachine):
             task.node = task.session = task.deadline_at = None
         elif outcome == "snooze":
             self._after_snooze(task, nxt, delay)
+        elif outcome == "handback":
+            self._after_handback(task, nxt)
         else:
             self._after_attempt(task, nxt, retryable=outcome == "failure")
 
@@ -1034,6 +1073,22 @@ class QueueMachine(RuleBasedStateMachine):
         for slot, nxt, outcome in reports:
             self._reported(slot, nxt, outcome)
 
+    def _after_handback(self, task: ModelTask, record: Record) -> None:
+        """A hand-back costs no attempt and keeps the task's place, three times in a
+        row; the fourth counts as a failed attempt."""
+        if task.handbacks >= 3:
+            assert record.error is not None
+            assert record.error.type == "HandedBack"
+            self._after_attempt(task, record, retryable=True)
+            return
+        task.handbacks += 1
+        task.attempts -= 1
+        assert record.state is State.PENDING, f"{task.id}: handed back to {record.state}"
+        assert record.attempts == task.attempts
+        assert record.order == task.order, f"{task.id} handed back lost its place"
+        task.state = State.PENDING
+        task.node = task.session = task.deadline_at = None
+
     def _after_snooze(self, task: ModelTask, record: Record, delay: float) -> None:
         """A snooze costs no attempt, and a task may take ``max_snoozes`` of them."""
         if task.snoozes >= task.max_snoozes:
@@ -1048,6 +1103,7 @@ class QueueMachine(RuleBasedStateMachine):
             task.due_at = record.due_at or 0.0
             assert task.due_at == (self.now + delay if delay > 0 else 0.0)
         assert record.snoozes == task.snoozes
+        task.order, task.handbacks = None, 0
         task.state = record.state
         task.node = task.session = task.deadline_at = None
 

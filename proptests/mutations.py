@@ -88,9 +88,25 @@ MUTATIONS = [
     Mutation(
         "priority-ignored",
         "tm_sidecar/core/_leader.py",
-        "heapq.heappush(heap, (-record.options.priority, kv.create_revision, tid))",
-        "heapq.heappush(heap, (0, kv.create_revision, tid))",
+        "    return (-record.options.priority, order, slot.create_revision, slot.task_id)",
+        "    return (0, order, slot.create_revision, slot.task_id)",
         "higher priority first, then commit order",
+        r"skipped for worse tasks",
+    ),
+    Mutation(
+        "requeue-to-the-back",
+        "tm_sidecar/core/_leader.py",
+        "    order = place(record.order, slot.create_revision)",
+        "    order = slot.create_revision",
+        "a task requeued because its node was lost or handed back keeps its place",
+        r"skipped for worse tasks",
+    ),
+    Mutation(
+        "requeue-overtaken-in-flight",
+        "tm_sidecar/core/_leader.py",
+        "            if barrier is not None and heap[0][:2] > barrier:",
+        "            if False:",
+        "nothing committed after a lost node's task starts while that task is on its way back",
         r"skipped for worse tasks",
     ),
     Mutation(

@@ -82,3 +82,65 @@ def test_the_last_attempt_sends_the_task_to_the_failed_queue() -> None:
         assert final.state is State.FAILED
     finally:
         state.teardown()
+
+
+def test_a_lost_nodes_task_keeps_its_place() -> None:
+    """Property 9 at its boundary: a task whose node died goes back ahead of the tasks
+    committed after it, even while the leader has not yet seen it back."""
+    state = CoreQueue()
+    try:
+        state.elect()
+        nodes_0 = state.first_node(capacity=1)
+        state.create(0, None, 3, None, 0, None, count=3)
+        state.leader_rounds(interfere=False)
+        _checked(state)
+        state.kill_node(name=nodes_0)
+        state.add_node(capacity=1)
+        state.leader_rounds(interfere=False)
+        _checked(state)
+    finally:
+        state.teardown()
+
+
+def test_a_handed_back_task_keeps_its_place() -> None:
+    """Property 9 at its boundary: a task handed back goes before the tasks committed
+    after it."""
+    state = CoreQueue()
+    try:
+        state.elect()
+        state.first_node(capacity=1)
+        state.create(0, None, 3, None, 0, None, count=3)
+        state.leader_rounds(interfere=False)
+        for node in state.nodes.values():
+            assert node.agent is not None
+            state._agent_takes(node, len(node.feed))
+        state.worker_reports(_Data(), "handback")
+        state.leader_rounds(interfere=False)
+        _checked(state)
+    finally:
+        state.teardown()
+
+
+class _Data:
+    """Stands in for Hypothesis's ``data()`` in a fixed example: every draw from a
+    ``sampled_from`` takes its first element."""
+
+    def draw(self, strategy: object, label: str = "") -> object:
+        elements = getattr(strategy, "elements", None)
+        assert elements, f"no fixed choice for {strategy!r} ({label})"
+        return elements[0]
+
+
+def test_a_higher_priority_goes_first() -> None:
+    """Property 9 at its boundary: one free slot, a task of a higher priority committed
+    after one of a lower."""
+    state = CoreQueue()
+    try:
+        state.elect()
+        state.create(0, None, 3, None, 0, None, count=1)
+        state.create(2, None, 3, None, 0, None, count=1)
+        state.first_node(capacity=1)
+        state.leader_rounds(interfere=False)
+        _checked(state)
+    finally:
+        state.teardown()

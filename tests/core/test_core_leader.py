@@ -17,6 +17,7 @@ from tm_sidecar.core import (
     TaskId,
     TaskOptions,
     WatchEvent,
+    handed_back,
     initial_record,
 )
 
@@ -172,6 +173,75 @@ def test_tasks_of_a_lost_node_are_reaped_and_retried() -> None:
     f.delete(KS.node("n2"))
     ((_, again),) = f.view.decide(3.0, POLICY).batches[0].moves
     assert (again.state, again.attempts) == (State.DELAYED, 2)
+
+
+def test_a_lost_nodes_task_keeps_its_place_in_the_queue() -> None:
+    f = Feed()
+    for tid in ("a", "b", "c"):
+        f.task(tid)
+    f.node("n1", {"default": 1})
+    (first,) = f.view.decide(0.0, POLICY).batches
+    f.commit(first)
+    f.delete(KS.node("n1"))
+    f.node("n2", {"default": 1})
+    # The reap and the next decision come together: b, committed after a, must not
+    # take n2 while a is on its way back to pending.
+    d = f.view.decide(1.0, POLICY)
+    assert [(b.kind, b.task_ids) for b in d.batches] == [("reap", ("a",))]
+    f.commit(d.batches[0])
+    assert assigned_ids(f.view.decide(1.0, POLICY).batches) == [("a", "n2")]
+
+
+def test_a_task_handed_back_keeps_its_place_in_the_queue() -> None:
+    f = Feed()
+    for tid in ("a", "b"):
+        f.task(tid)
+    f.node("n1", {"default": 1})
+    (first,) = f.view.decide(0.0, POLICY).batches
+    f.commit(first)
+    ((slot, _),) = first.moves
+    key = KS.state(State.PROCESSING, TaskId("a"), "n1")
+    running = Record.from_json(State.PROCESSING, f.live[key].value)
+    assert running.order == slot.create_revision
+    f.delete(key)  # the worker's hand-back: processing to pending, at a later revision
+    f.put(KS.state(State.PENDING, TaskId("a")), handed_back(running, now=1.0).to_json())
+    assert assigned_ids(f.view.decide(1.0, POLICY).batches) == [("a", "n1")]
+
+
+def test_after_an_etcd_outage_absent_nodes_get_a_hold_before_their_tasks_are_reaped() -> None:
+    f = Feed()
+    f.task("a")
+    f.node("n1", {"default": 1}, session=1)
+    for b in f.view.decide(0.0, POLICY).batches:
+        f.commit(b)
+    f.delete(KS.node("n1"))  # its lease went with etcd's outage
+    held = attrs.evolve(POLICY, hold_lost_until=10.0)
+    d = f.view.decide(5.0, held)
+    assert d.batches == ()
+    assert d.wake_at == 10.0
+    # n1 comes back, carrying the outcome of its old session: still left alone.
+    f.put(
+        KS.node("n1"),
+        NodeInfo(id=NodeId("n1"), session=2, capacity={"default": 1}, carries=(1,)).to_json(),
+    )
+    assert f.view.decide(11.0, held).batches == ()
+    # Reported, or given up: n1 registers without it, and the task is reaped.
+    f.node("n1", {"default": 1}, session=2)
+    d = f.view.decide(12.0, held)
+    assert [(b.kind, b.task_ids) for b in d.batches] == [("reap", ("a",))]
+
+
+def test_an_absent_nodes_tasks_are_reaped_once_the_hold_ends() -> None:
+    f = Feed()
+    f.task("a")
+    f.node("n1", {"default": 1}, session=1)
+    for b in f.view.decide(0.0, POLICY).batches:
+        f.commit(b)
+    f.delete(KS.node("n1"))
+    held = attrs.evolve(POLICY, hold_lost_until=10.0)
+    assert f.view.decide(9.0, held).batches == ()
+    d = f.view.decide(10.0, held)
+    assert [(b.kind, b.task_ids) for b in d.batches] == [("reap", ("a",))]
 
 
 def test_a_restarted_node_does_not_keep_its_old_assignments() -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import attrs
 import pytest
 
 from tm_sidecar.core import (
+    MAX_HISTORY,
     REPORT_REFUSED,
+    AttemptEnd,
     Backoff,
     GivenBack,
     Happened,
@@ -158,7 +161,73 @@ def retry(error: TaskError, delay_s: float = 10.0, attempts: int = 1) -> Record:
     ],
 )
 def test_what_an_attempts_end_writes(happened: Happened, expected: Record) -> None:
-    assert outcome(happened) == expected
+    # (the history and the node of a final record: see the tests below)
+    got = outcome(happened)
+    assert got is not None
+    assert attrs.evolve(got, history=(), node=None) == expected
+
+
+@pytest.mark.parametrize(
+    ("happened", "kind", "error_type"),
+    [
+        (Returned({"ok": 1}, 8), "completed", None),
+        (Raised(TaskError(type="E", message="boom")), "failed", "E"),
+        (Raised(TaskError(type="E", message="boom", retryable=False)), "failed", "E"),
+        (TimedOut(), "failed", "Timeout"),
+        (SnoozeAsked(30.0), "snoozed", None),
+        (GivenBack(), "handed back", None),
+        (Interrupted(graceful=False), "failed", "Interrupted"),
+    ],
+)
+def test_every_attempts_end_joins_the_history(
+    happened: Happened, kind: str, error_type: str | None
+) -> None:
+    earlier = AttemptEnd(attempt=1, node=NodeId("n0"), ended_at=800.0, outcome="failed")
+    got = outcome(happened, running(attempts=2, history=(earlier,)))
+    assert got is not None
+    assert got.history[0] == earlier
+    (last,) = got.history[1:]
+    assert (last.attempt, last.node, last.started_at, last.ended_at) == (2, "n1", 950.0, NOW)
+    assert last.outcome == kind
+    assert (last.error.type if last.error else None) == error_type
+    # It survives the record's JSON.
+    assert Record.from_json(got.state, got.to_json()).history == got.history
+    if got.state in (State.COMPLETED, State.FAILED):
+        assert got.node == "n1", "a final record names the node of its last attempt"
+
+
+def test_the_history_keeps_the_latest_attempts_with_short_messages() -> None:
+    old = tuple(
+        AttemptEnd(attempt=n, ended_at=float(n), outcome="failed") for n in range(MAX_HISTORY)
+    )
+    got = outcome(
+        Raised(TaskError(type="E", message="x" * 5000, traceback="tb")),
+        running(attempts=2, history=old),
+    )
+    assert got is not None
+    assert len(got.history) == MAX_HISTORY
+    assert got.history[0].attempt == 1  # the oldest went
+    assert got.history[-1].error is not None
+    assert len(got.history[-1].error.message) == 200
+    assert got.history[-1].error.traceback is None
+    assert got.error is not None
+    assert got.error.traceback == "tb"
+
+
+def test_a_requeue_through_no_fault_keeps_the_place_a_failure_does_not() -> None:
+    placed = running(order=42)
+    given = outcome(GivenBack(), placed)
+    lost = outcome(Interrupted(graceful=False), placed, draw=lambda: 0.0)
+    failed_once = outcome(Raised(TaskError(type="E", message="boom")), placed)
+    snoozed = outcome(SnoozeAsked(0.0), placed)
+    assert given is not None
+    assert given.order == 42
+    assert lost is not None
+    assert lost.order == 42
+    assert failed_once is not None
+    assert failed_once.order is None
+    assert snoozed is not None
+    assert snoozed.order is None
 
 
 def test_a_failure_draws_its_backoff_and_nothing_else_draws() -> None:
@@ -169,7 +238,9 @@ def test_a_failure_draws_its_backoff_and_nothing_else_draws() -> None:
         return 0.5
 
     error = TaskError(type="E", message="boom")
-    assert outcome(Raised(error), draw=draw) == retry(error, delay_s=7.5)
+    got = outcome(Raised(error), draw=draw)
+    assert got is not None
+    assert attrs.evolve(got, history=()) == retry(error, delay_s=7.5)
     assert outcome(Returned(1, 1), draw=draw) is not None
     assert outcome(Interrupted(graceful=False), draw=draw) is not None
     assert draws == [0.5]
@@ -177,7 +248,10 @@ def test_a_failure_draws_its_backoff_and_nothing_else_draws() -> None:
 
 def test_the_last_attempts_failure_is_final() -> None:
     error = TaskError(type="E", message="boom")
-    assert outcome(Raised(error), running(attempts=3)) == failed(error, attempts=3)
+    got = outcome(Raised(error), running(attempts=3))
+    assert got is not None
+    assert attrs.evolve(got, history=(), node=None) == failed(error, attempts=3)
+    assert got.node == "n1"
 
 
 def test_a_refused_report_becomes_a_small_final_failure_once() -> None:

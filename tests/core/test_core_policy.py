@@ -83,8 +83,12 @@ def test_after_failure_table(
 ) -> None:
     nxt = after_failure(_processing(attempts, max_attempts), error=error, now=100.0, fraction=0.3)
     assert (nxt.state, nxt.due_at, nxt.attempts, nxt.error) == (state, due_at, attempts, error)
-    assert nxt.node is None
+    # A failed record names the node of its last attempt; a retry waits on no node.
+    assert nxt.node == ("n" if state is State.FAILED else None)
     assert nxt.session is None
+    assert [(e.attempt, e.node, e.outcome, e.error) for e in nxt.history] == [
+        (attempts, "n", "failed", error)
+    ]
 
 
 def test_zero_backoff_goes_straight_back_to_pending() -> None:

@@ -106,3 +106,39 @@ async def test_a_sigterm_drain_that_runs_out_hands_back_without_spending_the_att
     finally:
         sc.stop()
         await etcd.aclose()
+
+
+async def test_a_task_handed_back_starts_before_the_tasks_committed_after_it(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    """Property 9 for hand-backs (issue 20 item 4): it keeps its place in the queue."""
+    sc = SidecarProcess("n1", etcd_server.endpoint, namespace, tmp_path / "n1.log", handler=None)
+    sc.start()
+    try:
+        await sc.wait_serving()
+        sock = str(sc.socket_path)
+        async with TaskManager(sock) as producer:
+            stubborn = TaskManager(sock)
+            hung = trio.Event()
+
+            async def forever(task: WorkerTask) -> None:
+                hung.set()
+                await trio.sleep_forever()
+
+            await stubborn.process(forever)
+            first = await (await producer.create({"n": 0})).commit()
+            await hung.wait()
+            later = [await (await producer.create({"n": n})).commit() for n in (1, 2)]
+            await stubborn.shutdown(timeout=0.2)
+            started: list[int] = []
+
+            async def record(t: WorkerTask) -> int:
+                started.append(t.payload["n"])
+                return int(t.payload["n"])
+
+            await producer.process(record, concurrency=1)
+            for task in (first, *later):
+                await task.result(timeout=10)
+            assert started == [0, 1, 2]
+    finally:
+        sc.stop()

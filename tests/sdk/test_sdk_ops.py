@@ -4,9 +4,10 @@ that ``hello`` answers is held against the requests written in the Python SDK
 land in the sidecar and one SDK only. The failure says which op is missing where.
 
 An SDK sends an op where its source names it as a request's first argument
-(``request("get", ...)``, ``_request("pause", ...)``, ``send_request("register", ...)``),
-or as the op of an (op, fields) pair it sends later (``("complete", {"result": ...})``,
-a delivery's outcome).
+(``request("get", ...)``, ``_request("pause", ...)``, ``send_items("report", ...)``), as
+the op of a frame built by hand (``{"op":"report",...``), as the op of an (op, fields) pair
+it sends later (``("complete", {"result": ...})``), or as a kind of a delivery's outcome
+in the table of the single ops a sidecar without batched reports takes.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ NOT_SENT = {
     "resumed after a reconnect), not with a wait request held open",
 }
 
-_REQUEST = re.compile(r"""request\(\s*["']([a-z_]+)["']""")
+_REQUEST = re.compile(r"""(?:request|send_items)\(\s*["']([a-z_]+)["']""")
+#: A frame built by hand (``{"id":7,"op":"report",...`` in a template), its op named.
+_FRAME_OP = re.compile(r"""["']op["']\s*:\s*["']([a-z_]+)["']""")
+#: A table of a delivery's outcomes as the single ops they are sent as (``_SINGLE`` in
+#: Python: ``"complete": ("complete", "result")``; ``SINGLE`` in Node.js: one line of
+#: ``kind: field``): each kind is an op sent where the sidecar does not batch reports.
+_SINGLE_PY = re.compile(r"""["']([a-z_]+)["']\s*:\s*\(\s*["']\1["']""")
+_SINGLE_JS = re.compile(r"""^const SINGLE = \{(.*)\};$""", re.M)
 _PAIR = re.compile(r"""(?<!\.get)(?<!\.pop)(?<!setdefault)[(\[]\s*["']([a-z_]+)["']\s*,\s*\{""")
 
 
@@ -46,10 +54,16 @@ def sent_ops(folder: Path, pattern: str, *, pairs: bool = True) -> dict[str, lis
     found: dict[str, list[str]] = {}
     for path in sorted(folder.glob(pattern)):
         text = path.read_text()
-        for regex in (_REQUEST, _PAIR) if pairs else (_REQUEST,):
+        regexes = (_REQUEST, _PAIR, _FRAME_OP, _SINGLE_PY) if pairs else (_REQUEST, _FRAME_OP)
+        for regex in regexes:
             for match in regex.finditer(text):
                 line = text.count("\n", 0, match.start()) + 1
                 found.setdefault(match.group(1), []).append(f"{path.name}:{line}")
+        if pairs:
+            for table in _SINGLE_JS.finditer(text):
+                line = text.count("\n", 0, table.start()) + 1
+                for kind in re.findall(r"(\w+)\s*:", table.group(1)):
+                    found.setdefault(kind, []).append(f"{path.name}:{line}")
     return found
 
 

@@ -87,6 +87,11 @@ class LeaderPolicy:
     grace_s: float = 5.0
     requeue_stalled: bool = True
     max_batches: int = 16
+    #: Until this time (UTC epoch seconds), the tasks of a node with no registration are
+    #: not reaped: set after this sidecar lost its session while etcd was away, when
+    #: every node's registration went with etcd's leases and live nodes are still
+    #: registering again (with what they carry: ``NodeInfo.carries``).
+    hold_lost_until: float = 0.0
 
 
 def assign_batches(

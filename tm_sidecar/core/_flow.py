@@ -147,8 +147,10 @@ def queue_guard(ks: Keyspace, queue: str, mod_revision: int) -> Compare:
     return Compare.modified_at(ks.queue(queue), mod_revision)
 
 
-#: A pending task in the leader's queue heap: (-priority, create revision, task id).
-Entry = tuple[int, int, TaskId]
+#: A pending task in the leader's queue heap: (-priority, its place in the queue, the
+#: create revision of its pending key, task id). The place is the create revision too,
+#: unless the task kept an earlier one through a requeue (``Record.order``).
+Entry = tuple[int, int, int, TaskId]
 
 
 @attrs.define(eq=False)

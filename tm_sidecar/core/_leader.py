@@ -26,7 +26,7 @@ from ._flow import KeyCounts, QueueConfig, RateWindow, queue_guard
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import NodeInfo, Record, TaskError
 from ._plan import ASSIGN_BATCH, REAP_BATCH, Slot
-from ._policy import after_failure, assigned, promoted
+from ._policy import after_failure, assigned, place, promoted
 from ._records import Records
 from ._schedule import Schedule, firing_batch
 from ._txn import KeyValue, WatchEvent
@@ -60,10 +60,16 @@ class LeaderView:
     schedules: dict[str, tuple[KeyValue, Schedule]] = attrs.Factory(dict)
     _firing: set[str] = attrs.Factory(set)
     _settling_firings: list[tuple[int, str]] = attrs.Factory(list)
-    _queues: dict[str, list[tuple[int, int, TaskId]]] = attrs.Factory(dict)
+    _queues: dict[str, list[tuple[int, int, int, TaskId]]] = attrs.Factory(dict)
+    # Moves in flight that put a task back in pending at the place it kept (a lost
+    # node's task, a promotion of one): task id -> (queue, its rank). Until the view
+    # shows it pending, nothing ranked after it in its queue is assigned.
+    _requeues: dict[TaskId, tuple[str, tuple[int, int]]] = attrs.Factory(dict)
     _due: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _deadlines: list[tuple[float, int, TaskId]] = attrs.Factory(list)
     _suspects: set[TaskId] = attrs.Factory(set)
+    # When held suspects (tasks of an absent node, within the policy's hold) are due.
+    _hold_wake: float | None = None
     #: Keys whose value is not a record of ours: ignored, and shown for an operator.
     malformed: set[str] = attrs.Factory(set)
     # task id -> (node, queue) of an assignment in flight, or None for other moves
@@ -124,7 +130,7 @@ class LeaderView:
             info = NodeInfo.from_json(kv.value)
             old = self.nodes.get(parsed.node)
             self.nodes[parsed.node] = info
-            if old is None or old.session != info.session:
+            if old is None or old.session != info.session or old.carries != info.carries:
                 self._suspects.update(self._tasks_of(parsed.node))
             return
         if parsed.kind == "queue" and parsed.name is not None:
@@ -151,7 +157,7 @@ class LeaderView:
             self.pending[tid] = slot
             if fresh:
                 heap = self._queues.setdefault(record.options.queue, [])
-                heapq.heappush(heap, (-record.options.priority, kv.create_revision, tid))
+                heapq.heappush(heap, _entry(slot))
         elif parsed.state is State.DELAYED:
             self.delayed[tid] = slot
             heapq.heappush(self._due, (record.due_at or 0.0, kv.mod_revision, tid))
@@ -209,10 +215,10 @@ class LeaderView:
         if key is not None:
             self._unpark(self.keys.remove(slot.record.options.queue, key))
 
-    def _unpark(self, entries: Iterable[tuple[int, int, TaskId]]) -> None:
+    def _unpark(self, entries: Iterable[tuple[int, int, int, TaskId]]) -> None:
         for entry in entries:
-            slot = self.pending.get(entry[2])
-            if slot is not None and slot.create_revision == entry[1]:
+            slot = self.pending.get(entry[3])
+            if slot is not None and slot.create_revision == entry[2]:
                 heapq.heappush(self._queues.setdefault(slot.record.options.queue, []), entry)
 
     def _tasks_of(self, node: NodeId) -> list[TaskId]:
@@ -253,6 +259,7 @@ class LeaderView:
                 self.inflight[claim] -= 1
                 if self.inflight[claim] <= 0:
                     del self.inflight[claim]
+            self._requeues.pop(tid, None)
             keyed = self._key_claims.pop(tid, None)
             if keyed is not None:
                 self._unpark(self.keys.remove(*keyed))
@@ -260,7 +267,7 @@ class LeaderView:
             slot = self.pending.get(tid)
             if slot is not None:
                 heap = self._queues.setdefault(slot.record.options.queue, [])
-                heapq.heappush(heap, (-slot.record.options.priority, slot.create_revision, tid))
+                heapq.heappush(heap, _entry(slot))
             dslot = self.delayed.get(tid)
             if dslot is not None:
                 heapq.heappush(self._due, (dslot.record.due_at or 0.0, dslot.mod_revision, tid))
@@ -355,13 +362,20 @@ class LeaderView:
         draw = iter(draws)
         out: list[tuple[Slot, Record]] = []
         stalled: dict[TaskId, TaskError] = {}
+        self._hold_wake = None
         for tid in list(self._suspects):
             slot = self.processing.get(tid)
             if slot is None or tid in self._claims:
                 self._suspects.discard(tid)
                 continue
             node = self.nodes.get(slot.record.node or NodeId(""))
-            if node is None or node.session != slot.record.session:
+            if node is None and now < policy.hold_lost_until:
+                # etcd was away: a live node may not have registered again yet.
+                self._hold_wake = policy.hold_lost_until
+                continue
+            if node is not None and slot.record.session in node.carries:
+                pass  # its node has the outcome and reports it (watched again on change)
+            elif node is None or node.session != slot.record.session:
                 stalled[tid] = TaskError(
                     type="NodeLost",
                     message=f"node {slot.record.node} went away during attempt "
@@ -373,6 +387,11 @@ class LeaderView:
             slot = self.processing.get(tid)
             if slot is None or slot.create_revision != create_rev or tid in self._claims:
                 continue
+            owner = self.nodes.get(slot.record.node or NodeId(""))
+            if owner is None and now < policy.hold_lost_until:
+                continue  # held as a suspect until the hold ends (above)
+            if owner is not None and slot.record.session in owner.carries:
+                continue  # ended: its outcome is on its way (reaped if its node says not)
             stalled.setdefault(
                 tid,
                 TaskError(
@@ -389,16 +408,19 @@ class LeaderView:
             # A later one waits its backoff, so that a task that kills its workers does
             # not take node after node down in quick succession. An attempt past its
             # deadline is a failure like a timeout.
-            lost_first = error.type == "NodeLost" and slot.record.attempts <= 1
+            # Either way a lost node's task keeps its place in its queue.
+            lost = error.type == "NodeLost"
             nxt = after_failure(
                 slot.record,
                 error=error,
                 now=now,
                 fraction=next(draw, 0.5),
                 reason="stalled",
-                backoff=not lost_first,
+                backoff=not (lost and slot.record.attempts <= 1),
+                keep_order=lost,
             )
             self._claim(tid)
+            self._requeueing(tid, nxt)
             out.append((slot, nxt))
         return out
 
@@ -410,8 +432,17 @@ class LeaderView:
             if slot is None or slot.mod_revision != mod_rev or tid in self._claims:
                 continue
             self._claim(tid)
-            out.append((slot, promoted(slot.record, now=now)))
+            nxt = promoted(slot.record, now=now)
+            self._requeueing(tid, nxt)
+            out.append((slot, nxt))
         return out
+
+    def _requeueing(self, tid: TaskId, record: Record) -> None:
+        """A move of ``tid`` to ``record`` is in flight: if it comes back to pending at a
+        place it kept, hold back what ranks after it until the view shows it."""
+        if record.state is State.PENDING and record.order is not None:
+            rank = (-record.options.priority, record.order)
+            self._requeues[tid] = (record.options.queue, rank)
 
     def free_slots(self) -> dict[str, list[tuple[NodeId, int]]]:
         """Free capacity per queue: (node, free) for every node with room."""
@@ -443,7 +474,7 @@ class LeaderView:
     def _assign_queue(
         self,
         queue: str,
-        heap: list[tuple[int, int, TaskId]],
+        heap: list[tuple[int, int, int, TaskId]],
         rooms: list[tuple[NodeId, int]],
         now: float,
         policy: LeaderPolicy,
@@ -462,9 +493,13 @@ class LeaderView:
         # Spread work: the node with the most room takes the next task.
         nodes = [(-room, node) for node, room in rooms]
         heapq.heapify(nodes)
+        # A requeue in flight keeps its place: nothing ranked after it goes first.
+        barrier = min((rank for q, rank in self._requeues.values() if q == queue), default=None)
         while heap and nodes and len(out) < budget:
+            if barrier is not None and heap[0][:2] > barrier:
+                break
             entry = heapq.heappop(heap)
-            _, create_rev, tid = entry
+            _, _, create_rev, tid = entry
             slot = self.pending.get(tid)
             if slot is None or slot.create_revision != create_rev or tid in self._claims:
                 continue
@@ -487,7 +522,12 @@ class LeaderView:
                 if window is not None:
                     window.record(now)
             record = assigned(
-                slot.record, node=node, session=info.session, now=now, grace_s=policy.grace_s
+                slot.record,
+                node=node,
+                session=info.session,
+                now=now,
+                grace_s=policy.grace_s,
+                order=entry[1],
             )
             out.append((slot, record))
             if neg_room + 1 < 0:
@@ -523,6 +563,8 @@ class LeaderView:
             if not schedule.paused and name not in self._firing
         ]
         times += self._queue_rate_wakes.values()
+        if self._hold_wake is not None:
+            times.append(self._hold_wake)
         return min(times) if times else None
 
     def depth(self) -> dict[str, int]:
@@ -535,3 +577,10 @@ class LeaderView:
 
 
 _NO_CONFIG = QueueConfig()
+
+
+def _entry(slot: Slot) -> tuple[int, int, int, TaskId]:
+    """A pending slot's entry in its queue's heap: by priority, then by its place."""
+    record = slot.record
+    order = place(record.order, slot.create_revision)
+    return (-record.options.priority, order, slot.create_revision, slot.task_id)

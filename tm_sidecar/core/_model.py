@@ -206,6 +206,58 @@ class TaskError:
         )
 
 
+#: Attempts a record's ``history`` keeps (the latest).
+MAX_HISTORY = 10
+#: An error message in the history is cut to this many characters (the last error keeps
+#: its whole message and traceback in ``error``).
+HISTORY_MESSAGE_CHARS = 200
+
+
+@attrs.frozen(kw_only=True)
+class AttemptEnd:
+    """One ended attempt, as a record's ``history`` keeps it.
+
+    ``outcome`` is ``completed``, ``failed`` (the attempt failed; the task may have
+    been retried), ``handed back`` or ``snoozed``; ``error`` is the failure's type and
+    message (no traceback; ``retryable`` only when false).
+    """
+
+    attempt: int
+    node: NodeId | None = None
+    started_at: float | None = None
+    ended_at: float
+    outcome: str
+    error: TaskError | None = None
+
+    def to_json(self) -> dict[str, JSON]:
+        """The JSON object stored in etcd."""
+        obj: dict[str, JSON] = {"attempt": self.attempt}
+        if self.node is not None:
+            obj["node"] = self.node
+        if self.started_at is not None:
+            obj["started_at"] = self.started_at
+        obj["ended_at"] = self.ended_at
+        obj["outcome"] = self.outcome
+        if self.error is not None:
+            obj["error"] = {"type": self.error.type, "message": self.error.message}
+            if not self.error.retryable:
+                obj["error"]["retryable"] = False
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: dict[str, JSON]) -> AttemptEnd:
+        """Read the JSON object stored in etcd."""
+        node, error = obj.get("node"), obj.get("error")
+        return cls(
+            attempt=int(obj.get("attempt", 0)),
+            node=None if node is None else NodeId(str(node)),
+            started_at=_opt_float(obj.get("started_at")),
+            ended_at=float(obj.get("ended_at", 0.0)),
+            outcome=str(obj.get("outcome", "")),
+            error=None if error is None else TaskError.from_json(error),
+        )
+
+
 @attrs.frozen(kw_only=True)
 class Record:
     """The value of a state key: where the task is, and what a move needs to know.
@@ -233,6 +285,12 @@ class Record:
     # Hand-backs in a row that spent no attempt (pending and processing records).
     handbacks: int = 0
     snoozes: int = 0  # how often a handler snoozed the task so far
+    #: pending, delayed, processing: the task's place in its queue (a revision), kept when
+    #: it is requeued through no fault of its own (its node was lost, it was handed
+    #: back); None: the create revision of its pending key.
+    order: int | None = None
+    #: The attempts that ended, oldest first, the latest ``MAX_HISTORY`` of them.
+    history: tuple[AttemptEnd, ...] = ()
 
     def to_json(self) -> str:
         """The value stored in etcd (the state itself is the key's prefix)."""
@@ -255,6 +313,10 @@ class Record:
             obj["handbacks"] = self.handbacks
         if self.snoozes:
             obj["snoozes"] = self.snoozes
+        if self.order is not None:
+            obj["order"] = self.order
+        if self.history:
+            obj["history"] = [entry.to_json() for entry in self.history]
         return dumps(obj)
 
     @classmethod
@@ -272,7 +334,7 @@ class Record:
     ) -> Record:
         """Read the decoded value of a state key; ``options`` reads its options."""
         get = obj.get
-        node, session, error = get("node"), get("session"), get("error")
+        node, session, error, order = get("node"), get("session"), get("error"), get("order")
         return cls(
             state=state,
             attempts=int(get("attempts", 0)),
@@ -289,6 +351,8 @@ class Record:
             reason=get("reason"),
             handbacks=int(get("handbacks", 0)),
             snoozes=int(get("snoozes", 0)),
+            order=None if order is None else int(order),
+            history=tuple(AttemptEnd.from_json(e) for e in get("history", ())),
         )
 
 
@@ -303,20 +367,25 @@ class NodeInfo:
     pid: int = 0
     version: str = ""
     started_at: float = 0.0
+    #: Earlier sessions of this process whose ended attempts it still has to report
+    #: (their session was lost while etcd could not be reached): the leader leaves those
+    #: assignments alone until they are reported.
+    carries: tuple[int, ...] = ()
 
     def to_json(self) -> str:
         """The value stored in etcd."""
-        return dumps(
-            {
-                "id": self.id,
-                "session": self.session,
-                "capacity": dict(sorted(self.capacity.items())),
-                "host": self.host,
-                "pid": self.pid,
-                "version": self.version,
-                "started_at": self.started_at,
-            }
-        )
+        obj: dict[str, JSON] = {
+            "id": self.id,
+            "session": self.session,
+            "capacity": dict(sorted(self.capacity.items())),
+            "host": self.host,
+            "pid": self.pid,
+            "version": self.version,
+            "started_at": self.started_at,
+        }
+        if self.carries:
+            obj["carries"] = list(self.carries)
+        return dumps(obj)
 
     @classmethod
     def from_json(cls, text: str) -> NodeInfo:
@@ -330,6 +399,7 @@ class NodeInfo:
             pid=int(obj.get("pid", 0)),
             version=str(obj.get("version", "")),
             started_at=float(obj.get("started_at", 0.0)),
+            carries=tuple(int(s) for s in obj.get("carries", ())),
         )
 
 

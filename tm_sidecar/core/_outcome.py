@@ -142,8 +142,9 @@ def attempt_outcome(
             # without a backoff draw: the node is going away.
             if graceful:
                 return handed_back(record, now=now)
+            # Like a lost node, through no fault of the task: it keeps its place.
             error = TaskError(type="Interrupted", message="the sidecar stopped during the attempt")
-            return after_failure(record, error=error, now=now, fraction=0.0)
+            return after_failure(record, error=error, now=now, fraction=0.0, keep_order=True)
         case ReportRefused(message=message):
             if record.error is not None and record.error.type == REPORT_REFUSED:
                 return None

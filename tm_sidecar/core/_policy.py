@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 
 from ._keys import NodeId, State
-from ._model import Backoff, Record, TaskError
+from ._model import HISTORY_MESSAGE_CHARS, MAX_HISTORY, AttemptEnd, Backoff, Record, TaskError
 
 
 def backoff_delay_s(backoff: Backoff, attempts: int, fraction: float) -> float:
@@ -23,6 +23,37 @@ def backoff_delay_s(backoff: Backoff, attempts: int, fraction: float) -> float:
     return full * (1.0 - backoff.jitter * fraction)
 
 
+def ended(
+    record: Record, *, now: float, outcome: str, error: TaskError | None = None
+) -> tuple[AttemptEnd, ...]:
+    """The history of ``record`` (a processing record) with its attempt's end added,
+    bounded to the latest ``MAX_HISTORY``. Only a processing record names an attempt
+    that ran: any other record's history is answered unchanged."""
+    if record.state is not State.PROCESSING:
+        return record.history
+    if error is not None:
+        error = TaskError(
+            type=error.type,
+            message=error.message[:HISTORY_MESSAGE_CHARS],
+            retryable=error.retryable,
+        )
+    entry = AttemptEnd(
+        attempt=record.attempts,
+        node=record.node,
+        started_at=record.started_at,
+        ended_at=now,
+        outcome=outcome,
+        error=error,
+    )
+    return (*record.history, entry)[-MAX_HISTORY:]
+
+
+def place(slot_order: int | None, create_revision: int) -> int:
+    """A pending task's place in its queue: the order its record keeps, else the create
+    revision of its pending key (when it was committed there)."""
+    return create_revision if slot_order is None else slot_order
+
+
 def initial_record(options_record: Record, *, now: float, run_at: float | None) -> Record:
     """The first state of a new task: delayed until ``run_at`` if that is in the future."""
     if run_at is not None and run_at > now:
@@ -32,8 +63,17 @@ def initial_record(options_record: Record, *, now: float, run_at: float | None) 
     return attrs.evolve(options_record, state=State.PENDING, since_at=now, reason="created")
 
 
-def assigned(record: Record, *, node: NodeId, session: int, now: float, grace_s: float) -> Record:
-    """The processing record of a new attempt on ``node``."""
+def assigned(
+    record: Record,
+    *,
+    node: NodeId,
+    session: int,
+    now: float,
+    grace_s: float,
+    order: int | None = None,
+) -> Record:
+    """The processing record of a new attempt on ``node``; ``order`` is the task's place
+    in its queue, kept in case the attempt is requeued (see :func:`place`)."""
     timeout = record.options.timeout_s
     return Record(
         state=State.PROCESSING,
@@ -45,18 +85,22 @@ def assigned(record: Record, *, node: NodeId, session: int, now: float, grace_s:
         deadline_at=None if timeout is None else now + timeout + grace_s,
         handbacks=record.handbacks,
         snoozes=record.snoozes,
+        order=order,
+        history=record.history,
     )
 
 
 def retried(record: Record, *, now: float) -> Record:
     """A failed task an operator sends back (``tmctl retry``): pending with fresh
-    attempts, as if just created; its options stay, its history goes."""
+    attempts, as if just created; its options stay, and the attempts it had stay in
+    its ``history``."""
     return Record(
         state=State.PENDING,
         attempts=0,
         options=record.options,
         since_at=now,
         reason="created",
+        history=record.history,
     )
 
 
@@ -78,6 +122,8 @@ def succeeded(record: Record, *, result: object, now: float) -> Record:
         started_at=record.started_at,
         result=result,
         snoozes=record.snoozes,
+        node=record.node,
+        history=ended(record, now=now, outcome="completed"),
     )
 
 
@@ -89,14 +135,20 @@ def after_failure(
     fraction: float,
     reason: str = "retry",
     backoff: bool = True,
+    keep_order: bool = False,
 ) -> Record:
     """Where a failed attempt sends the task: back to wait for a retry, or to failed.
 
     The task goes to failed exactly when the error is not retryable or the attempts are
     exhausted; otherwise it waits the backoff in delayed (or goes straight to pending
     when the backoff is zero, or ``backoff`` is off: the attempt failed through no fault
-    of the task, its node died).
+    of the task, its node died). With ``keep_order`` (its node died), the task keeps
+    its place in its queue when it comes back to pending.
+
+    The attempt's end joins the record's ``history``; a failed record names the node
+    that ran the last attempt.
     """
+    history = ended(record, now=now, outcome="failed", error=error)
     if not error.retryable or record.attempts >= record.options.max_attempts:
         return Record(
             state=State.FAILED,
@@ -106,7 +158,10 @@ def after_failure(
             started_at=record.started_at,
             error=error,
             snoozes=record.snoozes,
+            node=record.node,
+            history=history,
         )
+    order = record.order if keep_order else None
     delay = backoff_delay_s(record.options.backoff, record.attempts, fraction) if backoff else 0.0
     if delay <= 0:
         return Record(
@@ -118,6 +173,8 @@ def after_failure(
             error=error,
             reason=reason,
             snoozes=record.snoozes,
+            order=order,
+            history=history,
         )
     return Record(
         state=State.DELAYED,
@@ -129,6 +186,8 @@ def after_failure(
         error=error,
         reason=reason,
         snoozes=record.snoozes,
+        order=order,
+        history=history,
     )
 
 
@@ -142,6 +201,8 @@ def handed_back(record: Record, *, now: float) -> Record:
     may be what keeps its workers from stopping, and must not come back for ever. The
     next hand-back then counts as a failed attempt (``HandedBack``, retryable), which
     ends in failed once the attempts are spent.
+
+    A task handed back keeps its place in its queue (``order``).
     """
     if record.handbacks >= MAX_FREE_HANDBACKS:
         error = TaskError(
@@ -157,6 +218,8 @@ def handed_back(record: Record, *, now: float) -> Record:
         reason=HANDED_BACK,
         handbacks=record.handbacks + 1,
         snoozes=record.snoozes,
+        order=record.order,
+        history=ended(record, now=now, outcome=HANDED_BACK),
     )
 
 
@@ -189,6 +252,8 @@ def snoozed(record: Record, *, delay_s: float, now: float) -> Record:
                 retryable=False,
             ),
             snoozes=record.snoozes,
+            node=record.node,
+            history=ended(record, now=now, outcome="failed"),
         )
     spent = max(record.attempts - 1, 0)  # this attempt does not count
     return Record(
@@ -199,6 +264,7 @@ def snoozed(record: Record, *, delay_s: float, now: float) -> Record:
         due_at=now + delay_s if delay_s > 0 else None,
         reason=SNOOZED,
         snoozes=record.snoozes + 1,
+        history=ended(record, now=now, outcome=SNOOZED),
     )
 
 
@@ -210,12 +276,15 @@ def cancelled(record: Record, *, now: float, message: str = "cancelled") -> Reco
     """A live task (pending, delayed or running) that was cancelled: failed at once, for
     good. The attempts it had are kept; a running attempt's handler is cancelled by its
     node when the assignment key goes."""
+    error = TaskError(type=CANCELLED, message=message, retryable=False)
     return Record(
         state=State.FAILED,
         attempts=record.attempts,
         options=record.options,
         since_at=now,
         started_at=record.started_at,
-        error=TaskError(type=CANCELLED, message=message, retryable=False),
+        error=error,
         snoozes=record.snoozes,
+        node=record.node,
+        history=ended(record, now=now, outcome="failed", error=error),
     )

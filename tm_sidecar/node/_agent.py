@@ -23,7 +23,7 @@ from ..etcd._feed import Feed
 from ..etcd._group import GroupCommit, txn_group
 from ..etcd._session import RetentionLeases, Session
 from ._agent_state import AgentState, RecentTasks, Running
-from ._attempt import AgentIO, AttemptEnv, run_attempt
+from ._attempt import AgentIO, AttemptEnv, report_carried, run_attempt
 from ._handlers import (
     HandedBack,
     Handler,
@@ -118,6 +118,9 @@ async def run_agent(
         await nursery.start(reports.run)
         await nursery.start(specs.run)
         nursery.start_soon(io.announcer.run, io)
+        # Outcomes an earlier session could not report (etcd was away) go first.
+        for slot, outcome in list(state.carried.values()):
+            nursery.start_soon(report_carried, env, slot, outcome)
 
         def consider(kv: KeyValue) -> None:
             parsed = ks.parse(kv.key)

@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from .._hooks import Hooks
-from ..core import AttemptLedger, TaskId, TaskSpec
+from ..core import AttemptLedger, Record, Slot, TaskId, TaskSpec
 from ..etcd._group import GroupStats
 
 
@@ -87,6 +87,31 @@ class AgentState:
     handing_back: bool = False
     #: Told each attempt's start and outcome (metrics); given at construction.
     hooks: Hooks = attrs.field(factory=Hooks, kw_only=True)
+    #: Outcomes of attempts that ended here but could not be reported before their
+    #: session was lost (etcd away): the next session's agent reports them, and the
+    #: node's registration names their sessions meanwhile (``NodeInfo.carries``), so
+    #: that the leader does not run them again.
+    carried: dict[TaskId, tuple[Slot, Record]] = attrs.Factory(dict)
+    #: Set (and replaced) whenever ``carried`` changes.
+    carried_changed: trio.Event = attrs.Factory(trio.Event)
+
+    def carry(self, slot: Slot, outcome: Record) -> None:
+        """Keep an ended attempt's outcome for the next session to report."""
+        self.carried[slot.task_id] = (slot, outcome)
+        self._carried_changed()
+
+    def carried_done(self, task_id: TaskId) -> None:
+        """A carried outcome was reported (or refused as stale): forget it."""
+        if self.carried.pop(task_id, None) is not None:
+            self._carried_changed()
+
+    def carried_sessions(self) -> tuple[int, ...]:
+        """The sessions whose outcomes this node still carries."""
+        return tuple(sorted({slot.record.session or 0 for slot, _ in self.carried.values()}))
+
+    def _carried_changed(self) -> None:
+        self.carried_changed.set()
+        self.carried_changed = trio.Event()
 
     def _changed(self) -> None:
         if not self.running:

@@ -150,6 +150,8 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
     current = slot.record
     scope = running.scope
     state = env.state
+    # Once the handler has ended, what happened is a fact to report, whatever comes next.
+    ended: Record | None = None
     try:
         with scope:
             spec = state.recent.take(tid)
@@ -159,13 +161,15 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
                 )
                 if spec_kv is None:
                     running.reporting = True
-                    await _report(env, slot, env.outcome_of(current, TaskMissing()))
+                    ended = env.outcome_of(current, TaskMissing())
+                    await _report(env, slot, ended)
                     return
                 spec = TaskSpec.from_json(spec_kv.value)
             reg = env.registry.pick(current.options.queue)
             if reg is None:
                 running.reporting = True
-                await _report(env, slot, env.outcome_of(current, NoHandler()))
+                ended = env.outcome_of(current, NoHandler())
+                await _report(env, slot, ended)
                 return
             async with reg.limiter:
                 current = attrs.evolve(current, started_at=env.clock())
@@ -198,22 +202,32 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
                     happened = TimedOut()
                 except Exception as exc:
                     happened = Raised(error_from_exception(exc))
-                outcome = env.outcome_of(current, happened)
+                ended = env.outcome_of(current, happened)
                 # The outcome tells the start if the announcement has not gone yet.
                 attempt.announced = True
             running.reporting = True
-            await _report(env, slot, outcome)
+            await _report(env, slot, ended)
         if scope.cancelled_caught:
             log.info(
                 "attempt abandoned: its assignment was withdrawn",
                 extra={"task": tid, "attempt": current.attempts},
             )
     except trio.Cancelled:
-        # The agent is stopping: hand the attempt back at once rather than after the lease.
-        # A graceful stop spends no attempt (the task did not fail); anything else does.
-        nxt = env.outcome_of(current, Interrupted(graceful=state.handing_back))
-        with trio.move_on_after(2.0, shield=True):
+        # The agent is stopping. An attempt whose handler has ended reports how it ended;
+        # one still running is handed back at once rather than after the lease (a
+        # graceful stop spends no attempt, since the task did not fail; anything else
+        # does).
+        nxt = ended or env.outcome_of(current, Interrupted(graceful=state.handing_back))
+        with trio.move_on_after(2.0, shield=True) as cut:
             await _report(env, slot, nxt, batched=False)
+        if cut.cancelled_caught and ended is not None:
+            # etcd is away (the session was lost to an outage, say): the ended attempt is
+            # not run again; the next session reports it.
+            state.carry(slot, ended)
+            log.warning(
+                "outcome kept for the next session: etcd cannot be reached",
+                extra={"task": tid, "attempt": current.attempts, "state": ended.state.value},
+            )
         raise
     except Exception:
         # A bug or an etcd refusal on this one task: the leader reaps it if it stays
@@ -226,6 +240,19 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
         if state.running.get(tid) is running:
             del state.running[tid]
             state._changed()
+
+
+async def report_carried(env: AttemptEnv, slot: Slot, outcome: Record) -> None:
+    """Report an outcome carried over from a lost session (``AgentState.carried``); if
+    this session is lost too before it lands, the next one carries it on."""
+    try:
+        reported = await _report(env, slot, outcome)
+    except Exception:
+        log.exception("a carried outcome could not be reported", extra={"task": slot.task_id})
+    else:
+        if reported:
+            log.info("carried outcome reported", extra={"task": slot.task_id})
+    env.state.carried_done(slot.task_id)
 
 
 async def _announce(io: AgentIO, attempt: Attempt) -> None:

@@ -12,14 +12,15 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 
 import attrs
 import trio
 
 from .. import __version__
 from .._errors import EtcdError, LeaseLost, LeaseNotFound, NotLeader, Unavailable
-from ..core import Keyspace, LeaderPolicy, NodeInfo, Records
-from ..etcd import Etcd, retrying
+from ..core import Compare, Keyspace, LeaderPolicy, NodeInfo, Put, Range, Records, Txn
+from ..etcd import Changes, Etcd, KeyValue, Reset, retrying
 from ..etcd._feed import Feed
 from ..etcd._session import RetentionLeases, Session, close_session, open_session, run_keepalive
 from ..leader._election import resign, stand, wait_to_lead
@@ -30,6 +31,19 @@ from ._registry import Registry
 from ._values import SidecarSettings
 
 log = logging.getLogger("tm_sidecar")
+
+
+class NodeIdTaken(Exception):
+    """Another live sidecar holds this node id: this one must not start."""
+
+    def __init__(self, node_id: str, holder: NodeInfo) -> None:
+        super().__init__(
+            f"node id {node_id!r} is held by a live sidecar on host {holder.host or '?'} "
+            f"(pid {holder.pid or '?'}, started {_utc(holder.started_at)}): give each "
+            f"sidecar its own --node-id, or stop that one first"
+        )
+        self.node_id = node_id
+        self.holder = holder
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -53,7 +67,12 @@ class Membership:
     is_leader: bool = False
     #: Set (and replaced) whenever ``is_leader`` changes.
     role_changed: trio.Event = attrs.Factory(trio.Event)
+    #: Another sidecar's registration under this node id, while it holds it (this one
+    #: then gets no new work): logged, and shown in ``Sidecar.status()``.
+    taken_by: NodeInfo | None = None
     _node_dirty: trio.Event = attrs.Factory(trio.Event)
+    # The carried sessions the last registration named.
+    _carries_registered: tuple[int, ...] = ()
     _started_at: float = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -75,9 +94,15 @@ class Membership:
         election (once its candidate key is in place)."""
         first = True
         unrevoked: Session | None = None
+        lost = False
         while True:
             session = await open_session(self.etcd, self.settings.lease_ttl_s)
             self.session = session
+            # After a session lost while etcd was away, every node's registration may have
+            # gone with etcd's leases: as leader, give live nodes a while to register again
+            # (with the outcomes they carry) before reaping their tasks.
+            hold_until = self.clock() + self.settings.lease_ttl_s + 1.0 if lost else 0.0
+            lost = False
             if unrevoked is not None:
                 # The last session ended while etcd was away, so its revoke failed. etcd
                 # renews every lease when it elects a leader, so that lease (and with it
@@ -88,8 +113,9 @@ class Membership:
             try:
                 async with trio.open_nursery() as epoch:
                     await epoch.start(run_keepalive, self.etcd, session)
-                    await self._register(session)
+                    await self._claim(session)
                     await epoch.start(self._run_registration, session)
+                    epoch.start_soon(self._follow_carried)
                     await epoch.start(
                         functools.partial(
                             run_agent,
@@ -104,11 +130,12 @@ class Membership:
                             records=self.records,
                         )
                     )
-                    await epoch.start(self._run_election, session)
+                    await epoch.start(self._run_election, session, hold_until)
                     if first:
                         first = False
                         task_status.started()
             except* LeaseLost as group:
+                lost = True
                 log.error(
                     "session lost: starting a new one",
                     extra={"lease": session.lease, "error": str(group.exceptions[0])},
@@ -117,8 +144,9 @@ class Membership:
                 if not await close_session(self.etcd, session):
                     unrevoked = session
 
-    async def _register(self, session: Session) -> None:
-        info = NodeInfo(
+    def _info(self, session: Session) -> NodeInfo:
+        self._carries_registered = self.agent.carried_sessions()
+        return NodeInfo(
             id=self.settings.node_id,
             session=session.lease,
             capacity=self.registry.capacity(),
@@ -126,37 +154,185 @@ class Membership:
             pid=os.getpid(),
             version=__version__,
             started_at=self._started_at,
+            carries=self._carries_registered,
         )
-        self._node_dirty = trio.Event()
+
+    async def _txn(self, session: Session, txn: Txn) -> tuple[bool, KeyValue | None]:
+        """Run a registration transaction: whether it succeeded, and the registration it
+        read on failure (None: there is none)."""
         try:
-            await retrying(
-                lambda: self.etcd.put(
-                    self.ks.node(self.settings.node_id), info.to_json(), lease=session.lease
-                ),
-                what="node registration",
-            )
+            result = await retrying(lambda: self.etcd.txn(txn), what="node registration")
         except LeaseNotFound as exc:
             session.lost.set()
             raise LeaseLost(f"lease {session.lease:x} is gone") from exc
+        kvs = result.ranges[0].kvs if result.ranges else ()
+        return result.succeeded, kvs[0] if kvs else None
+
+    async def _claim(self, session: Session) -> None:
+        """Register this node under its id, which must be free: absent, this process's
+        own (an earlier session's), or a sidecar's on this host that is no longer
+        running. Another holder must lose its lease within a TTL (it was not live);
+        if it keeps it, raises :class:`NodeIdTaken`."""
+        key = self.ks.node(self.settings.node_id)
+        waited_since: float | None = None
+        while True:
+            self._node_dirty = trio.Event()
+            info = self._info(session)
+            put = Put(key, info.to_json(), session.lease)
+            done, kv = await self._txn(
+                session, Txn(compare=(Compare.absent(key),), success=(put,), failure=(Range(key),))
+            )
+            if done:
+                return
+            if kv is None:
+                continue  # it went meanwhile
+            try:
+                holder = NodeInfo.from_json(kv.value)
+            except (ValueError, KeyError, TypeError):
+                holder = NodeInfo(id=self.settings.node_id, session=kv.lease)
+            if holder.session == session.lease or self._gone_or_mine(holder):
+                # Ours, or a dead process's: take it over, unless it changed meanwhile.
+                txn = Txn(compare=(Compare.modified_at(key, kv.mod_revision),), success=(put,))
+                if (await self._txn(session, txn))[0]:
+                    if holder.session != session.lease and holder.pid != os.getpid():
+                        log.info(
+                            "node id taken over from a sidecar that is no longer running",
+                            extra={"node": self.settings.node_id, "pid": holder.pid},
+                        )
+                    return
+                continue
+            now = trio.current_time()
+            if waited_since is None:
+                waited_since = now
+                log.warning(
+                    "node id held by another sidecar: waiting for its lease to lapse",
+                    extra={
+                        "node": self.settings.node_id,
+                        "host": holder.host,
+                        "pid": holder.pid,
+                        "wait_s": self.settings.lease_ttl_s + 1,
+                    },
+                )
+            elif now - waited_since > self.settings.lease_ttl_s + 1:
+                # Its lease was renewed past a whole TTL: that sidecar is alive.
+                raise NodeIdTaken(self.settings.node_id, holder)
+            await trio.sleep(0.2)
+
+    def _gone_or_mine(self, holder: NodeInfo) -> bool:
+        """Whether a registration is this process's own (an earlier session of this
+        sidecar), or that of a process on this host that no longer runs."""
+        if holder.host != socket.gethostname() or holder.pid <= 0:
+            return False
+        if holder.pid == os.getpid():
+            return holder.started_at == self._started_at
+        try:
+            os.kill(holder.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, under another user
+        return False
+
+    async def _register(self, session: Session) -> None:
+        """Register again (capacity or carried sessions changed), if the registration is
+        still this session's; if it is gone, claim it again; if another sidecar took it,
+        leave it and say so (see :meth:`_watch_registration`)."""
+        key = self.ks.node(self.settings.node_id)
+        self._node_dirty = trio.Event()
+        put = Put(key, self._info(session).to_json(), session.lease)
+        txn = Txn(
+            compare=(Compare.leased(key, session.lease),), success=(put,), failure=(Range(key),)
+        )
+        done, kv = await self._txn(session, txn)
+        if not done and kv is None:
+            await self._claim(session)
 
     async def _run_registration(
         self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Register the node again whenever its capacity changes."""
-        task_status.started()
-        while True:
-            await self._node_dirty.wait()
-            await self._register(session)
+        """Register the node again whenever its capacity (or what it carries) changes,
+        and watch that the registration stays this session's."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._watch_registration, session)
+            task_status.started()
+            while True:
+                await self._node_dirty.wait()
+                await self._register(session)
 
-    async def _run_election(
+    async def _watch_registration(
         self, session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Follow this node's registration: if another sidecar with the same node id
+        takes it, this one gets no new work; say so (once per taker), and register
+        again once it is gone."""
+        key = self.ks.node(self.settings.node_id)
+        started = False
+        stream = self.feed.informer(key, range_end=key + "\x00")
+        async with aclosing(stream) as items:
+            async for item in items:
+                if isinstance(item, Reset):
+                    current = item.kvs[0] if item.kvs else None
+                elif isinstance(item, Changes) and item.events:
+                    last = item.events[-1]
+                    current = last.kv if last.kind == "PUT" else None
+                else:
+                    continue
+                if not started:
+                    started = True
+                    task_status.started()
+                self._registration_seen(session, current)
+
+    def _registration_seen(self, session: Session, kv: KeyValue | None) -> None:
+        if kv is None:
+            if self.taken_by is not None:
+                log.warning(
+                    "the other sidecar with this node id is gone: registering again",
+                    extra={"node": self.settings.node_id},
+                )
+            self.taken_by = None
+            if not session.lost.is_set():
+                self._node_dirty.set()
+            return
+        try:
+            info = NodeInfo.from_json(kv.value)
+        except (ValueError, KeyError, TypeError):
+            info = NodeInfo(id=self.settings.node_id, session=kv.lease)
+        if info.session == session.lease:
+            self.taken_by = None
+            return
+        if self.taken_by is None or self.taken_by.session != info.session:
+            log.error(
+                "registration taken by another sidecar with the same node id: this one "
+                "gets no new work while it holds it; give each sidecar its own --node-id",
+                extra={"node": self.settings.node_id, "host": info.host, "pid": info.pid},
+            )
+        self.taken_by = info
+
+    async def _follow_carried(self) -> None:
+        """Register again whenever the outcomes this node carries change (the leader
+        leaves their assignments alone only while the registration names them)."""
+        while True:
+            changed = self.agent.carried_changed
+            if self.agent.carried_sessions() != self._carries_registered:
+                self._node_dirty.set()
+            await changed.wait()
+
+    async def _run_election(
+        self,
+        session: Session,
+        hold_until: float = 0.0,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Stand for election, lead when elected, and stand again after each term;
-        started once the candidate key is in place."""
+        started once the candidate key is in place. ``hold_until``: see
+        ``LeaderPolicy.hold_lost_until``."""
         node_id = self.settings.node_id
         settings = LeaderSettings(
             policy=LeaderPolicy(
-                grace_s=self.settings.grace_s, requeue_stalled=self.settings.requeue_stalled
+                grace_s=self.settings.grace_s,
+                requeue_stalled=self.settings.requeue_stalled,
+                hold_lost_until=hold_until,
             ),
             compact_interval_s=self.settings.compact_interval_s,
             compact=self.settings.compact,
@@ -218,6 +394,10 @@ class Membership:
             self.is_leader = leader
             self.role_changed.set()
             self.role_changed = trio.Event()
+
+
+def _utc(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)) if at else "?"
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -24,6 +24,7 @@ from ..core import (
     JSON,
     Keyspace,
     NodeId,
+    NodeInfo,
     QueueConfig,
     Records,
     Schedule,
@@ -357,4 +358,10 @@ class Sidecar:
             "completed": self.agent.completed,
             "capacity": self.registry.capacity(),
             "depth": view.depth() if view is not None else None,
+            # Another sidecar with this node id holds the registration (no work here).
+            "registration_taken_by": _holder(self.membership.taken_by),
         }
+
+
+def _holder(info: NodeInfo | None) -> str | None:
+    return None if info is None else f"{info.host or '?'} pid {info.pid or '?'}"

@@ -28,6 +28,7 @@ from .._hooks import Hooks
 from ..core import NodeId, TaskEvent, TaskOptions, check_name
 from ..etcd import connect
 from ..node._agent import Handler, Permanent, TaskContext
+from ..node._membership import NodeIdTaken
 from ..node._sidecar import Sidecar, SidecarSettings
 from ..server._server import ServerSettings, SocketServer
 from ._embedded import EmbeddedEtcdError, EtcdProcess
@@ -282,6 +283,12 @@ async def amain(settings: Settings, signals: Any) -> int:
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(demo)
+    except* NodeIdTaken as group:
+        taken: BaseException = group
+        while isinstance(taken, BaseExceptionGroup):  # nested nurseries: the one cause
+            taken = taken.exceptions[0]
+        log.error(str(taken), extra={"node": sidecar_settings.node_id})
+        exit_code = 1
     finally:
         notifier.send("STOPPING=1")
         notifier.close()

@@ -99,6 +99,16 @@ class _Snapshot(Collector):
             "tm_running", "Attempts running on this node.", value=len(sc.agent.running)
         )
         yield GaugeMetricFamily("tm_socket_clients", "Connected SDK clients.", value=self.clients())
+        yield GaugeMetricFamily(
+            "tm_registration_taken",
+            "1 while another sidecar holds this node's id (no work comes here).",
+            value=int(sc.membership.taken_by is not None),
+        )
+        yield GaugeMetricFamily(
+            "tm_carried_outcomes",
+            "Ended attempts of a lost session still to report (etcd was away).",
+            value=len(sc.agent.carried),
+        )
         groups = {
             "create": sc.creates.stats,
             "report": sc.agent.report_batches,

@@ -139,7 +139,9 @@ class Ctl(Queries):
         data = [{"task_id": tid, **json.loads(rec.to_json())} for tid, rec in rows]
         table = [["TASK", "QUEUE", "ATTEMPTS", "SINCE", "DETAIL"]]
         for tid, rec in rows:
-            detail = rec.node or (f"{rec.error.type}: {rec.error.message}" if rec.error else "")
+            error = f"{rec.error.type}: {rec.error.message}" if rec.error else ""
+            # (a final record names its last node too: its error says more)
+            detail = rec.node if state is State.PROCESSING and rec.node else error
             if rec.due_at:
                 detail = f"due {utc_time(rec.due_at)}"
             table.append(

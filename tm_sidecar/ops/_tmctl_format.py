@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..core import NodeInfo, QueueConfig, RateLimit, Record, State, TaskSpec
+from ..core import AttemptEnd, NodeInfo, QueueConfig, RateLimit, Record, State, TaskSpec
 
 
 def capacity_by_queue(nodes: Sequence[NodeInfo]) -> dict[str, int]:
@@ -78,8 +78,22 @@ def show_table(
             rows.append(["progress", _short_json(rec.progress)])
         if state is State.COMPLETED:
             rows.append(["result", _short_json(rec.result)])
+        for entry in rec.history:
+            rows.append([f"attempt {entry.attempt}", history_line(entry)])
     rows.append(["payload", _short_json(spec.payload) if spec is not None else "(gone)"])
     return [[label, value.replace("\n", " ")] for label, value in rows]
+
+
+def history_line(entry: AttemptEnd) -> str:
+    """One ended attempt on a line: node, start, end, outcome and error."""
+    parts = [f"on {entry.node or '-'}"]
+    if entry.started_at is not None:
+        parts.append(f"started {utc_time(entry.started_at)}")
+    parts.append(f"ended {utc_time(entry.ended_at)}")
+    parts.append(entry.outcome)
+    if entry.error is not None:
+        parts.append(f"{entry.error.type}: {entry.error.message}")
+    return ", ".join(parts)
 
 
 def queue_table(configs: dict[str, QueueConfig]) -> list[list[str]]:

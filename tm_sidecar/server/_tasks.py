@@ -41,6 +41,8 @@ def task_json(info: TaskInfo) -> dict[str, JSON]:
             obj["node"] = record.node
         if record.due_at is not None:
             obj["due_at"] = record.due_at
+        if record.history:
+            obj["history"] = [entry.to_json() for entry in record.history]
     return obj
 
 

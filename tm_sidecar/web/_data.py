@@ -260,7 +260,22 @@ def merge_attempts(
     """The attempts seen, with the latest one completed from the record etcd holds (which
     has the whole error, and times written by the worker rather than seen here)."""
     attempts = list(seen)
-    if record is None or record.attempts == 0:
+    if record is None:
+        return attempts
+    # The record's history (etcd's, across sidecars and restarts) fills in what this
+    # sidecar did not see: each ended attempt's node, times, outcome and error.
+    for entry in record.history:
+        known = next((a for a in attempts if a.number == entry.attempt), None)
+        if known is None:
+            known = AttemptSeen(number=entry.attempt)
+            attempts.append(known)
+        known.node = entry.node or known.node
+        known.started_at = entry.started_at or known.started_at
+        known.ended_at = entry.ended_at
+        known.outcome = known.outcome or entry.outcome
+        known.error = known.error or entry.error
+    attempts.sort(key=lambda a: a.number)
+    if record.attempts == 0:
         return attempts
     latest = next((a for a in reversed(attempts) if a.number == record.attempts), None)
     if latest is None:
