@@ -41,6 +41,15 @@ from ._flow import (
     with_limits,
 )
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
+from ._layout import (
+    LAYOUT,
+    Layout,
+    LayoutRefused,
+    check_layout,
+    layout_value,
+    plan_stamp_layout,
+    read_layout,
+)
 from ._leader import LeaderView
 from ._model import (
     DEFAULT_MAX_SNOOZES,
@@ -133,6 +142,7 @@ __all__ = [
     "DEFAULT_MAX_SNOOZES",
     "HANDED_BACK",
     "JSON",
+    "LAYOUT",
     "LIMIT_FIELDS",
     "MAX_ERROR_CHARS",
     "MAX_TXN_OPS",
@@ -161,6 +171,8 @@ __all__ = [
     "Interrupted",
     "KeyValue",
     "Keyspace",
+    "Layout",
+    "LayoutRefused",
     "Lead",
     "LeaderPolicy",
     "LeaderView",
@@ -209,6 +221,7 @@ __all__ = [
     "attempt_outcome",
     "backoff_delay_s",
     "cancelled",
+    "check_layout",
     "check_name",
     "due",
     "dumps",
@@ -219,6 +232,7 @@ __all__ = [
     "initial_record",
     "interpret_batch",
     "interpret_campaign",
+    "layout_value",
     "leading",
     "make_task_id",
     "orphan_payloads",
@@ -229,10 +243,12 @@ __all__ = [
     "plan_move",
     "plan_queue_config",
     "plan_retry",
+    "plan_stamp_layout",
     "plan_update",
     "predecessor",
     "promoted",
     "queue_guard",
+    "read_layout",
     "retake",
     "retried",
     "schedule_from_request",

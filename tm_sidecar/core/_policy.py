@@ -45,6 +45,7 @@ def assigned(record: Record, *, node: NodeId, session: int, now: float, grace_s:
         deadline_at=None if timeout is None else now + timeout + grace_s,
         handbacks=record.handbacks,
         snoozes=record.snoozes,
+        extra=record.extra,
     )
 
 
@@ -57,6 +58,7 @@ def retried(record: Record, *, now: float) -> Record:
         options=record.options,
         since_at=now,
         reason="created",
+        extra=record.extra,
     )
 
 
@@ -78,6 +80,7 @@ def succeeded(record: Record, *, result: object, now: float) -> Record:
         started_at=record.started_at,
         result=result,
         snoozes=record.snoozes,
+        extra=record.extra,
     )
 
 
@@ -106,6 +109,7 @@ def after_failure(
             started_at=record.started_at,
             error=error,
             snoozes=record.snoozes,
+            extra=record.extra,
         )
     delay = backoff_delay_s(record.options.backoff, record.attempts, fraction) if backoff else 0.0
     if delay <= 0:
@@ -118,6 +122,7 @@ def after_failure(
             error=error,
             reason=reason,
             snoozes=record.snoozes,
+            extra=record.extra,
         )
     return Record(
         state=State.DELAYED,
@@ -129,6 +134,7 @@ def after_failure(
         error=error,
         reason=reason,
         snoozes=record.snoozes,
+        extra=record.extra,
     )
 
 
@@ -157,6 +163,7 @@ def handed_back(record: Record, *, now: float) -> Record:
         reason=HANDED_BACK,
         handbacks=record.handbacks + 1,
         snoozes=record.snoozes,
+        extra=record.extra,
     )
 
 
@@ -189,6 +196,7 @@ def snoozed(record: Record, *, delay_s: float, now: float) -> Record:
                 retryable=False,
             ),
             snoozes=record.snoozes,
+            extra=record.extra,
         )
     spent = max(record.attempts - 1, 0)  # this attempt does not count
     return Record(
@@ -199,6 +207,7 @@ def snoozed(record: Record, *, delay_s: float, now: float) -> Record:
         due_at=now + delay_s if delay_s > 0 else None,
         reason=SNOOZED,
         snoozes=record.snoozes + 1,
+        extra=record.extra,
     )
 
 
@@ -218,4 +227,5 @@ def cancelled(record: Record, *, now: float, message: str = "cancelled") -> Reco
         started_at=record.started_at,
         error=TaskError(type=CANCELLED, message=message, retryable=False),
         snoozes=record.snoozes,
+        extra=record.extra,
     )

@@ -30,6 +30,7 @@ from ..core import (
 from ..etcd import Changes, Etcd, Reset, retrying
 from ..etcd._feed import Feed
 from ..etcd._session import RetentionLeases, Session
+from ._layout import stamp_layout
 from ._sweeps import sweep_payloads, sweep_rate_windows, sweep_unique_guards
 
 log = logging.getLogger("tm_sidecar.leader")
@@ -211,6 +212,9 @@ async def run_leader(
                 log.warning("compaction failed", extra={"error": str(exc)})
 
     log.info("leading with fence", extra={"key": fence.key, "revision": fence.revision})
+    # Before anything is decided: a namespace of a newer layout is refused
+    # (LayoutRefused ends the sidecar), one of an older release gets its layout key.
+    await stamp_layout(etcd, ks, fence)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feed)
