@@ -118,6 +118,7 @@ from ._schedule import (
 )
 from ._txn import (
     MAX_TXN_OPS,
+    TXN_OPS_CEILING,
     Compare,
     Delete,
     KeyValue,
@@ -151,6 +152,7 @@ __all__ = [
     "REPORT_REFUSED",
     "SNOOZED",
     "SNOOZE_LIMIT",
+    "TXN_OPS_CEILING",
     "AttemptLedger",
     "Backoff",
     "Batch",

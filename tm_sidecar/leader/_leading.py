@@ -14,6 +14,7 @@ import trio
 from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
 from .._hooks import Hooks
 from ..core import (
+    TXN_OPS_CEILING,
     Batch,
     Committed,
     Deposed,
@@ -27,7 +28,7 @@ from ..core import (
     Txn,
     interpret_batch,
 )
-from ..etcd import Changes, Etcd, Reset, retrying
+from ..etcd import Changes, Etcd, Reset, learn_max_txn_ops, retrying
 from ..etcd._feed import Feed
 from ..etcd._session import RetentionLeases, Session
 from ._layout import stamp_layout
@@ -42,6 +43,9 @@ class LeaderSettings:
 
     policy: LeaderPolicy = attrs.Factory(LeaderPolicy)
     compact_interval_s: float = 300.0
+    #: The largest transactions the leader tries: its batches grow to the smaller of
+    #: this and what etcd takes (``--max-txn-ops``, learned as each term begins).
+    max_txn_ops: int = TXN_OPS_CEILING
 
 
 @attrs.define(eq=False)
@@ -54,6 +58,12 @@ class LeaderState:
     reaped: int = 0
     conflicts: int = 0
     fired: int = 0  # schedule slots fired
+    #: Operations per transaction branch the leader's batches hold at most (what etcd
+    #: takes, learned as the term began; 0 while not leading).
+    max_txn_ops: int = 0
+    #: Batches etcd refused whole (committed again move by move); each makes the
+    #: leader learn etcd's limit again, in case it changed.
+    refused: int = 0
     #: Told each fired slot's lateness (metrics); given at construction.
     hooks: Hooks = attrs.field(factory=Hooks, kw_only=True)
 
@@ -134,9 +144,18 @@ async def run_leader(
         await session.wait_untrusted()
         raise NotLeader("the session lease was not renewed in time: stepping down")
 
+    async def learn_policy() -> LeaderPolicy:
+        ops = await learn_max_txn_ops(etcd, ks.layout(), settings.max_txn_ops)
+        if ops != state.max_txn_ops:
+            log.info("etcd's limit of operations per transaction", extra={"max_txn_ops": ops})
+        state.max_txn_ops = ops
+        return attrs.evolve(settings.policy, max_txn_ops=ops)
+
     async def decide_loop() -> None:
         nonlocal changed
         await ready.wait()
+        policy = first_policy
+        refused = state.refused
         must_reach = 0
         last_view: LeaderView | None = None
         last_commit = 0
@@ -158,12 +177,19 @@ async def run_leader(
                     must_reach = 0
                 continue
             changed = trio.Event()
-            decision = view.decide(clock(), settings.policy, draws)
+            if state.refused != refused:
+                # A batch was refused whole: etcd's limit may have changed (another
+                # member, a restart with other flags). Learn it again.
+                refused = state.refused
+                policy = await learn_policy()
+            decision = view.decide(clock(), policy, draws)
             progressed = retry = False
             for n, batch in enumerate(decision.batches):
                 if not session.trusted():
                     raise NotLeader("the session lease is no longer trusted")
-                committed, revision = await _commit(etcd, ks, fence, retention, view, batch)
+                committed, revision = await _commit(
+                    etcd, ks, fence, retention, view, batch, state=state
+                )
                 if committed:
                     progressed = True
                     last_commit = max(last_commit, revision)
@@ -215,6 +241,8 @@ async def run_leader(
     # Before anything is decided: a namespace of a newer layout is refused
     # (LayoutRefused ends the sidecar), one of an older release gets its layout key.
     await stamp_layout(etcd, ks, fence)
+    # Batches as large as etcd takes: its limit, learned as the term begins.
+    first_policy = await learn_policy()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feed)
@@ -226,6 +254,7 @@ async def run_leader(
             nursery.start_soon(decide_loop)
     finally:
         state.view = None
+        state.max_txn_ops = 0
 
 
 async def _commit(
@@ -235,11 +264,14 @@ async def _commit(
     retention: RetentionLeases,
     view: LeaderView,
     batch: Batch,
+    *,
+    state: LeaderState | None = None,
 ) -> tuple[bool, int]:
     """Commit a batch; answers (committed, revision).
 
     Not committed: the revision the view should reach before deciding again. Raises
-    :class:`NotLeader` when the fence no longer holds.
+    :class:`NotLeader` when the fence no longer holds. A batch etcd refuses whole is
+    counted in ``state.refused``.
     """
     try:
         lease = 0
@@ -273,6 +305,8 @@ async def _commit(
             "batch refused: committing one by one",
             extra={"batch": batch.kind, "count": len(batch.moves), "error": str(exc)},
         )
+        if state is not None:
+            state.refused += 1
         view.settle(batch, committed_at=None)
         await _commit_singly(etcd, ks, fence, retention, batch)
         return False, await etcd.revision()
