@@ -16,6 +16,7 @@ from tests.helpers import poll_until, running_sidecars, wait_for
 from tm_sidecar import EtcdConfig, TaskContext
 from tm_sidecar.core import MAX_TXN_OPS, TXN_OPS_CEILING, Keyspace, State
 from tm_sidecar.etcd import Etcd, connect, learn_max_txn_ops
+from tm_sidecar.etcd._config import check_transport
 from tm_sidecar.ops._embedded import EtcdProcess
 
 
@@ -35,7 +36,9 @@ async def test_the_limit_is_learned_from_etcds_answers(
     small_etcd: EtcdProcess, etcd_server: EtcdProcess, transport: str
 ) -> None:
     for server, limit in ((small_etcd, 16), (etcd_server, TXN_OPS_CEILING)):
-        etcd = connect(EtcdConfig(endpoints=(server.endpoint,), transport=transport))
+        etcd = connect(
+            EtcdConfig(endpoints=(server.endpoint,), transport=check_transport(transport))
+        )
         try:
             before = await etcd.revision()
             assert await learn_max_txn_ops(etcd, "/tm/x/layout") == limit
