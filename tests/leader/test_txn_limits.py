@@ -17,6 +17,7 @@ from tm_sidecar import EtcdConfig, TaskContext
 from tm_sidecar.core import MAX_TXN_OPS, TXN_OPS_CEILING, Keyspace, State
 from tm_sidecar.etcd import Etcd, connect, learn_max_txn_ops
 from tm_sidecar.etcd._config import check_transport
+from tm_sidecar.leader._sweeps import sweep_payloads
 from tm_sidecar.ops._embedded import EtcdProcess
 
 
@@ -133,3 +134,14 @@ async def test_a_limit_lowered_under_a_running_leader_is_learned_again(
             await poll_until(all_completed, timeout_s=10)
     finally:
         proc.stop()
+
+
+async def test_the_payload_sweep_deletes_as_many_at_once_as_etcd_takes(
+    etcd: Etcd, namespace: str
+) -> None:
+    ks = Keyspace(namespace=namespace)
+    for i in range(300):
+        await etcd.put(ks.task(f"t{i}"), "{}")  # payloads whose records have expired
+    before = await etcd.revision()
+    assert await sweep_payloads(etcd, ks, TXN_OPS_CEILING) == 300
+    assert await etcd.revision() == before + 1  # one transaction, not three

@@ -14,6 +14,7 @@ import trio
 from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLeader
 from .._hooks import Hooks
 from ..core import (
+    MAX_TXN_OPS,
     TXN_OPS_CEILING,
     Batch,
     Committed,
@@ -220,7 +221,7 @@ async def run_leader(
         while True:
             await trio.sleep(settings.compact_interval_s)
             try:
-                swept = await sweep_payloads(etcd, ks)
+                swept = await sweep_payloads(etcd, ks, state.max_txn_ops or MAX_TXN_OPS)
                 if swept:
                     log.info("deleted the payloads of expired tasks", extra={"count": swept})
                 await sweep_rate_windows(etcd, ks, clock())
