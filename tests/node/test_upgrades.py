@@ -121,7 +121,7 @@ async def test_a_leader_refuses_a_newer_layout_written_before_its_term(
     etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
     try:
         with pytest.RaisesGroup(
-            pytest.RaisesExc(LayoutRefused, match="upgrade this sidecar"),
+            pytest.RaisesExc(LayoutRefused, match="will not lead it; upgrade it"),
             flatten_subgroups=True,
             allow_unwrapped=True,
         ):

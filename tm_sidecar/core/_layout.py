@@ -52,13 +52,15 @@ def read_layout(value: str | None) -> Layout:
     return Layout(version, stored=True)
 
 
-def check_layout(layout: Layout, *, key: str, known: int = LAYOUT) -> None:
+def check_layout(
+    layout: Layout, *, key: str, known: int = LAYOUT, refusal: str = "it will not lead it"
+) -> None:
     """Raise :class:`LayoutRefused` (with the one line an operator needs) when the
-    namespace's layout is newer than ``known``."""
+    namespace's layout is newer than ``known``; ``refusal`` says what is refused."""
     if layout.version > known:
         raise LayoutRefused(
             f"the namespace's layout is {layout.version} ({key}) but this tm-sidecar knows "
-            f"layouts up to {known}: it will not lead it; upgrade this sidecar "
+            f"layouts up to {known}: {refusal}; upgrade it "
             "(docs/operations.md, 'Upgrades and rollback')"
         )
 
