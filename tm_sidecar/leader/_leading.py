@@ -1,4 +1,9 @@
-"""The leader's duties: keep a view of the queue, decide, commit fenced batches."""
+"""The leader's duties: keep a view of the queue, decide, commit fenced batches.
+
+Size: one term's loops (the view's feed, the decisions, the sweeps, etcd's limit learned
+again after a refusal) share the term's state in one closure, and committing a batch
+with its fallbacks (an answer lost, a batch refused whole) is what the decisions call.
+"""
 
 from __future__ import annotations
 
