@@ -244,15 +244,16 @@ async def run_leader(
                 log.warning("compaction failed", extra={"error": str(exc)})
 
     log.info("leading with fence", extra={"key": fence.key, "revision": fence.revision})
-    # Before anything is decided: a namespace of a newer layout is refused
-    # (LayoutRefused ends the sidecar), one of an older release gets its layout key.
-    await stamp_layout(etcd, ks, fence)
-    # Batches as large as etcd takes: its limit, learned as the term begins.
-    first_policy = await learn_policy()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(feed)
+            # Steps down on time even while etcd keeps the two reads below waiting.
             nursery.start_soon(step_down_on_time)
+            # Before anything is decided: a namespace of a newer layout is refused
+            # (LayoutRefused ends the sidecar), one of an older release gets its key.
+            await stamp_layout(etcd, ks, fence)
+            # Batches as large as etcd takes: its limit, learned as the term begins.
+            first_policy = await learn_policy()
+            nursery.start_soon(feed)
             if settings.compact_interval_s > 0:
                 nursery.start_soon(compact)
             await ready.wait()
