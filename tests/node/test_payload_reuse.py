@@ -83,3 +83,28 @@ async def test_concurrent_creates_of_an_expired_id_make_one_task(
         assert len(states) == 1, states
         info = await s1.get(tid)
         assert info.spec.payload == {"who": won[0]}
+
+
+async def test_a_drain_runs_the_tasks_it_created_without_reading_them_back(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    """A backlog created through this sidecar, larger than what it remembers: the tasks
+    that run first (the oldest) come from memory, and only those it could not remember
+    are read back. It used to drop the oldest to remember the newest, so a drain read
+    back exactly the tasks it needed first (issue 19 item 3)."""
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1") as (sc,):
+        sc.agent.recent.max_items = 50
+        ids = [(await sc.create({"n": i})).id for i in range(80)]
+        reads_at_start: list[int] = []
+        payloads: list[Any] = []
+
+        async def handler(ctx: TaskContext) -> None:
+            reads_at_start.append(sc.agent.read_batches.items)
+            payloads.append(ctx.payload)
+
+        sc.register(handler, concurrency=1)  # one at a time, oldest first
+        for tid in ids:
+            assert (await sc.wait(tid, timeout_s=30)).state is State.COMPLETED
+        assert payloads == [{"n": i} for i in range(80)]
+        assert reads_at_start[:50] == [0] * 50
+        assert sc.agent.read_batches.items == 30

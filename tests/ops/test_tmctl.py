@@ -14,6 +14,7 @@ from tm_sidecar.core import (
     NodeId,
     NodeInfo,
     Put,
+    Range,
     Record,
     State,
     TaskError,
@@ -184,3 +185,28 @@ def test_tmctl_retry_all_failed(
     code, out = tmctl(capsys, ep, namespace, "--json", "status")
     assert json.loads(out)["depths"]["pending"] == 3
     assert json.loads(out)["depths"]["failed"] == 0
+
+
+def test_tmctl_refuses_to_write_to_a_namespace_of_a_newer_layout(
+    etcd_server: EtcdProcess, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ep, ks = etcd_server.endpoint, Keyspace(namespace=namespace)
+    db = SyncEtcd(ep)
+    seed(db, ks)
+    failed = ks.state(State.FAILED, TaskId("t2"))
+    db.txn(Txn(success=(Put(ks.layout(), '{"layout":99}'),)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--etcd", ep, "--namespace", namespace, "retry", "t2"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "layout is 99" in err
+    assert "tmctl will not write to it" in err
+    assert db.range(Range(failed)).kvs  # nothing moved
+    # Reads still work.
+    code, out = tmctl(capsys, ep, namespace, "ls", "pending")
+    assert code == 0
+    assert "t0" in out
+    # Today's layout (or none: a previous release's namespace): writes go through.
+    db.txn(Txn(success=(Put(ks.layout(), '{"layout":1}'),)))
+    assert tmctl(capsys, ep, namespace, "retry", "t2")[0] == 0
+    assert not db.range(Range(failed)).kvs

@@ -48,6 +48,15 @@ from ._flow import (
 )
 from ._flush import Split, merge_txns, merge_with_reads, split_refused
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
+from ._layout import (
+    LAYOUT,
+    Layout,
+    LayoutRefused,
+    check_layout,
+    layout_value,
+    plan_stamp_layout,
+    read_layout,
+)
 from ._leader import LeaderView
 from ._model import (
     DEFAULT_MAX_SNOOZES,
@@ -118,6 +127,7 @@ from ._schedule import (
 )
 from ._txn import (
     MAX_TXN_OPS,
+    TXN_OPS_CEILING,
     Compare,
     Delete,
     KeyValue,
@@ -144,6 +154,7 @@ __all__ = [
     "DEFAULT_MAX_SNOOZES",
     "HANDED_BACK",
     "JSON",
+    "LAYOUT",
     "LIMIT_FIELDS",
     "MAX_CREATE_MANY",
     "MAX_ERROR_CHARS",
@@ -154,6 +165,7 @@ __all__ = [
     "REPORT_REFUSED",
     "SNOOZED",
     "SNOOZE_LIMIT",
+    "TXN_OPS_CEILING",
     "AttemptEnd",
     "AttemptLedger",
     "Backoff",
@@ -176,6 +188,8 @@ __all__ = [
     "Interrupted",
     "KeyValue",
     "Keyspace",
+    "Layout",
+    "LayoutRefused",
     "Lead",
     "LeaderPolicy",
     "LeaderView",
@@ -226,6 +240,7 @@ __all__ = [
     "attempt_outcome",
     "backoff_delay_s",
     "cancelled",
+    "check_layout",
     "check_name",
     "compare_holds",
     "due",
@@ -238,6 +253,7 @@ __all__ = [
     "interpret_batch",
     "interpret_campaign",
     "iter_create_chunks",
+    "layout_value",
     "leading",
     "make_task_id",
     "merge_txns",
@@ -251,10 +267,12 @@ __all__ = [
     "plan_move",
     "plan_queue_config",
     "plan_retry",
+    "plan_stamp_layout",
     "plan_update",
     "predecessor",
     "promoted",
     "queue_guard",
+    "read_layout",
     "retake",
     "retried",
     "schedule_from_request",

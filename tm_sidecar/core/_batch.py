@@ -8,8 +8,8 @@ import attrs
 from ._flow import RateWindow
 from ._keys import Keyspace, TaskId
 from ._model import Record
-from ._plan import ASSIGN_BATCH, Fence, Slot, move_ops, plan_batch
-from ._txn import MAX_TXN_OPS, Compare, Put, Request, Txn, TxnResult
+from ._plan import Fence, Slot, move_ops, plan_batch
+from ._txn import MAX_TXN_OPS, TXN_OPS_CEILING, Compare, Put, Request, Txn, TxnResult
 
 
 @attrs.frozen
@@ -92,6 +92,24 @@ class LeaderPolicy:
     #: every node's registration went with etcd's leases and live nodes are still
     #: registering again (with what they carry: ``NodeInfo.carries``).
     hold_lost_until: float = 0.0
+    #: The most operations etcd takes in one branch of a transaction (its
+    #: ``--max-txn-ops``, which the shell learns from etcd): batches grow to fill it.
+    max_txn_ops: int = attrs.field(
+        default=MAX_TXN_OPS,
+        validator=[attrs.validators.ge(8), attrs.validators.le(TXN_OPS_CEILING)],
+    )
+
+    @property
+    def assign_batch(self) -> int:
+        """Tasks per assignment (or promotion) batch: each needs one compare and two
+        writes (the fence and at most one session guard per task keep the compares
+        under the limit too)."""
+        return (self.max_txn_ops - 1) // 2
+
+    @property
+    def reap_batch(self) -> int:
+        """Tasks per batched terminal move: a delete and a put."""
+        return self.max_txn_ops // 2
 
 
 def assign_batches(
@@ -99,11 +117,14 @@ def assign_batches(
     assigns: list[tuple[Slot, Record]],
     guard: Compare,
     windows: dict[tuple[str, str | None], tuple[RateWindow, float]],
+    max_ops: int = MAX_TXN_OPS,
 ) -> list[Batch]:
-    """One queue's assignments in batches, each compared with the queue's ``guard`` and
-    writing the rate ``windows`` ((queue, key) -> (window, period)) its moves count in."""
+    """One queue's assignments in batches of at most ``max_ops`` operations, each
+    compared with the queue's ``guard`` and writing the rate ``windows`` ((queue, key)
+    -> (window, period)) its moves count in."""
     out: list[Batch] = []
-    for chunk in chunk_moves(assigns, ASSIGN_BATCH, rated=bool(windows)):
+    size = (max_ops - 1) // 2
+    for chunk in chunk_moves(assigns, size, rated=bool(windows), max_ops=max_ops):
         keys = {record.options.concurrency_key for _, record in chunk}
         extra = tuple(
             Put(ks.rate(queue, key), window.to_json(period))
@@ -119,11 +140,15 @@ MAX_BATCH_BYTES = 512 * 1024
 
 
 def chunk_moves(
-    items: list[tuple[Slot, Record]], size: int, *, rated: bool = False
+    items: list[tuple[Slot, Record]],
+    size: int,
+    *,
+    rated: bool = False,
+    max_ops: int = MAX_TXN_OPS,
 ) -> list[list[tuple[Slot, Record]]]:
-    """Consecutive batches of at most ``size`` moves, MAX_TXN_OPS writes and about
-    MAX_BATCH_BYTES; ``rated`` keeps room for the rate windows' writes (the queue's, and
-    one per move for its concurrency key's)."""
+    """Consecutive batches of at most ``size`` moves, ``max_ops`` writes (and compares)
+    and about MAX_BATCH_BYTES; ``rated`` keeps room for the rate windows' writes (the
+    queue's, and one per move for its concurrency key's)."""
     out: list[list[tuple[Slot, Record]]] = []
     current: list[tuple[Slot, Record]] = []
     base = 1 if rated else 0
@@ -140,8 +165,8 @@ def chunk_moves(
         if current and (
             len(current) >= size
             or weight + cost > MAX_BATCH_BYTES
-            or ops + n > MAX_TXN_OPS
-            or compares > MAX_TXN_OPS
+            or ops + n > max_ops
+            or compares > max_ops
         ):
             out.append(current)
             current, weight, ops = [], 0, base

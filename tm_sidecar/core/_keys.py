@@ -14,6 +14,7 @@ Under ``<root><namespace>/``::
     unique/<key>              the task that holds a unique key (see _unique.py)
     rates/<queue>[/<key>]     the leader's rate window of a queue (or of one of its keys)
     schedules/<name>          a cron or interval schedule and its next slot
+    layout                    the layout version of the namespace (see _layout.py)
 
 Every key the leader needs sorts between ``delayed/`` and ``task/`` (its watch's range).
 
@@ -143,6 +144,10 @@ class Keyspace:
     def candidate(self, lease: int) -> str:
         """One candidate's key, named after its lease as in etcd's own recipe."""
         return f"{self.prefix}election/{lease:x}"
+
+    def layout(self) -> str:
+        """The namespace's layout version (absent in a namespace of an older release)."""
+        return f"{self.prefix}layout"
 
     def parse(self, key: str) -> ParsedKey | None:
         """Say what a key of this namespace is, or None for a key we do not know."""

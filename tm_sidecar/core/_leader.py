@@ -25,7 +25,7 @@ from ._batch import Batch, Decision, LeaderPolicy, assign_batches, chunk_moves
 from ._flow import KeyCounts, QueueConfig, RateWindow, queue_guard
 from ._keys import Keyspace, NodeId, State, TaskId
 from ._model import NodeInfo, Record, TaskError
-from ._plan import ASSIGN_BATCH, REAP_BATCH, Slot
+from ._plan import Slot
 from ._policy import after_failure, assigned, place, promoted
 from ._records import Records
 from ._schedule import Schedule, firing_batch
@@ -290,16 +290,24 @@ class LeaderView:
         draws = iter(fractions)
         batches: list[Batch] = self._decide_firings(now)
         reaps = self._decide_reaps(now, policy, draws)
-        batches += [Batch("reap", tuple(c)) for c in chunk_moves(reaps, REAP_BATCH)]
+        ops = policy.max_txn_ops
+        batches += [
+            Batch("reap", tuple(c)) for c in chunk_moves(reaps, policy.reap_batch, max_ops=ops)
+        ]
         promotes = self._decide_promotions(now)
-        batches += [Batch("promote", tuple(c)) for c in chunk_moves(promotes, ASSIGN_BATCH)]
-        budget = max(policy.max_batches - len(batches), 1) * ASSIGN_BATCH
+        batches += [
+            Batch("promote", tuple(c))
+            for c in chunk_moves(promotes, policy.assign_batch, max_ops=ops)
+        ]
+        budget = max(policy.max_batches - len(batches), 1) * policy.assign_batch
         self._wake_rates(now)
         for queue, assigns in self._decide_assignments(now, policy, budget):
-            batches += self._assign_batches(queue, assigns)
+            batches += self._assign_batches(queue, assigns, ops)
         return Decision(tuple(batches), self._wake_at())
 
-    def _assign_batches(self, queue: str, assigns: list[tuple[Slot, Record]]) -> list[Batch]:
+    def _assign_batches(
+        self, queue: str, assigns: list[tuple[Slot, Record]], max_ops: int
+    ) -> list[Batch]:
         """One queue's assignments in batches: each guarded by the queue's settings key
         and carrying the rate windows its moves count in."""
         config = self.queue_config(queue)
@@ -312,7 +320,7 @@ class LeaderView:
                 if key is not None:
                     windows[(queue, key)] = (self._window(queue, key), config.key_rate.period_s)
         guard = queue_guard(self.ks, queue, self.queue_revisions.get(queue, 0))
-        return assign_batches(self.ks, assigns, guard, windows)
+        return assign_batches(self.ks, assigns, guard, windows, max_ops)
 
     def _decide_firings(self, now: float) -> list[Batch]:
         """A batch per schedule with slots due (see _schedule.py); claimed until the

@@ -58,6 +58,24 @@ class Backoff:
         )
 
 
+def unknown_fields(obj: dict[str, JSON], known: frozenset[str]) -> str:
+    """The fields of ``obj`` this release does not know, as a compact JSON object ("" if
+    none): a newer release's, kept so that rewriting the value does not drop them (a
+    rolling upgrade runs old and new sidecars on one namespace)."""
+    if obj.keys() <= known:
+        return ""
+    return dumps({k: v for k, v in obj.items() if k not in known})
+
+
+def with_unknown(obj: dict[str, JSON], extra: str) -> dict[str, JSON]:
+    """``obj`` with the unknown fields ``extra`` kept beside it (ours win on a clash)."""
+    if not extra:
+        return obj
+    kept: dict[str, JSON] = json.loads(extra)
+    kept.update(obj)
+    return kept
+
+
 MAX_PRIORITY = 1_000_000
 #: Snoozes a task may take unless its options say otherwise.
 DEFAULT_MAX_SNOOZES = 100
@@ -102,6 +120,8 @@ class TaskOptions:
         default=DEFAULT_MAX_SNOOZES,
         validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)],
     )
+    #: Options of a newer release, kept as read (see :func:`unknown_fields`).
+    extra: str = ""
 
     def __attrs_post_init__(self) -> None:
         if self.unique_for_s is not None and self.unique_key is None:
@@ -122,7 +142,7 @@ class TaskOptions:
                 obj[name] = getattr(self, name)
         if self.max_snoozes != DEFAULT_MAX_SNOOZES:
             obj["max_snoozes"] = self.max_snoozes
-        return obj
+        return with_unknown(obj, self.extra)
 
     @classmethod
     def from_json(cls, obj: dict[str, JSON]) -> TaskOptions:
@@ -137,7 +157,24 @@ class TaskOptions:
             unique_for_s=None if obj.get("unique_for_s") is None else float(obj["unique_for_s"]),
             concurrency_key=obj.get("concurrency_key"),
             max_snoozes=int(obj.get("max_snoozes", DEFAULT_MAX_SNOOZES)),
+            extra=unknown_fields(obj, OPTION_FIELDS),
         )
+
+
+#: The options this release reads (anything else in a record's options is kept as is).
+OPTION_FIELDS = frozenset(
+    {
+        "queue",
+        "priority",
+        "max_attempts",
+        "timeout_s",
+        "backoff",
+        "unique_key",
+        "unique_for_s",
+        "concurrency_key",
+        "max_snoozes",
+    }
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -291,6 +328,9 @@ class Record:
     order: int | None = None
     #: The attempts that ended, oldest first, the latest ``MAX_HISTORY`` of them.
     history: tuple[AttemptEnd, ...] = ()
+    #: Fields of a newer release, kept as read so that a move or a rewrite by this
+    #: release carries them on (see :func:`unknown_fields`; every move passes it on).
+    extra: str = ""
 
     def to_json(self) -> str:
         """The value stored in etcd (the state itself is the key's prefix)."""
@@ -317,7 +357,7 @@ class Record:
             obj["order"] = self.order
         if self.history:
             obj["history"] = [entry.to_json() for entry in self.history]
-        return dumps(obj)
+        return dumps(with_unknown(obj, self.extra))
 
     @classmethod
     def from_json(cls, state: State, text: str) -> Record:
@@ -353,7 +393,13 @@ class Record:
             snoozes=int(get("snoozes", 0)),
             order=None if order is None else int(order),
             history=tuple(AttemptEnd.from_json(e) for e in get("history", ())),
+            extra=unknown_fields(obj, RECORD_FIELDS),
         )
+
+
+#: The fields of a state record this release reads: its attributes by name (the state is
+#: the key's prefix); anything else is a newer release's, kept as is.
+RECORD_FIELDS = frozenset(f.name for f in attrs.fields(Record)) - {"state", "extra"}
 
 
 @attrs.frozen(kw_only=True)

@@ -87,6 +87,7 @@ def assigned(
         snoozes=record.snoozes,
         order=order,
         history=record.history,
+        extra=record.extra,
     )
 
 
@@ -101,6 +102,7 @@ def retried(record: Record, *, now: float) -> Record:
         since_at=now,
         reason="created",
         history=record.history,
+        extra=record.extra,
     )
 
 
@@ -124,6 +126,7 @@ def succeeded(record: Record, *, result: object, now: float) -> Record:
         snoozes=record.snoozes,
         node=record.node,
         history=ended(record, now=now, outcome="completed"),
+        extra=record.extra,
     )
 
 
@@ -160,6 +163,7 @@ def after_failure(
             snoozes=record.snoozes,
             node=record.node,
             history=history,
+            extra=record.extra,
         )
     order = record.order if keep_order else None
     delay = backoff_delay_s(record.options.backoff, record.attempts, fraction) if backoff else 0.0
@@ -175,6 +179,7 @@ def after_failure(
             snoozes=record.snoozes,
             order=order,
             history=history,
+            extra=record.extra,
         )
     return Record(
         state=State.DELAYED,
@@ -188,6 +193,7 @@ def after_failure(
         snoozes=record.snoozes,
         order=order,
         history=history,
+        extra=record.extra,
     )
 
 
@@ -220,6 +226,7 @@ def handed_back(record: Record, *, now: float) -> Record:
         snoozes=record.snoozes,
         order=record.order,
         history=ended(record, now=now, outcome=HANDED_BACK),
+        extra=record.extra,
     )
 
 
@@ -254,6 +261,7 @@ def snoozed(record: Record, *, delay_s: float, now: float) -> Record:
             snoozes=record.snoozes,
             node=record.node,
             history=ended(record, now=now, outcome="failed"),
+            extra=record.extra,
         )
     spent = max(record.attempts - 1, 0)  # this attempt does not count
     return Record(
@@ -265,6 +273,7 @@ def snoozed(record: Record, *, delay_s: float, now: float) -> Record:
         reason=SNOOZED,
         snoozes=record.snoozes + 1,
         history=ended(record, now=now, outcome=SNOOZED),
+        extra=record.extra,
     )
 
 
@@ -287,4 +296,5 @@ def cancelled(record: Record, *, now: float, message: str = "cancelled") -> Reco
         snoozes=record.snoozes,
         node=record.node,
         history=ended(record, now=now, outcome="failed", error=error),
+        extra=record.extra,
     )

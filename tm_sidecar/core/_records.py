@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 
 from ._keys import State
-from ._model import JSON, Record, TaskOptions
+from ._model import JSON, OPTION_FIELDS, Record, TaskOptions, unknown_fields
 
 
 @attrs.define(eq=False)
@@ -60,6 +60,7 @@ class Records:
                 obj.get("unique_for_s"),
                 obj.get("concurrency_key"),
                 obj.get("max_snoozes"),
+                unknown_fields(obj, OPTION_FIELDS),
             )
             hash(key)
         except TypeError:  # something unhashable: parse it the long way (and fail there)

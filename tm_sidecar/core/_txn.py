@@ -10,8 +10,12 @@ import attrs
 Revision = NewType("Revision", int)
 LeaseId = NewType("LeaseId", int)
 
-#: etcd refuses a transaction with more operations than this in one branch.
+#: etcd refuses a transaction with more operations than this in one branch, unless it
+#: runs with a larger ``--max-txn-ops`` (the leader learns an etcd's own limit).
 MAX_TXN_OPS = 128
+#: The most operations a transaction of ours may hold in one branch, whatever etcd
+#: allows: the embedded etcd's ``--max-txn-ops`` (a guard against a runaway batch).
+TXN_OPS_CEILING = 1024
 
 
 class Target(enum.Enum):
@@ -139,8 +143,8 @@ class Txn:
 
     def __attrs_post_init__(self) -> None:
         for branch in (self.compare, self.success, self.failure):
-            if len(branch) > MAX_TXN_OPS:
-                raise ValueError(f"transaction branch has {len(branch)} ops > {MAX_TXN_OPS}")
+            if len(branch) > TXN_OPS_CEILING:
+                raise ValueError(f"transaction branch has {len(branch)} ops > {TXN_OPS_CEILING}")
 
 
 @attrs.frozen

@@ -16,6 +16,7 @@ Modules, one job each:
 - ``_retry``: the one backoff, ``Retries`` (count, pause and log the failures of any
   loop against etcd) and :func:`retrying`;
 - ``_informer``: list, then watch from the listing's revision, on any transport;
+- ``_limits``: what an etcd allows (``--max-txn-ops``), learned from its answers;
 - ``_errors``: failures as our exceptions by gRPC status code (the gateway's JSON
   ``code`` is the same code);
 - gRPC: ``_bridge`` (grpcio's futures and streams driven from Trio), ``_codec`` (the
@@ -59,6 +60,7 @@ from ._feed import Feed
 from ._gateway import GatewayEtcd
 from ._group import GroupCommit, GroupStats, txn_group
 from ._interface import Changes, Etcd, KeyValue, Loader, Reset, prefix_end, range_end
+from ._limits import learn_max_txn_ops
 from ._lookup import TaskKeys, read_task_keys
 from ._retry import backoff, retrying
 from ._session import RetentionLeases, Session, close_session, open_session, run_keepalive
@@ -104,6 +106,7 @@ __all__ = [
     "backoff",
     "close_session",
     "connect",
+    "learn_max_txn_ops",
     "open_session",
     "prefix_end",
     "range_end",

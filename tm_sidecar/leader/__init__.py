@@ -10,6 +10,7 @@ May import: core, etcd.
 """
 
 from ._election import campaign, current_leader, resign, stand, wait_to_lead
+from ._layout import namespace_layout, stamp_layout
 from ._leading import LeaderSettings, LeaderState, run_leader
 from ._sweeps import sweep_payloads
 
@@ -18,8 +19,10 @@ __all__ = [
     "LeaderState",
     "campaign",
     "current_leader",
+    "namespace_layout",
     "resign",
     "run_leader",
+    "stamp_layout",
     "stand",
     "sweep_payloads",
     "wait_to_lead",

@@ -1,4 +1,9 @@
-"""The leader's duties: keep a view of the queue, decide, commit fenced batches."""
+"""The leader's duties: keep a view of the queue, decide, commit fenced batches.
+
+Size: one term's loops (the view's feed, the decisions, the sweeps, etcd's limit learned
+again after a refusal) share the term's state in one closure, and committing a batch
+with its fallbacks (an answer lost, a batch refused whole) is what the decisions call.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, NotLe
 from .._hooks import Hooks
 from .._repeats import Repeats
 from ..core import (
+    MAX_TXN_OPS,
+    TXN_OPS_CEILING,
     Batch,
     Committed,
     Deposed,
@@ -28,9 +35,10 @@ from ..core import (
     Txn,
     interpret_batch,
 )
-from ..etcd import Changes, Etcd, Reset, retrying
+from ..etcd import Changes, Etcd, Reset, learn_max_txn_ops, retrying
 from ..etcd._feed import Feed
 from ..etcd._session import RetentionLeases, Session
+from ._layout import stamp_layout
 from ._sweeps import sweep_payloads, sweep_rate_windows, sweep_unique_guards
 
 log = logging.getLogger("tm_sidecar.leader")
@@ -49,6 +57,9 @@ class LeaderSettings:
     #: Whether the sweep also compacts etcd's history (the whole cluster's: on for the
     #: embedded etcd, off by default on a shared one, whose role may not allow it).
     compact: bool = True
+    #: The largest transactions the leader tries: its batches grow to the smaller of
+    #: this and what etcd takes (``--max-txn-ops``, learned as each term begins).
+    max_txn_ops: int = TXN_OPS_CEILING
 
 
 @attrs.define(eq=False)
@@ -61,6 +72,12 @@ class LeaderState:
     reaped: int = 0
     conflicts: int = 0
     fired: int = 0  # schedule slots fired
+    #: Operations per transaction branch the leader's batches hold at most (what etcd
+    #: takes, learned as the term began; 0 while not leading).
+    max_txn_ops: int = 0
+    #: Batches etcd refused whole (committed again move by move); each makes the
+    #: leader learn etcd's limit again, in case it changed.
+    refused: int = 0
     #: Told each fired slot's lateness (metrics); given at construction.
     hooks: Hooks = attrs.field(factory=Hooks, kw_only=True)
 
@@ -141,9 +158,18 @@ async def run_leader(
         await session.wait_untrusted()
         raise NotLeader("the session lease was not renewed in time: stepping down")
 
+    async def learn_policy() -> LeaderPolicy:
+        ops = await learn_max_txn_ops(etcd, ks.layout(), settings.max_txn_ops)
+        if ops != state.max_txn_ops:
+            log.info("etcd's limit of operations per transaction", extra={"max_txn_ops": ops})
+        state.max_txn_ops = ops
+        return attrs.evolve(settings.policy, max_txn_ops=ops)
+
     async def decide_loop() -> None:
         nonlocal changed
         await ready.wait()
+        policy = first_policy
+        refused = state.refused
         must_reach = 0
         last_view: LeaderView | None = None
         last_commit = 0
@@ -165,12 +191,19 @@ async def run_leader(
                     must_reach = 0
                 continue
             changed = trio.Event()
-            decision = view.decide(clock(), settings.policy, draws)
+            if state.refused != refused:
+                # A batch was refused whole: etcd's limit may have changed (another
+                # member, a restart with other flags). Learn it again.
+                refused = state.refused
+                policy = await learn_policy()
+            decision = view.decide(clock(), policy, draws)
             progressed = retry = False
             for n, batch in enumerate(decision.batches):
                 if not session.trusted():
                     raise NotLeader("the session lease is no longer trusted")
-                committed, revision = await _commit(etcd, ks, fence, retention, view, batch)
+                committed, revision = await _commit(
+                    etcd, ks, fence, retention, view, batch, state=state
+                )
                 if committed:
                     progressed = True
                     last_commit = max(last_commit, revision)
@@ -201,7 +234,7 @@ async def run_leader(
         while True:
             await trio.sleep(settings.compact_interval_s)
             try:
-                swept = await sweep_payloads(etcd, ks)
+                swept = await sweep_payloads(etcd, ks, state.max_txn_ops or MAX_TXN_OPS)
                 if swept:
                     log.info("deleted the payloads of expired tasks", extra={"count": swept})
                 await sweep_rate_windows(etcd, ks, clock())
@@ -223,8 +256,14 @@ async def run_leader(
     log.info("leading with fence", extra={"key": fence.key, "revision": fence.revision})
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(feed)
+            # Steps down on time even while etcd keeps the two reads below waiting.
             nursery.start_soon(step_down_on_time)
+            # Before anything is decided: a namespace of a newer layout is refused
+            # (LayoutRefused ends the sidecar), one of an older release gets its key.
+            await stamp_layout(etcd, ks, fence)
+            # Batches as large as etcd takes: its limit, learned as the term begins.
+            first_policy = await learn_policy()
+            nursery.start_soon(feed)
             if settings.compact_interval_s > 0:
                 nursery.start_soon(compact)
             await ready.wait()
@@ -232,6 +271,7 @@ async def run_leader(
             nursery.start_soon(decide_loop)
     finally:
         state.view = None
+        state.max_txn_ops = 0
 
 
 async def _commit(
@@ -241,11 +281,14 @@ async def _commit(
     retention: RetentionLeases,
     view: LeaderView,
     batch: Batch,
+    *,
+    state: LeaderState | None = None,
 ) -> tuple[bool, int]:
     """Commit a batch; answers (committed, revision).
 
     Not committed: the revision the view should reach before deciding again. Raises
-    :class:`NotLeader` when the fence no longer holds.
+    :class:`NotLeader` when the fence no longer holds. A batch etcd refuses whole is
+    counted in ``state.refused``.
     """
     try:
         lease = 0
@@ -279,6 +322,8 @@ async def _commit(
             "batch refused: committing one by one",
             extra={"batch": batch.kind, "count": len(batch.moves), "error": str(exc)},
         )
+        if state is not None:
+            state.refused += 1
         view.settle(batch, committed_at=None)
         await _commit_singly(etcd, ks, fence, retention, batch)
         return False, await etcd.revision(ks.prefix)

@@ -21,21 +21,22 @@ from ..core import (
 from ..etcd import Etcd
 
 
-async def sweep_payloads(etcd: Etcd, ks: Keyspace) -> int:
+async def sweep_payloads(etcd: Etcd, ks: Keyspace, max_ops: int = MAX_TXN_OPS) -> int:
     """Delete the payloads of finished tasks whose records have expired; answers how many.
 
     A final record expires with its retention lease and its payload is left behind (see
     ``core.orphan_payloads``). Each delete compares the payload's mod revision as listed,
     so a payload taken again by a create of the same id (which rewrites it) is kept.
     When etcd is full it takes no transaction, and no create either: plain deletes then
-    (freeing space is what a full etcd needs).
+    (freeing space is what a full etcd needs). ``max_ops`` deletes go in one transaction
+    (what etcd takes: the leader's learned limit).
     """
     kvs, _ = await etcd.list_prefix(ks.prefix, keys_only=True, page=10_000)
     listed = {kv.key: kv.mod_revision for kv in kvs}
     keys = [ks.task(t) for t in orphan_payloads(ks, listed)]
     deleted = 0
-    for start in range(0, len(keys), MAX_TXN_OPS):
-        chunk = keys[start : start + MAX_TXN_OPS]
+    for start in range(0, len(keys), max_ops):
+        chunk = keys[start : start + max_ops]
         try:
             batch = Txn(
                 compare=tuple(Compare.modified_at(k, listed[k]) for k in chunk),

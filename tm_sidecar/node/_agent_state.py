@@ -24,32 +24,40 @@ class Running:
     reporting: bool = False
 
 
+#: About what one remembered task costs beside its payload (the spec without its
+#: payload, its id, the table's entry), so that the byte bound holds for small payloads.
+ENTRY_BYTES = 400
+
+
 @attrs.define(eq=False)
 class RecentTasks:
     """Tasks this sidecar created and that have not finished, so that an attempt of one
     that runs here needs no read: a task record never changes once written.
 
-    Bounded by count and by payload bytes (the oldest go first), and forgotten when the
-    task finishes (its id may then be used again). The payload is kept encoded, so that
-    each taker gets its own copy.
+    Bounded by count and by bytes (each task's encoded payload plus what an entry costs
+    here, ``ENTRY_BYTES``), and forgotten when the task finishes (its id may then be used
+    again). Once full, a new task is not remembered rather than an older one dropped:
+    tasks run roughly in creation order, so the older ones run first, and dropping them
+    (as this did before) made a drain of a backlog larger than the bound read back every
+    payload it had dropped, the ones it needed first. The payload is kept encoded, so
+    that each taker gets its own copy.
     """
 
-    max_items: int = 10_000
-    max_bytes: int = 16 * 1024 * 1024
+    max_items: int = 100_000
+    max_bytes: int = 32 * 1024 * 1024
     _specs: OrderedDict[TaskId, tuple[TaskSpec, str]] = attrs.Factory(OrderedDict)
     _bytes: int = 0
 
     def add(self, spec: TaskSpec, encoded_payload: str) -> None:
         """Remember ``spec``, whose payload encodes as ``encoded_payload``."""
-        size = len(encoded_payload)
+        size = len(encoded_payload) + ENTRY_BYTES
         if size > self.max_bytes // 8:
             return
         self.forget(spec.id)
+        if len(self._specs) >= self.max_items or self._bytes + size > self.max_bytes:
+            return
         self._specs[spec.id] = (attrs.evolve(spec, payload=None), encoded_payload)
         self._bytes += size
-        while len(self._specs) > self.max_items or self._bytes > self.max_bytes:
-            _, (_, dropped) = self._specs.popitem(last=False)
-            self._bytes -= len(dropped)
 
     def take(self, task_id: TaskId) -> TaskSpec | None:
         """The spec of ``task_id`` if remembered (and forget it: a retry reads it)."""
@@ -57,14 +65,14 @@ class RecentTasks:
         if found is None:
             return None
         spec, encoded = found
-        self._bytes -= len(encoded)
+        self._bytes -= len(encoded) + ENTRY_BYTES
         return attrs.evolve(spec, payload=json.loads(encoded))
 
     def forget(self, task_id: TaskId) -> None:
         """Drop ``task_id`` if remembered (it finished)."""
         found = self._specs.pop(task_id, None)
         if found is not None:
-            self._bytes -= len(found[1])
+            self._bytes -= len(found[1]) + ENTRY_BYTES
 
 
 @attrs.define(eq=False)

@@ -23,6 +23,7 @@ from ..core import Compare, Keyspace, LeaderPolicy, NodeInfo, Put, Range, Record
 from ..etcd import Changes, Etcd, KeyValue, Reset, retrying
 from ..etcd._feed import Feed
 from ..etcd._session import RetentionLeases, Session, close_session, open_session, run_keepalive
+from ..leader import namespace_layout
 from ..leader._election import resign, stand, wait_to_lead
 from ..leader._leading import LeaderSettings, LeaderState, run_leader
 from ._agent import run_agent
@@ -92,6 +93,9 @@ class Membership:
         its agent and candidacy are in place. In each epoch, in dependency order: the
         keep-alive, the registration, the agent (once it holds its assignments) and the
         election (once its candidate key is in place)."""
+        # A namespace of a newer layout than this release knows: refused before this
+        # node registers, takes work or stands (LayoutRefused ends the sidecar).
+        await namespace_layout(self.etcd, self.ks)
         first = True
         unrevoked: Session | None = None
         lost = False

@@ -25,7 +25,7 @@ import trio
 
 from .. import __version__
 from .._hooks import Hooks
-from ..core import NodeId, TaskEvent, TaskOptions, check_name
+from ..core import LayoutRefused, NodeId, TaskEvent, TaskOptions, check_name
 from ..etcd import connect
 from ..node._agent import Handler, Permanent, TaskContext
 from ..node._membership import NodeIdTaken
@@ -289,6 +289,14 @@ async def amain(settings: Settings, signals: Any) -> int:
             taken = taken.exceptions[0]
         log.error(str(taken), extra={"node": sidecar_settings.node_id})
         exit_code = 1
+    except* LayoutRefused as group:
+        # A namespace this release cannot read: one line, and an exit code that systemd
+        # and an operator see (restarting would only refuse again).
+        refused: BaseException = group
+        while isinstance(refused, BaseExceptionGroup):
+            refused = refused.exceptions[0]
+        log.error("namespace refused", extra={"error": str(refused)})
+        exit_code = 2
     finally:
         notifier.send("STOPPING=1")
         notifier.close()

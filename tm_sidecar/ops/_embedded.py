@@ -27,6 +27,8 @@ from pathlib import Path
 
 import attrs
 
+from ..core import TXN_OPS_CEILING
+
 log = logging.getLogger("tm_sidecar.embedded")
 
 
@@ -80,6 +82,9 @@ class EtcdProcess:
     auto_compaction: str = "5m"
     quota_bytes: int | None = None
     extra_args: tuple[str, ...] = ()
+    #: etcd's limit of operations per transaction branch (its default is 128): the
+    #: leader's batches grow to what etcd allows (it learns the limit from etcd).
+    max_txn_ops: int = TXN_OPS_CEILING
     tls: tuple[str, str, str] | None = None  # (ca, cert, key): serve https, require client certs
     client_port: int = 0
     peer_port: int = 0
@@ -149,6 +154,7 @@ class EtcdProcess:
             f"--auto-compaction-retention={self.auto_compaction}",
             "--log-level=warn",
             "--logger=zap",
+            f"--max-txn-ops={self.max_txn_ops}",
         ]
         if self.quota_bytes:
             args.append(f"--quota-backend-bytes={self.quota_bytes}")

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import trio
 
 from .._errors import EtcdUnavailable, TaskManagerError
-from ..core import Keyspace, State
-from ..etcd import connect
+from ..core import Keyspace, LayoutRefused, State, check_layout, read_layout
+from ..etcd import Etcd, connect
 from ._embedded import PORTS_FILE
 from ._settings import Settings, add_flags, load_settings
 from ._tmctl_commands import Ctl
@@ -181,6 +181,34 @@ async def _ask(question: str, declined: str) -> bool:
     return False
 
 
+#: The commands that write to the namespace: refused on a layout newer than this
+#: release knows, whose records it might rewrite wrongly (reads still work).
+WRITES = frozenset(
+    {
+        "retry",
+        "cancel",
+        "purge",
+        "recover",
+        "pause",
+        "resume",
+        "limit",
+        "schedule",
+        "pause-schedule",
+        "resume-schedule",
+        "unschedule",
+    }
+)
+
+
+async def _check_layout(etcd: Etcd, ks: Keyspace) -> None:
+    kv = await etcd.get(ks.layout())
+    try:
+        layout = read_layout(None if kv is None else kv.value)
+    except ValueError as exc:
+        raise LayoutRefused(f"{ks.layout()}: {exc}") from exc
+    check_layout(layout, key=ks.layout(), refusal="tmctl will not write to it")
+
+
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run one command; answers the exit code."""
     endpoints = settings.endpoints
@@ -198,6 +226,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     etcd = connect(cfg)
     ctl = Ctl(etcd, Keyspace(namespace=settings.namespace), args.json)
     try:
+        if args.command in WRITES:
+            await _check_layout(etcd, ctl.ks)
         match args.command:
             case "status":
                 await ctl.status()
@@ -237,6 +267,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             case "unschedule":
                 return await ctl.unschedule(args.name)
         return 0
+    except LayoutRefused as exc:
+        print(f"tmctl: {exc}", file=sys.stderr)
+        return 2
     except EtcdUnavailable as exc:
         hint = f" (the embedded etcd of {settings.data_dir}: is its sidecar running?)"
         print(f"tmctl: {exc}{hint if embedded else ''}", file=sys.stderr)
