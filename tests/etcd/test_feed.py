@@ -166,9 +166,9 @@ async def test_a_leading_sidecar_opens_one_watch(own_etcd: EtcdProcess, namespac
             sidecar.register(handler)
             info = await sidecar.wait(task.id, timeout_s=20)
             assert info.final
-            # The hub, the agent, the leader's view and admission's result sizes: one
-            # watch among them.
-            assert sidecar.feed.taps == 4
+            # The hub, the agent, the leader's view, admission's result sizes and the
+            # node's own registration: one watch among them.
+            assert sidecar.feed.taps == 5
             assert await trio.to_thread.run_sync(_watchers, own_etcd) == 1
             nursery.cancel_scope.cancel()
     finally:
