@@ -182,6 +182,13 @@ MUTATIONS = [
         "no schedule slot is lost while a leader exists",
     ),
     Mutation(
+        "missed-slots-burst",
+        "tm_sidecar/core/_schedule.py",
+        '    if schedule.missed != "all":',
+        "    if False:",
+        "skip and one fire one slot at most: missed slots are dropped or coalesced",
+    ),
+    Mutation(
         "firing-not-claimed",
         "tm_sidecar/core/_leader.py",
         "            self._firing.add(name)",

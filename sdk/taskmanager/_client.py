@@ -330,9 +330,11 @@ class TaskManager:
         """Create or replace the schedule ``name``: a task with ``payload`` (and task
         ``options``: queue, timeout_s, ...) at each slot of ``cron`` (in ``timezone``) or
         ``every`` interval. The leader fires each slot exactly once, across failovers.
-        Slots later than ``grace`` (60 s) are missed: ``missed`` says what then fires,
-        ``"skip"`` (none), ``"one"`` (the latest) or ``"all"`` (each, at most
-        ``max_catch_up``). Answers the schedule, with its ``next_at``."""
+        A slot not fired by the time the next is due, or more than ``grace`` (60 s)
+        late, is missed: ``missed`` says what then fires, ``"skip"`` (the latest due slot
+        if within ``grace``, else none), ``"one"`` (one task, for the latest due slot) or
+        ``"all"`` (each; of those older than ``grace``, at most ``max_catch_up``).
+        Answers the schedule, with its ``next_at``."""
         fields: dict[str, Any] = {
             "name": name,
             "payload": payload,

@@ -295,10 +295,19 @@ def _every(next_at: float = 10.0, **kw: Any) -> Schedule:
         (_every(), 5.0, None, None),
         (_every(), 10.0, (10.0,), 20.0),
         (_every(), 10.5, (10.0,), 20.0),
-        (_every(grace_s=25.0), 30.0, (10.0, 20.0, 30.0), 40.0),  # late, but within grace
+        # Late within grace (a failover): every due slot is on time, but only "all"
+        # fires more than one task; "one" coalesces them into the latest and so does
+        # "skip", which drops the missed ones (issue 20 item 5: a burst of four).
+        (_every(grace_s=25.0), 30.0, (30.0,), 40.0),
+        (_every(grace_s=25.0, missed="skip"), 30.0, (30.0,), 40.0),
+        (_every(grace_s=60.0, missed="skip"), 49.0, (40.0,), 50.0),
+        (_every(grace_s=25.0, missed="all"), 30.0, (10.0, 20.0, 30.0), 40.0),
+        # The latest due slot itself is late beyond grace: "skip" fires nothing.
+        (_every(grace_s=5.0, missed="skip"), 36.0, (), 40.0),
+        (_every(grace_s=5.0, missed="one"), 36.0, (30.0,), 40.0),
         # After downtime (grace 5 s): slots 10 to 90 are missed, 100 is on time.
         (_every(grace_s=5.0, missed="skip"), 100.0, (100.0,), 110.0),
-        (_every(grace_s=5.0, missed="one"), 100.0, (90.0, 100.0), 110.0),
+        (_every(grace_s=5.0, missed="one"), 100.0, (100.0,), 110.0),
         (
             _every(grace_s=5.0, missed="all", max_catch_up=3),
             100.0,
@@ -329,6 +338,11 @@ def test_cron_slots_follow_the_time_zone_across_daylight_saving() -> None:
     at = datetime(2026, 1, 1, 0, 5, tzinfo=UTC).timestamp()
     assert first_slot(five, at) == at + 300  # strictly after
     firing = due(attrs.evolve(five, next_at=at, grace_s=0.0, missed="one"), at + 3600)
+    assert firing is not None
+    assert firing.slots == (at + 3600,)  # the latest, the missed ones coalesced into it
+    firing = due(
+        attrs.evolve(five, next_at=at, grace_s=0.0, missed="all", max_catch_up=1), at + 3600
+    )
     assert firing is not None
     assert firing.slots == (at + 3300, at + 3600)  # the latest missed one, then on time
 
@@ -367,3 +381,15 @@ def test_the_leader_fires_a_slot_once_and_advances_the_schedule() -> None:
     decision = feed.view.decide(15.0, POLICY)
     assert decision.batches == ()
     assert decision.wake_at == 20.0
+
+
+@pytest.mark.parametrize(("missed", "fired"), [("skip", 1), ("one", 1), ("all", 4)])
+def test_a_pause_within_grace_fires_a_burst_only_under_all(missed: str, fired: int) -> None:
+    """Issue 20 item 5: every 5 s, default grace (60 s), no leader from 5 s to 24 s.
+    ``skip`` and ``one`` fire one task (the latest slot), ``all`` each of the four."""
+    schedule = Schedule(name="s", every_s=5.0, anchor_at=0.0, next_at=5.0, missed=missed)
+    firing = due(schedule, 24.0)
+    assert firing is not None
+    assert len(firing.slots) == fired
+    assert firing.slots[-1] == 20.0
+    assert firing.next_at == 25.0

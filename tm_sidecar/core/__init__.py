@@ -104,6 +104,7 @@ from ._schedule import (
     Schedule,
     due,
     first_slot,
+    run_now,
     schedule_from_request,
     slot_task_id,
 )
@@ -235,6 +236,7 @@ __all__ = [
     "queue_guard",
     "retake",
     "retried",
+    "run_now",
     "schedule_from_request",
     "slot_task_id",
     "snoozed",

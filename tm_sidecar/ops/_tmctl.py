@@ -25,6 +25,7 @@ from ..etcd import connect
 from ._embedded import PORTS_FILE
 from ._settings import Settings, add_flags, load_settings
 from ._tmctl_commands import Ctl
+from ._tmctl_schedules import add_schedule_parsers
 
 STATES = [s.value for s in State]
 #: What ``tmctl --help`` says of it (the module's docstring also says how it is built).
@@ -91,26 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     limit.add_argument("--per-key", help="tasks running at once per concurrency key, or none")
     limit.add_argument("--rate", help="starts per period, e.g. 100/60s (or none)")
     limit.add_argument("--key-rate", help="starts per period per concurrency key (or none)")
-    sub.add_parser("schedules", help="every schedule: cron or interval, next slot, fired")
-    sched = sub.add_parser(
-        "schedule", help="create or replace a schedule: a task at each slot, fired once"
-    )
-    sched.add_argument("name")
-    when = sched.add_mutually_exclusive_group(required=True)
-    when.add_argument("--cron", help="a cron expression, e.g. '*/5 * * * *'")
-    when.add_argument("--every", type=float, help="an interval in seconds")
-    sched.add_argument("--tz", default="UTC", help="the cron's time zone (IANA name)")
-    sched.add_argument("--payload", default="null", help="the tasks' payload, as JSON")
-    sched.add_argument("--queue", default="default", help="the tasks' queue")
-    sched.add_argument(
-        "--missed", default="one", choices=["skip", "one", "all"], help="slots missed by downtime"
-    )
-    for name, what in (
-        ("pause-schedule", "fire nothing more until resumed"),
-        ("resume-schedule", "fire again, from the first slot after now"),
-        ("unschedule", "delete a schedule (its tasks stay)"),
-    ):
-        sub.add_parser(name, help=what).add_argument("name")
+    add_schedule_parsers(sub)
     return p
 
 
@@ -234,6 +216,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                 return await ctl.pause_schedule(args.name, args.command == "pause-schedule")
             case "unschedule":
                 return await ctl.unschedule(args.name)
+            case "run-schedule":
+                return await ctl.run_schedule(args.name)
         return 0
     except EtcdUnavailable as exc:
         hint = f" (the embedded etcd of {settings.data_dir}: is its sidecar running?)"

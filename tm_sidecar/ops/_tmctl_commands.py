@@ -17,23 +17,18 @@ from typing import Any
 
 import attrs
 
-from .._errors import TaskManagerError
-from ..admin import QUEUE_STATES, Queries, cancel_record, purge_records, retry_failed
+from ..admin import QUEUE_STATES, cancel_record, purge_records, retry_failed
 from ..core import (
     EventDeriver,
-    Keyspace,
     QueueConfig,
     Record,
-    Schedule,
     State,
     TaskId,
-    TaskOptions,
-    schedule_from_request,
     with_limits,
 )
-from ..etcd import Etcd, EtcdConfig, connect
+from ..etcd import EtcdConfig, connect
 from ..leader import sweep_payloads
-from ..node._sidecar import pausing, update_queue, update_schedule
+from ..node._sidecar import update_queue
 from ._tmctl_format import (
     capacity_by_queue,
     limit_changes,
@@ -43,22 +38,11 @@ from ._tmctl_format import (
     utc_time,
     yes,
 )
+from ._tmctl_schedules import Commands
 
 
-class Ctl(Queries):
-    """The commands, over one etcd connection."""
-
-    def __init__(self, etcd: Etcd, ks: Keyspace, as_json: bool) -> None:
-        super().__init__(etcd, ks)
-        self.as_json = as_json
-
-    def out(self, data: Any, table: list[list[str]] | None = None) -> None:
-        if self.as_json or table is None:
-            print(json.dumps(data, indent=2, default=str))
-            return
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        for row in table:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+class Ctl(Commands):
+    """The commands, over one etcd connection (the schedules' in ``Commands``)."""
 
     async def status(self) -> None:
         depths = {s.value: await self.count(s) for s in State}
@@ -221,75 +205,6 @@ class Ctl(Queries):
             self.etcd, self.ks, queue, lambda c: with_limits(c, changes), now=time.time()
         )
         self.out({queue: config.to_obj()}, queue_table({queue: config}))
-        return 0
-
-    async def schedules(self) -> None:
-        kvs, _ = await self.etcd.list_prefix(self.ks.schedules())
-        found = [Schedule.from_json(kv.value) for kv in kvs]
-        table = [["SCHEDULE", "WHEN", "TZ", "NEXT", "FIRED", "MISSED", "PAUSED", "QUEUE"]]
-        for s in found:
-            when = s.cron if s.cron is not None else f"every {s.every_s:g} s"
-            table.append(
-                [
-                    s.name,
-                    when,
-                    s.timezone,
-                    utc_time(s.next_at),
-                    str(s.fired),
-                    s.missed,
-                    yes(s.paused),
-                    s.options.queue,
-                ]
-            )
-        self.out([s.to_obj() for s in found], table)
-
-    async def set_schedule(self, args: argparse.Namespace) -> int:
-        try:
-            fields = {
-                "name": args.name,
-                "cron": args.cron,
-                "every_s": args.every,
-                "timezone": args.tz,
-                "payload": json.loads(args.payload),
-                "options": TaskOptions(queue=args.queue),
-                "missed": args.missed,
-            }
-            new = schedule_from_request(fields, now=time.time())
-        except (ValueError, TypeError) as exc:
-            print(f"tmctl: bad schedule: {exc}", file=sys.stderr)
-            return 2
-
-        def replace(old: Schedule | None) -> Schedule:
-            if old is None:
-                return new
-            return attrs.evolve(new, fired=old.fired, last_slot_at=old.last_slot_at)
-
-        schedule = await update_schedule(self.etcd, self.ks, new.name, replace)
-        assert schedule is not None
-        self.out(
-            schedule.to_obj(), [["SCHEDULE", "NEXT"], [schedule.name, utc_time(schedule.next_at)]]
-        )
-        return 0
-
-    async def pause_schedule(self, name: str, paused: bool) -> int:
-        try:
-            schedule = await update_schedule(
-                self.etcd, self.ks, name, pausing(name, paused, now=time.time())
-            )
-        except TaskManagerError as exc:
-            print(f"tmctl: {exc}", file=sys.stderr)
-            return 1
-        assert schedule is not None
-        rows = [["SCHEDULE", "PAUSED", "NEXT"], [name, yes(paused), utc_time(schedule.next_at)]]
-        self.out(schedule.to_obj(), rows)
-        return 0
-
-    async def unschedule(self, name: str) -> int:
-        deleted = bool(await self.etcd.delete(self.ks.schedule(name)))
-        if not deleted:
-            print(f"tmctl: no schedule {name!r}", file=sys.stderr)
-            return 1
-        self.out({"deleted": name}, [["DELETED"], [name]])
         return 0
 
     async def queues(self) -> None:
