@@ -20,6 +20,7 @@ import attrs
 from ..admin import QUEUE_STATES, cancel_record, purge_records, retry_failed
 from ..core import (
     EventDeriver,
+    KeyValue,
     QueueConfig,
     Record,
     State,
@@ -36,6 +37,7 @@ from ._tmctl_format import (
     show_table,
     unserved,
     utc_time,
+    workers_table,
     yes,
 )
 from ._tmctl_schedules import Commands
@@ -104,8 +106,16 @@ class Ctl(Commands):
             print()
         self.out(data, table if nodes else [["NODE"], ["(no sidecar registered)"]])
 
-    async def ls(self, state: State, limit: int, queue: str | None = None) -> None:
+    async def ls(
+        self,
+        state: State,
+        limit: int,
+        queue: str | None = None,
+        older_than_s: float | None = None,
+    ) -> None:
         kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
+        # In this state since before the cut-off (``--older-than``).
+        cutoff = time.time() - older_than_s if older_than_s is not None else None
         rows: list[tuple[TaskId, Record]] = []
         waiting: dict[str, dict[str, int]] = {}
         for kv in kvs:
@@ -114,6 +124,8 @@ class Ctl(Commands):
                 continue
             rec = Record.from_json(state, kv.value)
             if queue is not None and rec.options.queue != queue:
+                continue
+            if cutoff is not None and rec.since_at > cutoff:
                 continue
             row = waiting.setdefault(rec.options.queue, dict.fromkeys(QUEUE_STATES, 0))
             if state.value in row:
@@ -154,15 +166,15 @@ class Ctl(Commands):
             print("\n" + rec.error.traceback.rstrip())
         return 0
 
-    async def retry(self, task_id: str | None, all_failed: bool) -> int:
-        if all_failed:
-            kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(State.FAILED))
+    async def retry(self, task_id: str | None, all_failed: bool, queue: str | None = None) -> int:
+        if all_failed or queue is not None:
+            kvs = await self.records(State.FAILED, queue)
         else:
             kv = await self.etcd.get(self.ks.state(State.FAILED, TaskId(task_id or "")))
             if kv is None:
                 print(f"tmctl: task {task_id} is not in the failed queue", file=sys.stderr)
                 return 1
-            kvs = (kv,)
+            kvs = [kv]
         moved = await retry_failed(self.etcd, self.ks, kvs)
         self.out({"retried": moved}, [["RETRIED"], [str(moved)]])
         return 0
@@ -216,14 +228,32 @@ class Ctl(Commands):
                 configs[parsed.name] = QueueConfig.from_json(kv.value)
         self.out({name: c.to_obj() for name, c in configs.items()}, queue_table(configs))
 
-    async def purge(self, state: State) -> None:
-        purged = await self._purge(state)
+    async def records(self, state: State, queue: str | None = None) -> list[KeyValue]:
+        """The records in ``state`` (of one queue, or all)."""
+        kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
+        if queue is None:
+            return list(kvs)
+        return [kv for kv in kvs if Record.from_json(state, kv.value).options.queue == queue]
+
+    async def workers(self) -> None:
+        """The live sidecars and their registered workers, per queue."""
+        procs, _ = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
+        inflight: dict[str, int] = {}
+        for kv in procs:
+            parsed = self.ks.parse(kv.key)
+            if parsed and parsed.node:
+                inflight[parsed.node] = inflight.get(parsed.node, 0) + 1
+        data, table = workers_table(await self.nodes(), inflight, await self.leader())
+        self.out(data, table if data else [["NODE"], ["(no sidecar registered)"]])
+
+    async def purge(self, state: State, queue: str | None = None) -> None:
+        purged = await self._purge(state, queue)
         self.out({"purged": purged}, [["PURGED"], [str(purged)]])
 
-    async def _purge(self, state: State) -> int:
-        """Delete every record in a final state, then its payload (see purge_records)."""
-        kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
-        return await purge_records(self.etcd, self.ks, kvs)
+    async def _purge(self, state: State, queue: str | None = None) -> int:
+        """Delete every record in a final state (of one queue, or all), then its payload
+        (see purge_records)."""
+        return await purge_records(self.etcd, self.ks, await self.records(state, queue))
 
     async def _space(self) -> dict[str, Any]:
         status = await self.etcd.status()

@@ -121,6 +121,23 @@ def _whole(text: str, flag: str) -> int:
         raise ValueError(f"--{flag.replace('_', '-')} takes a whole number or none") from None
 
 
+#: Duration units tmctl reads (``90s``, ``10m``, ``2h``, ``7d``; a bare number is seconds).
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``10m``, ``2h``, ``7d`` or ``30`` (seconds) as seconds (ArgumentTypeError
+    otherwise, so that argparse names the flag)."""
+    try:
+        scale = UNITS.get(text[-1:])
+        seconds = float(text[:-1]) * scale if scale else float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"a duration is e.g. 90s, 10m, 2h or 7d, not {text!r}")
+    return seconds
+
+
 def parse_rate(text: str) -> dict[str, Any]:
     """``100/60s``, ``5/1m``, ``10/1h``, ``3/2.5`` (seconds) as {limit, period_s}."""
     try:
@@ -155,3 +172,41 @@ def _short_json(value: Any, limit: int = 300) -> str:
 def utc_time(epoch: float) -> str:
     """An epoch time as a cell: ISO 8601 in UTC, to the second."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def workers_table(
+    nodes: Sequence[NodeInfo], inflight: dict[str, int], leader: str | None
+) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """The workers each live sidecar registered (its handlers' concurrency per queue,
+    in-process and SDK workers summed), as JSON rows and a table."""
+    data: list[dict[str, Any]] = []
+    table = [["NODE", "HOST", "PID", "QUEUE", "CONCURRENCY", "IN FLIGHT", "VERSION", "UP SINCE"]]
+    for n in nodes:
+        data.append(
+            {
+                "node": n.id,
+                "host": n.host,
+                "pid": n.pid,
+                "version": n.version,
+                "started_at": n.started_at,
+                "leader": n.id == leader,
+                "capacity": n.capacity,
+                "in_flight": inflight.get(n.id, 0),
+            }
+        )
+        queues = sorted(n.capacity.items()) or [("-", 0)]
+        for i, (queue, concurrency) in enumerate(queues):
+            first = i == 0
+            table.append(
+                [
+                    n.id + (" (leader)" if first and n.id == leader else "") if first else "",
+                    n.host if first else "",
+                    str(n.pid) if first else "",
+                    queue,
+                    str(concurrency),
+                    str(inflight.get(n.id, 0)) if first else "",
+                    (n.version or "-") if first else "",
+                    (utc_time(n.started_at) if n.started_at else "-") if first else "",
+                ]
+            )
+    return data, table
