@@ -127,6 +127,7 @@ from ._txn import (
     WatchEvent,
 )
 from ._unique import Guard, HeldBy, Retake, Takeover, guard_value, retake, takeover
+from ._versions import RECOMMENDED_ETCD, etcd_version_warning
 
 __all__ = [
     "ASSIGN_BATCH",
@@ -139,6 +140,7 @@ __all__ = [
     "MAX_TXN_OPS",
     "MISSED_POLICIES",
     "REAP_BATCH",
+    "RECOMMENDED_ETCD",
     "REPORT_REFUSED",
     "SNOOZED",
     "SNOOZE_LIMIT",
@@ -213,6 +215,7 @@ __all__ = [
     "check_name",
     "due",
     "dumps",
+    "etcd_version_warning",
     "event_from_change",
     "first_slot",
     "guard_value",

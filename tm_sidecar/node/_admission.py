@@ -40,6 +40,8 @@ class Admission:
     db_size: int = 0
     #: Whether etcd's NOSPACE alarm is raised.
     nospace: bool = False
+    #: The version etcd's status answered, as last read ("" before the first read).
+    etcd_version: str = ""
     _live_tasks: int = 0
     _created: int = 0
     _written: int = 0  # bytes created since db_size was read
@@ -77,6 +79,7 @@ class Admission:
             self.db_size = int(status.get("dbSizeInUse") or status.get("dbSize") or 0)
             self._written -= written_before
             self.nospace = any("NOSPACE" in str(e) for e in status.get("errors") or ())
+            self.etcd_version = str(status.get("version") or "")
         except Unavailable as exc:
             log.debug("limit refresh failed", extra={"error": str(exc)})
 

@@ -33,6 +33,7 @@ from ..core import (
     TaskSpec,
     Txn,
     TxnResult,
+    etcd_version_warning,
 )
 from ..etcd import Etcd
 from ..etcd._feed import Feed
@@ -347,4 +348,6 @@ class Sidecar:
             "completed": self.agent.completed,
             "capacity": self.registry.capacity(),
             "depth": view.depth() if view is not None else None,
+            "etcd_version": self.admission.etcd_version,
+            "etcd_version_warning": etcd_version_warning(self.admission.etcd_version),
         }

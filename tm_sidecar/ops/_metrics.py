@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .._hooks import Hooks
+from ..core import etcd_version_warning
 from ..node._sidecar import Sidecar
 
 log = logging.getLogger("tm_sidecar.metrics")
@@ -53,6 +54,17 @@ class _Snapshot(Collector):
             "tm_running", "Attempts running on this node.", value=len(sc.agent.running)
         )
         yield GaugeMetricFamily("tm_socket_clients", "Connected SDK clients.", value=self.clients())
+        version = sc.admission.etcd_version
+        if version:
+            warning = etcd_version_warning(version)
+            known = GaugeMetricFamily(
+                "tm_etcd_version_warning",
+                "1 when the etcd this sidecar uses has a version with known data-loss bugs "
+                "(the advice label names the version to run), else 0.",
+                labels=["version", "advice"],
+            )
+            known.add_metric([version, warning or ""], int(warning is not None))
+            yield known
         groups = {
             "create": sc.creates.stats,
             "report": sc.agent.report_batches,

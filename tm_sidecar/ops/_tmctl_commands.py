@@ -25,6 +25,7 @@ from ..core import (
     Record,
     State,
     TaskId,
+    etcd_version_warning,
     with_limits,
 )
 from ..etcd import EtcdConfig, connect
@@ -67,9 +68,13 @@ class Ctl(Commands):
             if queue in paused:
                 row["paused"] = 1
         warnings = unserved(queues, capacity)
+        etcd_version = str((await self.etcd.status()).get("version") or "unknown")
+        version_warning = etcd_version_warning(etcd_version)
         leader = await self.leader()
         data = {
             "namespace": self.ks.namespace,
+            "etcd_version": etcd_version,
+            "etcd_version_warning": version_warning,
             "leader": leader,
             "depths": depths,
             "queues": queues,
@@ -91,6 +96,9 @@ class Ctl(Commands):
             role = "leader" if n.id == leader else ""
             table.append([n.id, n.host, str(n.pid), cap, str(inflight.get(n.id, 0)), role])
         if not self.as_json:
+            print(f"etcd: {etcd_version}")
+            if version_warning is not None:
+                print(f"warning: {version_warning}")
             print("tasks: " + "  ".join(f"{k}={v}" for k, v in depths.items()))
             # A PAUSED column only when a queue is paused.
             flag = ["PAUSED"] if paused else []

@@ -1,0 +1,91 @@
+"""What a sidecar checks of its etcd (issue 20 items 17 and 18): the embedded etcd runs
+with etcd's corruption checks; a known-bad version is logged with the version to run;
+a sidecar whose etcd is another sidecar's embedded one says so in its log; tmctl status
+and the dashboard's health card show the version's warning."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from tm_sidecar.core import Keyspace
+from tm_sidecar.etcd import EtcdConfig, connect
+from tm_sidecar.ops._embedded import CORRUPT_CHECKS, EtcdProcess
+from tm_sidecar.ops._etcd_check import BORROWED, check_etcd, mark_embedded
+from tm_sidecar.web._data import etcd_health
+
+from .test_tmctl import tmctl
+
+
+def test_the_embedded_etcd_runs_with_its_corruption_checks(etcd_server: EtcdProcess) -> None:
+    assert etcd_server.pid is not None
+    argv = Path(f"/proc/{etcd_server.pid}/cmdline").read_bytes().decode().split("\0")
+    for flag in CORRUPT_CHECKS:
+        assert flag in argv
+    assert "--experimental-initial-corrupt-check=true" in argv
+    assert etcd_server.healthy()  # etcd 3.5.1 takes them
+
+
+async def test_a_sidecar_on_another_sidecars_embedded_etcd_says_so(
+    etcd_server: EtcdProcess, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ks = Keyspace(namespace=namespace)
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    try:
+        caplog.set_level(logging.INFO, logger="tm_sidecar")
+        # Unmarked (an etcd of its own): no such line; its version is logged.
+        facts = await check_etcd(etcd, ks, embedded_here=False)
+        assert facts.borrowed_from is None
+        assert BORROWED not in caplog.messages
+        assert facts.version == etcd_server.version == "3.5.1"
+        assert facts.warning is not None
+        bad = [r for r in caplog.records if r.getMessage().startswith("etcd's version has")]
+        assert len(bad) == 1
+        assert bad[0].levelno == logging.WARNING
+        assert "run etcd 3.5.6 or later" in bad[0].__dict__["advice"]
+
+        # The sidecar that started it marks it; it does not warn of itself.
+        await mark_embedded(etcd, ks, "/var/lib/tm-sidecar")
+        caplog.clear()
+        assert (await check_etcd(etcd, ks, embedded_here=True)).borrowed_from is None
+        assert BORROWED not in caplog.messages
+
+        # Another sidecar pointed at it does, naming the sidecar that owns it.
+        caplog.clear()
+        facts = await check_etcd(etcd, ks, embedded_here=False)
+        assert facts.borrowed_from is not None
+        assert facts.borrowed_from["data_dir"] == "/var/lib/tm-sidecar"
+        (line,) = [r for r in caplog.records if r.getMessage() == BORROWED]
+        assert line.levelno == logging.WARNING
+        assert line.__dict__["embedded_data_dir"] == "/var/lib/tm-sidecar"
+        assert "single node" in BORROWED
+    finally:
+        await etcd.aclose()
+
+
+def test_tmctl_status_shows_the_version_warning(
+    etcd_server: EtcdProcess, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = tmctl(capsys, etcd_server.endpoint, namespace, "--json", "status")
+    status = json.loads(out)
+    assert (code, status["etcd_version"]) == (0, "3.5.1")
+    assert "run etcd 3.5.6 or later" in status["etcd_version_warning"]
+    code, out = tmctl(capsys, etcd_server.endpoint, namespace, "status")
+    assert "etcd: 3.5.1" in out
+    assert "warning: etcd 3.5.1 can lose committed writes" in out
+
+
+async def test_the_dashboards_etcd_card_shows_the_version_warning(
+    etcd_server: EtcdProcess,
+) -> None:
+    etcd = connect(EtcdConfig(endpoints=(etcd_server.endpoint,)))
+    try:
+        health = await etcd_health(etcd)
+    finally:
+        await etcd.aclose()
+    assert health.version == "3.5.1"
+    assert health.version_warning is not None
+    assert "3.5.6" in health.version_warning
