@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tm_sidecar.core import Keyspace
-from tm_sidecar.etcd import EtcdConfig, connect
+from tm_sidecar.core import Keyspace, Put, Txn
+from tm_sidecar.etcd import EtcdConfig, SyncEtcd, connect
 from tm_sidecar.ops._embedded import CORRUPT_CHECKS, EtcdProcess
 from tm_sidecar.ops._etcd_check import BORROWED, check_etcd, mark_embedded
 from tm_sidecar.web._data import etcd_health
@@ -89,3 +92,28 @@ async def test_the_dashboards_etcd_card_shows_the_version_warning(
     assert health.version == "3.5.1"
     assert health.version_warning is not None
     assert "3.5.6" in health.version_warning
+
+
+def test_the_sidecar_process_logs_whose_etcd_it_uses(
+    etcd_server: EtcdProcess, namespace: str, tmp_path: Path
+) -> None:
+    """End to end: a tm-sidecar pointed at an etcd marked as another sidecar's embedded
+    one logs the warning (and the version's) before its demo finishes."""
+    db = SyncEtcd(etcd_server.endpoint)
+    mark = json.dumps({"host": "web-9", "pid": 4242, "data_dir": "/var/lib/tm-sidecar"})
+    assert db.txn(Txn(success=(Put(Keyspace().embedded_mark(), mark),))).succeeded
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "TM_SOCKET": str(tmp_path / "s.sock")}
+    args = ["--etcd", etcd_server.endpoint, "--namespace", namespace, "--node-id", "n1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "tm_sidecar", *args, "--demo", "--demo-tasks", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = [ln for ln in run.stderr.splitlines() if "another sidecar's embedded etcd" in ln]
+    assert "level=warning" in line
+    assert "embedded_of_host=web-9" in line
+    assert "embedded_of_pid=4242" in line
+    assert "etcd's version has known data-loss bugs" in run.stderr

@@ -21,12 +21,12 @@ import trio
 from .. import __version__
 from .._hooks import Hooks
 from ..core import NodeId, TaskEvent, TaskOptions, check_name
-from ..etcd import Etcd, connect
+from ..etcd import connect
 from ..node._agent import Handler, Permanent, TaskContext
 from ..node._sidecar import Sidecar, SidecarSettings
 from ..server._server import ServerSettings, SocketServer
 from ._embedded import EmbeddedEtcdError, EtcdProcess
-from ._etcd_check import check_etcd, mark_embedded
+from ._etcd_check import check_at_start
 from ._log import setup_logging
 from ._metrics import Metrics
 from ._notify import Notifier
@@ -210,7 +210,9 @@ async def amain(settings: Settings, signals: Any) -> int:
             # Signals are heard from the start: a sidecar still waiting for etcd stops too.
             nursery.start_soon(on_signals)
             # Once etcd answers: its version, and whose etcd it is (off the start-up path).
-            nursery.start_soon(_check_etcd, etcd, sidecar, settings.data_dir, embedded is not None)
+            nursery.start_soon(
+                check_at_start, etcd, sidecar.ks, settings.data_dir, embedded is not None
+            )
             await nursery.start(sidecar.run)
             server = SocketServer(
                 sidecar,
@@ -258,14 +260,6 @@ async def amain(settings: Settings, signals: Any) -> int:
                 await trio.to_thread.run_sync(embedded.stop)
     log.info("stopped")
     return exit_code
-
-
-async def _check_etcd(etcd: Etcd, sidecar: Sidecar, data_dir: str, embedded: bool) -> None:
-    """Mark our embedded etcd as ours; warn on etcd's version and on another sidecar's
-    embedded etcd (see _etcd_check.py)."""
-    if embedded:
-        await mark_embedded(etcd, sidecar.ks, data_dir)
-    await check_etcd(etcd, sidecar.ks, embedded_here=embedded)
 
 
 def _sidecar_settings(settings: Settings) -> SidecarSettings:

@@ -87,3 +87,14 @@ async def check_etcd(etcd: Etcd, ks: Keyspace, *, embedded_here: bool) -> EtcdFa
                 },
             )
     return EtcdFacts(version, warning, borrowed)
+
+
+async def check_at_start(etcd: Etcd, ks: Keyspace, data_dir: str, embedded: bool) -> None:
+    """The sidecar's checks once etcd answers: mark its embedded etcd as its own, then
+    :func:`check_etcd`. A refusal (a role without the right) is logged, not fatal."""
+    try:
+        if embedded:
+            await mark_embedded(etcd, ks, data_dir)
+        await check_etcd(etcd, ks, embedded_here=embedded)
+    except TaskManagerError as exc:
+        log.warning("etcd's version not checked", extra={"error": str(exc)})
