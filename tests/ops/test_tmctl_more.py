@@ -179,3 +179,14 @@ def test_endpoint_warns_when_it_does_not_answer(
     code, out = tmctl(capsys, etcd_server.endpoint, "x", "endpoint")
     assert (code, out.strip()) == (0, etcd_server.endpoint)
     assert capsys.readouterr().err == ""  # it answers: no warning
+
+
+def test_limit_takes_a_rate_with_the_slack_of_the_delivery(
+    etcd_server: EtcdProcess, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ep = etcd_server.endpoint
+    code, out = tmctl(capsys, ep, namespace, "limit", "q", "--rate", "5/2s+50ms", "--json")
+    assert code == 0
+    assert json.loads(out)["q"]["rate"] == {"limit": 5, "period_s": 2.0, "slack_s": 0.05}
+    assert "5/2s+0.05s" in tmctl(capsys, ep, namespace, "queues")[1]
+    assert tmctl(capsys, ep, namespace, "limit", "q", "--rate", "5/2s+soon")[0] == 2

@@ -102,7 +102,7 @@ class _Snapshot(Collector):
             for name in ("rate", "key_rate"):
                 rate = getattr(config, name)
                 if rate is not None:
-                    limits.add_metric([queue, name], rate.limit / rate.period_s)
+                    limits.add_metric([queue, name], rate.limit / rate.window_s)
         yield paused
         yield limits
         flow = CounterMetricFamily(

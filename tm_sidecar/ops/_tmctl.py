@@ -107,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     limit.add_argument("queue")
     limit.add_argument("--max-running", help="tasks of the queue running at once, or none")
     limit.add_argument("--per-key", help="tasks running at once per concurrency key, or none")
-    limit.add_argument("--rate", help="starts per period, e.g. 100/60s (or none)")
+    limit.add_argument(
+        "--rate",
+        help="starts per period, e.g. 100/60s (or none); +SLACK, e.g. 5/2s+50ms, counts "
+        "each window that much longer, for the delay from an assignment to its start",
+    )
     limit.add_argument("--key-rate", help="starts per period per concurrency key (or none)")
     add_schedule_parsers(sub)
     # --json after the verb too (tmctl ls failed --json); SUPPRESS keeps the top-level

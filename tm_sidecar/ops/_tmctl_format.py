@@ -138,15 +138,27 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def _seconds(text: str) -> float:
+    if text.endswith("ms"):
+        return float(text[:-2]) / 1000
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:])
+    return float(text[:-1]) * scale if scale else float(text)
+
+
 def parse_rate(text: str) -> dict[str, Any]:
-    """``100/60s``, ``5/1m``, ``10/1h``, ``3/2.5`` (seconds) as {limit, period_s}."""
+    """``100/60s``, ``5/1m``, ``10/1h``, ``3/2.5`` (seconds) as {limit, period_s}; a
+    ``+SLACK`` after the period (``5/2s+50ms``) adds the rate's ``slack_s``."""
     try:
         count, period = text.split("/", 1)
-        scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(period[-1:])
-        seconds = float(period[:-1]) * scale if scale else float(period)
-        return {"limit": int(count), "period_s": seconds}
+        period, plus, slack = period.partition("+")
+        rate: dict[str, Any] = {"limit": int(count), "period_s": _seconds(period)}
+        if plus:
+            rate["slack_s"] = _seconds(slack)
+        return rate
     except ValueError:
-        raise ValueError(f"a rate is COUNT/PERIOD, e.g. 100/60s or 5/1m, not {text!r}") from None
+        raise ValueError(
+            f"a rate is COUNT/PERIOD[+SLACK], e.g. 100/60s, 5/1m or 5/2s+50ms, not {text!r}"
+        ) from None
 
 
 def yes(flag: bool) -> str:
@@ -159,7 +171,10 @@ def _opt(value: int | None) -> str:
 
 
 def _rate(rate: RateLimit | None) -> str:
-    return "-" if rate is None else f"{rate.limit}/{rate.period_s:g}s"
+    if rate is None:
+        return "-"
+    slack = f"+{rate.slack_s:g}s" if rate.slack_s else ""
+    return f"{rate.limit}/{rate.period_s:g}s{slack}"
 
 
 def _short_json(value: Any, limit: int = 300) -> str:
