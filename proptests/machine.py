@@ -337,10 +337,10 @@ class QueueMachine(RuleBasedStateMachine):
     @initialize(
         max_running=st.sampled_from([None, 1, 2, 3]),
         per_key=st.sampled_from([None, 1]),
-        rate=st.sampled_from([None, (1, 5.0), (2, 20.0)]),
+        rate=st.sampled_from([None, (1, 5.0), (2, 20.0), (2, 20.0, 3.0)]),
     )
     def first_limits(
-        self, max_running: int | None, per_key: int | None, rate: tuple[int, float] | None
+        self, max_running: int | None, per_key: int | None, rate: tuple[float, ...] | None
     ) -> None:
         """Runs start with limits or without (set_limits, set_rates change them later)."""
         if max_running is not None or per_key is not None:
@@ -965,14 +965,17 @@ class QueueMachine(RuleBasedStateMachine):
         self._write_config(config)
 
     @rule(
-        rate=st.sampled_from([None, (1, 5.0), (2, 20.0)]),
+        rate=st.sampled_from([None, (1, 5.0), (2, 20.0), (2, 20.0, 3.0)]),
         key_rate=st.sampled_from([None, (1, 10.0)]),
     )
-    def set_rates(self, rate: tuple[int, float] | None, key_rate: tuple[int, float] | None) -> None:
-        """An operator sets (or lifts) the queue's rate limits."""
+    def set_rates(self, rate: tuple[float, ...] | None, key_rate: tuple[int, float] | None) -> None:
+        """An operator sets (or lifts) the queue's rate limits (one with a slack: its
+        window is counted that much longer)."""
         config = attrs.evolve(
             self.config,
-            rate=None if rate is None else RateLimit(limit=rate[0], period_s=rate[1]),
+            rate=None
+            if rate is None
+            else RateLimit(limit=int(rate[0]), period_s=rate[1], slack_s=(*rate, 0.0)[2]),
             key_rate=None
             if key_rate is None
             else RateLimit(limit=key_rate[0], period_s=key_rate[1]),
@@ -991,8 +994,9 @@ class QueueMachine(RuleBasedStateMachine):
             if key_rate is not None and key is not None:
                 self.key_starts.append((self.now, key))
         if rate is not None:
-            recent = [t for t in self.starts if t > self.now - rate.period_s]
-            assert len(recent) <= rate.limit, f"{len(recent)} starts in {rate.period_s} s"
+            # The window counted at assignment: the period and the slack of the delivery.
+            recent = [t for t in self.starts if t > self.now - rate.window_s]
+            assert len(recent) <= rate.limit, f"{len(recent)} starts in {rate.window_s} s"
         if key_rate is not None:
             per_key = Counter(k for t, k in self.key_starts if t > self.now - key_rate.period_s)
             assert all(n <= key_rate.limit for n in per_key.values()), (

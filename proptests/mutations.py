@@ -175,6 +175,13 @@ MUTATIONS = [
         "a longer period counts the starts made before the change, even those forgotten",
     ),
     Mutation(
+        "rate-slack-ignored",
+        "tm_sidecar/core/_flow.py",
+        "        since = now - rate.window_s",
+        "        since = now - rate.period_s",
+        "a rate with slack counts its window that much longer (starts keep to it)",
+    ),
+    Mutation(
         "schedule-slot-skipped",
         "tm_sidecar/core/_schedule.py",
         "        k = max(math.floor((after - anchor) / every) + 1, 1)",
