@@ -17,7 +17,7 @@ import pytest
 from tm_sidecar.core import Keyspace, Put, Txn
 from tm_sidecar.etcd import EtcdConfig, SyncEtcd, connect
 from tm_sidecar.ops._embedded import CORRUPT_CHECKS, EtcdProcess
-from tm_sidecar.ops._etcd_check import BORROWED, check_etcd, mark_embedded
+from tm_sidecar.ops._etcd_check import BORROWED, check_etcd, check_members, mark_embedded
 from tm_sidecar.web._data import etcd_health
 
 from .test_tmctl import tmctl
@@ -117,3 +117,21 @@ def test_the_sidecar_process_logs_whose_etcd_it_uses(
     assert "embedded_of_host=web-9" in line
     assert "embedded_of_pid=4242" in line
     assert "etcd's version has known data-loss bugs" in run.stderr
+
+
+async def test_every_members_version_is_checked(
+    etcd_server: EtcdProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client talks to one member at a time; a rolling upgrade mixes versions: each
+    member's is read and each bad one logged with its URL."""
+    cfg = EtcdConfig(endpoints=(etcd_server.endpoint,))
+    etcd = connect(cfg)
+    try:
+        caplog.set_level(logging.INFO, logger="tm_sidecar")
+        versions = await check_members(cfg, etcd)
+    finally:
+        await etcd.aclose()
+    assert versions == {etcd_server.endpoint: "3.5.1"}
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("an etcd member's")]
+    assert line.__dict__["member"] == etcd_server.endpoint
+    assert "run etcd 3.5.6 or later" in line.__dict__["advice"]

@@ -211,7 +211,7 @@ async def amain(settings: Settings, signals: Any) -> int:
             nursery.start_soon(on_signals)
             # Once etcd answers: its version, and whose etcd it is (off the start-up path).
             nursery.start_soon(
-                check_at_start, etcd, sidecar.ks, settings.data_dir, embedded is not None
+                check_at_start, cfg, etcd, sidecar.ks, settings.data_dir, embedded is not None
             )
             await nursery.start(sidecar.run)
             server = SocketServer(

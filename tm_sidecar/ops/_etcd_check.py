@@ -16,10 +16,11 @@ import socket
 import time
 
 import attrs
+import trio
 
 from .._errors import TaskManagerError
 from ..core import Keyspace, etcd_version_warning
-from ..etcd import Etcd, retrying
+from ..etcd import Etcd, EtcdConfig, connect, retrying
 
 log = logging.getLogger("tm_sidecar")
 
@@ -89,12 +90,41 @@ async def check_etcd(etcd: Etcd, ks: Keyspace, *, embedded_here: bool) -> EtcdFa
     return EtcdFacts(version, warning, borrowed)
 
 
-async def check_at_start(etcd: Etcd, ks: Keyspace, data_dir: str, embedded: bool) -> None:
+async def check_members(cfg: EtcdConfig, etcd: Etcd) -> dict[str, str]:
+    """Every member's version, by client URL (a rolling upgrade mixes them; the client
+    talks to one member at a time): each member with known data-loss bugs is logged
+    like the one this sidecar talks to. A member that does not answer is skipped."""
+    versions: dict[str, str] = {}
+    for url in await etcd.member_urls():
+        member = connect(attrs.evolve(cfg, endpoints=(url,), timeout_s=min(cfg.timeout_s, 2.0)))
+        try:
+            with trio.move_on_after(5.0):
+                versions[url] = str((await member.status()).get("version") or "unknown")
+        except TaskManagerError as exc:
+            log.debug("etcd member not checked", extra={"member": url, "error": str(exc)})
+        finally:
+            await member.aclose()
+    for url, version in versions.items():
+        warning = etcd_version_warning(version)
+        if warning is not None:
+            log.warning(
+                "an etcd member's version has known data-loss bugs",
+                extra={"member": url, "etcd_version": version, "advice": warning},
+            )
+    return versions
+
+
+async def check_at_start(
+    cfg: EtcdConfig, etcd: Etcd, ks: Keyspace, data_dir: str, embedded: bool
+) -> None:
     """The sidecar's checks once etcd answers: mark its embedded etcd as its own, then
-    :func:`check_etcd`. A refusal (a role without the right) is logged, not fatal."""
+    :func:`check_etcd` and, for a cluster, :func:`check_members`. A refusal (a role
+    without the right) is logged, not fatal."""
     try:
         if embedded:
             await mark_embedded(etcd, ks, data_dir)
         await check_etcd(etcd, ks, embedded_here=embedded)
+        if not embedded:
+            await check_members(cfg, etcd)
     except TaskManagerError as exc:
         log.warning("etcd's version not checked", extra={"error": str(exc)})
