@@ -224,8 +224,8 @@ def due(schedule: Schedule, now: float) -> Firing | None:
     next_at = first_slot(schedule, now)
     if schedule.missed != "all":
         # The latest due slot: the last one at or before now (next_at itself at least).
-        latest = next(slots_before(schedule, next_at), schedule.next_at)
-        latest = max(latest, schedule.next_at)
+        at_or_before_now = slots_before(schedule, math.nextafter(now, math.inf))
+        latest = max(next(at_or_before_now, schedule.next_at), schedule.next_at)
         if schedule.missed == "skip" and now - latest > schedule.grace_s:
             return Firing((), next_at)
         return Firing((latest,), next_at)
