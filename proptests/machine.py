@@ -378,10 +378,10 @@ class QueueMachine(RuleBasedStateMachine):
     @initialize(
         max_running=st.sampled_from([None, 1, 2, 3]),
         per_key=st.sampled_from([None, 1]),
-        rate=st.sampled_from([None, (1, 5.0), (2, 20.0)]),
+        rate=st.sampled_from([None, (1, 5.0), (2, 20.0), (2, 20.0, 3.0)]),
     )
     def first_limits(
-        self, max_running: int | None, per_key: int | None, rate: tuple[int, float] | None
+        self, max_running: int | None, per_key: int | None, rate: tuple[float, ...] | None
     ) -> None:
         """Runs start with limits or without (set_limits, set_rates change them later)."""
         if max_running is not None or per_key is not None:
@@ -700,15 +700,20 @@ class QueueMachine(RuleBasedStateMachine):
 
     # -- schedules -----------------------------------------------------------------------
 
-    @rule(every=st.sampled_from([5.0, 7.0]), missed=st.sampled_from(["skip", "one", "all"]))
-    def add_schedule(self, every: float, missed: str) -> None:
-        """A client adds an interval schedule (slots every ``every`` seconds from now)."""
+    @rule(
+        every=st.sampled_from([5.0, 7.0]),
+        missed=st.sampled_from(["skip", "one", "all"]),
+        grace=st.sampled_from([SCHEDULE_GRACE_S, 4 * SCHEDULE_GRACE_S]),
+    )
+    def add_schedule(self, every: float, missed: str, grace: float = SCHEDULE_GRACE_S) -> None:
+        """A client adds an interval schedule (slots every ``every`` seconds from now).
+        A grace longer than the interval lets several slots be due and on time at once."""
         name = f"s{len(self.schedules)}"
         fields = {
             "name": name,
             "every_s": every,
             "missed": missed,
-            "grace_s": SCHEDULE_GRACE_S,
+            "grace_s": grace,
             "options": SCHEDULE_OPTIONS,
         }
         schedule = schedule_from_request(fields, now=self.now)
@@ -723,6 +728,13 @@ class QueueMachine(RuleBasedStateMachine):
         time, in order; its task is a new pending task."""
         model = self.schedules[batch.schedule or ""]
         assert not model.paused, f"paused schedule {batch.schedule} fired"
+        policy = model.schedule.missed
+        if policy != "all":
+            # skip and one never fire a burst: missed slots coalesce or are dropped.
+            assert len(batch.slots) <= 1, f"{policy} fired {len(batch.slots)} slots at once"
+        if policy == "skip" and batch.slots:
+            late = self.now - batch.slots[0]
+            assert late <= model.schedule.grace_s, f"skip fired a slot {late} s late"
         every, anchor = model.schedule.every_s or 0.0, model.schedule.anchor_at
         for slot in batch.slots:
             assert slot not in model.fired, f"{batch.schedule} fired slot {slot} twice"
@@ -790,7 +802,7 @@ class QueueMachine(RuleBasedStateMachine):
             fired = set(model.fired)
             if model.schedule.missed == "all":
                 assert set(slots) <= fired, f"{name} lost slots {sorted(set(slots) - fired)}"
-            elif model.schedule.missed == "one" or self.now - slots[-1] <= SCHEDULE_GRACE_S:
+            elif model.schedule.missed == "one" or self.now - slots[-1] <= model.schedule.grace_s:
                 assert slots[-1] in fired, f"{name} did not fire its latest slot {slots[-1]}"
 
     @rule(name=nodes_b)
@@ -1183,14 +1195,17 @@ class QueueMachine(RuleBasedStateMachine):
         self._write_config(config)
 
     @rule(
-        rate=st.sampled_from([None, (1, 5.0), (2, 20.0)]),
+        rate=st.sampled_from([None, (1, 5.0), (2, 20.0), (2, 20.0, 3.0)]),
         key_rate=st.sampled_from([None, (1, 10.0)]),
     )
-    def set_rates(self, rate: tuple[int, float] | None, key_rate: tuple[int, float] | None) -> None:
-        """An operator sets (or lifts) the queue's rate limits."""
+    def set_rates(self, rate: tuple[float, ...] | None, key_rate: tuple[int, float] | None) -> None:
+        """An operator sets (or lifts) the queue's rate limits (one with a slack: its
+        window is counted that much longer)."""
         config = attrs.evolve(
             self.config,
-            rate=None if rate is None else RateLimit(limit=rate[0], period_s=rate[1]),
+            rate=None
+            if rate is None
+            else RateLimit(limit=int(rate[0]), period_s=rate[1], slack_s=(*rate, 0.0)[2]),
             key_rate=None
             if key_rate is None
             else RateLimit(limit=key_rate[0], period_s=key_rate[1]),
@@ -1209,8 +1224,9 @@ class QueueMachine(RuleBasedStateMachine):
             if key_rate is not None and key is not None:
                 self.key_starts.append((self.now, key))
         if rate is not None:
-            recent = [t for t in self.starts if t > self.now - rate.period_s]
-            assert len(recent) <= rate.limit, f"{len(recent)} starts in {rate.period_s} s"
+            # The window counted at assignment: the period and the slack of the delivery.
+            recent = [t for t in self.starts if t > self.now - rate.window_s]
+            assert len(recent) <= rate.limit, f"{len(recent)} starts in {rate.window_s} s"
         if key_rate is not None:
             per_key = Counter(k for t, k in self.key_starts if t > self.now - key_rate.period_s)
             assert all(n <= key_rate.limit for n in per_key.values()), (

@@ -341,14 +341,21 @@ class TaskManager:
     async def set_limits(self, queue: str = "default", **limits: Any) -> dict[str, Any]:
         """Set a queue's cluster-wide limits; None lifts one. ``max_running`` (tasks of the
         queue running at once), ``key_max_running`` (per ``concurrency_key``), ``rate``
-        and ``key_rate`` (starts: ``(limit, period_s)`` or ``{"limit", "period_s"}``).
-        Answers the queue's settings."""
+        and ``key_rate`` (assignments per window: ``(limit, period_s)``, or ``(limit,
+        period_s, slack_s)`` to count each window ``slack_s`` longer, so that the starts
+        at the handlers keep to the limit too when each comes within ``slack_s`` of its
+        assignment; or ``{"limit", "period_s", "slack_s"}``). Answers the queue's
+        settings."""
         fields: dict[str, Any] = {"queue": queue}
         for name, value in limits.items():
             if name in ("rate", "key_rate") and isinstance(value, tuple | list):
-                limit, period = value
-                period_s = period.total_seconds() if isinstance(period, timedelta) else period
-                value = {"limit": limit, "period_s": period_s}
+                limit, period, *slack = value
+                seconds = [
+                    p.total_seconds() if isinstance(p, timedelta) else p for p in (period, *slack)
+                ]
+                value = {"limit": limit, "period_s": seconds[0]}
+                if slack:
+                    value["slack_s"] = seconds[1]
             fields[name] = value
         return dict(await self._request("set_limits", fields, idempotent=True))
 
@@ -368,9 +375,11 @@ class TaskManager:
         """Create or replace the schedule ``name``: a task with ``payload`` (and task
         ``options``: queue, timeout_s, ...) at each slot of ``cron`` (in ``timezone``) or
         ``every`` interval. The leader fires each slot exactly once, across failovers.
-        Slots later than ``grace`` (60 s) are missed: ``missed`` says what then fires,
-        ``"skip"`` (none), ``"one"`` (the latest) or ``"all"`` (each, at most
-        ``max_catch_up``). Answers the schedule, with its ``next_at``."""
+        A slot not fired by the time the next is due, or more than ``grace`` (60 s)
+        late, is missed: ``missed`` says what then fires, ``"skip"`` (the latest due slot
+        if within ``grace``, else none), ``"one"`` (one task, for the latest due slot) or
+        ``"all"`` (each; of those older than ``grace``, at most ``max_catch_up``).
+        Answers the schedule, with its ``next_at``."""
         fields: dict[str, Any] = {
             "name": name,
             "payload": payload,

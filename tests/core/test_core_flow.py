@@ -202,6 +202,46 @@ def test_a_key_rate_parks_the_key_and_lets_others_pass() -> None:
     assert assigned(feed, 5.0) == ["a2"]
 
 
+#: About 15 ms, the spread of a batch's starts at the handlers in issue 20 item 6 (a power
+#: of two, so that every time in the test is exact).
+SPREAD_S = 1 / 64
+
+
+@pytest.mark.parametrize(("slack_s", "worst"), [(0.0, 10), (SPREAD_S, 5)])
+def test_a_rate_with_slack_holds_at_the_handlers(slack_s: float, worst: int) -> None:
+    """Issue 20 item 6: 5 starts per 2 s. The leader counts assignments; each start comes
+    0 to 15 ms after its assignment (here: one batch's starts as late as that, the next
+    one's at once). Without slack, a 2 s window at the handlers sees both batches whole;
+    with the slack of the delivery added to the window, never more than the limit."""
+    feed = Feed()
+    feed.node("n1", {"default": 100})
+    rate = RateLimit(limit=5, period_s=2.0, slack_s=slack_s)
+    feed.put(KS.queue("default"), QueueConfig(rate=rate).to_json())
+    for i in range(25):
+        feed.task(f"t{i:02}")
+    now, starts = 100.0, []
+    for n in range(4):
+        assigned_now = _assign_and_persist(feed, now)
+        assert len(assigned_now) == 5
+        delay = SPREAD_S if n % 2 == 0 else 0.0
+        starts += [now + delay] * len(assigned_now)
+        wake_at = feed.view.decide(now, POLICY).wake_at
+        assert wake_at == now + 2.0 + slack_s  # the window counted at assignment
+        now = wake_at
+    busiest = max(sum(1 for x in starts if s <= x < s + rate.period_s) for s in starts)
+    assert busiest == worst
+
+
+def test_a_rate_with_slack_is_stored_and_checked() -> None:
+    rate = RateLimit(limit=5, period_s=2.0, slack_s=0.05)
+    assert rate.window_s == 2.05
+    assert RateLimit.from_json(rate.to_json()) == rate
+    assert RateLimit(limit=5, period_s=2.0).to_json() == {"limit": 5, "period_s": 2.0}
+    for bad in (-1.0, float("nan"), 1e9, True):
+        with pytest.raises(ValueError, match="slack_s"):
+            RateLimit(limit=5, period_s=2.0, slack_s=bad)
+
+
 def test_a_persisted_window_rounds_later_never_earlier() -> None:
     window = RateWindow([100.01, 100.02, 103.3])
     back = RateWindow.from_json(window.to_json(period_s=32.0))
@@ -295,10 +335,19 @@ def _every(next_at: float = 10.0, **kw: Any) -> Schedule:
         (_every(), 5.0, None, None),
         (_every(), 10.0, (10.0,), 20.0),
         (_every(), 10.5, (10.0,), 20.0),
-        (_every(grace_s=25.0), 30.0, (10.0, 20.0, 30.0), 40.0),  # late, but within grace
+        # Late within grace (a failover): every due slot is on time, but only "all"
+        # fires more than one task; "one" coalesces them into the latest and so does
+        # "skip", which drops the missed ones (issue 20 item 5: a burst of four).
+        (_every(grace_s=25.0), 30.0, (30.0,), 40.0),
+        (_every(grace_s=25.0, missed="skip"), 30.0, (30.0,), 40.0),
+        (_every(grace_s=60.0, missed="skip"), 49.0, (40.0,), 50.0),
+        (_every(grace_s=25.0, missed="all"), 30.0, (10.0, 20.0, 30.0), 40.0),
+        # The latest due slot itself is late beyond grace: "skip" fires nothing.
+        (_every(grace_s=5.0, missed="skip"), 36.0, (), 40.0),
+        (_every(grace_s=5.0, missed="one"), 36.0, (30.0,), 40.0),
         # After downtime (grace 5 s): slots 10 to 90 are missed, 100 is on time.
         (_every(grace_s=5.0, missed="skip"), 100.0, (100.0,), 110.0),
-        (_every(grace_s=5.0, missed="one"), 100.0, (90.0, 100.0), 110.0),
+        (_every(grace_s=5.0, missed="one"), 100.0, (100.0,), 110.0),
         (
             _every(grace_s=5.0, missed="all", max_catch_up=3),
             100.0,
@@ -329,6 +378,11 @@ def test_cron_slots_follow_the_time_zone_across_daylight_saving() -> None:
     at = datetime(2026, 1, 1, 0, 5, tzinfo=UTC).timestamp()
     assert first_slot(five, at) == at + 300  # strictly after
     firing = due(attrs.evolve(five, next_at=at, grace_s=0.0, missed="one"), at + 3600)
+    assert firing is not None
+    assert firing.slots == (at + 3600,)  # the latest, the missed ones coalesced into it
+    firing = due(
+        attrs.evolve(five, next_at=at, grace_s=0.0, missed="all", max_catch_up=1), at + 3600
+    )
     assert firing is not None
     assert firing.slots == (at + 3300, at + 3600)  # the latest missed one, then on time
 
@@ -367,3 +421,15 @@ def test_the_leader_fires_a_slot_once_and_advances_the_schedule() -> None:
     decision = feed.view.decide(15.0, POLICY)
     assert decision.batches == ()
     assert decision.wake_at == 20.0
+
+
+@pytest.mark.parametrize(("missed", "fired"), [("skip", 1), ("one", 1), ("all", 4)])
+def test_a_pause_within_grace_fires_a_burst_only_under_all(missed: str, fired: int) -> None:
+    """Issue 20 item 5: every 5 s, default grace (60 s), no leader from 5 s to 24 s.
+    ``skip`` and ``one`` fire one task (the latest slot), ``all`` each of the four."""
+    schedule = Schedule(name="s", every_s=5.0, anchor_at=0.0, next_at=5.0, missed=missed)
+    firing = due(schedule, 24.0)
+    assert firing is not None
+    assert len(firing.slots) == fired
+    assert firing.slots[-1] == 20.0
+    assert firing.next_at == 25.0

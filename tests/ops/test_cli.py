@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,6 +95,10 @@ def test_demo_with_embedded_etcd_shows_tasks_flowing(tmp_path: Path) -> None:
     for kind in ("queued", "started", "completed"):
         assert f"event={kind}" in log
     assert 'msg="demo finished" tasks=6' in log
+    # One update per task (its handler reports progress once), told once (issue 20 item 15).
+    updated = re.findall(r"event=updated (task=\S+)", log)
+    assert updated
+    assert len(updated) == len(set(updated)), updated
     # The data directory survives for the next start; the socket of etcd is gone.
     assert (tmp_path / "data" / "etcd").is_dir()
 

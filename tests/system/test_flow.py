@@ -173,6 +173,9 @@ async def test_a_paused_queue_assigns_nothing_until_resumed(
         assert "yes" in listed
         await tmctl(etcd_server, namespace, "resume", "default")
         assert await held.result(timeout=10) == "done"
+        # A rate with the slack of the delivery (issue 20 item 6), from the SDK.
+        limits = await manager.set_limits("other", rate=(5, timedelta(seconds=2), 0.05))
+        assert limits["rate"] == {"limit": 5, "period_s": 2.0, "slack_s": 0.05}
     assert started.items == [running.id, other.id, held.id]
 
 

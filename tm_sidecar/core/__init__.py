@@ -122,6 +122,7 @@ from ._schedule import (
     Schedule,
     due,
     first_slot,
+    run_now,
     schedule_from_request,
     slot_task_id,
 )
@@ -146,6 +147,7 @@ from ._txn import (
     compare_holds,
 )
 from ._unique import Guard, HeldBy, Retake, Takeover, guard_value, retake, takeover
+from ._versions import RECOMMENDED_ETCD, etcd_version_warning
 from ._window import PrefetchWindow
 
 __all__ = [
@@ -162,6 +164,7 @@ __all__ = [
     "MAX_TXN_OPS",
     "MISSED_POLICIES",
     "REAP_BATCH",
+    "RECOMMENDED_ETCD",
     "REPORT_REFUSED",
     "SNOOZED",
     "SNOOZE_LIMIT",
@@ -245,6 +248,7 @@ __all__ = [
     "compare_holds",
     "due",
     "dumps",
+    "etcd_version_warning",
     "event_from_change",
     "first_slot",
     "guard_value",
@@ -275,6 +279,7 @@ __all__ = [
     "read_layout",
     "retake",
     "retried",
+    "run_now",
     "schedule_from_request",
     "slot_task_id",
     "snoozed",

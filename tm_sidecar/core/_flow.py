@@ -30,10 +30,30 @@ def _positive_int_or_none(_inst: object, attr: attrs.Attribute[Any], value: int 
 
 @attrs.frozen(kw_only=True)
 class RateLimit:
-    """At most ``limit`` starts in any window of ``period_s`` seconds."""
+    """At most ``limit`` assignments in any window of ``period_s`` seconds; with
+    ``slack_s``, in any window of ``period_s + slack_s``.
+
+    The leader counts assignments, not the handlers' starts: a start comes some time
+    after its assignment (the watch, the agent, the delivery to an SDK worker), and
+    those delays differ from task to task, so starts counted in one window can spread
+    into the next one. ``slack_s`` is the bound on that delay the user is willing to
+    assume: counting windows of ``period_s + slack_s`` at assignment, any window of
+    ``period_s`` at the handlers holds at most ``limit`` starts of tasks that started
+    within ``slack_s`` of their assignment (a start at ``s`` in ``[a, a + slack_s]``
+    lies in a handler window ``[t, t + period_s)`` only if its assignment ``a`` lies in
+    ``[t - slack_s, t + period_s)``, a window the leader held to ``limit``). It costs
+    throughput only: ``limit`` per ``period_s + slack_s`` instead of per ``period_s``.
+    """
 
     limit: int = attrs.field()
     period_s: float = attrs.field()
+    #: The delay from an assignment to its handler's start that the limit allows for.
+    slack_s: float = attrs.field(default=0.0)
+
+    @property
+    def window_s(self) -> float:
+        """The window the leader counts assignments in."""
+        return self.period_s + self.slack_s
 
     @limit.validator
     def _check_limit(self, _attr: attrs.Attribute[Any], value: int) -> None:
@@ -45,16 +65,33 @@ class RateLimit:
         if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
             raise ValueError(f"period_s must be a positive number of seconds, got {value!r}")
 
+    @slack_s.validator
+    def _check_slack(self, _attr: attrs.Attribute[Any], value: float) -> None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (ok and math.isfinite(value) and 0 <= value <= MAX_SLACK_S):
+            raise ValueError(f"slack_s is 0 to {MAX_SLACK_S:g} seconds, got {value!r}")
+
     def to_json(self) -> dict[str, JSON]:
-        """The JSON object stored in etcd."""
-        return {"limit": self.limit, "period_s": self.period_s}
+        """The JSON object stored in etcd (``slack_s`` only when set)."""
+        obj: dict[str, JSON] = {"limit": self.limit, "period_s": self.period_s}
+        if self.slack_s:
+            obj["slack_s"] = self.slack_s
+        return obj
 
     @classmethod
     def from_json(cls, obj: JSON) -> RateLimit:
         """Read the JSON object (refuses anything else with ValueError)."""
-        if not isinstance(obj, dict) or set(obj) - {"limit", "period_s"}:
-            raise ValueError("a rate limit is {limit, period_s}")
-        return cls(limit=obj.get("limit"), period_s=obj.get("period_s"))  # type: ignore[arg-type]
+        if not isinstance(obj, dict) or set(obj) - {"limit", "period_s", "slack_s"}:
+            raise ValueError("a rate limit is {limit, period_s, slack_s (optional)}")
+        return cls(
+            limit=obj.get("limit"),  # type: ignore[arg-type]
+            period_s=obj.get("period_s"),  # type: ignore[arg-type]
+            slack_s=obj.get("slack_s", 0.0),
+        )
+
+
+#: The most slack a rate may take: an hour of delivery is not a delivery.
+MAX_SLACK_S = 3600.0
 
 
 @attrs.frozen(kw_only=True)
@@ -228,8 +265,8 @@ class RateWindow:
 
     def room(self, now: float, rate: RateLimit) -> int:
         """How many more starts the window allows at ``now``."""
-        self.prune(now, rate.period_s, keep=rate.limit)
-        since = now - rate.period_s
+        self.prune(now, rate.window_s, keep=rate.limit)
+        since = now - rate.window_s
         if self.forgotten is not None and self.forgotten > since:
             return 0  # the window reaches back past what the leader remembers
         recent = len(self.starts) - bisect.bisect_right(self.starts, since)
@@ -241,7 +278,7 @@ class RateWindow:
         times = [] if self.forgotten is None else [self.forgotten]
         if len(self.starts) >= rate.limit:
             times.append(self.starts[-rate.limit])
-        return max(times) + rate.period_s if times else 0.0
+        return max(times) + rate.window_s if times else 0.0
 
     def record(self, now: float) -> None:
         """A start at ``now``."""

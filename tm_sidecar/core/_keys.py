@@ -129,6 +129,11 @@ class Keyspace:
         """Prefix of every schedule."""
         return f"{self.prefix}schedules/"
 
+    def embedded_mark(self) -> str:
+        """Outside every namespace: the sidecar that started this etcd as its embedded one
+        (host, pid, data directory), so that a sidecar connecting to it can tell."""
+        return f"{self.root}.embedded"
+
     def unique(self, key: str) -> str:
         """The guard of a unique key: which task holds it."""
         return f"{self.prefix}unique/{key}"

@@ -313,12 +313,12 @@ class LeaderView:
         config = self.queue_config(queue)
         windows: dict[tuple[str, str | None], tuple[RateWindow, float]] = {}
         if config.rate is not None:
-            windows[(queue, None)] = (self._window(queue, None), config.rate.period_s)
+            windows[(queue, None)] = (self._window(queue, None), config.rate.window_s)
         if config.key_rate is not None:
             for _, record in assigns:
                 key = record.options.concurrency_key
                 if key is not None:
-                    windows[(queue, key)] = (self._window(queue, key), config.key_rate.period_s)
+                    windows[(queue, key)] = (self._window(queue, key), config.key_rate.window_s)
         guard = queue_guard(self.ks, queue, self.queue_revisions.get(queue, 0))
         return assign_batches(self.ks, assigns, guard, windows, max_ops)
 

@@ -32,10 +32,11 @@ from ._batch import Batch
 from ._keys import Keyspace, State, TaskId, check_name
 from ._model import JSON, Record, TaskOptions, TaskSpec, dumps
 from ._policy import initial_record
-from ._txn import Compare, KeyValue, Put, Request
+from ._txn import Compare, KeyValue, Put, Request, Txn
 
-#: What to do with slots missed by more than ``grace_s`` (no leader, a pause of etcd):
-#: fire none of them, only the latest, or each (at most ``max_catch_up``).
+#: What to do with missed slots (no leader, a pause of etcd: see ``due``): fire none of
+#: them (and the latest only within ``grace_s``), only the latest, or each (at most
+#: ``max_catch_up`` of those more than ``grace_s`` late).
 MISSED_POLICIES = ("skip", "one", "all")
 #: Tasks one firing may create: a slot is two writes in the firing's transaction.
 MAX_SLOTS_PER_FIRING = 50
@@ -63,7 +64,8 @@ class Schedule:
     timezone: str = "UTC"
     missed: str = "one"
     max_catch_up: int = MAX_SLOTS_PER_FIRING
-    #: A slot fired later than this after its time counts as missed.
+    #: A slot fired later than this after its time counts as missed (``skip`` drops it;
+    #: ``all`` fires those within it each, the older ones up to ``max_catch_up``).
     grace_s: float = 60.0
     paused: bool = False
     anchor_at: float = 0.0  # interval slots: anchor_at + k * every_s
@@ -204,13 +206,29 @@ class Firing:
 def due(schedule: Schedule, now: float) -> Firing | None:
     """What to fire at ``now``: None when nothing is due.
 
-    Slots up to ``grace_s`` late fire; older ones are missed and the schedule's policy
-    decides: ``skip`` fires none of them, ``one`` the latest, ``all`` each of them (the
-    latest ``max_catch_up``). At most ``MAX_SLOTS_PER_FIRING`` slots fire at once (the
-    latest); the next slot is the first after ``now``.
+    A slot is *missed* when it has not fired by the time a later slot is due, or when it
+    is more than ``grace_s`` late. The policy says what a firing does with its due slots:
+
+    - ``skip``: missed slots never fire; the latest due slot fires if it is at most
+      ``grace_s`` late (a failover's delay), else nothing does. One task at most.
+    - ``one``: the due slots coalesce into one task, for the latest of them, however
+      late.
+    - ``all``: each due slot fires, in order: every one at most ``grace_s`` late, and the
+      latest ``max_catch_up`` of the older ones.
+
+    At most ``MAX_SLOTS_PER_FIRING`` slots fire at once (the latest); the next slot is the
+    first after ``now``.
     """
     if schedule.paused or schedule.next_at > now:
         return None
+    next_at = first_slot(schedule, now)
+    if schedule.missed != "all":
+        # The latest due slot: the last one at or before now (next_at itself at least).
+        at_or_before_now = slots_before(schedule, math.nextafter(now, math.inf))
+        latest = max(next(at_or_before_now, schedule.next_at), schedule.next_at)
+        if schedule.missed == "skip" and now - latest > schedule.grace_s:
+            return Firing((), next_at)
+        return Firing((latest,), next_at)
     on_time_from = max(schedule.next_at, now - schedule.grace_s)
     candidates: Iterator[float]
     if schedule.next_at >= on_time_from:
@@ -223,15 +241,14 @@ def due(schedule: Schedule, now: float) -> Firing | None:
             break
         on_time.append(slot)
     missed: list[float] = []
-    if schedule.next_at < on_time_from and schedule.missed != "skip":
-        wanted = 1 if schedule.missed == "one" else schedule.max_catch_up
+    if schedule.next_at < on_time_from:
         for slot in slots_before(schedule, on_time_from):
-            if slot < schedule.next_at or len(missed) >= wanted:
+            if slot < schedule.next_at or len(missed) >= schedule.max_catch_up:
                 break
             missed.append(slot)
         missed.reverse()
     slots = (missed + on_time)[-MAX_SLOTS_PER_FIRING:]
-    return Firing(tuple(slots), first_slot(schedule, now))
+    return Firing(tuple(slots), next_at)
 
 
 def slot_task_id(schedule: Schedule, slot: float, incarnation: int) -> TaskId:
@@ -239,6 +256,15 @@ def slot_task_id(schedule: Schedule, slot: float, incarnation: int) -> TaskId:
     (the schedule key's create revision) keeps a schedule made again under an old name
     from meeting its predecessor's tasks."""
     return TaskId(f"{schedule.name}.{math.floor(slot)}.{incarnation:x}")
+
+
+def _task_writes(ks: Keyspace, schedule: Schedule, tid: TaskId, now: float) -> list[Request]:
+    """The payload and the pending record of a task made from ``schedule`` at ``now``."""
+    spec = TaskSpec(id=tid, payload=schedule.payload, options=schedule.options, created_at=now)
+    record = initial_record(
+        Record(state=State.PENDING, options=schedule.options, since_at=now), now=now, run_at=None
+    )
+    return [Put(ks.task(tid), spec.to_json()), Put(ks.state(State.PENDING, tid), record.to_json())]
 
 
 def fire_ops(
@@ -255,15 +281,8 @@ def fire_ops(
     last_id = schedule.last_task_id
     for slot in firing.slots:
         tid = slot_task_id(schedule, slot, incarnation)
-        spec = TaskSpec(id=tid, payload=schedule.payload, options=schedule.options, created_at=now)
-        record = initial_record(
-            Record(state=State.PENDING, options=schedule.options, since_at=now),
-            now=now,
-            run_at=None,
-        )
         compares.append(Compare.absent(ks.task(tid)))
-        writes.append(Put(ks.task(tid), spec.to_json()))
-        writes.append(Put(ks.state(State.PENDING, tid), record.to_json()))
+        writes.extend(_task_writes(ks, schedule, tid, now))
         last_id = tid
     advanced = attrs.evolve(
         schedule,
@@ -308,3 +327,14 @@ def firing_batch(ks: Keyspace, kv: KeyValue, schedule: Schedule, now: float) -> 
     return Batch(
         "fire", (), guards=guards, extra=tuple(writes), schedule=schedule.name, slots=firing.slots
     )
+
+
+def run_now(ks: Keyspace, kv: KeyValue, schedule: Schedule, now: float) -> tuple[TaskId, Txn]:
+    """A task made now from ``schedule`` (seen as ``kv``), outside its slots (``tmctl
+    run-schedule``): the schedule's payload and options, an id ``<name>.run.<epoch ms>.
+    <incarnation>``. The transaction compares the schedule's create revision (the schedule
+    read is the one still there, whatever the leader fired since) and the task's absence;
+    it leaves the schedule's slots and ``next_at`` alone."""
+    tid = TaskId(f"{schedule.name}.run.{math.floor(now * 1000)}.{kv.create_revision:x}")
+    compare = (Compare.created_at(kv.key, kv.create_revision), Compare.absent(ks.task(tid)))
+    return tid, Txn(compare=compare, success=tuple(_task_writes(ks, schedule, tid, now)))

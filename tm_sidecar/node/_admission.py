@@ -82,7 +82,7 @@ class Admission:
     db_size: int = 0
     #: Whether etcd's NOSPACE alarm is raised.
     nospace: bool = False
-    #: The version of the etcd server, as last read ("" until read).
+    #: The version etcd's status answered, as last read ("" before the first read).
     etcd_version: str = ""
     _live_tasks: int = 0
     _created: int = 0

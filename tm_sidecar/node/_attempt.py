@@ -70,7 +70,18 @@ class Attempt:
 
     slot: Slot
     record: Record
+    #: The announcer has decided (or need not): no announcement is to be scheduled.
     announced: bool = False
+    #: A write that tells the start (a progress update) has been made: the scheduled
+    #: announcement, if it has not run yet, would only repeat it (issue 20 item 15: the
+    #: demo's handler updates at the announcement's time, and each task told ``updated``
+    #: twice).
+    told: bool = False
+
+    def progressed(self, record: Record) -> None:
+        """The handler reported progress: ``record`` carries it and tells the start."""
+        self.record = record
+        self.announced = self.told = True
 
 
 @attrs.define(eq=False)
@@ -183,8 +194,8 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
                     nonlocal current
                     if len(dumps(value).encode()) > MAX_PROGRESS_BYTES:
                         raise PayloadTooLarge(f"progress over {MAX_PROGRESS_BYTES} bytes")
-                    current = attempt.record = attrs.evolve(current, progress=value)
-                    attempt.announced = True  # this write tells the start
+                    current = attrs.evolve(current, progress=value)
+                    attempt.progressed(current)  # this write tells the start
                     return await _update(env.io, slot, current)
 
                 ctx = TaskContext(tid, spec.payload, current.attempts, spec, progress)
@@ -256,6 +267,10 @@ async def report_carried(env: AttemptEnv, slot: Slot, outcome: Record) -> None:
 
 
 async def _announce(io: AgentIO, attempt: Attempt) -> None:
+    # Scheduled by the announcer, but a progress write has told the start meanwhile.
+    if attempt.told:
+        return
+    attempt.told = True
     # Refused or too late (the outcome may overtake it): the outcome tells the start.
     try:
         await _update(io, attempt.slot, attempt.record, quiet=True)

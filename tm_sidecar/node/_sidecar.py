@@ -34,6 +34,7 @@ from ..core import (
     TaskSpec,
     Txn,
     TxnResult,
+    etcd_version_warning,
 )
 from ..etcd import Etcd
 from ..etcd._feed import Feed
@@ -360,6 +361,8 @@ class Sidecar:
             "depth": view.depth() if view is not None else None,
             # Another sidecar with this node id holds the registration (no work here).
             "registration_taken_by": _holder(self.membership.taken_by),
+            "etcd_version": self.admission.etcd_version,
+            "etcd_version_warning": etcd_version_warning(self.admission.etcd_version),
         }
 
 

@@ -32,6 +32,7 @@ from ..node._membership import NodeIdTaken
 from ..node._sidecar import Sidecar, SidecarSettings
 from ..server._server import ServerSettings, SocketServer
 from ._embedded import EmbeddedEtcdError, EtcdProcess
+from ._etcd_check import check_at_start
 from ._log import setup_logging
 from ._metrics import Metrics
 from ._notify import Notifier
@@ -247,6 +248,10 @@ async def amain(settings: Settings, signals: Any) -> int:
                 # From the start too, so that probes hear "live, not ready" while etcd waits.
                 host, _, port = settings.metrics.rpartition(":")
                 await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
+            # Once etcd answers: its version, and whose etcd it is (off the start-up path).
+            nursery.start_soon(
+                check_at_start, cfg, etcd, sidecar.ks, settings.data_dir, embedded is not None
+            )
             await nursery.start(sidecar.run)
             server = SocketServer(
                 sidecar,

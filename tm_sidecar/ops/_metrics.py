@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from .._hooks import Hooks
+from ..core import etcd_version_warning
 from ..node._sidecar import Sidecar
 
 log = logging.getLogger("tm_sidecar.metrics")
@@ -109,6 +110,17 @@ class _Snapshot(Collector):
             "Ended attempts of a lost session still to report (etcd was away).",
             value=len(sc.agent.carried),
         )
+        version = sc.admission.etcd_version
+        if version:
+            warning = etcd_version_warning(version)
+            known = GaugeMetricFamily(
+                "tm_etcd_version_warning",
+                "1 when the etcd this sidecar uses has a version with known data-loss bugs "
+                "(the advice label names the version to run), else 0.",
+                labels=["version", "advice"],
+            )
+            known.add_metric([version, warning or ""], int(warning is not None))
+            yield known
         groups = {
             "create": sc.creates.stats,
             "report": sc.agent.report_batches,
@@ -146,7 +158,7 @@ class _Snapshot(Collector):
             for name in ("rate", "key_rate"):
                 rate = getattr(config, name)
                 if rate is not None:
-                    limits.add_metric([queue, name], rate.limit / rate.period_s)
+                    limits.add_metric([queue, name], rate.limit / rate.window_s)
         yield paused
         yield limits
         flow = CounterMetricFamily(

@@ -14,17 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
+import attrs
 import trio
 
 from .._errors import EtcdUnavailable, TaskManagerError
 from ..core import Keyspace, LayoutRefused, State, check_layout, read_layout
-from ..etcd import Etcd, connect
+from ..etcd import Etcd, EtcdConfig, connect
 from ._embedded import PORTS_FILE
 from ._settings import Settings, add_flags, load_settings
 from ._tmctl_commands import Ctl
+from ._tmctl_format import parse_duration
+from ._tmctl_schedules import add_schedule_parsers
 
 STATES = [s.value for s in State]
 #: What ``tmctl --help`` says of it (the module's docstring also says how it is built).
@@ -46,26 +50,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="leader, nodes with capacity and in-flight counts, queue depths")
     sub.add_parser("leader", help="the leading node")
     sub.add_parser(
+        "workers",
+        help="the live sidecars and the workers each registered: concurrency per queue "
+        "(in-process and SDK workers), tasks in flight",
+    )
+    sub.add_parser(
         "endpoint",
         help="print the etcd URL tmctl uses (the embedded etcd's, found by --data-dir, or "
-        "--etcd): export ETCDCTL_ENDPOINTS=$(tmctl endpoint)",
+        "--etcd): export ETCDCTL_ENDPOINTS=$(tmctl endpoint); warns on stderr when it "
+        "does not answer",
     )
     ls = sub.add_parser("ls", help="tasks in one state")
     ls.add_argument("state", choices=STATES)
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--queue", help="only the tasks of this queue")
+    ls.add_argument(
+        "--older-than",
+        type=parse_duration,
+        metavar="DURATION",
+        help="only the tasks in this state for longer than this (90s, 10m, 2h, 7d)",
+    )
     show = sub.add_parser("show", help="one task: payload, options, state")
     show.add_argument("task_id")
     retry = sub.add_parser("retry", help="send failed tasks back to pending with fresh attempts")
     group = retry.add_mutually_exclusive_group(required=True)
     group.add_argument("task_id", nargs="?")
     group.add_argument("--all-failed", action="store_true")
+    group.add_argument("--queue", help="every failed task of this queue")
     cancel = sub.add_parser("cancel", help="move a pending, delayed or running task to failed")
     cancel.add_argument("task_id")
     purge = sub.add_parser(
         "purge", help="delete every completed or failed record (and its payload)"
     )
     purge.add_argument("state", choices=["completed", "failed"])
+    purge.add_argument("--queue", help="only the records of this queue")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     recover = sub.add_parser(
         "recover",
@@ -91,28 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     limit.add_argument("queue")
     limit.add_argument("--max-running", help="tasks of the queue running at once, or none")
     limit.add_argument("--per-key", help="tasks running at once per concurrency key, or none")
-    limit.add_argument("--rate", help="starts per period, e.g. 100/60s (or none)")
+    limit.add_argument(
+        "--rate",
+        help="starts per period, e.g. 100/60s (or none); +SLACK, e.g. 5/2s+50ms, counts "
+        "each window that much longer, for the delay from an assignment to its start",
+    )
     limit.add_argument("--key-rate", help="starts per period per concurrency key (or none)")
-    sub.add_parser("schedules", help="every schedule: cron or interval, next slot, fired")
-    sched = sub.add_parser(
-        "schedule", help="create or replace a schedule: a task at each slot, fired once"
-    )
-    sched.add_argument("name")
-    when = sched.add_mutually_exclusive_group(required=True)
-    when.add_argument("--cron", help="a cron expression, e.g. '*/5 * * * *'")
-    when.add_argument("--every", type=float, help="an interval in seconds")
-    sched.add_argument("--tz", default="UTC", help="the cron's time zone (IANA name)")
-    sched.add_argument("--payload", default="null", help="the tasks' payload, as JSON")
-    sched.add_argument("--queue", default="default", help="the tasks' queue")
-    sched.add_argument(
-        "--missed", default="one", choices=["skip", "one", "all"], help="slots missed by downtime"
-    )
-    for name, what in (
-        ("pause-schedule", "fire nothing more until resumed"),
-        ("resume-schedule", "fire again, from the first slot after now"),
-        ("unschedule", "delete a schedule (its tasks stay)"),
-    ):
-        sub.add_parser(name, help=what).add_argument("name")
+    add_schedule_parsers(sub)
+    # --json after the verb too (tmctl ls failed --json); SUPPRESS keeps the top-level
+    # flag's value when the verb's is not given.
+    for command in sub.choices.values():
+        command.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="JSON output"
+        )
     return p
 
 
@@ -136,20 +145,40 @@ def embedded_endpoint(data_dir: str) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-async def _confirm_purge(ctl: Ctl, state: State) -> bool:
+async def _confirm_purge(ctl: Ctl, state: State, queue: str | None) -> bool:
     """Ask before deleting for good; refuse when nobody can be asked."""
+    of_queue = f" of queue {queue!r}" if queue is not None else ""
     if not sys.stdin.isatty():
         print(
-            f"tmctl: purge deletes every {state.value} record for good: add --yes to do it "
-            "without a terminal to confirm on",
+            f"tmctl: purge deletes every {state.value} record{of_queue} for good: add --yes "
+            "to do it without a terminal to confirm on",
             file=sys.stderr,
         )
         return False
-    count = await ctl.count(state)
+    count = len(await ctl.records(state, queue))
     return await _ask(
-        f"Delete {count} {state.value} records, and their payloads, of namespace "
+        f"Delete {count} {state.value} records{of_queue}, and their payloads, of namespace "
         f"{ctl.ks.namespace!r}?",
         "nothing purged",
+    )
+
+
+async def _warn_if_silent(cfg: EtcdConfig, data_dir: str | None) -> None:
+    """Warn on stderr when the endpoint found does not answer (a stale ports file, a
+    sidecar that is not running, a wrong --etcd): the URL alone would not say so."""
+    etcd = connect(attrs.evolve(cfg, timeout_s=min(cfg.timeout_s, 2.0)))
+    error = "no answer within 3 s"
+    try:
+        with trio.move_on_after(3.0):
+            await etcd.status()
+            return
+    except TaskManagerError as exc:
+        error = str(exc)
+    finally:
+        await etcd.aclose()
+    hint = f" (the embedded etcd of {data_dir}: is its sidecar running?)" if data_dir else ""
+    print(
+        f"tmctl: warning: {','.join(cfg.endpoints)} does not answer: {error}{hint}", file=sys.stderr
     )
 
 
@@ -219,10 +248,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         except NoEndpoint as exc:
             print(f"tmctl: {exc}", file=sys.stderr)
             return 2
-    if args.command == "endpoint":
-        print(",".join(endpoints))
-        return 0
     cfg = settings.etcd_config(endpoints)
+    if args.command == "endpoint":
+        print(",".join(endpoints), flush=True)
+        await _warn_if_silent(cfg, settings.data_dir if embedded else None)
+        return 0
     etcd = connect(cfg)
     ctl = Ctl(etcd, Keyspace(namespace=settings.namespace), args.json)
     try:
@@ -231,21 +261,24 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         match args.command:
             case "status":
                 await ctl.status()
+            case "workers":
+                await ctl.workers()
             case "leader":
                 leader = await ctl.leader()
                 ctl.out({"leader": leader}, [["LEADER"], [leader or "-"]])
             case "ls":
-                await ctl.ls(State(args.state), args.limit, args.queue)
+                await ctl.ls(State(args.state), args.limit, args.queue, args.older_than)
             case "show":
                 return await ctl.show(args.task_id)
             case "retry":
-                return await ctl.retry(args.task_id, args.all_failed)
+                return await ctl.retry(args.task_id, args.all_failed, args.queue)
             case "cancel":
                 return await ctl.cancel(args.task_id)
             case "purge":
-                if not args.yes and not await _confirm_purge(ctl, State(args.state)):
+                state = State(args.state)
+                if not args.yes and not await _confirm_purge(ctl, state, args.queue):
                     return 1
-                await ctl.purge(State(args.state))
+                await ctl.purge(state, args.queue)
             case "recover":
                 if not args.yes and not await _confirm_recover(ctl, args.include_failed):
                     return 1
@@ -266,6 +299,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                 return await ctl.pause_schedule(args.name, args.command == "pause-schedule")
             case "unschedule":
                 return await ctl.unschedule(args.name)
+            case "run-schedule":
+                return await ctl.run_schedule(args.name)
         return 0
     except LayoutRefused as exc:
         print(f"tmctl: {exc}", file=sys.stderr)
@@ -285,6 +320,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The console script."""
     args, settings = load_settings("tmctl", build_parser(), argv)
     try:
-        sys.exit(trio.run(run, args, settings))
+        code = trio.run(run, args, settings)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        code = _pipe_closed()
+    except BaseExceptionGroup as group:
+        _, rest = group.split(BrokenPipeError)
+        if rest is not None:
+            raise
+        code = _pipe_closed()
+    sys.exit(code)
+
+
+def _pipe_closed() -> int:
+    """The reader of stdout went away (``tmctl ls pending | head``): stop quietly, as a
+    tool killed by SIGPIPE would, without a traceback or a second error at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE

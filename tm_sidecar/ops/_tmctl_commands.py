@@ -17,23 +17,21 @@ from typing import Any
 
 import attrs
 
-from .._errors import EtcdError, TaskManagerError
-from ..admin import QUEUE_STATES, Queries, cancel_record, purge_records, retry_failed
+from .._errors import EtcdError
+from ..admin import QUEUE_STATES, cancel_record, purge_records, retry_failed
 from ..core import (
     EventDeriver,
-    Keyspace,
+    KeyValue,
     QueueConfig,
     Record,
-    Schedule,
     State,
     TaskId,
-    TaskOptions,
-    schedule_from_request,
+    etcd_version_warning,
     with_limits,
 )
-from ..etcd import Etcd, EtcdConfig, connect
+from ..etcd import EtcdConfig, connect
 from ..leader import sweep_payloads
-from ..node._sidecar import pausing, update_queue, update_schedule
+from ..node._sidecar import update_queue
 from ._tmctl_format import (
     capacity_by_queue,
     limit_changes,
@@ -41,24 +39,14 @@ from ._tmctl_format import (
     show_table,
     unserved,
     utc_time,
+    workers_table,
     yes,
 )
+from ._tmctl_schedules import Commands
 
 
-class Ctl(Queries):
-    """The commands, over one etcd connection."""
-
-    def __init__(self, etcd: Etcd, ks: Keyspace, as_json: bool) -> None:
-        super().__init__(etcd, ks)
-        self.as_json = as_json
-
-    def out(self, data: Any, table: list[list[str]] | None = None) -> None:
-        if self.as_json or table is None:
-            print(json.dumps(data, indent=2, default=str))
-            return
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        for row in table:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+class Ctl(Commands):
+    """The commands, over one etcd connection (the schedules' in ``Commands``)."""
 
     async def status(self) -> None:
         depths = {s.value: await self.count(s) for s in State}
@@ -81,9 +69,13 @@ class Ctl(Queries):
             if queue in paused:
                 row["paused"] = 1
         warnings = unserved(queues, capacity)
+        etcd_version = str((await self.etcd.status()).get("version") or "unknown")
+        version_warning = etcd_version_warning(etcd_version)
         leader = await self.leader()
         data = {
             "namespace": self.ks.namespace,
+            "etcd_version": etcd_version,
+            "etcd_version_warning": version_warning,
             "leader": leader,
             "depths": depths,
             "queues": queues,
@@ -105,6 +97,9 @@ class Ctl(Queries):
             role = "leader" if n.id == leader else ""
             table.append([n.id, n.host, str(n.pid), cap, str(inflight.get(n.id, 0)), role])
         if not self.as_json:
+            print(f"etcd: {etcd_version}")
+            if version_warning is not None:
+                print(f"warning: {version_warning}")
             print("tasks: " + "  ".join(f"{k}={v}" for k, v in depths.items()))
             # A PAUSED column only when a queue is paused.
             flag = ["PAUSED"] if paused else []
@@ -120,8 +115,16 @@ class Ctl(Queries):
             print()
         self.out(data, table if nodes else [["NODE"], ["(no sidecar registered)"]])
 
-    async def ls(self, state: State, limit: int, queue: str | None = None) -> None:
+    async def ls(
+        self,
+        state: State,
+        limit: int,
+        queue: str | None = None,
+        older_than_s: float | None = None,
+    ) -> None:
         kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
+        # In this state since before the cut-off (``--older-than``).
+        cutoff = time.time() - older_than_s if older_than_s is not None else None
         rows: list[tuple[TaskId, Record]] = []
         waiting: dict[str, dict[str, int]] = {}
         for kv in kvs:
@@ -130,6 +133,8 @@ class Ctl(Queries):
                 continue
             rec = Record.from_json(state, kv.value)
             if queue is not None and rec.options.queue != queue:
+                continue
+            if cutoff is not None and rec.since_at > cutoff:
                 continue
             row = waiting.setdefault(rec.options.queue, dict.fromkeys(QUEUE_STATES, 0))
             if state.value in row:
@@ -172,15 +177,15 @@ class Ctl(Queries):
             print("\n" + rec.error.traceback.rstrip())
         return 0
 
-    async def retry(self, task_id: str | None, all_failed: bool) -> int:
-        if all_failed:
-            kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(State.FAILED))
+    async def retry(self, task_id: str | None, all_failed: bool, queue: str | None = None) -> int:
+        if all_failed or queue is not None:
+            kvs = await self.records(State.FAILED, queue)
         else:
             kv = await self.etcd.get(self.ks.state(State.FAILED, TaskId(task_id or "")))
             if kv is None:
                 print(f"tmctl: task {task_id} is not in the failed queue", file=sys.stderr)
                 return 1
-            kvs = (kv,)
+            kvs = [kv]
         moved = await retry_failed(self.etcd, self.ks, kvs)
         self.out({"retried": moved}, [["RETRIED"], [str(moved)]])
         return 0
@@ -225,75 +230,6 @@ class Ctl(Queries):
         self.out({queue: config.to_obj()}, queue_table({queue: config}))
         return 0
 
-    async def schedules(self) -> None:
-        kvs, _ = await self.etcd.list_prefix(self.ks.schedules())
-        found = [Schedule.from_json(kv.value) for kv in kvs]
-        table = [["SCHEDULE", "WHEN", "TZ", "NEXT", "FIRED", "MISSED", "PAUSED", "QUEUE"]]
-        for s in found:
-            when = s.cron if s.cron is not None else f"every {s.every_s:g} s"
-            table.append(
-                [
-                    s.name,
-                    when,
-                    s.timezone,
-                    utc_time(s.next_at),
-                    str(s.fired),
-                    s.missed,
-                    yes(s.paused),
-                    s.options.queue,
-                ]
-            )
-        self.out([s.to_obj() for s in found], table)
-
-    async def set_schedule(self, args: argparse.Namespace) -> int:
-        try:
-            fields = {
-                "name": args.name,
-                "cron": args.cron,
-                "every_s": args.every,
-                "timezone": args.tz,
-                "payload": json.loads(args.payload),
-                "options": TaskOptions(queue=args.queue),
-                "missed": args.missed,
-            }
-            new = schedule_from_request(fields, now=time.time())
-        except (ValueError, TypeError) as exc:
-            print(f"tmctl: bad schedule: {exc}", file=sys.stderr)
-            return 2
-
-        def replace(old: Schedule | None) -> Schedule:
-            if old is None:
-                return new
-            return attrs.evolve(new, fired=old.fired, last_slot_at=old.last_slot_at)
-
-        schedule = await update_schedule(self.etcd, self.ks, new.name, replace)
-        assert schedule is not None
-        self.out(
-            schedule.to_obj(), [["SCHEDULE", "NEXT"], [schedule.name, utc_time(schedule.next_at)]]
-        )
-        return 0
-
-    async def pause_schedule(self, name: str, paused: bool) -> int:
-        try:
-            schedule = await update_schedule(
-                self.etcd, self.ks, name, pausing(name, paused, now=time.time())
-            )
-        except TaskManagerError as exc:
-            print(f"tmctl: {exc}", file=sys.stderr)
-            return 1
-        assert schedule is not None
-        rows = [["SCHEDULE", "PAUSED", "NEXT"], [name, yes(paused), utc_time(schedule.next_at)]]
-        self.out(schedule.to_obj(), rows)
-        return 0
-
-    async def unschedule(self, name: str) -> int:
-        deleted = bool(await self.etcd.delete(self.ks.schedule(name)))
-        if not deleted:
-            print(f"tmctl: no schedule {name!r}", file=sys.stderr)
-            return 1
-        self.out({"deleted": name}, [["DELETED"], [name]])
-        return 0
-
     async def queues(self) -> None:
         kvs, _ = await self.etcd.list_prefix(self.ks.queues())
         configs = {}
@@ -303,14 +239,32 @@ class Ctl(Queries):
                 configs[parsed.name] = QueueConfig.from_json(kv.value)
         self.out({name: c.to_obj() for name, c in configs.items()}, queue_table(configs))
 
-    async def purge(self, state: State) -> None:
-        purged = await self._purge(state)
+    async def records(self, state: State, queue: str | None = None) -> list[KeyValue]:
+        """The records in ``state`` (of one queue, or all)."""
+        kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
+        if queue is None:
+            return list(kvs)
+        return [kv for kv in kvs if Record.from_json(state, kv.value).options.queue == queue]
+
+    async def workers(self) -> None:
+        """The live sidecars and their registered workers, per queue."""
+        procs, _ = await self.etcd.list_prefix(self.ks.state_prefix(State.PROCESSING))
+        inflight: dict[str, int] = {}
+        for kv in procs:
+            parsed = self.ks.parse(kv.key)
+            if parsed and parsed.node:
+                inflight[parsed.node] = inflight.get(parsed.node, 0) + 1
+        data, table = workers_table(await self.nodes(), inflight, await self.leader())
+        self.out(data, table if data else [["NODE"], ["(no sidecar registered)"]])
+
+    async def purge(self, state: State, queue: str | None = None) -> None:
+        purged = await self._purge(state, queue)
         self.out({"purged": purged}, [["PURGED"], [str(purged)]])
 
-    async def _purge(self, state: State) -> int:
-        """Delete every record in a final state, then its payload (see purge_records)."""
-        kvs, _ = await self.etcd.list_prefix(self.ks.state_prefix(state))
-        return await purge_records(self.etcd, self.ks, kvs)
+    async def _purge(self, state: State, queue: str | None = None) -> int:
+        """Delete every record in a final state (of one queue, or all), then its payload
+        (see purge_records)."""
+        return await purge_records(self.etcd, self.ks, await self.records(state, queue))
 
     async def _space(self) -> dict[str, Any]:
         status = await self.etcd.status()

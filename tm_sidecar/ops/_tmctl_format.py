@@ -135,15 +135,44 @@ def _whole(text: str, flag: str) -> int:
         raise ValueError(f"--{flag.replace('_', '-')} takes a whole number or none") from None
 
 
+#: Duration units tmctl reads (``90s``, ``10m``, ``2h``, ``7d``; a bare number is seconds).
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``10m``, ``2h``, ``7d`` or ``30`` (seconds) as seconds (ArgumentTypeError
+    otherwise, so that argparse names the flag)."""
+    try:
+        scale = UNITS.get(text[-1:])
+        seconds = float(text[:-1]) * scale if scale else float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"a duration is e.g. 90s, 10m, 2h or 7d, not {text!r}")
+    return seconds
+
+
+def _seconds(text: str) -> float:
+    if text.endswith("ms"):
+        return float(text[:-2]) / 1000
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:])
+    return float(text[:-1]) * scale if scale else float(text)
+
+
 def parse_rate(text: str) -> dict[str, Any]:
-    """``100/60s``, ``5/1m``, ``10/1h``, ``3/2.5`` (seconds) as {limit, period_s}."""
+    """``100/60s``, ``5/1m``, ``10/1h``, ``3/2.5`` (seconds) as {limit, period_s}; a
+    ``+SLACK`` after the period (``5/2s+50ms``) adds the rate's ``slack_s``."""
     try:
         count, period = text.split("/", 1)
-        scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(period[-1:])
-        seconds = float(period[:-1]) * scale if scale else float(period)
-        return {"limit": int(count), "period_s": seconds}
+        period, plus, slack = period.partition("+")
+        rate: dict[str, Any] = {"limit": int(count), "period_s": _seconds(period)}
+        if plus:
+            rate["slack_s"] = _seconds(slack)
+        return rate
     except ValueError:
-        raise ValueError(f"a rate is COUNT/PERIOD, e.g. 100/60s or 5/1m, not {text!r}") from None
+        raise ValueError(
+            f"a rate is COUNT/PERIOD[+SLACK], e.g. 100/60s, 5/1m or 5/2s+50ms, not {text!r}"
+        ) from None
 
 
 def yes(flag: bool) -> str:
@@ -156,7 +185,10 @@ def _opt(value: int | None) -> str:
 
 
 def _rate(rate: RateLimit | None) -> str:
-    return "-" if rate is None else f"{rate.limit}/{rate.period_s:g}s"
+    if rate is None:
+        return "-"
+    slack = f"+{rate.slack_s:g}s" if rate.slack_s else ""
+    return f"{rate.limit}/{rate.period_s:g}s{slack}"
 
 
 def _short_json(value: Any, limit: int = 300) -> str:
@@ -169,3 +201,41 @@ def _short_json(value: Any, limit: int = 300) -> str:
 def utc_time(epoch: float) -> str:
     """An epoch time as a cell: ISO 8601 in UTC, to the second."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def workers_table(
+    nodes: Sequence[NodeInfo], inflight: dict[str, int], leader: str | None
+) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """The workers each live sidecar registered (its handlers' concurrency per queue,
+    in-process and SDK workers summed), as JSON rows and a table."""
+    data: list[dict[str, Any]] = []
+    table = [["NODE", "HOST", "PID", "QUEUE", "CONCURRENCY", "IN FLIGHT", "VERSION", "UP SINCE"]]
+    for n in nodes:
+        data.append(
+            {
+                "node": n.id,
+                "host": n.host,
+                "pid": n.pid,
+                "version": n.version,
+                "started_at": n.started_at,
+                "leader": n.id == leader,
+                "capacity": n.capacity,
+                "in_flight": inflight.get(n.id, 0),
+            }
+        )
+        queues = sorted(n.capacity.items()) or [("-", 0)]
+        for i, (queue, concurrency) in enumerate(queues):
+            first = i == 0
+            table.append(
+                [
+                    n.id + (" (leader)" if first and n.id == leader else "") if first else "",
+                    n.host if first else "",
+                    str(n.pid) if first else "",
+                    queue,
+                    str(concurrency),
+                    str(inflight.get(n.id, 0)) if first else "",
+                    (n.version or "-") if first else "",
+                    (utc_time(n.started_at) if n.started_at else "-") if first else "",
+                ]
+            )
+    return data, table

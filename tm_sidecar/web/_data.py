@@ -27,6 +27,7 @@ from ..core import (
     State,
     TaskEvent,
     TaskId,
+    etcd_version_warning,
 )
 from ..etcd import Etcd, prefix_end
 from ..node._sidecar import FINAL_STATES, Sidecar, TaskInfo, is_final
@@ -69,6 +70,8 @@ class EtcdHealth:
     raft_term: int = 0
     alarms: tuple[str, ...] = ()
     error: str | None = None
+    #: The version's known data-loss bugs and the version to run, if it has some.
+    version_warning: str | None = None
 
 
 @attrs.frozen
@@ -111,6 +114,7 @@ async def etcd_health(etcd: Etcd) -> EtcdHealth:
         ok=not alarms,
         latency_ms=latency_ms,
         version=str(status.get("version", "")),
+        version_warning=etcd_version_warning(str(status.get("version", ""))),
         db_size=int(status.get("dbSize", 0)),
         db_in_use=int(status.get("dbSizeInUse", 0)),
         revision=int(header.get("revision", 0)),
