@@ -1,4 +1,9 @@
-"""Tasks and their state records, and their JSON form in etcd."""
+"""Tasks and their state records, and their JSON form in etcd.
+
+Size: every record a key holds and its JSON (with the attempt history, the
+queue place and the fields of a newer release kept), in one place so that the layout
+is read in one file.
+"""
 
 from __future__ import annotations
 

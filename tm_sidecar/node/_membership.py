@@ -1,7 +1,11 @@
 """This node in the cluster: its session epochs (a lease kept alive; a new one when it
 is lost), its registration (rewritten whenever its capacity changes), the agent run
 for each epoch, and its candidacy, leading when elected and standing again after each
-term."""
+term.
+
+Size: the session's epochs, the node's registration (now a claim, with its
+takeover rules), the election and the terms, which all turn on one session.
+"""
 
 from __future__ import annotations
 
