@@ -5,6 +5,7 @@ the :class:`Census` reads every state record, and only while someone looks.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 
 import attrs
@@ -17,6 +18,12 @@ from ..etcd import Etcd
 # A record's options come before anything a task wrote (Record.to_json puts them third),
 # so the first "queue" in its JSON is the task's queue: a count needs no full parse.
 _QUEUE_IN_RECORD = re.compile(r'"queue":"([A-Za-z0-9_.:-]{1,128})"')
+# ``since_at`` comes second in a record's JSON (before anything a task wrote).
+_SINCE_IN_RECORD = re.compile(r'"since_at":([-0-9.eE+]+)')
+#: How far back the finished tasks are bucketed (per minute), and the tasks per queue
+#: kept for the waits (a sample: keys are in id order).
+FINISHED_KEPT_S = 24 * 3600.0
+WAIT_SAMPLE = 2000
 
 
 @attrs.define(eq=False)
@@ -34,7 +41,13 @@ class Census:
     min_interval_s: float = 5.0
     factor: float = 20.0
     clock: Callable[[], float] = trio.current_time
+    wall: Callable[[], float] = time.time
     counts: dict[str, dict[str, int]] = attrs.Factory(dict)
+    #: Per queue: minute (epoch // 60) -> [completed, failed], of the records etcd holds
+    #: that finished in the last ``FINISHED_KEPT_S`` (a purged record is counted no more).
+    finished: dict[str, dict[int, list[int]]] = attrs.Factory(dict)
+    #: Per queue: (minute finished, task id) of some of those tasks, for their waits.
+    finished_ids: dict[str, list[tuple[int, str]]] = attrs.Factory(dict)
     taken_at: float | None = None  # trio time
     took_s: float = 0.0
     error: str | None = None
@@ -80,7 +93,11 @@ class Census:
         """Count now."""
         started = self.clock()
         counts: dict[str, dict[str, int]] = {}
+        finished: dict[str, dict[int, list[int]]] = {}
+        finished_ids: dict[str, list[tuple[int, str]]] = {}
+        oldest = self.wall() - FINISHED_KEPT_S
         parse = self.ks.parse
+        final = {State.COMPLETED: 0, State.FAILED: 1}
 
         def consume(kvs: tuple[KeyValue, ...]) -> None:
             for kv in kvs:
@@ -91,6 +108,16 @@ class Census:
                 queue = found.group(1) if found else "default"
                 per_state = counts.setdefault(queue, {})
                 per_state[parsed.state.value] = per_state.get(parsed.state.value, 0) + 1
+                column = final.get(parsed.state)
+                since = _SINCE_IN_RECORD.search(kv.value) if column is not None else None
+                if column is None or since is None or float(since.group(1)) < oldest:
+                    continue
+                minute = int(float(since.group(1)) // 60)
+                row = finished.setdefault(queue, {}).setdefault(minute, [0, 0])
+                row[column] += 1
+                ids = finished_ids.setdefault(queue, [])
+                if len(ids) < WAIT_SAMPLE and parsed.task_id is not None:
+                    ids.append((minute, parsed.task_id))
 
         try:
             await self.etcd.list_prefix(
@@ -102,6 +129,7 @@ class Census:
             self.error = str(exc)
             return
         self.counts = {q: counts[q] for q in sorted(counts)}
+        self.finished, self.finished_ids = finished, finished_ids
         self.error = None
         self.took_s = self.clock() - started
         self.taken_at = self.clock()
