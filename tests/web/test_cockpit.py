@@ -403,3 +403,86 @@ def test_a_task_shows_its_trace_wherever_it_keeps_it() -> None:
 
     assert trace_of(Info(Spec(options=None))) is None  # type: ignore[arg-type]
     assert trace_of(Info(Spec(options=None, trace_id="4bf92f"))) == "4bf92f"  # type: ignore[arg-type]
+
+
+async def test_a_queue_shows_how_close_its_busiest_key_is_to_the_per_key_limit(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    async with cockpit(etcd_server, namespace) as (sidecar, board, _):
+        client = Client(board)
+        release = trio.Event()
+        started: list[str] = []
+
+        async def hold(task: TaskContext) -> Any:
+            started.append(task.id)
+            await release.wait()
+            return None
+
+        await sidecar.set_limits("keyed", {"key_max_running": 3})
+        sidecar.register(hold, queue="keyed", concurrency=4)
+        keyed = TaskOptions(queue="keyed", concurrency_key="acct-1")
+        for i in range(2):
+            await sidecar.create({"i": i}, options=keyed)
+        await sidecar.create({"i": 9}, options=TaskOptions(queue="keyed", concurrency_key="acct-2"))
+
+        async def running() -> bool:
+            return len(await ids_in(sidecar, State.PROCESSING)) == 3
+
+        await poll_until(running)
+        await board.census.take()
+        page = await client.get("/queues/keyed")
+        assert "2/3 per key" in page.text
+        assert "the busiest key now: acct-1" in page.text
+        board._overview = None
+        overview = await client.get("/fragments/overview")
+        assert "2/3 per key" in overview.text
+        release.set()
+
+
+def test_a_task_page_shows_the_attempt_history_its_record_keeps() -> None:
+    """Records get a ``history`` (issue 20's liveness work): the task page draws it."""
+    from tm_sidecar.core import TaskError, TaskOptions, TaskSpec
+    from tm_sidecar.web._data import TaskDetail
+    from tm_sidecar.web._templates import page_templates
+
+    @attrs.frozen
+    class Ended:  # the fields of a history entry
+        attempt: int
+        node: str | None
+        started_at: float | None
+        ended_at: float
+        outcome: str
+        error: TaskError | None = None
+
+    @attrs.frozen
+    class Info:
+        spec: TaskSpec
+        record: Any
+        state: State
+
+    spec = TaskSpec(id=TaskId("t1"), payload={}, options=TaskOptions(), created_at=1e9)
+    history = (
+        Ended(
+            1,
+            "web-1",
+            1e9 + 1,
+            1e9 + 2,
+            "failed",
+            TaskError(type="ValueError", message="first try"),
+        ),
+        Ended(2, "web-2", 1e9 + 3, 1e9 + 4, "completed"),
+    )
+    detail = TaskDetail(Info(spec, None, State.COMPLETED), (), history, "4bf92f3577b34da6")  # type: ignore[arg-type]
+    text = (
+        page_templates(lambda: 1e9 + 10)
+        .env.get_template("_task.html")
+        .render(t=detail, actions=False)
+    )
+    assert 'id="history"' in text
+    assert "<b>ValueError</b>: first try" in text
+    assert "web-2" in text
+    assert '<dd class="mono" id="trace-id">4bf92f3577b34da6</dd>' in text
+    plain = TaskDetail(Info(spec, None, State.COMPLETED), ())  # type: ignore[arg-type]
+    assert 'id="history"' not in page_templates(lambda: 1e9).env.get_template("_task.html").render(
+        t=plain, actions=False
+    )

@@ -18,6 +18,7 @@ from ..etcd import Etcd
 # A record's options come before anything a task wrote (Record.to_json puts them third),
 # so the first "queue" in its JSON is the task's queue: a count needs no full parse.
 _QUEUE_IN_RECORD = re.compile(r'"queue":"([A-Za-z0-9_.:-]{1,128})"')
+_KEY_IN_RECORD = re.compile(r'"concurrency_key":"([^"\\]{1,256})"')
 # ``since_at`` comes second in a record's JSON (before anything a task wrote).
 _SINCE_IN_RECORD = re.compile(r'"since_at":([-0-9.eE+]+)')
 #: How far back the finished tasks are bucketed (per minute), and the tasks per queue
@@ -48,6 +49,8 @@ class Census:
     finished: dict[str, dict[int, list[int]]] = attrs.Factory(dict)
     #: Per queue: (minute finished, task id) of some of those tasks, for their waits.
     finished_ids: dict[str, list[tuple[int, str]]] = attrs.Factory(dict)
+    #: Per queue: its concurrency key with the most tasks running, and how many.
+    busiest_key: dict[str, tuple[str, int]] = attrs.Factory(dict)
     taken_at: float | None = None  # trio time
     took_s: float = 0.0
     error: str | None = None
@@ -98,6 +101,7 @@ class Census:
         oldest = self.wall() - FINISHED_KEPT_S
         parse = self.ks.parse
         final = {State.COMPLETED: 0, State.FAILED: 1}
+        running_keys: dict[str, dict[str, int]] = {}
 
         def consume(kvs: tuple[KeyValue, ...]) -> None:
             for kv in kvs:
@@ -108,6 +112,11 @@ class Census:
                 queue = found.group(1) if found else "default"
                 per_state = counts.setdefault(queue, {})
                 per_state[parsed.state.value] = per_state.get(parsed.state.value, 0) + 1
+                if parsed.state is State.PROCESSING:
+                    key = _KEY_IN_RECORD.search(kv.value)
+                    if key is not None:
+                        per_key = running_keys.setdefault(queue, {})
+                        per_key[key.group(1)] = per_key.get(key.group(1), 0) + 1
                 column = final.get(parsed.state)
                 since = _SINCE_IN_RECORD.search(kv.value) if column is not None else None
                 if column is None or since is None or float(since.group(1)) < oldest:
@@ -130,6 +139,9 @@ class Census:
             return
         self.counts = {q: counts[q] for q in sorted(counts)}
         self.finished, self.finished_ids = finished, finished_ids
+        self.busiest_key = {
+            q: max(keys.items(), key=lambda item: item[1]) for q, keys in running_keys.items()
+        }
         self.error = None
         self.took_s = self.clock() - started
         self.taken_at = self.clock()

@@ -93,6 +93,8 @@ class Overview:
     events_seen: int
     #: The queues that have settings (paused, limits), by name.
     flow: dict[str, QueueConfig] = attrs.Factory(dict)
+    #: Per queue: the concurrency key with the most tasks running, and how many.
+    busiest_key: dict[str, tuple[str, int]] = attrs.Factory(dict)
     schedules: int = 0
 
     @property
@@ -164,6 +166,7 @@ async def read_overview(sidecar: Sidecar, journal: Journal, census: Census) -> O
         quota_bytes=sidecar.settings.quota_bytes,
         events_seen=journal.events_seen,
         flow=flow,
+        busiest_key=dict(census.busiest_key),
         schedules=schedules.count,
     )
 

@@ -85,6 +85,7 @@ async def queue_page(board: Dashboard, request: Request) -> Response:
                 "census_age_s": board.census.age_s(),
                 "now": board.clock(),
                 "config": configs.get(queue, QueueConfig()),
+                "busiest_key": board.census.busiest_key.get(queue),
                 "stats": queue_stats(board.census, board.journal, queue, window, board.clock()),
                 "windows": list(WINDOWS),
             },
