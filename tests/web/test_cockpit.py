@@ -239,6 +239,19 @@ async def test_failed_tasks_of_one_error_type_are_retried_by_filter_with_a_previ
         )
         assert '<span id="preview-count">0</span>' in young.text
 
+        for bad, words in (
+            ({"older_than_s": "soon"}, "bad filter"),
+            ({"older_than_s": "-5"}, "bad filter"),
+            ({"state": "processing"}, "retry by filter takes state=failed"),
+            ({"job": "not/an/id"}, "4 to 12 letters and digits"),
+        ):
+            reply = await client.get(
+                "/confirm?" + urllib.parse.urlencode({"action": "bulk-retry", **params, **bad})
+            )
+            assert reply.status == 400, reply.text[:300]
+            assert words in reply.text
+        assert (await client.get("/jobs/nosuchjob")).status == 404
+
         form = hidden_fields(preview)
         handlers.healed.add("value")
         done = await client.post("/actions/bulk-retry", form)
