@@ -118,7 +118,7 @@ async def test_a_queue_is_paused_resumed_and_limited_from_its_page(
         )
         page = await client.get("/queues/flowq")
         assert "0/2 running" in page.text
-        assert "5/2s" in page.text
+        assert "0/5 in 2s" in page.text  # no task of flowq started lately
         assert "1/10s per key" in page.text
 
         # Lifting: the form sent empty.
@@ -431,7 +431,8 @@ async def test_a_queue_shows_how_close_its_busiest_key_is_to_the_per_key_limit(
             await release.wait()
             return None
 
-        await sidecar.set_limits("keyed", {"key_max_running": 3})
+        rate = {"limit": 10, "period_s": 600}
+        await sidecar.set_limits("keyed", {"key_max_running": 3, "rate": rate})
         sidecar.register(hold, queue="keyed", concurrency=4)
         keyed = TaskOptions(queue="keyed", concurrency_key="acct-1")
         for i in range(2):
@@ -446,6 +447,7 @@ async def test_a_queue_shows_how_close_its_busiest_key_is_to_the_per_key_limit(
         page = await client.get("/queues/keyed")
         assert "2/3 per key" in page.text
         assert "the busiest key now: acct-1" in page.text
+        assert "3/10 in 600s" in page.text  # the attempts the records tell
         board._overview = None
         overview = await client.get("/fragments/overview")
         assert "2/3 per key" in overview.text

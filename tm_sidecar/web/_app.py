@@ -288,6 +288,7 @@ class Dashboard:
             "flash": session.take_flash() if status == 200 else None,
             "states": [s.value for s in STATES],
             "nav": NAV,
+            "starts_within": self.census.starts_within,
             **context,
         }
         return self.templates.TemplateResponse(request, name, context, status_code=status)

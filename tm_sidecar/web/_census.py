@@ -19,11 +19,14 @@ from ..etcd import Etcd
 # so the first "queue" in its JSON is the task's queue: a count needs no full parse.
 _QUEUE_IN_RECORD = re.compile(r'"queue":"([A-Za-z0-9_.:-]{1,128})"')
 _KEY_IN_RECORD = re.compile(r'"concurrency_key":"([^"\\]{1,256})"')
+_STARTED_IN_RECORD = re.compile(r'"started_at":([-0-9.eE+]+)')
 # ``since_at`` comes second in a record's JSON (before anything a task wrote).
 _SINCE_IN_RECORD = re.compile(r'"since_at":([-0-9.eE+]+)')
 #: How far back the finished tasks are bucketed (per minute), and the tasks per queue
 #: kept for the waits (a sample: keys are in id order).
 FINISHED_KEPT_S = 24 * 3600.0
+#: How far back starts are counted per second (for a rate's window, which is shorter).
+STARTS_KEPT_S = 600
 WAIT_SAMPLE = 2000
 
 
@@ -51,6 +54,12 @@ class Census:
     finished_ids: dict[str, list[tuple[int, str]]] = attrs.Factory(dict)
     #: Per queue: its concurrency key with the most tasks running, and how many.
     busiest_key: dict[str, tuple[str, int]] = attrs.Factory(dict)
+    #: Per queue: second (epoch) -> attempts assigned or started then, in the
+    #: ``STARTS_KEPT_S`` before the count (a task's latest attempt only: its record
+    #: keeps no other).
+    starts: dict[str, dict[int, int]] = attrs.Factory(dict)
+    #: When the last count was taken (epoch seconds).
+    taken_wall: float = 0.0
     taken_at: float | None = None  # trio time
     took_s: float = 0.0
     error: str | None = None
@@ -69,6 +78,12 @@ class Census:
         if due:
             with trio.move_on_after(within_s):
                 await self._taken.wait()
+
+    def starts_within(self, queue: str, period_s: float) -> int:
+        """Attempts of ``queue`` started in the ``period_s`` before the last count (as
+        far as the records tell: each keeps its latest attempt's start)."""
+        since = self.taken_wall - period_s
+        return sum(n for s, n in self.starts.get(queue, {}).items() if s >= since)
 
     def age_s(self) -> float | None:
         """Seconds since the last count, or None before the first."""
@@ -102,6 +117,9 @@ class Census:
         parse = self.ks.parse
         final = {State.COMPLETED: 0, State.FAILED: 1}
         running_keys: dict[str, dict[str, int]] = {}
+        starts: dict[str, dict[int, int]] = {}
+        wall = self.wall()
+        recent = wall - STARTS_KEPT_S
 
         def consume(kvs: tuple[KeyValue, ...]) -> None:
             for kv in kvs:
@@ -112,6 +130,18 @@ class Census:
                 queue = found.group(1) if found else "default"
                 per_state = counts.setdefault(queue, {})
                 per_state[parsed.state.value] = per_state.get(parsed.state.value, 0) + 1
+                if parsed.state in (State.PROCESSING, State.COMPLETED, State.FAILED):
+                    # A rate counts assignments: a processing record's since_at is its
+                    # assignment (its start may not be written yet); a finished one
+                    # keeps its latest attempt's start.
+                    pattern = _SINCE_IN_RECORD
+                    if parsed.state is not State.PROCESSING:
+                        pattern = _STARTED_IN_RECORD
+                    start = pattern.search(kv.value)
+                    if start is not None and float(start.group(1)) >= recent:
+                        second = int(float(start.group(1)))
+                        per_second = starts.setdefault(queue, {})
+                        per_second[second] = per_second.get(second, 0) + 1
                 if parsed.state is State.PROCESSING:
                     key = _KEY_IN_RECORD.search(kv.value)
                     if key is not None:
@@ -139,6 +169,7 @@ class Census:
             return
         self.counts = {q: counts[q] for q in sorted(counts)}
         self.finished, self.finished_ids = finished, finished_ids
+        self.starts, self.taken_wall = starts, wall
         self.busiest_key = {
             q: max(keys.items(), key=lambda item: item[1]) for q, keys in running_keys.items()
         }
