@@ -196,12 +196,18 @@ def test_the_dashboard_in_a_browser(
         driver.get(f"{url}queues/default?state=completed&window=30m")
         wait.until(ec.text_to_be_present_in_element((By.ID, "queue-stats"), "completed"))
         _screenshot(driver, "dashboard-queue.png", tmp_path)
+        tm.schedule(
+            "nightly-report", {"report": "daily"}, cron="0 3 * * *", timezone="Europe/Berlin"
+        )
+        tm.pause_schedule("nightly-report")
         driver.get(f"{url}schedules")
-        wait.until(ec.text_to_be_present_in_element((By.ID, "schedules"), "browser-tick"))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "schedules"), "Europe/Berlin"))
         _screenshot(driver, "dashboard-schedules.png", tmp_path)
 
+        tm.set_limits("default", max_running=8)
         driver.get(url)
-        wait.until(ec.text_to_be_present_in_element((By.ID, "queues"), "default"))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "queue-default"), "0/8 running"))
         completed = 'a[href="/queues/default?state=completed"]'
-        wait.until(lambda d: text_of(completed) not in ("", "0"))
+        # The per-queue counts catch up with the namespace's (a census every 5 s at most).
+        wait.until(lambda d: text_of(completed) == text_of("#depth-completed"))
         _screenshot(driver, "dashboard-overview.png", tmp_path)
