@@ -279,11 +279,14 @@ class DashboardViewer:
                     self.events_seen = batch["seen"]
 
     async def refresh(self) -> None:
+        # The overview's 2 s refresh, and a queue's page (its flow control, its
+        # pictures, a page of its tasks) as a person looking at it reloads it.
         while True:
-            stream = await self._get("/fragments/overview")
-            async with stream:
-                while await stream.receive_some(65536):
-                    pass
+            for path in ("/fragments/overview", "/queues/default?state=pending"):
+                stream = await self._get(path)
+                async with stream:
+                    while await stream.receive_some(65536):
+                        pass
             self.refreshes += 1
             await trio.sleep(2.0)
 

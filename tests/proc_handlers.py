@@ -28,7 +28,10 @@ async def hang(task: TaskContext) -> Any:
 
 
 async def fail_unless_flag(task: TaskContext) -> Any:
-    """Fail (with a traceback) until the file the payload names exists, then work."""
+    """Fail (with a traceback) until the file the payload names exists, then work; fail
+    for good (``Permanent``) with ``permanent``."""
+    if task.payload.get("permanent"):
+        raise Permanent("this task fails for good on purpose")
     flag = task.payload.get("fail_unless")
     if flag and not await trio.Path(flag).exists():
         raise RuntimeError(f"the flag file {flag} is not there yet")

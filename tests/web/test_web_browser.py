@@ -149,8 +149,65 @@ def test_the_dashboard_in_a_browser(
         wait.until(ec.text_to_be_present_in_element((By.ID, "task-events"), "completed"))
         assert tm.get(bad.id)["state"] == "completed"
 
+        def confirm(flash: str) -> None:
+            wait.until(ec.element_to_be_clickable((By.ID, "confirm"))).click()
+            wait.until(ec.text_to_be_present_in_element((By.ID, "flash"), flash))
+
+        # Pause the queue from its page: the overview says so; resume it.
+        driver.get(f"{url}queues/default")
+        driver.find_element(By.ID, "queue-pause").click()
+        confirm("Queue default paused.")
         driver.get(url)
-        wait.until(ec.text_to_be_present_in_element((By.ID, "queues"), "default"))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "queue-default"), "paused"))
+        driver.get(f"{url}queues/default")
+        driver.find_element(By.ID, "queue-resume").click()
+        confirm("Queue default resumed.")
+        driver.get(url)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "queue-default"), "running"))
+        assert tm.queues()["default"]["paused"] is False
+
+        # Run a schedule now: its task completes.
+        tm.schedule("browser-tick", {"i": 99, "work_s": 0.01}, every=3600)
+        driver.get(f"{url}schedules")
+        driver.find_element(By.ID, "run-browser-tick").click()
+        confirm("run now: task browser-tick.run.")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "task-state"), "completed"))
+
+        # Retry the failed tasks of one error type: they complete, the others stay failed.
+        flag2 = tmp_path / "healed-2"
+        runtime = [
+            tm.create({"fail_unless": str(flag2), "i": i}).with_retries(1).commit()
+            for i in range(2)
+        ]
+        permanent = tm.create({"permanent": True}).commit()
+        for task in (*runtime, permanent):
+            assert tm.wait(task.id, timeout=WAIT_S)["state"] == "failed"
+        driver.get(f"{url}queues/default?state=failed")
+        driver.find_element(By.NAME, "error_type").send_keys("RuntimeError")
+        driver.find_element(By.ID, "repair-preview").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "preview-count"), "2"))
+        flag2.write_text("ok")
+        wait.until(ec.element_to_be_clickable((By.ID, "confirm"))).click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "job-state"), "finished"))
+        assert text_of("#job-done") == "2"
+        for task in runtime:
+            assert tm.wait(task.id, timeout=WAIT_S)["state"] == "completed"
+        assert tm.get(permanent.id)["state"] == "failed"
+        driver.get(f"{url}queues/default?state=completed&window=30m")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "queue-stats"), "completed"))
+        _screenshot(driver, "dashboard-queue.png", tmp_path)
+        tm.schedule(
+            "nightly-report", {"report": "daily"}, cron="0 3 * * *", timezone="Europe/Berlin"
+        )
+        tm.pause_schedule("nightly-report")
+        driver.get(f"{url}schedules")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "schedules"), "Europe/Berlin"))
+        _screenshot(driver, "dashboard-schedules.png", tmp_path)
+
+        tm.set_limits("default", max_running=8)
+        driver.get(url)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "queue-default"), "0/8 running"))
         completed = 'a[href="/queues/default?state=completed"]'
-        wait.until(lambda d: text_of(completed) not in ("", "0"))
+        # The per-queue counts catch up with the namespace's (a census every 5 s at most).
+        wait.until(lambda d: text_of(completed) == text_of("#depth-completed"))
         _screenshot(driver, "dashboard-overview.png", tmp_path)

@@ -5,14 +5,32 @@ and repairs that ``tmctl`` and the web dashboard share (the commands' output is
 May import: core, etcd, leader, node.
 """
 
+from ._bulk import (
+    REPAIR_STATES,
+    Progress,
+    RepairFilter,
+    count_matching,
+    matching_pages,
+    repair_matching,
+)
 from ._queries import QUEUE_STATES, Queries
 from ._repairs import cancel_record, purge_records, retake_guard, retry_failed
+from ._schedules import ScheduleRun, run_schedule_now, run_task_id
 
 __all__ = [
     "QUEUE_STATES",
+    "REPAIR_STATES",
+    "Progress",
     "Queries",
+    "RepairFilter",
+    "ScheduleRun",
     "cancel_record",
+    "count_matching",
+    "matching_pages",
     "purge_records",
+    "repair_matching",
     "retake_guard",
     "retry_failed",
+    "run_schedule_now",
+    "run_task_id",
 ]

@@ -10,7 +10,8 @@ Its modules: ``_app.py`` (the service, its routes and the guard), ``_pages.py`` 
 pages that read), ``_forms.py`` (the pages that take a form: actions, the token),
 ``_actions.py`` (what each action takes and does), ``_access.py`` (tokens, sessions,
 cross-site checks), ``_data.py`` (what the pages show, read from etcd), ``_journal.py``
-(what the hub told), ``_census.py`` (tasks per queue, counted), ``_live.py`` (event
+(what the hub told), ``_census.py`` (tasks per queue, counted), ``_stats.py`` (a
+queue's pictures: finished tasks and waits over a window), ``_live.py`` (event
 streams), ``_templates.py`` (templates and filters), ``_http.py`` (headers, forms, cookies).
 
 May import: core, etcd, node, admin.

@@ -29,6 +29,7 @@ from starlette.templating import Jinja2Templates
 from starlette.types import Receive, Scope, Send
 
 from .._errors import TaskNotFound, Unavailable
+from ..admin import Progress, repair_matching
 from ..node._sidecar import Sidecar
 from . import _forms, _pages
 from ._access import (
@@ -42,7 +43,7 @@ from ._access import (
     token_matches,
     who,
 )
-from ._actions import HTTPError
+from ._actions import HTTPError, repair_filter
 from ._census import Census
 from ._data import STATES, Overview, read_overview
 from ._http import SECURITY_HEADERS, plain, session_cookie, with_headers
@@ -53,6 +54,24 @@ log = logging.getLogger("tm_sidecar.web")
 
 #: How long one overview read is shared by every page that asks for it.
 OVERVIEW_TTL_S = 1.0
+#: The navigation: each feature that brings a page of its own adds it here (workflows,
+#: fair shares and held keys are to come).
+NAV = (("/", "Overview"), ("/schedules", "Schedules"), ("/events", "Live events"))
+#: Repairs by filter kept for their pages (the oldest finished one goes first).
+MAX_JOBS = 50
+
+
+@attrs.define(eq=False)
+class Job:
+    """A repair by filter running (or done) in the dashboard's background: what it does,
+    and how far it got."""
+
+    id: str
+    action: str
+    fields: dict[str, str]
+    what: str
+    started_at: float
+    progress: Progress = attrs.Factory(Progress)
 
 
 @attrs.frozen(kw_only=True)
@@ -100,6 +119,8 @@ class Dashboard:
     page_size: int = 50
     _overview: tuple[float, Overview] | None = None
     _overview_lock: trio.Lock = attrs.Factory(trio.Lock)
+    jobs: dict[str, Job] = attrs.Factory(dict)
+    _nursery: trio.Nursery | None = None
 
     def __attrs_post_init__(self) -> None:
         self.census = Census(self.sidecar.etcd, self.sidecar.ks)
@@ -111,6 +132,8 @@ class Dashboard:
                 Route("/queues/{queue}", partial(_pages.queue_page, self)),
                 Route("/tasks/{task_id}", partial(_pages.task_page, self)),
                 Route("/search", partial(_pages.search, self)),
+                Route("/schedules", partial(_pages.schedules_page, self)),
+                Route("/jobs/{job}", partial(_pages.job_page, self)),
                 Route("/events", partial(_pages.events_page, self)),
                 Route("/api/events", partial(_pages.events_stream, self)),
                 Route("/confirm", partial(_forms.confirm_page, self)),
@@ -138,6 +161,7 @@ class Dashboard:
         config.graceful_timeout = 1.0
         with self.sidecar.subscribe(deliver=self.journal.see):
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await nursery.start(self.census.run)
                 binds = await nursery.start(serve, self, config)
                 url = binds[0] + "/"
@@ -201,6 +225,41 @@ class Dashboard:
 
     # -- helpers ---------------------------------------------------------------------
 
+    def start_job(self, action: str, fields: dict[str, str]) -> Job:
+        """Start a repair by filter in the background (the same form sent twice starts
+        it once: its confirmation's id is the job's)."""
+        job = self.jobs.get(fields["job"])
+        if job is not None:
+            return job
+        if self._nursery is None:
+            raise HTTPError(503, "the dashboard is not running: nothing was done")
+        where = repair_filter(fields)
+        job = Job(fields["job"], action, dict(fields), where.describe(), self.clock())
+        while len(self.jobs) >= MAX_JOBS:
+            done = [j for j in self.jobs.values() if j.progress.finished]
+            if not done:
+                raise HTTPError(429, "too many repairs running: try again when one is done")
+            del self.jobs[done[0].id]
+        self.jobs[job.id] = job
+        self._nursery.start_soon(self._run_job, job, where)
+        return job
+
+    async def _run_job(self, job: Job, where: Any) -> None:
+        repair = job.action.removeprefix("bulk-")
+        try:
+            await repair_matching(
+                self.sidecar.etcd, self.sidecar.ks, repair, where, job.progress, by="dashboard"
+            )
+        except Exception as exc:
+            # Told on the job's page and logged: a failed repair must not take the
+            # dashboard down with it; what was done stays done.
+            log.exception("dashboard repair by filter failed", extra={"action": job.action})
+            job.progress.error = str(exc) or type(exc).__name__
+        log.info(
+            "dashboard repair by filter done",
+            extra={"action": job.action, "filter": job.what, "done": job.progress.done},
+        )
+
     async def wait_turn(self, scope: Scope) -> None:
         """Before checking a token: wait this client's turn, if it guessed wrong lately
         (see :class:`Guesses`)."""
@@ -228,6 +287,8 @@ class Dashboard:
             "csrf": session.csrf,
             "flash": session.take_flash() if status == 200 else None,
             "states": [s.value for s in STATES],
+            "nav": NAV,
+            "starts_within": self.census.starts_within,
             **context,
         }
         return self.templates.TemplateResponse(request, name, context, status_code=status)

@@ -23,7 +23,10 @@ from ..core import (
     Keyspace,
     KeyValue,
     NodeInfo,
+    QueueConfig,
+    Range,
     Record,
+    Schedule,
     State,
     TaskEvent,
     TaskId,
@@ -91,6 +94,11 @@ class Overview:
     etcd: EtcdHealth
     quota_bytes: int
     events_seen: int
+    #: The queues that have settings (paused, limits), by name.
+    flow: dict[str, QueueConfig] = attrs.Factory(dict)
+    #: Per queue: the concurrency key with the most tasks running, and how many.
+    busiest_key: dict[str, tuple[str, int]] = attrs.Factory(dict)
+    schedules: int = 0
 
     @property
     def peak_per_minute(self) -> int:
@@ -143,6 +151,10 @@ async def read_overview(sidecar: Sidecar, journal: Journal, census: Census) -> O
     for row in nodes:  # a queue that has workers and no tasks is a queue too
         for queue in row.info.capacity:
             queues.setdefault(queue, {})
+    flow = await ctl.queue_configs()
+    for queue in flow:  # and so is a queue with settings (paused, say)
+        queues.setdefault(queue, {})
+    schedules = await etcd.range(Range(ks.schedules(), prefix=True, count_only=True))
     return Overview(
         namespace=sidecar.settings.namespace,
         this_node=sidecar.node_id,
@@ -157,7 +169,16 @@ async def read_overview(sidecar: Sidecar, journal: Journal, census: Census) -> O
         etcd=await etcd_health(etcd),
         quota_bytes=sidecar.settings.quota_bytes,
         events_seen=journal.events_seen,
+        flow=flow,
+        busiest_key=dict(census.busiest_key),
+        schedules=schedules.count,
     )
+
+
+async def read_schedules(etcd: Etcd, ks: Keyspace) -> list[Schedule]:
+    """Every schedule of the namespace, by name."""
+    kvs, _ = await etcd.list_prefix(ks.schedules())
+    return sorted((Schedule.from_json(kv.value) for kv in kvs), key=lambda s: s.name)
 
 
 # -- a queue's tasks -----------------------------------------------------------------------
@@ -251,6 +272,11 @@ class TaskDetail:
 
     info: TaskInfo
     attempts: tuple[AttemptSeen, ...]
+    #: The attempts that ended, as the record in etcd keeps them (once records have a
+    #: ``history``; empty before).
+    history: tuple[Any, ...] = ()
+    #: The trace the task belongs to (once tasks carry a trace context; None before).
+    trace_id: str | None = None
 
     @property
     def final(self) -> bool:
@@ -307,7 +333,26 @@ async def read_task(sidecar: Sidecar, journal: Journal, task_id: TaskId) -> Task
     """A task and its attempts; raises ``TaskNotFound`` for an id etcd does not hold."""
     info = await sidecar.get(task_id)
     attempts = merge_attempts(info.record, info.state, journal.attempts(task_id))
-    return TaskDetail(info, tuple(attempts))
+    history = tuple(getattr(info.record, "history", ()) or ())
+    return TaskDetail(info, tuple(attempts), history, trace_of(info))
+
+
+#: Where a task's trace id may be found, first match wins: (object, attribute).
+_TRACE_FIELDS = ("trace_id", "traceparent", "trace")
+
+
+def trace_of(info: TaskInfo) -> str | None:
+    """The id of the trace a task belongs to, wherever the task keeps it (its spec, its
+    options, its record), as text; None when it has none."""
+    spec = info.spec
+    for holder in (spec, getattr(spec, "options", None), info.record):
+        for name in _TRACE_FIELDS:
+            value = getattr(holder, name, None)
+            if isinstance(value, dict):
+                value = value.get("traceparent") or value.get("trace_id")
+            if value:
+                return str(value)
+    return None
 
 
 def event_json(event: TaskEvent, seen_at: float, *, tracebacks: bool) -> dict[str, Any]:

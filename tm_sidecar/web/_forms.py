@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from ..admin import count_matching
 from ._access import Session, cross_site_refusal, token_matches, who
-from ._actions import ACTIONS, HTTPError, action_fields, back_to, perform
+from ._actions import ACTIONS, HTTPError, action_fields, back_to, perform, repair_filter
 from ._http import read_form, session_cookie
 
 if TYPE_CHECKING:
@@ -31,6 +32,12 @@ async def confirm_page(board: Dashboard, request: Request) -> Response:
         if action not in ACTIONS:
             raise HTTPError(400, f"no such action {action!r}")
         fields = action_fields(action, dict(params))
+        preview = None
+        if action.startswith("bulk-"):
+            # The count first: what the confirmation will do, read a page at a time.
+            where = repair_filter(fields)
+            preview = await count_matching(board.sidecar.etcd, board.sidecar.ks, where)
+            preview_of = where.describe()
         return board.render(
             request,
             "confirm.html",
@@ -39,6 +46,8 @@ async def confirm_page(board: Dashboard, request: Request) -> Response:
                 "what": ACTIONS[action],
                 "fields": fields,
                 "back": back_to(action, fields),
+                "preview": preview,
+                "preview_of": preview_of if preview is not None else "",
             },
         )
 
@@ -79,6 +88,18 @@ async def action(board: Dashboard, request: Request) -> Response:
         fields = action_fields(action, form)
         if form.get("confirm") != "yes":
             raise HTTPError(400, "actions run only once confirmed: nothing was done")
+        if action.startswith("bulk-"):
+            job = board.start_job(action, fields)
+            log.info(
+                "dashboard action",
+                extra={
+                    "action": action,
+                    "fields": fields,
+                    "result": job.what,
+                    **who(request.scope),
+                },
+            )
+            return RedirectResponse(f"/jobs/{job.id}", status_code=303)
         message, back = await perform(board.sidecar, action, fields)
         log.info(
             "dashboard action",

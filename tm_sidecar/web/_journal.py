@@ -45,6 +45,8 @@ Seen = tuple[int, float, TaskEvent]
 @attrs.define
 class _TaskSeen:
     attempts: list[AttemptSeen] = attrs.Factory(list)
+    queued_at: float | None = None  # when its creation was seen
+    started_at: float | None = None  # when its first attempt's start was seen
     events: deque[Seen] = attrs.Factory(lambda: deque(maxlen=EVENTS_PER_TASK))
 
 
@@ -87,7 +89,10 @@ class Journal:
             self._tasks.move_to_end(event.task_id)
         task.events.append((self.events_seen, now, event))
         if event.kind == "queued":
+            task.queued_at = task.queued_at or now
             return
+        if event.kind == "started" and task.started_at is None:
+            task.started_at = now
         attempts = task.attempts
         if event.kind == "assigned" or not attempts or attempts[-1].number != event.attempt:
             attempts.append(AttemptSeen(number=event.attempt))
@@ -112,6 +117,14 @@ class Journal:
         """The attempts seen of one task, oldest first (copies)."""
         task = self._tasks.get(task_id)
         return [attrs.evolve(a) for a in task.attempts] if task else []
+
+    def wait_s(self, task_id: str) -> float | None:
+        """How long the task waited from its commit to its first start, as this sidecar
+        saw both (None unless it saw both)."""
+        task = self._tasks.get(TaskId(task_id))
+        if task is None or task.queued_at is None or task.started_at is None:
+            return None
+        return max(0.0, task.started_at - task.queued_at)
 
     def events(self, task_id: TaskId, after: int = 0, upto: int | None = None) -> list[Seen]:
         """The events seen of one task with a sequence number in ``(after, upto]``."""

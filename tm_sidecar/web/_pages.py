@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 
-from ..core import State, TaskId, check_name
+from ..admin import Queries
+from ..core import QueueConfig, State, TaskId, check_name
 from ._actions import HTTPError, valid_name
-from ._data import queue_tasks, read_task, valid_partial_name
+from ._data import queue_tasks, read_schedules, read_task, valid_partial_name
 from ._http import plain
 from ._live import EventBatcher
+from ._stats import WINDOWS, queue_stats
 
 if TYPE_CHECKING:
     from ._app import Dashboard
@@ -66,8 +68,12 @@ async def queue_page(board: Dashboard, request: Request) -> Response:
             query=query,
             limit=board.page_size,
         )
+        window = params.get("window", "30m")
+        if window not in WINDOWS:
+            raise HTTPError(400, f"no window {window!r}: {', '.join(WINDOWS)}")
         board.census.want()
         counts = board.census.counts.get(queue, {})
+        configs = await Queries(board.sidecar.etcd, board.sidecar.ks).queue_configs()
         return board.render(
             request,
             "queue.html",
@@ -78,6 +84,10 @@ async def queue_page(board: Dashboard, request: Request) -> Response:
                 "counts": counts,
                 "census_age_s": board.census.age_s(),
                 "now": board.clock(),
+                "config": configs.get(queue, QueueConfig()),
+                "busiest_key": board.census.busiest_key.get(queue),
+                "stats": queue_stats(board.census, board.journal, queue, window, board.clock()),
+                "windows": list(WINDOWS),
             },
         )
 
@@ -98,6 +108,31 @@ async def task_page(board: Dashboard, request: Request) -> Response:
         ]
         context = {"t": detail, "now": board.clock(), "seq": seq, "events": events}
         return board.render(request, name, context)
+
+    return await board.guarded(request, page)
+
+
+async def schedules_page(board: Dashboard, request: Request) -> Response:
+    """Every schedule: cron or interval, time zone, next and last slot, missed policy,
+    paused; with its actions."""
+
+    async def page() -> Response:
+        schedules = await read_schedules(board.sidecar.etcd, board.sidecar.ks)
+        return board.render(request, "schedules.html", {"schedules": schedules})
+
+    return await board.guarded(request, page)
+
+
+async def job_page(board: Dashboard, request: Request) -> Response:
+    """A repair by filter: what it does and how far it got (the page refreshes itself
+    until it is done)."""
+
+    async def page() -> Response:
+        job = board.jobs.get(request.path_params["job"])
+        if job is None:
+            raise HTTPError(404, "no such repair (the dashboard keeps the latest ones only)")
+        name = "_job.html" if request.query_params.get("fragment") else "job.html"
+        return board.render(request, name, {"job": job})
 
     return await board.guarded(request, page)
 
