@@ -189,128 +189,145 @@ async def amain(settings: Settings, signals: Any) -> int:
         },
     )
     sidecar = Sidecar(etcd, sidecar_settings, hooks=metrics.hooks if metrics else Hooks())
-    exit_code = 0
-    try:
-        waiting = EtcdWait(
-            etcd=etcd,
-            endpoints=endpoints,
-            key=sidecar_settings.keyspace.prefix,
-            limit_s=settings.etcd_wait,
-            status=lambda line: notifier.send(f"STATUS={line}"),
-        )
-        waiting.starting(notifier.send)
-        try:
-            if not await waiting.run_or_signal(signals):
-                return 0
-        except FatalStartup as exc:
-            log.error(_CANNOT_START, extra={"error": str(exc)})
-            return 1
-        Path(settings.socket).parent.mkdir(parents=True, exist_ok=True)
-        if _socket_served(settings.socket):
-            log.error(
-                "the socket is served by another process: give each sidecar its own --socket",
-                extra={"socket": settings.socket},
-            )
-            return 1
-        async with trio.open_nursery() as nursery:
-            server: SocketServer | None = None  # once the sidecar is ready
 
-            async def on_signals() -> None:
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    serving = server
-                    if serving is None:
-                        # Not ready (etcd cannot be reached, say): nothing to drain.
-                        log.warning(NOT_READY, extra={"signal": name})
+    async def serve() -> int:
+        """Wait for etcd, run the sidecar and its server until told to stop."""
+        exit_code = 0
+        try:
+            waiting = EtcdWait(
+                etcd=etcd,
+                endpoints=endpoints,
+                key=sidecar_settings.keyspace.prefix,
+                limit_s=settings.etcd_wait,
+                status=lambda line: notifier.send(f"STATUS={line}"),
+            )
+            waiting.starting(notifier.send)
+            try:
+                if not await waiting.run_or_signal(signals):
+                    return 0
+            except FatalStartup as exc:
+                log.error(_CANNOT_START, extra={"error": str(exc)})
+                return 1
+            Path(settings.socket).parent.mkdir(parents=True, exist_ok=True)
+            if _socket_served(settings.socket):
+                log.error(
+                    "the socket is served by another process: give each sidecar its own --socket",
+                    extra={"socket": settings.socket},
+                )
+                return 1
+            async with trio.open_nursery() as nursery:
+                server: SocketServer | None = None  # once the sidecar is ready
+
+                async def on_signals() -> None:
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        serving = server
+                        if serving is None:
+                            # Not ready (etcd cannot be reached, say): nothing to drain.
+                            log.warning(NOT_READY, extra={"signal": name})
+                            nursery.cancel_scope.cancel()
+                            return
+                        log.info(
+                            "signal received: draining",
+                            extra={"signal": name, "drain_timeout_s": settings.drain_timeout},
+                        )
+                        # Asks systemd for the drain's time, so that a drain longer than the
+                        # unit's TimeoutStopSec is not cut short without a word.
+                        extend = int((settings.drain_timeout + 10) * 1e6)
+                        notifier.send(
+                            "STOPPING=1", "STATUS=draining", f"EXTEND_TIMEOUT_USEC={extend}"
+                        )
+                        serving.stop_accepting()
+                        idle = await sidecar.drain(settings.drain_timeout)
+                        if not idle:
+                            log.warning(
+                                "tasks still running: handing them back",
+                                extra={"running": len(sidecar.agent.running)},
+                            )
                         nursery.cancel_scope.cancel()
                         return
-                    log.info(
-                        "signal received: draining",
-                        extra={"signal": name, "drain_timeout_s": settings.drain_timeout},
-                    )
-                    # Asks systemd for the drain's time, so that a drain longer than the
-                    # unit's TimeoutStopSec is not cut short without a word.
-                    extend = int((settings.drain_timeout + 10) * 1e6)
-                    notifier.send("STOPPING=1", "STATUS=draining", f"EXTEND_TIMEOUT_USEC={extend}")
-                    serving.stop_accepting()
-                    idle = await sidecar.drain(settings.drain_timeout)
-                    if not idle:
-                        log.warning(
-                            "tasks still running: handing them back",
-                            extra={"running": len(sidecar.agent.running)},
-                        )
-                    nursery.cancel_scope.cancel()
-                    return
 
-            # Signals are heard from the start: a sidecar still waiting for etcd stops too.
-            nursery.start_soon(on_signals)
-            if metrics is not None:
-                # From the start too, so that probes hear "live, not ready" while etcd waits.
-                host, _, port = settings.metrics.rpartition(":")
-                await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
-            # Once etcd answers: its version, and whose etcd it is (off the start-up path).
-            nursery.start_soon(
-                check_at_start, cfg, etcd, sidecar.ks, settings.data_dir, embedded is not None
-            )
-            await nursery.start(sidecar.run)
-            server = SocketServer(
-                sidecar,
-                ServerSettings(
-                    path=settings.socket,
-                    mode=settings.socket_mode,
-                    group=settings.socket_group,
-                    allowed_uids=frozenset(settings.allow_uid) if settings.allow_uid else None,
-                ),
-            )
-            await nursery.start(server.run)
-            if metrics is not None:
-                metrics.watch(sidecar, lambda: len(server.connections) if server else 0)
-            if web is not None:
-                from ..web import Dashboard
-
-                await nursery.start(Dashboard(sidecar, web).run)
-            notifier.send("READY=1", f"STATUS={_status_line(sidecar)}")
-            nursery.start_soon(notifier.keep_watchdog)
-            nursery.start_soon(_keep_status, notifier, sidecar)
-            for spec in settings.handler:
-                queue, func = load_handler(spec)
-                sidecar.register(func, queue=queue, concurrency=settings.concurrency)
-                log.info(
-                    "handler registered",
-                    extra={"handler": spec, "queue": queue, "concurrency": settings.concurrency},
+                # Signals are heard from the start: a sidecar still waiting for etcd stops too.
+                nursery.start_soon(on_signals)
+                # Once etcd answers: its version, and whose etcd it is (off the start-up path).
+                nursery.start_soon(
+                    check_at_start, cfg, etcd, sidecar.ks, settings.data_dir, embedded is not None
                 )
+                await nursery.start(sidecar.run)
+                server = SocketServer(
+                    sidecar,
+                    ServerSettings(
+                        path=settings.socket,
+                        mode=settings.socket_mode,
+                        group=settings.socket_group,
+                        allowed_uids=frozenset(settings.allow_uid) if settings.allow_uid else None,
+                    ),
+                )
+                await nursery.start(server.run)
+                if metrics is not None:
+                    metrics.watch(sidecar, lambda: len(server.connections) if server else 0)
+                if web is not None:
+                    from ..web import Dashboard
 
-            if settings.demo:
+                    await nursery.start(Dashboard(sidecar, web).run)
+                notifier.send("READY=1", f"STATUS={_status_line(sidecar)}")
+                nursery.start_soon(notifier.keep_watchdog)
+                nursery.start_soon(_keep_status, notifier, sidecar)
+                for spec in settings.handler:
+                    queue, func = load_handler(spec)
+                    sidecar.register(func, queue=queue, concurrency=settings.concurrency)
+                    log.info(
+                        "handler registered",
+                        extra={
+                            "handler": spec,
+                            "queue": queue,
+                            "concurrency": settings.concurrency,
+                        },
+                    )
 
-                async def demo() -> None:
-                    await _run_demo(sidecar, settings.demo_tasks)
-                    if settings.demo_tasks:
-                        nursery.cancel_scope.cancel()
+                if settings.demo:
 
-                nursery.start_soon(demo)
-    except* NodeIdTaken as group:
-        taken: BaseException = group
-        while isinstance(taken, BaseExceptionGroup):  # nested nurseries: the one cause
-            taken = taken.exceptions[0]
-        log.error(str(taken), extra={"node": sidecar_settings.node_id})
-        exit_code = 1
-    except* LayoutRefused as group:
-        # A namespace this release cannot read: one line, and an exit code that systemd
-        # and an operator see (restarting would only refuse again).
-        refused: BaseException = group
-        while isinstance(refused, BaseExceptionGroup):
-            refused = refused.exceptions[0]
-        log.error("namespace refused", extra={"error": str(refused)})
-        exit_code = 2
-    finally:
-        notifier.send("STOPPING=1")
-        notifier.close()
-        with trio.CancelScope(shield=True):
-            await etcd.aclose()
-            if embedded is not None:
-                await trio.to_thread.run_sync(embedded.stop)
-    log.info("stopped")
-    return exit_code
+                    async def demo() -> None:
+                        await _run_demo(sidecar, settings.demo_tasks)
+                        if settings.demo_tasks:
+                            nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(demo)
+        except* NodeIdTaken as group:
+            taken: BaseException = group
+            while isinstance(taken, BaseExceptionGroup):  # nested nurseries: the one cause
+                taken = taken.exceptions[0]
+            log.error(
+                "node id taken", extra={"node": sidecar_settings.node_id, "error": str(taken)}
+            )
+            exit_code = 1
+        except* LayoutRefused as group:
+            # A namespace this release cannot read: one line, and an exit code that systemd
+            # and an operator see (restarting would only refuse again).
+            refused: BaseException = group
+            while isinstance(refused, BaseExceptionGroup):
+                refused = refused.exceptions[0]
+            log.error("namespace refused", extra={"error": str(refused)})
+            exit_code = 2
+        finally:
+            notifier.send("STOPPING=1")
+            notifier.close()
+            with trio.CancelScope(shield=True):
+                await etcd.aclose()
+                if embedded is not None:
+                    await trio.to_thread.run_sync(embedded.stop)
+        log.info("stopped")
+        return exit_code
+
+    async with trio.open_nursery() as probes:
+        if metrics is not None:
+            # From the very start, before etcd is waited for: probes hear "live, not
+            # ready" meanwhile (a load balancer sends nothing, Kubernetes waits).
+            host, _, port = settings.metrics.rpartition(":")
+            await probes.start(metrics.serve, host or "127.0.0.1", int(port))
+        code = await serve()
+        probes.cancel_scope.cancel()
+    return code
 
 
 def _sidecar_settings(settings: Settings) -> SidecarSettings:
