@@ -15,7 +15,7 @@ from ._bulk import (
 )
 from ._queries import QUEUE_STATES, Queries
 from ._repairs import cancel_record, purge_records, retake_guard, retry_failed
-from ._schedules import ScheduleRun, run_schedule_now, run_task_id
+from ._schedules import ScheduleRun, run_schedule_now
 
 __all__ = [
     "QUEUE_STATES",
@@ -32,5 +32,4 @@ __all__ = [
     "retake_guard",
     "retry_failed",
     "run_schedule_now",
-    "run_task_id",
 ]

@@ -123,6 +123,7 @@ from ._schedule import (
     due,
     first_slot,
     run_now,
+    run_task_id,
     schedule_from_request,
     slot_task_id,
 )
@@ -280,6 +281,7 @@ __all__ = [
     "retake",
     "retried",
     "run_now",
+    "run_task_id",
     "schedule_from_request",
     "slot_task_id",
     "snoozed",

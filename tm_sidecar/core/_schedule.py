@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -329,12 +330,27 @@ def firing_batch(ks: Keyspace, kv: KeyValue, schedule: Schedule, now: float) -> 
     )
 
 
-def run_now(ks: Keyspace, kv: KeyValue, schedule: Schedule, now: float) -> tuple[TaskId, Txn]:
-    """A task made now from ``schedule`` (seen as ``kv``), outside its slots (``tmctl
-    run-schedule``): the schedule's payload and options, an id ``<name>.run.<epoch ms>.
-    <incarnation>``. The transaction compares the schedule's create revision (the schedule
-    read is the one still there, whatever the leader fired since) and the task's absence;
-    it leaves the schedule's slots and ``next_at`` alone."""
-    tid = TaskId(f"{schedule.name}.run.{math.floor(now * 1000)}.{kv.create_revision:x}")
+#: A run id: short, and only characters a task id may hold.
+_RUN_ID = re.compile(r"^[A-Za-z0-9]{4,16}$")
+
+
+def run_task_id(schedule: Schedule, run_id: str, incarnation: int) -> TaskId:
+    """The id of the task a run now makes: ``<name>.run.<run id>.<incarnation>`` (the
+    schedule key's create revision, as a slot's task id has it). The caller picks the
+    run id once per request, so that the same request sent twice makes one task."""
+    if not _RUN_ID.match(run_id):
+        raise ValueError("a run id is 4 to 16 letters and digits")
+    return TaskId(f"{schedule.name}.run.{run_id}.{incarnation:x}")
+
+
+def run_now(
+    ks: Keyspace, kv: KeyValue, schedule: Schedule, run_id: str, now: float
+) -> tuple[TaskId, Txn]:
+    """A task made now from ``schedule`` (seen as ``kv``), outside its slots (the
+    dashboard's "Run now", ``tmctl run-schedule``): the schedule's payload and options,
+    the id :func:`run_task_id` gives. The transaction compares the schedule's create
+    revision (the schedule read is the one still there, whatever the leader fired since)
+    and the task's absence; it leaves the schedule's slots and ``next_at`` alone."""
+    tid = run_task_id(schedule, run_id, kv.create_revision)
     compare = (Compare.created_at(kv.key, kv.create_revision), Compare.absent(ks.task(tid)))
     return tid, Txn(compare=compare, success=tuple(_task_writes(ks, schedule, tid, now)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -16,13 +17,12 @@ from typing import Any
 import attrs
 
 from .._errors import TaskManagerError
-from ..admin import Queries
+from ..admin import Queries, run_schedule_now
 from ..core import (
     MISSED_POLICIES,
     Keyspace,
     Schedule,
     TaskOptions,
-    run_now,
     schedule_from_request,
 )
 from ..etcd import Etcd
@@ -200,24 +200,22 @@ class Commands(Queries):
         return 0
 
     async def run_schedule(self, name: str) -> int:
-        """One task now from the schedule, in one transaction guarded by the schedule's
-        create revision and the task's absence: a schedule deleted or made again after
-        it was read creates nothing."""
-        kv = await self.etcd.get(self.ks.schedule(name))
-        if kv is None:
+        """One task now from the schedule (``admin.run_schedule_now``, as the dashboard's
+        "Run now"): one transaction guarded by the schedule's create revision and the
+        task's absence, its slots left alone."""
+        run = await run_schedule_now(
+            self.etcd, self.ks, name, f"{math.floor(time.time() * 1000):x}", now=time.time()
+        )
+        if run is None:
             print(f"tmctl: no schedule {name!r}", file=sys.stderr)
             return 1
-        schedule = Schedule.from_json(kv.value)
-        task_id, txn = run_now(self.ks, kv, schedule, time.time())
-        if not (await self.etcd.txn(txn)).succeeded:
-            print(
-                f"tmctl: schedule {name!r} changed meanwhile (deleted or made again): "
-                "nothing created; look again",
-                file=sys.stderr,
-            )
-            return 1
+        queue = await self._queue_of(name)
         self.out(
-            {"task_id": task_id, "schedule": name, "queue": schedule.options.queue},
-            [["TASK", "SCHEDULE", "QUEUE"], [task_id, name, schedule.options.queue]],
+            {"task_id": run.task_id, "schedule": name, "queue": queue},
+            [["TASK", "SCHEDULE", "QUEUE"], [run.task_id, name, queue]],
         )
         return 0
+
+    async def _queue_of(self, name: str) -> str:
+        kv = await self.etcd.get(self.ks.schedule(name))
+        return Schedule.from_json(kv.value).options.queue if kv is not None else ""
