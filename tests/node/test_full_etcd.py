@@ -160,6 +160,54 @@ async def test_room_is_kept_for_large_results_so_accepted_tasks_finish(
         await wait_for(lambda: later.admission.result_room > len(RESULT))
 
 
+async def test_with_the_result_limit_as_room_any_result_fits(
+    small_etcd: EtcdProcess, namespace: str
+) -> None:
+    """Property 12 for any result within the limits (issue 21.8): with ``result_room`` at
+    the result limit, a burst of creates before any result is seen is refused in time,
+    and every accepted task then completes with a result at the limit. With the default
+    (room for results like the latest ones: none yet), the burst went on for hundreds."""
+    limit = 256 * 1024
+    at_limit = "x" * (limit - 64)  # as large a result as the limit takes
+    async with running_sidecars(
+        small_etcd.endpoint,
+        namespace,
+        "n1",
+        quota_bytes=QUOTA,
+        compact_interval_s=0,
+        result_room=limit,
+    ) as (sc,):
+        await wait_for(lambda: sc.admission.db_size > 0)
+        accepted: list[TaskId] = []
+        refused: QueueFull | None = None
+        for n in range(400):
+            try:
+                accepted.append((await sc.create({"n": n})).id)
+            except QueueFull as exc:
+                refused = exc
+                break
+        assert refused is not None, "creates went on past the room results at the limit need"
+        assert 10 < len(accepted) < 80  # 16 MiB * 0.8 / 256 KiB is about 51
+
+        async def handler(task: TaskContext) -> str:
+            return at_limit
+
+        sc.register(handler, concurrency=4)
+        states: dict[TaskId, State | None] = {}
+
+        async def settled() -> bool:
+            if await _alarms(sc.etcd):
+                return True  # etcd filled up: the assertion below says so
+            for task_id in accepted:
+                if states.get(task_id) is not State.COMPLETED:
+                    states[task_id] = (await sc.get(task_id)).state
+            return all(s is State.COMPLETED for s in states.values())
+
+        await poll_until(settled, timeout_s=90)
+        assert await _alarms(sc.etcd) == []  # the room held: etcd never filled up
+        assert set(states.values()) == {State.COMPLETED}
+
+
 async def test_a_full_etcd_refuses_creates_retryably_keeps_reads_and_recovers(
     small_etcd: EtcdProcess, namespace: str
 ) -> None:

@@ -132,8 +132,9 @@ class Admission:
     @property
     def result_room(self) -> int:
         """The room kept in etcd for each accepted task's outcome: the largest of the
-        latest results seen (RESULT_WINDOW of them), at least MIN_RESULT_ROOM."""
-        return max(MIN_RESULT_ROOM, self.results.largest)
+        latest results seen (RESULT_WINDOW of them), at least MIN_RESULT_ROOM and at least
+        ``result_room`` (set to the result limit, it holds for any result)."""
+        return max(MIN_RESULT_ROOM, self.results.largest, self.settings.result_room)
 
     @property
     def limit_bytes(self) -> int:

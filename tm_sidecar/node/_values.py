@@ -43,6 +43,9 @@ class SidecarSettings:
     quota_fraction: float = attrs.field(
         default=0.8, validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)]
     )
+    #: Room kept for each accepted task's outcome at least (0: as the latest results
+    #: need; the result limit: any result fits, see Admission.result_room).
+    result_room: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     grace_s: float = 5.0
     requeue_stalled: bool = True
     compact_interval_s: float = 300.0

@@ -341,6 +341,7 @@ def _sidecar_settings(settings: Settings) -> SidecarSettings:
         max_live_tasks=settings.max_live_tasks,
         quota_bytes=settings.etcd_quota,
         quota_fraction=settings.quota_fraction,
+        result_room=settings.result_room,
         create_deadline_s=settings.create_deadline,
         # History is the whole cluster's: compact it by default only in our own etcd.
         compact=settings.compact if settings.compact is not None else not settings.endpoints,

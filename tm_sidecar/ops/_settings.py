@@ -167,6 +167,16 @@ class Settings:
         metavar="FRACTION",
         check=fraction,
     )
+    result_room: int = setting(
+        0,
+        "bytes of etcd kept free for the outcome of each accepted task at least; 0: room "
+        "for results like the largest of the latest ones. Set it to the result limit "
+        "(262144) and a full etcd is survivable whatever size the results are, at the cost "
+        "of fewer waiting tasks",
+        kind=INT,
+        metavar="BYTES",
+        check=at_least(0),
+    )
     create_deadline: float = setting(
         3.0,
         "seconds a create may wait for etcd before it fails with etcd_unavailable (the task "
