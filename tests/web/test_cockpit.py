@@ -455,19 +455,11 @@ async def test_a_queue_shows_how_close_its_busiest_key_is_to_the_per_key_limit(
 
 
 def test_a_task_page_shows_the_attempt_history_its_record_keeps() -> None:
-    """Records get a ``history`` (issue 20's liveness work): the task page draws it."""
-    from tm_sidecar.core import TaskError, TaskOptions, TaskSpec
-    from tm_sidecar.web._data import TaskDetail
+    """Records keep a ``history`` (issue 20's liveness work): the task page's attempts
+    table draws it, across nodes, with each attempt's error."""
+    from tm_sidecar.core import AttemptEnd, NodeId, Record, TaskError, TaskOptions, TaskSpec
+    from tm_sidecar.web._data import TaskDetail, merge_attempts
     from tm_sidecar.web._templates import page_templates
-
-    @attrs.frozen
-    class Ended:  # the fields of a history entry
-        attempt: int
-        node: str | None
-        started_at: float | None
-        ended_at: float
-        outcome: str
-        error: TaskError | None = None
 
     @attrs.frozen
     class Info:
@@ -477,27 +469,39 @@ def test_a_task_page_shows_the_attempt_history_its_record_keeps() -> None:
 
     spec = TaskSpec(id=TaskId("t1"), payload={}, options=TaskOptions(), created_at=1e9)
     history = (
-        Ended(
-            1,
-            "web-1",
-            1e9 + 1,
-            1e9 + 2,
-            "failed",
-            TaskError(type="ValueError", message="first try"),
+        AttemptEnd(
+            attempt=1,
+            node=NodeId("web-1"),
+            started_at=1e9 + 1,
+            ended_at=1e9 + 2,
+            outcome="failed",
+            error=TaskError(type="ValueError", message="first try"),
         ),
-        Ended(2, "web-2", 1e9 + 3, 1e9 + 4, "completed"),
+        AttemptEnd(
+            attempt=2,
+            node=NodeId("web-2"),
+            started_at=1e9 + 3,
+            ended_at=1e9 + 4,
+            outcome="completed",
+        ),
     )
-    detail = TaskDetail(Info(spec, None, State.COMPLETED), (), history, "4bf92f3577b34da6")  # type: ignore[arg-type]
+    record = Record(
+        state=State.COMPLETED, options=TaskOptions(), since_at=1e9 + 4, attempts=2, history=history
+    )
+    attempts = merge_attempts(record, State.COMPLETED, [])
+    detail = TaskDetail(
+        Info(spec, record, State.COMPLETED),  # type: ignore[arg-type]
+        tuple(attempts),
+        history,
+        "4bf92f3577b34da6",
+    )
     text = (
         page_templates(lambda: 1e9 + 10)
         .env.get_template("_task.html")
         .render(t=detail, actions=False)
     )
-    assert 'id="history"' in text
+    assert text.count('class="outcome-') == 2  # one row an attempt
     assert "<b>ValueError</b>: first try" in text
+    assert "web-1" in text
     assert "web-2" in text
     assert '<dd class="mono" id="trace-id">4bf92f3577b34da6</dd>' in text
-    plain = TaskDetail(Info(spec, None, State.COMPLETED), ())  # type: ignore[arg-type]
-    assert 'id="history"' not in page_templates(lambda: 1e9).env.get_template("_task.html").render(
-        t=plain, actions=False
-    )
