@@ -37,7 +37,7 @@ def test_metrics_endpoint(etcd_server: EtcdProcess, tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 20
         body = ""
-        while "tm_leader 1.0" not in body or 'tm_queue_depth{state="pending"}' not in body:
+        while "tm_leader 1.0" not in body or 'tm_tasks{state="pending"}' not in body:
             assert time.monotonic() < deadline, body[-2000:]
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
@@ -59,6 +59,9 @@ def test_metrics_endpoint(etcd_server: EtcdProcess, tmp_path: Path) -> None:
         "tm_start_latency_seconds_bucket",
         'transport="grpc"',  # tm_build_info
         "tm_etcd_db_size_bytes",
+        "tm_watch_lag_seconds",
+        "tm_event_loop_lag_seconds_bucket",
+        "process_cpu_seconds_total",
     ):
         assert name in body
     assert "never-shown" not in body

@@ -48,7 +48,7 @@ from ._flow import (
 )
 from ._flush import Split, merge_txns, merge_with_reads, split_refused
 from ._keys import Keyspace, NodeId, ParsedKey, State, TaskId, check_name, make_task_id
-from ._leader import LeaderView
+from ._leader import LeaderView, QueueFigures
 from ._model import (
     DEFAULT_MAX_SNOOZES,
     JSON,
@@ -184,6 +184,7 @@ __all__ = [
     "PrefetchWindow",
     "Put",
     "QueueConfig",
+    "QueueFigures",
     "Raised",
     "Range",
     "RangeResult",

@@ -32,6 +32,7 @@ from ..etcd import Changes, Etcd, Reset, retrying
 from ..etcd._feed import Feed
 from ..etcd._session import RetentionLeases, Session
 from ._sweeps import sweep_payloads, sweep_rate_windows, sweep_unique_guards
+from ._tally import HeldTime, reaped
 
 log = logging.getLogger("tm_sidecar.leader")
 #: A dead node's tasks are reaped one by one: one line per node a few seconds, counted.
@@ -61,6 +62,8 @@ class LeaderState:
     reaped: int = 0
     conflicts: int = 0
     fired: int = 0  # schedule slots fired
+    #: Queues held back (paused, rate-limited) and for how long, while leading here.
+    held: HeldTime = attrs.Factory(HeldTime)
     #: Told each fired slot's lateness (metrics); given at construction.
     hooks: Hooks = attrs.field(factory=Hooks, kw_only=True)
 
@@ -165,7 +168,9 @@ async def run_leader(
                     must_reach = 0
                 continue
             changed = trio.Event()
-            decision = view.decide(clock(), settings.policy, draws)
+            now = clock()
+            decision = view.decide(now, settings.policy, draws)
+            state.held.update(view.held_back(), now)
             progressed = retry = False
             for n, batch in enumerate(decision.batches):
                 if not session.trusted():
@@ -232,6 +237,7 @@ async def run_leader(
             nursery.start_soon(decide_loop)
     finally:
         state.view = None
+        state.held.update({}, clock())  # held time counts while leading here
 
 
 async def _commit(
@@ -381,6 +387,7 @@ def _count(state: LeaderState, batch: Batch) -> None:
     else:
         state.reaped += n
         for slot, record in batch.moves:
+            state.hooks.on_outcome(reaped(record))
             _REAPED.note(
                 slot.record.node,
                 task=slot.task_id,

@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
+from .._hooks import Outcome
 from .._repeats import Repeats
 from ..core import (
     HANDED_BACK,
@@ -310,7 +311,15 @@ async def _report(env: AttemptEnv, slot: Slot, outcome: Record, *, batched: bool
     elif outcome.reason != HANDED_BACK:
         state.failed += 1
     if slot.record.since_at:
-        state.hooks.on_outcome(outcome.state.value, outcome.since_at - slot.record.since_at)
+        state.hooks.on_outcome(
+            Outcome(
+                queue=slot.record.options.queue,
+                state=outcome.state.value,
+                reason=outcome.reason,
+                error_type=outcome.error.type if outcome.error else None,
+                seconds=outcome.since_at - slot.record.since_at,
+            )
+        )
     fields: dict[str, Any] = {
         "task": slot.task_id,
         "attempt": outcome.attempts,

@@ -16,7 +16,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -188,7 +189,12 @@ async def amain(settings: Settings, signals: Any) -> int:
     )
     sidecar = Sidecar(etcd, sidecar_settings, hooks=metrics.hooks if metrics else Hooks())
     exit_code = 0
+    probes = AsyncExitStack()
     try:
+        if metrics is not None:
+            # From the start, before etcd answers, so that probes hear "live, not ready"
+            # while the sidecar waits for it.
+            await probes.enter_async_context(_serving(metrics, settings.metrics))
         waiting = EtcdWait(
             etcd=etcd,
             endpoints=endpoints,
@@ -242,10 +248,6 @@ async def amain(settings: Settings, signals: Any) -> int:
 
             # Signals are heard from the start: a sidecar still waiting for etcd stops too.
             nursery.start_soon(on_signals)
-            if metrics is not None:
-                # From the start too, so that probes hear "live, not ready" while etcd waits.
-                host, _, port = settings.metrics.rpartition(":")
-                await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
             await nursery.start(sidecar.run)
             server = SocketServer(
                 sidecar,
@@ -283,6 +285,7 @@ async def amain(settings: Settings, signals: Any) -> int:
 
                 nursery.start_soon(demo)
     finally:
+        await probes.aclose()
         notifier.send("STOPPING=1")
         notifier.close()
         with trio.CancelScope(shield=True):
@@ -291,6 +294,18 @@ async def amain(settings: Settings, signals: Any) -> int:
                 await trio.to_thread.run_sync(embedded.stop)
     log.info("stopped")
     return exit_code
+
+
+@asynccontextmanager
+async def _serving(metrics: Metrics, address: str) -> AsyncIterator[None]:
+    """Serve the metrics and health endpoints at ``address`` while in the block."""
+    host, _, port = address.rpartition(":")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(metrics.serve, host or "127.0.0.1", int(port))
+        try:
+            yield
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 def _sidecar_settings(settings: Settings) -> SidecarSettings:
