@@ -20,6 +20,7 @@ import trio
 from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
 from .._hooks import Outcome
 from .._repeats import Repeats
+from .._tracing import TRACE_ID
 from ..core import (
     HANDED_BACK,
     JSON,
@@ -148,6 +149,8 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
     """Run the attempt assigned in ``slot`` and report how it ended; on cancellation,
     hand it back (shielded, bounded)."""
     tid = slot.task_id
+    # Every line this attempt logs names its task's trace (this Trio task's own).
+    TRACE_ID.set(slot.record.options.trace_id)
     current = slot.record
     scope = running.scope
     state = env.state
