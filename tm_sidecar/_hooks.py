@@ -4,12 +4,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 
 
 def _ignore(*_args: object) -> None:
     pass
+
+
+class _Traced(Protocol):
+    """What a span needs of a task's options (``core.TaskOptions``)."""
+
+    @property
+    def traceparent(self) -> str | None: ...
+    @property
+    def tracestate(self) -> str | None: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -30,6 +40,20 @@ class Outcome:
 
 
 @attrs.frozen(kw_only=True)
+class Span:
+    """A span of the sidecar's own, in the trace of a task that carries one (its
+    ``traceparent`` option): its parent is the span that created the task."""
+
+    name: str
+    traceparent: str
+    tracestate: str | None
+    #: UTC epoch seconds.
+    start_at: float
+    end_at: float
+    attributes: dict[str, str | int | float] = attrs.Factory(dict)
+
+
+@attrs.frozen(kw_only=True)
 class Hooks:
     """Callbacks, each called on the Trio thread (they must not block); by default none.
 
@@ -41,9 +65,35 @@ class Hooks:
         on_fire: with each fired schedule slot's lateness (from the slot to its commit),
             on the leader.
         on_role: with True when this sidecar starts leading, False when it stops.
+        on_span: with the sidecar's own spans of traced tasks (``--otel``); None: none
+            are made.
     """
 
     on_start: Callable[[float], None] = _ignore
     on_outcome: Callable[[Outcome], None] = _ignore
     on_fire: Callable[[float], None] = _ignore
     on_role: Callable[[bool], None] = _ignore
+    on_span: Callable[[Span], None] | None = None
+
+    def span(
+        self,
+        name: str,
+        options: _Traced,
+        start_at: float,
+        end_at: float,
+        attributes: dict[str, str | int | float],
+    ) -> None:
+        """Tell ``on_span`` of a span of the task with ``options``, if it is traced and
+        spans are wanted (nothing is built otherwise)."""
+        if self.on_span is None or options.traceparent is None:
+            return
+        self.on_span(
+            Span(
+                name=name,
+                traceparent=options.traceparent,
+                tracestate=options.tracestate,
+                start_at=start_at,
+                end_at=max(start_at, end_at),
+                attributes=attributes,
+            )
+        )

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from taskmanager import TaskManager, WorkerTask
+from taskmanager import InvalidRequest, TaskManager, WorkerTask
 
 from tests.procs import ROOT, sidecars
 from tm_sidecar.ops._embedded import EtcdProcess
@@ -167,6 +168,9 @@ async def test_a_worker_without_opentelemetry_runs_traced_tasks(
                 assert result["traceparent"].startswith("00-")
                 out = await worker.receive()
                 assert out == "loaded []"
+            # A context that is not W3C's is refused, named.
+            with pytest.raises(InvalidRequest, match="traceparent must be a W3C traceparent"):
+                await manager.submit({}, traceparent="00-not-a-trace")
         finally:
             await manager.shutdown(timeout=10)
 

@@ -48,6 +48,10 @@ class Records:
 
     def options(self, obj: dict[str, JSON]) -> TaskOptions:
         """``TaskOptions.from_json``, each set of options built once (they are immutable)."""
+        if "traceparent" in obj:
+            # Each traced task's options are its own: remembering them would only churn
+            # the table (and the key below leaves the trace out).
+            return TaskOptions.from_json(obj)
         backoff = obj.get("backoff") or {}
         try:
             key = (

@@ -175,9 +175,28 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
                 current = attrs.evolve(current, started_at=env.clock())
                 attempt = Attempt(slot, current)
                 env.io.announcer.add(attempt)
+                started_at = current.started_at or env.clock()
                 if current.attempts == 1:
                     due = spec.run_at if spec.run_at is not None else spec.created_at
-                    state.hooks.on_start(max(0.0, (current.started_at or due) - due))
+                    state.hooks.on_start(max(0.0, started_at - due))
+                    state.hooks.span(
+                        "tm.queue.wait",
+                        current.options,
+                        due,
+                        current.since_at,
+                        {"tm.task.id": tid},
+                    )
+                state.hooks.span(
+                    "tm.assignment",
+                    current.options,
+                    current.since_at,
+                    started_at,
+                    {
+                        "tm.task.id": tid,
+                        "tm.task.attempt": current.attempts,
+                        "tm.node": current.node or "",
+                    },
+                )
 
                 async def progress(value: JSON) -> bool:
                     nonlocal current

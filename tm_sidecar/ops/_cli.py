@@ -187,7 +187,14 @@ async def amain(settings: Settings, signals: Any) -> int:
             "client": type(etcd).__name__,
         },
     )
-    sidecar = Sidecar(etcd, sidecar_settings, hooks=metrics.hooks if metrics else Hooks())
+    hooks = metrics.hooks if metrics else Hooks()
+    tracing = None
+    if settings.otel:
+        from ._otel import SidecarTracing
+
+        tracing = SidecarTracing.from_environment()
+        hooks = attrs.evolve(hooks, on_span=tracing.on_span)
+    sidecar = Sidecar(etcd, sidecar_settings, hooks=hooks)
     exit_code = 0
     probes = AsyncExitStack()
     try:
@@ -286,6 +293,8 @@ async def amain(settings: Settings, signals: Any) -> int:
                 nursery.start_soon(demo)
     finally:
         await probes.aclose()
+        if tracing is not None:
+            await tracing.aclose()
         notifier.send("STOPPING=1")
         notifier.close()
         with trio.CancelScope(shield=True):
