@@ -61,6 +61,9 @@ export interface TaskOptions {
   unique_for_s?: number;
   concurrency_key?: string;
   max_snoozes?: number;
+  /** W3C trace context of the creating span (set by the SDK when OpenTelemetry is installed). */
+  traceparent?: string;
+  tracestate?: string;
 }
 
 /** Events missed and not replayed (docs/protocol.md, "Resuming a subscription"). */

@@ -20,6 +20,7 @@ import anyio
 import anyio.lowlevel
 
 from ._callbacks import EVENTS, Callback, CallQueue
+from ._otel import producer_span
 from ._validate import check_json, finite_number, positive_number, whole_number
 from .protocol import MAX_CREATE_MANY, InvalidRequest, TaskFailed, TaskManagerError, WaitTimeout
 
@@ -238,7 +239,9 @@ class Task:
         registry.track(self)
         try:
             connections = connection.connections
-            answer = await connection.request("create", request, idempotent=True)
+            # With OpenTelemetry: a producer span, its context carried in the options.
+            with producer_span(self.id, self.options):
+                answer = await connection.request("create", request, idempotent=True)
         except BaseException:
             registry.untrack(self, ended=False)
             raise

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._handlers import HandlerRunner
+from ._otel import consumer_span
 from ._reports import Reports
 from ._validate import check_json
 from .protocol import ConnectionLost, InvalidRequest, PayloadTooLarge, TaskManagerError
@@ -205,11 +206,16 @@ class WorkerRuntime:
         _DELIVERY.set(delivery)
         outcome: tuple[str, Any] | None = None
         try:
-            with scope:
-                # Running the handler is _handlers' business: its pool, its slot, what a
-                # timeout does to it. Here: which delivery, and the report.
-                op, fields = await worker.runner.run(task)
-                outcome = (op, {"delivery": delivery, **fields})
+            # With OpenTelemetry: the attempt's span, in the trace of the task's create.
+            with consumer_span(task.id, task.attempt, task.options, worker.node) as span:
+                with scope:
+                    # Running the handler is _handlers' business: its pool, its slot, what
+                    # a timeout does to it. Here: which delivery, and the report.
+                    op, fields = await worker.runner.run(task)
+                    outcome = (op, {"delivery": delivery, **fields})
+                    span.outcome(op, fields)
+                if outcome is None:
+                    span.ended_without_outcome()
             if outcome is not None and not scope.cancel_called:
                 await self._report(task, outcome)
         finally:

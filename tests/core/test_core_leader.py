@@ -334,3 +334,25 @@ def test_an_assignment_batch_over_many_nodes_keeps_within_etcds_compare_limit() 
         guards = [Compare.modified_at(f"/queues/{q}", 0) for q in queues]
         txn = plan_batch(ks, Fence("/f", 1), chunk, guards=guards)  # raises past the limit
         assert len(txn.compare) <= MAX_TXN_OPS
+
+
+def test_queue_figures_and_what_holds_a_queue_back() -> None:
+    from tm_sidecar.core import QueueConfig
+
+    f = Feed()
+    f.task("m1", queue="mail", now=5.0)
+    f.task("m2", queue="mail", now=3.0)
+    f.task("s1", queue="slow", now=1.0)
+    f.put(KS.queue("slow"), QueueConfig(paused=True).to_json())
+    f.node("n1", {"mail": 1, "slow": 1})
+    for batch in f.view.decide(10.0, POLICY).batches:
+        f.commit(batch)
+    figures = f.view.queue_figures()
+    assert figures["mail"].depth == {"pending": 1, "delayed": 0, "processing": 1}
+    assert figures["slow"].depth == {"pending": 1, "delayed": 0, "processing": 0}
+    assert figures["slow"].oldest_pending_at == 1.0
+    # m1 was committed first, so it runs; m2 waits, in pending since 3.0.
+    assert figures["mail"].oldest_pending_at == 3.0
+    assert f.view.held_back() == {"slow": "paused"}
+    f.delete(KS.state(State.PENDING, TaskId("s1")))  # cancelled, say: nothing waits
+    assert f.view.held_back() == {}

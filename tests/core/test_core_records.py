@@ -159,3 +159,26 @@ def test_a_newer_layout_is_refused_with_the_way_out() -> None:
     check_layout(Layout(LAYOUT, stored=True), key="/tm/x/layout")
     with pytest.raises(LayoutRefused, match=r"layout is 2 \(/tm/x/layout\).*operations.md"):
         check_layout(Layout(2, stored=True), key="/tm/x/layout", known=1)
+
+
+def test_a_traced_tasks_options_are_its_own() -> None:
+    """Options that differ only in their trace context are not taken for one another
+    (the table remembers untraced options by their other fields)."""
+    records = Records()
+    plain = Record(state=State.PENDING, options=TaskOptions(), since_at=1.0)
+    traced_options = TaskOptions(traceparent=f"00-{'a' * 32}-{'b' * 16}-01", tracestate="k=v")
+    traced = Record(state=State.PENDING, options=traced_options, since_at=1.0)
+    assert records.parse(State.PENDING, plain.to_json()).options.traceparent is None
+    parsed = records.parse(State.PENDING, traced.to_json()).options
+    assert parsed == traced_options
+    assert parsed.trace_id == "a" * 32
+    assert records.parse(State.PENDING, plain.to_json()).options == TaskOptions()
+
+
+def test_a_trace_context_is_w3cs_or_refused() -> None:
+    with pytest.raises(ValueError, match="tracestate needs a traceparent"):
+        TaskOptions(tracestate="k=v")
+    with pytest.raises(ValueError, match="traceparent must be a W3C traceparent"):
+        TaskOptions(traceparent=f"00-{'0' * 32}-{'b' * 16}-01")  # an all-zero trace id
+    with pytest.raises(ValueError, match="at most 512"):
+        TaskOptions(traceparent=f"00-{'a' * 32}-{'b' * 16}-01", tracestate="k=" + "v" * 600)

@@ -135,7 +135,7 @@ async def test_a_ready_sidecar_stands_for_election_and_tells_its_hooks(
 ) -> None:
     starts: list[float] = []
     outcomes: list[str] = []
-    hooks = Hooks(on_start=starts.append, on_outcome=lambda state, _s: outcomes.append(state))
+    hooks = Hooks(on_start=starts.append, on_outcome=lambda o: outcomes.append(o.state))
     settings = SidecarSettings(
         node_id=NodeId("n1"), namespace=namespace, lease_ttl_s=2, grace_s=1.0
     )

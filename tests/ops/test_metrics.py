@@ -37,7 +37,7 @@ def test_metrics_endpoint(etcd_server: EtcdProcess, tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 20
         body = ""
-        wanted = ("tm_leader 1.0", 'tm_queue_depth{state="pending"}', "tm_etcd_version_warning{")
+        wanted = ("tm_leader 1.0", 'tm_tasks{state="pending"}', "tm_etcd_version_warning{")
         while not all(w in body for w in wanted):
             assert time.monotonic() < deadline, body[-2000:]
             try:
@@ -69,6 +69,9 @@ def test_metrics_endpoint(etcd_server: EtcdProcess, tmp_path: Path) -> None:
         "tm_start_latency_seconds_bucket",
         'transport="grpc"',  # tm_build_info
         "tm_etcd_db_size_bytes",
+        "tm_watch_lag_seconds",
+        "tm_event_loop_lag_seconds_bucket",
+        "process_cpu_seconds_total",
     ):
         assert name in body
     assert "never-shown" not in body

@@ -16,7 +16,7 @@ import tm_sidecar
 
 ROOT = Path(tm_sidecar.__file__).parent
 #: What of the top level any part may import: the package's shared vocabulary.
-SHARED = {"_errors", "_hooks", "_repeats", "__version__"}
+SHARED = {"_errors", "_hooks", "_repeats", "_tracing", "__version__"}
 #: Top-level modules that wire the parts together and may import any of them.
 WIRING = {"__init__", "__main__"}
 

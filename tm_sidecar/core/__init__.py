@@ -57,7 +57,7 @@ from ._layout import (
     plan_stamp_layout,
     read_layout,
 )
-from ._leader import LeaderView
+from ._leader import LeaderView, QueueFigures
 from ._model import (
     DEFAULT_MAX_SNOOZES,
     JSON,
@@ -206,6 +206,7 @@ __all__ = [
     "PrefetchWindow",
     "Put",
     "QueueConfig",
+    "QueueFigures",
     "Raised",
     "Range",
     "RangeResult",

@@ -575,6 +575,47 @@ class LeaderView:
             times.append(self._hold_wake)
         return min(times) if times else None
 
+    def held_back(self) -> dict[str, str]:
+        """The queues whose pending tasks wait for a reason of the queue's own, by
+        queue: ``paused``, or ``rate_limited`` (its rate window is full). A queue with
+        no pending task is not held back."""
+        held: dict[str, str] = {}
+        for queue, heap in self._queues.items():
+            # The heap drops entries lazily: look for a live one (the first, mostly).
+            if not any(self._live_pending(entry) for entry in heap):
+                continue
+            if self.queue_config(queue).paused:
+                held[queue] = "paused"
+            elif queue in self._queue_rate_wakes:
+                held[queue] = "rate_limited"
+        return held
+
+    def _live_pending(self, entry: tuple[int, int, int, TaskId]) -> bool:
+        _, _, create_rev, tid = entry  # (priority, place, create revision, task)
+        slot = self.pending.get(tid)
+        return slot is not None and slot.create_revision == create_rev
+
+    def queue_figures(self) -> dict[str, QueueFigures]:
+        """Per queue: its live tasks by state and when its oldest pending task entered
+        pending (for metrics; one pass over the view)."""
+        figures: dict[str, QueueFigures] = {}
+        for state, slots in (
+            (State.PENDING, self.pending),
+            (State.DELAYED, self.delayed),
+            (State.PROCESSING, self.processing),
+        ):
+            for slot in slots.values():
+                queue = slot.record.options.queue
+                row = figures.get(queue)
+                if row is None:
+                    row = figures[queue] = QueueFigures()
+                row.depth[state.value] += 1
+                if state is State.PENDING and (
+                    row.oldest_pending_at is None or slot.record.since_at < row.oldest_pending_at
+                ):
+                    row.oldest_pending_at = slot.record.since_at
+        return figures
+
     def depth(self) -> dict[str, int]:
         """How many tasks each live queue holds."""
         return {
@@ -582,6 +623,16 @@ class LeaderView:
             "delayed": len(self.delayed),
             "processing": len(self.processing),
         }
+
+
+@attrs.define
+class QueueFigures:
+    """One queue's live tasks by state, and its oldest pending task's ``since_at``."""
+
+    depth: dict[str, int] = attrs.Factory(
+        lambda: dict.fromkeys(("pending", "delayed", "processing"), 0)
+    )
+    oldest_pending_at: float | None = None
 
 
 _NO_CONFIG = QueueConfig()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,38 @@ def _name_or_none(kind: str) -> Any:
     return check
 
 
+#: W3C Trace Context's traceparent: version, trace id, parent span id, flags (an
+#: all-zero trace or span id is invalid, and version ff is forbidden).
+_TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
+#: W3C Trace Context allows a tracestate of up to 32 members; 512 characters keeps it
+#: short in every record (a longer one may be truncated by the producer, as allowed).
+MAX_TRACESTATE_CHARS = 512
+
+
+def _traceparent_or_none(_inst: object, _attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not (isinstance(value, str) and _TRACEPARENT.fullmatch(value)):
+        raise ValueError(
+            f"traceparent must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>), "
+            f"not {value!r:.80}"
+        )
+
+
+def _tracestate_or_none(_inst: object, _attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_TRACESTATE_CHARS
+        or not value.isascii()
+        or not value.isprintable()
+    ):
+        raise ValueError(
+            f"tracestate must be printable ASCII of at most {MAX_TRACESTATE_CHARS} characters"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class TaskOptions:
     """How a task is run. Carried in every state record so that moves need not read the task."""
@@ -128,7 +161,14 @@ class TaskOptions:
     #: Options of a newer release, kept as read (see :func:`unknown_fields`).
     extra: str = ""
 
+    #: The W3C trace context of the span that created the task (OpenTelemetry, when
+    #: the producer has it): the worker's span links to it, and logs name its trace.
+    traceparent: str | None = attrs.field(default=None, validator=_traceparent_or_none)
+    tracestate: str | None = attrs.field(default=None, validator=_tracestate_or_none)
+
     def __attrs_post_init__(self) -> None:
+        if self.tracestate is not None and self.traceparent is None:
+            raise ValueError("tracestate needs a traceparent")
         if self.unique_for_s is not None and self.unique_key is None:
             raise ValueError("unique_for_s needs a unique_key")
 
@@ -142,7 +182,7 @@ class TaskOptions:
         }
         if self.timeout_s is not None:
             obj["timeout_s"] = self.timeout_s
-        for name in ("unique_key", "unique_for_s", "concurrency_key"):
+        for name in ("unique_key", "unique_for_s", "concurrency_key", "traceparent", "tracestate"):
             if getattr(self, name) is not None:
                 obj[name] = getattr(self, name)
         if self.max_snoozes != DEFAULT_MAX_SNOOZES:
@@ -163,7 +203,14 @@ class TaskOptions:
             concurrency_key=obj.get("concurrency_key"),
             max_snoozes=int(obj.get("max_snoozes", DEFAULT_MAX_SNOOZES)),
             extra=unknown_fields(obj, OPTION_FIELDS),
+            traceparent=obj.get("traceparent"),
+            tracestate=obj.get("tracestate"),
         )
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace this task belongs to (from its ``traceparent``), if it has one."""
+        return None if self.traceparent is None else self.traceparent.split("-")[1]
 
 
 #: The options this release reads (anything else in a record's options is kept as is).

@@ -32,6 +32,9 @@ class Records:
     _options: dict[tuple[object, ...], TaskOptions] = attrs.field(
         init=False, factory=dict, repr=False
     )
+    _traced: dict[tuple[object, ...], TaskOptions] = attrs.field(
+        init=False, factory=dict, repr=False
+    )
     _decoder: json.JSONDecoder = attrs.field(init=False, factory=json.JSONDecoder, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -61,15 +64,26 @@ class Records:
                 obj.get("concurrency_key"),
                 obj.get("max_snoozes"),
                 unknown_fields(obj, OPTION_FIELDS),
+                obj.get("traceparent"),
+                obj.get("tracestate"),
             )
             hash(key)
         except TypeError:  # something unhashable: parse it the long way (and fail there)
             return TaskOptions.from_json(obj)
-        options = self._options.get(key)
+        # Each traced task's options are its own (its trace): remembered apart, the
+        # oldest dropped first, so that they never push the shared ones out.
+        table = self._options if key[-2] is None else self._traced
+        options = table.get(key)
         if options is None:
-            if len(self._options) >= self.max_options:
-                self._options.clear()
-            options = self._options[key] = TaskOptions.from_json(obj)
+            if len(table) >= self.max_options:
+                if table is self._options:
+                    table.clear()
+                else:
+                    try:
+                        del table[next(iter(table))]
+                    except (RuntimeError, KeyError, StopIteration):  # the listing thread
+                        table.clear()
+            options = table[key] = TaskOptions.from_json(obj)
         return options
 
     def _loads(self, text: str) -> Any:

@@ -40,6 +40,7 @@ from ..etcd._feed import Feed
 from ..etcd._session import RetentionLeases, Session
 from ._layout import stamp_layout
 from ._sweeps import sweep_payloads, sweep_rate_windows, sweep_unique_guards
+from ._tally import HeldTime, reaped
 
 log = logging.getLogger("tm_sidecar.leader")
 #: A dead node's tasks are reaped one by one: one line per node a few seconds, counted.
@@ -78,6 +79,8 @@ class LeaderState:
     #: Batches etcd refused whole (committed again move by move); each makes the
     #: leader learn etcd's limit again, in case it changed.
     refused: int = 0
+    #: Queues held back (paused, rate-limited) and for how long, while leading here.
+    held: HeldTime = attrs.Factory(HeldTime)
     #: Told each fired slot's lateness (metrics); given at construction.
     hooks: Hooks = attrs.field(factory=Hooks, kw_only=True)
 
@@ -196,7 +199,9 @@ async def run_leader(
                 # member, a restart with other flags). Learn it again.
                 refused = state.refused
                 policy = await learn_policy()
-            decision = view.decide(clock(), policy, draws)
+            now = clock()
+            decision = view.decide(now, policy, draws)
+            state.held.update(view.held_back(), now)
             progressed = retry = False
             for n, batch in enumerate(decision.batches):
                 if not session.trusted():
@@ -272,6 +277,7 @@ async def run_leader(
     finally:
         state.view = None
         state.max_txn_ops = 0
+        state.held.update({}, clock())  # held time counts while leading here
 
 
 async def _commit(
@@ -426,6 +432,7 @@ def _count(state: LeaderState, batch: Batch) -> None:
     else:
         state.reaped += n
         for slot, record in batch.moves:
+            state.hooks.on_outcome(reaped(record))
             _REAPED.note(
                 slot.record.node,
                 task=slot.task_id,

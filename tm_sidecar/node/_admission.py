@@ -34,6 +34,9 @@ MIN_RESULT_ROOM = 1024
 RESULT_WINDOW = 1024
 #: Completed records read at start, before any new result is seen.
 RESULT_SAMPLE = 8
+#: Revisions kept for the watch's lag (one a second): the oldest is what counts, so a
+#: watch stuck for longer than this many seconds still reads as stuck since then.
+_MAX_REVISIONS = 3600
 
 
 @attrs.define(eq=False)
@@ -84,6 +87,9 @@ class Admission:
     nospace: bool = False
     #: The version etcd's status answered, as last read ("" before the first read).
     etcd_version: str = ""
+    #: etcd's revisions as read (with the Trio time of the read) that the watch had
+    #: not reached yet: what ``watch_lag_s`` measures.
+    _revisions: deque[tuple[int, float]] = attrs.Factory(deque)
     _live_tasks: int = 0
     _created: int = 0
     _written: int = 0  # bytes created since db_size was read
@@ -167,8 +173,23 @@ class Admission:
             self._written -= written_before
             self.nospace = any("NOSPACE" in str(e) for e in status.get("errors") or ())
             self.etcd_version = str(status.get("version") or "")
+            revision = int((status.get("header") or {}).get("revision") or 0)
+            if revision and len(self._revisions) < _MAX_REVISIONS:
+                self._revisions.append((revision, trio.current_time()))
         except Unavailable as exc:
             log.debug("limit refresh failed", extra={"error": str(exc)})
+
+    def watch_lag_s(self) -> float:
+        """How far the sidecar's watch is behind etcd, in seconds: since when etcd has
+        been at a revision (as read every second) that the watch has not delivered yet;
+        0 when it has delivered every one read (or there is no watch)."""
+        if self.feed is None:
+            return 0.0
+        while self._revisions and self._revisions[0][0] <= self.feed.revision:
+            self._revisions.popleft()
+        if not self._revisions:
+            return 0.0
+        return max(0.0, trio.current_time() - self._revisions[0][1])
 
     def admit(self, payload_bytes: int) -> None:
         """Raise if a new task with a payload of ``payload_bytes`` may not be created:

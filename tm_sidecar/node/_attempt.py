@@ -18,7 +18,9 @@ import attrs
 import trio
 
 from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
+from .._hooks import Outcome
 from .._repeats import Repeats
+from .._tracing import TRACE_ID
 from ..core import (
     HANDED_BACK,
     JSON,
@@ -158,6 +160,8 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
     """Run the attempt assigned in ``slot`` and report how it ended; on cancellation,
     hand it back (shielded, bounded)."""
     tid = slot.task_id
+    # Every line this attempt logs names its task's trace (this Trio task's own).
+    TRACE_ID.set(slot.record.options.trace_id)
     current = slot.record
     scope = running.scope
     state = env.state
@@ -186,9 +190,28 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
                 current = attrs.evolve(current, started_at=env.clock())
                 attempt = Attempt(slot, current)
                 env.io.announcer.add(attempt)
+                started_at = current.started_at or env.clock()
                 if current.attempts == 1:
                     due = spec.run_at if spec.run_at is not None else spec.created_at
-                    state.hooks.on_start(max(0.0, (current.started_at or due) - due))
+                    state.hooks.on_start(max(0.0, started_at - due))
+                    state.hooks.span(
+                        "tm.queue.wait",
+                        current.options,
+                        due,
+                        current.since_at,
+                        {"tm.task.id": tid},
+                    )
+                state.hooks.span(
+                    "tm.assignment",
+                    current.options,
+                    current.since_at,
+                    started_at,
+                    {
+                        "tm.task.id": tid,
+                        "tm.task.attempt": current.attempts,
+                        "tm.node": current.node or "",
+                    },
+                )
 
                 async def progress(value: JSON) -> bool:
                     nonlocal current
@@ -352,7 +375,15 @@ async def _report(env: AttemptEnv, slot: Slot, outcome: Record, *, batched: bool
     elif outcome.reason != HANDED_BACK:
         state.failed += 1
     if slot.record.since_at:
-        state.hooks.on_outcome(outcome.state.value, outcome.since_at - slot.record.since_at)
+        state.hooks.on_outcome(
+            Outcome(
+                queue=slot.record.options.queue,
+                state=outcome.state.value,
+                reason=outcome.reason,
+                error_type=outcome.error.type if outcome.error else None,
+                seconds=outcome.since_at - slot.record.since_at,
+            )
+        )
     fields: dict[str, Any] = {
         "task": slot.task_id,
         "attempt": outcome.attempts,

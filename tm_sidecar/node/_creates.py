@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from .._errors import EtcdFull, EtcdUnavailable, InvalidRequest, TaskNotFound, Unavailable
+from .._hooks import Hooks
 from ..core import (
     JSON,
     Compare,
@@ -63,6 +64,8 @@ class Creates:
     deadline_s: float
     clock: Callable[[], float] = time.time
     rng: random.Random = attrs.Factory(random.Random)
+    #: Told of the commit's span for a traced task (``--otel``).
+    hooks: Hooks = attrs.Factory(Hooks)
     _ids: itertools.count[int] = attrs.Factory(itertools.count)
 
     def new_task_id(self) -> TaskId:
@@ -133,6 +136,7 @@ class Creates:
         self.admission.wrote(txn)
         if not result.succeeded:
             return Created(await self._taken(spec, payload, txn, encoded), existing=False)
+        self.hooks.span("tm.create.commit", options, now, self.clock(), {"tm.task.id": spec.id})
         self.created_one(spec, encoded)
         return Created(spec, existing=False)
 

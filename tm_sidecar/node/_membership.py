@@ -400,6 +400,7 @@ class Membership:
     def _set_role(self, leader: bool) -> None:
         if leader != self.is_leader:
             self.is_leader = leader
+            self.leader.hooks.on_role(leader)
             self.role_changed.set()
             self.role_changed = trio.Event()
 

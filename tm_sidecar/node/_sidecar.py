@@ -138,6 +138,7 @@ class Sidecar:
             deadline_s=self.settings.create_deadline_s,
             clock=self.clock,
             rng=self.rng,
+            hooks=self.hooks,
         )
         self.bulk = BulkCreates(self.creator)
         self.queue_ops = QueueOps(self.etcd, ks, clock=self.clock)

@@ -188,7 +188,14 @@ async def amain(settings: Settings, signals: Any) -> int:
             "client": type(etcd).__name__,
         },
     )
-    sidecar = Sidecar(etcd, sidecar_settings, hooks=metrics.hooks if metrics else Hooks())
+    hooks = metrics.hooks if metrics else Hooks()
+    tracing = None
+    if settings.otel:
+        from ._otel import SidecarTracing
+
+        tracing = SidecarTracing.from_environment()
+        hooks = attrs.evolve(hooks, on_span=tracing.on_span)
+    sidecar = Sidecar(etcd, sidecar_settings, hooks=hooks)
 
     async def serve() -> int:
         """Wait for etcd, run the sidecar and its server until told to stop."""
@@ -310,6 +317,8 @@ async def amain(settings: Settings, signals: Any) -> int:
             log.error("namespace refused", extra={"error": str(refused)})
             exit_code = 2
         finally:
+            if tracing is not None:
+                await tracing.aclose()
             notifier.send("STOPPING=1")
             notifier.close()
             with trio.CancelScope(shield=True):

@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .._tracing import TraceFilter
+
 #: The keys every line starts with, in this order.
 BASE_KEYS = ("ts", "level", "logger", "msg")
 #: What a LogRecord carries by itself; any other attribute came from ``extra``.
@@ -104,6 +106,7 @@ def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:
     """Send tm_sidecar's logs to stderr, one line per event."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(StructuredFormatter(fmt))
+    handler.addFilter(TraceFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

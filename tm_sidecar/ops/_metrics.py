@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 import trio
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import InfoMetricFamily, Metric
@@ -23,11 +23,15 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from .._hooks import Hooks
-from ..core import etcd_version_warning
+from .._hooks import Hooks, Outcome
+from ..core import QueueFigures, etcd_version_warning
 from ..node._sidecar import Sidecar
 
 log = logging.getLogger("tm_sidecar.metrics")
+#: Distinct error types a sidecar gives ``tm_task_failures_total`` (the rest: other).
+MAX_ERROR_TYPES = 20
+#: How often the event loop's lag is sampled.
+_LOOP_SAMPLE_S = 0.25
 
 
 class _Snapshot(Collector):
@@ -37,6 +41,8 @@ class _Snapshot(Collector):
         self.sidecar = sidecar
         self.clients = clients
         self.transport = transport
+        #: Every queue this sidecar has published figures of.
+        self.queues: set[str] = set()
 
     def collect(self) -> Iterator[Metric]:
         sc = self.sidecar
@@ -76,12 +82,13 @@ class _Snapshot(Collector):
             "1 while etcd's NOSPACE alarm is raised.",
             value=int(admission.nospace),
         )
-        depth = GaugeMetricFamily(
-            "tm_queue_depth", "Tasks in each state (namespace-wide).", labels=["state"]
+        yield from self._namespace()
+        yield GaugeMetricFamily(
+            "tm_watch_lag_seconds",
+            "How long etcd has been at a revision this sidecar's watch has not delivered "
+            "yet (0: caught up).",
+            value=admission.watch_lag_s(),
         )
-        for state, count in sorted(sc.depths.items()):
-            depth.add_metric([state], count)
-        yield depth
         outcomes = CounterMetricFamily(
             "tm_node_outcomes",
             "Attempts this node reported, by where they sent the task.",
@@ -93,9 +100,6 @@ class _Snapshot(Collector):
         outcomes.add_metric(["stale_rejected"], sc.agent.stale)
         yield outcomes
         yield GaugeMetricFamily("tm_leader", "1 while this sidecar leads.", value=int(sc.is_leader))
-        yield GaugeMetricFamily(
-            "tm_nodes", "Live sidecars registered in the namespace.", value=sc.node_count
-        )
         yield GaugeMetricFamily(
             "tm_running", "Attempts running on this node.", value=len(sc.agent.running)
         )
@@ -139,6 +143,64 @@ class _Snapshot(Collector):
             items.add_metric([kind], stats.items)
         yield batches
         yield items
+        flow = CounterMetricFamily(
+            "tm_flow",
+            "Flow-control actions this sidecar took: cancelled, ...",
+            labels=["action"],
+        )
+        for action, count in sorted(sc.counters.items()):
+            flow.add_metric([action], count)
+        yield flow
+
+    def _namespace(self) -> Iterator[Metric]:
+        """The namespace-wide figures: on the leader only, so that summing a scrape of
+        every sidecar counts each queue once (the others publish none of these)."""
+        sc = self.sidecar
+        view = sc.leader.view
+        if not sc.is_leader or view is None:
+            return
+        now = sc.clock()
+        tasks = GaugeMetricFamily(
+            "tm_tasks", "Tasks in each state, namespace-wide (every second).", labels=["state"]
+        )
+        for state, count in sorted(sc.depths.items()):
+            tasks.add_metric([state], count)
+        yield tasks
+        yield GaugeMetricFamily(
+            "tm_nodes", "Live sidecars registered in the namespace.", value=sc.node_count
+        )
+        figures = view.queue_figures()
+        # A queue seen once stays, at 0, rather than vanish when it empties.
+        self.queues.update(figures, sc.queue_configs)
+        for queue in self.queues:
+            figures.setdefault(queue, QueueFigures())
+        depth = GaugeMetricFamily(
+            "tm_queue_depth",
+            "A queue's live tasks by state (pending, delayed, processing).",
+            labels=["queue", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "tm_queue_oldest_pending_age_seconds",
+            "How long the queue's oldest pending task has waited in pending (0: none).",
+            labels=["queue"],
+        )
+        for queue, row in sorted(figures.items()):
+            for state, count in row.depth.items():
+                depth.add_metric([queue, state], count)
+            since = row.oldest_pending_at
+            oldest.add_metric([queue], 0.0 if since is None else max(0.0, now - since))
+        yield depth
+        yield oldest
+        held = CounterMetricFamily(
+            "tm_queue_held_seconds",
+            "Seconds a queue's pending tasks were held back by the queue itself: "
+            "reason=paused, or rate_limited (its rate window full); counted while this "
+            "sidecar leads.",
+            labels=["queue", "reason"],
+        )
+        for (queue, reason), seconds in sorted(sc.leader.held.seconds(now).items()):
+            held.add_metric([queue, reason], seconds)
+        yield held
         paused = GaugeMetricFamily(
             "tm_queue_paused",
             "1 for a paused queue (the leader assigns nothing from it).",
@@ -161,14 +223,6 @@ class _Snapshot(Collector):
                     limits.add_metric([queue, name], rate.limit / rate.window_s)
         yield paused
         yield limits
-        flow = CounterMetricFamily(
-            "tm_flow",
-            "Flow-control actions this sidecar took: cancelled, ...",
-            labels=["action"],
-        )
-        for action, count in sorted(sc.counters.items()):
-            flow.add_metric([action], count)
-        yield flow
 
 
 class Metrics:
@@ -190,11 +244,41 @@ class Metrics:
         )
         self.attempt_seconds = Histogram(
             "tm_attempt_seconds",
-            "From assignment to reported outcome, by the state the outcome sent the task to.",
-            ["outcome"],
+            "From assignment to reported outcome, by queue and the state the outcome "
+            "sent the task to.",
+            ["queue", "outcome"],
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
+        self.attempts = Counter(
+            "tm_attempts",
+            "Attempts ended here (reported by this node, or reaped by the leader here), by "
+            "queue and result: completed, failed (for good), retried, snoozed, handed_back.",
+            ["queue", "result"],
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "tm_task_failures",
+            "Tasks failed for good, by queue and error type (at most "
+            f"{MAX_ERROR_TYPES} error types per sidecar; the rest as 'other').",
+            ["queue", "error_type"],
+            registry=self.registry,
+        )
+        self.leader_changes = Counter(
+            "tm_leader_changes",
+            "Times this sidecar became the leader (their sum over every sidecar: the "
+            "namespace's leader changes).",
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "tm_event_loop_lag_seconds",
+            "How late the event loop woke a timer (sampled four times a second): a "
+            "loop busy or blocked shows here first.",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+        )
+        ProcessCollector(registry=self.registry)
+        self._error_types: set[str] = set()
         self.start_latency = Histogram(
             "tm_start_latency_seconds",
             "From a task's due time (its commit, or its run_at) to its first attempt's start.",
@@ -210,9 +294,48 @@ class Metrics:
         #: Give these to the sidecar at construction: they feed the histograms.
         self.hooks = Hooks(
             on_start=self.start_latency.observe,
-            on_outcome=lambda state, s: self.attempt_seconds.labels(state).observe(s),
+            on_outcome=self.outcome,
             on_fire=self.schedule_lateness.observe,
+            on_role=lambda leading: self.leader_changes.inc() if leading else None,
         )
+
+    def outcome(self, outcome: Outcome) -> None:
+        """Count one attempt's outcome (the ``on_outcome`` hook)."""
+        if outcome.seconds is not None:
+            self.attempt_seconds.labels(outcome.queue, outcome.state).observe(outcome.seconds)
+        if outcome.state == "completed":
+            result = "completed"
+        elif outcome.state == "failed":
+            result = "failed"
+            self.failures.labels(outcome.queue, self._error_type(outcome.error_type)).inc()
+        elif outcome.reason == "snoozed":
+            result = "snoozed"
+        elif outcome.reason == "handed back":
+            result = "handed_back"
+        else:
+            result = "retried"
+        self.attempts.labels(outcome.queue, result).inc()
+
+    def _error_type(self, error_type: str | None) -> str:
+        """The label for ``error_type``: bounded, so that a handler raising ever new
+        exception classes cannot grow the series without end."""
+        name = error_type or "none"
+        if name in self._error_types:
+            return name
+        if len(self._error_types) < MAX_ERROR_TYPES:
+            self._error_types.add(name)
+            return name
+        return "other"
+
+    async def watch_loop(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Sample the event loop's lag until cancelled: how late a timer fires."""
+        task_status.started()
+        while True:
+            asked = trio.current_time() + _LOOP_SAMPLE_S
+            await trio.sleep_until(asked)
+            self.loop_lag.observe(max(0.0, trio.current_time() - asked))
 
     def watch(self, sidecar: Sidecar, clients: Callable[[], int]) -> None:
         """Read ``sidecar``'s counters at each scrape; from now on ``/readyz`` asks it."""
@@ -288,6 +411,7 @@ class Metrics:
         config.include_server_header = False
         config.graceful_timeout = 1.0
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.watch_loop)
             binds = await nursery.start(serve, self.app(), config)
             bound = int(binds[0].rsplit(":", 1)[1])
             log.info("serving metrics", extra={"url": f"{binds[0]}/metrics"})

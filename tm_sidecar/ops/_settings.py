@@ -56,6 +56,14 @@ from ._setting import (
 )
 
 
+def _otel_check(value: Any) -> None:
+    """``--otel`` needs the extra: say so at start-up, not at the first span."""
+    from ._otel import MISSING, otel_installed
+
+    if value and not otel_installed():
+        raise ValueError(MISSING)
+
+
 def default_data_dir(environ: Mapping[str, str] | None = None) -> str:
     """Where the embedded etcd keeps its data unless told otherwise."""
     env = os.environ if environ is None else environ
@@ -275,6 +283,14 @@ class Settings:
         default_text="off",
         metavar="[HOST:]PORT",
         check=bind_address,
+    )
+    otel: bool = setting(
+        False,
+        "export the sidecar's own spans of traced tasks (the create's commit, the wait in "
+        "the queue, the assignment) over OTLP, as the standard OTEL_* environment "
+        "variables configure it; needs pip install 'tm-sidecar[otel]'",
+        kind=BOOL,
+        check=_otel_check,
     )
     web: str = setting(
         "",

@@ -55,6 +55,11 @@ def show_table(
             rows.append(["unique key", options.unique_key + window])
         if options.concurrency_key is not None:
             rows.append(["concurrency key", options.concurrency_key])
+        if options.traceparent is not None:
+            state_part = "" if options.tracestate is None else f" ({options.tracestate})"
+            rows.append(
+                ["trace", f"{options.trace_id} (traceparent {options.traceparent}){state_part}"]
+            )
     if rec is not None:
         limit = f" of {options.max_attempts}" if options is not None else ""
         rows.append(["attempts", f"{rec.attempts}{limit}"])

@@ -28,6 +28,8 @@ _OPTION_NAMES = {
     "unique_for_s",
     "concurrency_key",
     "max_snoozes",
+    "traceparent",
+    "tracestate",
 }
 
 
@@ -47,7 +49,7 @@ def read_options(obj: JSON) -> TaskOptions:
         snoozes = obj.get("max_snoozes", DEFAULT_MAX_SNOOZES)
         if not all(isinstance(n, int) for n in (priority, attempts, snoozes)):
             raise InvalidRequest("priority, max_attempts and max_snoozes are whole numbers")
-        for name in ("unique_key", "concurrency_key"):
+        for name in ("unique_key", "concurrency_key", "traceparent", "tracestate"):
             if obj.get(name) is not None and not isinstance(obj[name], str):
                 raise InvalidRequest(f"{name} must be a string")
         timeout = obj.get("timeout_s")
@@ -62,6 +64,8 @@ def read_options(obj: JSON) -> TaskOptions:
             unique_for_s=None if window is None else float(window),
             concurrency_key=obj.get("concurrency_key"),
             max_snoozes=snoozes,
+            traceparent=obj.get("traceparent"),
+            tracestate=obj.get("tracestate"),
         )
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidRequest(str(exc)) from exc

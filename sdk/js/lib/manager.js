@@ -5,6 +5,7 @@ import { ConnectionLost, InvalidRequest, TaskFailed, WaitTimeout } from "./error
 import { MalformedFrame } from "./framing.js";
 import { CallQueue, EVENTS, LIFECYCLE, MANAGER_EVENTS, Task, checkEvent, newTaskId } from "./task.js";
 import { Worker, WorkerTask, currentDelivery, releaseDelivery, runDelivery } from "./worker.js";
+import { withProducerSpan } from "./otel.js";
 
 const CLIENT = "tm-sidecar-sdk-js/0.1.0";
 /** The most tasks one `createMany` carries (the sidecar refuses more). */
@@ -667,16 +668,19 @@ export class TaskManager {
     let session;
     let answer;
     try {
-      for (;;) {
-        session = await this._ready();
-        try {
-          answer = await session.request("create", fields);
-          break;
-        } catch (err) {
-          if (!(err instanceof ConnectionLost) || this._closed) throw err;
-          repeated = true; // the create may have happened: the same task id makes it safe
+      // With OpenTelemetry: a producer span, its context carried in the options.
+      await withProducerSpan(task, async () => {
+        for (;;) {
+          session = await this._ready();
+          try {
+            answer = await session.request("create", fields);
+            break;
+          } catch (err) {
+            if (!(err instanceof ConnectionLost) || this._closed) throw err;
+            repeated = true; // the create may have happened: the same task id makes it safe
+          }
         }
-      }
+      });
     } catch (err) {
       if (this._tasks.get(task.id) === task) this._tasks.delete(task.id);
       throw err;

@@ -3,6 +3,7 @@
 
 import { AsyncLocalStorage } from "node:async_hooks";
 import { ConnectionLost, InvalidRequest, PayloadTooLarge, Snooze, errorToWire } from "./errors.js";
+import { withConsumerSpan } from "./otel.js";
 
 /** The delivery a handler is running in (so that shutdown() from a handler knows its own). */
 export const currentDelivery = new AsyncLocalStorage();
@@ -107,7 +108,9 @@ export async function runDelivery(worker, wt, report) {
   try {
     // A promise whatever the handler does (returns a value, throws at once): its slot
     // is given back when it settles, however late.
-    const running = (async () => currentDelivery.run(wt, () => worker.handler(wt)))();
+    // With OpenTelemetry: the handler runs in its attempt's span, in the task's trace.
+    const handle = () => withConsumerSpan(wt, worker.node, () => worker.handler(wt), (e) => e instanceof Snooze);
+    const running = (async () => currentDelivery.run(wt, handle))();
     running.then(
       () => worker._release(),
       () => worker._release(),
