@@ -40,7 +40,9 @@ def test_promtool_checks_and_unit_tests_the_example_rules() -> None:
     (promtool,) = require("promtool", package="prometheus")
     check = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 16 rules found" in check.stdout
+    alerts = RULES.read_text().count("- alert: ")
+    assert alerts >= 16
+    assert f"SUCCESS: {alerts} rules found" in check.stdout  # each one loaded
     unit = subprocess.run(
         [promtool, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True
     )
@@ -238,7 +240,7 @@ async def _load_and_check(sockets: list[Path], web: int, leader: str) -> None:
         # The example rules load into the real server too.
         rules = await trio.to_thread.run_sync(_get_json, web, "/api/v1/rules")
         loaded = [r["name"] for g in rules["data"]["groups"] for r in g["rules"]]
-        assert len(loaded) == 16
+        assert len(loaded) == RULES.read_text().count("- alert: ")
         assert "TmQueueWaiting" in loaded
     finally:
         for manager in managers:

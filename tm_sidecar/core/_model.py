@@ -225,6 +225,8 @@ OPTION_FIELDS = frozenset(
         "unique_for_s",
         "concurrency_key",
         "max_snoozes",
+        "traceparent",
+        "tracestate",
     }
 )
 
