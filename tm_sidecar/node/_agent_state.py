@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -17,11 +18,20 @@ from ..etcd._group import GroupStats
 
 @attrs.define(eq=False)
 class Running:
-    """One attempt running here."""
+    """One attempt running here: a local one runs in a task under ``scope``; a remote
+    one (an SDK worker's) has no task, and ``withdraw`` stops it."""
 
     create_revision: int
-    scope: trio.CancelScope
+    scope: trio.CancelScope | None = None
+    withdraw: Callable[[], None] | None = None
     reporting: bool = False
+
+    def cancel(self) -> None:
+        """Stop the attempt: its assignment was withdrawn."""
+        if self.scope is not None:
+            self.scope.cancel()
+        elif self.withdraw is not None:
+            self.withdraw()
 
 
 @attrs.define(eq=False)

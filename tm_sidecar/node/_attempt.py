@@ -102,7 +102,11 @@ class Announcer:
                 self._queue.popleft()
                 if not attempt.announced:
                     attempt.announced = True
-                    nursery.start_soon(_announce, io, attempt)
+                    # Posted to the report batches, answered by a call: no task each.
+                    if not io.reports.post(
+                        plan_update(attempt.slot, attempt.record), _Announced(attempt)
+                    ):
+                        nursery.start_soon(_announce, io, attempt)
 
 
 @attrs.define(eq=False)
@@ -149,6 +153,7 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
     tid = slot.task_id
     current = slot.record
     scope = running.scope
+    assert scope is not None  # a local attempt's
     state = env.state
     try:
         with scope:
@@ -228,6 +233,21 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
             state._changed()
 
 
+@attrs.frozen
+class _Announced:
+    """Takes the answer to a posted announcement: refused or too late is fine (the
+    outcome tells the start), an error is logged."""
+
+    attempt: Attempt
+
+    def __call__(self, result: TxnResult | None, error: BaseException | None) -> None:
+        if error is not None:
+            log.warning(
+                "start of an attempt not announced",
+                extra={"task": self.attempt.slot.task_id, "error": str(error)},
+            )
+
+
 async def _announce(io: AgentIO, attempt: Attempt) -> None:
     # Refused or too late (the outcome may overtake it): the outcome tells the start.
     try:
@@ -259,7 +279,7 @@ async def _report(env: AttemptEnv, slot: Slot, outcome: Record, *, batched: bool
     large, say) is replaced by a small failure so that the task does not stay assigned
     for ever.
     """
-    io, state = env.io, env.state
+    io = env.io
     failures = 0
     while True:
         try:
@@ -292,6 +312,12 @@ async def _report(env: AttemptEnv, slot: Slot, outcome: Record, *, batched: bool
                 extra={"task": slot.task_id, "error": str(exc)},
             )
             outcome = instead
+    return reported(env, slot, outcome, result)
+
+
+def reported(env: AttemptEnv, slot: Slot, outcome: Record, result: TxnResult) -> bool:
+    """Count an outcome etcd answered; False when the attempt was no longer live."""
+    state = env.state
     if not result.succeeded:
         state.stale += 1
         log.warning(
@@ -311,12 +337,13 @@ async def _report(env: AttemptEnv, slot: Slot, outcome: Record, *, batched: bool
         state.failed += 1
     if slot.record.since_at:
         state.hooks.on_outcome(outcome.state.value, outcome.since_at - slot.record.since_at)
-    fields: dict[str, Any] = {
-        "task": slot.task_id,
-        "attempt": outcome.attempts,
-        "state": outcome.state.value,
-    }
-    if outcome.error:
-        fields["error_type"] = outcome.error.type
-    log.debug("outcome reported", extra=fields)
+    if log.isEnabledFor(logging.DEBUG):
+        fields: dict[str, Any] = {
+            "task": slot.task_id,
+            "attempt": outcome.attempts,
+            "state": outcome.state.value,
+        }
+        if outcome.error:
+            fields["error_type"] = outcome.error.type
+        log.debug("outcome reported", extra=fields)
     return True
