@@ -70,6 +70,15 @@ class RecentTasks:
         self._bytes -= len(encoded)
         return attrs.evolve(spec, payload=json.loads(encoded))
 
+    def take_encoded(self, task_id: TaskId) -> tuple[TaskSpec, str] | None:
+        """The spec of ``task_id`` (its payload left out) and its payload as JSON text,
+        if remembered (and forget it), for a taker that sends the payload on as it is."""
+        found = self._specs.pop(task_id, None)
+        if found is None:
+            return None
+        self._bytes -= len(found[1])
+        return found
+
     def forget(self, task_id: TaskId) -> None:
         """Drop ``task_id`` if remembered (it finished)."""
         found = self._specs.pop(task_id, None)

@@ -90,6 +90,9 @@ class RemoteAttempt:
     borrowed: bool = False
     #: What the remote handler keeps for this attempt (the server's delivery).
     token: object = None
+    #: The payload as JSON text when this sidecar created the task: sent on as it is,
+    #: never decoded here (``ctx.payload`` is then None).
+    encoded_payload: str | None = None
     over: bool = False
 
     # -- the worker's outcomes: first one stands ---------------------------------------
@@ -140,8 +143,9 @@ class RemoteAttempts:
         attempt = RemoteAttempt(self, slot, running, reg, slot.record)
         running.withdraw = lambda: self.withdraw(attempt)
         self._live.add(attempt)
-        spec = self.env.state.recent.take(slot.task_id)
-        if spec is not None:
+        found = self.env.state.recent.take_encoded(slot.task_id)
+        if found is not None:
+            spec, attempt.encoded_payload = found
             self._deliver(attempt, spec)
         else:
             self._to_read.append(attempt)

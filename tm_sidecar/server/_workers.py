@@ -389,12 +389,18 @@ class BatchedWorker:
         delivery = Delivery(next(ids), ctx, done=None, attempt=attempt, pushed=False)
         task = {
             "id": ctx.id,
-            "payload": ctx.payload,
             "attempt": ctx.attempt,
             "options": ctx.spec.options.to_json(),
             "created_at": ctx.spec.created_at,
         }
-        delivery.item = encode_frame({"delivery": delivery.id, "task": task})[:-1]
+        raw = attempt.encoded_payload
+        if raw is None:
+            task["payload"] = ctx.payload
+            delivery.item = encode_frame({"delivery": delivery.id, "task": task})[:-1]
+        else:
+            # The payload as the creator encoded it, joined in as it is: encoded once.
+            head = encode_frame({"delivery": delivery.id, "task": task})[:-3]
+            delivery.item = head + b',"payload":' + raw.encode() + b"}}"
         attempt.token = delivery
         conn.deliveries[delivery.id] = delivery
         window.offer(delivery.id)
