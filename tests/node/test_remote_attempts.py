@@ -157,3 +157,28 @@ async def test_a_stop_hands_live_remote_attempts_back_without_spending_them(
             return True
 
         await poll_until(all_pending)
+
+
+async def test_a_remote_report_etcd_refuses_takes_the_slow_path_and_lands(
+    etcd_server: EtcdProcess, namespace: str
+) -> None:
+    """A posted report answered with an error (here its retention lease revoked behind
+    the sidecar's back) goes through the local attempts' report loop: it lands."""
+    async with running_sidecars(etcd_server.endpoint, namespace, "n1", retention_s=3600) as (sc,):
+        worker = FakeWorker()
+        sc.register(never, concurrency=2, remote=worker)
+        first = await sc.create({})
+        await wait_for(lambda: len(worker.delivered) == 1)
+        worker.delivered[0].returned(1)
+        assert (await sc.wait(first.id, timeout_s=10)).state is State.COMPLETED
+        lease = sc.retention.ready()
+        assert lease  # granted for the first, kept for the next
+        await sc.etcd.lease_revoke(lease)
+        second = await sc.create({})
+        await wait_for(lambda: len(worker.delivered) == 2)
+        worker.delivered[1].returned(2)
+        done = await sc.wait(second.id, timeout_s=10)
+        assert done.state is State.COMPLETED
+        assert done.record is not None
+        assert done.record.result == 2
+        assert sc.retention.ready() not in (None, lease)  # a new lease was granted
