@@ -115,7 +115,7 @@ async def run_agent(
         max_result_bytes=max_result_bytes,
     )
 
-    remote = RemoteAttempts(env)
+    remote = RemoteAttempts(env, records)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(reports.run)

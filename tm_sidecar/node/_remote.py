@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import math
 from typing import Protocol
@@ -32,11 +33,13 @@ from ..core import (
     Raised,
     Range,
     Record,
+    Records,
     Returned,
     Slot,
     SnoozeAsked,
     State,
     TaskError,
+    TaskId,
     TaskMissing,
     TaskSpec,
     TimedOut,
@@ -129,6 +132,8 @@ class RemoteAttempts:
     """Every remote attempt of one agent, driven from one task (see the module)."""
 
     env: AttemptEnv
+    #: The sidecar's parse cache: a task's options, shared by most tasks, built once.
+    records: Records = attrs.Factory(Records)
     _live: set[RemoteAttempt] = attrs.Factory(set)
     _deadlines: list[tuple[float, int, RemoteAttempt]] = attrs.Factory(list)
     _order: itertools.count[int] = attrs.Factory(itertools.count)
@@ -318,7 +323,7 @@ class RemoteAttempts:
                         if not got.kvs:
                             self.conclude(attempt, TaskMissing())
                         else:
-                            self._deliver(attempt, TaskSpec.from_json(got.kvs[0].value))
+                            self._deliver(attempt, self._spec(got.kvs[0].value))
                     except Exception:
                         log.exception(
                             "the agent failed on an attempt", extra={"task": attempt.slot.task_id}
@@ -326,6 +331,18 @@ class RemoteAttempts:
                         self._end(attempt)
         finally:
             self._reading = False
+
+    def _spec(self, text: str) -> TaskSpec:
+        """``TaskSpec.from_json``, its options from the parse cache."""
+        obj = json.loads(text)
+        options = obj.get("options")
+        return TaskSpec(
+            id=TaskId(obj["id"]),
+            payload=obj.get("payload"),
+            options=self.records.options(options if isinstance(options, dict) else {}),
+            created_at=float(obj["created_at"]),
+            run_at=None if obj.get("run_at") is None else float(obj["run_at"]),
+        )
 
     async def _hand_back(self) -> None:
         # The agent is stopping: hand every live attempt back at once rather than after
