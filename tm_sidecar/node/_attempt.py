@@ -56,6 +56,9 @@ from ._registry import Registry
 log = logging.getLogger("tm_sidecar.agent")
 #: Under an etcd stall every running attempt waits: one line a few seconds, counted.
 _REPORT_WAITS = Repeats(log, "report waits for etcd")
+#: Announcements are best effort (the outcome tells the start): under an etcd stall
+#: each would fail, so one line a few seconds, counted.
+_NOT_ANNOUNCED = Repeats(log, "start of an attempt not announced")
 
 #: An attempt still running after this long announces its start (``started_at`` in its
 #: record, and a ``started`` event); a quicker one tells its start with its outcome.
@@ -242,10 +245,7 @@ class _Announced:
 
     def __call__(self, result: TxnResult | None, error: BaseException | None) -> None:
         if error is not None:
-            log.warning(
-                "start of an attempt not announced",
-                extra={"task": self.attempt.slot.task_id, "error": str(error)},
-            )
+            _NOT_ANNOUNCED.note(task=self.attempt.slot.task_id, error=str(error))
 
 
 async def _announce(io: AgentIO, attempt: Attempt) -> None:

@@ -276,22 +276,30 @@ class RemoteAttempts:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
-                while True:
-                    now = trio.current_time()
-                    while self._deadlines and self._deadlines[0][0] <= now:
-                        due, _, attempt = heapq.heappop(self._deadlines)
-                        if attempt.deadline == due and not attempt.over:
-                            self._timed_out(attempt)
-                    if self._to_read and not self._reading:
-                        self._reading = True
-                        nursery.start_soon(self._read_specs)
-                    self._wake = trio.Event()
-                    with trio.move_on_at(self._deadlines[0][0] if self._deadlines else math.inf):
-                        await self._wake.wait()
+                try:
+                    await self._drive(nursery)
+                finally:
+                    # The nursery takes no new task from here on: what ends now (a
+                    # worker's outcome as its connection closes, say) waits for the
+                    # hand-back below instead of a slow report.
+                    self._stopping = True
+                    self._nursery = None
         finally:
-            self._stopping = True
-            self._nursery = None
             await self._hand_back()
+
+    async def _drive(self, nursery: trio.Nursery) -> None:
+        while True:
+            now = trio.current_time()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                due, _, attempt = heapq.heappop(self._deadlines)
+                if attempt.deadline == due and not attempt.over:
+                    self._timed_out(attempt)
+            if self._to_read and not self._reading:
+                self._reading = True
+                nursery.start_soon(self._read_specs)
+            self._wake = trio.Event()
+            with trio.move_on_at(self._deadlines[0][0] if self._deadlines else math.inf):
+                await self._wake.wait()
 
     async def _read_specs(self) -> None:
         """Read the payloads of the attempts waiting for one, a batch per request."""
