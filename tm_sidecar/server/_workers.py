@@ -11,6 +11,8 @@ returns or raises; a worker that leaves fails its attempts at once
 A worker registered with ``batch`` gets its deliveries in ``tasks`` pushes: every
 delivery made in one scheduler tick goes in one frame (cut to ``max_frame``), each
 task encoded once, so that a burst of assignments costs one frame, not one per task.
+Such a worker is the agent's remote handler (``BatchedWorker``): its attempts take no
+task each (``node/_remote.py``), and a delivery's outcome reaches its attempt as a call.
 """
 
 from __future__ import annotations
