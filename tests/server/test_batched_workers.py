@@ -88,6 +88,11 @@ def test_a_batched_worker_takes_a_burst_in_few_pushes_and_reports_it_in_one_fram
     pushes = take_pushes(raw, "tasks", 30)
     by_task = deliveries(pushes)
     assert set(by_task) == set(ids)
+    # Each task whole, its payload as created (sent on as its creator encoded it).
+    tasks = [item["task"] for p in pushes for item in p["tasks"]]
+    assert {t["id"]: t["payload"] for t in tasks} == {t: {"i": i} for i, t in enumerate(ids)}
+    assert all(set(t) == {"id", "payload", "attempt", "options", "created_at"} for t in tasks)
+    assert all(t["attempt"] == 1 and t["options"]["queue"] == queue for t in tasks)
     # The burst came in fewer frames than tasks, at least one of them carrying many.
     assert len(pushes) < len(ids)
     assert max(len(p["tasks"]) for p in pushes) > 1

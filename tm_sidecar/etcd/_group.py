@@ -47,10 +47,22 @@ class _Waiter(Generic[T, R]):
     item: T
     size: int
     keys: frozenset[Hashable]
-    done: trio.Event = attrs.Factory(trio.Event)
+    #: How the submitter learns the answer: an event it waits on (``submit``), or a
+    #: function called with the result or the error (``post``).
+    done: trio.Event | None = None
+    on_done: Callable[[R | None, BaseException | None], None] | None = None
     result: R | None = None
     error: BaseException | None = None
     abandoned: bool = False
+
+    def answered(self) -> None:
+        if self.on_done is not None:
+            try:
+                self.on_done(self.result, self.error)
+            except Exception:
+                log.exception("a group commit's answer was not taken")
+        elif self.done is not None:
+            self.done.set()
 
 
 class GroupCommit(Generic[T, R]):
@@ -104,19 +116,38 @@ class GroupCommit(Generic[T, R]):
         while not self._room.is_set():
             # Backpressure: this many are waiting already; the submitter waits its turn.
             await self._room.wait()
-        waiter: _Waiter[T, R] = _Waiter(item, self._size(item), frozenset(self._keys(item)))
-        self._queue.append(waiter)
-        if self._max_waiting is not None and len(self._queue) >= self._max_waiting:
-            self._room = trio.Event()
-        self._wake.set()
+        waiter: _Waiter[T, R] = _Waiter(
+            item, self._size(item), frozenset(self._keys(item)), done=trio.Event()
+        )
+        self._queue_up(waiter)
         try:
-            await waiter.done.wait()
+            await waiter.done.wait()  # type: ignore[union-attr]
         except trio.Cancelled:
             waiter.abandoned = True  # still queued: it is dropped; in flight: it lands
             raise
         if waiter.error is not None:
             raise waiter.error
         return waiter.result  # type: ignore[return-value]
+
+    def post(self, item: T, on_done: Callable[[R | None, BaseException | None], None]) -> bool:
+        """Queue ``item`` without waiting: ``on_done`` is called with its result (or its
+        error) once its batch is answered. For callers that drive many items from one
+        task (the remote attempts): no task and no event per item. Not bounded by
+        ``max_waiting`` (such callers bound their items themselves). False when the
+        group does not run (before start, after stop): ``submit`` the item instead."""
+        if not self._running:
+            return False
+        waiter: _Waiter[T, R] = _Waiter(
+            item, self._size(item), frozenset(self._keys(item)), on_done=on_done
+        )
+        self._queue_up(waiter)
+        return True
+
+    def _queue_up(self, waiter: _Waiter[T, R]) -> None:
+        self._queue.append(waiter)
+        if self._max_waiting is not None and len(self._queue) >= self._max_waiting:
+            self._room = trio.Event()
+        self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send batches until cancelled."""
@@ -138,7 +169,7 @@ class GroupCommit(Generic[T, R]):
             self._running = False
             for waiter in self._queue:
                 waiter.error = EtcdUnavailable(f"{self._name}: the sidecar is stopping")
-                waiter.done.set()
+                waiter.answered()
             self._queue.clear()
 
     def _take(self) -> list[_Waiter[T, R]]:
@@ -184,7 +215,7 @@ class GroupCommit(Generic[T, R]):
             self.stats.batches += 1
             self.stats.items += len(batch)
             for waiter in batch:
-                waiter.done.set()
+                waiter.answered()
             self._slots.release()
 
 

@@ -134,6 +134,15 @@ class RetentionLeases:
                 self._until = now + max(self.retention_s / 10, 1.0)
             return self._lease
 
+    def ready(self) -> int | None:
+        """The lease :meth:`current` would answer now without a grant, else None (a
+        caller that cannot wait then calls :meth:`current`)."""
+        if self.retention_s <= 0:
+            return 0
+        if trio.current_time() < self._until:
+            return self._lease
+        return None
+
     def forget(self) -> None:
         """Grant a new lease next time (the current one may be gone)."""
         self._until = -math.inf

@@ -10,7 +10,8 @@ election and terms as leader); ``_values`` holds the values the API speaks.
 
 The agent: ``_agent`` follows this node's assignments and starts an attempt for each;
 ``_attempt`` runs one on its handler and reports its outcome (the outcome itself is the
-core's ``attempt_outcome``); ``_handlers`` is what a handler sees and may raise;
+core's ``attempt_outcome``); ``_remote`` drives the attempts of SDK workers taking
+batches from one task, none each; ``_handlers`` is what a handler sees and may raise;
 ``_registry`` keeps the local handlers; ``_agent_state`` what the agent remembers.
 
 ``_hub`` turns the feed's changes into task events for subscribers.

@@ -33,6 +33,7 @@ from ._handlers import (
     TaskContext,
 )
 from ._registry import Registration, Registry
+from ._remote import SPEC_READ_BATCH, RemoteAttempt, RemoteAttempts, RemoteHandler
 
 __all__ = [
     "AgentState",
@@ -43,6 +44,8 @@ __all__ = [
     "RecentTasks",
     "Registration",
     "Registry",
+    "RemoteAttempt",
+    "RemoteHandler",
     "Snooze",
     "TaskContext",
     "run_agent",
@@ -50,8 +53,6 @@ __all__ = [
 
 log = logging.getLogger("tm_sidecar.agent")
 
-#: Task reads per batch: payloads may be large, and so may the answer.
-SPEC_READ_BATCH = 32
 #: Outcomes waiting for a flush at most; an attempt with one more waits for room
 #: (backpressure, as a batch completer has), so that a stalled etcd holds the
 #: attempts, not an unbounded queue of their reports.
@@ -114,9 +115,12 @@ async def run_agent(
         max_result_bytes=max_result_bytes,
     )
 
+    remote = RemoteAttempts(env, records)
+
     async with trio.open_nursery() as nursery:
         await nursery.start(reports.run)
         await nursery.start(specs.run)
+        await nursery.start(remote.run)
         nursery.start_soon(io.announcer.run, io)
         # Outcomes an earlier session could not report (etcd was away) go first.
         for slot, outcome in list(state.carried.values()):
@@ -132,6 +136,14 @@ async def run_agent(
             if not state.attempts.begin(parsed.task_id, kv.create_revision):
                 return  # started here already: a rewrite of it, a repeat, or a re-list
             slot = Slot(parsed.task_id, kv.key, kv.create_revision, kv.mod_revision, record)
+            reg = registry.pick(record.options.queue)
+            if reg is not None and reg.remote is not None:
+                # An SDK worker's: driven by the remote attempts, no task of its own.
+                running = Running(kv.create_revision)
+                state.running[parsed.task_id] = running
+                state._changed()
+                remote.start(slot, running, reg)
+                return
             running = Running(kv.create_revision, trio.CancelScope())
             state.running[parsed.task_id] = running
             state._changed()
@@ -145,7 +157,7 @@ async def run_agent(
                 and not known.reporting
             ):
                 log.warning("assignment withdrawn: cancelling its handler", extra={"task": task_id})
-                known.scope.cancel()
+                known.cancel()
 
         serving = False
         assignments = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -17,11 +18,20 @@ from ..etcd._group import GroupStats
 
 @attrs.define(eq=False)
 class Running:
-    """One attempt running here."""
+    """One attempt running here: a local one runs in a task under ``scope``; a remote
+    one (an SDK worker's) has no task, and ``withdraw`` stops it."""
 
     create_revision: int
-    scope: trio.CancelScope
+    scope: trio.CancelScope | None = None
+    withdraw: Callable[[], None] | None = None
     reporting: bool = False
+
+    def cancel(self) -> None:
+        """Stop the attempt: its assignment was withdrawn."""
+        if self.scope is not None:
+            self.scope.cancel()
+        elif self.withdraw is not None:
+            self.withdraw()
 
 
 #: About what one remembered task costs beside its payload (the spec without its
@@ -67,6 +77,15 @@ class RecentTasks:
         spec, encoded = found
         self._bytes -= len(encoded) + ENTRY_BYTES
         return attrs.evolve(spec, payload=json.loads(encoded))
+
+    def take_encoded(self, task_id: TaskId) -> tuple[TaskSpec, str] | None:
+        """The spec of ``task_id`` (its payload left out) and its payload as JSON text,
+        if remembered (and forget it), for a taker that sends the payload on as it is."""
+        found = self._specs.pop(task_id, None)
+        if found is None:
+            return None
+        self._bytes -= len(found[1])
+        return found
 
     def forget(self, task_id: TaskId) -> None:
         """Drop ``task_id`` if remembered (it finished)."""

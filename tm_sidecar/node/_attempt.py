@@ -58,6 +58,9 @@ from ._registry import Registry
 log = logging.getLogger("tm_sidecar.agent")
 #: Under an etcd stall every running attempt waits: one line a few seconds, counted.
 _REPORT_WAITS = Repeats(log, "report waits for etcd")
+#: Announcements are best effort (the outcome tells the start): under an etcd stall
+#: each would fail, so one line a few seconds, counted.
+_NOT_ANNOUNCED = Repeats(log, "start of an attempt not announced")
 
 #: An attempt still running after this long announces its start (``started_at`` in its
 #: record, and a ``started`` event); a quicker one tells its start with its outcome.
@@ -115,7 +118,11 @@ class Announcer:
                 self._queue.popleft()
                 if not attempt.announced:
                     attempt.announced = True
-                    nursery.start_soon(_announce, io, attempt)
+                    # Posted to the report batches, answered by a call: no task each.
+                    if not io.reports.post(
+                        plan_update(attempt.slot, attempt.record), _Announced(attempt)
+                    ):
+                        nursery.start_soon(_announce, io, attempt)
 
 
 @attrs.define(eq=False)
@@ -164,6 +171,7 @@ async def run_attempt(env: AttemptEnv, slot: Slot, running: Running) -> None:
     TRACE_ID.set(slot.record.options.trace_id)
     current = slot.record
     scope = running.scope
+    assert scope is not None  # a local attempt's
     state = env.state
     # Once the handler has ended, what happened is a fact to report, whatever comes next.
     ended: Record | None = None
@@ -289,6 +297,18 @@ async def report_carried(env: AttemptEnv, slot: Slot, outcome: Record) -> None:
     env.state.carried_done(slot.task_id)
 
 
+@attrs.frozen
+class _Announced:
+    """Takes the answer to a posted announcement: refused or too late is fine (the
+    outcome tells the start), an error is logged."""
+
+    attempt: Attempt
+
+    def __call__(self, result: TxnResult | None, error: BaseException | None) -> None:
+        if error is not None:
+            _NOT_ANNOUNCED.note(task=self.attempt.slot.task_id, error=str(error))
+
+
 async def _announce(io: AgentIO, attempt: Attempt) -> None:
     # Scheduled by the announcer, but a progress write has told the start meanwhile.
     if attempt.told:
@@ -324,7 +344,7 @@ async def _report(env: AttemptEnv, slot: Slot, outcome: Record, *, batched: bool
     large, say) is replaced by a small failure so that the task does not stay assigned
     for ever.
     """
-    io, state = env.io, env.state
+    io = env.io
     failures = 0
     while True:
         try:
@@ -357,6 +377,12 @@ async def _report(env: AttemptEnv, slot: Slot, outcome: Record, *, batched: bool
                 extra={"task": slot.task_id, "error": str(exc)},
             )
             outcome = instead
+    return reported(env, slot, outcome, result)
+
+
+def reported(env: AttemptEnv, slot: Slot, outcome: Record, result: TxnResult) -> bool:
+    """Count an outcome etcd answered; False when the attempt was no longer live."""
+    state = env.state
     if not result.succeeded:
         state.stale += 1
         log.warning(
@@ -384,12 +410,13 @@ async def _report(env: AttemptEnv, slot: Slot, outcome: Record, *, batched: bool
                 seconds=outcome.since_at - slot.record.since_at,
             )
         )
-    fields: dict[str, Any] = {
-        "task": slot.task_id,
-        "attempt": outcome.attempts,
-        "state": outcome.state.value,
-    }
-    if outcome.error:
-        fields["error_type"] = outcome.error.type
-    log.debug("outcome reported", extra=fields)
+    if log.isEnabledFor(logging.DEBUG):
+        fields: dict[str, Any] = {
+            "task": slot.task_id,
+            "attempt": outcome.attempts,
+            "state": outcome.state.value,
+        }
+        if outcome.error:
+            fields["error_type"] = outcome.error.type
+        log.debug("outcome reported", extra=fields)
     return True

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from ._handlers import Handler
+
+if TYPE_CHECKING:
+    from ._remote import RemoteHandler
 
 
 def _is_async(handler: Callable[..., object]) -> bool:
@@ -30,6 +34,9 @@ class Registration:
     limiter: trio.CapacityLimiter
     registry: Registry
     closed: bool = False
+    #: A handler elsewhere (an SDK worker taking batches), driven without a task per
+    #: attempt (``_remote.py``); ``handler`` then serves only as its fallback.
+    remote: RemoteHandler | None = None
 
     def close(self) -> None:
         """Take no more tasks with this handler (running ones finish)."""
@@ -46,8 +53,15 @@ class Registry:
     _by_queue: dict[str, list[Registration]] = attrs.Factory(dict)
     accepting: bool = True
 
-    def register(self, queue: str, handler: Handler, concurrency: int) -> Registration:
-        """Add a handler; the leader sees the new capacity at once."""
+    def register(
+        self,
+        queue: str,
+        handler: Handler,
+        concurrency: int,
+        remote: RemoteHandler | None = None,
+    ) -> Registration:
+        """Add a handler (with ``remote``, one whose attempts run elsewhere); the leader
+        sees the new capacity at once."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if not _is_async(handler):
@@ -58,7 +72,9 @@ class Registry:
                 "async function (async def); run blocking code through the SDK "
                 "(run_worker, pool='process' for a hard timeout)"
             )
-        reg = Registration(queue, handler, concurrency, trio.CapacityLimiter(concurrency), self)
+        reg = Registration(
+            queue, handler, concurrency, trio.CapacityLimiter(concurrency), self, remote=remote
+        )
         self._by_queue.setdefault(queue, []).append(reg)
         self.on_change()
         return reg

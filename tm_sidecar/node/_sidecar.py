@@ -51,6 +51,7 @@ from ._membership import Membership
 from ._queues import QueueOps, pausing, update_queue, update_schedule
 from ._reads import TaskReads
 from ._registry import Registration, Registry
+from ._remote import RemoteHandler
 from ._values import FINAL_STATES, Created, NewTask, SidecarSettings, TaskInfo, is_final
 
 __all__ = [
@@ -276,10 +277,16 @@ class Sidecar:
         return await self.bulk.create_many(items)
 
     def register(
-        self, handler: Handler, *, queue: str = "default", concurrency: int = 1
+        self,
+        handler: Handler,
+        *,
+        queue: str = "default",
+        concurrency: int = 1,
+        remote: RemoteHandler | None = None,
     ) -> Registration:
-        """Run tasks of ``queue`` on ``handler``, up to ``concurrency`` at once."""
-        return self.registry.register(queue, handler, concurrency)
+        """Run tasks of ``queue`` on ``handler``, up to ``concurrency`` at once; with
+        ``remote``, a handler elsewhere, driven without a task per attempt."""
+        return self.registry.register(queue, handler, concurrency, remote)
 
     def subscribe(
         self,

@@ -11,6 +11,8 @@ returns or raises; a worker that leaves fails its attempts at once
 A worker registered with ``batch`` gets its deliveries in ``tasks`` pushes: every
 delivery made in one scheduler tick goes in one frame (cut to ``max_frame``), each
 task encoded once, so that a burst of assignments costs one frame, not one per task.
+Such a worker is the agent's remote handler (``BatchedWorker``): its attempts take no
+task each (``node/_remote.py``), and a delivery's outcome reaches its attempt as a call.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from taskmanager.protocol import (
 )
 
 from ..core import JSON, PrefetchWindow, TaskError
-from ..node._agent import HandedBack, HandlerFailed, Snooze, TaskContext
+from ..node._agent import (
+    HandedBack,
+    HandlerFailed,
+    RemoteAttempt,
+    Snooze,
+    TaskContext,
+)
 from ..node._sidecar import Sidecar
 from ._connection import Connection, ids
 from ._requests import read_json, read_queue, read_whole
@@ -47,11 +55,16 @@ _REPORT_FIELD = {"complete": "result", "fail": "error", "snooze": "delay_s"}
 
 @attrs.define(eq=False)
 class Delivery:
-    """A task handed to a client's worker, waiting for its outcome."""
+    """A task handed to a client's worker, waiting for its outcome: its attempt's task
+    waits on ``done`` (a single-task worker's), or, for a batched worker's, the outcome
+    goes to its ``attempt`` as a call (no task, no event)."""
 
     id: int
     ctx: TaskContext
-    done: trio.Event = attrs.Factory(trio.Event)
+    done: trio.Event | None = attrs.Factory(trio.Event)
+    attempt: RemoteAttempt | None = None
+    #: Its outcome is taken: a second report must not change it.
+    reported: bool = False
     result: JSON = None
     error: TaskError | None = None
     handed_back: bool = False
@@ -104,7 +117,11 @@ class Workers:
             return await self._deliver(conn, wid, ctx, batch=batch)
 
         conn.registrations[wid] = self.sidecar.register(
-            handler, queue=queue, concurrency=concurrency
+            handler,
+            queue=queue,
+            concurrency=concurrency,
+            # A batched worker's attempts are driven without a task each.
+            remote=BatchedWorker(conn, wid) if batch else None,
         )
         log.info(
             "worker registered",
@@ -156,6 +173,7 @@ class Workers:
                 conn.tasks_wake.set()
             else:
                 conn.push({"push": "task", "worker": wid, "delivery": delivery.id, "task": task})
+            assert delivery.done is not None
             await delivery.done.wait()
         except trio.Cancelled:
             # A timeout, a withdrawn assignment, or shutdown: tell the worker to stop
@@ -211,7 +229,7 @@ class Workers:
         delivery = conn.deliveries.get(read_whole(frame, "delivery"))
         if delivery is None:
             raise InvalidRequest("no such delivery (finished, cancelled, or never made)")
-        if delivery.done.is_set():
+        if delivery.reported:
             # Its outcome is taken (the agent may not have committed it yet): a second
             # report (a release after a complete, say) must not change it.
             raise InvalidRequest("the delivery was reported already: its first outcome stands")
@@ -226,7 +244,7 @@ class Workers:
         """``complete``: the task's result."""
         delivery = self._delivery(conn, frame)
         delivery.result = read_json(frame.get("result"), "result")
-        delivery.done.set()
+        self._settle(conn, delivery)
         return True
 
     async def op_fail(self, conn: Connection, frame: dict[str, Any]) -> JSON:
@@ -241,7 +259,7 @@ class Workers:
             traceback=None if err.get("traceback") is None else str(err["traceback"]),
             retryable=bool(err.get("retryable", True)),
         )
-        delivery.done.set()
+        self._settle(conn, delivery)
         return True
 
     async def op_snooze(self, conn: Connection, frame: dict[str, Any]) -> JSON:
@@ -255,14 +273,14 @@ class Workers:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         delivery.snooze_s = float(delay)
-        delivery.done.set()
+        self._settle(conn, delivery)
         return True
 
     async def op_release(self, conn: Connection, frame: dict[str, Any]) -> JSON:
         """``release``: a worker shutting down gives its task back; no attempt is spent."""
         delivery = self._delivery(conn, frame)
         delivery.handed_back = True
-        delivery.done.set()
+        self._settle(conn, delivery)
         return True
 
     async def op_report(self, conn: Connection, frame: dict[str, Any]) -> JSON:
@@ -317,13 +335,114 @@ class Workers:
         """``conn`` closed: its workers take no more tasks, its deliveries fail."""
         for reg in conn.registrations.values():
             reg.close()
-        for delivery in conn.deliveries.values():
-            if not delivery.done.is_set():
+        for delivery in list(conn.deliveries.values()):
+            if not delivery.reported:
                 delivery.error = TaskError(
                     type="WorkerDisconnected",
                     message="the worker's connection closed during the attempt",
                 )
-                delivery.done.set()
+                Workers._settle(conn, delivery)
+
+    @staticmethod
+    def _settle(conn: Connection, delivery: Delivery) -> None:
+        """``delivery``'s outcome is taken (set on it): hand it to its attempt."""
+        delivery.reported = True
+        attempt = delivery.attempt
+        if attempt is None:
+            assert delivery.done is not None
+            delivery.done.set()
+            return
+        remote = attempt.reg.remote
+        if isinstance(remote, BatchedWorker):
+            remote.taken(delivery)
+        if delivery.handed_back:
+            attempt.handed_back()
+        elif delivery.snooze_s is not None:
+            attempt.snoozed(delivery.snooze_s)
+        elif delivery.error is not None:
+            attempt.failed(delivery.error)
+        else:
+            attempt.returned(delivery.result)
+
+
+@attrs.define(eq=False)
+class BatchedWorker:
+    """A worker registered with ``batch``, as the agent's remote handler: its
+    deliveries join its prefetch window and go in ``tasks`` pushes, and its outcomes
+    are handed to their attempts as calls (see ``node/_remote.py``)."""
+
+    conn: Connection
+    wid: int
+
+    def deliver(self, attempt: RemoteAttempt) -> None:
+        """Queue ``attempt`` for the next ``tasks`` push (encoded once, here)."""
+        conn = self.conn
+        window = conn.windows.get(self.wid)
+        if conn.closed or self.wid not in conn.registrations or window is None:
+            attempt.failed(
+                TaskError(
+                    type="WorkerDisconnected",
+                    message="the worker left before the task reached it",
+                )
+            )
+            return
+        ctx = attempt.ctx
+        assert ctx is not None
+        delivery = Delivery(next(ids), ctx, done=None, attempt=attempt, pushed=False)
+        task = {
+            "id": ctx.id,
+            "attempt": ctx.attempt,
+            "options": ctx.spec.options.to_json(),
+            "created_at": ctx.spec.created_at,
+        }
+        raw = attempt.encoded_payload
+        if raw is None:
+            task["payload"] = ctx.payload
+            delivery.item = encode_frame({"delivery": delivery.id, "task": task})[:-1]
+        else:
+            # The payload as the creator encoded it, joined in as it is: encoded once.
+            head = encode_frame({"delivery": delivery.id, "task": task})[:-3]
+            delivery.item = head + b',"payload":' + raw.encode() + b"}}"
+        attempt.token = delivery
+        conn.deliveries[delivery.id] = delivery
+        window.offer(delivery.id)
+        conn.tasks_wake.set()
+
+    def taken(self, delivery: Delivery) -> None:
+        """``delivery``'s outcome is taken: room in the window at once. The delivery
+        itself is kept until its report is committed (:meth:`settled`), so that a second
+        outcome meanwhile is refused, not taken."""
+        window = self.conn.windows.get(self.wid)
+        if window is not None:
+            window.finish(delivery.id)
+            if window.waiting:
+                self.conn.tasks_wake.set()
+
+    def withdraw(self, attempt: RemoteAttempt) -> None:
+        """Tell the worker to stop (a timeout, a withdrawn assignment, a stop), unless
+        the task never reached it (the window forgets it), and forget the delivery: a
+        later outcome of it finds no such delivery."""
+        delivery = attempt.token
+        if isinstance(delivery, Delivery) and delivery.pushed and not delivery.reported:
+            self.conn.push({"push": "cancel", "delivery": delivery.id})
+        self.settled(attempt)
+
+    def settled(self, attempt: RemoteAttempt) -> None:
+        """The attempt is over here: forget its delivery."""
+        delivery = attempt.token
+        attempt.token = None
+        if not isinstance(delivery, Delivery):
+            return
+        conn = self.conn
+        conn.deliveries.pop(delivery.id, None)
+        window = conn.windows.get(self.wid)
+        if window is None:
+            return
+        window.finish(delivery.id)
+        if window.waiting:
+            conn.tasks_wake.set()  # room for the next
+        elif not window.outstanding and self.wid not in conn.registrations:
+            conn.windows.pop(self.wid, None)  # the worker left and its last is over
 
 
 async def _answer_into(answers: list[JSON], i: int, call: Awaitable[JSON]) -> None:
