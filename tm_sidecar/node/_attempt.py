@@ -3,6 +3,9 @@ outcome (the outcome itself is the core's ``attempt_outcome``).
 
 Every report is a transaction guarded by the assignment key's create revision, so that
 an attempt's report is accepted only while that attempt is the live assignment.
+
+Size: the attempt's life in one place (run, announce, report, the carried outcomes of a
+lost session), the path every local attempt and every slow remote report takes.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ delivery made in one scheduler tick goes in one frame (cut to ``max_frame``), ea
 task encoded once, so that a burst of assignments costs one frame, not one per task.
 Such a worker is the agent's remote handler (``BatchedWorker``): its attempts take no
 task each (``node/_remote.py``), and a delivery's outcome reaches its attempt as a call.
+
+Size: both worker protocols side by side (a delivery at a time, and batched), which
+share their checks and their answers; split, each would re-read the other's.
 """
 
 from __future__ import annotations
