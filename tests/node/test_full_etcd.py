@@ -110,6 +110,23 @@ async def test_creates_stop_before_the_quota_and_accepted_tasks_still_finish(
 RESULT = "r" * 200_000
 
 
+async def _settled(sc: Any, accepted: list[TaskId], timeout_s: float) -> dict[TaskId, State]:
+    """Wait until every accepted task completed, or etcd raised an alarm (the caller's
+    assertion then says so); answers each task's last state read."""
+    states: dict[TaskId, State] = {}
+
+    async def settled() -> bool:
+        if await _alarms(sc.etcd):
+            return True
+        for task_id in accepted:
+            if states.get(task_id) is not State.COMPLETED:
+                states[task_id] = (await sc.get(task_id)).state
+        return all(s is State.COMPLETED for s in states.values())
+
+    await poll_until(settled, timeout_s=timeout_s)
+    return states
+
+
 async def test_room_is_kept_for_large_results_so_accepted_tasks_finish(
     small_etcd: EtcdProcess, namespace: str
 ) -> None:
@@ -138,17 +155,7 @@ async def test_room_is_kept_for_large_results_so_accepted_tasks_finish(
                 break
         assert refused is not None, "creates went on past the room the results need"
         assert "for the outcome of each" in str(refused)
-        states: dict[TaskId, State | None] = {}
-
-        async def settled() -> bool:
-            if await _alarms(sc.etcd):
-                return True  # etcd filled up: the assertion below says so
-            for task_id in accepted:
-                if states.get(task_id) is not State.COMPLETED:
-                    states[task_id] = (await sc.get(task_id)).state
-            return all(s is State.COMPLETED for s in states.values())
-
-        await poll_until(settled, timeout_s=60)
+        states = await _settled(sc, accepted, timeout_s=60)
         assert await _alarms(sc.etcd) == []  # the room held: etcd never filled up
         assert set(states.values()) == {State.COMPLETED}
         assert sc.admission.db_size < QUOTA
@@ -193,17 +200,7 @@ async def test_with_the_result_limit_as_room_any_result_fits(
             return at_limit
 
         sc.register(handler, concurrency=4)
-        states: dict[TaskId, State | None] = {}
-
-        async def settled() -> bool:
-            if await _alarms(sc.etcd):
-                return True  # etcd filled up: the assertion below says so
-            for task_id in accepted:
-                if states.get(task_id) is not State.COMPLETED:
-                    states[task_id] = (await sc.get(task_id)).state
-            return all(s is State.COMPLETED for s in states.values())
-
-        await poll_until(settled, timeout_s=90)
+        states = await _settled(sc, accepted, timeout_s=90)
         assert await _alarms(sc.etcd) == []  # the room held: etcd never filled up
         assert set(states.values()) == {State.COMPLETED}
 

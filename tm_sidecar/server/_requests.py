@@ -13,24 +13,22 @@ from typing import Any
 
 from taskmanager.protocol import InvalidRequest
 
-from ..core import DEFAULT_MAX_SNOOZES, JSON, Backoff, TaskId, TaskOptions, check_name, dumps
+from ..core import (
+    DEFAULT_MAX_SNOOZES,
+    JSON,
+    OPTION_FIELDS,
+    Backoff,
+    TaskId,
+    TaskOptions,
+    check_name,
+    dumps,
+)
 
 #: A schedule's fields besides its name, payload and task options.
 SCHEDULE_FIELDS = ("cron", "every_s", "timezone", "missed", "max_catch_up", "grace_s", "paused")
 
-_OPTION_NAMES = {
-    "queue",
-    "priority",
-    "max_attempts",
-    "timeout_s",
-    "backoff",
-    "unique_key",
-    "unique_for_s",
-    "concurrency_key",
-    "max_snoozes",
-    "traceparent",
-    "tracestate",
-}
+#: The options a request may give: those the core reads (one list, the core's).
+_OPTION_NAMES = OPTION_FIELDS
 
 
 def read_options(obj: JSON) -> TaskOptions:
