@@ -21,3 +21,10 @@ class TraceFilter(logging.Filter):
         if trace_id is not None and not hasattr(record, "trace_id"):
             record.trace_id = trace_id
         return True
+
+
+def traced(trace_id: str | None) -> dict[str, str]:
+    """``extra`` fields naming ``trace_id`` (none for an untraced task), for the log
+    lines of an attempt written outside its own Trio task (a remote attempt's, driven
+    from one task for all of them, has no context of its own to carry it)."""
+    return {} if trace_id is None else {"trace_id": trace_id}

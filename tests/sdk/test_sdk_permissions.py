@@ -31,9 +31,14 @@ NOBODY = pwd.getpwnam("nobody") if ROOTED else None
 UNIT = ROOT / "systemd" / "tm-sidecar.service"
 
 #: Becomes the user $TM_TEST_BECOME names (uid:gid), once what it runs is imported: the
-#: interpreter may live where that user cannot read it (root's pyenv).
+#: interpreter and the checkout may live where that user cannot read them (root's pyenv,
+#: a CI clone in a 0700 temporary folder). anyio imports its parts on first use: every
+#: name it exports is touched first, and the SDK's modules are imported.
 BECOME = """
 import os, sys, anyio, anyio._backends._asyncio, signal, logging, taskmanager
+import taskmanager._run, taskmanager._worker, taskmanager._handlers
+for _name in getattr(anyio, "__all__", ()):
+    getattr(anyio, _name)
 if os.environ.get("TM_TEST_BECOME"):
     uid, gid = map(int, os.environ["TM_TEST_BECOME"].split(":"))
     os.setgroups([])

@@ -25,6 +25,7 @@ import attrs
 import trio
 
 from .._errors import PayloadTooLarge
+from .._tracing import traced
 from ..core import (
     JSON,
     GivenBack,
@@ -224,7 +225,11 @@ class RemoteAttempts:
         except Exception:
             log.exception(
                 "the agent failed on an attempt",
-                extra={"task": attempt.slot.task_id, "attempt": attempt.current.attempts},
+                extra={
+                    "task": attempt.slot.task_id,
+                    "attempt": attempt.current.attempts,
+                    **traced(attempt.slot.record.options.trace_id),
+                },
             )
         self._end(attempt)
 
@@ -237,7 +242,11 @@ class RemoteAttempts:
             attempt.reg.remote.withdraw(attempt)
         log.info(
             "attempt abandoned: its assignment was withdrawn",
-            extra={"task": attempt.slot.task_id, "attempt": attempt.current.attempts},
+            extra={
+                "task": attempt.slot.task_id,
+                "attempt": attempt.current.attempts,
+                **traced(attempt.slot.record.options.trace_id),
+            },
         )
         self._end(attempt)
 
