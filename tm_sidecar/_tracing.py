@@ -4,7 +4,9 @@ attempt writes, so that a trace's spans and the sidecar's logs of it can be join
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from contextvars import ContextVar
 
 #: Set by an attempt's Trio task for its task's trace; Trio tasks the attempt starts
@@ -23,8 +25,13 @@ class TraceFilter(logging.Filter):
         return True
 
 
-def traced(trace_id: str | None) -> dict[str, str]:
-    """``extra`` fields naming ``trace_id`` (none for an untraced task), for the log
+@contextlib.contextmanager
+def in_trace(trace_id: str | None) -> Iterator[None]:
+    """Log lines written inside name ``trace_id`` (none for an untraced task): for the
     lines of an attempt written outside its own Trio task (a remote attempt's, driven
     from one task for all of them, has no context of its own to carry it)."""
-    return {} if trace_id is None else {"trace_id": trace_id}
+    token = TRACE_ID.set(trace_id)
+    try:
+        yield
+    finally:
+        TRACE_ID.reset(token)

@@ -24,6 +24,7 @@ import trio
 from taskmanager import PermissionDenied, TaskManager, Unavailable, WaitTimeout
 
 from tests.procs import ROOT, sidecars
+from tests.tools import require
 from tm_sidecar.ops._embedded import EtcdProcess
 
 ROOTED = os.geteuid() == 0
@@ -33,12 +34,16 @@ UNIT = ROOT / "systemd" / "tm-sidecar.service"
 #: Becomes the user $TM_TEST_BECOME names (uid:gid), once what it runs is imported: the
 #: interpreter and the checkout may live where that user cannot read them (root's pyenv,
 #: a CI clone in a 0700 temporary folder). anyio imports its parts on first use: every
-#: name it exports is touched first, and the SDK's modules are imported.
+#: module of anyio and of the SDK is imported first.
 BECOME = """
 import os, sys, anyio, anyio._backends._asyncio, signal, logging, taskmanager
-import taskmanager._run, taskmanager._worker, taskmanager._handlers
-for _name in getattr(anyio, "__all__", ()):
-    getattr(anyio, _name)
+import importlib, pkgutil
+for _pkg in (anyio, taskmanager):
+    for _mod in pkgutil.walk_packages(_pkg.__path__, _pkg.__name__ + "."):
+        try:
+            importlib.import_module(_mod.name)
+        except ImportError:  # an optional part (a backend, a plugin): not what runs here
+            pass
 if os.environ.get("TM_TEST_BECOME"):
     uid, gid = map(int, os.environ["TM_TEST_BECOME"].split(":"))
     os.setgroups([])
@@ -61,7 +66,15 @@ except PermissionDenied as exc:
 
 #: The same in Node.js: process() waits for the sidecar (connectTimeoutMs) unless refused.
 JS_WORKER = """
-import { PermissionDenied, TaskManager } from "./index.js";
+const { PermissionDenied, TaskManager } = await import("./index.js");
+if (process.env.TM_TEST_BECOME) {
+  // As the Python worker: become that user once the SDK is loaded (the checkout may be
+  // where it cannot read).
+  const [uid, gid] = process.env.TM_TEST_BECOME.split(":").map(Number);
+  process.setgroups([]);
+  process.setgid(gid);
+  process.setuid(uid);
+}
 const socket = process.argv[1];
 const manager = new TaskManager({ socket, connectTimeoutMs: 3600000, logger: { warn() {} } });
 try {
@@ -113,11 +126,9 @@ def _as_client(
     """Run a client as another user (``nobody``) when root; else as this one, with the
     socket made unopenable to it. Bounded: a client that waits for ever is a failure."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": "/tmp"}
-    user: int | None = None
-    if NOBODY is not None and args[0] == sys.executable:
+    if NOBODY is not None:
+        # Each client becomes nobody itself, once it has loaded what it runs.
         env["TM_TEST_BECOME"] = f"{NOBODY.pw_uid}:{NOBODY.pw_gid}"
-    elif NOBODY is not None:
-        user = NOBODY.pw_uid
     else:
         os.chmod(sock, 0)
     try:
@@ -128,21 +139,13 @@ def _as_client(
             capture_output=True,
             text=True,
             timeout=60,
-            user=user,
-            group=None if user is None else NOBODY and NOBODY.pw_gid,
-            extra_groups=None if user is None else [],
         )
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"the client was not told it may not connect: {exc}") from exc
 
 
 def _node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is not installed, and CI is set: .ci/run installs nodejs")
-        pytest.skip("node is not installed (apt-get install nodejs)")
-    return node
+    return require("node", package="nodejs")[0]
 
 
 async def test_a_socket_the_user_may_not_open_is_a_permission_denied_at_once(

@@ -23,7 +23,7 @@ import trio
 from .._errors import EtcdError, EtcdFull, EtcdUnavailable, LeaseNotFound, PayloadTooLarge
 from .._hooks import Outcome
 from .._repeats import Repeats
-from .._tracing import TRACE_ID, traced
+from .._tracing import TRACE_ID
 from ..core import (
     HANDED_BACK,
     JSON,
@@ -394,7 +394,6 @@ def reported(env: AttemptEnv, slot: Slot, outcome: Record, result: TxnResult) ->
                 "task": slot.task_id,
                 "attempt": outcome.attempts,
                 "state": outcome.state.value,
-                **traced(slot.record.options.trace_id),
             },
         )
         return False
@@ -419,7 +418,6 @@ def reported(env: AttemptEnv, slot: Slot, outcome: Record, result: TxnResult) ->
             "task": slot.task_id,
             "attempt": outcome.attempts,
             "state": outcome.state.value,
-            **traced(slot.record.options.trace_id),
         }
         if outcome.error:
             fields["error_type"] = outcome.error.type

@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from .._errors import PayloadTooLarge
-from .._tracing import traced
+from .._tracing import TRACE_ID, in_trace
 from ..core import (
     JSON,
     GivenBack,
@@ -203,7 +203,9 @@ class RemoteAttempts:
 
             def answered(result: TxnResult | None, error: BaseException | None) -> None:
                 if error is None and result is not None:
-                    reported(env, attempt.slot, outcome, result)
+                    # Its log lines name its trace: no attempt's task carries it here.
+                    with in_trace(attempt.slot.record.options.trace_id):
+                        reported(env, attempt.slot, outcome, result)
                     self._end(attempt)
                 else:
                     self._slow_report(attempt, outcome)
@@ -220,6 +222,8 @@ class RemoteAttempts:
         self._nursery.start_soon(self._report_slowly, attempt, outcome)
 
     async def _report_slowly(self, attempt: RemoteAttempt, outcome: Record) -> None:
+        # A task of its own: its log lines name the attempt's trace.
+        TRACE_ID.set(attempt.slot.record.options.trace_id)
         try:
             await _report(self.env, attempt.slot, outcome)
         except Exception:
@@ -228,7 +232,6 @@ class RemoteAttempts:
                 extra={
                     "task": attempt.slot.task_id,
                     "attempt": attempt.current.attempts,
-                    **traced(attempt.slot.record.options.trace_id),
                 },
             )
         self._end(attempt)
@@ -240,14 +243,14 @@ class RemoteAttempts:
         if attempt.token is not None:
             assert attempt.reg.remote is not None
             attempt.reg.remote.withdraw(attempt)
-        log.info(
-            "attempt abandoned: its assignment was withdrawn",
-            extra={
-                "task": attempt.slot.task_id,
-                "attempt": attempt.current.attempts,
-                **traced(attempt.slot.record.options.trace_id),
-            },
-        )
+        with in_trace(attempt.slot.record.options.trace_id):
+            log.info(
+                "attempt abandoned: its assignment was withdrawn",
+                extra={
+                    "task": attempt.slot.task_id,
+                    "attempt": attempt.current.attempts,
+                },
+            )
         self._end(attempt)
 
     def _timed_out(self, attempt: RemoteAttempt) -> None:
