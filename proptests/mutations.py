@@ -99,7 +99,7 @@ MUTATIONS = [
         "    order = place(record.order, slot.create_revision)",
         "    order = slot.create_revision",
         "a task requeued because its node was lost or handed back keeps its place",
-        r"skipped for worse tasks",
+        r"skipped for worse tasks|lost its place",
     ),
     Mutation(
         "requeue-overtaken-in-flight",
@@ -123,7 +123,7 @@ MUTATIONS = [
         "committed_at <= self.revision:\n            self._release(batch.task_ids)",
         "committed_at <= self.revision:\n            pass",
         "a task whose move failed is tried again (no task is forgotten)",
-        r"wait while \d+ slots are free",
+        r"wait while \d+ slots are free|skipped for worse tasks",
     ),
     Mutation(
         "restarted-node-keeps-work",
@@ -216,8 +216,8 @@ MUTATIONS = [
     Mutation(
         "rate-window-too-short",
         "tm_sidecar/core/_flow.py",
-        "        since = now - rate.period_s",
-        "        since = now - rate.period_s / 2",
+        "        since = now - rate.window_s",
+        "        since = now - rate.window_s / 2",
         "no window of a rate's period holds more starts than its limit",
         r"\d+ starts in [\d.]+ s",
     ),

@@ -30,6 +30,15 @@ def test_todays_share_is_caught_by_the_property_it_breaks(mutation: Mutation) ->
     )
 
 
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: m.name)
+def test_every_mutation_still_finds_its_line(mutation: Mutation) -> None:
+    """A change to the code a mutation plants its bug in must move the mutation too:
+    otherwise the day its share comes round, it cannot be planted."""
+    from proptests.mutations import ROOT
+
+    assert (ROOT / mutation.path).read_text().count(mutation.old) == 1, mutation.old
+
+
 def test_the_shares_cover_every_mutation_within_a_few_days() -> None:
     days = -(-len(MUTATIONS) // SHARE)
     start = datetime.date(2026, 1, 1)
