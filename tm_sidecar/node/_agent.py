@@ -59,6 +59,20 @@ log = logging.getLogger("tm_sidecar.agent")
 MAX_WAITING_REPORTS = 5000
 
 
+async def _report_carried(env: AttemptEnv, nursery: trio.Nursery) -> None:
+    """Report every outcome the node carries, as it is carried (each attempt once)."""
+    state = env.state
+    started: set[tuple[TaskId, int]] = set()
+    while True:
+        changed = state.carried_changed
+        for slot, outcome in list(state.carried.values()):
+            key = (slot.task_id, slot.create_revision)
+            if key not in started:
+                started.add(key)
+                nursery.start_soon(report_carried, env, slot, outcome)
+        await changed.wait()
+
+
 async def run_agent(
     etcd: Etcd,
     ks: Keyspace,
@@ -122,9 +136,10 @@ async def run_agent(
         await nursery.start(specs.run)
         await nursery.start(remote.run)
         nursery.start_soon(io.announcer.run, io)
-        # Outcomes an earlier session could not report (etcd was away) go first.
-        for slot, outcome in list(state.carried.values()):
-            nursery.start_soon(report_carried, env, slot, outcome)
+        # Outcomes an earlier session could not report (etcd was away) go first, and
+        # those carried later too: the agent of a session that has just been lost may
+        # still be handing its ended attempts over when this one starts.
+        nursery.start_soon(_report_carried, env, nursery)
 
         def consider(kv: KeyValue) -> None:
             parsed = ks.parse(kv.key)
